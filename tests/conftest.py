@@ -1,0 +1,28 @@
+"""Suite-wide hygiene: offline hub, fixed seeds, default dtype restored.
+
+Tests never touch the network (no hub exists here) and write only under ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    torch = __import__("sys").modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(0)
+        dtype = torch.get_default_dtype()
+        yield
+        torch.set_default_dtype(dtype)
+    else:
+        yield

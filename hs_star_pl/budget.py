@@ -1,0 +1,272 @@
+"""Sampling-budget allocation (HS-STaR step 4) and its ledger.
+
+Every allocator spends a budget of ``samples_per_problem`` (K) times N problems in two phases:
+``n_presample`` per problem first (to estimate difficulty), then a re-sample phase whose
+counts it decides from the difficulty estimates. Selected in YAML by ``class_path``:
+
+* ``HierarchicalBudget`` (the paper): the remaining ``(K - n_p) * N`` samples go to boundary
+  problems only, ``floor(R / B)`` each, and the residue ``R mod B`` as +1 to randomly chosen
+  (seeded) boundary problems: exactly ``K * N`` in total. We generate exactly what is
+  allocated; the reference scripts generate the ceiling for every boundary problem and
+  discard the surplus. With *no* boundary problem, ``no_boundary`` decides: ``"skip"``
+  (default: spend nothing more; every problem is either solved with confidence or hopeless,
+  so re-samples would yield no pairs) or ``"uniform"`` (spread the rest over all problems).
+* ``UniformBudget``: K samples per problem in one phase, the standard iterative-DPO / STaR
+  baseline at equal budget. Difficulty is still estimated (from all K) for logging and for
+  split ablations.
+* ``ProportionalBudget`` (DART-Math "prop2diff" style): the remaining budget goes to all
+  problems in proportion to their failure rate ``1 - phi_a`` (largest-remainder rounding,
+  seeded tie-breaks). A problem with no gradeable pre-sample counts as failure rate 1.
+
+The returned ``BudgetLedger`` is the single record of what was planned and spent.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from hs_star_pl.records import Difficulty, ProblemDifficulty
+
+NoBoundaryPolicy = Literal["skip", "uniform"]
+
+
+@dataclass(frozen=True)
+class BudgetLedger:
+    """Per-problem sample counts per phase, and the budget they were cut from.
+
+    Attributes:
+        samples_per_problem: K.
+        presample: ``{problem_id: n}`` pre-samples.
+        resample: ``{problem_id: n}`` re-samples (0 for problems that get none).
+        classes: ``{problem_id: "inlier" | "boundary" | "outlier"}``.
+        note: why the plan deviates from the method's default, if it does (a fallback).
+    """
+
+    samples_per_problem: int
+    presample: Mapping[str, int]
+    resample: Mapping[str, int]
+    classes: Mapping[str, str]
+    note: str | None = None
+
+    @property
+    def n_problems(self) -> int:
+        return len(self.presample)
+
+    @property
+    def budget_total(self) -> int:
+        """K * N: what the method is allowed to spend."""
+        return self.samples_per_problem * self.n_problems
+
+    @property
+    def presample_total(self) -> int:
+        return sum(self.presample.values())
+
+    @property
+    def resample_total(self) -> int:
+        return sum(self.resample.values())
+
+    @property
+    def total(self) -> int:
+        return self.presample_total + self.resample_total
+
+    def per_class(self) -> dict[str, dict[str, int]]:
+        """``{class: {"problems", "presample", "resample", "total"}}`` for every class."""
+        out = {d.value: {"problems": 0, "presample": 0, "resample": 0, "total": 0} for d in Difficulty}
+        for pid, cls in self.classes.items():
+            row = out[cls]
+            row["problems"] += 1
+            row["presample"] += self.presample.get(pid, 0)
+            row["resample"] += self.resample.get(pid, 0)
+            row["total"] = row["presample"] + row["resample"]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "samples_per_problem": self.samples_per_problem,
+            "n_problems": self.n_problems,
+            "budget_total": self.budget_total,
+            "presample_total": self.presample_total,
+            "resample_total": self.resample_total,
+            "total": self.total,
+            "per_class": self.per_class(),
+            "note": self.note,
+            "problems": {
+                pid: {"class": self.classes[pid], "presample": self.presample[pid], "resample": self.resample[pid]}
+                for pid in sorted(self.presample)
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, row: Mapping[str, Any]) -> BudgetLedger:
+        problems = row["problems"]
+        return cls(
+            samples_per_problem=int(row["samples_per_problem"]),
+            presample={pid: int(p["presample"]) for pid, p in problems.items()},
+            resample={pid: int(p["resample"]) for pid, p in problems.items()},
+            classes={pid: p["class"] for pid, p in problems.items()},
+            note=row.get("note"),
+        )
+
+
+@runtime_checkable
+class BudgetAllocator(Protocol):
+    """Decides how many samples each problem gets in each phase."""
+
+    samples_per_problem: int
+    n_presample: int
+
+    def allocate(self, difficulties: Mapping[str, ProblemDifficulty], seed: int) -> BudgetLedger:
+        """The re-sample plan for problems classified from ``n_presample`` pre-samples each."""
+        ...
+
+
+def split_evenly(total: int, ids: Sequence[str], rng: random.Random) -> dict[str, int]:
+    """``floor(total / len(ids))`` each, and the residue as +1 to ``rng``-chosen ids.
+
+    >>> split_evenly(7, ["a", "b", "c"], random.Random(0))
+    {'a': 2, 'b': 3, 'c': 2}
+    """
+    if not ids:
+        return {}
+    base, residue = divmod(total, len(ids))
+    ordered = sorted(ids)
+    lucky = set(rng.sample(ordered, residue))
+    return {pid: base + (pid in lucky) for pid in ordered}
+
+
+def split_proportionally(total: int, weights: Mapping[str, float], rng: random.Random) -> dict[str, int]:
+    """Largest-remainder (Hamilton) split of ``total`` by ``weights``; ties broken by ``rng``.
+
+    Zero-weight ids get 0; if every weight is 0 the result is all zeros (the caller decides
+    what to do with an unspendable budget).
+    """
+    ids = sorted(weights)
+    weight_sum = math.fsum(weights.values())
+    if weight_sum <= 0:
+        return {pid: 0 for pid in ids}
+    quotas = {pid: total * weights[pid] / weight_sum for pid in ids}
+    counts = {pid: math.floor(q) for pid, q in quotas.items()}
+    residue = total - sum(counts.values())
+    shuffled = rng.sample(ids, len(ids))
+    order = sorted((pid for pid in shuffled if weights[pid] > 0), key=lambda p: quotas[p] - counts[p], reverse=True)
+    for pid in order[:residue]:
+        counts[pid] += 1
+    return counts
+
+
+def _check_counts(samples_per_problem: int, n_presample: int, *, prefix: str = "budget") -> None:
+    if isinstance(samples_per_problem, bool) or not isinstance(samples_per_problem, int) or samples_per_problem < 1:
+        raise ValueError(f"{prefix}.samples_per_problem must be a positive integer, got {samples_per_problem!r}")
+    if isinstance(n_presample, bool) or not isinstance(n_presample, int) or n_presample < 1:
+        raise ValueError(f"{prefix}.n_presample must be a positive integer, got {n_presample!r}")
+    if n_presample > samples_per_problem:
+        raise ValueError(
+            f"{prefix}.n_presample ({n_presample}) must be <= {prefix}.samples_per_problem ({samples_per_problem})"
+        )
+
+
+def _ledger(k: int, n_presample: int, difficulties: Mapping[str, ProblemDifficulty], resample: Mapping[str, int], note: str | None = None) -> BudgetLedger:
+    ids = sorted(difficulties)
+    return BudgetLedger(
+        samples_per_problem=k,
+        presample={pid: n_presample for pid in ids},
+        resample={pid: resample.get(pid, 0) for pid in ids},
+        classes={pid: difficulties[pid].difficulty.value for pid in ids},
+        note=note,
+    )
+
+
+@dataclass(frozen=True)
+class HierarchicalBudget:
+    """The paper's allocation: the rest of the budget to boundary problems only.
+
+    Args:
+        samples_per_problem: K, the per-problem budget (paper: 8).
+        n_presample: pre-samples per problem used to estimate difficulty (paper: 3).
+        no_boundary: what to do when no problem is on the boundary: ``"skip"`` spends
+            nothing more (total < K*N, logged in the ledger's note), ``"uniform"`` spreads
+            the rest over all problems.
+    """
+
+    samples_per_problem: int = 8
+    n_presample: int = 3
+    no_boundary: NoBoundaryPolicy = "skip"
+
+    def __post_init__(self) -> None:
+        _check_counts(self.samples_per_problem, self.n_presample)
+        if self.no_boundary not in ("skip", "uniform"):
+            raise ValueError(f"budget.no_boundary must be 'skip' or 'uniform', got {self.no_boundary!r}")
+
+    def allocate(self, difficulties: Mapping[str, ProblemDifficulty], seed: int) -> BudgetLedger:
+        rng = random.Random(f"{seed}:hierarchical")
+        remaining = (self.samples_per_problem - self.n_presample) * len(difficulties)
+        boundary = [pid for pid, d in difficulties.items() if d.difficulty is Difficulty.BOUNDARY]
+        note = None
+        if boundary:
+            resample = split_evenly(remaining, boundary, rng)
+        elif self.no_boundary == "uniform":
+            resample = split_evenly(remaining, list(difficulties), rng)
+            note = "no boundary problems: remaining budget spread over all problems (no_boundary=uniform)"
+        else:
+            resample = {}
+            note = f"no boundary problems: {remaining} re-samples not spent (no_boundary=skip)"
+        return _ledger(self.samples_per_problem, self.n_presample, difficulties, resample, note)
+
+
+@dataclass(frozen=True)
+class UniformBudget:
+    """The equal-budget baseline: K samples for every problem, all in one phase.
+
+    Args:
+        samples_per_problem: K (paper: 8).
+    """
+
+    samples_per_problem: int = 8
+    n_presample: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        _check_counts(self.samples_per_problem, self.samples_per_problem)
+        object.__setattr__(self, "n_presample", self.samples_per_problem)
+
+    def allocate(self, difficulties: Mapping[str, ProblemDifficulty], seed: int) -> BudgetLedger:
+        return _ledger(self.samples_per_problem, self.n_presample, difficulties, {})
+
+
+@dataclass(frozen=True)
+class ProportionalBudget:
+    """DART-Math-style "prop2diff": the rest of the budget in proportion to failure rate.
+
+    Args:
+        samples_per_problem: K.
+        n_presample: pre-samples per problem.
+        no_boundary: what to do when every problem was always solved (all weights zero):
+            ``"skip"`` or ``"uniform"``, as in ``HierarchicalBudget``.
+    """
+
+    samples_per_problem: int = 8
+    n_presample: int = 3
+    no_boundary: NoBoundaryPolicy = "skip"
+
+    def __post_init__(self) -> None:
+        _check_counts(self.samples_per_problem, self.n_presample)
+        if self.no_boundary not in ("skip", "uniform"):
+            raise ValueError(f"budget.no_boundary must be 'skip' or 'uniform', got {self.no_boundary!r}")
+
+    def allocate(self, difficulties: Mapping[str, ProblemDifficulty], seed: int) -> BudgetLedger:
+        rng = random.Random(f"{seed}:proportional")
+        remaining = (self.samples_per_problem - self.n_presample) * len(difficulties)
+        weights = {pid: 1.0 if d.phi_a is None else 1.0 - d.phi_a for pid, d in difficulties.items()}
+        note = None
+        if any(w > 0 for w in weights.values()):
+            resample = split_proportionally(remaining, weights, rng)
+        elif self.no_boundary == "uniform":
+            resample = split_evenly(remaining, list(difficulties), rng)
+            note = "every problem always solved: remaining budget spread over all problems (no_boundary=uniform)"
+        else:
+            resample = {}
+            note = f"every problem always solved: {remaining} re-samples not spent (no_boundary=skip)"
+        return _ledger(self.samples_per_problem, self.n_presample, difficulties, resample, note)

@@ -1,0 +1,373 @@
+"""One HS-STaR iteration's sampling plan, as a pure function over three protocols.
+
+``run_round`` performs, in order: drop problems whose gold cannot be graded -> pre-sample
+``n_presample`` responses per problem -> verify + PRM-score them -> estimate difficulty ->
+allocate the rest of the budget -> re-sample -> verify + score -> select training data. It
+returns a ``RoundResult`` with everything the artifacts and the training step need.
+
+Resumability: the two expensive phases (generating, then scoring, each of pre- and
+re-samples) go through an optional ``PhaseStore``. A phase found in the store is read back,
+not redone; the cheap decisions in between are recomputed, deterministically, from the
+same seed. The Lightning callback supplies a store backed by the round folder; tests use
+``MemoryStore``.
+
+Sharding across ranks is done by the caller: ``sample_and_score`` is the per-rank unit
+(any subset of problems with any counts), and everything else is a cheap function of the
+gathered rollouts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from hs_star_pl.budget import BudgetAllocator, BudgetLedger
+from hs_star_pl.difficulty import DifficultyConfig, DifficultyThresholds, count_by_class, estimate_difficulty
+from hs_star_pl.protocols import (
+    AnswerVerifier,
+    GenerationRequest,
+    ProcessRewardModel,
+    RolloutEngine,
+    SamplingParams,
+    StepScoringRequest,
+)
+from hs_star_pl.records import (
+    Phase,
+    PreferencePair,
+    Problem,
+    ProblemDifficulty,
+    Rollout,
+    RolloutScore,
+    ScoredRollout,
+    SftExample,
+    mean_or_none,
+)
+from hs_star_pl.selection import SelectionConfig, select_training_data
+from hs_star_pl.steps import DEFAULT_STEP_DELIMITER, split_steps
+
+log = logging.getLogger(__name__)
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A 31-bit seed from a base seed and labels, stable across processes and platforms."""
+    digest = hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).digest()
+    return int.from_bytes(digest[:8], "big") & 0x7FFFFFFF
+
+
+class PhaseStore(Protocol):
+    """Where finished phases of a round are kept (JSON-able values)."""
+
+    def load(self, name: str) -> Any | None:
+        """The saved value of phase ``name``, or ``None`` if it has not finished."""
+        ...
+
+    def save(self, name: str, value: Any) -> None:
+        """Record phase ``name`` as finished with ``value``."""
+        ...
+
+
+@dataclass
+class MemoryStore:
+    """A ``PhaseStore`` in a dict (tests, notebooks)."""
+
+    phases: dict[str, Any] = field(default_factory=dict)
+
+    def load(self, name: str) -> Any | None:
+        return self.phases.get(name)
+
+    def save(self, name: str, value: Any) -> None:
+        self.phases[name] = value
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """Settings of a round that are not a swappable component.
+
+    Args:
+        sampling: temperature, top_p, max_new_tokens, stop strings (paper: T=0.7, top_p=0.95).
+        difficulty: classification mode and thresholds.
+        selection: which classes train and how (pairs or SFT examples).
+        step_delimiter: splits responses into steps for the PRM (paper: a blank line).
+    """
+
+    sampling: SamplingParams = SamplingParams()
+    difficulty: DifficultyConfig = DifficultyConfig()
+    selection: SelectionConfig = SelectionConfig()
+    step_delimiter: str = DEFAULT_STEP_DELIMITER
+
+
+@dataclass
+class RoundResult:
+    """Everything one round produced. ``summary()`` is what ``summary.json`` holds."""
+
+    iteration: int
+    problems: list[Problem]
+    dropped: list[str]
+    presamples: list[ScoredRollout]
+    resamples: list[ScoredRollout]
+    difficulties: dict[str, ProblemDifficulty]
+    thresholds: DifficultyThresholds
+    ledger: BudgetLedger
+    examples: list[PreferencePair] | list[SftExample]
+    seconds: dict[str, float]
+
+    @property
+    def rollouts(self) -> list[ScoredRollout]:
+        return self.presamples + self.resamples
+
+    def summary(self) -> dict[str, Any]:
+        counts = count_by_class(self.difficulties)
+        verdicts = [r.correct for r in self.presamples if r.correct is not None]
+        rollouts = self.rollouts
+        return {
+            "iteration": self.iteration,
+            "n_problems": len(self.problems),
+            "n_dropped_ungradeable": len(self.dropped),
+            "n_inlier": counts["inlier"],
+            "n_boundary": counts["boundary"],
+            "n_outlier": counts["outlier"],
+            "samples_presample": self.ledger.presample_total,
+            "samples_resample": self.ledger.resample_total,
+            "samples_total": self.ledger.total,
+            "budget_total": self.ledger.budget_total,
+            "samples_per_class": {c: row["total"] for c, row in self.ledger.per_class().items()},
+            "budget_note": self.ledger.note,
+            "n_pairs": sum(isinstance(e, PreferencePair) for e in self.examples),
+            "n_sft_examples": sum(isinstance(e, SftExample) for e in self.examples),
+            "presample_accuracy": mean_or_none([1.0 if v else 0.0 for v in verdicts]),
+            "ungradeable_responses": sum(r.correct is None for r in rollouts),
+            "mean_response_tokens": mean_or_none([float(r.rollout.n_tokens) for r in rollouts]),
+            "truncated_responses": sum(r.rollout.finish_reason == "length" for r in rollouts),
+            "tau_low": self.thresholds.tau_low,
+            "tau_high": self.thresholds.tau_high,
+            "seconds": dict(self.seconds),
+        }
+
+
+def _timed(seconds: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
+    start = time.perf_counter()
+    value = fn()
+    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+    return value
+
+
+def generate_rollouts(
+    problems: Sequence[Problem],
+    counts: Mapping[str, int],
+    start_index: Mapping[str, int],
+    phase: Phase,
+    engine: RolloutEngine,
+    render_prompt: Callable[[Problem], str],
+    sampling: SamplingParams,
+) -> list[Rollout]:
+    """Ask the engine for ``counts[id]`` samples of each problem; index them from ``start_index``."""
+    requests = [
+        GenerationRequest(key=p.id, prompt=render_prompt(p), n=counts.get(p.id, 0))
+        for p in problems
+        if counts.get(p.id, 0) > 0
+    ]
+    if not requests:
+        return []
+    outputs = engine.generate(requests, sampling)
+    rollouts = []
+    for req in requests:
+        got = outputs.get(req.key, [])
+        if len(got) != req.n:
+            raise RuntimeError(
+                f"{type(engine).__name__} returned {len(got)} completions for problem {req.key!r}, expected {req.n}"
+            )
+        first = start_index.get(req.key, 0)
+        rollouts.extend(
+            Rollout(
+                problem_id=req.key,
+                sample_index=first + i,
+                phase=phase,
+                text=c.text,
+                finish_reason=c.finish_reason,
+                n_tokens=c.n_tokens,
+            )
+            for i, c in enumerate(got)
+        )
+    return rollouts
+
+
+def score_rollouts(
+    rollouts: Sequence[Rollout],
+    problems: Mapping[str, Problem],
+    verifier: AnswerVerifier,
+    prm: ProcessRewardModel,
+    step_delimiter: str = DEFAULT_STEP_DELIMITER,
+    seconds: dict[str, float] | None = None,
+    prefix: str = "",
+) -> list[ScoredRollout]:
+    """Answer check, then PRM step scores, for every rollout (verdicts go to the PRM too)."""
+    seconds = seconds if seconds is not None else {}
+    if not rollouts:
+        return []
+    verdicts = _timed(
+        seconds,
+        f"{prefix}verify",
+        lambda: verifier.verify([r.text for r in rollouts], [problems[r.problem_id].answer for r in rollouts]),
+    )
+    if len(verdicts) != len(rollouts):
+        raise RuntimeError(f"{type(verifier).__name__} returned {len(verdicts)} verdicts for {len(rollouts)} responses")
+    requests = [
+        StepScoringRequest(
+            question=problems[r.problem_id].question,
+            steps=tuple(split_steps(r.text, step_delimiter)),
+            correct=v,
+        )
+        for r, v in zip(rollouts, verdicts)
+    ]
+    step_scores = _timed(seconds, f"{prefix}prm", lambda: prm.score(requests))
+    if len(step_scores) != len(requests):
+        raise RuntimeError(f"{type(prm).__name__} returned {len(step_scores)} score lists for {len(requests)} responses")
+    scored = []
+    for r, v, req, scores in zip(rollouts, verdicts, requests, step_scores):
+        if len(scores) != len(req.steps):
+            raise RuntimeError(
+                f"{type(prm).__name__} returned {len(scores)} step scores for {r.key}, which has {len(req.steps)} steps"
+            )
+        scored.append(ScoredRollout(r, RolloutScore(correct=v, step_scores=tuple(float(s) for s in scores))))
+    return scored
+
+
+def sample_and_score(
+    problems: Sequence[Problem],
+    counts: Mapping[str, int],
+    start_index: Mapping[str, int],
+    phase: Phase,
+    *,
+    engine: RolloutEngine,
+    verifier: AnswerVerifier,
+    prm: ProcessRewardModel,
+    render_prompt: Callable[[Problem], str],
+    sampling: SamplingParams,
+    step_delimiter: str = DEFAULT_STEP_DELIMITER,
+    store: PhaseStore | None = None,
+    seconds: dict[str, float] | None = None,
+) -> list[ScoredRollout]:
+    """Generate then score one phase, reading either half back from ``store`` if finished."""
+    seconds = seconds if seconds is not None else {}
+    name = phase.value
+    if store is not None and (done := store.load(f"{name}_scored")) is not None:
+        return [ScoredRollout.from_dict(row) for row in done]
+    raw = store.load(f"{name}_generated") if store is not None else None
+    if raw is not None:
+        rollouts = [ScoredRollout.from_dict(row).rollout for row in raw]
+    else:
+        rollouts = _timed(
+            seconds,
+            f"{name}_generate",
+            lambda: generate_rollouts(problems, counts, start_index, phase, engine, render_prompt, sampling),
+        )
+        if store is not None:
+            store.save(f"{name}_generated", [ScoredRollout(r, RolloutScore(None)).to_dict() for r in rollouts])
+    by_id = {p.id: p for p in problems}
+    scored = score_rollouts(rollouts, by_id, verifier, prm, step_delimiter, seconds, prefix=f"{name}_")
+    if store is not None:
+        store.save(f"{name}_scored", [r.to_dict() for r in scored])
+    return scored
+
+
+def drop_ungradeable(problems: Sequence[Problem], verifier: AnswerVerifier) -> tuple[list[Problem], list[str]]:
+    """Split problems into those whose gold the verifier can parse and the ids of the rest."""
+    ok = verifier.check_golds([p.answer for p in problems])
+    kept = [p for p, good in zip(problems, ok) if good]
+    dropped = [p.id for p, good in zip(problems, ok) if not good]
+    for p in problems:
+        if p.id in dropped:
+            log.warning("problem %s: gold answer %r cannot be parsed; dropped from this round", p.id, p.answer)
+    return kept, dropped
+
+
+def run_round(
+    problems: Sequence[Problem],
+    *,
+    engine: RolloutEngine,
+    verifier: AnswerVerifier,
+    prm: ProcessRewardModel,
+    allocator: BudgetAllocator,
+    config: RoundConfig = RoundConfig(),
+    render_prompt: Callable[[Problem], str] = lambda p: p.question,
+    iteration: int = 0,
+    seed: int = 0,
+    store: PhaseStore | None = None,
+) -> RoundResult:
+    """Run one iteration's sampling plan (see the module docstring).
+
+    Args:
+        problems: this iteration's problems (e.g. ``ProblemPool.draw(iteration)``).
+        engine, verifier, prm: the three components.
+        allocator: decides pre- and re-sample counts (``HierarchicalBudget`` etc.).
+        config: sampling, difficulty, selection and step-delimiter settings.
+        render_prompt: problem -> prompt text (the prompt template).
+        iteration: 0-based iteration index; with ``seed`` it fixes every random choice.
+        seed: the run's base seed.
+        store: optional place to keep finished phases for resumption.
+    """
+    seconds: dict[str, float] = {}
+    problems, dropped = _timed(seconds, "check_golds", lambda: drop_ungradeable(problems, verifier))
+    ids = [p.id for p in problems]
+    common = dict(
+        engine=engine,
+        verifier=verifier,
+        prm=prm,
+        render_prompt=render_prompt,
+        step_delimiter=config.step_delimiter,
+        store=store,
+        seconds=seconds,
+    )
+    presample_params = dataclasses.replace(config.sampling, seed=derive_seed(seed, iteration, "presample"))
+    presamples = sample_and_score(
+        problems,
+        {pid: allocator.n_presample for pid in ids},
+        {},
+        Phase.PRESAMPLE,
+        sampling=presample_params,
+        **common,
+    )
+    difficulties, thresholds = _timed(
+        seconds, "difficulty", lambda: estimate_difficulty(presamples, config.difficulty, ids)
+    )
+    ledger = _timed(
+        seconds, "allocate", lambda: allocator.allocate(difficulties, derive_seed(seed, iteration, "budget"))
+    )
+    resample_params = dataclasses.replace(config.sampling, seed=derive_seed(seed, iteration, "resample"))
+    resamples = sample_and_score(
+        problems,
+        ledger.resample,
+        ledger.presample,
+        Phase.RESAMPLE,
+        sampling=resample_params,
+        **common,
+    )
+    examples = _timed(
+        seconds,
+        "select",
+        lambda: select_training_data(
+            problems,
+            presamples + resamples,
+            difficulties,
+            config.selection,
+            render_prompt,
+            derive_seed(seed, iteration, "selection"),
+        ),
+    )
+    return RoundResult(
+        iteration=iteration,
+        problems=list(problems),
+        dropped=dropped,
+        presamples=presamples,
+        resamples=resamples,
+        difficulties=difficulties,
+        thresholds=thresholds,
+        ledger=ledger,
+        examples=examples,
+        seconds=seconds,
+    )

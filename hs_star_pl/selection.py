@@ -1,0 +1,151 @@
+"""Training data from scored rollouts (HS-STaR step 6) for the classes chosen to train on.
+
+DPO pairs, exactly as the paper's code builds them, per problem: pool its pre- and
+re-samples; split into correct and incorrect (ungradeable responses are in neither); rank
+each side by process reward (min step score, highest first; a response without steps
+ranks last); keep the top ``k = min(#correct, #incorrect)`` of each; shuffle each side
+(seeded) and pair them in order, so each response is used once. A pair whose chosen and
+rejected texts are identical after stripping whitespace is never emitted.
+
+SFT / RFT examples (the STaR and rejection-sampling baselines): a problem's correct
+responses, best process reward first, distinct texts only, at most
+``max_sft_per_problem``.
+
+Which difficulty classes feed training is ``train_classes`` (default: boundary only; any
+subset for the paper's split ablations).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from hs_star_pl.records import Difficulty, PreferencePair, Problem, ProblemDifficulty, ScoredRollout, SftExample
+
+Objective = Literal["dpo", "sft"]
+CLASS_NAMES: tuple[str, ...] = tuple(d.value for d in Difficulty)
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """What a round turns into training data.
+
+    Args:
+        train_classes: difficulty classes whose problems feed training; any of
+            ``inlier``, ``boundary``, ``outlier`` (paper: ``[boundary]``).
+        objective: ``dpo`` builds preference pairs, ``sft`` builds RFT-style examples.
+        max_sft_per_problem: cap on SFT examples per problem (``objective: sft``).
+    """
+
+    train_classes: tuple[str, ...] = ("boundary",)
+    objective: Objective = "dpo"
+    max_sft_per_problem: int = 4
+
+    def __post_init__(self) -> None:
+        classes = tuple(self.train_classes)
+        if not classes:
+            raise ValueError(f"selection.train_classes must name at least one of {list(CLASS_NAMES)}")
+        unknown = [c for c in classes if c not in CLASS_NAMES]
+        if unknown:
+            raise ValueError(f"selection.train_classes: unknown class {unknown}; valid: {list(CLASS_NAMES)}")
+        object.__setattr__(self, "train_classes", classes)
+        if self.objective not in ("dpo", "sft"):
+            raise ValueError(f"selection.objective must be 'dpo' or 'sft', got {self.objective!r}")
+        if self.max_sft_per_problem < 1:
+            raise ValueError(f"selection.max_sft_per_problem must be >= 1, got {self.max_sft_per_problem}")
+
+
+def _by_reward(rollouts: Iterable[ScoredRollout]) -> list[ScoredRollout]:
+    """Highest min-step score first; no score last; ties keep the sample order."""
+    return sorted(
+        rollouts,
+        key=lambda r: (r.prm_min is None, -(r.prm_min or 0.0), r.rollout.sample_index),
+    )
+
+
+def build_pairs_for_problem(
+    prompt: str, rollouts: Sequence[ScoredRollout], rng: random.Random
+) -> list[PreferencePair]:
+    """The DPO pairs of one problem (rule in the module docstring).
+
+    >>> from hs_star_pl.records import Rollout, RolloutScore, Phase
+    >>> def r(i, ok, s): return ScoredRollout(Rollout("p", i, Phase.PRESAMPLE, f"t{i}"), RolloutScore(ok, (s,)))
+    >>> pairs = build_pairs_for_problem("Q", [r(0, True, .9), r(1, True, .2), r(2, False, .7), r(3, None, .8)], random.Random(0))
+    >>> [(p.chosen, p.rejected) for p in pairs]
+    [('t0', 't2')]
+    """
+    correct = _by_reward(r for r in rollouts if r.correct is True)
+    wrong = _by_reward(r for r in rollouts if r.correct is False)
+    k = min(len(correct), len(wrong))
+    if k == 0:
+        return []
+    chosen, rejected = correct[:k], wrong[:k]
+    rng.shuffle(chosen)
+    rng.shuffle(rejected)
+    pairs = []
+    for c, w in zip(chosen, rejected):
+        if c.text.strip() == w.text.strip():
+            continue
+        pairs.append(
+            PreferencePair(
+                problem_id=c.problem_id,
+                prompt=prompt,
+                chosen=c.text,
+                rejected=w.text,
+                chosen_key=c.rollout.key,
+                rejected_key=w.rollout.key,
+                chosen_score=c.prm_min,
+                rejected_score=w.prm_min,
+            )
+        )
+    return pairs
+
+
+def build_sft_for_problem(prompt: str, rollouts: Sequence[ScoredRollout], max_per_problem: int) -> list[SftExample]:
+    """Distinct correct responses, best process reward first, at most ``max_per_problem``."""
+    out: list[SftExample] = []
+    seen: set[str] = set()
+    for r in _by_reward(r for r in rollouts if r.correct is True):
+        key = r.text.strip()
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(SftExample(problem_id=r.problem_id, prompt=prompt, response=r.text, score=r.prm_min))
+        if len(out) == max_per_problem:
+            break
+    return out
+
+
+def select_training_data(
+    problems: Sequence[Problem],
+    rollouts: Iterable[ScoredRollout],
+    difficulties: Mapping[str, ProblemDifficulty],
+    config: SelectionConfig,
+    render_prompt: Callable[[Problem], str],
+    seed: int,
+) -> list[PreferencePair] | list[SftExample]:
+    """Pairs (``objective: dpo``) or SFT examples (``sft``) from the problems in ``train_classes``.
+
+    Problems are visited in the order given; the result is one seeded shuffle of all
+    examples, so a training epoch does not see one problem's pairs back to back.
+    """
+    wanted = set(config.train_classes)
+    grouped: dict[str, list[ScoredRollout]] = defaultdict(list)
+    for r in rollouts:
+        grouped[r.problem_id].append(r)
+    rng = random.Random(f"{seed}:selection")
+    examples: list = []
+    for problem in problems:
+        d = difficulties.get(problem.id)
+        if d is None or d.difficulty.value not in wanted:
+            continue
+        prompt = render_prompt(problem)
+        if config.objective == "dpo":
+            examples.extend(build_pairs_for_problem(prompt, grouped[problem.id], rng))
+        else:
+            examples.extend(build_sft_for_problem(prompt, grouped[problem.id], config.max_sft_per_problem))
+    rng.shuffle(examples)
+    return examples

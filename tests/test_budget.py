@@ -1,0 +1,166 @@
+"""Budget allocators: the paper's arithmetic by hand, fallbacks, and invariants by property."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hs_star_pl.budget import (
+    BudgetLedger,
+    HierarchicalBudget,
+    ProportionalBudget,
+    UniformBudget,
+    split_evenly,
+    split_proportionally,
+)
+from hs_star_pl.records import Difficulty, ProblemDifficulty
+
+
+def difficulties(classes: list[Difficulty], phi_a: list[float | None] | None = None) -> dict[str, ProblemDifficulty]:
+    phi_a = phi_a or [None] * len(classes)
+    return {
+        f"p{i:05d}": ProblemDifficulty(f"p{i:05d}", a, None, c, 3, 3)
+        for i, (c, a) in enumerate(zip(classes, phi_a))
+    }
+
+
+def test_paper_scale_example_by_hand():
+    """N=7500, K=8, n_p=3, 3000 boundary problems.
+
+    Pre-samples: 3 * 7500 = 22500. Remaining: (8 - 3) * 7500 = 37500 for 3000 boundary
+    problems: 37500 // 3000 = 12 each (36000), residue 37500 - 36000 = 1500 problems get 13.
+    Total: 22500 + 37500 = 60000 = 8 * 7500.
+    """
+    classes = [Difficulty.BOUNDARY] * 3000 + [Difficulty.INLIER] * 2500 + [Difficulty.OUTLIER] * 2000
+    ledger = HierarchicalBudget(samples_per_problem=8, n_presample=3).allocate(difficulties(classes), seed=0)
+    boundary_counts = Counter(ledger.resample[pid] for pid, c in ledger.classes.items() if c == "boundary")
+    assert boundary_counts == {12: 1500, 13: 1500}
+    assert all(ledger.resample[pid] == 0 for pid, c in ledger.classes.items() if c != "boundary")
+    assert (ledger.presample_total, ledger.resample_total, ledger.total, ledger.budget_total) == (22500, 37500, 60000, 60000)
+    per_class = ledger.per_class()
+    assert per_class["boundary"] == {"problems": 3000, "presample": 9000, "resample": 37500, "total": 46500}
+    assert per_class["inlier"]["total"] == 7500 and per_class["outlier"]["total"] == 6000
+
+
+def test_small_example_and_seeded_residue():
+    """N=4, K=8, n_p=3: remaining 20 over 3 boundary problems -> 6 each, 2 get a 7th."""
+    d = difficulties([Difficulty.BOUNDARY, Difficulty.INLIER, Difficulty.BOUNDARY, Difficulty.BOUNDARY])
+    alloc = HierarchicalBudget()
+    ledger = alloc.allocate(d, seed=5)
+    assert sorted(ledger.resample.values()) == [0, 6, 7, 7]
+    assert ledger.resample == alloc.allocate(d, seed=5).resample
+    winners = {tuple(sorted(p for p, n in alloc.allocate(d, seed=s).resample.items() if n == 7)) for s in range(20)}
+    assert len(winners) > 1  # the +1s really are drawn at random, not always the same problems
+
+
+def test_no_boundary_fallbacks():
+    d = difficulties([Difficulty.INLIER, Difficulty.OUTLIER])
+    skip = HierarchicalBudget().allocate(d, seed=0)
+    assert skip.resample_total == 0 and skip.total == 6 and "10 re-samples not spent" in skip.note
+    spread = HierarchicalBudget(no_boundary="uniform").allocate(d, seed=0)
+    assert spread.resample == {"p00000": 5, "p00001": 5} and spread.total == spread.budget_total
+
+
+def test_uniform_budget_is_one_phase():
+    ledger = UniformBudget(samples_per_problem=4).allocate(difficulties([Difficulty.BOUNDARY] * 3), seed=0)
+    assert UniformBudget(samples_per_problem=4).n_presample == 4
+    assert (ledger.presample_total, ledger.resample_total, ledger.budget_total) == (12, 0, 12)
+
+
+def test_proportional_budget_by_hand():
+    """K=8, n_p=3, N=4 -> 20 re-samples; failure rates 0, 1/3, 2/3, 1 (sum 2):
+    quotas 0, 20/6=3.33, 6.67, 10 -> floors 0, 3, 6, 10 (19); the largest remainder
+    (0.67, problem 2) takes the last one -> 0, 3, 7, 10.
+    """
+    d = difficulties([Difficulty.INLIER, Difficulty.BOUNDARY, Difficulty.BOUNDARY, Difficulty.OUTLIER], [1.0, 2 / 3, 1 / 3, 0.0])
+    ledger = ProportionalBudget().allocate(d, seed=0)
+    assert [ledger.resample[f"p{i:05d}"] for i in range(4)] == [0, 3, 7, 10]
+    all_solved = ProportionalBudget().allocate(difficulties([Difficulty.INLIER] * 2, [1.0, 1.0]), seed=0)
+    assert all_solved.resample_total == 0 and "not spent" in all_solved.note
+
+
+def test_ledger_round_trips_through_dict():
+    ledger = HierarchicalBudget().allocate(difficulties([Difficulty.BOUNDARY, Difficulty.OUTLIER]), seed=3)
+    again = BudgetLedger.from_dict(ledger.to_dict())
+    assert again == ledger and again.to_dict() == ledger.to_dict()
+
+
+@pytest.mark.parametrize(
+    "factory, message",
+    [
+        (lambda: HierarchicalBudget(samples_per_problem=3, n_presample=5), r"budget.n_presample \(5\) must be <= budget.samples_per_problem \(3\)"),
+        (lambda: HierarchicalBudget(samples_per_problem=-8), "budget.samples_per_problem must be a positive integer"),
+        (lambda: HierarchicalBudget(n_presample=0), "budget.n_presample must be a positive integer"),
+        (lambda: HierarchicalBudget(no_boundary="panic"), "budget.no_boundary must be 'skip' or 'uniform'"),
+        (lambda: UniformBudget(samples_per_problem=0), "budget.samples_per_problem must be a positive integer"),
+        (lambda: ProportionalBudget(samples_per_problem=2, n_presample=3), r"budget.n_presample \(3\)"),
+    ],
+)
+def test_bad_budgets_name_the_key(factory, message):
+    with pytest.raises(ValueError, match=message):
+        factory()
+
+
+classes_st = st.lists(st.sampled_from(list(Difficulty)), min_size=1, max_size=60)
+phi_st = st.one_of(st.none(), st.sampled_from([0.0, 0.25, 1 / 3, 0.5, 2 / 3, 1.0]))
+allocators = st.one_of(
+    st.builds(
+        HierarchicalBudget,
+        samples_per_problem=st.integers(1, 16),
+        n_presample=st.just(1),
+        no_boundary=st.sampled_from(["skip", "uniform"]),
+    ),
+    st.builds(UniformBudget, samples_per_problem=st.integers(1, 16)),
+    st.builds(ProportionalBudget, samples_per_problem=st.integers(1, 16), n_presample=st.just(1), no_boundary=st.sampled_from(["skip", "uniform"])),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(allocator=allocators, data=st.data(), seed=st.integers(0, 2**31 - 1))
+def test_allocator_invariants(allocator, data, seed):
+    classes = data.draw(classes_st)
+    phis = data.draw(st.lists(phi_st, min_size=len(classes), max_size=len(classes)))
+    d = difficulties(classes, phis)
+    ledger = allocator.allocate(d, seed)
+    k, n = allocator.samples_per_problem, len(d)
+    assert set(ledger.presample) == set(ledger.resample) == set(d)
+    assert all(v >= 0 for v in ledger.resample.values())
+    assert all(v == allocator.n_presample for v in ledger.presample.values())
+    assert ledger.budget_total == k * n
+    assert ledger.total <= ledger.budget_total  # never over-spend
+    if ledger.note is None:
+        assert ledger.total == ledger.budget_total  # exact unless a documented fallback says otherwise
+    assert ledger == allocator.allocate(d, seed)  # deterministic per seed
+    if isinstance(allocator, HierarchicalBudget) and any(c is Difficulty.BOUNDARY for c in classes):
+        got = [ledger.resample[p] for p, c in ledger.classes.items() if c == "boundary"]
+        assert max(got) - min(got) <= 1  # floor share, residue +1
+        assert all(ledger.resample[p] == 0 for p, c in ledger.classes.items() if c != "boundary")
+
+
+@settings(max_examples=200, deadline=None)
+@given(total=st.integers(0, 500), n=st.integers(1, 40), seed=st.integers(0, 1000))
+def test_split_evenly_invariants(total, n, seed):
+    ids = [f"q{i}" for i in range(n)]
+    split = split_evenly(total, ids, random.Random(seed))
+    assert sum(split.values()) == total and set(split) == set(ids)
+    assert max(split.values()) - min(split.values()) <= 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(total=st.integers(0, 500), weights=st.lists(st.floats(0, 1), min_size=1, max_size=40), seed=st.integers(0, 1000))
+def test_split_proportionally_invariants(total, weights, seed):
+    w = {f"q{i}": x for i, x in enumerate(weights)}
+    split = split_proportionally(total, w, random.Random(seed))
+    if sum(weights) > 0:
+        assert sum(split.values()) == total
+        s = sum(weights)
+        for pid, x in w.items():
+            assert abs(split[pid] - total * x / s) < 1 + 1e-9  # within one of its exact quota
+            if x == 0:
+                assert split[pid] == 0
+    else:
+        assert sum(split.values()) == 0

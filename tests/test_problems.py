@@ -1,0 +1,138 @@
+"""Problem files: field mapping, stable ids, file:line errors, and per-iteration draws."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hs_star_pl.problems import ProblemFileError, ProblemPool, content_id, load_problems, write_problems
+from hs_star_pl.records import Problem
+
+
+def write_lines(path, lines):
+    path.write_bytes(b"".join((l if isinstance(l, bytes) else l.encode()) + b"\n" for l in lines))
+    return path
+
+
+def test_common_dataset_shapes_are_mapped(tmp_path):
+    f = write_lines(
+        tmp_path / "mixed.jsonl",
+        [
+            json.dumps({"question": "Q1", "answer": "Janet... so 1,234 in all.\n#### 1,234"}),  # GSM8K
+            json.dumps({"problem": "Q2", "answer": "\\frac{1}{2}", "solution": "s", "unique_id": "test/1"}),  # MATH500
+            json.dumps({"question": "Q3", "final_answer": ["$5$"], "id": 7}),  # OlympiadBench
+            json.dumps({"question": "Q4", "answer": 27.0, "level": 3}),  # AMC23
+            json.dumps({"query": "Q5", "answer": 2.5}),
+        ],
+    )
+    p1, p2, p3, p4, p5 = load_problems(f)
+    assert (p1.answer, p1.solution.endswith("#### 1,234")) == ("1234", True)
+    assert (p2.id, p2.question, p2.answer, p2.solution) == ("test/1", "Q2", "\\frac{1}{2}", "s")
+    assert (p3.id, p3.answer) == ("7", "$5$")
+    assert (p4.answer, p4.metadata) == ("27", {"level": 3})
+    assert p5.answer == "2.5"
+    assert p1.id == content_id("Q1", "1234") and p1.id != content_id("Q1", "1235")
+
+
+def test_configured_keys_override_the_defaults(tmp_path):
+    f = write_lines(tmp_path / "x.jsonl", [json.dumps({"q": "What?", "a": "3", "uid": "u1", "question": "other"})])
+    (p,) = load_problems(f, question_key="q", answer_key="a", id_key="uid")
+    assert (p.id, p.question, p.answer) == ("u1", "What?", "3")
+
+
+def test_write_then_load_round_trips(tmp_path):
+    problems = [Problem("a", "Q?", "1", "Step 1\n\nStep 2", {"src": "x"}), Problem("b", "R?", "2")]
+    write_problems(tmp_path / "p.jsonl", problems)
+    assert load_problems(tmp_path / "p.jsonl") == problems
+
+
+BAD_ROWS = [
+    ("not json", [b'{"question": "Q", "answer": "1"}', b"{oops"], 2, "invalid JSON"),
+    ("array row", [b'["Q", "1"]'], 1, "expected a JSON object"),
+    ("no question", [b'{"answer": "1"}'], 1, "no question field"),
+    ("no answer", [b'{"question": "Q"}'], 1, "no answer field"),
+    ("question not str", [b'{"question": 5, "answer": "1"}'], 1, "must be a non-empty string"),
+    ("empty question", [b'{"question": "  ", "answer": "1"}'], 1, "must be a non-empty string"),
+    ("answer is null", [b'{"question": "Q", "answer": null}'], 1, "field 'answer'"),
+    ("answer is bool", [b'{"question": "Q", "answer": true}'], 1, "field 'answer'"),
+    ("answer is dict", [b'{"question": "Q", "answer": {"x": 1}}'], 1, "field 'answer'"),
+    ("empty answer", [b'{"question": "Q", "answer": ""}'], 1, "the answer is empty"),
+    ("empty answer list", [b'{"question": "Q", "answer": []}'], 1, "the answer list is empty"),
+    ("nan answer", [b'{"question": "Q", "answer": NaN}'], 1, "not a finite number"),
+    ("bad id type", [b'{"question": "Q", "answer": "1", "id": [1]}'], 1, "field 'id'"),
+    ("non-utf8", [b'{"question": "Q", "answer": "1"}', b'{"question": "\xff\xfe", "answer": "1"}'], 2, "not valid UTF-8"),
+    ("solution not str", [b'{"question": "Q", "answer": "1", "solution": 3}'], 1, "field 'solution'"),
+]
+
+
+@pytest.mark.parametrize("name, lines, lineno, message", BAD_ROWS, ids=[r[0] for r in BAD_ROWS])
+def test_malformed_rows_name_file_and_line(tmp_path, name, lines, lineno, message):
+    f = write_lines(tmp_path / "bad.jsonl", lines)
+    with pytest.raises(ProblemFileError) as info:
+        load_problems(f)
+    assert str(info.value).startswith(f"{f}:{lineno}: ")
+    assert message in str(info.value)
+    assert info.value.line == lineno
+
+
+def test_duplicate_ids_name_both_lines(tmp_path):
+    f = write_lines(
+        tmp_path / "dup.jsonl",
+        [json.dumps({"id": "a", "question": "Q", "answer": "1"}), "", json.dumps({"id": "a", "question": "R", "answer": "2"})],
+    )
+    with pytest.raises(ProblemFileError, match=r"dup.jsonl:3: duplicate problem id 'a' \(first seen on line 1\)"):
+        load_problems(f)
+
+
+def test_duplicate_content_without_ids_is_a_duplicate(tmp_path):
+    row = json.dumps({"question": "Q", "answer": "1"})
+    with pytest.raises(ProblemFileError, match="duplicate problem id"):
+        load_problems(write_lines(tmp_path / "d.jsonl", [row, row]))
+
+
+def test_empty_missing_and_oversized_files(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(ProblemFileError, match="holds no problems"):
+        load_problems(tmp_path / "empty.jsonl")
+    with pytest.raises(ProblemFileError, match="no such problem file"):
+        load_problems(tmp_path / "missing.jsonl")
+    big = json.dumps({"question": "Q" * 5000, "answer": "1"})
+    with pytest.raises(ProblemFileError, match=r"big.jsonl:1: line is \d+ bytes, over the 1000-byte limit"):
+        load_problems(write_lines(tmp_path / "big.jsonl", [big]), max_line_bytes=1000)
+
+
+def make_pool(n: int) -> tuple[Problem, ...]:
+    return tuple(Problem(f"p{i:03d}", f"Q{i}", str(i)) for i in range(n))
+
+
+def test_pool_draws_disjoint_seeded_subsets():
+    pool = ProblemPool(make_pool(30), problems_per_iteration=10, seed=1)
+    draws = [[p.id for p in pool.draw(t)] for t in range(3)]
+    assert all(len(d) == 10 for d in draws)
+    assert len(set().union(*draws)) == 30  # without replacement across iterations
+    assert draws == [[p.id for p in pool.draw(t)] for t in range(3)]  # deterministic
+    other = ProblemPool(make_pool(30), problems_per_iteration=10, seed=2)
+    assert [p.id for p in other.draw(0)] != draws[0]
+
+
+def test_pool_exhaustion_errors_by_default_and_reshuffles_on_request():
+    pool = ProblemPool(make_pool(25), problems_per_iteration=10, seed=0)
+    pool.draw(1)
+    with pytest.raises(ValueError, match="iteration 2 needs 30 distinct ones.*on_exhausted: reshuffle"):
+        pool.draw(2)
+    reshuffle = ProblemPool(make_pool(25), problems_per_iteration=10, seed=0, on_exhausted="reshuffle")
+    previous = None
+    for t in range(8):
+        ids = {p.id for p in reshuffle.draw(t)}
+        assert len(ids) == 10
+        if previous is not None:
+            assert not ids & previous, f"iteration {t} repeats iteration {t - 1}"
+        previous = ids
+
+
+def test_pool_without_a_size_uses_everything_and_validates():
+    pool = ProblemPool(make_pool(5))
+    assert sorted(p.id for p in pool.draw(3)) == [f"p{i:03d}" for i in range(5)]
+    with pytest.raises(ValueError, match="data.problems_per_iteration must be between 1 and the pool size \\(5\\)"):
+        ProblemPool(make_pool(5), problems_per_iteration=6)

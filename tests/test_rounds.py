@@ -1,0 +1,157 @@
+"""``run_round`` end to end against small in-test components with known behaviour.
+
+The components are deliberately simple, not mocks of the round: the engine answers each
+problem right with a fixed per-problem probability (seeded), the verifier compares the
+boxed number exactly, and the PRM scores a step 0.9 unless it contains "guess".
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from hs_star_pl.budget import HierarchicalBudget, UniformBudget
+from hs_star_pl.difficulty import DifficultyConfig
+from hs_star_pl.protocols import AnswerVerifier, Completion, ProcessRewardModel, RolloutEngine
+from hs_star_pl.records import Phase, Problem
+from hs_star_pl.rounds import MemoryStore, RoundConfig, derive_seed, run_round
+from hs_star_pl.selection import SelectionConfig
+
+P_RIGHT = {"easy": 1.0, "mid1": 0.5, "mid2": 0.5, "hard": 0.0, "hard2": 0.0}
+
+
+class ScriptedEngine:
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, requests, params):
+        self.calls.append([(r.key, r.n) for r in requests])
+        out = {}
+        for req in reversed(requests):  # order must not matter to the caller
+            rng = random.Random(f"{params.seed}:{req.key}")
+            answers = []
+            for i in range(req.n):
+                right = rng.random() < P_RIGHT[req.key]
+                value = 7 if right else 8
+                hedge = "guess" if req.key == "hard2" else "so"
+                answers.append(Completion(f"Step 1: {req.key} attempt {i}\n\n{hedge} \\boxed{{{value}}}", "stop", 12))
+            out[req.key] = answers
+        return out
+
+
+class BoxedNumberVerifier:
+    def verify(self, responses, golds):
+        out = []
+        for text, gold in zip(responses, golds):
+            m = re.search(r"\\boxed\{(\d+)\}", text)
+            out.append(None if m is None else m.group(1) == gold)
+        return out
+
+    def check_golds(self, golds):
+        return [g.isdigit() for g in golds]
+
+
+class KeywordPRM:
+    def score(self, requests):
+        return [[0.1 if "guess" in s else 0.9 for s in req.steps] for req in requests]
+
+
+def problems():
+    return [Problem(pid, f"question {pid}", "7") for pid in P_RIGHT] + [Problem("bad", "question bad", "seven")]
+
+
+def run(store=None, engine=None, **kw):
+    kw.setdefault("allocator", HierarchicalBudget(samples_per_problem=8, n_presample=3))
+    kw.setdefault("config", RoundConfig(difficulty=DifficultyConfig(tau_low=0.3, tau_high=0.6)))
+    return run_round(
+        problems(),
+        engine=engine or ScriptedEngine(),
+        verifier=BoxedNumberVerifier(),
+        prm=KeywordPRM(),
+        render_prompt=lambda p: f"Q: {p.question}\nA:",
+        iteration=1,
+        seed=123,
+        store=store,
+        **kw,
+    )
+
+
+def test_components_satisfy_the_protocols():
+    assert isinstance(ScriptedEngine(), RolloutEngine)
+    assert isinstance(BoxedNumberVerifier(), AnswerVerifier)
+    assert isinstance(KeywordPRM(), ProcessRewardModel)
+
+
+def test_round_classifies_allocates_and_pairs():
+    """5 gradeable problems, K=8, n_p=3: 15 pre-samples, (8-3)*5 = 25 re-samples.
+
+    easy (always right, PRM 0.9 > 0.6) is an inlier; hard (always wrong, PRM 0.9 >= 0.3) stays
+    on the boundary; hard2 (always wrong, PRM 0.1 < 0.3) is an outlier; mid1/mid2 are
+    boundary unless their 3 pre-samples happen to agree. The 25 go to boundary problems only.
+    """
+    engine = ScriptedEngine()
+    result = run(engine=engine)
+    s = result.summary()
+    assert result.dropped == ["bad"] and s["n_dropped_ungradeable"] == 1
+    d = {pid: x.difficulty.value for pid, x in result.difficulties.items()}
+    assert d["easy"] == "inlier" and d["hard2"] == "outlier" and d["hard"] == "boundary"
+    boundary = [pid for pid, c in d.items() if c == "boundary"]
+    assert (s["n_problems"], s["n_inlier"] + s["n_boundary"] + s["n_outlier"]) == (5, 5)
+    assert (s["samples_presample"], s["samples_resample"], s["samples_total"], s["budget_total"]) == (15, 25, 40, 40)
+    assert engine.calls[0] == [(pid, 3) for pid in P_RIGHT]
+    assert sum(n for _, n in engine.calls[1]) == 25 and {k for k, _ in engine.calls[1]} == set(boundary)
+    assert s["samples_per_class"]["boundary"] == 3 * len(boundary) + 25
+    # sample indices are unique per problem and re-samples continue after pre-samples
+    for pid in P_RIGHT:
+        idx = sorted(r.rollout.sample_index for r in result.rollouts if r.problem_id == pid)
+        assert idx == list(range(len(idx)))
+        assert all(r.rollout.phase is Phase.RESAMPLE for r in result.resamples if r.problem_id == pid)
+    # pairs only from boundary problems that had both right and wrong answers
+    assert s["n_pairs"] == len(result.examples) > 0
+    assert {p.problem_id for p in result.examples} <= {"mid1", "mid2"}
+    assert all(p.prompt.startswith("Q: question") and "boxed{7}" in p.chosen and "boxed{8}" in p.rejected for p in result.examples)
+    assert set(s["seconds"]) >= {"presample_generate", "presample_verify", "presample_prm", "resample_generate", "select"}
+
+
+def test_round_is_deterministic_per_seed():
+    a, b = run(), run()
+    assert [x.to_dict() for x in a.rollouts] == [x.to_dict() for x in b.rollouts]
+    assert a.examples == b.examples and a.ledger == b.ledger
+    assert derive_seed(123, 1, "presample") != derive_seed(123, 2, "presample")
+
+
+def test_uniform_baseline_spends_everything_in_one_phase():
+    result = run(allocator=UniformBudget(samples_per_problem=8), config=RoundConfig(selection=SelectionConfig(train_classes=("inlier", "boundary", "outlier"))))
+    s = result.summary()
+    assert (s["samples_presample"], s["samples_resample"], s["samples_total"]) == (40, 0, 40)
+    assert result.resamples == []
+
+
+def test_finished_phases_are_read_back_not_redone():
+    store = MemoryStore()
+    first = run(store=store)
+    assert set(store.phases) == {"presample_generated", "presample_scored", "resample_generated", "resample_scored"}
+
+    class Refusing:
+        def generate(self, requests, params):
+            raise AssertionError("a finished phase was generated again")
+
+    again = run(store=store, engine=Refusing())
+    assert again.examples == first.examples and again.ledger == first.ledger
+    # a run killed after generating the re-samples but before scoring them: only scoring is redone
+    del store.phases["resample_scored"]
+    partial = run(store=store, engine=Refusing())
+    assert [r.to_dict() for r in partial.rollouts] == [r.to_dict() for r in first.rollouts]
+
+
+def test_engine_returning_the_wrong_count_is_an_error():
+    class Short(ScriptedEngine):
+        def generate(self, requests, params):
+            out = super().generate(requests, params)
+            out["easy"] = out["easy"][:-1]
+            return out
+
+    with pytest.raises(RuntimeError, match="Short returned 2 completions for problem 'easy', expected 3"):
+        run(engine=Short())

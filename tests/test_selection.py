@@ -1,0 +1,98 @@
+"""Pair and SFT selection: the paper's rule worked by hand, plus its guarantees."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from hs_star_pl.records import Difficulty, Phase, PreferencePair, Problem, ProblemDifficulty, Rollout, RolloutScore, ScoredRollout
+from hs_star_pl.selection import SelectionConfig, build_pairs_for_problem, build_sft_for_problem, select_training_data
+
+
+def r(pid, i, correct, score, text=None):
+    steps = () if score is None else (score,)
+    return ScoredRollout(Rollout(pid, i, Phase.PRESAMPLE if i < 3 else Phase.RESAMPLE, text or f"{pid}-{i}"), RolloutScore(correct, steps))
+
+
+def test_top_k_of_each_side_by_process_reward():
+    """4 correct (scores .9 .1 .5 .7), 2 wrong (.3 .8), 1 ungradeable: k = min(4, 2) = 2.
+    Chosen are the two best correct (.9 and .7), rejected both wrong ones; the ungradeable
+    response is on neither side.
+    """
+    rollouts = [r("p", 0, True, .9), r("p", 1, True, .1), r("p", 2, False, .3), r("p", 3, True, .5),
+                r("p", 4, None, .99), r("p", 5, False, .8), r("p", 6, True, .7)]
+    pairs = build_pairs_for_problem("PROMPT", rollouts, random.Random(0))
+    assert len(pairs) == 2
+    assert {p.chosen for p in pairs} == {"p-0", "p-6"}
+    assert {p.rejected for p in pairs} == {"p-2", "p-5"}
+    assert all(p.prompt == "PROMPT" and p.problem_id == "p" for p in pairs)
+    used = [p.chosen_key for p in pairs] + [p.rejected_key for p in pairs]
+    assert len(used) == len(set(used))  # each response used once
+    assert {(p.chosen_key, p.chosen_score) for p in pairs} == {("p#0", .9), ("p#6", .7)}
+
+
+def test_wrong_side_keeps_its_highest_scored_responses():
+    """1 correct, 3 wrong (.2 .6 .4): k = 1, the rejected one is the .6 wrong response."""
+    pairs = build_pairs_for_problem("P", [r("p", 0, True, .5), r("p", 1, False, .2), r("p", 2, False, .6), r("p", 3, False, .4)], random.Random(0))
+    assert [(p.chosen, p.rejected) for p in pairs] == [("p-0", "p-2")]
+
+
+def test_no_pairs_without_both_sides_and_no_identical_pairs():
+    assert build_pairs_for_problem("P", [r("p", 0, True, .5), r("p", 1, True, .6)], random.Random(0)) == []
+    assert build_pairs_for_problem("P", [r("p", 0, False, .5), r("p", 1, None, .6)], random.Random(0)) == []
+    same = [r("p", 0, True, .5, text="x = 1 \n"), r("p", 1, False, .5, text="x = 1")]
+    assert build_pairs_for_problem("P", same, random.Random(0)) == []
+
+
+def test_responses_without_steps_rank_last():
+    pairs = build_pairs_for_problem("P", [r("p", 0, True, None), r("p", 1, True, .1), r("p", 2, False, .5)], random.Random(0))
+    assert [p.chosen for p in pairs] == ["p-1"]
+
+
+def test_pairing_is_seeded():
+    rollouts = [r("p", i, i % 2 == 0, i / 10) for i in range(10)]
+    a = build_pairs_for_problem("P", rollouts, random.Random(1))
+    assert a == build_pairs_for_problem("P", rollouts, random.Random(1))
+    variants = {tuple((p.chosen, p.rejected) for p in build_pairs_for_problem("P", rollouts, random.Random(s))) for s in range(10)}
+    assert len(variants) > 1
+
+
+def test_sft_examples_are_distinct_best_first_and_capped():
+    rollouts = [r("p", 0, True, .2, "a"), r("p", 1, True, .9, "b"), r("p", 2, True, .8, " b "), r("p", 3, False, 1.0, "c"), r("p", 4, True, .5, "d")]
+    got = build_sft_for_problem("P", rollouts, max_per_problem=2)
+    assert [(e.response, e.score) for e in got] == [("b", .9), ("d", .5)]
+
+
+def classed(cls_by_pid):
+    return {pid: ProblemDifficulty(pid, .5, .5, c, 3, 3) for pid, c in cls_by_pid.items()}
+
+
+def test_train_classes_pick_the_split():
+    problems = [Problem(pid, f"Q {pid}", "1") for pid in ("a", "b", "c")]
+    rollouts = [r(pid, i, i % 2 == 0, .5) for pid in ("a", "b", "c") for i in range(4)]
+    diffs = classed({"a": Difficulty.INLIER, "b": Difficulty.BOUNDARY, "c": Difficulty.OUTLIER})
+    def pids(classes, objective="dpo"):
+        cfg = SelectionConfig(train_classes=classes, objective=objective)
+        return sorted({e.problem_id for e in select_training_data(problems, rollouts, diffs, cfg, lambda p: "T:" + p.question, seed=0)})
+    assert pids(("boundary",)) == ["b"]
+    assert pids(("inlier", "outlier")) == ["a", "c"]
+    assert pids(("inlier", "boundary", "outlier")) == ["a", "b", "c"]
+    sft = select_training_data(problems, rollouts, diffs, SelectionConfig(objective="sft"), lambda p: "T:" + p.question, 0)
+    assert all(e.prompt == "T:Q b" and e.response.startswith("b-") for e in sft)
+    dpo = select_training_data(problems, rollouts, diffs, SelectionConfig(), lambda p: "T:" + p.question, 0)
+    assert all(isinstance(e, PreferencePair) and e.prompt == "T:Q b" for e in dpo) and len(dpo) == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"train_classes": ()}, "selection.train_classes must name at least one"),
+        ({"train_classes": ("middle",)}, r"unknown class \['middle'\]; valid: \['inlier', 'boundary', 'outlier'\]"),
+        ({"objective": "ppo"}, "selection.objective must be 'dpo' or 'sft'"),
+        ({"max_sft_per_problem": 0}, "selection.max_sft_per_problem must be >= 1"),
+    ],
+)
+def test_bad_selection_config_names_the_key(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SelectionConfig(**kwargs)

@@ -1,0 +1,183 @@
+"""Round folders on disk: atomic writes, a phase store, and the ``DONE`` marker.
+
+Layout of one iteration (``<run dir>/rounds/round_NNN/``)::
+
+    problems.jsonl            the iteration's problems (after dropping ungradeable golds)
+    presample_generated.jsonl phase store: pre-samples as generated (text, finish, tokens)
+    presample_scored.jsonl    phase store: ... with verdict and step scores
+    resample_generated.jsonl  phase store: re-samples as generated
+    resample_scored.jsonl     phase store: ... scored
+    rollouts.jsonl            every scored rollout of the round
+    difficulty.jsonl          per problem: phi_a, phi_r, class, sample counts
+    ledger.json               the budget ledger (per-problem counts, totals per phase/class)
+    pairs.jsonl | sft.jsonl   the training examples
+    summary.json              the round's numbers (``RoundResult.summary()``)
+    DONE                      written last: the round is complete
+
+Every file is written to a temporary name in the same folder, flushed and fsynced, then
+renamed over the final name, so a reader never sees half a file and a crash leaves either
+the old state or the new. A folder without ``DONE`` is an unfinished round: its phase files
+are reused on resume, everything else is rewritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from hs_star_pl.budget import BudgetLedger
+from hs_star_pl.records import PreferencePair, Problem, ProblemDifficulty, ScoredRollout, SftExample
+from hs_star_pl.rounds import RoundResult
+
+DONE = "DONE"
+_ROUND_NAME = re.compile(r"^round_(\d{3,})$")
+
+
+def round_dir(run_dir: str | Path, iteration: int) -> Path:
+    """``<run_dir>/rounds/round_NNN`` (zero-padded to three digits)."""
+    return Path(run_dir) / "rounds" / f"round_{iteration:03d}"
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Atomically write one JSON object per line."""
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def write_json(path: str | Path, value: Any) -> None:
+    """Atomically write pretty-printed JSON."""
+    atomic_write_text(path, json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSONL file this module wrote; a bad line raises naming ``file:line``."""
+    rows = []
+    with Path(path).open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: invalid JSON in a round artifact: {err.msg}") from None
+    return rows
+
+
+class RoundStore:
+    """A ``rounds.PhaseStore`` backed by a round folder (one ``<phase>.jsonl`` per phase)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+
+    def load(self, name: str) -> list[dict[str, Any]] | None:
+        path = self.directory / f"{name}.jsonl"
+        return read_jsonl(path) if path.is_file() else None
+
+    def save(self, name: str, value: list[dict[str, Any]]) -> None:
+        write_jsonl(self.directory / f"{name}.jsonl", value)
+
+
+def is_complete(directory: str | Path) -> bool:
+    return (Path(directory) / DONE).is_file()
+
+
+def write_round(directory: str | Path, result: RoundResult, extra_summary: Mapping[str, Any] | None = None) -> None:
+    """Write every artifact of a finished round, then ``DONE``.
+
+    ``extra_summary`` adds keys to ``summary.json`` (e.g. reference log-prob timing).
+    """
+    directory = Path(directory)
+    write_jsonl(directory / "problems.jsonl", (p.to_dict() for p in result.problems))
+    write_jsonl(directory / "rollouts.jsonl", (r.to_dict() for r in result.rollouts))
+    write_jsonl(directory / "difficulty.jsonl", (d.to_dict() for d in result.difficulties.values()))
+    write_json(directory / "ledger.json", result.ledger.to_dict())
+    write_examples(directory, result.examples)
+    summary = result.summary()
+    summary["dropped_problem_ids"] = list(result.dropped)
+    summary.update(extra_summary or {})
+    write_json(directory / "summary.json", summary)
+    atomic_write_text(directory / DONE, "")
+
+
+def write_examples(directory: str | Path, examples: list[PreferencePair] | list[SftExample]) -> Path:
+    """Write training examples as ``pairs.jsonl`` (DPO) or ``sft.jsonl`` (SFT); returns the path."""
+    is_sft = bool(examples) and isinstance(examples[0], SftExample)
+    path = Path(directory) / ("sft.jsonl" if is_sft else "pairs.jsonl")
+    write_jsonl(path, (e.to_dict() for e in examples))
+    return path
+
+
+def read_examples(directory: str | Path) -> list[PreferencePair] | list[SftExample]:
+    directory = Path(directory)
+    if (directory / "sft.jsonl").is_file():
+        return [SftExample.from_dict(r) for r in read_jsonl(directory / "sft.jsonl")]
+    return [PreferencePair.from_dict(r) for r in read_jsonl(directory / "pairs.jsonl")]
+
+
+def read_round(directory: str | Path) -> RoundResult:
+    """Rebuild a complete round's ``RoundResult`` from its folder (``seconds`` from the summary)."""
+    directory = Path(directory)
+    if not is_complete(directory):
+        raise FileNotFoundError(f"{directory}: round is not complete (no {DONE} marker)")
+    summary = json.loads((directory / "summary.json").read_text(encoding="utf-8"))
+    rollouts = [ScoredRollout.from_dict(r) for r in read_jsonl(directory / "rollouts.jsonl")]
+    difficulties = [ProblemDifficulty.from_dict(r) for r in read_jsonl(directory / "difficulty.jsonl")]
+    from hs_star_pl.difficulty import DifficultyThresholds
+
+    return RoundResult(
+        iteration=int(summary["iteration"]),
+        problems=[Problem.from_dict(r) for r in read_jsonl(directory / "problems.jsonl")],
+        dropped=list(summary.get("dropped_problem_ids", [])),
+        presamples=[r for r in rollouts if r.rollout.phase.value == "presample"],
+        resamples=[r for r in rollouts if r.rollout.phase.value == "resample"],
+        difficulties={d.problem_id: d for d in difficulties},
+        thresholds=DifficultyThresholds(summary["tau_low"], summary["tau_high"]),
+        ledger=BudgetLedger.from_dict(json.loads((directory / "ledger.json").read_text(encoding="utf-8"))),
+        examples=read_examples(directory),
+        seconds=dict(summary.get("seconds", {})),
+    )
+
+
+def completed_rounds(run_dir: str | Path) -> list[int]:
+    """Iterations whose round folder under ``<run_dir>/rounds`` is complete, ascending."""
+    root = Path(run_dir) / "rounds"
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = _ROUND_NAME.match(child.name)
+        if m and is_complete(child):
+            found.append(int(m.group(1)))
+    return sorted(found)

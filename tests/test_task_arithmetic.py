@@ -1,0 +1,75 @@
+"""The synthetic task: determinism, difficulty control, gold answers correct by construction."""
+
+from __future__ import annotations
+
+import pytest
+
+from hs_star_pl.problems import load_problems
+from hs_star_pl.steps import split_steps
+from hs_star_pl.tasks.arithmetic import (
+    ArithmeticTaskConfig,
+    apply,
+    generate_problems,
+    make_problem,
+    parse_question,
+    write_split,
+)
+
+
+def test_worked_example():
+    p = make_problem(12, [("add", 7), ("multiply", 3), ("subtract", 5)])
+    assert p.question == "Start with 12. Add 7. Multiply by 3. Subtract 5. What is the result?"
+    assert p.solution == "Step 1: 12 + 7 = 19\n\nStep 2: 19 * 3 = 57\n\nStep 3: 57 - 5 = 52\n\nThe answer is \\boxed{52}."
+    assert p.answer == "52" and p.metadata["n_steps"] == 3 and p.id == "arith-12-a7-m3-s5"
+
+
+def recompute(question: str) -> int:
+    start, steps = parse_question(question)
+    value = start
+    for op, operand in steps:
+        value = apply(op, value, operand)
+    return value
+
+
+def test_gold_answers_and_solutions_are_consistent_by_construction():
+    cfg = ArithmeticTaskConfig(operations=("add", "subtract", "multiply", "divide"))
+    for p in generate_problems(300, seed=4, config=cfg):
+        assert int(p.answer) == recompute(p.question)
+        steps = split_steps(p.solution)
+        assert len(steps) == p.metadata["n_steps"] + 1
+        assert steps[-1] == f"The answer is \\boxed{{{p.answer}}}."
+
+
+def test_difficulty_knobs_are_respected():
+    cfg = ArithmeticTaskConfig(min_steps=3, max_steps=4, max_start=9, max_addend=5, max_multiplier=3, max_value=50)
+    problems = generate_problems(200, seed=1, config=cfg)
+    assert {p.metadata["n_steps"] for p in problems} == {3, 4}
+    for p in problems:
+        start, steps = parse_question(p.question)
+        assert 0 <= start <= 9
+        value = start
+        for op, operand in steps:
+            assert (1 <= operand <= 5) if op in ("add", "subtract") else (2 <= operand <= 3)
+            value = apply(op, value, operand)
+            assert 0 <= value <= 50
+
+
+def test_generation_is_seeded_distinct_and_test_is_disjoint(tmp_path):
+    a, b = generate_problems(100, seed=7), generate_problems(100, seed=7)
+    assert a == b and a != generate_problems(100, seed=8)
+    assert len({p.question for p in a}) == 100
+    train_path, test_path = write_split(tmp_path, 200, 50, seed=3)
+    train, test = load_problems(train_path), load_problems(test_path)
+    assert len(train) == 200 and len(test) == 50
+    assert not {p.question for p in train} & {p.question for p in test}
+    assert train == generate_problems(200, seed=3)  # files load back unchanged
+
+
+def test_too_small_a_space_and_bad_knobs_are_errors():
+    tiny = ArithmeticTaskConfig(min_steps=1, max_steps=1, max_start=0, max_addend=1, max_multiplier=2, max_value=4, operations=("add",))
+    with pytest.raises(ValueError, match="too few distinct problems"):
+        generate_problems(5, config=tiny)
+    with pytest.raises(ValueError, match="task.operations"):
+        ArithmeticTaskConfig(operations=("power",))
+    with pytest.raises(ValueError, match="task.min_steps/max_steps"):
+        ArithmeticTaskConfig(min_steps=4, max_steps=2)

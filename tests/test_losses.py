@@ -132,10 +132,15 @@ def test_nonpositive_beta_rejected():
         dpo_loss(z, z, z, z, beta=0.0)
 
 
-def test_losses_module_does_not_import_lightning():
+def test_tensor_modules_do_not_import_lightning():
     import subprocess
     import sys
+    from pathlib import Path
 
-    code = "import sys, hs_star_pl.losses, hs_star_pl.templates; print('lightning' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    code = (
+        "import sys, hs_star_pl.losses, hs_star_pl.templates, hs_star_pl.collate, hs_star_pl.schedules; "
+        "print('lightning' in sys.modules)"
+    )
+    repo = Path(__file__).resolve().parents[1]  # cwd first on sys.path: this checkout, not an installed copy
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo)
     assert out.stdout.strip() == "False"

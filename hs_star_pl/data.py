@@ -268,6 +268,11 @@ class MathDataModule(L.LightningDataModule):
         self.trainer.accumulate_grad_batches = accumulate
 
     def train_dataloader(self) -> DataLoader:
+        # Validation pairs need the same reference as training (the policy at the start of
+        # the iteration), but Lightning builds the val dataloader only after some training;
+        # so their missing reference log-probs are filled now, too.
+        if self.val_examples and isinstance(self.val_examples[0], PreferencePair):
+            self._encode(self.val_examples, "val")
         items = self._encode(self.train_examples, "train")
         generator = torch.Generator().manual_seed(self.seed + (self.trainer.current_epoch if self.trainer else 0))
         return DataLoader(
@@ -316,7 +321,8 @@ class MathDataModule(L.LightningDataModule):
                 f"{split}: {n_truncated} responses cut to data.max_length={self.max_length}, "
                 f"{n_dropped} examples dropped (prompt longer than data.max_length)"
             )
-        rank_zero_info(f"{split}: {len(kept)} examples ({self.objective or 'none'})")
+        kind = "pairs" if kept and isinstance(kept[0], PreferencePair) else "SFT examples"
+        rank_zero_info(f"{split}: {len(kept)} {kind}")
         if kept and isinstance(kept[0], PreferencePair):
             kept = self._with_reference_logps(kept, split)
             return [(c, r, (p.ref_chosen_logp, p.ref_rejected_logp)) for (c, r), p in zip(encoded, kept, strict=True)]

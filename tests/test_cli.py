@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import inspect
+import math
 import re
 import subprocess
 import sys
@@ -35,7 +36,8 @@ def _run_args(tmp_path) -> list[str]:
 
 
 def test_fit_trains_saves_config_and_exports_each_iteration(tmp_path):
-    cli = HSStarCLI(args=["fit", *_run_args(tmp_path)])
+    pairs = REPO / "configs" / "data" / "arith_pairs.jsonl"
+    cli = HSStarCLI(args=["fit", *_run_args(tmp_path), f"--data.val_file={pairs}"])
     assert cli.trainer.current_epoch == 2 and cli.trainer.global_step == 10  # 2 epochs x 20 pairs / 4
 
     saved = yaml.safe_load((tmp_path / "logs" / "version_0" / "config.yaml").read_text())
@@ -47,6 +49,12 @@ def test_fit_trains_saves_config_and_exports_each_iteration(tmp_path):
     for key in ("train/loss_step", "train/reward_accuracy_epoch", "train/margin_epoch", "train/chosen_reward_epoch",
                 "train/rejected_reward_epoch", "train/tokens_per_s"):
         assert key in columns
+
+    with open(tmp_path / "logs" / "version_0" / "metrics.csv") as fh:
+        val_losses = [float(r["val/loss"]) for r in csv.DictReader(fh) if r.get("val/loss")]
+    # val pairs are the train pairs, scored against the iteration-start reference: after an
+    # epoch of DPO they are below log 2 (a reference taken after training would give log 2)
+    assert len(val_losses) == 2 and val_losses[-1] < math.log(2) - 1e-3
 
     for iteration in (0, 1):
         assert (tmp_path / "hf" / f"iteration_{iteration:03d}" / "config.json").is_file()

@@ -174,3 +174,15 @@ def test_injected_examples_are_used_and_missing_refs_filled(tmp_path):
     assert torch.isfinite(batch["ref_chosen_logps"]).all() and batch["ref_chosen_logps"].shape == (3,)
     with pytest.raises(TypeError, match="all PreferencePair or all SftExample"):
         dm.set_train_examples([pairs[0], SftExample("s", "p", "r")])
+
+
+def test_val_pairs_get_the_reference_of_the_iteration_start(tmp_path):
+    """Val refs are filled when the train dataloader is built, before training moves the policy."""
+    module = tiny_module()
+    dm = MathDataModule(train_file=str(PAIRS_FILE), val_file=str(PAIRS_FILE), template="plain", max_length=256)
+    _attach(dm, module, tmp_path)
+    dm.setup("fit")
+    assert all(p.ref_chosen_logp is None for p in dm.val_examples)
+    dm.train_dataloader()
+    assert all(p.ref_chosen_logp is not None for p in dm.val_examples)
+    assert [p.ref_chosen_logp for p in dm.val_examples] == [p.ref_chosen_logp for p in dm.train_examples]

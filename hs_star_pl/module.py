@@ -257,6 +257,13 @@ class HSStarModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self.model_step(batch, "val")
 
+    def on_train_epoch_start(self) -> None:
+        # The DataModule counted this epoch's examples when Lightning built the dataloader
+        # (which happens before this hook); put the counts next to the losses.
+        stats = getattr(self.trainer.datamodule, "last_stats", None) or {}
+        for name, value in stats.items():
+            self.log(f"data/{name}", float(value), on_step=False, on_epoch=True, batch_size=1)
+
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._batch_started = time.perf_counter()
 

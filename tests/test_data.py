@@ -186,3 +186,15 @@ def test_val_pairs_get_the_reference_of_the_iteration_start(tmp_path):
     dm.train_dataloader()
     assert all(p.ref_chosen_logp is not None for p in dm.val_examples)
     assert [p.ref_chosen_logp for p in dm.val_examples] == [p.ref_chosen_logp for p in dm.train_examples]
+
+
+def test_global_batch_size_drives_optimizer_steps_in_a_real_fit(tmp_path):
+    """20 pairs, 2 per batch -> 10 batches; global 8 -> accumulate 4 -> steps after batches 4, 8
+    and the epoch's last (10): 3 optimizer steps."""
+    module = tiny_module()
+    dm = MathDataModule(train_file=str(PAIRS_FILE), template="plain", max_length=256, batch_size=2, global_batch_size=8)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, dm)
+    assert trainer.accumulate_grad_batches == 4 and trainer.global_step == 3
+    assert trainer.callback_metrics["data/n_examples"] == 20 and trainer.callback_metrics["data/n_truncated"] == 0

@@ -1,0 +1,379 @@
+"""``MathDataModule``: the problem pool and the current iteration's training examples.
+
+Examples are ``PreferencePair`` (DPO) or ``SftExample`` (SFT) records. They come from one of:
+
+* ``train_file``: JSONL of pairs (``chosen`` + ``rejected``) or SFT rows (``response``);
+* ``problems_file``: problems with a ``solution`` (step-wise initialisation, SFT);
+* ``set_train_examples``: what the self-training callback hands over between epochs.
+
+Prompt contract: a record's ``prompt`` is the *rendered* prompt, the exact text the policy
+was conditioned on when the response was sampled. File rows may give ``prompt`` (used
+verbatim) or ``question`` (rendered here with ``data.template``). Every rendering goes through
+``hs_star_pl.templates.render_prompt``.
+
+``train_dataloader`` re-encodes the current examples on every call; with
+``reload_dataloaders_every_n_epochs: 1`` Lightning calls it at the start of every epoch
+(*before* ``on_train_epoch_start``, docs/findings), so examples must be set by the end of the
+previous epoch. Pairs without reference log-probs get them here, from the policy as it is
+when the dataloader is built (the start of the iteration), cached under
+``<default_root_dir>/reference_logps/`` for file-sourced pairs so a resume does not recompute
+them with already-trained weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader
+
+from hs_star_pl.collate import EncodedSequence, PaddingSide, collate_pairs, collate_sequences, encode_example
+from hs_star_pl.problems import load_problems
+from hs_star_pl.records import PreferencePair, SftExample
+from hs_star_pl.templates import get_template, render_prompt
+
+Examples = Sequence[PreferencePair] | Sequence[SftExample]
+
+
+class ExampleFileError(ValueError):
+    """A training-example file cannot be used; the message names the file and line."""
+
+
+def _prompt_of(row: dict[str, Any], template: str, where: str) -> str:
+    if isinstance(row.get("prompt"), str):
+        return row["prompt"]
+    if isinstance(row.get("question"), str):
+        return render_prompt(template, row["question"])
+    raise ExampleFileError(f"{where}: needs a 'prompt' (rendered) or 'question' string")
+
+
+def load_examples(path: str | Path, template: str) -> list[PreferencePair] | list[SftExample]:
+    """Read pairs or SFT examples from JSONL (all rows must be of one kind).
+
+    Pair rows: ``prompt`` or ``question``, ``chosen``, ``rejected``, optional ``problem_id``,
+    ``ref_chosen_logp``/``ref_rejected_logp`` and the other ``PreferencePair`` fields. SFT rows:
+    ``prompt`` or ``question``, ``response``, optional ``problem_id``.
+
+    Raises:
+        ExampleFileError: missing/empty file, bad JSON, a row of neither or a different kind.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ExampleFileError(f"{path}: no such example file")
+    out: list[Any] = []
+    kind = None
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ExampleFileError(f"{where}: invalid JSON: {err.msg}") from None
+            if not isinstance(row, dict):
+                raise ExampleFileError(f"{where}: expected a JSON object")
+            row_kind = "pair" if "chosen" in row and "rejected" in row else "sft" if "response" in row else None
+            if row_kind is None:
+                raise ExampleFileError(f"{where}: a row needs 'chosen' + 'rejected' (pair) or 'response' (SFT)")
+            if kind is not None and row_kind != kind:
+                raise ExampleFileError(f"{where}: {row_kind} row in a file of {kind} rows")
+            kind = row_kind
+            prompt = _prompt_of(row, template, where)
+            pid = str(row.get("problem_id", row.get("id", lineno)))
+            if kind == "pair":
+                fields = {k: row.get(k) for k in PreferencePair.__dataclass_fields__}
+                fields.update(
+                    problem_id=pid,
+                    prompt=prompt,
+                    chosen_key=row.get("chosen_key") or f"{pid}#chosen",
+                    rejected_key=row.get("rejected_key") or f"{pid}#rejected",
+                )
+                out.append(PreferencePair(**fields))
+            else:
+                out.append(SftExample(problem_id=pid, prompt=prompt, response=row["response"], score=row.get("score")))
+    if not out:
+        raise ExampleFileError(f"{path}: the file holds no examples")
+    return out
+
+
+def _check_examples(examples: Examples) -> type:
+    kinds = {type(e) for e in examples}
+    if not kinds <= {PreferencePair, SftExample} or len(kinds) > 1:
+        names = sorted(k.__name__ for k in kinds)
+        raise TypeError(f"examples must be all PreferencePair or all SftExample, got {names}")
+    return kinds.pop() if kinds else type(None)
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class MathDataModule(L.LightningDataModule):
+    """Training data for one self-training iteration: DPO pairs or SFT examples.
+
+    Args:
+        train_file: JSONL of preference pairs or SFT examples (see ``load_examples``).
+            Exclusive with ``problems_file``.
+        problems_file: problems JSONL with a ``solution`` per problem (the ``load_problems``
+            format); trains SFT on (question, solution) for step-wise initialisation.
+        val_file: optional JSONL of the same kind as the training data, for ``validate``
+            and the validation loop.
+        template: prompt template name (``hs_star_pl.templates``) used to render questions.
+        max_length: longest sequence in tokens; longer responses are cut from the right and
+            counted, prompts that do not fit are dropped and counted.
+        batch_size: examples (pairs, for DPO) per device per step.
+        global_batch_size: examples per optimizer step over all devices. When set, it
+            must be a multiple of ``batch_size * world_size`` and sets the trainer's
+            gradient accumulation; leave unset to use ``trainer.accumulate_grad_batches``.
+        padding_side: ``right`` or ``left`` padding of training batches.
+        shuffle: shuffle training examples, seeded by ``seed`` and the epoch.
+        seed: shuffling seed.
+        num_workers: DataLoader worker processes.
+        ref_batch_size: pairs per forward pass when computing reference log-probs.
+    """
+
+    def __init__(
+        self,
+        train_file: str | None = None,
+        problems_file: str | None = None,
+        val_file: str | None = None,
+        template: str = "qwen25-step-cot",
+        max_length: int = 1024,
+        batch_size: int = 8,
+        global_batch_size: int | None = None,
+        padding_side: PaddingSide = "right",
+        shuffle: bool = True,
+        seed: int = 0,
+        num_workers: int = 0,
+        ref_batch_size: int = 16,
+    ) -> None:
+        super().__init__()
+        get_template(template)
+        if train_file is not None and problems_file is not None:
+            raise ValueError("data.train_file and data.problems_file are exclusive; set one")
+        if max_length < 2:
+            raise ValueError(f"data.max_length must be >= 2, got {max_length}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if global_batch_size is not None and global_batch_size % batch_size:
+            raise ValueError(
+                f"data.global_batch_size ({global_batch_size}) must be a multiple of data.batch_size ({batch_size})"
+            )
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"data.padding_side must be 'right' or 'left', got {padding_side!r}")
+        self.train_file = train_file
+        self.problems_file = problems_file
+        self.val_file = val_file
+        self.template = template
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.global_batch_size = global_batch_size
+        self.padding_side = padding_side
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_workers = num_workers
+        self.ref_batch_size = ref_batch_size
+        self.tokenizer = None
+        self.train_examples: tuple = ()
+        self.val_examples: tuple = ()
+        self.last_stats: dict[str, int] = {}
+        self._ref_cache_key: str | None = None
+
+    # -- example sources -----------------------------------------------------------------
+
+    def set_train_examples(self, examples: Examples) -> None:
+        """Replace the training examples; the next ``train_dataloader`` call uses them.
+
+        Pairs without ``ref_chosen_logp``/``ref_rejected_logp`` get them when the dataloader is
+        built (not cached: the caller owns the round's artifacts). An empty sequence is
+        allowed but Lightning ends training on an epoch with zero batches.
+        """
+        _check_examples(examples)
+        if not examples:
+            rank_zero_warn("set_train_examples got no examples: an epoch with zero batches ends training")
+        self.train_examples = tuple(examples)
+        self._ref_cache_key = None
+
+    def load_train_examples(self) -> list:
+        """Read the configured ``train_file`` or ``problems_file`` (empty when neither is set)."""
+        if self.train_file is not None:
+            return load_examples(self.train_file, self.template)
+        if self.problems_file is not None:
+            problems = load_problems(self.problems_file)
+            missing = [p.id for p in problems if not p.solution]
+            if missing:
+                raise ValueError(
+                    f"data.problems_file: {len(missing)} problems have no 'solution' field "
+                    f"(first: {missing[0]!r}); step-wise initialisation needs one per problem"
+                )
+            return [SftExample(p.id, render_prompt(self.template, p.question), p.solution) for p in problems]
+        return []
+
+    @property
+    def objective(self) -> str | None:
+        """``"dpo"`` for pairs, ``"sft"`` for SFT examples, ``None`` with no examples."""
+        kind = _check_examples(self.train_examples)
+        return {PreferencePair: "dpo", SftExample: "sft"}.get(kind)
+
+    # -- Lightning hooks -----------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        module = trainer.lightning_module if trainer is not None else None
+        if self.tokenizer is None:
+            if module is None or getattr(module, "tokenizer", None) is None:
+                raise RuntimeError("MathDataModule needs the module's tokenizer: use it with HSStarModule")
+            self.tokenizer = module.tokenizer
+        if stage == "fit":
+            if not self.train_examples:
+                self.train_examples = tuple(self.load_train_examples())
+                if self.train_file is not None and self.objective == "dpo":
+                    self._ref_cache_key = self._file_cache_key(self.train_file, module)
+            self._configure_accumulation()
+            if module is not None and self.objective is not None and getattr(module, "objective", None) != self.objective:
+                raise ValueError(
+                    f"model.objective is {module.objective!r} but the training data are "
+                    f"{'preference pairs' if self.objective == 'dpo' else 'SFT examples'}: "
+                    f"set model.objective: {self.objective}"
+                )
+        if self.val_file is not None and not self.val_examples:
+            self.val_examples = tuple(load_examples(self.val_file, self.template))
+
+    def _configure_accumulation(self) -> None:
+        if self.global_batch_size is None or self.trainer is None:
+            return
+        per_step = self.batch_size * self.trainer.world_size
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"data.global_batch_size ({self.global_batch_size}) must be a multiple of data.batch_size "
+                f"({self.batch_size}) x devices ({self.trainer.world_size})"
+            )
+        accumulate = self.global_batch_size // per_step
+        current = self.trainer.accumulate_grad_batches
+        if current not in (1, accumulate):
+            raise ValueError(
+                f"trainer.accumulate_grad_batches ({current}) contradicts data.global_batch_size "
+                f"({self.global_batch_size}) / (data.batch_size x devices = {per_step}) = {accumulate}; "
+                f"set only one of them"
+            )
+        # The fit loop reads this attribute at every step, so setting it in setup is enough.
+        self.trainer.accumulate_grad_batches = accumulate
+
+    def train_dataloader(self) -> DataLoader:
+        # Validation pairs need the same reference as training (the policy at the start of
+        # the iteration), but Lightning builds the val dataloader only after some training;
+        # so their missing reference log-probs are filled now, too.
+        if self.val_examples and isinstance(self.val_examples[0], PreferencePair):
+            self._encode(self.val_examples, "val")
+        items = self._encode(self.train_examples, "train")
+        generator = torch.Generator().manual_seed(self.seed + (self.trainer.current_epoch if self.trainer else 0))
+        return DataLoader(
+            items,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            collate_fn=self.collate,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_examples:
+            return []
+        items = self._encode(self.val_examples, "val")
+        return DataLoader(items, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers, collate_fn=self.collate)
+
+    # -- encoding ------------------------------------------------------------------------
+
+    def _encode(self, examples: tuple, split: str) -> list:
+        if self.tokenizer is None:
+            raise RuntimeError("MathDataModule.setup has not run: no tokenizer")
+        encoded: list = []
+        kept: list = []
+        n_truncated = n_dropped = 0
+        for ex in examples:
+            if isinstance(ex, PreferencePair):
+                c = encode_example(self.tokenizer, ex.prompt, ex.chosen, self.max_length)
+                r = encode_example(self.tokenizer, ex.prompt, ex.rejected, self.max_length)
+                if c is None or r is None:
+                    n_dropped += 1
+                    continue
+                n_truncated += int(c.truncated) + int(r.truncated)
+                encoded.append((c, r))
+            else:
+                s = encode_example(self.tokenizer, ex.prompt, ex.response, self.max_length)
+                if s is None:
+                    n_dropped += 1
+                    continue
+                n_truncated += int(s.truncated)
+                encoded.append(s)
+            kept.append(ex)
+        self.last_stats = {"n_examples": len(kept), "n_truncated": n_truncated, "n_dropped": n_dropped}
+        if n_truncated or n_dropped:
+            rank_zero_warn(
+                f"{split}: {n_truncated} responses cut to data.max_length={self.max_length}, "
+                f"{n_dropped} examples dropped (prompt longer than data.max_length)"
+            )
+        kind = "pairs" if kept and isinstance(kept[0], PreferencePair) else "SFT examples"
+        rank_zero_info(f"{split}: {len(kept)} {kind}")
+        if kept and isinstance(kept[0], PreferencePair):
+            kept = self._with_reference_logps(kept, split)
+            return [(c, r, (p.ref_chosen_logp, p.ref_rejected_logp)) for (c, r), p in zip(encoded, kept, strict=True)]
+        return encoded
+
+    def collate(self, items: list) -> dict[str, torch.Tensor]:
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        if isinstance(items[0], EncodedSequence):
+            return collate_sequences(items, pad_id, self.padding_side)
+        return collate_pairs([(c, r) for c, r, _ in items], pad_id, self.padding_side, [ref for _, _, ref in items])
+
+    # -- reference log-probs -------------------------------------------------------------
+
+    def _file_cache_key(self, path: str, module) -> str:
+        tag = module.model_source_tag() if module is not None and hasattr(module, "model_source_tag") else ""
+        text = f"{file_sha256(path)}|{self.template}|{self.max_length}|{tag}"
+        return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+    def _cache_path(self) -> Path | None:
+        if self._ref_cache_key is None or self.trainer is None:
+            return None
+        return Path(self.trainer.default_root_dir) / "reference_logps" / f"{self._ref_cache_key}.json"
+
+    def _with_reference_logps(self, pairs: list[PreferencePair], split: str) -> list[PreferencePair]:
+        if all(p.ref_chosen_logp is not None and p.ref_rejected_logp is not None for p in pairs):
+            return pairs
+        cache = self._cache_path() if split == "train" else None
+        if cache is not None and cache.is_file():
+            values = json.loads(cache.read_text())
+            if len(values) == len(pairs):
+                rank_zero_info(f"reference log-probs read from {cache}")
+                pairs = [dataclasses.replace(p, ref_chosen_logp=c, ref_rejected_logp=r) for p, (c, r) in zip(pairs, values)]
+                self._store(pairs, split)
+                return pairs
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is None or not hasattr(module, "compute_reference_logps"):
+            raise RuntimeError("pairs have no reference log-probs and no HSStarModule is attached to compute them")
+        pairs = module.compute_reference_logps(pairs, max_length=self.max_length, batch_size=self.ref_batch_size)
+        if cache is not None and self.trainer.is_global_zero:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps([[p.ref_chosen_logp, p.ref_rejected_logp] for p in pairs]))
+            tmp.replace(cache)
+        self._store(pairs, split)
+        return pairs
+
+    def _store(self, pairs: list[PreferencePair], split: str) -> None:
+        # Keep the filled-in values so later epochs on the same examples do not recompute
+        # (with a policy that is no longer the iteration's starting point). Dropped examples
+        # never reach here, so the stored tuple is the kept examples only.
+        if split == "train":
+            self.train_examples = tuple(pairs)
+        else:
+            self.val_examples = tuple(pairs)

@@ -1,0 +1,73 @@
+"""Exporting the policy as a plain Hugging Face checkpoint (``save_pretrained``).
+
+``<root>/hf/iteration_NNN/`` holds ``config.json``, the weights and the tokenizer, loadable by
+``AutoModelForCausalLM.from_pretrained`` and so by vLLM and the evaluation scripts. Not
+covered yet: gathering ZeRO-3 shards (a later issue); under ZeRO-3 this would save shards'
+placeholders, so it refuses.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+
+def export_hf(module: L.LightningModule, directory: str | Path) -> Path:
+    """Save ``module.model`` and ``module.tokenizer`` to ``directory`` (rank 0 writes).
+
+    Written to a temporary sibling first and renamed, so a crash never leaves a half
+    checkpoint under the final name; an existing export of the same name is replaced. All
+    ranks wait for the write when a trainer is attached.
+
+    Returns:
+        ``directory`` as a ``Path``.
+    """
+    directory = Path(directory)
+    trainer = module._trainer
+    strategy_name = type(trainer.strategy).__name__ if trainer is not None else ""
+    if "DeepSpeed" in strategy_name and getattr(trainer.strategy, "zero_stage_3", False):
+        raise NotImplementedError("export_hf does not gather ZeRO-3 shards yet")
+    if trainer is None or trainer.is_global_zero:
+        tmp = directory.with_name(directory.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        module.model.save_pretrained(tmp)
+        module.tokenizer.save_pretrained(tmp)
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+        rank_zero_info(f"exported the policy to {directory}")
+    if trainer is not None:
+        trainer.strategy.barrier("export_hf")
+    return directory
+
+
+class HFExportCallback(L.Callback):
+    """Export the policy to ``<trainer.default_root_dir>/<dirname>/iteration_NNN/`` after each iteration.
+
+    Args:
+        epochs_per_iteration: training epochs that make one self-training iteration; the
+            export happens after the last epoch of each.
+        dirname: sub-folder of the run directory.
+        enabled: turn exporting off.
+    """
+
+    def __init__(self, epochs_per_iteration: int = 1, dirname: str = "hf", enabled: bool = True) -> None:
+        if epochs_per_iteration < 1:
+            raise ValueError(f"export.epochs_per_iteration must be >= 1, got {epochs_per_iteration}")
+        self.epochs_per_iteration = epochs_per_iteration
+        self.dirname = dirname
+        self.enabled = enabled
+
+    def iteration_dir(self, trainer: L.Trainer, iteration: int) -> Path:
+        return Path(trainer.default_root_dir) / self.dirname / f"iteration_{iteration:03d}"
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.enabled or trainer.sanity_checking:
+            return
+        epochs_done = trainer.current_epoch + 1
+        if epochs_done % self.epochs_per_iteration == 0:
+            export_hf(pl_module, self.iteration_dir(trainer, epochs_done // self.epochs_per_iteration - 1))

@@ -1,0 +1,287 @@
+"""``HSStarModule``: the policy, trained with DPO or SFT.
+
+The policy is a Hugging Face causal LM, loaded from a local directory (``model_path``) or
+built from a small config (``tiny``, for tests and CPU runs). There is never a second model in
+memory: the reference for iteration ``t`` is the policy at the start of ``t``, and its
+log-probs are computed once per iteration by ``compute_reference_logps`` (eval mode, no grad)
+and carried in the batches as ``ref_chosen_logps``/``ref_rejected_logps``.
+
+Batches come from ``MathDataModule``: ``input_ids``/``attention_mask``/``response_mask``
+``(B, T)`` for SFT, and the same with ``2B`` rows (chosen first, then rejected) plus ``(B,)``
+reference log-probs for DPO.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import MeanMetric
+
+from hs_star_pl.collate import collate_pairs, encode_example, position_ids_from_mask
+from hs_star_pl.losses import chosen_nll, dpo_loss, get_dpo_loss, sequence_logps, sft_nll
+from hs_star_pl.records import PreferencePair
+from hs_star_pl.schedules import WarmupCosineLR
+
+OBJECTIVES = ("dpo", "sft")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DPO_METRICS = ("loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward")
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """A Qwen2-architecture model built from config with the byte-level tokenizer (``hs_star_pl.tiny``).
+
+    Attributes:
+        hidden_size: width.
+        num_hidden_layers: decoder layers.
+        num_attention_heads: attention heads (must divide ``hidden_size``).
+        intermediate_size: MLP width; ``None`` means twice ``hidden_size``.
+        max_position_embeddings: longest sequence the model accepts.
+        seed: weight initialisation seed.
+    """
+
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int | None = None
+    max_position_embeddings: int = 2048
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"model.tiny.hidden_size ({self.hidden_size}) must be a multiple of "
+                f"model.tiny.num_attention_heads ({self.num_attention_heads})"
+            )
+
+
+class HSStarModule(L.LightningModule):
+    """The policy LM and its training objective.
+
+    Args:
+        model_path: local Hugging Face model directory (``AutoModelForCausalLM`` and
+            ``AutoTokenizer``). Exclusive with ``tiny``.
+        tiny: build a small Qwen2 model from this config instead (tests, CPU runs).
+        objective: ``dpo`` (preference pairs) or ``sft`` (supervised responses).
+        loss_type: DPO variant, a key of ``hs_star_pl.losses.DPO_LOSSES`` (``sigmoid``, ``ipo``).
+        beta: DPO KL strength (IPO's tau).
+        sft_weight: weight of the length-normalised NLL on the chosen response added to the
+            DPO loss (0 turns it off).
+        dtype: weight dtype, ``float32`` or ``bfloat16`` (use with ``trainer.precision``
+            ``bf16-true`` or ``bf16-mixed`` to halve memory).
+        gradient_checkpointing: recompute activations in the backward pass (less memory,
+            about a third more compute).
+        optimizer: optimizer factory (LightningCLI ``class_path``); AdamW by default.
+        lr_scheduler: scheduler factory, stepped every optimizer step; a
+            ``WarmupCosineLR`` without ``total_steps`` gets it from the trainer.
+    """
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        tiny: TinyModelConfig | None = None,
+        objective: str = "dpo",
+        loss_type: str = "sigmoid",
+        beta: float = 0.1,
+        sft_weight: float = 0.0,
+        dtype: Literal["float32", "bfloat16"] = "float32",
+        gradient_checkpointing: bool = False,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        if (model_path is None) == (tiny is None):
+            raise ValueError("set exactly one of model.model_path (a local HF directory) and model.tiny (a config)")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"model.objective must be one of {list(OBJECTIVES)}, got {objective!r}")
+        try:
+            get_dpo_loss(loss_type)
+        except ValueError as err:
+            raise ValueError(f"model.loss_type: {err}") from None
+        if beta <= 0:
+            raise ValueError(f"model.beta must be > 0, got {beta}")
+        if sft_weight < 0:
+            raise ValueError(f"model.sft_weight must be >= 0, got {sft_weight}")
+        if dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {dtype!r}")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.model_path = model_path
+        self.tiny = tiny
+        self.objective = objective
+        self.loss_type = loss_type
+        self.beta = beta
+        self.sft_weight = sft_weight
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.tokenizer, self.model = self._load(model_path, tiny, DTYPES[dtype])
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+            self.model.config.use_cache = False
+        names = DPO_METRICS if objective == "dpo" else ("loss",)
+        self.metrics = nn.ModuleDict(
+            {f"{split}_": nn.ModuleDict({n: MeanMetric() for n in names}) for split in ("train", "val")}
+        )
+        self._batch_started: float | None = None
+
+    @staticmethod
+    def _load(model_path, tiny, dtype):
+        if model_path is not None:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model_path)
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        else:
+            from hs_star_pl.tiny import build_byte_tokenizer, build_tiny_causal_lm
+
+            tokenizer = build_byte_tokenizer()
+            kwargs = {k: v for k, v in dataclasses.asdict(tiny).items() if v is not None}
+            model = build_tiny_causal_lm(tokenizer, **kwargs).to(dtype)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token  # masks are built from lengths, see collate
+        return tokenizer, model
+
+    def model_source_tag(self) -> str:
+        """A short id of where the initial weights came from (keys the reference-log-prob cache)."""
+        source = self.model_path if self.model_path is not None else repr(self.tiny)
+        return hashlib.sha256(source.encode()).hexdigest()[:12]
+
+    # -- forward -------------------------------------------------------------------------
+
+    def response_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward pass; returns ``(logits (B, T, V), summed response log-probs (B,))``."""
+        mask = batch["attention_mask"]
+        logits = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            use_cache=False,
+        ).logits
+        return logits, sequence_logps(logits, batch["input_ids"], batch["response_mask"])
+
+    @torch.no_grad()
+    def compute_reference_logps(
+        self,
+        pairs: Sequence[PreferencePair],
+        *,
+        max_length: int,
+        batch_size: int = 16,
+    ) -> list[PreferencePair]:
+        """Reference log-probs of every pair under the policy as it is now.
+
+        Call it at the start of an iteration, before any training step: the policy then *is*
+        that iteration's reference, so no second model is needed. Runs in eval mode with no
+        grad (the previous mode is restored) and under the trainer's precision context when
+        attached, so step 0 of training sees exactly these values.
+
+        Args:
+            pairs: the iteration's pairs, prompts already rendered.
+            max_length: the DataModule's ``max_length`` (same truncation as training).
+            batch_size: pairs per forward pass.
+
+        Returns:
+            Copies of ``pairs`` in order with ``ref_chosen_logp``/``ref_rejected_logp`` set;
+            pairs whose prompt does not fit ``max_length`` are returned unchanged (the
+            DataModule drops them).
+        """
+        was_training = self.model.training
+        self.model.eval()
+        precision = self._trainer.strategy.precision_plugin.forward_context() if self._trainer else nullcontext()
+        out = list(pairs)
+        try:
+            encoded = [
+                (i, encode_example(self.tokenizer, p.prompt, p.chosen, max_length),
+                 encode_example(self.tokenizer, p.prompt, p.rejected, max_length))
+                for i, p in enumerate(pairs)
+            ]
+            encoded = [(i, c, r) for i, c, r in encoded if c is not None and r is not None]
+            pad_id = self.tokenizer.pad_token_id
+            with precision:
+                for start in range(0, len(encoded), batch_size):
+                    chunk = encoded[start : start + batch_size]
+                    batch = collate_pairs([(c, r) for _, c, r in chunk], pad_id)
+                    batch = {k: v.to(self.device) for k, v in batch.items()}
+                    _, logps = self.response_logps(batch)
+                    logps = logps.float().cpu()
+                    n = len(chunk)
+                    for j, (i, _, _) in enumerate(chunk):
+                        out[i] = dataclasses.replace(
+                            out[i], ref_chosen_logp=float(logps[j]), ref_rejected_logp=float(logps[n + j])
+                        )
+        finally:
+            self.model.train(was_training)
+        return out
+
+    # -- steps ---------------------------------------------------------------------------
+
+    def model_step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
+        logits, logps = self.response_logps(batch)
+        metrics = self.metrics[f"{split}_"]  # ModuleDict keys may not shadow nn.Module.train
+        if self.objective == "sft":
+            loss = sft_nll(logits, batch["input_ids"], batch["response_mask"])
+            metrics["loss"](loss.detach())
+        else:
+            if "ref_chosen_logps" not in batch:
+                raise RuntimeError("DPO batch without reference log-probs: compute them before training")
+            n_pairs = batch["ref_chosen_logps"].shape[0]
+            chosen, rejected = logps[:n_pairs], logps[n_pairs:]
+            loss, chosen_rewards, rejected_rewards = dpo_loss(
+                chosen, rejected, batch["ref_chosen_logps"], batch["ref_rejected_logps"], self.beta, self.loss_type
+            )
+            if self.sft_weight > 0:
+                n_tokens = batch["response_mask"][:n_pairs, 1:].sum(-1)
+                loss = loss + self.sft_weight * chosen_nll(chosen, n_tokens)
+            metrics["loss"](loss.detach())
+            metrics["reward_accuracy"]((chosen_rewards > rejected_rewards).float())
+            metrics["margin"](chosen_rewards - rejected_rewards)
+            metrics["chosen_reward"](chosen_rewards)
+            metrics["rejected_reward"](rejected_rewards)
+        batch_size = batch["input_ids"].shape[0]
+        for name, metric in metrics.items():
+            self.log(f"{split}/{name}", metric, on_step=split == "train", on_epoch=True, prog_bar=name == "loss",
+                     batch_size=batch_size)
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.model_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.model_step(batch, "val")
+
+    def on_train_epoch_start(self) -> None:
+        # The DataModule counted this epoch's examples when Lightning built the dataloader
+        # (which happens before this hook); put the counts next to the losses.
+        stats = getattr(self.trainer.datamodule, "last_stats", None) or {}
+        for name, value in stats.items():
+            self.log(f"data/{name}", float(value), on_step=False, on_epoch=True, batch_size=1)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._batch_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self._batch_started is None:
+            return
+        seconds = max(time.perf_counter() - self._batch_started, 1e-9)
+        n_tokens = float(batch["attention_mask"].sum())
+        self.log("train/tokens_per_s", n_tokens / seconds, on_step=True, on_epoch=False, batch_size=1)
+
+    # -- optimisation ----------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.model.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
+            total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+            scheduler.set_total_steps(int(total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

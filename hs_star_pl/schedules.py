@@ -1,0 +1,82 @@
+"""Learning-rate schedules (torch only).
+
+``WarmupCosineLR`` is the paper's schedule (linear warmup, then cosine decay), as an
+``LRScheduler`` class so LightningCLI can inject it with ``class_path``. Its length may be left
+unset and filled in by ``HSStarModule.configure_optimizers`` from the trainer, because the
+number of optimizer steps is known only once the data are.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+
+class WarmupCosineLR(LRScheduler):
+    """Linear warmup to the base learning rate, then cosine decay to ``min_lr_ratio`` of it.
+
+    Stepped once per optimizer step. Step ``s < W`` uses ``(s + 1) / W`` of the base rate (the
+    first step already moves the weights); after ``W`` the factor follows
+    ``min + (1 - min) * (1 + cos(pi * progress)) / 2`` with ``progress`` from 0 to 1 over the
+    remaining steps, and stays at ``min`` past the end.
+
+    Args:
+        optimizer: the wrapped optimizer.
+        warmup_steps: warmup length in optimizer steps; when 0, ``warmup_ratio`` decides.
+        warmup_ratio: warmup length as a fraction of ``total_steps``.
+        total_steps: schedule length in optimizer steps; ``None`` until the module sets it
+            from the trainer (``trainer.max_steps``, else ``trainer.estimated_stepping_batches``).
+        min_lr_ratio: final learning rate as a fraction of the base rate.
+        last_epoch: the index of the last step taken (-1 to start fresh).
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        warmup_steps: int = 0,
+        warmup_ratio: float = 0.0,
+        total_steps: int | None = None,
+        min_lr_ratio: float = 0.0,
+        last_epoch: int = -1,
+    ) -> None:
+        if warmup_steps < 0 or not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError("lr_scheduler.warmup_steps must be >= 0 and lr_scheduler.warmup_ratio in [0, 1)")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"lr_scheduler.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        if total_steps is not None and total_steps < 1:
+            raise ValueError(f"lr_scheduler.total_steps must be >= 1, got {total_steps}")
+        self.warmup_steps = warmup_steps
+        self.warmup_ratio = warmup_ratio
+        self.total_steps = total_steps
+        self.min_lr_ratio = min_lr_ratio
+        super().__init__(optimizer, last_epoch)
+
+    def _warmup(self) -> int:
+        if self.warmup_steps or self.total_steps is None:
+            return self.warmup_steps
+        return int(round(self.warmup_ratio * self.total_steps))
+
+    def factor(self, step: int) -> float:
+        """Multiplier of the base learning rate at optimizer step ``step`` (0-based)."""
+        warmup = self._warmup()
+        if step < warmup:
+            return (step + 1) / warmup
+        if self.total_steps is None:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, self.total_steps - warmup))
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def get_lr(self) -> list[float]:
+        f = self.factor(max(0, self.last_epoch))
+        return [base * f for base in self.base_lrs]
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Fix the schedule length and re-apply the current step's learning rate."""
+        if total_steps < 1:
+            raise ValueError(f"lr_scheduler.total_steps must be >= 1, got {total_steps}")
+        self.total_steps = int(total_steps)
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+            group["lr"] = lr
+        self._last_lr = [g["lr"] for g in self.optimizer.param_groups]

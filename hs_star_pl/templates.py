@@ -1,0 +1,79 @@
+"""Prompt templates: one registry, one rendering, for training, sampling and evaluation.
+
+A template turns a problem's question into the exact text the policy is conditioned on. The
+same ``render_prompt`` call is used by the DataModule (SFT and DPO), the rollout engines and
+evaluation, so a model is never trained on one prompt and sampled on another.
+
+``qwen25-step-cot`` is the paper's template (HS-STaR reference code,
+``simplerl_math_eval/utils.py``, ``PROMPT_TEMPLATES["qwen25-step-cot"]``). The reference code
+keeps ``\\boxed{{}}`` in its format strings, so the braces come out doubled in one code path
+(training) and single in the other (evaluation). Here templates are plain prefix/suffix
+strings joined around the question with no ``str.format`` step, so ``\\boxed{}`` is rendered
+identically everywhere and questions containing braces are safe. The reference system prompt
+is a non-raw Python string, so its ``'\\n\\n'`` is two real newlines; we keep that, because it
+is what the paper's models saw.
+
+Covered: rendering a question to a prompt. Not covered: chat templates of instruct models
+(none of the paper's base-model settings use one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A prompt as ``prefix + question + suffix``; the response follows the suffix directly.
+
+    Attributes:
+        name: the registry key (the ``data.template`` YAML value).
+        prefix: text before the question.
+        suffix: text after the question, ending where the response begins.
+    """
+
+    name: str
+    prefix: str
+    suffix: str
+
+    def render(self, question: str) -> str:
+        """The prompt for ``question``, verbatim (no formatting, so braces are untouched)."""
+        return f"{self.prefix}{question}{self.suffix}"
+
+
+TEMPLATES: dict[str, PromptTemplate] = {
+    t.name: t
+    for t in (
+        PromptTemplate(
+            name="qwen25-step-cot",
+            prefix=(
+                "Given a math problem, please reason step by step, separating each step with "
+                "'\n\n', and put your final answer within \\boxed{}.\n\nUser:\n"
+            ),
+            suffix="\n\nAssistant:\n",
+        ),
+        # Short on purpose: the tiny models and the synthetic task pay for every prompt byte.
+        PromptTemplate(name="plain", prefix="Question: ", suffix="\nAnswer:\n"),
+    )
+}
+
+
+def get_template(name: str) -> PromptTemplate:
+    """The registered template called ``name``.
+
+    Raises:
+        ValueError: unknown name; the message lists the valid ones.
+    """
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise ValueError(f"unknown prompt template {name!r}; valid names are {sorted(TEMPLATES)}") from None
+
+
+def render_prompt(template_name: str, question: str) -> str:
+    """Render ``question`` with the template called ``template_name``.
+
+    >>> render_prompt("plain", "What is 2 + 2?")
+    'Question: What is 2 + 2?\\nAnswer:\\n'
+    """
+    return get_template(template_name).render(question)

@@ -1,0 +1,200 @@
+"""Tokenisation, masks, padding, truncation and example loading of the training data."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from hs_star_pl.collate import collate_pairs, collate_sequences, encode_example, position_ids_from_mask
+from hs_star_pl.data import ExampleFileError, MathDataModule, load_examples
+from hs_star_pl.records import PreferencePair, SftExample
+from hs_star_pl.templates import render_prompt
+from hs_star_pl.tiny import build_byte_tokenizer
+from tests.helpers.tiny_setup import PAIRS_FILE, STEPWISE_FILE, tiny_module
+
+EOS = 256  # build_byte_tokenizer: bytes are ids 0..255, <|endoftext|> is 256 (and the pad)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_byte_tokenizer()
+
+
+def test_encode_appends_eos_and_counts_prompt(tok):
+    enc = encode_example(tok, "ab", "c", max_length=16)
+    assert enc.ids == (ord("a"), ord("b"), ord("c"), EOS)
+    assert (enc.n_prompt, enc.n_response, enc.truncated) == (2, 2, False)
+
+
+def test_encode_truncates_response_from_the_right_and_drops_long_prompts(tok):
+    enc = encode_example(tok, "ab", "cdef", max_length=4)  # room for 2 of "cdef<eos>"
+    assert enc.ids == (ord("a"), ord("b"), ord("c"), ord("d"))
+    assert enc.truncated and EOS not in enc.ids
+    exact = encode_example(tok, "ab", "c", max_length=4)  # a b c <eos> fits exactly
+    assert not exact.truncated and exact.ids[-1] == EOS
+    assert encode_example(tok, "abcd", "e", max_length=4) is None  # no room for one response token
+    assert encode_example(tok, "", "e", max_length=4) is None  # empty prompt: first token unscorable
+
+
+def test_right_padding_masks_token_by_token(tok):
+    a = encode_example(tok, "ab", "c", 16)  # a b | c EOS
+    b = encode_example(tok, "x", "yzw", 16)  # x | y z w EOS
+    batch = collate_sequences([a, b], pad_token_id=EOS, padding_side="right")
+    assert batch["input_ids"].tolist() == [[97, 98, 99, EOS, EOS], [120, 121, 122, 119, EOS]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    assert batch["response_mask"].tolist() == [[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]]
+    # the pad id equals EOS: the trained EOS at [0, 3] is kept while the pad at [0, 4] is not,
+    # which only a length-based mask can do
+    assert batch["input_ids"][0, 3] == batch["input_ids"][0, 4]
+
+
+def test_left_padding_masks_and_positions(tok):
+    a = encode_example(tok, "ab", "c", 16)
+    b = encode_example(tok, "x", "yzw", 16)
+    batch = collate_sequences([a, b], pad_token_id=EOS, padding_side="left")
+    assert batch["input_ids"].tolist() == [[EOS, 97, 98, 99, EOS], [120, 121, 122, 119, EOS]]
+    assert batch["attention_mask"].tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert batch["response_mask"].tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 1]]
+    assert position_ids_from_mask(batch["attention_mask"]).tolist() == [[0, 0, 1, 2, 3], [0, 1, 2, 3, 4]]
+
+
+def test_pairs_stack_chosen_then_rejected_with_refs(tok):
+    pairs = [
+        (encode_example(tok, "p", "good", 16), encode_example(tok, "p", "bad", 16)),
+        (encode_example(tok, "q", "ok", 16), encode_example(tok, "q", "no!", 16)),
+    ]
+    batch = collate_pairs(pairs, EOS, ref_logps=[(-1.0, -2.0), (-3.0, -4.0)])
+    assert batch["input_ids"].shape == (4, 6)
+    assert tok.decode(batch["input_ids"][0, :5].tolist()) == "pgood"
+    assert tok.decode(batch["input_ids"][2, :4].tolist()) == "pbad"
+    assert batch["ref_chosen_logps"].tolist() == [-1.0, -3.0]
+    assert batch["ref_rejected_logps"].tolist() == [-2.0, -4.0]
+
+
+def test_load_examples_renders_questions_and_keeps_prompts(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    rows = [
+        {"question": "Q1", "chosen": "a", "rejected": "b", "problem_id": "x"},
+        {"prompt": "RAW PROMPT\n", "chosen": "c", "rejected": "d", "ref_chosen_logp": -1.5, "ref_rejected_logp": -2.5},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    pairs = load_examples(path, "plain")
+    assert pairs[0].prompt == render_prompt("plain", "Q1") and pairs[0].problem_id == "x"
+    assert pairs[1].prompt == "RAW PROMPT\n" and pairs[1].ref_rejected_logp == -2.5
+
+
+@pytest.mark.parametrize(
+    ("rows", "match"),
+    [
+        ([{"question": "q"}], r"bad\.jsonl:1: a row needs 'chosen'"),
+        ([{"question": "q", "response": "r"}, {"question": "q", "chosen": "a", "rejected": "b"}], r":2: pair row in a file of sft"),
+        ([{"chosen": "a", "rejected": "b"}], r":1: needs a 'prompt'"),
+    ],
+)
+def test_load_examples_errors_name_file_and_line(tmp_path, rows, match):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(ExampleFileError, match=match):
+        load_examples(path, "plain")
+
+
+def test_constructor_errors_name_the_yaml_key():
+    with pytest.raises(ValueError, match="data.train_file and data.problems_file"):
+        MathDataModule(train_file="a", problems_file="b")
+    with pytest.raises(ValueError, match=r"unknown prompt template 'nope'"):
+        MathDataModule(template="nope")
+    with pytest.raises(ValueError, match=r"data.global_batch_size \(6\) must be a multiple of data.batch_size \(4\)"):
+        MathDataModule(batch_size=4, global_batch_size=6)
+
+
+def _attach(dm: MathDataModule, module, tmp_path, **trainer_kwargs) -> L.Trainer:
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path, **trainer_kwargs)
+    trainer.strategy.connect(module)
+    module.trainer = trainer
+    dm.trainer = trainer
+    return trainer
+
+
+def test_problems_file_gives_sft_examples_with_template(tmp_path):
+    module = tiny_module("sft")
+    dm = MathDataModule(problems_file=str(STEPWISE_FILE), template="qwen25-step-cot", batch_size=4)
+    _attach(dm, module, tmp_path)
+    dm.setup("fit")
+    assert dm.objective == "sft" and len(dm.train_examples) == 20
+    first = dm.train_examples[0]
+    assert first.prompt.startswith("Given a math problem") and first.response.startswith("Step 1:")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 4
+    # every row's last real token is EOS and is inside the response mask
+    lengths = batch["attention_mask"].sum(-1)
+    for row, n in enumerate(lengths.tolist()):
+        assert batch["input_ids"][row, n - 1] == EOS and batch["response_mask"][row, n - 1] == 1
+
+
+def test_truncation_is_counted(tmp_path):
+    module = tiny_module("sft")
+    dm = MathDataModule(problems_file=str(STEPWISE_FILE), template="plain", max_length=60, batch_size=4)
+    _attach(dm, module, tmp_path)
+    dm.setup("fit")
+    dm.train_dataloader()
+    assert dm.last_stats["n_truncated"] > 0 and dm.last_stats["n_examples"] + dm.last_stats["n_dropped"] == 20
+
+
+def test_objective_mismatch_names_the_key(tmp_path):
+    module = tiny_module("sft")
+    dm = MathDataModule(train_file=str(PAIRS_FILE), template="plain")
+    _attach(dm, module, tmp_path)
+    with pytest.raises(ValueError, match="model.objective is 'sft'.*set model.objective: dpo"):
+        dm.setup("fit")
+
+
+def test_global_batch_sets_accumulation_and_rejects_contradiction(tmp_path):
+    dm = MathDataModule(train_file=str(PAIRS_FILE), template="plain", batch_size=2, global_batch_size=8)
+    trainer = _attach(dm, tiny_module(), tmp_path)
+    dm.setup("fit")
+    assert trainer.accumulate_grad_batches == 4
+    dm2 = MathDataModule(train_file=str(PAIRS_FILE), template="plain", batch_size=2, global_batch_size=8)
+    _attach(dm2, tiny_module(), tmp_path, accumulate_grad_batches=2)
+    with pytest.raises(ValueError, match=r"trainer.accumulate_grad_batches \(2\) contradicts data.global_batch_size"):
+        dm2.setup("fit")
+
+
+def test_injected_examples_are_used_and_missing_refs_filled(tmp_path):
+    module = tiny_module()
+    dm = MathDataModule(template="plain", batch_size=8, shuffle=False)
+    _attach(dm, module, tmp_path)
+    dm.setup("fit")
+    pairs = [PreferencePair(f"p{i}", render_prompt("plain", f"Q{i}"), "right", "wrong", "c", "r") for i in range(3)]
+    dm.set_train_examples(pairs)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 6
+    assert torch.isfinite(batch["ref_chosen_logps"]).all() and batch["ref_chosen_logps"].shape == (3,)
+    with pytest.raises(TypeError, match="all PreferencePair or all SftExample"):
+        dm.set_train_examples([pairs[0], SftExample("s", "p", "r")])
+
+
+def test_val_pairs_get_the_reference_of_the_iteration_start(tmp_path):
+    """Val refs are filled when the train dataloader is built, before training moves the policy."""
+    module = tiny_module()
+    dm = MathDataModule(train_file=str(PAIRS_FILE), val_file=str(PAIRS_FILE), template="plain", max_length=256)
+    _attach(dm, module, tmp_path)
+    dm.setup("fit")
+    assert all(p.ref_chosen_logp is None for p in dm.val_examples)
+    dm.train_dataloader()
+    assert all(p.ref_chosen_logp is not None for p in dm.val_examples)
+    assert [p.ref_chosen_logp for p in dm.val_examples] == [p.ref_chosen_logp for p in dm.train_examples]
+
+
+def test_global_batch_size_drives_optimizer_steps_in_a_real_fit(tmp_path):
+    """20 pairs, 2 per batch -> 10 batches; global 8 -> accumulate 4 -> steps after batches 4, 8
+    and the epoch's last (10): 3 optimizer steps."""
+    module = tiny_module()
+    dm = MathDataModule(train_file=str(PAIRS_FILE), template="plain", max_length=256, batch_size=2, global_batch_size=8)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, dm)
+    assert trainer.accumulate_grad_batches == 4 and trainer.global_step == 3
+    assert trainer.callback_metrics["data/n_examples"] == 20 and trainer.callback_metrics["data/n_truncated"] == 0

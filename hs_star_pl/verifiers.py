@@ -583,21 +583,22 @@ class MathVerifyVerifier:
             if answer is None:
                 results[i] = False
                 continue
-            key = (answer, alternatives)
+            # with cache_size=0 nothing is shared, not even repeats within the batch
+            key = (answer, alternatives) if self.cache_size else (answer, alternatives, i)
             if key in self._cache:
                 self._cache.move_to_end(key)
                 self._hits += 1
                 results[i] = self._cache[key]
                 if results[i] is None and self._gold_ok.get(alternatives) is False:
                     bad_golds[alternatives] = gold
-            elif key in pending:
+            elif key in pending:  # repeated within this batch
                 self._hits += 1
                 pending[key].append(i)
             else:
                 self._misses += 1
-                pending[key] = [i]
+                pending.setdefault(key, []).append(i)
         keys = list(pending)
-        tasks = [("verify", (a, alts, self.float_rounding)) for a, alts in keys]
+        tasks = [("verify", (k[0], k[1], self.float_rounding)) for k in keys]
         for key, value in zip(keys, self._pool.run(tasks)):
             verdict = value if isinstance(value, bool) else None
             if value is None:  # the gold itself did not parse

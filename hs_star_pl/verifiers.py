@@ -222,7 +222,7 @@ class ExactMatchVerifier:
     ungradeable (``None``, with a warning); a response without a final answer is wrong.
     """
 
-    def verify(self, responses: Sequence[str], golds: Sequence[GoldAnswer]) -> list[bool | None]:
+    def verify(self, responses: Sequence[str], golds: Sequence[str]) -> list[bool | None]:
         """``True``/``False`` per (response, gold); ``None`` when the gold is unusable."""
         _check_lengths(responses, golds)
         results: list[bool | None] = []
@@ -240,7 +240,7 @@ class ExactMatchVerifier:
             results.append(any(norm == normalize_answer(alt) for alt in alternatives))
         return results
 
-    def check_golds(self, golds: Sequence[GoldAnswer]) -> list[bool]:
+    def check_golds(self, golds: Sequence[str]) -> list[bool]:
         """Whether each gold has something to compare with."""
         return [normalize_gold(g) is not None for g in golds]
 
@@ -554,7 +554,7 @@ class MathVerifyVerifier:
         self._hits = self._misses = 0
 
     # -- protocol -----------------------------------------------------------------------
-    def check_golds(self, golds: Sequence[GoldAnswer]) -> list[bool]:
+    def check_golds(self, golds: Sequence[str]) -> list[bool]:
         """Whether math-verify can parse each gold (a timeout counts as not parseable)."""
         keys = [normalize_gold(g) for g in golds]
         todo = sorted({k for k in keys if k is not None and k not in self._gold_ok})
@@ -562,13 +562,17 @@ class MathVerifyVerifier:
             self._gold_ok[key] = value is True
         return [k is not None and self._gold_ok[k] for k in keys]
 
-    def verify(self, responses: Sequence[str], golds: Sequence[GoldAnswer]) -> list[bool | None]:
-        """``True``/``False`` per (response, gold); ``None`` when it cannot be graded."""
+    def verify(self, responses: Sequence[str], golds: Sequence[str]) -> list[bool | None]:
+        """``True``/``False`` per (response, gold); ``None`` when it cannot be graded.
+
+        Golds are annotated as text to match the ``AnswerVerifier`` protocol; numbers and
+        lists of acceptable answers are accepted too (see :func:`normalize_gold`).
+        """
         _check_lengths(responses, golds)
         return self.verify_answers([extract_answer(r) for r in responses], golds)
 
     def verify_answers(
-        self, answers: Sequence[str | None], golds: Sequence[GoldAnswer]
+        self, answers: Sequence[str | None], golds: Sequence[str]
     ) -> list[bool | None]:
         """Like :meth:`verify` for answers already extracted (``None``: no answer, wrong)."""
         _check_lengths(answers, golds)

@@ -223,3 +223,28 @@ def test_tokenizer_round_trips_through_autotokenizer(kind, tiny_dirs):
     prm = make(kind, tiny_dirs)
     text = "Step 1:  12 + 7 = 19\n\n  ünïcode ✓\n"
     assert prm.tokenizer.decode(prm.tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_yaml_class_paths_parse_and_instantiate(tiny_dirs):
+    """The ``class_path``/``init_args`` form used in configs, through jsonargparse."""
+    jsonargparse = pytest.importorskip("jsonargparse")
+    from hs_star_pl.protocols import AnswerVerifier
+
+    parser = jsonargparse.ArgumentParser()
+    parser.add_argument("--prm", type=ProcessRewardModel)
+    parser.add_argument("--verifier", type=AnswerVerifier)
+    for class_path, init_args in [
+        ("hs_star_pl.prm.ArithmeticPRM", {"neutral_score": 0.25}),
+        ("hs_star_pl.prm.OutcomePRM", {"ungradeable_score": 0.5}),
+        ("hs_star_pl.prm.SkyworkPRM", {"model_path": str(tiny_dirs["skywork"]), "device": "cpu"}),
+        ("hs_star_pl.prm.QwenMathPRM", {"model_path": str(tiny_dirs["qwen"]), "max_length": 512}),
+    ]:
+        cfg = parser.parse_object({"prm": {"class_path": class_path, "init_args": init_args},
+                                   "verifier": {"class_path": "hs_star_pl.verifiers.ExactMatchVerifier"}})
+        init = parser.instantiate(cfg)
+        assert type(init.prm).__name__ == class_path.rsplit(".", 1)[1]
+        assert init.prm.score([StepScoringRequest("q", ("a", "b"), True)])[0].__len__() == 2
+    cfg = parser.parse_object({"verifier": {"class_path": "hs_star_pl.verifiers.MathVerifyVerifier",
+                                            "init_args": {"n_workers": 1, "timeout_s": 2.0}}})
+    verifier = parser.instantiate(cfg).verifier
+    assert verifier.timeout_s == 2.0  # not started: workers spawn on first use

@@ -242,3 +242,28 @@ def test_verifiers_module_does_not_import_torch():
     code = "import sys, hs_star_pl.verifiers; sys.exit('torch' in sys.modules or 'lightning' in sys.modules)"
     root = Path(__file__).resolve().parents[1]
     assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0
+
+
+def test_verify_from_a_worker_thread(mv):
+    """math-verify's own signal timeouts fail off the main thread; our process pool does not."""
+    import threading
+
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(mv.verify(["\\boxed{\\frac{3}{6}}"], ["0.5"])))
+    thread.start()
+    thread.join(timeout=60)
+    assert out == [[True]]
+
+
+def test_a_worker_that_dies_mid_check_loses_only_its_check():
+    """Kill the worker busy on a hanging check from outside: that check is ungradeable."""
+    import threading
+
+    with MathVerifyVerifier(n_workers=1, timeout_s=30.0) as v:
+        assert v.verify(["\\boxed{1}"], ["1"]) == [True]
+        worker = v._pool._workers[0].process
+        threading.Timer(0.5, worker.kill).start()
+        t0 = time.monotonic()
+        assert v.verify([TOWER, "\\boxed{2}"], ["5", "2"]) == [None, True]
+        assert time.monotonic() - t0 < 15.0
+        assert v.n_failures == 1

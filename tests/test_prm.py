@@ -248,3 +248,15 @@ def test_yaml_class_paths_parse_and_instantiate(tiny_dirs):
                                             "init_args": {"n_workers": 1, "timeout_s": 2.0}}})
     verifier = parser.instantiate(cfg).verifier
     assert verifier.timeout_s == 2.0  # not started: workers spawn on first use
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", KINDS)
+def test_auto_device_uses_cuda_in_bf16(kind, tiny_dirs):
+    cls = SkyworkPRM if kind == "skywork" else QwenMathPRM
+    gpu = cls(str(tiny_dirs[kind]), progress=False)
+    param = next(gpu.model.parameters())
+    assert (param.device.type, param.dtype) == ("cuda", torch.bfloat16)
+    for a, b in zip(make(kind, tiny_dirs).score(REQUESTS), gpu.score(REQUESTS)):
+        assert b == pytest.approx(a, abs=0.1)

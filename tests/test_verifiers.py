@@ -267,3 +267,12 @@ def test_a_worker_that_dies_mid_check_loses_only_its_check():
         assert v.verify([TOWER, "\\boxed{2}"], ["5", "2"]) == [None, True]
         assert time.monotonic() - t0 < 15.0
         assert v.n_failures == 1
+
+
+@pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="needs Linux /proc")
+def test_workers_run_under_the_memory_limit():
+    with MathVerifyVerifier(n_workers=1, memory_limit_mb=1536) as v:
+        v.verify(["\\boxed{1}"], ["1"])
+        limits = Path(f"/proc/{v._pool._workers[0].process.pid}/limits").read_text()
+    line = next(row for row in limits.splitlines() if row.startswith("Max address space"))
+    assert str(1536 * 1024 * 1024) in line

@@ -35,17 +35,15 @@ from __future__ import annotations
 
 import atexit
 import logging
-import multiprocessing as mp
 import re
-import time
 import warnings
-import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from multiprocessing.connection import wait as wait_connections
-from typing import Any, Union
+from typing import Union
+
+from hs_star_pl.workers import CRASH, START_METHODS, TIMEOUT, KillablePool
 
 log = logging.getLogger(__name__)
 
@@ -246,46 +244,8 @@ class ExactMatchVerifier:
 
 
 # ---------------------------------------------------------------------------------------
-# The killable worker pool
+# math-verify tasks (run inside the worker processes of hs_star_pl.workers.KillablePool)
 # ---------------------------------------------------------------------------------------
-
-_TIMEOUT = "timeout"
-_CRASH = "crash"
-
-
-def _worker_main(conn, memory_limit_mb: int) -> None:
-    """Worker loop: answer ``(task_id, kind, payload)`` messages until ``None`` arrives."""
-    if memory_limit_mb > 0:
-        try:
-            import resource
-
-            limit = memory_limit_mb * 1024 * 1024
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        except (ImportError, ValueError, OSError):  # not on this platform; the kill still works
-            pass
-    try:
-        import math_verify  # noqa: F401  (warm the import before saying ready)
-    except ImportError:
-        conn.send(("import_error", _MISSING_MATH_VERIFY))
-        return
-    # We disable math-verify's own signal timeouts (our parent kills us instead); it logs a
-    # warning about that on every call.
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    conn.send(("ready", None))
-    while True:
-        try:
-            msg = conn.recv()
-        except EOFError:
-            return
-        if msg is None:
-            return
-        task_id, kind, payload = msg
-        try:
-            result: Any = ("ok", _run_task(kind, payload))
-        except Exception as exc:  # reported back as "error" -> ungradeable, and counted
-            result = ("error", f"{type(exc).__name__}: {exc}"[:300])
-        conn.send((task_id, result))
-
 
 _parsed_gold_cache: dict[tuple[str, ...], list] = {}
 
@@ -313,8 +273,16 @@ def _parse_gold(alternatives: tuple[str, ...]) -> list[list]:
 
 
 def _run_task(kind: str, payload: tuple) -> bool | None:
-    """One check in a worker. ``"gold"``: is it parseable; ``"verify"``: True/False/None."""
+    """One check in a worker. ``"gold"``: is it parseable; ``"verify"``: True/False/None.
+
+    math-verify's own ``signal.alarm`` timeouts are turned off (``None``): the pool kills
+    the worker instead, which also works where signals cannot (and math-verify would return
+    ``False`` on its own timeout, turning "can't score" into "wrong"). It logs a warning
+    about the disabled timeout on every call, hence the logger level.
+    """
     from math_verify import verify
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
 
     if kind == "gold":
         return bool(_parse_gold(payload[0]))
@@ -333,122 +301,6 @@ def _run_task(kind: str, payload: tuple) -> bool | None:
     raise ValueError(f"unknown task kind {kind!r}")
 
 
-@dataclass
-class _Worker:
-    process: Any
-    conn: Any
-    ready: bool = False
-    task: int | None = None
-    deadline: float = 0.0
-
-
-def _shutdown(workers: list[_Worker]) -> None:
-    for w in workers:
-        try:
-            w.conn.send(None)
-        except (OSError, ValueError):
-            pass
-    for w in workers:
-        w.process.join(timeout=1.0)
-        if w.process.is_alive():
-            w.process.kill()
-            w.process.join(timeout=1.0)
-        w.conn.close()
-    workers.clear()
-
-
-class _WorkerPool:
-    """``n_workers`` processes, each with its own pipe, so a hung check can be killed alone.
-
-    Workers start on first use and are reused across calls. A task's clock starts when it
-    is handed to a *ready* worker (after imports), so respawn time never counts against a
-    check. On timeout the worker is killed and a fresh one spawned; a worker that dies
-    (e.g. the memory limit) reports ``_CRASH`` for its task only.
-    """
-
-    def __init__(self, n_workers: int, timeout_s: float, memory_limit_mb: int, start_method: str):
-        self.n_workers = n_workers
-        self.timeout_s = timeout_s
-        self.memory_limit_mb = memory_limit_mb
-        self._ctx = mp.get_context(start_method)
-        self._workers: list[_Worker] = []
-        self._finalizer = weakref.finalize(self, _shutdown, self._workers)
-        self.n_timeouts = 0
-        self.n_crashes = 0
-        self.n_errors = 0
-        self.last_errors: list[str] = []
-
-    def _spawn(self) -> _Worker:
-        parent_conn, child_conn = self._ctx.Pipe()
-        process = self._ctx.Process(
-            target=_worker_main, args=(child_conn, self.memory_limit_mb), daemon=True,
-            name="hs-star-verifier",
-        )
-        process.start()
-        child_conn.close()
-        return _Worker(process, parent_conn)
-
-    def _replace(self, worker: _Worker) -> None:
-        worker.process.kill()
-        worker.process.join(timeout=5.0)
-        worker.conn.close()
-        self._workers[self._workers.index(worker)] = self._spawn()
-
-    def close(self) -> None:
-        _shutdown(self._workers)
-
-    def run(self, tasks: Sequence[tuple[str, tuple]]) -> list[Any]:
-        """Results in task order: the task's value, ``_TIMEOUT`` or ``_CRASH``."""
-        results: list[Any] = [None] * len(tasks)
-        if not tasks:
-            return results
-        while len(self._workers) < min(self.n_workers, len(tasks)):
-            self._workers.append(self._spawn())
-        next_task, n_done = 0, 0
-        while n_done < len(tasks):
-            now = time.monotonic()
-            for w in self._workers:
-                if w.ready and w.task is None and next_task < len(tasks):
-                    kind, payload = tasks[next_task]
-                    w.conn.send((next_task, kind, payload))
-                    w.task, w.deadline = next_task, now + self.timeout_s
-                    next_task += 1
-            busy = [w for w in self._workers if w.task is not None]
-            wait_s = max(0.0, min((w.deadline for w in busy), default=now + 30.0) - now)
-            ready_conns = wait_connections([w.conn for w in self._workers], timeout=wait_s)
-            for w in list(self._workers):
-                if w.conn not in ready_conns:
-                    continue
-                try:
-                    msg = w.conn.recv()
-                except (EOFError, OSError):  # died: memory limit, or killed from outside
-                    if w.task is not None:
-                        results[w.task], n_done = _CRASH, n_done + 1
-                        self.n_crashes += 1
-                    self._replace(w)
-                    continue
-                if msg[0] == "ready":
-                    w.ready = True
-                elif msg[0] == "import_error":
-                    self.close()
-                    raise ImportError(msg[1])
-                else:
-                    task_id, (status, value) = msg
-                    if status == "error":
-                        self.n_errors += 1
-                        self.last_errors = (self.last_errors + [value])[-10:]
-                        value = _CRASH
-                    results[task_id], n_done = value, n_done + 1
-                    w.task = None
-            now = time.monotonic()
-            for w in list(self._workers):
-                if w.task is not None and now >= w.deadline:
-                    results[w.task], n_done = _TIMEOUT, n_done + 1
-                    self.n_timeouts += 1
-                    self._replace(w)
-        return results
-
-
 # ---------------------------------------------------------------------------------------
 # MathVerifyVerifier
 # ---------------------------------------------------------------------------------------
@@ -462,9 +314,6 @@ class CacheStats:
     misses: int
     size: int
     max_size: int
-
-
-_START_METHODS = ("spawn", "forkserver")
 
 
 class MathVerifyVerifier:
@@ -508,8 +357,8 @@ class MathVerifyVerifier:
             errors.append(f"verifier.cache_size must be >= 0, got {cache_size}")
         if memory_limit_mb < 0:
             errors.append(f"verifier.memory_limit_mb must be >= 0 (0 = no limit), got {memory_limit_mb}")
-        if start_method not in _START_METHODS:
-            errors.append(f"verifier.start_method must be one of {_START_METHODS}, got {start_method!r}")
+        if start_method not in START_METHODS:
+            errors.append(f"verifier.start_method must be one of {START_METHODS}, got {start_method!r}")
         if float_rounding < 0:
             errors.append(f"verifier.float_rounding must be >= 0, got {float_rounding}")
         if errors:
@@ -517,7 +366,10 @@ class MathVerifyVerifier:
         self.timeout_s = float(timeout_s)
         self.cache_size = cache_size
         self.float_rounding = float_rounding
-        self._pool = _WorkerPool(n_workers, float(timeout_s), memory_limit_mb, start_method)
+        self._pool = KillablePool(
+            _run_task, n_workers, float(timeout_s), memory_limit_mb, start_method,
+            warm_imports=("math_verify",), import_hint=_MISSING_MATH_VERIFY,
+        )
         self._cache: OrderedDict[tuple, bool | None] = OrderedDict()
         self._gold_ok: dict[tuple[str, ...], bool] = {}
         self._hits = 0
@@ -603,14 +455,19 @@ class MathVerifyVerifier:
                 pending.setdefault(key, []).append(i)
         keys = list(pending)
         tasks = [("verify", (k[0], k[1], self.float_rounding)) for k in keys]
-        for key, value in zip(keys, self._pool.run(tasks)):
+        outcomes = self._pool.run(tasks)
+        n_lost = sum(1 for v in outcomes if v in (TIMEOUT, CRASH))
+        if n_lost:
+            log.warning("%d of %d answer checks timed out or failed (timeout_s=%s); they are "
+                        "ungradeable", n_lost, len(tasks), self.timeout_s)
+        for key, value in zip(keys, outcomes):
             verdict = value if isinstance(value, bool) else None
             if value is None:  # the gold itself did not parse
                 self._gold_ok[key[1]] = False
                 bad_golds[key[1]] = golds[pending[key][0]]
             for i in pending[key]:
                 results[i] = verdict
-            if self.cache_size and value != _CRASH:
+            if self.cache_size and value != CRASH:
                 self._cache[key] = verdict
                 if len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)

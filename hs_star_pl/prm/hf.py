@@ -35,7 +35,6 @@ numbers a real checkpoint produces were not compared with its reference implemen
 from __future__ import annotations
 
 import json
-import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,8 +44,6 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, Qwen2Model
 
 from hs_star_pl.protocols import StepScoringRequest
-
-log = logging.getLogger(__name__)
 
 _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QWEN_PRM_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."

@@ -59,37 +59,45 @@ _MISSING_MATH_VERIFY = (
 # Extraction (pure)
 # ---------------------------------------------------------------------------------------
 
-_BOX_COMMANDS = ("\\boxed", "\\fbox")
 _ANSWER_IS = re.compile(r"the\s+(?:final\s+)?answer\s+is\s*:?", re.IGNORECASE)
 _ANSWER_COLON = re.compile(r"answer\s*:", re.IGNORECASE)
 
 
+def _matching_braces(text: str) -> dict[int, int]:
+    """Index of each ``{`` that is closed -> index of its ``}``, in one linear pass."""
+    match: dict[int, int] = {}
+    stack: list[int] = []
+    for i, ch in enumerate(text):
+        if ch == "{":
+            stack.append(i)
+        elif ch == "}" and stack:
+            match[stack.pop()] = i
+    return match
+
+
+_BOX_START = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])( *)")
+
+
 def _boxed_contents(text: str) -> list[str]:
-    """Contents of every complete ``\\boxed{...}``/``\\fbox{...}`` in order (nested braces)."""
-    found: list[tuple[int, str]] = []
-    for command in _BOX_COMMANDS:
-        start = 0
-        while (i := text.find(command, start)) != -1:
-            start = i + len(command)
-            j = start
-            while j < len(text) and text[j] == " ":
-                j += 1
-            if j < len(text) and text[j] == "{":
-                depth, k = 0, j
-                while k < len(text):
-                    if text[k] == "{":
-                        depth += 1
-                    elif text[k] == "}":
-                        depth -= 1
-                        if depth == 0:
-                            found.append((i, text[j + 1 : k]))
-                            break
-                    k += 1
-            elif j > start:  # "\boxed 5": one token after a space
-                m = re.match(r"[^\s$.,;]+", text[j:])
-                if m:
-                    found.append((i, m.group(0)))
-    return [content for _, content in sorted(found)]
+    """Contents of every complete ``\\boxed{...}``/``\\fbox{...}`` in order (nested braces).
+
+    Linear in ``len(text)``: model output is untrusted, and a scan per ``\\boxed`` made
+    thousands of unclosed boxes quadratic.
+    """
+    if "\\boxed" not in text and "\\fbox" not in text:
+        return []
+    match = _matching_braces(text)
+    found: list[str] = []
+    for m in _BOX_START.finditer(text):
+        j = m.end()
+        if j < len(text) and text[j] == "{":
+            if j in match:
+                found.append(text[j + 1 : match[j]])
+        elif m.group(1):  # "\\boxed 5": one token after a space
+            token = re.match(r"[^\s$.,;\\][^\s$.,;]{0,199}", text[j : j + 201])
+            if token:
+                found.append(token.group(0))
+    return found
 
 
 def _clean_tail(text: str) -> str | None:

@@ -260,3 +260,8 @@ def test_auto_device_uses_cuda_in_bf16(kind, tiny_dirs):
     assert (param.device.type, param.dtype) == ("cuda", torch.bfloat16)
     for a, b in zip(make(kind, tiny_dirs).score(REQUESTS), gpu.score(REQUESTS)):
         assert b == pytest.approx(a, abs=0.1)
+
+
+@pytest.mark.parametrize("hostile", ["1" * 100_000, "1 + " * 20_000, "1.1.1.1" * 10_000, "= 1 " * 20_000])
+def test_arithmetic_prm_handles_hostile_text(hostile):
+    assert ArithmeticPRM().score([StepScoringRequest(hostile, (hostile, "2 + 2 = 4"))])[0][1] in (0.0, 1.0)

@@ -276,3 +276,13 @@ def test_workers_run_under_the_memory_limit():
         limits = Path(f"/proc/{v._pool._workers[0].process.pid}/limits").read_text()
     line = next(row for row in limits.splitlines() if row.startswith("Max address space"))
     assert str(1536 * 1024 * 1024) in line
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    ["\\boxed{" * 100_000, "}" * 50_000 + "\\boxed{1}", "\\boxed " * 50_000, "{" * 50_000 + "\\boxed{7}"],
+)
+def test_extraction_stays_linear_on_hostile_text(hostile):
+    """These took minutes with a scan per ``\\boxed``; a regression makes this test crawl."""
+    answer = extract_answer(hostile)
+    assert answer in (None, "1", "7")

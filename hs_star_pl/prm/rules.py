@@ -11,8 +11,8 @@ from fractions import Fraction
 
 from hs_star_pl.protocols import StepScoringRequest
 
-_NUM = r"-?\d+(?:\.\d+)?"
-_EQUATION = re.compile(rf"({_NUM})\s*([-+*/×÷xX·])\s*({_NUM})\s*=\s*({_NUM})")
+_NUM = r"-?\d{1,40}(?:\.\d{1,40})?"  # bounded: untrusted text, no runaway backtracking
+_EQUATION = re.compile(rf"(?<![\d.])({_NUM})\s*([-+*/×÷xX·])\s*({_NUM})\s*=\s*({_NUM})")
 _START = re.compile(rf"start\s+with\s+({_NUM})", re.IGNORECASE)
 _OPERATION = re.compile(
     rf"\b(add|plus|subtract|minus|multiply\s+by|times|divide\s+by)\s+({_NUM})", re.IGNORECASE

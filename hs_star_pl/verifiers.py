@@ -376,7 +376,7 @@ class MathVerifyVerifier:
         self.float_rounding = float_rounding
         self._pool = KillablePool(
             _run_task, n_workers, float(timeout_s), memory_limit_mb, start_method,
-            warm_imports=("math_verify",), import_hint=_MISSING_MATH_VERIFY,
+            warm_imports=("math_verify",), import_hint=_MISSING_MATH_VERIFY, config_key="verifier",
         )
         self._cache: OrderedDict[tuple, bool | None] = OrderedDict()
         self._gold_ok: dict[tuple[str, ...], bool] = {}

@@ -103,11 +103,19 @@ class KillablePool:
         start_method: ``"spawn"`` or ``"forkserver"`` (``fork`` is unsafe next to torch threads).
         warm_imports: modules each worker imports before taking tasks.
         import_hint: message of the ``ImportError`` raised when a warm import fails.
+        config_key: the config key that built this pool, named in error messages.
+
+    Raises (from :meth:`run`):
+        RuntimeError: when workers die while starting ``MAX_START_FAILURES`` times in a row
+            (typically ``memory_limit_mb`` too low for the imports), instead of respawning forever.
     """
+
+    MAX_START_FAILURES = 3
 
     def __init__(self, task_fn: Callable[[str, Any], Any], n_workers: int, timeout_s: float,
                  memory_limit_mb: int = 0, start_method: str = "spawn",
-                 warm_imports: tuple[str, ...] = (), import_hint: str = "") -> None:
+                 warm_imports: tuple[str, ...] = (), import_hint: str = "",
+                 config_key: str = "workers") -> None:
         if start_method not in START_METHODS:
             raise ValueError(f"start_method must be one of {START_METHODS}, got {start_method!r}")
         self.task_fn = task_fn
@@ -116,6 +124,8 @@ class KillablePool:
         self.memory_limit_mb = memory_limit_mb
         self.warm_imports = warm_imports
         self.import_hint = import_hint
+        self.config_key = config_key
+        self._start_failures = 0
         self._ctx = mp.get_context(start_method)
         self._workers: list[_Worker] = []
         self._finalizer = weakref.finalize(self, _shutdown, self._workers)
@@ -174,10 +184,20 @@ class KillablePool:
                     if w.task is not None:
                         results[w.task], n_done = CRASH, n_done + 1
                         self.n_crashes += 1
+                    if not w.ready:
+                        self._start_failures += 1
+                        if self._start_failures >= self.MAX_START_FAILURES:
+                            self.close()
+                            raise RuntimeError(
+                                f"{self.config_key} worker processes died {self._start_failures} times "
+                                f"in a row while starting; {self.config_key}.memory_limit_mb="
+                                f"{self.memory_limit_mb} may be too low for their imports"
+                            )
                     self._replace(w)
                     continue
                 if msg[0] == "ready":
                     w.ready = True
+                    self._start_failures = 0
                 elif msg[0] == "import_error":
                     self.close()
                     raise ImportError(msg[1])

@@ -286,3 +286,10 @@ def test_extraction_stays_linear_on_hostile_text(hostile):
     """These took minutes with a scan per ``\\boxed``; a regression makes this test crawl."""
     answer = extract_answer(hostile)
     assert answer in (None, "1", "7")
+
+
+def test_workers_that_cannot_start_raise_instead_of_respawning_forever():
+    v = MathVerifyVerifier(n_workers=1, memory_limit_mb=60)  # too small to import sympy
+    with pytest.raises(RuntimeError, match=r"verifier\.memory_limit_mb=60"):
+        v.verify(["\\boxed{1}"], ["1"])
+    v.close()

@@ -16,8 +16,8 @@ Scope:
   in the stdlib-only :class:`ExactMatchVerifier` (tests, the synthetic task).
 
 Safety: model output is untrusted. Nothing here calls ``eval``; text reaches sympy only
-through math-verify's own parser, and only inside a worker *process* that is killed when a
-check exceeds ``timeout_s`` (math-verify's ``signal.alarm`` timeouts do not work off the main
+through math-verify's own parser, and only inside a worker *process*
+(:class:`hs_star_pl.workers.KillablePool`) that is killed when a check exceeds ``timeout_s`` (math-verify's ``signal.alarm`` timeouts do not work off the main
 thread, and sympy can hang on towers of exponents). A killed check is ungradeable; the
 worker is respawned and the other checks of the batch are kept. Workers also run under an
 address-space limit (``memory_limit_mb``) so a runaway expansion dies with ``MemoryError``

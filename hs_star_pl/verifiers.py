@@ -417,10 +417,13 @@ class MathVerifyVerifier:
     def check_golds(self, golds: Sequence[str]) -> list[bool]:
         """Whether math-verify can parse each gold (a timeout counts as not parseable)."""
         keys = [normalize_gold(g) for g in golds]
+        self._learn_golds(keys)
+        return [k is not None and self._gold_ok[k] for k in keys]
+
+    def _learn_golds(self, keys: Sequence[tuple[str, ...] | None]) -> None:
         todo = sorted({k for k in keys if k is not None and k not in self._gold_ok})
         for key, value in zip(todo, self._pool.run([("gold", (k,)) for k in todo])):
             self._gold_ok[key] = value is True
-        return [k is not None and self._gold_ok[k] for k in keys]
 
     def verify(self, responses: Sequence[str], golds: Sequence[str]) -> list[bool | None]:
         """``True``/``False`` per (response, gold); ``None`` when it cannot be graded.
@@ -438,11 +441,12 @@ class MathVerifyVerifier:
         _check_lengths(answers, golds)
         results: list[bool | None] = [None] * len(answers)
         pending: dict[tuple, list[int]] = {}
-        bad_golds: dict[tuple, GoldAnswer] = {}
-        for i, (answer, gold) in enumerate(zip(answers, golds)):
-            alternatives = normalize_gold(gold)
-            if alternatives is None:
-                bad_golds[("", repr(gold))] = gold
+        bad_golds: dict[str, GoldAnswer] = {}
+        gold_keys = [normalize_gold(g) for g in golds]
+        self._learn_golds(gold_keys)  # first, so a bad gold is never "wrong" for lack of an answer
+        for i, (answer, gold, alternatives) in enumerate(zip(answers, golds, gold_keys)):
+            if alternatives is None or not self._gold_ok[alternatives]:
+                bad_golds[repr(gold)] = gold
                 continue
             if answer is None:
                 results[i] = False
@@ -453,8 +457,6 @@ class MathVerifyVerifier:
                 self._cache.move_to_end(key)
                 self._hits += 1
                 results[i] = self._cache[key]
-                if results[i] is None and self._gold_ok.get(alternatives) is False:
-                    bad_golds[alternatives] = gold
             elif key in pending:  # repeated within this batch
                 self._hits += 1
                 pending[key].append(i)
@@ -470,9 +472,10 @@ class MathVerifyVerifier:
                         "ungradeable", n_lost, len(tasks), self.timeout_s)
         for key, value in zip(keys, outcomes):
             verdict = value if isinstance(value, bool) else None
-            if value is None:  # the gold itself did not parse
+            if value is None:  # the gold did not parse after all (its check timed out before)
+                gold = golds[pending[key][0]]
                 self._gold_ok[key[1]] = False
-                bad_golds[key[1]] = golds[pending[key][0]]
+                bad_golds[repr(gold)] = gold
             for i in pending[key]:
                 results[i] = verdict
             if self.cache_size and value != CRASH:

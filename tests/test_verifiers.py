@@ -293,3 +293,10 @@ def test_workers_that_cannot_start_raise_instead_of_respawning_forever():
     with pytest.raises(RuntimeError, match=r"verifier\.memory_limit_mb=60"):
         v.verify(["\\boxed{1}"], ["1"])
     v.close()
+
+
+def test_bad_gold_is_ungradeable_even_without_a_response_answer(mv):
+    with pytest.warns(UserWarning, match="ungradeable"):
+        assert mv.verify(["no final answer", "no final answer"], ["$$", "4"]) == [None, False]
+    with pytest.warns(UserWarning, match="ungradeable"):
+        assert ExactMatchVerifier().verify(["no final answer"], ["$$"]) == [None]

@@ -265,3 +265,16 @@ def test_auto_device_uses_cuda_in_bf16(kind, tiny_dirs):
 @pytest.mark.parametrize("hostile", ["1" * 100_000, "1 + " * 20_000, "1.1.1.1" * 10_000, "= 1 " * 20_000])
 def test_arithmetic_prm_handles_hostile_text(hostile):
     assert ArithmeticPRM().score([StepScoringRequest(hostile, (hostile, "2 + 2 = 4"))])[0][1] in (0.0, 1.0)
+
+
+def test_rule_prms_import_without_torch():
+    """``hs_star_pl.prm`` loads torch only when a learned PRM class is first accessed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys; from hs_star_pl.prm import ArithmeticPRM, OutcomePRM; import hs_star_pl.workers; "
+        "sys.exit(int('torch' in sys.modules or 'lightning' in sys.modules))"
+    )
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1]).returncode == 0

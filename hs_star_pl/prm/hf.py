@@ -1,0 +1,395 @@
+"""Learned PRMs in two public checkpoint formats, loaded from a local folder.
+
+Supported layouts (a folder with ``config.json`` of a Qwen2 model, tokenizer files, and
+weights as ``model.safetensors``, sharded ``*.safetensors`` with an index, or
+``pytorch_model*.bin``):
+
+* :class:`SkyworkPRM` (Skywork-o1-Open-PRM-Qwen-2.5-1.5B/7B): ``model.*`` (a ``Qwen2Model``)
+  plus ``v_head.summary.{weight,bias}`` (a ``Linear(hidden, 1)``). Keys under
+  ``pretrained_model.`` are accepted as well; ``lm_head.*`` is ignored. The input is
+  ``bos + question + "\\n"`` followed by each step's tokens and the step separator token
+  (default ``"\\n"``); a step's score is ``sigmoid(value)`` at its separator token.
+* :class:`QwenMathPRM` (Qwen2.5-Math-PRM-7B/72B): ``model.*`` plus ``score.0`` (a
+  ``Linear(hidden, hidden)``), ReLU, ``score.2`` (a ``Linear(hidden, 2)``). The input is the
+  chat template (system prompt, question, assistant turn) followed by each step's tokens and
+  ``<extra_0>``; a step's score is the softmax probability of class 1 at its ``<extra_0>``.
+  The real checkpoints ship remote code; we load the same tensors without it.
+
+Both models are causal, so the tokens after the last separator (the real pipelines append
+``<|im_end|>``) cannot change any step score and are not fed. Step text is tokenized with
+``split_special_tokens=True``: a response that *writes* ``<extra_0>`` cannot forge a
+separator.
+
+**Truncation** (one score per step, always): when the prompt plus all steps exceed
+``max_length`` tokens, the question is kept whole if the first step fits after it, else it
+is cut from the *left* (then, if one step alone is too long, that step is cut from the left,
+keeping its separator). Steps are then kept whole while they fit; the steps that do not fit
+get the score of the last scored step (carried forward, which leaves the minimum over steps
+unchanged) and are counted in ``n_truncated``.
+
+Verified here only on tiny random models built with :mod:`hs_star_pl.tiny` in the same
+layout (plumbing: positions, padding, truncation); no real weights were available, so the
+numbers a real checkpoint produces were not compared with its reference implementation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer, Qwen2Model
+
+from hs_star_pl.protocols import StepScoringRequest
+
+_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QWEN_PRM_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+# ---------------------------------------------------------------------------------------
+# Modules and checkpoint I/O
+# ---------------------------------------------------------------------------------------
+
+
+class _ValueHead(nn.Module):
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1)
+
+
+class Qwen2ValueHeadModel(nn.Module):
+    """Qwen2 body + scalar value head: the Skywork-o1-Open-PRM layout. Output ``(B, T)``."""
+
+    architecture = "Qwen2ForPrmModel"
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Qwen2Model(config)
+        self.v_head = _ValueHead(config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return torch.sigmoid(self.v_head.summary(hidden).squeeze(-1).float())
+
+
+class Qwen2TwoClassPRMModel(nn.Module):
+    """Qwen2 body + 2-class token head: the Qwen2.5-Math-PRM layout. Output ``(B, T)``."""
+
+    architecture = "Qwen2ForProcessRewardModel"
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Qwen2Model(config)
+        h = config.hidden_size
+        self.score = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 2))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return torch.softmax(self.score(hidden).float(), dim=-1)[..., 1]
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        from safetensors.torch import load_file
+
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        return state
+    files = sorted(path.glob("pytorch_model*.bin"))
+    if files:
+        state = {}
+        for f in files:
+            state.update(torch.load(f, map_location="cpu", weights_only=True))
+        return state
+    raise FileNotFoundError(
+        f"prm.init_args.model_path={str(path)!r} has no *.safetensors or pytorch_model*.bin weights"
+    )
+
+
+def load_prm_model(cls: type[nn.Module], path: str | Path, device: torch.device, dtype: torch.dtype):
+    """Build ``cls`` from ``path/config.json`` on ``device`` in ``dtype`` and load its weights.
+
+    Raises:
+        ValueError: when tensors the layout needs are missing, or unknown ones are present.
+    """
+    path = Path(path)
+    config = AutoConfig.from_pretrained(str(path))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(previous)
+    state = {}
+    for key, tensor in _read_state_dict(path).items():
+        key = key.removeprefix("pretrained_model.")
+        if key.startswith("lm_head.") or key.endswith("rotary_emb.inv_freq"):
+            continue
+        state[key] = tensor
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"prm.init_args.model_path={str(path)!r} is not in the {cls.architecture} layout: "
+            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+    return model.eval()
+
+
+def save_prm_model(model: nn.Module, path: str | Path) -> Path:
+    """Write ``model`` as ``config.json`` + ``model.safetensors`` (the layout we load)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.architectures = [model.architecture]
+    model.config.save_pretrained(str(path))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# Batching and truncation
+# ---------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]
+
+
+def fit_to_length(
+    prefix: list[int], chunks: list[list[int]], max_length: int
+) -> tuple[list[int], list[int]]:
+    """Token ids within ``max_length`` and the separator position of each kept step.
+
+    Each chunk is one step's tokens ending with its separator token. See the module
+    docstring for the policy; ``len(positions) < len(chunks)`` means steps were dropped.
+    """
+    if chunks and len(prefix) + sum(map(len, chunks)) > max_length:
+        first = chunks[0]
+        if len(prefix) + len(first) > max_length:
+            room = max_length - len(first)
+            if room >= 0:
+                prefix = prefix[len(prefix) - room :]
+            else:
+                prefix, first = [], first[-max_length:]
+            chunks = [first, *chunks[1:]]
+    ids = list(prefix)
+    positions: list[int] = []
+    for chunk in chunks:
+        if len(ids) + len(chunk) > max_length:
+            break
+        ids.extend(chunk)
+        positions.append(len(ids) - 1)
+    return ids, positions
+
+
+class _StepScorer:
+    """Length-sorted, padded batches through a ``(B, T) -> (B, T)`` score function."""
+
+    def __init__(self, model: nn.Module, pad_id: int, batch_size: int, max_length: int,
+                 device: torch.device, progress: bool, name: str) -> None:
+        self.model, self.pad_id, self.batch_size = model, pad_id, batch_size
+        self.max_length, self.device, self.progress, self.name = max_length, device, progress, name
+        self.n_truncated = 0
+
+    def run(self, prefixes: list[list[int]], chunk_lists: list[list[list[int]]]) -> list[list[float]]:
+        fitted = [fit_to_length(p, c, self.max_length) for p, c in zip(prefixes, chunk_lists)]
+        out: list[list[float]] = [[] for _ in fitted]
+        order = sorted((i for i, (_, pos) in enumerate(fitted) if pos), key=lambda i: -len(fitted[i][0]))
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        from tqdm.auto import tqdm
+
+        bar = tqdm(batches, desc=f"{self.name} scoring", unit="batch",
+                   disable=not self.progress or len(batches) < 8)
+        for batch in bar:
+            width = len(fitted[batch[0]][0])
+            input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids = fitted[i][0]
+                input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                mask[row, : len(ids)] = 1
+            with torch.inference_mode():
+                scores = self.model(input_ids.to(self.device), mask.to(self.device)).float().cpu()
+            for row, i in enumerate(batch):
+                out[i] = scores[row, fitted[i][1]].tolist()
+        for i, (chunks, (_, positions)) in enumerate(zip(chunk_lists, fitted)):
+            missing = len(chunks) - len(positions)
+            if missing:
+                self.n_truncated += 1
+                out[i] = out[i] + [out[i][-1]] * missing
+        if any(not all(0.0 <= s <= 1.0 and not math.isnan(s) for s in row) for row in out):
+            raise RuntimeError(f"{self.name} produced a score outside [0, 1] (NaN weights or overflow?)")
+        return out
+
+
+def _check_common(model_path: str, max_length: int, batch_size: int, device: str, dtype: str) -> None:
+    errors = []
+    if not Path(model_path).is_dir():
+        errors.append(f"prm.init_args.model_path={model_path!r} is not a local folder (no hub downloads)")
+    if max_length < 8:
+        errors.append(f"prm.init_args.max_length must be >= 8, got {max_length}")
+    if batch_size < 1:
+        errors.append(f"prm.init_args.batch_size must be >= 1, got {batch_size}")
+    if device != "auto" and not (device == "cpu" or device.startswith("cuda")):
+        errors.append(f"prm.init_args.device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    if dtype not in _DTYPES:
+        errors.append(f"prm.init_args.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if errors:
+        raise ValueError("; ".join(errors))
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+# ---------------------------------------------------------------------------------------
+# The two PRMs
+# ---------------------------------------------------------------------------------------
+
+
+class SkyworkPRM:
+    """Skywork-o1-Open-PRM-style scorer: ``sigmoid(value head)`` at each step separator.
+
+    Args:
+        model_path: local folder in the Skywork layout (see the module docstring).
+        max_length: token limit of one scored sequence (see truncation above).
+        batch_size: sequences per forward pass (sorted by length, padded on the right).
+        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` or ``"cuda[:N]"``.
+        dtype: ``"auto"`` (bf16 on CUDA, fp32 on CPU), ``"float32"``, ``"bfloat16"``, ``"float16"``.
+        step_separator: text whose last token ends every step; Skywork trained with ``"\\n"``.
+        progress: show a progress bar when a call has 8 batches or more.
+    """
+
+    def __init__(self, model_path: str, max_length: int = 4096, batch_size: int = 8,
+                 device: str = "auto", dtype: str = "auto", step_separator: str = "\n",
+                 progress: bool = True) -> None:
+        _check_common(model_path, max_length, batch_size, device, dtype)
+        if not step_separator:
+            raise ValueError("prm.init_args.step_separator must be a non-empty string")
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        sep = self.tokenizer(step_separator, add_special_tokens=False)["input_ids"]
+        if not sep:
+            raise ValueError(f"prm.init_args.step_separator={step_separator!r} encodes to no token")
+        self.separator_id = sep[-1]
+        dev = resolve_device(device)
+        self.model = load_prm_model(Qwen2ValueHeadModel, model_path, dev, resolve_dtype(dtype, dev))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.separator_id
+        self._scorer = _StepScorer(self.model, pad, batch_size, max_length, dev, progress, "SkyworkPRM")
+
+    @property
+    def n_truncated(self) -> int:
+        """Responses so far whose last steps did not fit in ``max_length``."""
+        return self._scorer.n_truncated
+
+    def encode(self, request: StepScoringRequest) -> tuple[list[int], list[list[int]]]:
+        """The prompt tokens and, per step, its tokens followed by the separator token."""
+        bos = self.tokenizer.bos_token or ""
+        prefix = _encode(self.tokenizer, request.question + "\n")
+        if bos:
+            prefix = self.tokenizer(bos, add_special_tokens=False)["input_ids"] + prefix
+        return prefix, [_encode(self.tokenizer, s) + [self.separator_id] for s in request.steps]
+
+    def score(self, requests: Sequence[StepScoringRequest]) -> list[list[float]]:
+        """One score in [0, 1] per step; a request with no steps gets ``[]``."""
+        encoded = [self.encode(r) for r in requests]
+        return self._scorer.run([e[0] for e in encoded], [e[1] for e in encoded])
+
+
+class QwenMathPRM:
+    """Qwen2.5-Math-PRM-style scorer: P(positive) of the 2-class head at each ``<extra_0>``.
+
+    Args:
+        model_path: local folder in the Qwen2.5-Math-PRM layout (see the module docstring);
+            its tokenizer must have ``step_separator`` as one token.
+        max_length: token limit of one scored sequence (see truncation above).
+        batch_size: sequences per forward pass (sorted by length, padded on the right).
+        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` or ``"cuda[:N]"``.
+        dtype: ``"auto"`` (bf16 on CUDA, fp32 on CPU), ``"float32"``, ``"bfloat16"``, ``"float16"``.
+        step_separator: the separator token, ``"<extra_0>"`` for the released models.
+        system_prompt: system message of the chat template (the model card's by default).
+        progress: show a progress bar when a call has 8 batches or more.
+    """
+
+    def __init__(self, model_path: str, max_length: int = 4096, batch_size: int = 8,
+                 device: str = "auto", dtype: str = "auto", step_separator: str = "<extra_0>",
+                 system_prompt: str = QWEN_PRM_SYSTEM_PROMPT, progress: bool = True) -> None:
+        _check_common(model_path, max_length, batch_size, device, dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        sep = self.tokenizer(step_separator, add_special_tokens=False)["input_ids"]
+        if len(sep) != 1:
+            raise ValueError(
+                f"prm.init_args.step_separator={step_separator!r} must be a single token of the "
+                f"tokenizer in {model_path!r}, it encodes to {len(sep)} tokens"
+            )
+        self.separator_id = sep[0]
+        self.system_prompt = system_prompt
+        dev = resolve_device(device)
+        self.model = load_prm_model(Qwen2TwoClassPRMModel, model_path, dev, resolve_dtype(dtype, dev))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._scorer = _StepScorer(self.model, pad, batch_size, max_length, dev, progress, "QwenMathPRM")
+
+    @property
+    def n_truncated(self) -> int:
+        return self._scorer.n_truncated
+
+    def prompt_text(self, question: str) -> str:
+        """The chat-formatted prompt up to the assistant turn (ChatML when no template)."""
+        messages = [{"role": "system", "content": self.system_prompt},
+                    {"role": "user", "content": question}]
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + (
+            "<|im_start|>assistant\n"
+        )
+
+    def encode(self, request: StepScoringRequest) -> tuple[list[int], list[list[int]]]:
+        """The prompt tokens and, per step, its tokens followed by the separator token."""
+        prefix = self.tokenizer(self.prompt_text(request.question), add_special_tokens=False)["input_ids"]
+        return prefix, [_encode(self.tokenizer, s) + [self.separator_id] for s in request.steps]
+
+    def score(self, requests: Sequence[StepScoringRequest]) -> list[list[float]]:
+        """One score in [0, 1] per step; a request with no steps gets ``[]``."""
+        encoded = [self.encode(r) for r in requests]
+        return self._scorer.run([e[0] for e in encoded], [e[1] for e in encoded])
+
+
+def build_tiny_prm_dir(path: str | Path, kind: str, *, seed: int = 0, **config_kwargs: int) -> Path:
+    """Save a tiny random PRM in the ``kind`` layout (``"skywork"`` or ``"qwen"``) with a tokenizer.
+
+    For tests and benchmarks: a byte-level Qwen2 tokenizer (plus ``<extra_0>`` for ``"qwen"``)
+    and a randomly initialised model, written exactly as the loaders above expect.
+    """
+    from hs_star_pl.tiny import build_byte_tokenizer, tiny_qwen2_config
+
+    if kind not in ("skywork", "qwen"):
+        raise ValueError(f"kind must be 'skywork' or 'qwen', got {kind!r}")
+    tokenizer = build_byte_tokenizer(["<extra_0>"] if kind == "qwen" else [])
+    config = tiny_qwen2_config(len(tokenizer), eos_token_id=tokenizer.eos_token_id, **config_kwargs)
+    cls = Qwen2ValueHeadModel if kind == "skywork" else Qwen2TwoClassPRMModel
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(config)
+        for p in model.parameters():  # spread scores away from 0.5 so tests can see them
+            if p.dim() == 2:
+                nn.init.normal_(p, std=0.2)
+    path = save_prm_model(model, path)
+    tokenizer.save_pretrained(str(path))
+    (path / "hs_star_tiny.json").write_text(json.dumps({"kind": kind, "seed": seed}))
+    return path

@@ -1,0 +1,218 @@
+"""A small process pool whose tasks can be killed: per-task deadlines, kill and respawn.
+
+Why not ``concurrent.futures``/``multiprocessing.Pool``: neither can stop one hung task
+without tearing the pool down, and the signal-based timeouts of libraries like math-verify
+work only on a process's main thread. Here every worker has its own pipe, so the parent
+always knows which task a worker holds; past its deadline that worker alone is killed and
+replaced, and the other results of the batch are kept.
+
+Scope: short, CPU-bound, untrusted-input tasks (answer checks). Each worker runs
+``task_fn(kind, payload)`` for one task at a time; ``task_fn`` must be a module-level
+function (it is pickled by reference for ``spawn``). Stdlib only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing as mp
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import wait as wait_connections
+from typing import Any
+
+TIMEOUT = "timeout"
+"""Result of a task killed at its deadline."""
+CRASH = "crash"
+"""Result of a task whose worker died (e.g. the memory limit) or raised."""
+
+START_METHODS = ("spawn", "forkserver")
+
+
+def _worker_main(conn, task_fn: Callable[[str, Any], Any], memory_limit_mb: int,
+                 warm_imports: tuple[str, ...], import_hint: str) -> None:
+    """Worker loop: answer ``(task_id, kind, payload)`` messages until ``None`` arrives."""
+    if memory_limit_mb > 0:
+        try:
+            import resource
+
+            limit = memory_limit_mb * 1024 * 1024
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        except (ImportError, ValueError, OSError):  # not on this platform; the kill still works
+            pass
+    try:
+        for name in warm_imports:  # before "ready", so imports never count against a deadline
+            importlib.import_module(name)
+    except ImportError as exc:
+        conn.send(("import_error", f"{import_hint} ({exc})"))
+        return
+    conn.send(("ready", None))
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        if msg is None:
+            return
+        task_id, kind, payload = msg
+        try:
+            result: Any = ("ok", task_fn(kind, payload))
+        except Exception as exc:  # reported back as "error": the caller counts it as CRASH
+            result = ("error", f"{type(exc).__name__}: {exc}"[:300])
+        conn.send((task_id, result))
+
+
+@dataclass
+class _Worker:
+    process: Any
+    conn: Any
+    ready: bool = False
+    task: int | None = None
+    deadline: float = 0.0
+
+
+def _shutdown(workers: list[_Worker]) -> None:
+    for w in workers:
+        try:
+            w.conn.send(None)
+        except (OSError, ValueError):
+            pass
+    for w in workers:
+        w.process.join(timeout=1.0)
+        if w.process.is_alive():
+            w.process.kill()
+            w.process.join(timeout=1.0)
+        w.conn.close()
+    workers.clear()
+
+
+class KillablePool:
+    """``n_workers`` processes running ``task_fn``; a task past ``timeout_s`` is killed.
+
+    Workers start on first use and are reused across calls. A task's clock starts when it
+    is handed to a *ready* worker (after its imports), so respawn time never counts against
+    a task. Workers are daemons, stopped by :meth:`close` or when the pool is collected or
+    the interpreter exits.
+
+    Args:
+        task_fn: module-level function ``(kind, payload) -> result`` run in the workers.
+        n_workers: worker processes.
+        timeout_s: wall-clock limit of one task.
+        memory_limit_mb: ``RLIMIT_AS`` of each worker; 0 for none.
+        start_method: ``"spawn"`` or ``"forkserver"`` (``fork`` is unsafe next to torch threads).
+        warm_imports: modules each worker imports before taking tasks.
+        import_hint: message of the ``ImportError`` raised when a warm import fails.
+        config_key: the config key that built this pool, named in error messages.
+
+    Raises (from :meth:`run`):
+        RuntimeError: when workers die while starting ``MAX_START_FAILURES`` times in a row
+            (typically ``memory_limit_mb`` too low for the imports), instead of respawning forever.
+    """
+
+    MAX_START_FAILURES = 3
+
+    def __init__(self, task_fn: Callable[[str, Any], Any], n_workers: int, timeout_s: float,
+                 memory_limit_mb: int = 0, start_method: str = "spawn",
+                 warm_imports: tuple[str, ...] = (), import_hint: str = "",
+                 config_key: str = "workers") -> None:
+        if start_method not in START_METHODS:
+            raise ValueError(f"start_method must be one of {START_METHODS}, got {start_method!r}")
+        self.task_fn = task_fn
+        self.n_workers = n_workers
+        self.timeout_s = timeout_s
+        self.memory_limit_mb = memory_limit_mb
+        self.warm_imports = warm_imports
+        self.import_hint = import_hint
+        self.config_key = config_key
+        self._start_failures = 0
+        self._ctx = mp.get_context(start_method)
+        self._workers: list[_Worker] = []
+        self._finalizer = weakref.finalize(self, _shutdown, self._workers)
+        self.n_timeouts = 0
+        self.n_crashes = 0
+        self.n_errors = 0
+        self.last_errors: list[str] = []
+
+    def _spawn(self) -> _Worker:
+        parent_conn, child_conn = self._ctx.Pipe()
+        process = self._ctx.Process(
+            target=_worker_main,
+            args=(child_conn, self.task_fn, self.memory_limit_mb, self.warm_imports, self.import_hint),
+            daemon=True,
+            name="hs-star-worker",
+        )
+        process.start()
+        child_conn.close()
+        return _Worker(process, parent_conn)
+
+    def _replace(self, worker: _Worker) -> None:
+        worker.process.kill()
+        worker.process.join(timeout=5.0)
+        worker.conn.close()
+        self._workers[self._workers.index(worker)] = self._spawn()
+
+    def close(self) -> None:
+        """Stop all workers; a later :meth:`run` starts fresh ones."""
+        _shutdown(self._workers)
+
+    def run(self, tasks: Sequence[tuple[str, Any]]) -> list[Any]:
+        """Results in task order: ``task_fn``'s value, :data:`TIMEOUT` or :data:`CRASH`."""
+        results: list[Any] = [None] * len(tasks)
+        if not tasks:
+            return results
+        while len(self._workers) < min(self.n_workers, len(tasks)):
+            self._workers.append(self._spawn())
+        next_task, n_done = 0, 0
+        while n_done < len(tasks):
+            now = time.monotonic()
+            for w in self._workers:
+                if w.ready and w.task is None and next_task < len(tasks):
+                    kind, payload = tasks[next_task]
+                    w.conn.send((next_task, kind, payload))
+                    w.task, w.deadline = next_task, now + self.timeout_s
+                    next_task += 1
+            busy = [w for w in self._workers if w.task is not None]
+            wait_s = max(0.0, min((w.deadline for w in busy), default=now + 30.0) - now)
+            ready_conns = wait_connections([w.conn for w in self._workers], timeout=wait_s)
+            for w in list(self._workers):
+                if w.conn not in ready_conns:
+                    continue
+                try:
+                    msg = w.conn.recv()
+                except (EOFError, OSError):  # died: memory limit, or killed from outside
+                    if w.task is not None:
+                        results[w.task], n_done = CRASH, n_done + 1
+                        self.n_crashes += 1
+                    if not w.ready:
+                        self._start_failures += 1
+                        if self._start_failures >= self.MAX_START_FAILURES:
+                            self.close()
+                            raise RuntimeError(
+                                f"{self.config_key} worker processes died {self._start_failures} times "
+                                f"in a row while starting; {self.config_key}.memory_limit_mb="
+                                f"{self.memory_limit_mb} may be too low for their imports"
+                            )
+                    self._replace(w)
+                    continue
+                if msg[0] == "ready":
+                    w.ready = True
+                    self._start_failures = 0
+                elif msg[0] == "import_error":
+                    self.close()
+                    raise ImportError(msg[1])
+                else:
+                    task_id, (status, value) = msg
+                    if status == "error":
+                        self.n_errors += 1
+                        self.last_errors = (self.last_errors + [value])[-10:]
+                        value = CRASH
+                    results[task_id], n_done = value, n_done + 1
+                    w.task = None
+            now = time.monotonic()
+            for w in list(self._workers):
+                if w.task is not None and now >= w.deadline:
+                    results[w.task], n_done = TIMEOUT, n_done + 1
+                    self.n_timeouts += 1
+                    self._replace(w)
+        return results

@@ -1,0 +1,280 @@
+"""PRMs: the rule-based arithmetic checker, the outcome scorer, and the two HF formats.
+
+The HF PRMs run on tiny random models saved in each checkpoint layout (no real weights
+exist here), so these tests check the plumbing: one score per step, separator positions,
+padding, truncation and loading. Run: ``PYTHONPATH=$PWD python -m pytest tests/test_prm.py -q``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from hs_star_pl.prm import ArithmeticPRM, OutcomePRM, QwenMathPRM, SkyworkPRM, shard
+from hs_star_pl.prm.hf import build_tiny_prm_dir, fit_to_length
+from hs_star_pl.protocols import ProcessRewardModel, StepScoringRequest
+from hs_star_pl.steps import split_steps
+
+Q = "Start with 12. Add 7. Multiply by 3. Subtract 5. What is the result?"
+GOOD = "Step 1: 12 + 7 = 19\n\nStep 2: 19 * 3 = 57\n\nStep 3: 57 - 5 = 52\n\nThe answer is \\boxed{52}."
+
+
+def arith(question: str, response: str, **kwargs) -> list[float]:
+    return ArithmeticPRM(**kwargs).score([StepScoringRequest(question, tuple(split_steps(response)))])[0]
+
+
+# ---------------------------------------------------------------- ArithmeticPRM
+
+
+def test_arithmetic_correct_solution_scores_one_everywhere():
+    assert arith(Q, GOOD) == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_arithmetic_error_fails_its_step_and_propagates():
+    """19 * 3 is 57, not 56; later steps continue from the wrong value and score 0."""
+    bad = GOOD.replace("19 * 3 = 57", "19 * 3 = 56").replace("57 - 5 = 52", "56 - 5 = 51").replace("{52}", "{51}")
+    assert arith(Q, bad) == [1.0, 0.0, 0.0, 0.0]
+    # without propagation, steps 3 and the answer are judged on their own (both consistent
+    # with the wrong chain), but the boxed 51 is not the question's result 52
+    assert arith(Q, bad, propagate_errors=False) == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_arithmetic_chain_break_and_wrong_operation():
+    chain_break = GOOD.replace("57 - 5 = 52", "58 - 6 = 52")  # right arithmetic, wrong operand
+    assert arith(Q, chain_break) == [1.0, 1.0, 0.0, 0.0]
+    wrong_op = GOOD.replace("19 * 3 = 57", "19 + 3 = 22")  # arithmetic fine, not the 2nd operation
+    assert arith(Q, wrong_op, propagate_errors=False)[1] == 0.0
+    wrong_start = GOOD.replace("12 + 7 = 19", "13 + 6 = 19")
+    assert arith(Q, wrong_start)[0] == 0.0
+    extra = GOOD.replace("\n\nThe answer", "\n\nStep 4: 52 + 1 = 53\n\nThe answer")
+    assert arith(Q, extra)[3] == 0.0  # an operation the question never asked for
+
+
+def test_arithmetic_unparseable_steps_are_neutral_and_garbage_is_safe():
+    response = "Let me think.\n\nStep 1: 12 + 7 =\n\n}{\\boxed{{ ((( 1/0 = \n\nStep 2: 12 + 7 = 19"
+    assert arith(Q, response, neutral_score=0.3, propagate_errors=False) == [0.3, 0.3, 0.3, 1.0]  # an unclosed box is not checkable
+    assert arith("no parseable question", "just words\n\n\x00\x01 ✓") == [0.5, 0.5]
+
+
+def test_arithmetic_without_a_parseable_question_checks_arithmetic_and_chain():
+    response = "2 × 3 = 6\n\n6 ÷ 4 = 1.5\n\n1.5 x 2 = 3\n\nso \\boxed{3}"
+    assert arith("What is it?", response) == [1.0, 1.0, 1.0, 1.0]
+    assert arith("What is it?", "7 / 0 = 0") == [0.0]
+    assert arith("What is it?", "2 + 2 = 4\n\n\\boxed{5}") == [1.0, 0.0]
+    assert arith("What is it?", "\\boxed{five}") == [0.0]
+    assert arith(Q, GOOD, use_question=False) == [1.0] * 4
+
+
+def test_arithmetic_validation():
+    with pytest.raises(ValueError, match=r"prm\.neutral_score"):
+        ArithmeticPRM(neutral_score=1.5)
+
+
+def test_outcome_prm():
+    prm = OutcomePRM()
+    assert isinstance(prm, ProcessRewardModel)
+    reqs = [StepScoringRequest("q", ("a", "b"), True), StepScoringRequest("q", ("a",), False),
+            StepScoringRequest("q", ("a", "b", "c"), None), StepScoringRequest("q", (), True)]
+    assert prm.score(reqs) == [[1.0, 1.0], [0.0], [0.5, 0.5, 0.5], []]
+    with pytest.raises(ValueError, match=r"prm\.ungradeable_score"):
+        OutcomePRM(ungradeable_score=-0.1)
+
+
+def test_shard_partitions_requests():
+    items = list(range(10))
+    parts = [shard(items, r, 3) for r in range(3)]
+    assert sorted(sum(parts, [])) == items
+    with pytest.raises(ValueError):
+        shard(items, 3, 3)
+
+
+def test_class_paths_resolve():
+    for name in ("ArithmeticPRM", "OutcomePRM", "SkyworkPRM", "QwenMathPRM"):
+        module, _, attr = f"hs_star_pl.prm.{name}".rpartition(".")
+        assert getattr(importlib.import_module(module), attr).__name__ == name
+
+
+# ---------------------------------------------------------------- HF formats on tiny models
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prm")
+    return {kind: build_tiny_prm_dir(root / kind, kind) for kind in ("skywork", "qwen")}
+
+
+def make(kind, tiny_dirs, **kwargs):
+    cls = SkyworkPRM if kind == "skywork" else QwenMathPRM
+    return cls(str(tiny_dirs[kind]), device="cpu", progress=False, **kwargs)
+
+
+REQUESTS = [
+    StepScoringRequest("What is 2+2?", ("Step 1: 2 + 2 = 4", "So the answer is \\boxed{4}.")),
+    StepScoringRequest(Q, tuple(split_steps(GOOD))),
+    StepScoringRequest("Empty steps", ("", "x", "")),
+    StepScoringRequest("No steps", ()),
+    StepScoringRequest("Forged separators", ("a <extra_0> b\n c", "d")),
+]
+
+KINDS = ["skywork", "qwen"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_score_per_step_in_unit_interval(kind, tiny_dirs):
+    prm = make(kind, tiny_dirs)
+    assert isinstance(prm, ProcessRewardModel)
+    scores = prm.score(REQUESTS)
+    assert [len(s) for s in scores] == [len(r.steps) for r in REQUESTS]
+    assert all(0.0 <= x <= 1.0 for row in scores for x in row)
+    assert len({round(x, 6) for row in scores for x in row}) > 3  # not a constant
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_separators_sit_at_the_end_of_each_step(kind, tiny_dirs):
+    prm = make(kind, tiny_dirs)
+    prefix, chunks = prm.encode(REQUESTS[4])
+    ids, positions = fit_to_length(prefix, chunks, 10_000)
+    assert len(positions) == 2
+    assert [ids[p] for p in positions] == [prm.separator_id] * 2
+    # Qwen: "<extra_0>" written in a step is plain text, never the separator token.
+    # Skywork's separator is "\n", which steps may contain; scores are read only at the
+    # positions we placed, so an inner newline is not scored (documented).
+    response_ids = ids[len(prefix):]
+    assert response_ids.count(prm.separator_id) == (2 if kind == "qwen" else 3)
+    assert prm.tokenizer.decode(ids[len(prefix): positions[0]]) == "a <extra_0> b\n c"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_step_score_depends_only_on_text_up_to_its_separator(kind, tiny_dirs):
+    prm = make(kind, tiny_dirs)
+    base = prm.score([StepScoringRequest("q?", ("one", "two", "three"))])[0]
+    changed_2 = prm.score([StepScoringRequest("q?", ("one", "TWO", "three"))])[0]
+    changed_1_end = prm.score([StepScoringRequest("q?", ("onf", "two", "three"))])[0]
+    assert changed_2[0] == pytest.approx(base[0], abs=1e-6)
+    assert changed_2[1] != pytest.approx(base[1], abs=1e-6)
+    assert changed_1_end[0] != pytest.approx(base[0], abs=1e-6)
+    prefix_only = prm.score([StepScoringRequest("q?", ("one", "two"))])[0]
+    assert prefix_only == pytest.approx(base[:2], abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batching_with_padding_matches_one_by_one(kind, tiny_dirs):
+    prm = make(kind, tiny_dirs, batch_size=3)
+    batched = prm.score(REQUESTS)
+    single = [prm.score([r])[0] for r in REQUESTS]
+    for b, s in zip(batched, single):
+        assert b == pytest.approx(s, abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_truncation_keeps_one_score_per_step(kind, tiny_dirs):
+    full = make(kind, tiny_dirs, max_length=4096)
+    prefix, chunks = full.encode(REQUESTS[1])
+    budget = len(prefix) + len(chunks[0]) + len(chunks[1]) + 2  # steps 1-2 fit, 3-4 do not
+    short = make(kind, tiny_dirs, max_length=budget)
+    scores = short.score([REQUESTS[1]])[0]
+    reference = full.score([REQUESTS[1]])[0]
+    assert len(scores) == 4
+    assert scores[:2] == pytest.approx(reference[:2], abs=1e-5)
+    assert scores[2:] == [scores[1], scores[1]]  # carried forward
+    assert short.n_truncated == 1
+    # a question longer than the budget is cut from the left; every step still gets a score
+    long_q = StepScoringRequest("long question " * 100, ("s1", "s2", "s3"))
+    tiny = make(kind, tiny_dirs, max_length=32)
+    assert len(tiny.score([long_q])[0]) == 3
+
+
+def test_fit_to_length_policy():
+    prefix, chunks = [1] * 10, [[2, 9], [3, 3, 9], [4, 9]]
+    assert fit_to_length(prefix, chunks, 100) == (prefix + [2, 9, 3, 3, 9, 4, 9], [11, 14, 16])
+    ids, pos = fit_to_length(prefix, chunks, 15)
+    assert (len(ids), pos) == (15, [11, 14])
+    ids, pos = fit_to_length(prefix, chunks, 4)  # question cut from the left to fit step 1
+    assert (ids, pos) == ([1, 1, 2, 9], [3])
+    ids, pos = fit_to_length(prefix, [[5, 6, 7, 8, 9]], 3)  # one step too long: keep its end
+    assert (ids, pos) == ([7, 8, 9], [2])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_runs_and_stays_close_to_fp32(kind, tiny_dirs):
+    fp32 = make(kind, tiny_dirs, dtype="float32").score(REQUESTS[:2])
+    bf16_prm = make(kind, tiny_dirs, dtype="bfloat16")
+    assert next(bf16_prm.model.parameters()).dtype == torch.bfloat16
+    bf16 = bf16_prm.score(REQUESTS[:2])
+    for a, b in zip(fp32, bf16):
+        assert b == pytest.approx(a, abs=0.1)
+
+
+def test_wrong_layout_and_bad_arguments_are_rejected(tiny_dirs, tmp_path):
+    with pytest.raises(ValueError, match="Qwen2ForProcessRewardModel layout"):
+        QwenMathPRM(str(tiny_dirs["skywork"]), step_separator="a", device="cpu")
+    with pytest.raises(ValueError, match=r"step_separator='<extra_0>' must be a single token"):
+        QwenMathPRM(str(tiny_dirs["skywork"]), device="cpu")
+    with pytest.raises(ValueError, match=r"prm\.init_args\.model_path.*prm\.init_args\.batch_size"):
+        SkyworkPRM(str(tmp_path / "nowhere"), batch_size=0)
+    with pytest.raises(ValueError, match=r"prm\.init_args\.dtype"):
+        SkyworkPRM(str(tiny_dirs["skywork"]), dtype="fp8")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tokenizer_round_trips_through_autotokenizer(kind, tiny_dirs):
+    prm = make(kind, tiny_dirs)
+    text = "Step 1:  12 + 7 = 19\n\n  ünïcode ✓\n"
+    assert prm.tokenizer.decode(prm.tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_yaml_class_paths_parse_and_instantiate(tiny_dirs):
+    """The ``class_path``/``init_args`` form used in configs, through jsonargparse."""
+    jsonargparse = pytest.importorskip("jsonargparse")
+    from hs_star_pl.protocols import AnswerVerifier
+
+    parser = jsonargparse.ArgumentParser()
+    parser.add_argument("--prm", type=ProcessRewardModel)
+    parser.add_argument("--verifier", type=AnswerVerifier)
+    for class_path, init_args in [
+        ("hs_star_pl.prm.ArithmeticPRM", {"neutral_score": 0.25}),
+        ("hs_star_pl.prm.OutcomePRM", {"ungradeable_score": 0.5}),
+        ("hs_star_pl.prm.SkyworkPRM", {"model_path": str(tiny_dirs["skywork"]), "device": "cpu"}),
+        ("hs_star_pl.prm.QwenMathPRM", {"model_path": str(tiny_dirs["qwen"]), "max_length": 512}),
+    ]:
+        cfg = parser.parse_object({"prm": {"class_path": class_path, "init_args": init_args},
+                                   "verifier": {"class_path": "hs_star_pl.verifiers.ExactMatchVerifier"}})
+        init = parser.instantiate(cfg)
+        assert type(init.prm).__name__ == class_path.rsplit(".", 1)[1]
+        assert init.prm.score([StepScoringRequest("q", ("a", "b"), True)])[0].__len__() == 2
+    cfg = parser.parse_object({"verifier": {"class_path": "hs_star_pl.verifiers.MathVerifyVerifier",
+                                            "init_args": {"n_workers": 1, "timeout_s": 2.0}}})
+    verifier = parser.instantiate(cfg).verifier
+    assert verifier.timeout_s == 2.0  # not started: workers spawn on first use
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", KINDS)
+def test_auto_device_uses_cuda_in_bf16(kind, tiny_dirs):
+    cls = SkyworkPRM if kind == "skywork" else QwenMathPRM
+    gpu = cls(str(tiny_dirs[kind]), progress=False)
+    param = next(gpu.model.parameters())
+    assert (param.device.type, param.dtype) == ("cuda", torch.bfloat16)
+    for a, b in zip(make(kind, tiny_dirs).score(REQUESTS), gpu.score(REQUESTS)):
+        assert b == pytest.approx(a, abs=0.1)
+
+
+@pytest.mark.parametrize("hostile", ["1" * 100_000, "1 + " * 20_000, "1.1.1.1" * 10_000, "= 1 " * 20_000])
+def test_arithmetic_prm_handles_hostile_text(hostile):
+    assert ArithmeticPRM().score([StepScoringRequest(hostile, (hostile, "2 + 2 = 4"))])[0][1] in (0.0, 1.0)
+
+
+def test_rule_prms_import_without_torch():
+    """``hs_star_pl.prm`` loads torch only when a learned PRM class is first accessed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys; from hs_star_pl.prm import ArithmeticPRM, OutcomePRM; import hs_star_pl.workers; "
+        "sys.exit(int('torch' in sys.modules or 'lightning' in sys.modules))"
+    )
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1]).returncode == 0

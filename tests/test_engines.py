@@ -189,7 +189,20 @@ def test_engines_package_is_light():
 def test_engine_from_yaml_class_path():
     jsonargparse = pytest.importorskip("jsonargparse")
     parser = jsonargparse.ArgumentParser()
-    parser.add_argument("--engine", type=HFEngine)
+    parser.add_argument("--engine", type=RolloutEngine)
     cfg = parser.parse_args(["--engine", '{"class_path": "hs_star_pl.engines.HFEngine", "init_args": {"batch_size": 8}}'])
     engine = parser.instantiate(cfg).engine
     assert isinstance(engine, HFEngine) and engine.batch_size == 8
+
+
+@pytest.mark.parametrize("name", ["hf", "vllm"])
+def test_shipped_engine_configs_parse(name):
+    """configs/engine/*.yaml build their engine (VLLMEngine's constructor needs no vllm)."""
+    import pathlib
+
+    jsonargparse = pytest.importorskip("jsonargparse")
+    parser = jsonargparse.ArgumentParser()
+    parser.add_argument("--engine", type=RolloutEngine)  # as the CLI types it
+    path = pathlib.Path(__file__).parents[1] / "configs" / "engine" / f"{name}.yaml"
+    engine = parser.instantiate(parser.parse_path(path)).engine
+    assert type(engine).__name__ == ("HFEngine" if name == "hf" else "VLLMEngine")

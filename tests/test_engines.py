@@ -243,3 +243,18 @@ def test_tied_weights_are_sent_once(model):
     kept = _dedupe_shared(state)
     assert "model.embed_tokens.weight" in kept and "lm_head.weight" not in kept
     assert len(kept) == len(state) - 1
+
+
+def test_plugs_into_generate_rollouts(engine):
+    """The round's own caller gets exactly the reallocated counts, indexed from start_index."""
+    from hs_star_pl.records import Phase, Problem
+    from hs_star_pl.rounds import generate_rollouts
+
+    problems = [Problem(id=f"p{i}", question=f"{i}+1=", answer=str(i + 1)) for i in range(3)]
+    rollouts = generate_rollouts(
+        problems, {"p0": 2, "p1": 0, "p2": 3}, {"p2": 4}, Phase.RESAMPLE, engine, lambda p: p.question,
+        SamplingParams(max_new_tokens=4, seed=0),
+    )
+    assert sorted((r.problem_id, r.sample_index) for r in rollouts) == [
+        ("p0", 0), ("p0", 1), ("p2", 4), ("p2", 5), ("p2", 6)
+    ]

@@ -258,3 +258,18 @@ def test_plugs_into_generate_rollouts(engine):
     assert sorted((r.problem_id, r.sample_index) for r in rollouts) == [
         ("p0", 0), ("p0", 1), ("p2", 4), ("p2", 5), ("p2", 6)
     ]
+
+
+def test_checkpoint_generation_config_does_not_leak(engine, model, tokenizer):
+    """A checkpoint's min_new_tokens would forbid the EOS; only SamplingParams count."""
+    model.generation_config.min_new_tokens = 5
+    model.generation_config.repetition_penalty = 3.0
+    saved = model.generation_config
+    eos = tokenizer.eos_token_id
+    handle = model.lm_head.register_forward_hook(lambda m, i, o: o.index_fill(-1, torch.tensor([eos]), 1e4))
+    try:
+        out = engine.generate(REQUESTS, PARAMS)
+    finally:
+        handle.remove()
+    assert all(c.n_tokens == 0 for v in out.values() for c in v)
+    assert model.generation_config is saved

@@ -15,9 +15,10 @@ What it does:
 What it does not do: sharded models (ZeRO-3 would need ``synced_gpus``); the training code
 hands it a model whose full weights sit on one device.
 
-Sampling follows the protocol's settings only: a fresh ``GenerationConfig`` is built, so a
-checkpoint's ``generation_config.json`` (``top_k``, repetition penalty, ...) is ignored, and
-``top_k`` is off, as in vLLM.
+Sampling follows the protocol's settings only: a fresh ``GenerationConfig`` is built and the
+model's own is hidden during the call (``generate`` would fill unset fields from it), so a
+checkpoint's ``generation_config.json`` (``top_k``, repetition penalty, ``min_new_tokens``)
+is ignored, and ``top_k`` is off, as in vLLM. Only its extra EOS ids are kept.
 """
 
 from __future__ import annotations
@@ -112,6 +113,10 @@ class HFEngine:
         config = self._generation_config(params)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else config.eos_token_id[0]
         bar = tqdm(total=len(items), desc="HFEngine", unit="seq", disable=not self.progress, leave=False)
+        # generate() fills every unset field of our config from model.generation_config (a
+        # checkpoint's repetition_penalty, min_new_tokens, ...): hide it for the call.
+        saved_config = getattr(model, "generation_config", None)
+        model.generation_config = GenerationConfig()
         model.eval()
         try:
             for b, start in enumerate(range(0, len(items), self.batch_size)):
@@ -138,6 +143,7 @@ class HFEngine:
                 bar.update(len(batch))
         finally:
             bar.close()
+            model.generation_config = saved_config
             for module, mode in modes.items():
                 module.training = mode
         for key, got in slots.items():

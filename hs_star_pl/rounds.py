@@ -84,6 +84,29 @@ class MemoryStore:
         self.phases[name] = value
 
 
+@dataclass
+class _ShardStore:
+    """Keeps one rank's phases apart from the others' (``<phase>.rank<r>``)."""
+
+    store: PhaseStore
+    rank: int
+
+    def load(self, name: str) -> Any | None:
+        return self.store.load(f"{name}.rank{self.rank}")
+
+    def save(self, name: str, value: Any) -> None:
+        self.store.save(f"{name}.rank{self.rank}", value)
+
+
+Gather = Callable[[list[ScoredRollout]], list[list[ScoredRollout]]]
+
+
+def _canonical(rollouts: list[ScoredRollout], problems: Sequence[Problem]) -> list[ScoredRollout]:
+    """Rollouts in problem order, then sample order: the same for any number of shards."""
+    position = {p.id: i for i, p in enumerate(problems)}
+    return sorted(rollouts, key=lambda r: (position[r.problem_id], r.rollout.sample_index))
+
+
 @dataclass(frozen=True)
 class RoundConfig:
     """Settings of a round that are not a swappable component.
@@ -298,6 +321,8 @@ def run_round(
     iteration: int = 0,
     seed: int = 0,
     store: PhaseStore | None = None,
+    shard: tuple[int, int] = (0, 1),
+    gather: Gather | None = None,
 ) -> RoundResult:
     """Run one iteration's sampling plan (see the module docstring).
 
@@ -310,27 +335,44 @@ def run_round(
         iteration: 0-based iteration index; with ``seed`` it fixes every random choice.
         seed: the run's base seed.
         store: optional place to keep finished phases for resumption.
+        shard: ``(rank, world_size)``: this process samples and scores only
+            ``problems[rank::world_size]``; every decision is taken on the gathered whole.
+        gather: with ``world_size > 1``, a function that all-gathers a list of rollouts
+            from every rank (one list per rank). Decisions then match a one-process run.
     """
+    rank, world_size = shard
+    if not 0 <= rank < world_size:
+        raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
+    if world_size > 1 and gather is None:
+        raise ValueError("run_round with world_size > 1 needs a gather function")
     seconds: dict[str, float] = {}
     problems, dropped = _timed(seconds, "check_golds", lambda: drop_ungradeable(problems, verifier))
     ids = [p.id for p in problems]
+    local = problems[rank::world_size]
     common = dict(
         engine=engine,
         verifier=verifier,
         prm=prm,
         render_prompt=render_prompt,
         step_delimiter=config.step_delimiter,
-        store=store,
+        store=_ShardStore(store, rank) if store is not None and world_size > 1 else store,
         seconds=seconds,
     )
+
+    def everyone(mine: list[ScoredRollout]) -> list[ScoredRollout]:
+        merged = [r for part in gather(mine) for r in part] if world_size > 1 else mine
+        return _canonical(merged, problems)
+
     presample_params = dataclasses.replace(config.sampling, seed=derive_seed(seed, iteration, "presample"))
-    presamples = sample_and_score(
-        problems,
-        {pid: allocator.n_presample for pid in ids},
-        {},
-        Phase.PRESAMPLE,
-        sampling=presample_params,
-        **common,
+    presamples = everyone(
+        sample_and_score(
+            local,
+            {pid: allocator.n_presample for pid in ids},
+            {},
+            Phase.PRESAMPLE,
+            sampling=presample_params,
+            **common,
+        )
     )
     difficulties, thresholds = _timed(
         seconds, "difficulty", lambda: estimate_difficulty(presamples, config.difficulty, ids)
@@ -339,13 +381,15 @@ def run_round(
         seconds, "allocate", lambda: allocator.allocate(difficulties, derive_seed(seed, iteration, "budget"))
     )
     resample_params = dataclasses.replace(config.sampling, seed=derive_seed(seed, iteration, "resample"))
-    resamples = sample_and_score(
-        problems,
-        ledger.resample,
-        ledger.presample,
-        Phase.RESAMPLE,
-        sampling=resample_params,
-        **common,
+    resamples = everyone(
+        sample_and_score(
+            local,
+            ledger.resample,
+            ledger.presample,
+            Phase.RESAMPLE,
+            sampling=resample_params,
+            **common,
+        )
     )
     examples = _timed(
         seconds,

@@ -89,3 +89,47 @@ def test_engine_returning_the_wrong_count_is_an_error():
 
     with pytest.raises(RuntimeError, match="Short returned 2 completions for problem 'easy', expected 3"):
         run(engine=Short())
+
+
+def test_sharded_round_takes_the_same_decisions_as_one_process():
+    """Three ranks in threads, each sampling its third, with a barrier-based all-gather:
+    every rank reaches exactly the one-process rollouts, ledger and pairs."""
+    import threading
+
+    world = 3
+    barrier = threading.Barrier(world)
+    slots: dict[tuple[int, int], list] = {}
+    calls = [0] * world
+
+    def make_gather(rank):
+        def gather(mine):
+            n = calls[rank]
+            calls[rank] += 1
+            slots[(n, rank)] = mine
+            barrier.wait()
+            return [slots[(n, r)] for r in range(world)]
+        return gather
+
+    results: dict[int, object] = {}
+
+    def worker(rank):
+        results[rank] = run(shard=(rank, world), gather=make_gather(rank))
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    whole = run()
+    assert sorted(results) == list(range(world))
+    for rank, result in results.items():
+        assert result.ledger == whole.ledger, rank
+        assert [x.to_dict() for x in result.rollouts] == [x.to_dict() for x in whole.rollouts], rank
+        assert result.examples == whole.examples, rank
+
+
+def test_shard_arguments_are_checked():
+    with pytest.raises(ValueError, match="needs a gather function"):
+        run(shard=(0, 2))
+    with pytest.raises(ValueError, match="0 <= rank < world_size"):
+        run(shard=(2, 2), gather=lambda mine: [mine])

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +186,8 @@ class MathDataModule(L.LightningDataModule):
         self.val_examples: tuple = ()
         self.last_stats: dict[str, int] = {}
         self._ref_cache_key: str | None = None
+        self._example_source: Callable[[int], Examples] | None = None
+        self._source_examples: Examples | None = None
 
     # -- example sources -----------------------------------------------------------------
 
@@ -201,6 +203,17 @@ class MathDataModule(L.LightningDataModule):
             rank_zero_warn("set_train_examples got no examples: an epoch with zero batches ends training")
         self.train_examples = tuple(examples)
         self._ref_cache_key = None
+
+    def set_example_source(self, source: Callable[[int], Examples] | None) -> None:
+        """Ask ``source(epoch)`` for the training examples whenever the train dataloader is built.
+
+        This is how the self-training callback serves each iteration's round: Lightning builds
+        the dataloader before ``on_train_epoch_start`` (and possibly from
+        ``configure_optimizers``), so the data are pulled at that moment rather than pushed at
+        a hook. A source returning the same object again keeps the encoded examples.
+        """
+        self._example_source = source
+        self._source_examples = None
 
     def load_train_examples(self) -> list:
         """Read the configured ``train_file`` or ``problems_file`` (empty when neither is set)."""
@@ -268,6 +281,12 @@ class MathDataModule(L.LightningDataModule):
         self.trainer.accumulate_grad_batches = accumulate
 
     def train_dataloader(self) -> DataLoader:
+        if self._example_source is not None:
+            epoch = self.trainer.current_epoch if self.trainer is not None else 0
+            examples = self._example_source(epoch)
+            if examples is not self._source_examples:
+                self.set_train_examples(examples)
+                self._source_examples = examples
         # Validation pairs need the same reference as training (the policy at the start of
         # the iteration), but Lightning builds the val dataloader only after some training;
         # so their missing reference log-probs are filled now, too.

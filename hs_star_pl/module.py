@@ -140,6 +140,9 @@ class HSStarModule(L.LightningModule):
 
             tokenizer = AutoTokenizer.from_pretrained(model_path)
             model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+            # from_pretrained returns eval mode and Lightning 2.6 keeps a module's mode:
+            # without this a loaded policy would train with dropout switched off.
+            model.train()
         else:
             from hs_star_pl.tiny import build_byte_tokenizer, build_tiny_causal_lm
 

@@ -26,3 +26,11 @@ def _seed_everything():
         torch.set_default_dtype(dtype)
     else:
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_m0(tmp_path_factory):
+    """``(M_0 dir, problems file)``: a step-wise initialised tiny policy, trained once per session."""
+    from tests.helpers.self_training import train_m0
+
+    return train_m0(tmp_path_factory.mktemp("m0"))

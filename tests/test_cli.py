@@ -14,6 +14,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from hs_star_pl.callback import SelfTrainingCallback
 from hs_star_pl.cli import HSStarCLI
 from hs_star_pl.data import MathDataModule
 from hs_star_pl.export import HFExportCallback
@@ -78,15 +79,19 @@ def test_help_lists_every_option_with_its_docstring(capsys):
         HSStarCLI(args=["fit", "--help"])
     assert exit_info.value.code == 0
     text = re.sub(r"\s+", " ", capsys.readouterr().out)
-    for group, cls in (("model", HSStarModule), ("data", MathDataModule), ("export", HFExportCallback)):
+    linked = {"export.epochs_per_iteration"}  # follows self_training.epochs_per_iteration
+    groups = (("model", HSStarModule), ("data", MathDataModule), ("export", HFExportCallback),
+              ("self_training", SelfTrainingCallback))
+    for group, cls in groups:
         for name in inspect.signature(cls.__init__).parameters:
-            if name == "self":
+            if name == "self" or f"{group}.{name}" in linked:
                 continue
             assert f"--{group}.{name}" in text, f"--{group}.{name} missing from --help"
     # docstring text (Args: blocks) reaches the help
     assert "DPO KL strength (IPO's tau)." in text
     assert "prompt template name (``hs_star_pl.templates``) used to render questions." in text
-    assert "training epochs that make one self-training iteration" in text
+    assert "training epochs per iteration (paper: 1)." in text
+    assert "the problem pool (JSONL, ``problems.load_problems`` format)." in text
 
 
 def test_bad_value_is_reported_with_its_key(tmp_path):
@@ -103,7 +108,8 @@ def test_python_dash_m_entry_point_prints_config(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     config = yaml.safe_load(out.stdout)
     assert config["model"]["tiny"]["hidden_size"] == 32
-    assert config["export"]["epochs_per_iteration"] == 1
+    assert config["self_training"]["epochs_per_iteration"] == 1
+    assert config["self_training"]["problems_file"] is None  # inactive unless configured
 
 
 def test_resume_from_last_ckpt_continues_without_recomputing_references(tmp_path):

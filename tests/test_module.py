@@ -163,6 +163,7 @@ def test_model_path_loads_a_saved_checkpoint(tmp_path):
     ids = torch.tensor([source.tokenizer.encode("Start with 3.")])
     torch.testing.assert_close(loaded.model(ids).logits, source.model(ids).logits)
     assert loaded.tokenizer.decode(ids[0].tolist()) == "Start with 3."
+    assert all(m.training for m in loaded.model.modules())  # from_pretrained's eval mode undone
 
 
 def test_export_reloads_and_generates(tmp_path):

@@ -1,0 +1,353 @@
+"""``SelfTrainingCallback``: the HS-STaR outer loop between training epochs.
+
+One iteration = one round (``rounds.run_round``: pre-sample, score, classify, reallocate,
+re-sample, select) + reference log-probs + ``epochs_per_iteration`` training epochs.
+
+How it meets Lightning's hook order: Lightning builds the train dataloader *before*
+``on_train_epoch_start`` (and ``configure_optimizers`` may build it even earlier), so instead
+of pushing data at a hook, the callback gives the ``MathDataModule`` an *example source*.
+When the dataloader of epoch ``e`` is built, the source returns iteration
+``t = e // epochs_per_iteration``'s examples, running round ``t`` first if it is not on disk.
+At that moment the policy is exactly M_t (the end of the previous iteration's training, or
+the restored checkpoint), which is what both sampling and the DPO reference need.
+
+Disk is the source of truth (STYLE habit 8): each round lives in
+``<default_root_dir>/rounds/round_NNN/`` (see ``artifacts``). A complete round (``DONE``)
+is read back, never regenerated; an incomplete one reuses its finished phase files. That
+makes ``--ckpt_path last`` resume after a kill at any point, and also covers strategies that
+restore callback state late (DeepSpeed restores it after ``on_fit_start``).
+
+Ranks: every rank samples and scores its share of the problems (``run_round``'s ``shard``),
+rollouts are all-gathered, every rank takes the same decisions, reference log-probs are
+computed shard-wise and gathered, and rank 0 writes the artifacts behind a barrier.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+from hs_star_pl.artifacts import RoundStore, is_complete, read_round, round_dir, write_examples, write_json, write_round
+from hs_star_pl.budget import BudgetAllocator, HierarchicalBudget
+from hs_star_pl.difficulty import DifficultyConfig
+from hs_star_pl.problems import ProblemPool, load_problems
+from hs_star_pl.protocols import AnswerVerifier, ProcessRewardModel, RolloutEngine, SamplingParams
+from hs_star_pl.records import PreferencePair, ScoredRollout
+from hs_star_pl.rounds import RoundConfig, RoundResult, run_round
+from hs_star_pl.selection import SelectionConfig
+from hs_star_pl.steps import DEFAULT_STEP_DELIMITER
+from hs_star_pl.templates import render_prompt
+
+log = logging.getLogger(__name__)
+SCHEMA_VERSION = 1
+
+
+class SelfTrainingCallback(L.Callback):
+    """Runs an HS-STaR round before each iteration's training and serves its examples.
+
+    Inactive (a no-op) while ``problems_file`` is unset, so the same CLI serves plain SFT and
+    DPO runs.
+
+    Args:
+        problems_file: the problem pool (JSONL, ``problems.load_problems`` format).
+        prm: process reward model (``class_path``); required when active.
+        engine: rollout engine (``class_path``); default ``HFEngine()`` on the policy.
+        verifier: answer verifier (``class_path``); default ``MathVerifyVerifier()``.
+        budget: sampling-budget allocator (``class_path``); default
+            ``HierarchicalBudget()`` (K=8, n_p=3, the paper).
+        difficulty: classification mode and PRM thresholds.
+        selection: which difficulty classes train, and ``dpo`` pairs or ``sft`` examples.
+        sampling: temperature, top_p, max_new_tokens, stop strings (paper: 0.7, 0.95).
+        n_iterations: self-training iterations; ``trainer.max_epochs`` must equal
+            ``n_iterations * epochs_per_iteration``.
+        epochs_per_iteration: training epochs per iteration (paper: 1).
+        problems_per_iteration: problems drawn per iteration, without replacement across
+            iterations (paper: 7500); unset uses the whole pool every iteration.
+        on_exhausted: ``error`` or ``reshuffle`` when the pool runs out (see ``ProblemPool``).
+        step_delimiter: splits responses into steps for the PRM (paper: a blank line).
+        seed: fixes every random choice of every round (draws, sampling, budget, pairs).
+        plots: write ``difficulty.png`` per round (needs matplotlib; skipped without it).
+    """
+
+    def __init__(
+        self,
+        problems_file: str | None = None,
+        prm: ProcessRewardModel | None = None,
+        engine: RolloutEngine | None = None,
+        verifier: AnswerVerifier | None = None,
+        budget: BudgetAllocator | None = None,
+        difficulty: DifficultyConfig = DifficultyConfig(),
+        selection: SelectionConfig = SelectionConfig(),
+        sampling: SamplingParams = SamplingParams(),
+        n_iterations: int = 3,
+        epochs_per_iteration: int = 1,
+        problems_per_iteration: int | None = None,
+        on_exhausted: Literal["error", "reshuffle"] = "error",
+        step_delimiter: str = DEFAULT_STEP_DELIMITER,
+        seed: int = 0,
+        plots: bool = True,
+    ) -> None:
+        if n_iterations < 1:
+            raise ValueError(f"self_training.n_iterations must be >= 1, got {n_iterations}")
+        if epochs_per_iteration < 1:
+            raise ValueError(f"self_training.epochs_per_iteration must be >= 1, got {epochs_per_iteration}")
+        if problems_file is not None and prm is None:
+            raise ValueError("self_training.prm is required when self_training.problems_file is set")
+        self.problems_file = problems_file
+        self.prm = prm
+        self.engine = engine
+        self.verifier = verifier
+        self.budget = budget if budget is not None else HierarchicalBudget()
+        self.round_config = RoundConfig(sampling, difficulty, selection, step_delimiter)
+        self.n_iterations = n_iterations
+        self.epochs_per_iteration = epochs_per_iteration
+        self.problems_per_iteration = problems_per_iteration
+        self.on_exhausted = on_exhausted
+        self.seed = seed
+        self.plots = plots
+        self._pool: ProblemPool | None = None
+        self._trainer: L.Trainer | None = None
+        self._served: dict[int, list] = {}
+        self._restored: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
+
+    @property
+    def active(self) -> bool:
+        return self.problems_file is not None
+
+    # -- set-up and validation -------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self.active or stage != "fit":
+            return
+        errors = []
+        if trainer.reload_dataloaders_every_n_epochs != 1:
+            errors.append(
+                "trainer.reload_dataloaders_every_n_epochs must be 1 (each epoch trains on its "
+                f"iteration's data), got {trainer.reload_dataloaders_every_n_epochs}"
+            )
+        expected = self.n_iterations * self.epochs_per_iteration
+        if trainer.max_epochs != expected:
+            errors.append(
+                f"trainer.max_epochs ({trainer.max_epochs}) must equal self_training.n_iterations "
+                f"({self.n_iterations}) x self_training.epochs_per_iteration ({self.epochs_per_iteration}) = {expected}"
+            )
+        objective = getattr(pl_module, "objective", None)
+        if objective != self.round_config.selection.objective:
+            errors.append(
+                f"model.objective ({objective!r}) must match self_training.selection.objective "
+                f"({self.round_config.selection.objective!r})"
+            )
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "set_example_source"):
+            errors.append("self-training needs MathDataModule as the data module")
+        elif datamodule.train_file is not None or datamodule.problems_file is not None:
+            errors.append("data.train_file and data.problems_file must be unset: self-training makes its own data")
+        if errors:
+            raise ValueError("self-training configuration:\n  - " + "\n  - ".join(errors))
+        problems = tuple(load_problems(self.problems_file))
+        self._pool = ProblemPool(problems, self.problems_per_iteration, self.seed, self.on_exhausted)
+        try:
+            self._pool.draw(self.n_iterations - 1)  # fail now, not after days of training
+        except ValueError as err:
+            raise ValueError(f"self_training.problems_file={self.problems_file}: {err}") from None
+        if self.engine is None:
+            from hs_star_pl.engines import HFEngine
+
+            self.engine = HFEngine()
+        if self.verifier is None:
+            from hs_star_pl.verifiers import MathVerifyVerifier
+
+            self.verifier = MathVerifyVerifier()
+        self._trainer = trainer
+        datamodule.set_example_source(self.examples_for_epoch)
+        rank_zero_info(
+            f"self-training: {len(problems)} problems, {self.n_iterations} iterations, "
+            f"rounds in {self.rounds_root(trainer)}"
+        )
+
+    @staticmethod
+    def rounds_root(trainer: L.Trainer) -> Path:
+        return Path(trainer.default_root_dir)
+
+    # -- the example source (called when Lightning builds the train dataloader) ------------
+
+    def examples_for_epoch(self, epoch: int) -> list:
+        """The training examples of ``epoch``: its iteration's round, run or read back."""
+        iteration = epoch // self.epochs_per_iteration
+        if iteration not in self._served:
+            self._served = {iteration: self._ensure_round(iteration)}
+        return self._served[iteration]
+
+    def _ensure_round(self, iteration: int) -> list:
+        trainer = self._trainer
+        directory = round_dir(self.rounds_root(trainer), iteration)
+        if is_complete(directory):
+            result = read_round(directory)
+            rank_zero_info(f"round {iteration}: complete on disk, read back from {directory}")
+        else:
+            result = self._run_round(trainer, iteration, directory)
+        self._record(trainer, result, directory)
+        if not result.examples:
+            counts = {k: result.summary()[k] for k in ("n_inlier", "n_boundary", "n_outlier", "n_pairs")}
+            raise RuntimeError(
+                f"round {iteration} produced no training examples ({counts}); an epoch without data "
+                f"ends training. Its artifacts are in {directory}. Train on more problems "
+                f"(self_training.problems_per_iteration), other classes (self_training.selection."
+                f"train_classes) or with a larger budget (self_training.budget.samples_per_problem)."
+            )
+        return list(result.examples)
+
+    def _run_round(self, trainer: L.Trainer, iteration: int, directory: Path) -> RoundResult:
+        module = trainer.lightning_module
+        datamodule = trainer.datamodule
+        started = time.perf_counter()
+        self._prepare_engine(trainer, module, iteration)
+        template = datamodule.template
+        result = run_round(
+            self._pool.draw(iteration),
+            engine=self.engine,
+            verifier=self.verifier,
+            prm=self.prm,
+            allocator=self.budget,
+            config=self.round_config,
+            render_prompt=lambda p: render_prompt(template, p.question),
+            iteration=iteration,
+            seed=self.seed,
+            store=RoundStore(directory),
+            shard=(trainer.global_rank, trainer.world_size),
+            gather=lambda mine: _all_gather(trainer, mine),
+        )
+        if hasattr(self.engine, "sleep"):
+            self.engine.sleep()
+        extra: dict[str, Any] = {"world_size": trainer.world_size}
+        if result.examples and isinstance(result.examples[0], PreferencePair):
+            ref_started = time.perf_counter()
+            result.examples = self._reference_logps(trainer, module, datamodule, result.examples)
+            extra["seconds_reference_logps"] = time.perf_counter() - ref_started
+        extra["seconds_round"] = time.perf_counter() - started
+        if trainer.is_global_zero:
+            write_round(directory, result, extra_summary=extra)
+            if self.plots:
+                _plot_round(directory, result)
+        trainer.strategy.barrier("hs_star_round_written")
+        rank_zero_info(f"round {iteration}: {json.dumps({k: v for k, v in result.summary().items() if k != 'seconds'})}")
+        return result
+
+    def _prepare_engine(self, trainer: L.Trainer, module: L.LightningModule, iteration: int) -> None:
+        """Point the engine at the current policy M_t."""
+        engine = self.engine
+        if hasattr(engine, "wake_up"):
+            engine.wake_up()
+        if hasattr(engine, "bind"):  # in-process engines sample from the policy itself
+            engine.bind(module.model, module.tokenizer)
+        elif hasattr(engine, "sync_weights"):
+            if getattr(engine, "llm", None) is None:
+                path = Path(trainer.default_root_dir) / "hf" / f"rollout_policy_{iteration:03d}"
+                from hs_star_pl.export import export_hf
+
+                export_hf(module, path)
+                engine.load_from_dir(path, reference_model=module.model)
+            else:
+                engine.sync_weights(module.model)
+
+    def _reference_logps(self, trainer, module, datamodule, pairs: list[PreferencePair]) -> list[PreferencePair]:
+        """Reference log-probs under M_t, computed shard-wise and gathered."""
+        rank, world = trainer.global_rank, trainer.world_size
+        mine = module.compute_reference_logps(
+            pairs[rank::world], max_length=datamodule.max_length, batch_size=datamodule.ref_batch_size
+        )
+        parts = _all_gather(trainer, mine)
+        out = list(pairs)
+        for r, part in enumerate(parts):
+            out[r::world] = part
+        return out
+
+    # -- observability -------------------------------------------------------------------
+
+    def _record(self, trainer: L.Trainer, result: RoundResult, directory: Path) -> None:
+        summary = result.summary()
+        metrics: dict[str, float] = {}
+        for key, value in summary.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                metrics[f"round/{key}"] = float(value)
+        for cls, n in summary["samples_per_class"].items():
+            metrics[f"round/samples_{cls}"] = float(n)
+        for phase, seconds in summary["seconds"].items():
+            metrics[f"round/seconds_{phase}"] = float(seconds)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+        entry = {"iteration": result.iteration, "directory": str(directory), **summary}
+        self.history = [h for h in self.history if h["iteration"] != result.iteration] + [entry]
+
+    # -- checkpoint state (small, plain, versioned; the disk stays the truth) ----------------
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "seed": self.seed,
+            "problems_file": self.problems_file,
+            "rounds": [{k: h[k] for k in ("iteration", "samples_total", "budget_total", "n_pairs")} for h in self.history],
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = dict(state_dict)
+        saved_seed = state_dict.get("seed", self.seed)
+        if saved_seed != self.seed:
+            rank_zero_warn(
+                f"self_training.seed is {self.seed} but the checkpoint was made with {saved_seed}: "
+                "rounds already on disk keep their old draws, new rounds use the new seed"
+            )
+
+
+def _all_gather(trainer: L.Trainer, obj: list) -> list[list]:
+    """All-gather a picklable object from every rank (``[obj]`` on one process)."""
+    if trainer.world_size == 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return [obj]
+    out: list = [None] * trainer.world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _plot_round(directory: Path, result: RoundResult) -> None:
+    """``difficulty.png``: phi_a and phi_r of every problem, coloured by class."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib not installed: no round plot (pip install hs-star-pl[plots])")
+        return
+    colors = {"inlier": "tab:green", "boundary": "tab:orange", "outlier": "tab:red"}
+    fig, (ax_scatter, ax_hist) = plt.subplots(1, 2, figsize=(10, 4))
+    for cls, color in colors.items():
+        pts = [d for d in result.difficulties.values() if d.difficulty.value == cls]
+        xs = [d.phi_a for d in pts if d.phi_a is not None and d.phi_r is not None]
+        ys = [d.phi_r for d in pts if d.phi_a is not None and d.phi_r is not None]
+        ax_scatter.scatter(xs, ys, s=12, alpha=0.6, color=color, label=f"{cls} ({len(pts)})")
+        ax_hist.hist([d.phi_r for d in pts if d.phi_r is not None], bins=20, range=(0, 1), alpha=0.6, color=color, label=cls)
+    for tau in (result.thresholds.tau_low, result.thresholds.tau_high):
+        ax_scatter.axhline(tau, color="grey", lw=0.8, ls="--")
+        ax_hist.axvline(tau, color="grey", lw=0.8, ls="--")
+    ax_scatter.set(xlabel="phi_a (pre-sample accuracy)", ylabel="phi_r (mean min-step PRM score)", title=f"round {result.iteration}")
+    ax_hist.set(xlabel="phi_r", ylabel="problems", title="phi_r by class")
+    ax_scatter.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = directory / ".difficulty.png.tmp"
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    tmp.replace(directory / "difficulty.png")

@@ -196,16 +196,23 @@ def test_engine_from_yaml_class_path():
 
 
 @pytest.mark.parametrize("name", ["hf", "vllm"])
-def test_shipped_engine_configs_parse(name):
-    """configs/engine/*.yaml build their engine (VLLMEngine's constructor needs no vllm)."""
+def test_shipped_engine_configs_build_through_the_cli(name, tmp_path):
+    """configs/engine/*.yaml give the self-training callback its engine (VLLMEngine's
+    constructor needs no vllm)."""
     import pathlib
 
-    jsonargparse = pytest.importorskip("jsonargparse")
-    parser = jsonargparse.ArgumentParser()
-    parser.add_argument("--engine", type=RolloutEngine)  # as the CLI types it
-    path = pathlib.Path(__file__).parents[1] / "configs" / "engine" / f"{name}.yaml"
-    engine = parser.instantiate(parser.parse_path(path)).engine
-    assert type(engine).__name__ == ("HFEngine" if name == "hf" else "VLLMEngine")
+    from hs_star_pl.callback import SelfTrainingCallback
+    from hs_star_pl.cli import HSStarCLI
+
+    configs = pathlib.Path(__file__).parents[1] / "configs"
+    cli = HSStarCLI(
+        args=["-c", str(configs / "base.yaml"), "-c", str(configs / "debug" / "tiny_cpu.yaml"),
+              "-c", str(configs / "engine" / f"{name}.yaml"),
+              f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"],
+        run=False,
+    )
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, SelfTrainingCallback)]
+    assert type(callback.engine).__name__ == ("HFEngine" if name == "hf" else "VLLMEngine")
 
 
 def test_vllm_engine_without_vllm_names_the_extra():
@@ -273,3 +280,21 @@ def test_checkpoint_generation_config_does_not_leak(engine, model, tokenizer):
         handle.remove()
     assert all(c.n_tokens == 0 for v in out.values() for c in v)
     assert model.generation_config is saved
+
+
+def test_request_seed_scope_makes_samples_independent_of_the_other_prompts():
+    """With seed_scope=request a prompt's samples do not depend on which prompts share the
+    call, which is what lets a round sharded over ranks match a one-process round."""
+    tok = build_byte_tokenizer()
+    model = build_tiny_causal_lm(tok, seed=1)
+    engine = HFEngine(batch_size=4, progress=False, seed_scope="request").bind(model, tok)
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, seed=5)
+    a = GenerationRequest("a", "Start with 3.", 3)
+    b = GenerationRequest("b", "Start with 12. Add 7.", 5)
+    c = GenerationRequest("c", "Q", 2)
+    together = engine.generate([a, b, c], params)
+    assert engine.generate([b], params)["b"] == together["b"]
+    assert engine.generate([c, a], params)["a"] == together["a"]
+    assert engine.generate([b], SamplingParams(temperature=1.0, max_new_tokens=8, seed=6))["b"] != together["b"]
+    with pytest.raises(ValueError, match="seed_scope must be 'batch' or 'request'"):
+        HFEngine(seed_scope="global")

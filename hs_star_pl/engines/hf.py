@@ -24,13 +24,13 @@ is ignored, and ``top_k`` is off, as in vLLM. Only its extra EOS ids are kept.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from hs_star_pl.engines.common import check_requests, find_stop
+from hs_star_pl.engines.common import check_requests, find_stop, request_seed
 from hs_star_pl.protocols import Completion, GenerationRequest, SamplingParams
 
 
@@ -40,13 +40,22 @@ class HFEngine:
     Args:
         batch_size: sequences per ``generate`` call (prompt copies count separately).
         progress: show a tqdm bar over sequences.
+        seed_scope: ``batch`` (fastest): batches mix prompts, sorted by length, each seeded
+            from (seed, batch index), so a prompt's samples depend on the other prompts in
+            the call. ``request``: each prompt's copies are generated on their own, seeded
+            from (seed, key), so its samples are the same whichever prompts share the call
+            (and so however many ranks the round is sharded over), at the cost of smaller
+            batches. vLLM always seeds per request.
     """
 
-    def __init__(self, batch_size: int = 64, progress: bool = True) -> None:
+    def __init__(self, batch_size: int = 64, progress: bool = True, seed_scope: Literal["batch", "request"] = "batch") -> None:
         if batch_size < 1:
             raise ValueError(f"engine.init_args.batch_size must be >= 1, got {batch_size}")
+        if seed_scope not in ("batch", "request"):
+            raise ValueError(f"engine.init_args.seed_scope must be 'batch' or 'request', got {seed_scope!r}")
         self.batch_size = batch_size
         self.progress = progress
+        self.seed_scope = seed_scope
         self.model: Any = None
         self.tokenizer: Any = None
 
@@ -119,8 +128,7 @@ class HFEngine:
         model.generation_config = GenerationConfig()
         model.eval()
         try:
-            for b, start in enumerate(range(0, len(items), self.batch_size)):
-                batch = items[start : start + self.batch_size]
+            for batch, seed in self._batches(items, params.seed):
                 seqs = [prompt_ids[key] for _, key, _ in batch]
                 width = max(len(s) for s in seqs)
                 input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -130,7 +138,7 @@ class HFEngine:
                     attention_mask[row, width - len(s) :] = 1
                 devices = [device] if device.type == "cuda" else []
                 with torch.random.fork_rng(devices=devices):
-                    torch.manual_seed(params.seed * 1_000_003 + b)
+                    torch.manual_seed(seed)
                     out = model.generate(
                         input_ids=input_ids.to(device),
                         attention_mask=attention_mask.to(device),
@@ -149,6 +157,20 @@ class HFEngine:
         for key, got in slots.items():
             results[key] = [c for c in got if c is not None]
         return results
+
+    def _batches(self, items: list[tuple[int, str, int]], seed: int):
+        """``(batch, seed)`` pairs over the sorted ``(length, key, copy)`` items (see ``seed_scope``)."""
+        if self.seed_scope == "batch":
+            for b, start in enumerate(range(0, len(items), self.batch_size)):
+                yield items[start : start + self.batch_size], seed * 1_000_003 + b
+            return
+        by_key: dict[str, list[tuple[int, str, int]]] = {}
+        for item in items:
+            by_key.setdefault(item[1], []).append(item)
+        for key in sorted(by_key):
+            copies = by_key[key]
+            for c, start in enumerate(range(0, len(copies), self.batch_size)):
+                yield copies[start : start + self.batch_size], request_seed(seed, f"{key}#{c}")
 
     def _generation_config(self, params: SamplingParams) -> GenerationConfig:
         eos = self.eos_token_ids()

@@ -111,3 +111,18 @@ def test_sigkill_and_resume_reproduce_an_uninterrupted_run(tiny_m0, tmp_path):
                 b = (round_dir(resumed, t) / name).read_text()
                 assert a == b, f"{resumed.name}: round {t} {name} differs from the uninterrupted run"
         assert not list(resumed.rglob("*.tmp")), "a temporary file was left behind"
+
+
+def test_a_round_sharded_over_two_ddp_processes_matches_one_process(tiny_m0, tmp_path):
+    """DDP over gloo on 2 CPU processes: each rank samples half the problems; the gathered
+    round (ledger, rollouts, difficulty, pairs) is the one-process round, byte for byte."""
+    m0, problems = tiny_m0
+    one_iteration = ["--self_training.n_iterations=1", "--trainer.max_epochs=1",
+                     "--self_training.engine.init_args.seed_scope=request"]
+    single, double = tmp_path / "one", tmp_path / "two"
+    complete(self_training_args(single, m0, problems, *one_iteration), tmp_path)
+    complete(self_training_args(double, m0, problems, *one_iteration, "--trainer.strategy=ddp",
+                                "--trainer.devices=2", "--trainer.accelerator=cpu"), tmp_path)
+    assert json.loads((round_dir(double, 0) / "summary.json").read_text())["world_size"] == 2
+    for name in ("ledger.json", "rollouts.jsonl", "difficulty.jsonl", "pairs.jsonl"):
+        assert (round_dir(single, 0) / name).read_text() == (round_dir(double, 0) / name).read_text(), name

@@ -24,7 +24,6 @@ computed shard-wise and gathered, and rank 0 writes the artifacts behind a barri
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -36,12 +35,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from hs_star_pl.artifacts import RoundStore, is_complete, read_round, round_dir, write_examples, write_json, write_round
+from hs_star_pl.artifacts import RoundStore, is_complete, read_round, round_dir, write_round
 from hs_star_pl.budget import BudgetAllocator, HierarchicalBudget
 from hs_star_pl.difficulty import DifficultyConfig
 from hs_star_pl.problems import ProblemPool, load_problems
 from hs_star_pl.protocols import AnswerVerifier, ProcessRewardModel, RolloutEngine, SamplingParams
-from hs_star_pl.records import PreferencePair, ScoredRollout
+from hs_star_pl.records import PreferencePair
 from hs_star_pl.rounds import RoundConfig, RoundResult, run_round
 from hs_star_pl.selection import SelectionConfig
 from hs_star_pl.steps import DEFAULT_STEP_DELIMITER
@@ -212,7 +211,8 @@ class SelfTrainingCallback(L.Callback):
         module = trainer.lightning_module
         datamodule = trainer.datamodule
         started = time.perf_counter()
-        self._prepare_engine(trainer, module, iteration)
+        canary = self._prepare_engine(trainer, module, iteration)
+        seconds_sync = time.perf_counter() - started
         template = datamodule.template
         result = run_round(
             self._pool.draw(iteration),
@@ -230,7 +230,10 @@ class SelfTrainingCallback(L.Callback):
         )
         if hasattr(self.engine, "sleep"):
             self.engine.sleep()
-        extra: dict[str, Any] = {"world_size": trainer.world_size}
+        extra: dict[str, Any] = {"world_size": trainer.world_size, "seconds_engine_sync": seconds_sync}
+        if canary is not None:  # the engine's log-probs vs the trainer's after the weight sync
+            extra["canary_mean_abs_logprob_diff"] = canary.mean_abs_diff
+            extra["canary_max_abs_logprob_diff"] = canary.max_abs_diff
         if result.examples and isinstance(result.examples[0], PreferencePair):
             ref_started = time.perf_counter()
             result.examples = self._reference_logps(trainer, module, datamodule, result.examples)
@@ -244,22 +247,23 @@ class SelfTrainingCallback(L.Callback):
         rank_zero_info(f"round {iteration}: {json.dumps({k: v for k, v in result.summary().items() if k != 'seconds'})}")
         return result
 
-    def _prepare_engine(self, trainer: L.Trainer, module: L.LightningModule, iteration: int) -> None:
-        """Point the engine at the current policy M_t."""
+    def _prepare_engine(self, trainer: L.Trainer, module: L.LightningModule, iteration: int) -> Any:
+        """Point the engine at the current policy M_t; returns the engine's canary report, if any."""
         engine = self.engine
         if hasattr(engine, "wake_up"):
             engine.wake_up()
         if hasattr(engine, "bind"):  # in-process engines sample from the policy itself
             engine.bind(module.model, module.tokenizer)
-        elif hasattr(engine, "sync_weights"):
-            if getattr(engine, "llm", None) is None:
+            return None
+        if hasattr(engine, "sync_weights"):
+            if getattr(engine, "llm", None) is None:  # first round: start on M_t's weights
                 path = Path(trainer.default_root_dir) / "hf" / f"rollout_policy_{iteration:03d}"
                 from hs_star_pl.export import export_hf
 
                 export_hf(module, path)
-                engine.load_from_dir(path, reference_model=module.model)
-            else:
-                engine.sync_weights(module.model)
+                return engine.load_from_dir(path, reference_model=module.model)
+            return engine.sync_weights(module.model)
+        return None
 
     def _reference_logps(self, trainer, module, datamodule, pairs: list[PreferencePair]) -> list[PreferencePair]:
         """Reference log-probs under M_t, computed shard-wise and gathered."""
@@ -290,6 +294,11 @@ class SelfTrainingCallback(L.Callback):
                 logger.log_metrics(metrics, step=trainer.global_step)
         entry = {"iteration": result.iteration, "directory": str(directory), **summary}
         self.history = [h for h in self.history if h["iteration"] != result.iteration] + [entry]
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.active and self.plots and trainer.is_global_zero:
+            _plot_history(self.rounds_root(trainer) / "rounds", self.history)
 
     # -- checkpoint state (small, plain, versioned; the disk stays the truth) ----------------
 
@@ -322,15 +331,49 @@ def _all_gather(trainer: L.Trainer, obj: list) -> list[list]:
     return out
 
 
-def _plot_round(directory: Path, result: RoundResult) -> None:
-    """``difficulty.png``: phi_a and phi_r of every problem, coloured by class."""
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log.info("matplotlib not installed: no round plot (pip install hs-star-pl[plots])")
+        log.info("matplotlib not installed: no plots (pip install hs-star-pl[plots])")
+        return None
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    tmp.replace(path)
+
+
+def _plot_history(directory: Path, history: list[dict[str, Any]]) -> None:
+    """``rounds/accuracy.png``: pre-sample accuracy and class counts by iteration."""
+    plt = _pyplot()
+    if plt is None or not history:
+        return
+    rows = sorted(history, key=lambda h: h["iteration"])
+    its = [h["iteration"] for h in rows]
+    fig, (ax_acc, ax_cls) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_acc.plot(its, [h["presample_accuracy"] for h in rows], marker="o")
+    ax_acc.set(xlabel="iteration", ylabel="pre-sample accuracy", title="policy M_t on its round's problems", ylim=(0, 1))
+    for cls, color in (("inlier", "tab:green"), ("boundary", "tab:orange"), ("outlier", "tab:red")):
+        ax_cls.plot(its, [h[f"n_{cls}"] for h in rows], marker="o", color=color, label=cls)
+    ax_cls.set(xlabel="iteration", ylabel="problems", title="difficulty classes")
+    ax_cls.legend(fontsize=8)
+    for ax in (ax_acc, ax_cls):
+        ax.set_xticks(its)
+    fig.tight_layout()
+    _save(fig, directory / "accuracy.png")
+    plt.close(fig)
+
+
+def _plot_round(directory: Path, result: RoundResult) -> None:
+    """``difficulty.png``: phi_a and phi_r of every problem, coloured by class."""
+    plt = _pyplot()
+    if plt is None:
         return
     colors = {"inlier": "tab:green", "boundary": "tab:orange", "outlier": "tab:red"}
     fig, (ax_scatter, ax_hist) = plt.subplots(1, 2, figsize=(10, 4))
@@ -347,7 +390,5 @@ def _plot_round(directory: Path, result: RoundResult) -> None:
     ax_hist.set(xlabel="phi_r", ylabel="problems", title="phi_r by class")
     ax_scatter.legend(fontsize=8)
     fig.tight_layout()
-    tmp = directory / ".difficulty.png.tmp"
-    fig.savefig(tmp, format="png", dpi=100)
+    _save(fig, directory / "difficulty.png")
     plt.close(fig)
-    tmp.replace(directory / "difficulty.png")

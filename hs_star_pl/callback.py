@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from hs_star_pl.artifacts import RoundStore, is_complete, read_round, round_dir, write_round
 from hs_star_pl.budget import BudgetAllocator, HierarchicalBudget
 from hs_star_pl.difficulty import DifficultyConfig
+from hs_star_pl.distributed import all_gather_objects
 from hs_star_pl.problems import ProblemPool, load_problems
 from hs_star_pl.protocols import AnswerVerifier, ProcessRewardModel, RolloutEngine, SamplingParams
 from hs_star_pl.records import PreferencePair
@@ -226,7 +226,7 @@ class SelfTrainingCallback(L.Callback):
             seed=self.seed,
             store=RoundStore(directory),
             shard=(trainer.global_rank, trainer.world_size),
-            gather=lambda mine: _all_gather(trainer, mine),
+            gather=lambda mine: all_gather_objects(trainer.world_size, mine),
         )
         if hasattr(self.engine, "sleep"):
             self.engine.sleep()
@@ -271,7 +271,7 @@ class SelfTrainingCallback(L.Callback):
         mine = module.compute_reference_logps(
             pairs[rank::world], max_length=datamodule.max_length, batch_size=datamodule.ref_batch_size
         )
-        parts = _all_gather(trainer, mine)
+        parts = all_gather_objects(trainer.world_size, mine)
         out = list(pairs)
         for r, part in enumerate(parts):
             out[r::world] = part
@@ -320,15 +320,6 @@ class SelfTrainingCallback(L.Callback):
                 f"self_training.seed is {self.seed} but the checkpoint was made with {saved_seed}: "
                 "rounds already on disk keep their old draws, new rounds use the new seed"
             )
-
-
-def _all_gather(trainer: L.Trainer, obj: list) -> list[list]:
-    """All-gather a picklable object from every rank (``[obj]`` on one process)."""
-    if trainer.world_size == 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return [obj]
-    out: list = [None] * trainer.world_size
-    torch.distributed.all_gather_object(out, obj)
-    return out
 
 
 def _pyplot():

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hs_star_pl.callback import SelfTrainingCallback
 from hs_star_pl.cli import HSStarCLI
 from hs_star_pl.data import MathDataModule
+from hs_star_pl.eval_callback import EvaluationCallback
 from hs_star_pl.export import HFExportCallback
 from hs_star_pl.module import HSStarModule
 from hs_star_pl.templates import render_prompt
@@ -79,9 +80,9 @@ def test_help_lists_every_option_with_its_docstring(capsys):
         HSStarCLI(args=["fit", "--help"])
     assert exit_info.value.code == 0
     text = re.sub(r"\s+", " ", capsys.readouterr().out)
-    linked = {"export.epochs_per_iteration"}  # follows self_training.epochs_per_iteration
+    linked = {"export.epochs_per_iteration", "evaluation.epochs_per_iteration"}  # follow self_training's
     groups = (("model", HSStarModule), ("data", MathDataModule), ("export", HFExportCallback),
-              ("self_training", SelfTrainingCallback))
+              ("self_training", SelfTrainingCallback), ("evaluation", EvaluationCallback))
     for group, cls in groups:
         for name in inspect.signature(cls.__init__).parameters:
             if name == "self" or f"{group}.{name}" in linked:
@@ -91,6 +92,7 @@ def test_help_lists_every_option_with_its_docstring(capsys):
     assert "DPO KL strength (IPO's tau)." in text
     assert "prompt template name (``hs_star_pl.templates``) used to render questions." in text
     assert "training epochs per iteration (paper: 1)." in text
+    assert "--stepwise_init" in text and "M_0 is trained once, then reused" in text
     assert "the problem pool (JSONL, ``problems.load_problems`` format)." in text
 
 

@@ -145,3 +145,43 @@ def test_two_iterations_with_the_vllm_engine(tiny_m0, tmp_path):
         assert summary["samples_total"] == summary["budget_total"] == 96
         assert summary["canary_mean_abs_logprob_diff"] < 0.02  # the engine samples from M_t
     assert (run / "hf" / "rollout_policy_000" / "model.safetensors").is_file()
+
+
+def test_the_demo_command_bootstraps_m0_then_self_trains_and_evaluates(tmp_path):
+    """``hs-star fit -c configs/tiny/hs_star.yaml`` shrunk to under a minute: M_0 is trained by
+    the step-wise init fit it names (here on easy chains, a smaller model), installed, then 3
+    iterations run with a held-out evaluation of M_0..M_3 and a results table."""
+    from tests.helpers.self_training import EASY
+    from hs_star_pl.tasks.arithmetic import write_split
+
+    train, test = write_split(tmp_path / "data", 300, 30, seed=0, config=EASY)
+    small_init = tmp_path / "small_init.yaml"
+    small_init.write_text(
+        f"trainer:\n  max_epochs: 25\n"
+        f"model:\n  tiny:\n    hidden_size: 64\n    num_hidden_layers: 2\n    num_attention_heads: 2\n"
+        f"data:\n  problems_file: {train}\n  max_length: 128\n  batch_size: 16\n"
+    )
+    run, m0 = tmp_path / "run", tmp_path / "m0"
+    args = [
+        "fit", "-c", str(CONFIGS / "tiny" / "hs_star.yaml"),
+        f"--stepwise_init=[{CONFIGS / 'base.yaml'}, {CONFIGS / 'tiny' / 'stepwise_init.yaml'}, {small_init}]",
+        f"--model.model_path={m0}",
+        f"--self_training.problems_file={train}", "--self_training.problems_per_iteration=24",
+        "--self_training.sampling.max_new_tokens=64",
+        f"--evaluation.problems_file={test}", "--evaluation.max_new_tokens=64",
+        f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={run}",
+    ]
+    complete(args, tmp_path)
+    assert (m0 / "model.safetensors").is_file() and (m0 / "tokenizer.json").is_file()
+    assert completed_rounds(run) == [0, 1, 2]
+    evals = sorted((run / "eval" / "test").glob("policy_*.json"))
+    assert [p.name for p in evals] == [f"policy_{t:03d}.json" for t in range(4)]
+    first = json.loads(evals[0].read_text())
+    assert first["summary"]["n_problems"] == 30 and len(first["rows"]) == 30
+    table = (run / "results.md").read_text().splitlines()
+    assert [line.split("|")[1].strip() for line in table[4:]] == ["M_0", "M_1", "M_2", "M_3"]
+    # a second run reuses the installed M_0 instead of training it again
+    mtime = (m0 / "model.safetensors").stat().st_mtime_ns
+    complete(args[:-2] + [f"--trainer.default_root_dir={tmp_path / 'again'}", f"--trainer.logger.init_args.save_dir={tmp_path / 'again'}",
+                          "--self_training.n_iterations=1", "--trainer.max_epochs=1"], tmp_path)
+    assert (m0 / "model.safetensors").stat().st_mtime_ns == mtime

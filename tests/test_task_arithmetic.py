@@ -73,3 +73,17 @@ def test_too_small_a_space_and_bad_knobs_are_errors():
         ArithmeticTaskConfig(operations=("power",))
     with pytest.raises(ValueError, match="task.min_steps/max_steps"):
         ArithmeticTaskConfig(min_steps=4, max_steps=2)
+
+
+def test_shipped_demo_data_is_what_the_generator_writes():
+    """data/tiny/*.jsonl must be regenerable: python -m hs_star_pl.tasks.tiny_demo --out data/tiny."""
+    from pathlib import Path
+
+    from hs_star_pl.tasks import tiny_demo
+
+    shipped = Path(__file__).parents[1] / "data" / "tiny"
+    built = tiny_demo.build()
+    for name, problems in built.items():
+        assert load_problems(shipped / f"{name}.jsonl") == problems, name
+    questions = [{p.question for p in built[n]} for n in ("sft", "pool", "test")]
+    assert not questions[0] & questions[2] and not questions[1] & questions[2] and not questions[0] & questions[1]

@@ -38,11 +38,16 @@ class SelectionConfig:
             ``inlier``, ``boundary``, ``outlier`` (paper: ``[boundary]``).
         objective: ``dpo`` builds preference pairs, ``sft`` builds RFT-style examples.
         max_sft_per_problem: cap on SFT examples per problem (``objective: sft``).
+        min_chosen_prm: when set, a correct response is eligible as *chosen* (or as an SFT
+            example) only if its process reward (min step score) is at least this. The
+            paper's rule (unset) uses the PRM only to rank; with a weak policy many correct
+            answers are reached through wrong steps, and pairs then reward those steps.
     """
 
     train_classes: tuple[str, ...] = ("boundary",)
     objective: Objective = "dpo"
     max_sft_per_problem: int = 4
+    min_chosen_prm: float | None = None
 
     def __post_init__(self) -> None:
         classes = tuple(self.train_classes)
@@ -56,6 +61,8 @@ class SelectionConfig:
             raise ValueError(f"selection.objective must be 'dpo' or 'sft', got {self.objective!r}")
         if self.max_sft_per_problem < 1:
             raise ValueError(f"selection.max_sft_per_problem must be >= 1, got {self.max_sft_per_problem}")
+        if self.min_chosen_prm is not None and not 0.0 <= self.min_chosen_prm <= 1.0:
+            raise ValueError(f"selection.min_chosen_prm must be in [0, 1], got {self.min_chosen_prm}")
 
 
 def _by_reward(rollouts: Iterable[ScoredRollout]) -> list[ScoredRollout]:
@@ -66,8 +73,14 @@ def _by_reward(rollouts: Iterable[ScoredRollout]) -> list[ScoredRollout]:
     )
 
 
+def _eligible_chosen(r: ScoredRollout, min_chosen_prm: float | None) -> bool:
+    if r.correct is not True:
+        return False
+    return min_chosen_prm is None or (r.prm_min is not None and r.prm_min >= min_chosen_prm)
+
+
 def build_pairs_for_problem(
-    prompt: str, rollouts: Sequence[ScoredRollout], rng: random.Random
+    prompt: str, rollouts: Sequence[ScoredRollout], rng: random.Random, min_chosen_prm: float | None = None
 ) -> list[PreferencePair]:
     """The DPO pairs of one problem (rule in the module docstring).
 
@@ -77,7 +90,7 @@ def build_pairs_for_problem(
     >>> [(p.chosen, p.rejected) for p in pairs]
     [('t0', 't2')]
     """
-    correct = _by_reward(r for r in rollouts if r.correct is True)
+    correct = _by_reward(r for r in rollouts if _eligible_chosen(r, min_chosen_prm))
     wrong = _by_reward(r for r in rollouts if r.correct is False)
     k = min(len(correct), len(wrong))
     if k == 0:
@@ -104,11 +117,13 @@ def build_pairs_for_problem(
     return pairs
 
 
-def build_sft_for_problem(prompt: str, rollouts: Sequence[ScoredRollout], max_per_problem: int) -> list[SftExample]:
+def build_sft_for_problem(
+    prompt: str, rollouts: Sequence[ScoredRollout], max_per_problem: int, min_chosen_prm: float | None = None
+) -> list[SftExample]:
     """Distinct correct responses, best process reward first, at most ``max_per_problem``."""
     out: list[SftExample] = []
     seen: set[str] = set()
-    for r in _by_reward(r for r in rollouts if r.correct is True):
+    for r in _by_reward(r for r in rollouts if _eligible_chosen(r, min_chosen_prm)):
         key = r.text.strip()
         if key in seen:
             continue
@@ -144,8 +159,10 @@ def select_training_data(
             continue
         prompt = render_prompt(problem)
         if config.objective == "dpo":
-            examples.extend(build_pairs_for_problem(prompt, grouped[problem.id], rng))
+            examples.extend(build_pairs_for_problem(prompt, grouped[problem.id], rng, config.min_chosen_prm))
         else:
-            examples.extend(build_sft_for_problem(prompt, grouped[problem.id], config.max_sft_per_problem))
+            examples.extend(
+                build_sft_for_problem(prompt, grouped[problem.id], config.max_sft_per_problem, config.min_chosen_prm)
+            )
     rng.shuffle(examples)
     return examples

@@ -96,3 +96,17 @@ def test_train_classes_pick_the_split():
 def test_bad_selection_config_names_the_key(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SelectionConfig(**kwargs)
+
+
+def test_min_chosen_prm_keeps_lucky_answers_out_of_chosen():
+    """Correct .9 and .0 (a right answer through a failed step), wrong .4 and .3. The paper's
+    rule pairs both correct ones (k = 2); with min_chosen_prm=0.5 only the .9 one is eligible,
+    k = 1, and it meets the best wrong response."""
+    rollouts = [r("p", 0, True, .9), r("p", 1, True, 0.0), r("p", 2, False, .4), r("p", 3, False, .3)]
+    assert len(build_pairs_for_problem("P", rollouts, random.Random(0))) == 2
+    pairs = build_pairs_for_problem("P", rollouts, random.Random(0), min_chosen_prm=0.5)
+    assert [(p.chosen, p.rejected) for p in pairs] == [("p-0", "p-2")]
+    sft = build_sft_for_problem("P", rollouts, max_per_problem=4, min_chosen_prm=0.5)
+    assert [e.response for e in sft] == ["p-0"]
+    with pytest.raises(ValueError, match=r"selection.min_chosen_prm must be in \[0, 1\]"):
+        SelectionConfig(min_chosen_prm=1.5)

@@ -110,7 +110,8 @@ class EvaluationCallback(L.Callback):
             render_prompt=lambda p: render_prompt(template, p.question),
             params=SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=self.max_new_tokens),
         )
-        result = _merge(all_gather_objects(world, mine))
+        parts = all_gather_objects(world, mine)
+        result = EvalResult.from_rows([r for part in parts for r in part.rows], mine.n_samples)
         entry = {"policy": policy, "name": self.name, "problems_file": self.problems_file, "summary": result.summary()}
         if trainer.is_global_zero:
             write_json(path, {**entry, "rows": result.rows})
@@ -133,15 +134,3 @@ class EvaluationCallback(L.Callback):
         text = f"# Results: {self.name} ({self.problems_file})\n\n" + results_table(entries)
         atomic_write_text(Path(trainer.default_root_dir) / "results.md", text)
 
-
-def _merge(parts: list[EvalResult]) -> EvalResult:
-    rows = [r for part in parts for r in part.rows]
-    tokens = [float(n) for r in rows for n in r["n_tokens"]]
-    return EvalResult(
-        accuracy=sum(r["accuracy"] for r in rows) / len(rows) if rows else 0.0,
-        n_problems=len(rows),
-        n_samples=parts[0].n_samples,
-        n_ungradeable=sum(p.n_ungradeable for p in parts),
-        mean_tokens=sum(tokens) / len(tokens) if tokens else None,
-        rows=rows,
-    )

@@ -38,6 +38,18 @@ class EvalResult:
     mean_tokens: float | None
     rows: list[dict[str, Any]]
 
+    @classmethod
+    def from_rows(cls, rows: list[dict[str, Any]], n_samples: int) -> EvalResult:
+        """Aggregate per-problem rows (also rows gathered from several ranks)."""
+        return cls(
+            accuracy=math.fsum(r["accuracy"] for r in rows) / len(rows) if rows else 0.0,
+            n_problems=len(rows),
+            n_samples=n_samples,
+            n_ungradeable=sum(v is None for r in rows for v in r["correct"]),
+            mean_tokens=mean_or_none([float(n) for r in rows for n in r["n_tokens"]]),
+            rows=rows,
+        )
+
     def summary(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("accuracy", "n_problems", "n_samples", "n_ungradeable", "mean_tokens")}
 
@@ -73,14 +85,7 @@ def evaluate(
                 "accuracy": sum(v is True for v in mine) / len(mine),
             }
         )
-    return EvalResult(
-        accuracy=math.fsum(r["accuracy"] for r in rows) / len(rows) if rows else 0.0,
-        n_problems=len(rows),
-        n_samples=n_samples,
-        n_ungradeable=sum(v is None for v in verdicts),
-        mean_tokens=mean_or_none([float(n) for r in rows for n in r["n_tokens"]]),
-        rows=rows,
-    )
+    return EvalResult.from_rows(rows, n_samples)
 
 
 def results_table(entries: Sequence[dict[str, Any]]) -> str:

@@ -5,6 +5,7 @@ Run: ``PYTHONPATH=$PWD python -m pytest tests/test_engines.py``
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
@@ -80,24 +81,27 @@ def test_greedy_copies_are_identical(engine):
     assert len(set(texts(out)["g"])) == 1
 
 
-def test_max_new_tokens_gives_length(engine, model, tokenizer):
+@contextlib.contextmanager
+def eos_logit(model, tokenizer, value: float):
+    """Set the LM head's EOS logit to ``value`` (1e4: always next; -1e4: never)."""
     eos = tokenizer.eos_token_id
-    handle = model.lm_head.register_forward_hook(lambda m, i, o: o.index_fill(-1, torch.tensor([eos]), -1e4))
+    handle = model.lm_head.register_forward_hook(lambda m, i, o: o.index_fill(-1, torch.tensor([eos]), value))
     try:
-        out = engine.generate(REQUESTS, SamplingParams(temperature=1.0, max_new_tokens=7, seed=1))
+        yield
     finally:
         handle.remove()
+
+
+def test_max_new_tokens_gives_length(engine, model, tokenizer):
+    with eos_logit(model, tokenizer, -1e4):  # EOS never sampled
+        out = engine.generate(REQUESTS, SamplingParams(temperature=1.0, max_new_tokens=7, seed=1))
     for c in [c for v in out.values() for c in v]:
         assert (c.finish_reason, c.n_tokens) == ("length", 7)
 
 
 def test_eos_stops_immediately_with_empty_text(engine, model, tokenizer):
-    eos = tokenizer.eos_token_id
-    handle = model.lm_head.register_forward_hook(lambda m, i, o: o.index_fill(-1, torch.tensor([eos]), 1e4))
-    try:
+    with eos_logit(model, tokenizer, 1e4):
         out = engine.generate(REQUESTS, PARAMS)
-    finally:
-        handle.remove()
     for c in [c for v in out.values() for c in v]:
         assert (c.text, c.finish_reason, c.n_tokens) == ("", "stop", 0)
 
@@ -266,12 +270,8 @@ def test_checkpoint_generation_config_does_not_leak(engine, model, tokenizer):
     model.generation_config.min_new_tokens = 5
     model.generation_config.repetition_penalty = 3.0
     saved = model.generation_config
-    eos = tokenizer.eos_token_id
-    handle = model.lm_head.register_forward_hook(lambda m, i, o: o.index_fill(-1, torch.tensor([eos]), 1e4))
-    try:
+    with eos_logit(model, tokenizer, 1e4):
         out = engine.generate(REQUESTS, PARAMS)
-    finally:
-        handle.remove()
     assert all(c.n_tokens == 0 for v in out.values() for c in v)
     assert model.generation_config is saved
 

@@ -1,0 +1,1 @@
+"""Experiment drivers built on the ``hs-star`` CLI (method comparisons over seeds)."""

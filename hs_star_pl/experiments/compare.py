@@ -1,0 +1,277 @@
+"""Compare self-training methods over seeds, from one M_0, at equal sampling budget.
+
+    python -m hs_star_pl.experiments.compare                      # the tiny demo's methods
+    python -m hs_star_pl.experiments.compare --seeds 0 1 2 --methods hs_star uniform
+    python -m hs_star_pl.experiments.compare --report-only        # tables from finished runs
+    python -m hs_star_pl.experiments.compare --seeds 0 --self_training.problems_per_iteration=100
+
+Arguments of the form ``--dotted.key=value`` that are not the comparison's own go to every
+``hs-star fit`` (after the method's overlay, so they win).
+
+Each *method* is a config overlay (``configs/tiny/methods/<name>.yaml``) applied on top of
+the base config (``configs/tiny/hs_star.yaml``); ``hs_star`` is the base itself. Every
+(method, seed) pair is one ``hs-star fit`` in its own process, into
+``<out>/<method>/seed_<s>/``, with ``seed_everything`` and ``self_training.seed`` set to the
+seed. All runs share the base config's ``model.model_path`` (M_0 is trained once by the first
+run if missing). A run whose last evaluation is on disk is not run again, so a killed
+comparison resumes where it stopped (an unfinished run continues from ``--ckpt_path last``).
+
+Written to ``<out>``: ``comparison.md`` (test accuracy per iteration, mean and standard
+deviation over seeds; DPO pairs per 1000 rollouts; the share of samples spent on each
+difficulty class), ``comparison.json`` (every number behind it, per run) and
+``comparison.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+BASE_CONFIG = Path("configs/tiny/hs_star.yaml")
+METHODS_DIR = Path("configs/tiny/methods")
+CLASSES = ("inlier", "boundary", "outlier")
+
+
+@dataclass
+class RunResult:
+    """What one (method, seed) run left on disk."""
+
+    method: str
+    seed: int
+    accuracy: list[float]  # M_0..M_T on the evaluation set
+    pairs: list[int]  # DPO pairs (or SFT examples) per round
+    samples: list[int]  # rollouts spent per round
+    samples_per_class: dict[str, int] = field(default_factory=dict)  # summed over rounds
+    seconds: float | None = None
+
+    @property
+    def pairs_per_1000(self) -> float:
+        return 1000.0 * sum(self.pairs) / max(sum(self.samples), 1)
+
+
+def method_paths(methods_dir: Path, names: Sequence[str] | None) -> dict[str, Path | None]:
+    """``{name: overlay}`` (``None`` for ``hs_star``, the base config itself)."""
+    available = {p.stem: p for p in sorted(methods_dir.glob("*.yaml"))}
+    if names is None:
+        return {"hs_star": None, **{n: p for n, p in available.items() if n != "hs_star"}}
+    unknown = [n for n in names if n != "hs_star" and n not in available]
+    if unknown:
+        raise SystemExit(
+            f"--methods: unknown {unknown}; available: {['hs_star', *sorted(available)]} (files in {methods_dir})"
+        )
+    return {n: available.get(n) for n in names}
+
+
+def run_dir(out: Path, method: str, seed: int) -> Path:
+    return out / method / f"seed_{seed}"
+
+
+def n_iterations(config: Path, fit_args: Sequence[str]) -> int:
+    """Iterations per run: the last ``--self_training.n_iterations=`` in ``fit_args``, else the base config's."""
+    for arg in reversed(fit_args):
+        if arg.startswith("--self_training.n_iterations="):
+            return int(arg.split("=", 1)[1])
+    with open(config) as f:
+        cfg = yaml.safe_load(f)
+    try:
+        return int(cfg["self_training"]["n_iterations"])
+    except (KeyError, TypeError) as err:
+        raise SystemExit(f"{config}: self_training.n_iterations is required for a comparison") from err
+
+
+def collect(directory: Path, method: str, seed: int) -> RunResult | None:
+    """Read a finished or partial run; ``None`` when it has no evaluation yet."""
+    evals = sorted(directory.glob("eval/*/policy_*.json"))
+    if not evals:
+        return None
+    names = sorted({p.parent.name for p in evals})
+    if len(names) > 1:
+        raise SystemExit(f"{directory}/eval holds several evaluation sets {names}; compare needs one")
+    accuracy = [json.loads(p.read_text())["summary"]["accuracy"] for p in evals]
+    pairs, samples, per_class = [], [], dict.fromkeys(CLASSES, 0)
+    for summary_path in sorted(directory.glob("rounds/round_*/summary.json")):
+        s = json.loads(summary_path.read_text())
+        pairs.append(int(s["n_pairs"]) + int(s.get("n_sft_examples") or 0))
+        samples.append(int(s["samples_total"]))
+        for c in CLASSES:
+            per_class[c] += int(s["samples_per_class"].get(c, 0))
+    timing = directory / "compare_seconds.txt"
+    seconds = float(timing.read_text()) if timing.exists() else None
+    return RunResult(method, seed, accuracy, pairs, samples, per_class, seconds)
+
+
+def fit_command(
+    base: Path, overlay: Path | None, seed: int, directory: Path, resume: bool, fit_args: Sequence[str] = ()
+) -> list[str]:
+    cmd = [sys.executable, "-m", "hs_star_pl", "fit", "-c", str(base)]
+    if overlay is not None:
+        cmd += ["-c", str(overlay)]
+    cmd += [
+        f"--seed_everything={seed}",
+        f"--self_training.seed={seed}",
+        f"--trainer.default_root_dir={directory}",
+        f"--trainer.logger.init_args.save_dir={directory}",
+        *fit_args,
+    ]
+    if resume:
+        cmd.append("--ckpt_path=last")
+    return cmd
+
+
+def run_one(
+    base: Path, overlay: Path | None, seed: int, directory: Path, expected: int, method: str, fit_args: Sequence[str] = ()
+) -> RunResult:
+    done = collect(directory, method, seed)
+    if done is not None and len(done.accuracy) == expected + 1:
+        print(f"[compare] {method} seed {seed}: done already ({directory})", flush=True)
+        return done
+    resume = (directory / "checkpoints" / "last.ckpt").exists()
+    cmd = fit_command(base, overlay, seed, directory, resume, fit_args)
+    directory.mkdir(parents=True, exist_ok=True)
+    print(f"[compare] {method} seed {seed}: {' '.join(cmd)}", flush=True)
+    started = time.perf_counter()
+    with open(directory / "compare.log", "a") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise SystemExit(
+            f"[compare] {method} seed {seed} failed (exit {proc.returncode}); its output is in {directory / 'compare.log'}. "
+            "Re-running the same command resumes it."
+        )
+    if not resume:
+        (directory / "compare_seconds.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
+    result = collect(directory, method, seed)
+    if result is None or len(result.accuracy) != expected + 1:
+        raise SystemExit(f"[compare] {method} seed {seed} finished without {expected + 1} evaluations in {directory}/eval")
+    return result
+
+
+def _mean_sd(values: Sequence[float]) -> str:
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def report(results: Sequence[RunResult], expected: int) -> str:
+    """The markdown comparison (one row per method; mean ± sd over seeds)."""
+    by_method: dict[str, list[RunResult]] = {}
+    for r in results:
+        by_method.setdefault(r.method, []).append(r)
+    head = ["method", "seeds", *[f"M_{t}" for t in range(expected + 1)], "gain M_0→M_T", "pairs / 1000 rollouts"]
+    head += [f"% samples {c}" for c in CLASSES]
+    lines = ["| " + " | ".join(head) + " |", "| --- | ---: |" + " ---: |" * (len(head) - 2)]
+    for method, runs in by_method.items():
+        row = [method, ",".join(str(r.seed) for r in runs)]
+        for t in range(expected + 1):
+            row.append(_mean_sd([r.accuracy[t] for r in runs if len(r.accuracy) > t]))
+        full = [r for r in runs if len(r.accuracy) == expected + 1]
+        row.append(_mean_sd([r.accuracy[-1] - r.accuracy[0] for r in full]))
+        row.append(f"{statistics.fmean(r.pairs_per_1000 for r in runs):.1f}")
+        total = sum(sum(r.samples_per_class.values()) for r in runs) or 1
+        for c in CLASSES:
+            row.append(f"{100.0 * sum(r.samples_per_class[c] for r in runs) / total:.1f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: Sequence[RunResult], expected: int, path: Path) -> bool:
+    """Accuracy per iteration (mean and range over seeds), pairs per 1000 rollouts, samples per class."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[compare] matplotlib is not installed: no PNG (pip install 'hs-star-pl[plots]')", flush=True)
+        return False
+    by_method: dict[str, list[RunResult]] = {}
+    for r in results:
+        by_method.setdefault(r.method, []).append(r)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    xs = list(range(expected + 1))
+    for method, runs in by_method.items():
+        full = [r for r in runs if len(r.accuracy) == expected + 1]
+        if not full:
+            continue
+        mean = [statistics.fmean(r.accuracy[t] for r in full) for t in xs]
+        low = [min(r.accuracy[t] for r in full) for t in xs]
+        high = [max(r.accuracy[t] for r in full) for t in xs]
+        (line,) = axes[0].plot(xs, mean, marker="o", label=method)
+        axes[0].fill_between(xs, low, high, color=line.get_color(), alpha=0.15)
+    axes[0].set(xlabel="iteration (policy M_t)", ylabel="test accuracy", title="Held-out accuracy (mean, min-max over seeds)")
+    axes[0].set_xticks(xs)
+    axes[0].legend(fontsize=8)
+    names = list(by_method)
+    axes[1].bar(names, [statistics.fmean(r.pairs_per_1000 for r in by_method[n]) for n in names])
+    axes[1].set(title="Training pairs per 1000 rollouts", ylabel="pairs")
+    bottom = [0.0] * len(names)
+    for c in CLASSES:
+        shares = []
+        for n in names:
+            total = sum(sum(r.samples_per_class.values()) for r in by_method[n]) or 1
+            shares.append(100.0 * sum(r.samples_per_class[c] for r in by_method[n]) / total)
+        axes[2].bar(names, shares, bottom=bottom, label=c)
+        bottom = [b + s for b, s in zip(bottom, shares)]
+    axes[2].set(title="Samples spent per difficulty class", ylabel="% of samples")
+    axes[2].legend(fontsize=8)
+    for ax in axes[1:]:
+        ax.tick_params(axis="x", rotation=45, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", type=Path, default=BASE_CONFIG, help="the base run config (default: %(default)s)")
+    parser.add_argument("--methods-dir", type=Path, default=METHODS_DIR, help="overlay folder (default: %(default)s)")
+    parser.add_argument("--methods", nargs="+", default=None, help="names to run (default: hs_star and every overlay)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=Path("checkpoints/tiny/compare"))
+    parser.add_argument("--report-only", action="store_true", help="only tabulate runs already on disk")
+    args, fit_args = parser.parse_known_args(argv)
+    bad = [a for a in fit_args if not (a.startswith("--") and "=" in a)]
+    if bad:
+        parser.error(f"unrecognized arguments {bad}: options for hs-star fit are passed as --dotted.key=value")
+
+    if not args.base.exists():
+        raise SystemExit(f"--base: {args.base} does not exist")
+    methods = method_paths(args.methods_dir, args.methods)
+    expected = n_iterations(args.base, fit_args)
+    results: list[RunResult] = []
+    for seed in args.seeds:  # seed-major: a partial comparison already covers every method
+        for method, overlay in methods.items():
+            directory = run_dir(args.out, method, seed)
+            if args.report_only:
+                found = collect(directory, method, seed)
+                if found is not None:
+                    results.append(found)
+                continue
+            results.append(run_one(args.base, overlay, seed, directory, expected, method, fit_args))
+    results.sort(key=lambda r: (list(methods).index(r.method), r.seed))
+    if not results:
+        raise SystemExit(f"no finished runs under {args.out}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = report(results, expected)
+    (args.out / "comparison.md").write_text(table)
+    (args.out / "comparison.json").write_text(
+        json.dumps([{**r.__dict__, "pairs_per_1000": r.pairs_per_1000} for r in results], indent=2) + "\n"
+    )
+    plotted = plot(results, expected, args.out / "comparison.png")
+    print(table, flush=True)
+    print(f"[compare] wrote {args.out / 'comparison.md'}, comparison.json" + (", comparison.png" if plotted else ""), flush=True)
+
+
+if __name__ == "__main__":
+    main()

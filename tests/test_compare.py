@@ -1,0 +1,75 @@
+"""The method comparison (``python -m hs_star_pl.experiments.compare``) through real runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hs_star_pl.experiments.compare import RunResult, method_paths, report
+from tests.helpers.self_training import CONFIGS, env
+
+
+def compare(args: list[str], cwd) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-m", "hs_star_pl.experiments.compare", *args], cwd=cwd, env=env(),
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out
+
+
+def test_two_methods_from_one_m0_at_equal_budget_then_a_rerun_reuses_them(tiny_m0, tmp_path):
+    m0, problems = tiny_m0
+    out = tmp_path / "cmp"
+    args = [
+        "--base", str(CONFIGS / "tiny" / "hs_star.yaml"), "--methods-dir", str(CONFIGS / "tiny" / "methods"),
+        "--methods", "hs_star", "uniform", "--seeds", "0", "--out", str(out),
+        f"--model.model_path={m0}", f"--self_training.problems_file={problems}",
+        "--self_training.problems_per_iteration=24", "--self_training.n_iterations=1", "--trainer.max_epochs=1",
+        "--self_training.sampling.max_new_tokens=48",
+        f"--evaluation.problems_file={problems.with_name('test.jsonl')}", "--evaluation.max_new_tokens=48",
+    ]
+    compare(args, tmp_path)
+    runs = {r["method"]: r for r in json.loads((out / "comparison.json").read_text())}
+    assert set(runs) == {"hs_star", "uniform"}
+    hs, uniform = runs["hs_star"], runs["uniform"]
+    # one M_0 and greedy evaluation: both methods start from the same measured accuracy
+    assert len(hs["accuracy"]) == len(uniform["accuracy"]) == 2
+    assert hs["accuracy"][0] == uniform["accuracy"][0]
+    # equal budget, K * N samples each; hierarchical spends only n_p = 3 on non-boundary problems
+    assert hs["samples"] == uniform["samples"] == [24 * 8]
+    per_class = hs["samples_per_class"]
+    assert sum(per_class.values()) == 24 * 8
+    round0 = json.loads((out / "hs_star" / "seed_0" / "rounds" / "round_000" / "summary.json").read_text())
+    assert per_class["inlier"] == 3 * round0["n_inlier"] and per_class["outlier"] == 3 * round0["n_outlier"]
+    assert hs["pairs_per_1000"] == pytest.approx(1000 * round0["n_pairs"] / (24 * 8))
+    table = (out / "comparison.md").read_text().splitlines()
+    assert table[0].startswith("| method | seeds | M_0 | M_1 |")
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["hs_star", "uniform"]
+    assert (out / "comparison.png").stat().st_size > 0
+
+    # the same command again finds both runs finished and only re-tabulates
+    logs = {m: (out / m / "seed_0" / "compare.log").stat().st_mtime_ns for m in runs}
+    again = compare(args, tmp_path)
+    assert again.stdout.count("done already") == 2
+    assert {m: (out / m / "seed_0" / "compare.log").stat().st_mtime_ns for m in runs} == logs
+
+
+def test_unknown_method_and_stray_arguments_are_refused_with_the_choices(tmp_path):
+    with pytest.raises(SystemExit, match=r"unknown \['nope'\].*uniform"):
+        method_paths(CONFIGS / "tiny" / "methods", ["hs_star", "nope"])
+    bad = subprocess.run([sys.executable, "-m", "hs_star_pl.experiments.compare", "stray", "--seeds", "0"],
+                         cwd=tmp_path, env=env(), capture_output=True, text=True)
+    assert bad.returncode == 2 and "--dotted.key=value" in bad.stderr
+
+
+def test_report_gives_mean_and_sd_over_seeds_per_iteration():
+    runs = [
+        RunResult("a", 0, [0.2, 0.4], [10], [100], {"inlier": 30, "boundary": 60, "outlier": 10}),
+        RunResult("a", 1, [0.2, 0.6], [30], [100], {"inlier": 30, "boundary": 60, "outlier": 10}),
+    ]
+    row = report(runs, 1).splitlines()[2].split("|")
+    # M_1: mean 0.5, sample sd 0.1414; gain 0.3 ± 0.1414; (10 + 30) pairs over 2 x 100 rollouts
+    assert [c.strip() for c in row[1:-1]] == ["a", "0,1", "0.200 ± 0.000", "0.500 ± 0.141", "0.300 ± 0.141", "200.0",
+                                             "30.0", "60.0", "10.0"]

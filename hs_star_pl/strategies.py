@@ -7,7 +7,8 @@ Pick it in YAML (``configs/strategy/deepspeed_zero{2,3}.yaml``)::
         class_path: hs_star_pl.strategies.DeepSpeedStrategy
         init_args: {stage: 3}
 
-It changes four things of ``lightning.pytorch.strategies.DeepSpeedStrategy`` and nothing else:
+It changes four things of ``lightning.pytorch.strategies.DeepSpeedStrategy`` and adds one
+option (``load_universal``, for resuming on another number of processes):
 
 - **CPU runs.** Lightning refuses DeepSpeed unless the accelerator is CUDA, but DeepSpeed
   itself runs ZeRO-2 and ZeRO-3 on CPU processes over gloo (docs/findings.md). With
@@ -16,14 +17,14 @@ It changes four things of ``lightning.pytorch.strategies.DeepSpeedStrategy`` and
   use) and gloo, and skips the CUDA-only check. That is how the ZeRO-3 code paths are tested
   in CI on 2 CPU processes; it is not meant for speed.
 - **No early dataloader.** To fill DeepSpeed's ``train_micro_batch_size_per_gpu`` Lightning
-  builds the train dataloader while the strategy is being set up, which in a self-training
-  run means running round 0 before DeepSpeed has placed the model (on a GPU machine: on the
-  CPU copy). The micro batch is read from ``data.batch_size`` instead.
+  builds the train dataloader while it prepares the DeepSpeed config (before
+  ``configure_model``), which in a self-training run means running round 0 before the model
+  is on its device (on a GPU machine: on the CPU copy). The micro batch is read from
+  ``data.batch_size`` instead.
 - **Policy on the device before ``configure_optimizers``.** The same holds for anything
   ``configure_optimizers`` triggers; the module is moved to its device first, as DDP does
   (DeepSpeed would move it during ``deepspeed.initialize`` anyway), unless parameters are
   offloaded to CPU or NVMe.
-
 - **Batches are not cast to bf16.** Lightning's DeepSpeed precision casts every floating
   tensor of a batch to the training dtype before ``training_step``. Our only floating inputs
   are the DPO reference log-probs, sums over hundreds of tokens (often below -100), and bf16
@@ -41,11 +42,11 @@ import os
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.plugins.precision import DeepSpeedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
-from lightning.fabric.utilities.seed import reset_seed
 from typing_extensions import override
 
 

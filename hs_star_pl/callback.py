@@ -18,8 +18,11 @@ makes ``--ckpt_path last`` resume after a kill at any point, and also covers str
 restore callback state late (DeepSpeed restores it after ``on_fit_start``).
 
 Ranks: every rank samples and scores its share of the problems (``run_round``'s ``shard``),
-rollouts are all-gathered, every rank takes the same decisions, reference log-probs are
-computed shard-wise and gathered, and rank 0 writes the artifacts behind a barrier.
+rollouts are all-gathered, rank 0's decisions are broadcast, reference log-probs are
+computed shard-wise and gathered, and rank 0 writes the artifacts behind a barrier. Under
+DeepSpeed ZeRO-3 whatever touches the whole policy works in lockstep on gathered parameters
+(``hs_star_pl.zero``): the engine's weight sync, ``HFEngine`` sampling, reference log-probs
+and the HF export.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from hs_star_pl.rounds import RoundConfig, RoundResult, run_round
 from hs_star_pl.selection import SelectionConfig
 from hs_star_pl.steps import DEFAULT_STEP_DELIMITER
 from hs_star_pl.templates import render_prompt
+from hs_star_pl.zero import iter_full_state_dict
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -211,7 +215,7 @@ class SelfTrainingCallback(L.Callback):
         module = trainer.lightning_module
         datamodule = trainer.datamodule
         started = time.perf_counter()
-        canary = self._prepare_engine(trainer, module, iteration)
+        canary = self._prepare_engine(module)
         seconds_sync = time.perf_counter() - started
         template = datamodule.template
         result = run_round(
@@ -227,6 +231,7 @@ class SelfTrainingCallback(L.Callback):
             store=RoundStore(directory),
             shard=(trainer.global_rank, trainer.world_size),
             gather=lambda mine: all_gather_objects(trainer.world_size, mine),
+            broadcast=lambda value: trainer.strategy.broadcast(value, src=0),
         )
         if hasattr(self.engine, "sleep"):
             self.engine.sleep()
@@ -247,22 +252,22 @@ class SelfTrainingCallback(L.Callback):
         rank_zero_info(f"round {iteration}: {json.dumps({k: v for k, v in result.summary().items() if k != 'seconds'})}")
         return result
 
-    def _prepare_engine(self, trainer: L.Trainer, module: L.LightningModule, iteration: int) -> Any:
-        """Point the engine at the current policy M_t; returns the engine's canary report, if any."""
+    def _prepare_engine(self, module: L.LightningModule) -> Any:
+        """Point the engine at the current policy M_t; returns the engine's canary report, if any.
+
+        In-process engines (``bind``) sample from the policy itself. Engines with their own
+        copy (``sync_weights``) get the weights streamed, gathered one parameter at a time
+        under ZeRO-3 (every rank gathers, every rank's engine receives); an engine that has
+        not started yet starts on them.
+        """
         engine = self.engine
         if hasattr(engine, "wake_up"):
             engine.wake_up()
-        if hasattr(engine, "bind"):  # in-process engines sample from the policy itself
+        if hasattr(engine, "bind"):
             engine.bind(module.model, module.tokenizer)
             return None
         if hasattr(engine, "sync_weights"):
-            if getattr(engine, "llm", None) is None:  # first round: start on M_t's weights
-                path = Path(trainer.default_root_dir) / "hf" / f"rollout_policy_{iteration:03d}"
-                from hs_star_pl.export import export_hf
-
-                export_hf(module, path)
-                return engine.load_from_dir(path, reference_model=module.model)
-            return engine.sync_weights(module.model)
+            return engine.sync_weights(module.model, weights=iter_full_state_dict(module.model), tokenizer=module.tokenizer)
         return None
 
     def _reference_logps(self, trainer, module, datamodule, pairs: list[PreferencePair]) -> list[PreferencePair]:

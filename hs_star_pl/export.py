@@ -1,9 +1,10 @@
 """Exporting the policy as a plain Hugging Face checkpoint (``save_pretrained``).
 
 ``<root>/hf/iteration_NNN/`` holds ``config.json``, the weights and the tokenizer, loadable by
-``AutoModelForCausalLM.from_pretrained`` and so by vLLM and the evaluation scripts. Not
-covered yet: gathering ZeRO-3 shards (a later issue); under ZeRO-3 this would save shards'
-placeholders, so it refuses.
+``AutoModelForCausalLM.from_pretrained`` and so by vLLM and the evaluation scripts. Under
+DeepSpeed ZeRO-3 the parameters are gathered one at a time (``zero.full_state_dict``: every
+rank takes part, rank 0 keeps a CPU copy) and rank 0 writes them; the folder is the same as
+from an unsharded run.
 """
 
 from __future__ import annotations
@@ -14,27 +15,29 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from hs_star_pl.zero import full_state_dict, is_zero3_partitioned
+
 
 def export_hf(module: L.LightningModule, directory: str | Path) -> Path:
     """Save ``module.model`` and ``module.tokenizer`` to ``directory`` (rank 0 writes).
 
     Written to a temporary sibling first and renamed, so a crash never leaves a half
     checkpoint under the final name; an existing export of the same name is replaced. All
-    ranks wait for the write when a trainer is attached.
+    ranks wait for the write when a trainer is attached. Under ZeRO-3 every rank must call
+    this (the parameters are gathered collectively); rank 0 holds the full weights on CPU.
 
     Returns:
         ``directory`` as a ``Path``.
     """
     directory = Path(directory)
     trainer = module._trainer
-    strategy_name = type(trainer.strategy).__name__ if trainer is not None else ""
-    if "DeepSpeed" in strategy_name and getattr(trainer.strategy, "zero_stage_3", False):
-        raise NotImplementedError("export_hf does not gather ZeRO-3 shards yet")
+    # None: save_pretrained takes the model's own state dict (no partitioned parameters).
+    state_dict = full_state_dict(module.model) if is_zero3_partitioned(module.model) else None
     if trainer is None or trainer.is_global_zero:
         tmp = directory.with_name(directory.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
-        module.model.save_pretrained(tmp)
+        module.model.save_pretrained(tmp, state_dict=state_dict)
         module.tokenizer.save_pretrained(tmp)
         if directory.exists():
             shutil.rmtree(directory)

@@ -31,6 +31,7 @@ from hs_star_pl.collate import collate_pairs, encode_example, position_ids_from_
 from hs_star_pl.losses import chosen_nll, dpo_loss, get_dpo_loss, sequence_logps, sft_nll
 from hs_star_pl.records import PreferencePair
 from hs_star_pl.schedules import WarmupCosineLR
+from hs_star_pl.zero import max_over_ranks, needs_lockstep
 
 OBJECTIVES = ("dpo", "sft")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -208,6 +209,13 @@ class HSStarModule(L.LightningModule):
             ]
             encoded = [(i, c, r) for i, c, r in encoded if c is not None and r is not None]
             pad_id = self.tokenizer.pad_token_id
+            n_batches = -(-len(encoded) // batch_size)
+            # ZeRO-3: a forward pass gathers parameters collectively, so every rank runs as many
+            # as the busiest one; the extra passes score a one-token pair and are discarded.
+            if needs_lockstep(self.model):
+                n_padding = max_over_ranks(n_batches, self.device) - n_batches
+            else:
+                n_padding = 0
             with precision:
                 for start in range(0, len(encoded), batch_size):
                     chunk = encoded[start : start + batch_size]
@@ -220,6 +228,11 @@ class HSStarModule(L.LightningModule):
                         out[i] = dataclasses.replace(
                             out[i], ref_chosen_logp=float(logps[j]), ref_rejected_logp=float(logps[n + j])
                         )
+                if n_padding:
+                    filler = encode_example(self.tokenizer, "x", "x", max_length)
+                    batch = {k: v.to(self.device) for k, v in collate_pairs([(filler, filler)], pad_id).items()}
+                    for _ in range(n_padding):
+                        self.response_logps(batch)
         finally:
             self.model.train(was_training)
         return out

@@ -11,9 +11,13 @@ not redone; the cheap decisions in between are recomputed, deterministically, fr
 same seed. The Lightning callback supplies a store backed by the round folder; tests use
 ``MemoryStore``.
 
-Sharding across ranks is done by the caller: ``sample_and_score`` is the per-rank unit
-(any subset of problems with any counts), and everything else is a cheap function of the
-gathered rollouts.
+Sharding across ranks: with ``shard=(rank, world_size)`` each rank generates and scores only
+its slice of the problems (``sample_and_score`` is the per-rank unit, any subset with any
+counts), the scored rollouts are all-gathered (``gather``), and everything else is a cheap
+function of the gathered whole. The decisions (which problems are gradeable, difficulty and
+budget, the training examples) are computed on every rank and then, given ``broadcast``,
+replaced by rank 0's, so ranks can never act on different decisions (a verifier timeout on
+one rank, say, would otherwise shift the shards).
 """
 
 from __future__ import annotations
@@ -99,6 +103,7 @@ class _ShardStore:
 
 
 Gather = Callable[[list[ScoredRollout]], list[list[ScoredRollout]]]
+Broadcast = Callable[[Any], Any]  # returns rank 0's value of its argument on every rank
 
 
 def _canonical(rollouts: list[ScoredRollout], problems: Sequence[Problem]) -> list[ScoredRollout]:
@@ -323,6 +328,7 @@ def run_round(
     store: PhaseStore | None = None,
     shard: tuple[int, int] = (0, 1),
     gather: Gather | None = None,
+    broadcast: Broadcast | None = None,
 ) -> RoundResult:
     """Run one iteration's sampling plan (see the module docstring).
 
@@ -339,14 +345,18 @@ def run_round(
             ``problems[rank::world_size]``; every decision is taken on the gathered whole.
         gather: with ``world_size > 1``, a function that all-gathers a list of rollouts
             from every rank (one list per rank). Decisions then match a one-process run.
+        broadcast: with ``world_size > 1``, a function returning rank 0's value of its
+            argument; every decision goes through it. Without it each rank keeps its own
+            (identical when the verifier and every step are deterministic).
     """
     rank, world_size = shard
     if not 0 <= rank < world_size:
         raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
     if world_size > 1 and gather is None:
         raise ValueError("run_round with world_size > 1 needs a gather function")
+    share: Broadcast = broadcast if world_size > 1 and broadcast is not None else (lambda value: value)
     seconds: dict[str, float] = {}
-    problems, dropped = _timed(seconds, "check_golds", lambda: drop_ungradeable(problems, verifier))
+    problems, dropped = share(_timed(seconds, "check_golds", lambda: drop_ungradeable(problems, verifier)))
     ids = [p.id for p in problems]
     local = problems[rank::world_size]
     common = dict(
@@ -374,12 +384,12 @@ def run_round(
             **common,
         )
     )
-    difficulties, thresholds = _timed(
+    difficulties, thresholds = share(_timed(
         seconds, "difficulty", lambda: estimate_difficulty(presamples, config.difficulty, ids)
-    )
-    ledger = _timed(
+    ))
+    ledger = share(_timed(
         seconds, "allocate", lambda: allocator.allocate(difficulties, derive_seed(seed, iteration, "budget"))
-    )
+    ))
     resample_params = dataclasses.replace(config.sampling, seed=derive_seed(seed, iteration, "resample"))
     resamples = everyone(
         sample_and_score(
@@ -391,7 +401,7 @@ def run_round(
             **common,
         )
     )
-    examples = _timed(
+    examples = share(_timed(
         seconds,
         "select",
         lambda: select_training_data(
@@ -402,7 +412,7 @@ def run_round(
             render_prompt,
             derive_seed(seed, iteration, "selection"),
         ),
-    )
+    ))
     return RoundResult(
         iteration=iteration,
         problems=list(problems),

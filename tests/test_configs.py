@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from hs_star_pl.cli import HSStarCLI
 from tests.helpers.tiny_setup import REPO
@@ -17,8 +19,64 @@ BASE = CONFIGS / "base.yaml"
 PENDING_GROUPS: set[str] = set()
 # Configs whose M_0 is trained on first use: parsed with the session's tiny M_0 instead.
 NEEDS_M0 = {"tiny/hs_star.yaml"}
-# Fragments that only add a component: parsed on top of a complete config.
-FRAGMENT_BASE = {"engine": CONFIGS / "debug" / "tiny_cpu.yaml"}
+# Fragments that only add a component: parsed on top of these (most specific key wins).
+FRAGMENT_BASE = {
+    "engine": [CONFIGS / "debug" / "tiny_cpu.yaml"],
+    "strategy": [CONFIGS / "debug" / "tiny_cpu.yaml"],
+    "strategy/deepspeed_offload.yaml": [CONFIGS / "debug" / "tiny_cpu.yaml", CONFIGS / "strategy" / "deepspeed_zero2_cpu.yaml"],
+    "paper": [CONFIGS / "strategy" / "deepspeed_zero2.yaml"],
+    "paper/prm": [CONFIGS / "strategy" / "deepspeed_zero2.yaml", CONFIGS / "paper" / "hs_star.yaml"],
+    "paper/baselines": [CONFIGS / "strategy" / "deepspeed_zero2.yaml", CONFIGS / "paper" / "hs_star.yaml"],
+    "paper/ablations": [CONFIGS / "strategy" / "deepspeed_zero2.yaml", CONFIGS / "paper" / "hs_star.yaml"],
+}
+# Paper-scale configs name local 7B models that do not exist here: parsed with a tiny random
+# policy and tiny random PRMs in the same layouts (hs_star_pl.prm.hf.build_tiny_prm_dir).
+USER_MODELS = {"paper"}
+
+
+def fragment_base(rel: str) -> list[Path]:
+    parts = rel.split("/")
+    for n in range(len(parts), 0, -1):
+        key = "/".join(parts[:n])
+        if key in FRAGMENT_BASE:
+            return FRAGMENT_BASE[key]
+    return []
+
+
+def merged(files: list[Path]) -> dict:
+    """The keys the YAML files set, later files winning (enough to read a few of them)."""
+
+    def merge(a: dict, b: dict) -> dict:
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        return out
+
+    result: dict = {}
+    for f in files:
+        result = merge(result, yaml.safe_load(f.read_text()) or {})
+    return result
+
+
+def needs_deepspeed(files: list[Path]) -> bool:
+    return any("deepspeed" in f.read_text() for f in files)
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dir(tmp_path_factory):
+    from hs_star_pl.tiny import build_byte_tokenizer, build_tiny_causal_lm, save_checkpoint_dir
+
+    tokenizer = build_byte_tokenizer()
+    model = build_tiny_causal_lm(tokenizer, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    return save_checkpoint_dir(tmp_path_factory.mktemp("policy"), model, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_prm_dirs(tmp_path_factory):
+    from hs_star_pl.prm.hf import build_tiny_prm_dir
+
+    root = tmp_path_factory.mktemp("prm")
+    return {"SkyworkPRM": build_tiny_prm_dir(root / "skywork", "skywork"), "QwenMathPRM": build_tiny_prm_dir(root / "qwen", "qwen")}
 
 
 def cli_param(path: Path):
@@ -47,18 +105,51 @@ def test_yaml_opens_with_purpose_and_command(path: Path):
 @pytest.mark.parametrize("path", [cli_param(p) for p in YAMLS])
 def test_yaml_parses_through_the_cli(path: Path, tmp_path, monkeypatch, request):
     monkeypatch.chdir(REPO)  # data paths in the configs are repo-relative, as in their commands
-    args = ["-c", str(BASE)]
-    group = path.relative_to(CONFIGS).parts[0]
-    if group in FRAGMENT_BASE:
-        args += ["-c", str(FRAGMENT_BASE[group])]
-    if path != BASE:
-        args += ["-c", str(path)]
-    else:
+    rel = path.relative_to(CONFIGS).as_posix()
+    files = [BASE, *fragment_base(rel)] + ([path] if path != BASE else [])
+    if needs_deepspeed(files):
+        pytest.importorskip("deepspeed", reason="deepspeed is not installed (extra [deepspeed])")
+    args = [a for f in files for a in ("-c", str(f))]
+    if path == BASE:
         args += ["--model.tiny.hidden_size=32", f"--data.train_file={CONFIGS / 'data' / 'arith_pairs.jsonl'}"]
-    if path.relative_to(CONFIGS).as_posix() in NEEDS_M0:
+    if rel in NEEDS_M0:
         m0, _ = request.getfixturevalue("tiny_m0")
         args += ["--stepwise_init=null", f"--model.model_path={m0}"]
+    if rel.split("/")[0] in USER_MODELS:
+        args += [f"--model.model_path={request.getfixturevalue('tiny_policy_dir')}"]
+        prm = (merged(files).get("self_training") or {}).get("prm")
+        if prm:
+            prm_dir = request.getfixturevalue("tiny_prm_dirs")[prm["class_path"].rsplit(".", 1)[-1]]
+            args += [f"--self_training.prm.init_args.model_path={prm_dir}"]
+    if merged(files).get("trainer", {}).get("accelerator") == "gpu" and not torch.cuda.is_available():
+        args += ["--trainer.accelerator=cpu", "--trainer.devices=1"]
     args += [f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"]
     cli = HSStarCLI(args=args, run=False)
     assert cli.trainer.reload_dataloaders_every_n_epochs == 1
     assert cli.model.objective in ("dpo", "sft")
+
+
+def test_paper_configs_hold_the_papers_settings():
+    """The numbers the paper-scale recipe promises (README, docs/scale.md) are the ones set."""
+    paper = CONFIGS / "paper"
+    strategy = CONFIGS / "strategy" / "deepspeed_zero2.yaml"
+    sft = merged([BASE, strategy, paper / "stepwise_init.yaml"])
+    assert sft["model"]["optimizer"]["init_args"]["lr"] == 1e-6 and sft["model"]["objective"] == "sft"
+    assert (sft["data"]["global_batch_size"], sft["data"]["max_length"], sft["trainer"]["max_epochs"]) == (256, 4096, 1)
+    run = merged([BASE, strategy, paper / "hs_star.yaml"])
+    st = run["self_training"]
+    assert (st["n_iterations"], st["problems_per_iteration"], run["trainer"]["max_epochs"]) == (3, 7500, 3)
+    assert st["budget"]["init_args"] == {"samples_per_problem": 8, "n_presample": 3}
+    assert (st["sampling"]["temperature"], st["sampling"]["top_p"], st["sampling"]["max_new_tokens"]) == (0.7, 0.95, 2048)
+    assert run["model"]["optimizer"]["init_args"]["lr"] == 5e-7 and run["data"]["global_batch_size"] == 256
+    assert run["model"]["lr_scheduler"]["init_args"]["warmup_ratio"] == 0.03
+    assert run["trainer"]["strategy"]["init_args"]["stage"] == 2
+    thresholds = {
+        "skywork_o1_7b.yaml": ("SkyworkPRM", 0.15, 0.65),
+        "skywork_o1_1.5b.yaml": ("SkyworkPRM", 0.25, 0.5),
+        "qwen25_math_prm_7b.yaml": ("QwenMathPRM", 0.55, 0.99),
+    }
+    for name, (cls, low, high) in thresholds.items():
+        st = merged([BASE, strategy, paper / "hs_star.yaml", paper / "prm" / name])["self_training"]
+        assert (st["prm"]["class_path"].rsplit(".", 1)[-1], st["difficulty"]["tau_low"], st["difficulty"]["tau_high"]) == (cls, low, high), name
+    assert (st["difficulty"]["tau_low"], st["difficulty"]["tau_high"]) == (0.55, 0.99)

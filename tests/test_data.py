@@ -198,3 +198,21 @@ def test_global_batch_size_drives_optimizer_steps_in_a_real_fit(tmp_path):
     trainer.fit(module, dm)
     assert trainer.accumulate_grad_batches == 4 and trainer.global_step == 3
     assert trainer.callback_metrics["data/n_examples"] == 20 and trainer.callback_metrics["data/n_truncated"] == 0
+
+
+@pytest.mark.parametrize(("devices", "nodes", "accumulate"), [(1, 1, 64), (8, 1, 8), (8, 2, 4)])
+def test_global_batch_256_whatever_the_number_of_devices(devices, nodes, accumulate):
+    """configs/strategy/*.yaml: data.batch_size 4 x GPUs x accumulation = 256 on any cluster
+    shape; a shape that does not divide fails at start naming the keys and the device count."""
+    from lightning import Trainer
+
+    def fit_on(devices: int, nodes: int = 1) -> Trainer:
+        dm = MathDataModule(template="plain", batch_size=4, global_batch_size=256)
+        dm.trainer = Trainer(accelerator="cpu", devices=devices, num_nodes=nodes, strategy="ddp", logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False)
+        dm._configure_accumulation()
+        return dm.trainer
+
+    assert fit_on(devices, nodes).accumulate_grad_batches == accumulate
+    with pytest.raises(ValueError, match=r"data.global_batch_size \(256\) must be a multiple of data.batch_size \(4\) x devices \(3\)"):
+        fit_on(3)

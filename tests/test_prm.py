@@ -278,3 +278,21 @@ def test_rule_prms_import_without_torch():
         "sys.exit(int('torch' in sys.modules or 'lightning' in sys.modules))"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1]).returncode == 0
+
+
+def test_auto_device_is_this_processs_gpu(monkeypatch):
+    """Each rank's PRM goes to its own GPU: the PRM is built before Lightning sets the device."""
+    from hs_star_pl.prm.hf import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.delenv("SLURM_LOCALID", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    monkeypatch.setenv("SLURM_LOCALID", "5")
+    assert resolve_device("auto") == torch.device("cuda", 5)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("auto") == torch.device("cuda", 3)
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from hs_star_pl.budget import UniformBudget
+from hs_star_pl.budget import HierarchicalBudget, UniformBudget
+from hs_star_pl.difficulty import DifficultyConfig
 from hs_star_pl.protocols import AnswerVerifier, ProcessRewardModel, RolloutEngine
 from hs_star_pl.records import Phase
-from hs_star_pl.rounds import MemoryStore, RoundConfig, derive_seed
+from hs_star_pl.rounds import MemoryStore, RoundConfig, derive_seed, run_round
 from hs_star_pl.selection import SelectionConfig
-from tests.helpers.round_fakes import P_RIGHT, BoxedNumberVerifier, KeywordPRM, ScriptedEngine, run
+from tests.helpers.round_fakes import P_RIGHT, BoxedNumberVerifier, KeywordPRM, ScriptedEngine, problems, run
 
 
 def test_components_satisfy_the_protocols():
@@ -91,38 +92,74 @@ def test_engine_returning_the_wrong_count_is_an_error():
         run(engine=Short())
 
 
-def test_sharded_round_takes_the_same_decisions_as_one_process():
-    """Three ranks in threads, each sampling its third, with a barrier-based all-gather:
-    every rank reaches exactly the one-process rollouts, ledger and pairs."""
+def _threaded_ranks(world, run_rank):
+    """Run ``run_rank(rank, gather, broadcast)`` in ``world`` threads with barrier collectives."""
     import threading
 
-    world = 3
     barrier = threading.Barrier(world)
-    slots: dict[tuple[int, int], list] = {}
+    slots: dict[tuple[int, int], object] = {}
     calls = [0] * world
 
-    def make_gather(rank):
-        def gather(mine):
-            n = calls[rank]
-            calls[rank] += 1
-            slots[(n, rank)] = mine
-            barrier.wait()
-            return [slots[(n, r)] for r in range(world)]
-        return gather
+    def collective(rank, value):
+        n = calls[rank]
+        calls[rank] += 1
+        slots[(n, rank)] = value
+        barrier.wait()
+        return [slots[(n, r)] for r in range(world)]
 
     results: dict[int, object] = {}
 
     def worker(rank):
-        results[rank] = run(shard=(rank, world), gather=make_gather(rank))
+        results[rank] = run_rank(
+            rank, lambda mine: collective(rank, mine), lambda value: collective(rank, value)[0]
+        )
 
     threads = [threading.Thread(target=worker, args=(r,)) for r in range(world)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=60)
-    whole = run()
     assert sorted(results) == list(range(world))
+    return results
+
+
+def test_sharded_round_takes_the_same_decisions_as_one_process():
+    """Three ranks in threads, each sampling its third, with a barrier-based all-gather:
+    every rank reaches exactly the one-process rollouts, ledger and pairs."""
+    results = _threaded_ranks(3, lambda rank, gather, _: run(shard=(rank, 3), gather=gather))
+    whole = run()
     for rank, result in results.items():
+        assert result.ledger == whole.ledger, rank
+        assert [x.to_dict() for x in result.rollouts] == [x.to_dict() for x in whole.rollouts], rank
+        assert result.examples == whole.examples, rank
+
+
+def test_rank_zeros_decisions_are_broadcast():
+    """Rank 1's verifier cannot parse one gold (think: a timeout there only). With
+    ``broadcast`` every rank uses rank 0's decisions, so shards stay aligned and the round
+    equals the one-process round on every rank."""
+
+    class FlakyOnRank1(BoxedNumberVerifier):
+        def __init__(self, rank):
+            self.rank = rank
+
+        def check_golds(self, golds):
+            ok = super().check_golds(golds)
+            return [good and not (self.rank == 1 and i == 1) for i, good in enumerate(ok)]
+
+    def run_rank(rank, gather, broadcast):
+        return run_round(
+            problems(), engine=ScriptedEngine(), verifier=FlakyOnRank1(rank), prm=KeywordPRM(),
+            allocator=HierarchicalBudget(samples_per_problem=8, n_presample=3),
+            config=RoundConfig(difficulty=DifficultyConfig(tau_low=0.3, tau_high=0.6)),
+            render_prompt=lambda p: f"Q: {p.question}\nA:", iteration=1, seed=123,
+            shard=(rank, 3), gather=gather, broadcast=broadcast,
+        )
+
+    results = _threaded_ranks(3, run_rank)
+    whole = run()
+    for rank, result in results.items():
+        assert result.dropped == whole.dropped == ["bad"], rank
         assert result.ledger == whole.ledger, rank
         assert [x.to_dict() for x in result.rollouts] == [x.to_dict() for x in whole.rollouts], rank
         assert result.examples == whole.examples, rank

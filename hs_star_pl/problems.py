@@ -43,6 +43,7 @@ class ProblemFileError(ValueError):
         super().__init__(f"{where}: {message}")
         self.path = str(path)
         self.line = line
+        self.message = message
 
 
 def content_id(question: str, answer: GoldText) -> str:

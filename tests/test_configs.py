@@ -18,7 +18,8 @@ PENDING_GROUPS: set[str] = set()
 # Configs whose M_0 is trained on first use: parsed with the session's tiny M_0 instead.
 NEEDS_M0 = {"tiny/hs_star.yaml"}
 # Fragments that only add a component: parsed on top of a complete config.
-FRAGMENT_BASE = {"engine": CONFIGS / "debug" / "tiny_cpu.yaml"}
+# (evaluation configs take the model from the command line: --model.model_path or --ckpt_path)
+FRAGMENT_BASE = {"engine": CONFIGS / "debug" / "tiny_cpu.yaml", "eval": CONFIGS / "debug" / "tiny_cpu.yaml"}
 
 
 def cli_param(path: Path):
@@ -41,7 +42,7 @@ def test_yaml_opens_with_purpose_and_command(path: Path):
             break
         header.append(line)
     assert len(header) >= 2, f"{path} must open with a comment saying what it is for"
-    assert any("hs-star fit -c configs/" in line for line in header), f"{path}: no exact command"
+    assert any(f"hs-star {verb} -c configs/" in line for line in header for verb in ("fit", "test")), f"{path}: no exact command"
 
 
 @pytest.mark.parametrize("path", [cli_param(p) for p in YAMLS])

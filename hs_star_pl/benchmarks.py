@@ -191,7 +191,9 @@ def load_benchmark(config: BenchmarkConfig, max_problems: int | None = None) -> 
             solution_key=f.solution_key, answer_from=f.answer_from, default_id=f.default_id,
         )
     except ProblemFileError as err:
-        hint = f" (evaluation.benchmarks[{config.name!r}] has format {config.format!r}; its rows look like {fmt.example})"
+        where = f"evaluation.benchmarks[{config.name!r}]"
+        hint = (f" ({where}.path)" if err.line is None
+                else f" ({where} has format {config.format!r}; its rows look like {fmt.example})")
         raise ProblemFileError(err.path, err.line, err.message + hint) from None
     caps = [n for n in (config.limit, max_problems) if n is not None]
     return problems[: min(caps)] if caps else problems

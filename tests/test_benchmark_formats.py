@@ -74,6 +74,8 @@ def test_a_file_in_the_wrong_shape_names_file_line_and_config_entry(tmp_path):
     message = str(info.value)
     assert message.startswith(f"{FIXTURES / 'gsm8k.jsonl'}:1: no question field ('problem')")
     assert "evaluation.benchmarks['math'] has format 'math500'" in message
+    with pytest.raises(ProblemFileError, match=re.escape("nowhere.jsonl: no such problem file (evaluation.benchmarks['gsm8k'].path)")):
+        load_benchmark(BenchmarkConfig(name="gsm8k", path=str(tmp_path / "nowhere.jsonl"), format="gsm8k"))
     missing_box = tmp_path / "m.jsonl"
     missing_box.write_text(json.dumps({"problem": "P", "solution": "no box", "idx": 0}) + "\n")
     with pytest.raises(ProblemFileError, match=r"m.jsonl:1: field 'solution': no \\boxed\{\} answer"):

@@ -6,6 +6,9 @@ Examples are ``PreferencePair`` (DPO) or ``SftExample`` (SFT) records. They come
 * ``problems_file``: problems with a ``solution`` (step-wise initialisation, SFT);
 * ``set_train_examples``: what the self-training callback hands over between epochs.
 
+``test_dataloader`` serves the problem sets ``set_eval_sets`` was given (by the evaluation
+callback, for ``hs-star test``), sharded over ranks without repeats.
+
 Prompt contract: a record's ``prompt`` is the *rendered* prompt, the exact text the policy
 was conditioned on when the response was sampled. File rows may give ``prompt`` (used
 verbatim) or ``question`` (rendered here with ``data.template``). Every rendering goes through
@@ -25,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from dataclasses import dataclass
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -116,6 +120,16 @@ def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+@dataclass(frozen=True)
+class EvalSet:
+    """Items for ``test_dataloader``: a name, the items, chunk size and how a chunk becomes a batch."""
+
+    name: str
+    items: Sequence[Any]
+    batch_size: int
+    collate: Callable[[list], Any]
+
+
 class MathDataModule(L.LightningDataModule):
     """Training data for one self-training iteration: DPO pairs or SFT examples.
 
@@ -188,6 +202,7 @@ class MathDataModule(L.LightningDataModule):
         self._ref_cache_key: str | None = None
         self._example_source: Callable[[int], Examples] | None = None
         self._source_examples: Examples | None = None
+        self.eval_sets: tuple[EvalSet, ...] = ()
 
     # -- example sources -----------------------------------------------------------------
 
@@ -302,6 +317,40 @@ class MathDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=self.collate,
         )
+
+    def set_eval_sets(self, sets: Sequence[EvalSet]) -> None:
+        """The problem sets ``test_dataloader`` serves, one dataloader each, in order.
+
+        ``hs-star test`` gets them from the ``evaluation`` group (``EvaluationCallback``
+        hands them over in its ``setup``, before Lightning asks for the dataloaders).
+        """
+        self.eval_sets = tuple(sets)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """One loader per test set, chunks of ``set.batch_size`` items in file order.
+
+        Over several processes rank ``r`` gets items ``r, r + world, ...`` with no padding:
+        Lightning's default sampler for testing would repeat items to even out the ranks
+        and count them twice.
+        """
+        if not self.eval_sets:
+            raise RuntimeError(
+                "nothing to test: `hs-star test` evaluates the benchmarks of the evaluation group; "
+                "set evaluation.benchmarks (see configs/eval/) or evaluation.problems_file"
+            )
+        world = self.trainer.world_size if self.trainer is not None else 1
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        loaders = []
+        for eval_set in self.eval_sets:
+            items = list(eval_set.items)
+            sampler = None
+            if world > 1:
+                from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+                sampler = UnrepeatedDistributedSampler(items, num_replicas=world, rank=rank, shuffle=False)
+            loaders.append(DataLoader(items, batch_size=eval_set.batch_size, shuffle=False, sampler=sampler,
+                                      num_workers=0, collate_fn=eval_set.collate))
+        return loaders
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_examples:

@@ -1,16 +1,33 @@
-"""``EvaluationCallback``: held-out accuracy of M_0 and of the policy after every iteration.
+"""``EvaluationCallback``: the benchmark evaluation, in ``hs-star test`` and after every iteration.
 
-M_0 is evaluated when training starts and M_{t+1} at the end of iteration t's last epoch
-(before the checkpoint is written, since Lightning runs ``ModelCheckpoint`` last). Results
-live on disk, ``<default_root_dir>/eval/<name>/policy_NNN.json`` with every response and
-verdict, and ``<default_root_dir>/results.md`` tabulates them; a file already there is not
-recomputed, so a resumed run neither repeats nor loses an evaluation. Ranks evaluate their
-share of the problems and rank 0 writes the gathered result.
+One group, ``evaluation``, configures both uses:
+
+* **``hs-star test``** (Lightning's test loop): ``setup`` loads every benchmark and hands the
+  data module one problem set per benchmark; ``HSStarModule.test_step`` generates for each
+  chunk; this callback grades the chunk (``on_test_batch_end``), adds it to the benchmark's
+  :class:`~hs_star_pl.eval_metrics.BenchmarkMetric` and keeps the per-problem rows; at the end
+  the metrics are reduced across ranks and the results written. Works on an HF directory
+  (``--model.model_path``) or a Lightning checkpoint (``--ckpt_path``).
+* **During training**: M_0 when training starts and M_{t+1} at the end of iteration t's last
+  epoch (before the checkpoint is written, since Lightning runs ``ModelCheckpoint`` last), on
+  ``iteration_benchmarks`` with ``iteration_max_problems`` / ``iteration_max_samples``. Ranks
+  evaluate ``problems[rank::world]`` in the same chunks the test loop uses and call the same
+  ``generate_for_eval``, so the numbers equal ``hs-star test`` on that checkpoint. A result
+  already on disk is read, not recomputed, so a resumed run neither repeats nor loses one.
+
+On disk (rank 0), under ``trainer.default_root_dir``: ``eval/<benchmark>/<label>.json`` (the
+summary and every problem's responses, extracted answers and verdicts), ``eval/results.json``
+(one entry per evaluated policy) and ``results.md`` (the table, one row per policy). Labels
+are ``policy_NNN`` during training (shown as ``M_t``) and ``evaluation.label`` or a name
+derived from the checkpoint or model directory for ``hs-star test``.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,118 +36,334 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from hs_star_pl.artifacts import atomic_write_text, round_dir, write_json
+from hs_star_pl.benchmarks import BenchmarkConfig, load_benchmark
 from hs_star_pl.distributed import all_gather_objects
-from hs_star_pl.evaluation import EvalResult, evaluate, results_table
-from hs_star_pl.problems import load_problems
+from hs_star_pl.eval_metrics import BenchmarkMetric
+from hs_star_pl.evaluation import EvalBatch, grade, make_batch, policy_entry, results_table
 from hs_star_pl.protocols import AnswerVerifier, SamplingParams
+from hs_star_pl.records import Problem
 from hs_star_pl.templates import render_prompt
 
 
-class EvaluationCallback(L.Callback):
-    """Greedy held-out evaluation of M_0 and after every self-training iteration.
+class _BenchmarkRun:
+    """One benchmark within one evaluation: problems, protocol, metric, graded rows."""
 
-    Inactive while ``problems_file`` is unset.
+    def __init__(self, config: BenchmarkConfig, problems: list[Problem], template: str, max_new_tokens: int,
+                 batch_size: int) -> None:
+        self.config = config
+        self.problems = problems
+        self.template = template
+        self.params = SamplingParams(
+            temperature=config.temperature, top_p=config.top_p,
+            max_new_tokens=config.max_new_tokens or max_new_tokens, seed=config.seed,
+        )
+        # an engine call takes batch_size sequences: that many problems when greedy, fewer
+        # when each has n samples (at least one problem, all of its samples)
+        self.problems_per_batch = max(1, batch_size // config.n_samples)
+        self.engine_batch_size = max(batch_size, config.n_samples)
+        self.metric = BenchmarkMetric(config.n_samples, config.pass_k)
+        self.rows: list[dict[str, Any]] = []
+        self.seconds = 0.0
+
+    def collate(self, problems: list[Problem]) -> EvalBatch:
+        return make_batch(
+            self.config.name, problems, render_prompt=lambda p: render_prompt(self.template, p.question),
+            params=self.params, n_samples=self.config.n_samples, batch_size=self.engine_batch_size,
+        )
+
+    def batches(self, problems: Sequence[Problem]) -> Iterator[EvalBatch]:
+        """The chunks ``test_dataloader`` makes of the same shard, in the same order."""
+        for start in range(0, len(problems), self.problems_per_batch):
+            yield self.collate(list(problems[start : start + self.problems_per_batch]))
+
+    def record(self, batch: EvalBatch, outputs: dict, verifier: AnswerVerifier) -> None:
+        rows = grade(batch, outputs, verifier, self.config.pass_k)
+        self.metric.update(rows)
+        self.rows.extend(rows)
+
+    def finish(self, world_size: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The summary reduced over ranks and every rank's rows, in file order (collective)."""
+        summary = self.metric.compute()
+        parts = all_gather_objects(world_size, self.rows)
+        order = {p.id: i for i, p in enumerate(self.problems)}
+        rows = sorted((r for part in parts for r in part), key=lambda r: order[r["problem_id"]])
+        if len(rows) != summary["n_problems"] or len({r["problem_id"] for r in rows}) != len(rows):
+            raise RuntimeError(f"evaluation of {self.config.name}: {len(rows)} rows for {summary['n_problems']} "
+                               "problems; a problem was graded twice or lost")
+        return {**summary, "seconds": round(self.seconds, 3)}, rows
+
+
+class EvaluationCallback(L.Callback):
+    """Benchmark evaluation for ``hs-star test`` and after every self-training iteration.
+
+    Inactive while neither ``benchmarks`` nor ``problems_file`` is set.
 
     Args:
-        problems_file: held-out problems (JSONL, ``problems.load_problems`` format).
-        name: label of this evaluation (folder under ``eval/``, metric ``eval/<name>_accuracy``).
-        max_problems: evaluate only the first ``max_problems`` problems.
+        benchmarks: the benchmarks and their protocols (``BenchmarkConfig`` items: ``name``,
+            ``path``, ``format``, ``limit``, ``n_samples``, ``temperature``, ``top_p``,
+            ``pass_k``, ``max_new_tokens``, ``seed``); see configs/eval/paper.yaml.
+        problems_file: a single problem file evaluated greedily as the benchmark ``name``
+            (``load_problems`` format), before ``benchmarks``.
+        name: the benchmark name of ``problems_file``.
+        max_problems: evaluate at most this many problems of every benchmark.
+        iteration_benchmarks: names of the benchmarks evaluated during training (M_0 and
+            after every iteration); ``None`` for all, ``[]`` for none.
+        iteration_max_problems: at most this many problems per benchmark during training.
+        iteration_max_samples: at most this many samples per problem during training
+            (avg@n then uses the smaller n; larger pass@k are dropped).
         verifier: answer verifier (``class_path``); default ``MathVerifyVerifier()``.
-        max_new_tokens: generation cap per response.
+        max_new_tokens: generation cap per response (a benchmark may set its own).
         batch_size: sequences per ``generate`` call.
+        label: the results row of ``hs-star test``; default: from ``--ckpt_path`` (run folder
+            and file name) or ``model.model_path`` (folder name).
         epochs_per_iteration: training epochs per iteration (linked to
             ``self_training.epochs_per_iteration``).
     """
 
     def __init__(
         self,
+        benchmarks: list[BenchmarkConfig] | None = None,
         problems_file: str | None = None,
         name: str = "test",
         max_problems: int | None = None,
+        iteration_benchmarks: list[str] | None = None,
+        iteration_max_problems: int | None = None,
+        iteration_max_samples: int | None = None,
         verifier: AnswerVerifier | None = None,
         max_new_tokens: int = 512,
         batch_size: int = 128,
+        label: str | None = None,
         epochs_per_iteration: int = 1,
     ) -> None:
-        if max_problems is not None and max_problems < 1:
-            raise ValueError(f"evaluation.max_problems must be >= 1, got {max_problems}")
+        errors = []
+        for key, value in (("max_problems", max_problems), ("iteration_max_problems", iteration_max_problems),
+                           ("iteration_max_samples", iteration_max_samples)):
+            if value is not None and value < 1:
+                errors.append(f"evaluation.{key} must be >= 1 (or null), got {value}")
         if epochs_per_iteration < 1:
-            raise ValueError(f"evaluation.epochs_per_iteration must be >= 1, got {epochs_per_iteration}")
+            errors.append(f"evaluation.epochs_per_iteration must be >= 1, got {epochs_per_iteration}")
+        if max_new_tokens < 1:
+            errors.append(f"evaluation.max_new_tokens must be >= 1, got {max_new_tokens}")
+        if batch_size < 1:
+            errors.append(f"evaluation.batch_size must be >= 1, got {batch_size}")
+        if label is not None and not _LABEL.match(label):
+            errors.append(f"evaluation.label {label!r} must be letters, digits, '_', '.' or '-' (it names files)")
+        configs = ([BenchmarkConfig(name=name, path=problems_file)] if problems_file is not None else []) + list(benchmarks or [])
+        names = [c.name for c in configs]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            errors.append(f"evaluation: benchmark names must be unique (problems_file is named by evaluation.name), "
+                          f"repeated: {duplicates}")
+        unknown = [n for n in iteration_benchmarks or [] if n not in names]
+        if unknown:
+            errors.append(f"evaluation.iteration_benchmarks names {unknown}, not among the benchmarks {names}")
+        if errors:
+            raise ValueError("; ".join(errors))
+        self.benchmarks = list(benchmarks or [])
         self.problems_file = problems_file
         self.name = name
+        self.configs = configs
         self.max_problems = max_problems
+        self.iteration_benchmarks = iteration_benchmarks
+        self.iteration_max_problems = iteration_max_problems
+        self.iteration_max_samples = iteration_max_samples
         self.verifier = verifier
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
+        self.label = label
         self.epochs_per_iteration = epochs_per_iteration
-        self._problems = None
+        self._fit_plan: list[tuple[BenchmarkConfig, list[Problem]]] = []
+        self._test_runs: list[_BenchmarkRun] = []
+        self._test_started: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.configs)
 
     @property
     def state_key(self) -> str:
         return f"EvaluationCallback[{self.name}]"
 
-    def directory(self, trainer: L.Trainer) -> Path:
-        return Path(trainer.default_root_dir) / "eval" / self.name
+    @staticmethod
+    def eval_root(trainer: L.Trainer) -> Path:
+        return Path(trainer.default_root_dir) / "eval"
+
+    def result_path(self, trainer: L.Trainer, benchmark: str, label: str) -> Path:
+        return self.eval_root(trainer) / benchmark / f"{label}.json"
+
+    # -- set-up ----------------------------------------------------------------------------
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.problems_file is None:
+        if stage == "test" and not self.active:
+            raise ValueError("hs-star test evaluates the evaluation group's benchmarks: set evaluation.benchmarks "
+                             "(configs/eval/paper.yaml, configs/eval/tiny.yaml) or evaluation.problems_file")
+        if not self.active or stage not in ("fit", "test"):
             return
-        problems = load_problems(self.problems_file)
-        self._problems = problems[: self.max_problems] if self.max_problems else problems
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "template"):
+            raise ValueError("evaluation needs MathDataModule as the data module (its data.template renders the prompts)")
         if self.verifier is None:
             from hs_star_pl.verifiers import MathVerifyVerifier
 
             self.verifier = MathVerifyVerifier()
+        if stage == "fit":
+            chosen = [c for c in self.configs if self.iteration_benchmarks is None or c.name in self.iteration_benchmarks]
+            caps = [n for n in (self.max_problems, self.iteration_max_problems) if n is not None]
+            self._fit_plan = [
+                (c.with_sample_cap(self.iteration_max_samples), load_benchmark(c, min(caps) if caps else None))
+                for c in chosen
+            ]
+            return
+        self._test_runs = []
+        for config in self.configs:
+            problems = load_benchmark(config, self.max_problems)
+            if len(problems) < trainer.world_size:
+                raise ValueError(f"evaluation.benchmarks[{config.name!r}]: {len(problems)} problems for "
+                                 f"{trainer.world_size} processes; every process needs at least one")
+            self._test_runs.append(_BenchmarkRun(config, problems, datamodule.template, self.max_new_tokens, self.batch_size))
+        from hs_star_pl.data import EvalSet
+
+        datamodule.set_eval_sets([EvalSet(r.config.name, r.problems, r.problems_per_batch, r.collate) for r in self._test_runs])
+
+    # -- during training -------------------------------------------------------------------
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._problems is not None:
+        if self._fit_plan:
             self.evaluate_policy(trainer, pl_module, trainer.current_epoch // self.epochs_per_iteration)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._problems is not None and (trainer.current_epoch + 1) % self.epochs_per_iteration == 0:
+        if self._fit_plan and (trainer.current_epoch + 1) % self.epochs_per_iteration == 0:
             self.evaluate_policy(trainer, pl_module, (trainer.current_epoch + 1) // self.epochs_per_iteration)
 
     def evaluate_policy(self, trainer: L.Trainer, pl_module: L.LightningModule, policy: int) -> dict[str, Any]:
-        """Evaluate the current policy as ``M_policy`` unless its result is already on disk."""
-        path = self.directory(trainer) / f"policy_{policy:03d}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-        from hs_star_pl.engines import HFEngine
+        """Evaluate the current policy as ``M_policy`` on the training-time benchmarks.
 
-        template = trainer.datamodule.template
+        A benchmark whose result file is already there is read instead (collective: every
+        rank must call this).
+        """
+        label = f"policy_{policy:03d}"
         rank, world = trainer.global_rank, trainer.world_size
-        engine = HFEngine(batch_size=self.batch_size, progress=False).bind(pl_module.model, pl_module.tokenizer)
-        mine = evaluate(
-            self._problems[rank::world],
-            engine=engine,
-            verifier=self.verifier,
-            render_prompt=lambda p: render_prompt(template, p.question),
-            params=SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=self.max_new_tokens),
-        )
-        parts = all_gather_objects(world, mine)
-        result = EvalResult.from_rows([r for part in parts for r in part.rows], mine.n_samples)
-        entry = {"policy": policy, "name": self.name, "problems_file": self.problems_file, "summary": result.summary()}
+        summaries: dict[str, dict[str, Any]] = {}
+        written: dict[str, tuple[BenchmarkConfig, dict, list]] = {}
+        for config, problems in self._fit_plan:
+            path = self.result_path(trainer, config.name, label)
+            if path.is_file():
+                summaries[config.name] = json.loads(path.read_text())["summary"]
+                continue
+            run = _BenchmarkRun(config, problems, trainer.datamodule.template, self.max_new_tokens, self.batch_size)
+            run.metric = run.metric.to(pl_module.device)
+            for batch in run.batches(problems[rank::world]):
+                started = time.perf_counter()
+                run.record(batch, pl_module.generate_for_eval(batch), self.verifier)
+                run.seconds += time.perf_counter() - started
+            summaries[config.name], rows = run.finish(world)
+            written[config.name] = (config, summaries[config.name], rows)
+        entry = policy_entry(label, summaries, policy=policy, kind="iteration")
         if trainer.is_global_zero:
-            write_json(path, {**entry, "rows": result.rows})
-            self._write_table(trainer)
+            for name, (config, summary, rows) in written.items():
+                self._write_result(trainer, config, label, policy, None, summary, rows)
+            self._write_tables(trainer, entry)
+            metrics = {"eval/policy": float(policy)}
+            for name, s in summaries.items():
+                metrics[f"eval/{name}_accuracy"] = s["accuracy"]
+                metrics.update({f"eval/{name}_{k}": v for k, v in s["pass_at_k"].items()})
+            if entry["average"] is not None:
+                metrics["eval/average_accuracy"] = entry["average"]
             for logger in trainer.loggers:
-                logger.log_metrics({f"eval/{self.name}_accuracy": result.accuracy, f"eval/{self.name}_policy": float(policy)}, step=trainer.global_step)
+                logger.log_metrics(metrics, step=trainer.global_step)
         trainer.strategy.barrier("hs_star_eval_written")
-        rank_zero_info(f"eval/{self.name}: M_{policy} accuracy {result.accuracy:.3f} on {result.n_problems} problems")
+        rank_zero_info(f"eval: M_{policy} " + ", ".join(f"{n} {s['metric']} {s['accuracy']:.3f}" for n, s in summaries.items()))
         return entry
 
-    def _write_table(self, trainer: L.Trainer) -> None:
-        entries = []
-        for f in sorted(self.directory(trainer).glob("policy_*.json")):
-            e = json.loads(f.read_text())
-            # M_{t+1} was trained on round t's pairs
-            summary_file = round_dir(trainer.default_root_dir, e["policy"] - 1) / "summary.json"
-            if e["policy"] > 0 and summary_file.is_file():
-                e["n_pairs"] = json.loads(summary_file.read_text()).get("n_pairs")
-            entries.append(e)
-        text = f"# Results: {self.name} ({self.problems_file})\n\n" + results_table(entries)
+    # -- hs-star test ----------------------------------------------------------------------
+
+    @override
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for run in self._test_runs:
+            run.metric = run.metric.to(pl_module.device)
+            run.metric.reset()
+            run.rows, run.seconds = [], 0.0
+
+    @override
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._test_started = time.perf_counter()
+
+    @override
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        run = self._test_runs[dataloader_idx]
+        run.record(batch, outputs, self.verifier)
+        if self._test_started is not None:
+            run.seconds += time.perf_counter() - self._test_started
+
+    @override
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        label = self.label or self._test_label(trainer, pl_module)
+        source = str(trainer.ckpt_path or getattr(pl_module, "model_path", None) or "model.tiny")
+        summaries, results = {}, []
+        for run in self._test_runs:
+            summary, rows = run.finish(trainer.world_size)
+            summaries[run.config.name] = summary
+            results.append((run.config, summary, rows))
+        entry = policy_entry(label, summaries, policy=None, kind="test", source=source)
+        if trainer.is_global_zero:
+            for config, summary, rows in results:
+                self._write_result(trainer, config, label, None, source, summary, rows)
+            self._write_tables(trainer, entry)
+        trainer.strategy.barrier("hs_star_test_written")
+        for name, s in summaries.items():
+            pl_module.log(f"test/{name}_accuracy", s["accuracy"], add_dataloader_idx=False)
+            for k, v in s["pass_at_k"].items():
+                pl_module.log(f"test/{name}_{k}", v, add_dataloader_idx=False)
+            if s["mean_tokens"] is not None:
+                pl_module.log(f"test/{name}_mean_tokens", s["mean_tokens"], add_dataloader_idx=False)
+        if entry["average"] is not None:
+            pl_module.log("test/average_accuracy", entry["average"], add_dataloader_idx=False)
+        rank_zero_info(f"eval: {label}: results in {self.eval_root(trainer)} and {Path(trainer.default_root_dir) / 'results.md'}")
+
+    @staticmethod
+    def _test_label(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+        if trainer.ckpt_path:
+            ckpt = Path(trainer.ckpt_path)
+            run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+            text = f"{run.name}-{ckpt.stem}"
+        elif getattr(pl_module, "model_path", None):
+            text = Path(pl_module.model_path).name
+        else:
+            text = "tiny"
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", text).lstrip("._-") or "model"
+
+    # -- files -----------------------------------------------------------------------------
+
+    def _write_result(self, trainer: L.Trainer, config: BenchmarkConfig, label: str, policy: int | None,
+                      source: str | None, summary: dict, rows: list) -> None:
+        write_json(self.result_path(trainer, config.name, label), {
+            "label": label, "policy": policy, "source": source, "name": config.name, "problems_file": config.path,
+            "benchmark": config.to_dict(), "summary": summary, "rows": rows,
+        })
+
+    def _write_tables(self, trainer: L.Trainer, entry: dict[str, Any]) -> None:
+        """Put ``entry`` into ``eval/results.json`` (replacing an older one of its label) and redraw ``results.md``."""
+        index = self.eval_root(trainer) / "results.json"
+        entries = json.loads(index.read_text())["entries"] if index.is_file() else []
+        entries = [e for e in entries if e["label"] != entry["label"]] + [entry]
+        entries.sort(key=lambda e: (e.get("kind") != "iteration", e.get("policy") or 0))  # stable: tests keep their order
+        for e in entries:
+            if e.get("kind") == "iteration" and e["policy"] > 0:  # M_{t+1} was trained on round t's pairs
+                summary_file = round_dir(trainer.default_root_dir, e["policy"] - 1) / "summary.json"
+                if summary_file.is_file():
+                    e["n_pairs"] = json.loads(summary_file.read_text()).get("n_pairs")
+        write_json(index, {"entries": entries})
+        shown = [{**e, "label": f"M_{e['policy']}" if e.get("kind") == "iteration" else e["label"]} for e in entries]
+        text = (
+            "# Evaluation results\n\n"
+            "Headline numbers in %: greedy accuracy (acc) or the mean accuracy over n samples (avg@n); "
+            "average = unweighted mean over the row's benchmarks; mean tokens = unweighted mean of the "
+            "benchmarks' mean response lengths. Every response: eval/<benchmark>/<label>.json.\n\n"
+        ) + results_table(shown)
         atomic_write_text(Path(trainer.default_root_dir) / "results.md", text)
 
+
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -9,6 +9,9 @@ and carried in the batches as ``ref_chosen_logps``/``ref_rejected_logps``.
 Batches come from ``MathDataModule``: ``input_ids``/``attention_mask``/``response_mask``
 ``(B, T)`` for SFT, and the same with ``2B`` rows (chosen first, then rejected) plus ``(B,)``
 reference log-probs for DPO.
+
+Evaluation (``hs-star test``) feeds ``test_step`` ``EvalBatch`` chunks of a benchmark; it
+generates with ``generate_for_eval`` and the evaluation callback grades and aggregates.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from hs_star_pl.collate import collate_pairs, encode_example, position_ids_from_mask
+from hs_star_pl.evaluation import EvalBatch
 from hs_star_pl.losses import chosen_nll, dpo_loss, get_dpo_loss, sequence_logps, sft_nll
+from hs_star_pl.protocols import Completion
 from hs_star_pl.records import PreferencePair
 from hs_star_pl.schedules import WarmupCosineLR
 from hs_star_pl.zero import max_over_ranks, needs_lockstep
@@ -272,6 +277,36 @@ class HSStarModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self.model_step(batch, "val")
+
+    # -- evaluation ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_for_eval(self, batch: EvalBatch) -> dict[str, list[Completion]]:
+        """Responses to an evaluation batch from the policy in memory (``HFEngine``).
+
+        The one generation path of evaluation: ``hs-star test`` reaches it through
+        ``test_step`` and the in-training evaluation calls it directly, so the two give the
+        same responses for the same weights and chunks. Runs under the trainer's precision
+        context when attached, as ``test_step`` does.
+        """
+        from hs_star_pl.engines import HFEngine
+
+        engine = HFEngine(batch_size=batch.batch_size, progress=False, seed_scope=batch.seed_scope)
+        engine.bind(self.model, self.tokenizer)
+        precision = self._trainer.strategy.precision_plugin.forward_context() if self._trainer else nullcontext()
+        with precision:
+            return engine.generate(batch.requests(), batch.params)
+
+    def test_step(self, batch: EvalBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, list[Completion]]:
+        """Generate for one chunk of a benchmark; ``EvaluationCallback`` grades and aggregates."""
+        return self.generate_for_eval(batch)
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        # Evaluation batches are text; Lightning's collection walk would also refuse their
+        # frozen dataclasses.
+        if isinstance(batch, EvalBatch):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def on_train_epoch_start(self) -> None:
         # The DataModule counted this epoch's examples when Lightning built the dataloader

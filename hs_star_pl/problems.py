@@ -2,10 +2,14 @@
 
 Covered: one JSON object per line, with the question under ``question``/``problem``/``query``
 (or a configured key) and the gold under ``answer``/``final_answer``/``gold`` (or a
-configured key). GSM8K's ``"... #### 1,234"`` answers are reduced to the part after
-``####``; single-element lists (OlympiadBench) are unwrapped; integral floats (AMC's
-``27.0``) become ``"27"``. Not covered here: deciding whether an answer is *parseable*
-(that is the verifier's job, see ``verifiers``).
+configured key). Gold fields are normalised by the one rule the verifiers use
+(``verifiers.normalize_gold``): GSM8K's ``"... #### 1,234"`` becomes ``"1234"``, ``"$...$"``
+and ``\\boxed{...}`` wrappers are removed, integral floats (AMC's ``27.0``) become ``"27"``,
+and a list holds *acceptable alternatives*: a one-element list (OlympiadBench) is unwrapped,
+a longer one is kept as a tuple of alternatives (any of them counts as right). A gold can
+also be taken from the last ``\\boxed{}`` of a solution field (Minerva Math). Not covered
+here: deciding whether an answer is *parseable* (that is the verifier's job, see
+``verifiers``).
 
 Every malformed row raises ``ProblemFileError`` naming the file and the 1-based line.
 """
@@ -21,17 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from hs_star_pl.records import Problem
+from hs_star_pl.records import GoldText, Problem
+from hs_star_pl.verifiers import last_boxed
+from hs_star_pl.verifiers import normalize_gold as gold_alternatives
 
 QUESTION_KEYS = ("question", "problem", "query", "prompt")
 ANSWER_KEYS = ("answer", "final_answer", "gold", "expected_answer")
 ID_KEYS = ("id", "unique_id", "idx", "problem_id")
 SOLUTION_KEYS = ("solution", "reference_solution")
 MAX_LINE_BYTES = 4 * 1024 * 1024
-
-_GSM8K_GOLD = re.compile(r"####\s*(.+?)\s*$", re.DOTALL)
-_THOUSANDS = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$")
-
 
 class ProblemFileError(ValueError):
     """A problem file (or one of its rows) cannot be used; the message names file and line."""
@@ -41,52 +43,81 @@ class ProblemFileError(ValueError):
         super().__init__(f"{where}: {message}")
         self.path = str(path)
         self.line = line
+        self.message = message
 
 
-def content_id(question: str, answer: str) -> str:
+def content_id(question: str, answer: GoldText) -> str:
     """Stable id from content: the same question and answer give the same id everywhere."""
-    digest = hashlib.sha256(f"{question}\x00{answer}".encode()).hexdigest()
+    text = answer if isinstance(answer, str) else "\x1f".join(answer)
+    digest = hashlib.sha256(f"{question}\x00{text}".encode()).hexdigest()
     return f"h{digest[:16]}"
 
 
-def normalize_gold(value: Any) -> str:
-    """Turn a gold-answer field into text, or raise ``TypeError``/``ValueError``.
+def _check_gold_type(value: Any, inside_list: bool = False) -> None:
+    if isinstance(value, bool) or value is None:
+        raise TypeError(f"expected a string, number or list of them, got {value!r}")
+    if isinstance(value, (list, tuple)) and not inside_list:
+        if not value:
+            raise ValueError("the answer list is empty")
+        for v in value:
+            _check_gold_type(v, inside_list=True)
+        return
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        raise ValueError(f"the answer is not a finite number: {value!r}")
+    if not isinstance(value, (str, int, float)):
+        raise TypeError(f"expected a string, number or list of them, got {type(value).__name__}")
+
+
+def normalize_gold(value: Any) -> GoldText:
+    """Turn a gold-answer field into text (or a tuple of alternatives), or raise.
+
+    The rule is ``verifiers.normalize_gold``, so what is stored is what gets graded; this
+    adds the type checks a data file needs. A list means acceptable alternatives.
 
     >>> normalize_gold("Janet has 3 ... #### 1,234")
     '1234'
-    >>> normalize_gold(27.0), normalize_gold(["$5$"]), normalize_gold([1, 2])
-    ('27', '$5$', '1, 2')
+    >>> normalize_gold(27.0), normalize_gold(["$5$"]), normalize_gold(["1/2", "0.5"])
+    ('27', '5', ('1/2', '0.5'))
+
+    Raises:
+        TypeError: not a string, number or list of them.
+        ValueError: empty, not finite, or nothing left after normalisation.
     """
-    if isinstance(value, bool) or value is None:
-        raise TypeError(f"expected a string, number or list of them, got {value!r}")
-    if isinstance(value, (list, tuple)):
-        if not value:
-            raise ValueError("the answer list is empty")
-        return ", ".join(normalize_gold(v) for v in value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError(f"the answer is not a finite number: {value!r}")
-        return str(int(value)) if value.is_integer() else repr(value)
-    if not isinstance(value, str):
-        raise TypeError(f"expected a string, number or list of them, got {type(value).__name__}")
-    text = value
-    match = _GSM8K_GOLD.search(text)
-    if match:
-        text = match.group(1)
-        if _THOUSANDS.match(text):
-            text = text.replace(",", "")
-    text = text.strip()
-    if not text:
+    _check_gold_type(value)
+    alternatives = gold_alternatives(list(value) if isinstance(value, tuple) else value)
+    if not alternatives:
         raise ValueError("the answer is empty")
-    return text
+    return alternatives[0] if len(alternatives) == 1 else alternatives
 
 
 def _pick(row: Mapping[str, Any], configured: str | None, candidates: Sequence[str]) -> str | None:
     if configured is not None:
         return configured if configured in row else None
     return next((k for k in candidates if k in row), None)
+
+
+@dataclass(frozen=True)
+class FieldMap:
+    """Where a row keeps each part of a problem (``None``: detect from the usual names).
+
+    Attributes:
+        question_key: field holding the question.
+        answer_key: field holding the gold.
+        id_key: field holding a stable id.
+        solution_key: field holding a reference solution.
+        answer_from: ``field``: the gold is the answer field itself; ``boxed``: the last
+            ``\\boxed{}`` in it (a worked solution, as Minerva Math stores its answers).
+        default_id: id of a row with no id field: ``content`` (a hash of question and
+            answer, the same wherever the problem appears) or ``line`` (``line-<n>``, for
+            benchmarks that hold repeated questions and no ids).
+    """
+
+    question_key: str | None = None
+    answer_key: str | None = None
+    id_key: str | None = None
+    solution_key: str | None = None
+    answer_from: Literal["field", "boxed"] = "field"
+    default_id: Literal["content", "line"] = "content"
 
 
 def load_problems(
@@ -96,6 +127,8 @@ def load_problems(
     answer_key: str | None = None,
     id_key: str | None = None,
     solution_key: str | None = None,
+    answer_from: Literal["field", "boxed"] = "field",
+    default_id: Literal["content", "line"] = "content",
     max_line_bytes: int = MAX_LINE_BYTES,
 ) -> list[Problem]:
     """Load problems from a JSONL file.
@@ -107,9 +140,13 @@ def load_problems(
         answer_key: field holding the gold; by default ``answer, final_answer, gold,
             expected_answer``.
         id_key: field holding a stable id; by default ``id, unique_id, idx, problem_id``,
-            and a content hash when none is present.
+            and ``default_id`` when none is present.
         solution_key: optional reference-solution field (``solution`` by default; for
-            GSM8K the whole ``answer`` text is kept as the solution).
+            GSM8K the whole ``answer`` text is kept as the solution; of a list of
+            alternative solutions, as OlympiadBench has, the first is kept).
+        answer_from: ``field`` (the gold is the answer field) or ``boxed`` (the last
+            ``\\boxed{}`` of the answer field; a row without one is an error).
+        default_id: ``content`` (hash of question and answer) or ``line`` (``line-<n>``).
         max_line_bytes: longer lines are rejected rather than parsed.
 
     Raises:
@@ -117,6 +154,11 @@ def load_problems(
             object, a missing/ill-typed question or answer, an over-long line, or a
             duplicate id (naming both lines).
     """
+    fields = FieldMap(question_key, answer_key, id_key, solution_key, answer_from, default_id)
+    if answer_from not in ("field", "boxed"):
+        raise ValueError(f"answer_from must be 'field' or 'boxed', got {answer_from!r}")
+    if default_id not in ("content", "line"):
+        raise ValueError(f"default_id must be 'content' or 'line', got {default_id!r}")
     path = Path(path)
     if not path.is_file():
         raise ProblemFileError(path, None, "no such problem file")
@@ -140,7 +182,7 @@ def load_problems(
                 raise ProblemFileError(path, lineno, f"invalid JSON: {err.msg} (column {err.colno})") from None
             if not isinstance(row, dict):
                 raise ProblemFileError(path, lineno, f"expected a JSON object, got {type(row).__name__}")
-            problem = _row_to_problem(path, lineno, row, question_key, answer_key, id_key, solution_key)
+            problem = _row_to_problem(path, lineno, row, fields)
             if problem.id in seen:
                 raise ProblemFileError(
                     path, lineno, f"duplicate problem id {problem.id!r} (first seen on line {seen[problem.id]})"
@@ -152,44 +194,51 @@ def load_problems(
     return problems
 
 
-def _row_to_problem(
-    path: Path,
-    lineno: int,
-    row: dict[str, Any],
-    question_key: str | None,
-    answer_key: str | None,
-    id_key: str | None,
-    solution_key: str | None,
-) -> Problem:
-    qk = _pick(row, question_key, QUESTION_KEYS)
+def _gold_of(value: Any, answer_from: str) -> GoldText:
+    if answer_from == "boxed":
+        if not isinstance(value, str):
+            raise TypeError(f"expected a solution string with a \\boxed{{}} answer, got {type(value).__name__}")
+        boxed = last_boxed(value)
+        if boxed is None:
+            raise ValueError("no \\boxed{} answer in it")
+        value = boxed
+    return normalize_gold(value)
+
+
+def _row_to_problem(path: Path, lineno: int, row: dict[str, Any], fields: FieldMap) -> Problem:
+    qk = _pick(row, fields.question_key, QUESTION_KEYS)
     if qk is None:
-        wanted = repr(question_key) if question_key else " or ".join(map(repr, QUESTION_KEYS))
+        wanted = repr(fields.question_key) if fields.question_key else " or ".join(map(repr, QUESTION_KEYS))
         raise ProblemFileError(path, lineno, f"no question field ({wanted}); row has {sorted(row)}")
     question = row[qk]
     if not isinstance(question, str) or not question.strip():
         raise ProblemFileError(path, lineno, f"field {qk!r} must be a non-empty string, got {question!r:.60}")
-    ak = _pick(row, answer_key, ANSWER_KEYS)
+    ak = _pick(row, fields.answer_key, ANSWER_KEYS)
     if ak is None:
-        wanted = repr(answer_key) if answer_key else " or ".join(map(repr, ANSWER_KEYS))
+        wanted = repr(fields.answer_key) if fields.answer_key else " or ".join(map(repr, ANSWER_KEYS))
         raise ProblemFileError(path, lineno, f"no answer field ({wanted}); row has {sorted(row)}")
     try:
-        answer = normalize_gold(row[ak])
+        answer = _gold_of(row[ak], fields.answer_from)
     except (TypeError, ValueError) as err:
         raise ProblemFileError(path, lineno, f"field {ak!r}: {err}") from None
-    sk = _pick(row, solution_key, SOLUTION_KEYS)
+    sk = _pick(row, fields.solution_key, SOLUTION_KEYS)
     solution = row.get(sk) if sk else None
     if solution is None and isinstance(row[ak], str) and "####" in row[ak]:
         solution = row[ak]  # GSM8K keeps its worked solution in the answer field
+    if isinstance(solution, list) and solution and all(isinstance(x, str) for x in solution):
+        solution = solution[0]  # OlympiadBench lists alternative complete solutions
     if solution is not None and not isinstance(solution, str):
-        raise ProblemFileError(path, lineno, f"field {sk!r} must be a string, got {type(solution).__name__}")
-    ik = _pick(row, id_key, ID_KEYS)
-    if id_key is not None and ik is None:
-        raise ProblemFileError(path, lineno, f"no id field {id_key!r}")
+        raise ProblemFileError(path, lineno, f"field {sk!r} must be a string (or a list of strings), got {type(solution).__name__}")
+    ik = _pick(row, fields.id_key, ID_KEYS)
+    if fields.id_key is not None and ik is None:
+        raise ProblemFileError(path, lineno, f"no id field {fields.id_key!r}")
     if ik is not None:
         raw_id = row[ik]
         if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or str(raw_id) == "":
             raise ProblemFileError(path, lineno, f"field {ik!r} must be a non-empty string or integer")
         pid = str(raw_id)
+    elif fields.default_id == "line":
+        pid = f"line-{lineno}"
     else:
         pid = content_id(question, answer)
     used = {qk, ak, ik, sk}
@@ -203,7 +252,8 @@ def write_problems(path: str | Path, problems: Iterable[Problem]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as fh:
         for p in problems:
-            row = {"id": p.id, "question": p.question, "answer": p.answer}
+            answer = p.answer if isinstance(p.answer, str) else list(p.answer)
+            row = {"id": p.id, "question": p.question, "answer": answer}
             if p.solution is not None:
                 row["solution"] = p.solution
             row.update(p.metadata)

@@ -16,7 +16,7 @@ import enum
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 
 class Phase(str, enum.Enum):
@@ -38,6 +38,10 @@ class Difficulty(str, enum.Enum):
     OUTLIER = "outlier"
 
 
+GoldText = Union[str, tuple[str, ...]]
+"""A problem's gold answer: one text, or a tuple of acceptable alternatives."""
+
+
 @dataclass(frozen=True)
 class Problem:
     """One math problem.
@@ -45,7 +49,8 @@ class Problem:
     Attributes:
         id: stable identifier (from the data file, else a content hash; see ``problems``).
         question: the problem statement shown to the policy.
-        answer: the gold final answer as text (e.g. ``"42"``, ``"\\frac{1}{2}"``).
+        answer: the gold final answer as text (e.g. ``"42"``, ``"\\frac{1}{2}"``), or a
+            tuple of acceptable alternatives (any one is right).
         solution: an optional reference solution (steps separated by the step delimiter),
             used by step-wise initialization.
         metadata: anything else from the source row (source, level, subject, ...).
@@ -53,7 +58,7 @@ class Problem:
 
     id: str
     question: str
-    answer: str
+    answer: GoldText
     solution: str | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
@@ -61,7 +66,7 @@ class Problem:
         return {
             "id": self.id,
             "question": self.question,
-            "answer": self.answer,
+            "answer": self.answer if isinstance(self.answer, str) else list(self.answer),
             "solution": self.solution,
             "metadata": dict(self.metadata),
         }
@@ -71,7 +76,7 @@ class Problem:
         return cls(
             id=row["id"],
             question=row["question"],
-            answer=row["answer"],
+            answer=row["answer"] if isinstance(row["answer"], str) else tuple(row["answer"]),
             solution=row.get("solution"),
             metadata=dict(row.get("metadata") or {}),
         )

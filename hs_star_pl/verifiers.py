@@ -100,6 +100,17 @@ def _boxed_contents(text: str) -> list[str]:
     return found
 
 
+def last_boxed(text: str) -> str | None:
+    """Contents of the last complete non-empty ``\\boxed{...}`` (or ``\\fbox``), else ``None``.
+
+    >>> last_boxed("so $\\\\boxed{1.6} \\\\mathrm{~cm}$")
+    '1.6'
+    """
+    boxed = [b.strip() for b in _boxed_contents(text)]
+    boxed = [b for b in boxed if b]
+    return boxed[-1] if boxed else None
+
+
 def _clean_tail(text: str) -> str | None:
     """The answer in the rest of a line after an anchor: trim ``$``, spaces, final period."""
     line = text.strip().split("\n", 1)[0].strip()
@@ -121,10 +132,9 @@ def extract_answer(response: str) -> str | None:
     """
     if not isinstance(response, str):
         raise TypeError(f"response must be a string, got {type(response).__name__}")
-    boxed = [b.strip() for b in _boxed_contents(response)]
-    boxed = [b for b in boxed if b]
-    if boxed:
-        return boxed[-1]
+    boxed = last_boxed(response)
+    if boxed is not None:
+        return boxed
     for pattern in (_ANSWER_IS, _ANSWER_COLON):
         matches = list(pattern.finditer(response))
         if matches:

@@ -18,11 +18,14 @@ BASE = CONFIGS / "base.yaml"
 # once the CLI accepts them this xfail turns into a failure, and the marker must go.
 PENDING_GROUPS: set[str] = set()
 # Configs whose M_0 is trained on first use: parsed with the session's tiny M_0 instead.
-NEEDS_M0 = {"tiny/hs_star.yaml"}
+NEEDS_M0 = {"tiny/hs_star.yaml", *(f"tiny/methods/{p.name}" for p in (CONFIGS / "tiny" / "methods").glob("*.yaml"))}
 # Fragments that only add a component: parsed on top of these (most specific key wins).
 FRAGMENT_BASE = {
     "engine": [CONFIGS / "debug" / "tiny_cpu.yaml"],
     "strategy": [CONFIGS / "debug" / "tiny_cpu.yaml"],
+    # evaluation configs take the model from the command line (--model.model_path or --ckpt_path)
+    "eval": [CONFIGS / "debug" / "tiny_cpu.yaml"],
+    "tiny/methods": [CONFIGS / "tiny" / "hs_star.yaml"],  # baseline and ablation overlays
     "strategy/deepspeed_offload.yaml": [CONFIGS / "debug" / "tiny_cpu.yaml", CONFIGS / "strategy" / "deepspeed_zero2_cpu.yaml"],
     "paper": [CONFIGS / "strategy" / "deepspeed_zero2.yaml"],
     "paper/prm": [CONFIGS / "strategy" / "deepspeed_zero2.yaml", CONFIGS / "paper" / "hs_star.yaml"],
@@ -99,7 +102,7 @@ def test_yaml_opens_with_purpose_and_command(path: Path):
             break
         header.append(line)
     assert len(header) >= 2, f"{path} must open with a comment saying what it is for"
-    assert any("hs-star fit -c configs/" in line for line in header), f"{path}: no exact command"
+    assert any(f"hs-star {verb} -c configs/" in line for line in header for verb in ("fit", "test")), f"{path}: no exact command"
 
 
 @pytest.mark.parametrize("path", [cli_param(p) for p in YAMLS])

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from hs_star_pl.problems import ProblemFileError, ProblemPool, content_id, load_problems, write_problems
+from hs_star_pl.problems import ProblemFileError, ProblemPool, content_id, load_problems, normalize_gold, write_problems
 from hs_star_pl.records import Problem
 
 
@@ -29,7 +29,7 @@ def test_common_dataset_shapes_are_mapped(tmp_path):
     p1, p2, p3, p4, p5 = load_problems(f)
     assert (p1.answer, p1.solution.endswith("#### 1,234")) == ("1234", True)
     assert (p2.id, p2.question, p2.answer, p2.solution) == ("test/1", "Q2", "\\frac{1}{2}", "s")
-    assert (p3.id, p3.answer) == ("7", "$5$")
+    assert (p3.id, p3.answer) == ("7", "5")  # a one-element list is unwrapped, "$" removed
     assert (p4.answer, p4.metadata) == ("27", {"level": 3})
     assert p5.answer == "2.5"
     assert p1.id == content_id("Q1", "1234") and p1.id != content_id("Q1", "1235")
@@ -45,6 +45,40 @@ def test_write_then_load_round_trips(tmp_path):
     problems = [Problem("a", "Q?", "1", "Step 1\n\nStep 2", {"src": "x"}), Problem("b", "R?", "2")]
     write_problems(tmp_path / "p.jsonl", problems)
     assert load_problems(tmp_path / "p.jsonl") == problems
+
+
+def test_a_gold_list_means_alternatives_in_the_file_and_in_the_verifier(tmp_path):
+    """One rule for lists (``verifiers.normalize_gold``): a one-element list is unwrapped, a
+    longer one is a tuple of acceptable answers that survives a write/load round trip and
+    that the verifier accepts any member of."""
+    from hs_star_pl.verifiers import ExactMatchVerifier
+
+    f = write_lines(tmp_path / "alt.jsonl", [json.dumps({"id": "a", "question": "Q", "answer": ["$\\frac{1}{2}$", "0.5"]})])
+    (p,) = load_problems(f)
+    assert p.answer == ("\\frac{1}{2}", "0.5")
+    assert normalize_gold(["$5$"]) == "5" and normalize_gold(("3", "3")) == "3"
+    assert ExactMatchVerifier().verify(["\\boxed{0.5}", "\\boxed{1/2}", "\\boxed{2}"], [p.answer] * 3) == [True, True, False]
+    write_problems(tmp_path / "back.jsonl", [p])
+    assert load_problems(tmp_path / "back.jsonl") == [p]
+    assert Problem.from_dict(p.to_dict()) == p
+    assert content_id("Q", ("1", "2")) != content_id("Q", "1, 2")
+
+
+def test_gold_from_the_last_box_of_a_solution_and_line_ids(tmp_path):
+    f = write_lines(tmp_path / "minerva.jsonl", [
+        json.dumps({"problem": "P", "solution": "First $\\boxed{3}$, then $s=\\boxed{1.6} \\mathrm{~cm}$"}),
+        json.dumps({"problem": "P", "solution": "the same question again, no box"}),
+    ])
+    with pytest.raises(ProblemFileError, match=r"minerva.jsonl:2: field 'solution': no \\boxed\{\} answer in it"):
+        load_problems(f, answer_key="solution", answer_from="boxed", default_id="line")
+    (p,) = load_problems(write_lines(tmp_path / "one.jsonl", [f.read_text().splitlines()[0]]), answer_key="solution",
+                         answer_from="boxed", default_id="line")
+    assert (p.id, p.answer, p.solution.startswith("First")) == ("line-1", "1.6", True)
+
+
+def test_a_list_of_solutions_keeps_the_first(tmp_path):
+    f = write_lines(tmp_path / "ob.jsonl", [json.dumps({"id": 1, "question": "Q", "final_answer": ["$2$"], "solution": ["A.", "B."]})])
+    assert load_problems(f)[0].solution == "A."
 
 
 BAD_ROWS = [

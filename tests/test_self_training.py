@@ -251,7 +251,9 @@ def test_the_demo_command_bootstraps_m0_then_self_trains_and_evaluates(tmp_path)
     first = json.loads(evals[0].read_text())
     assert first["summary"]["n_problems"] == 30 and len(first["rows"]) == 30
     table = (run / "results.md").read_text().splitlines()
-    assert [line.split("|")[1].strip() for line in table[4:]] == ["M_0", "M_1", "M_2", "M_3"]
+    head = next(i for i, line in enumerate(table) if line.startswith("| policy | test |"))
+    assert [line.split("|")[1].strip() for line in table[head + 2 : head + 6]] == ["M_0", "M_1", "M_2", "M_3"]
+    assert table[head + 6] == ""  # one row per policy
     # a second run reuses the installed M_0 instead of training it again
     mtime = (m0 / "model.safetensors").stat().st_mtime_ns
     complete(args[:-2] + [f"--trainer.default_root_dir={tmp_path / 'again'}", f"--trainer.logger.init_args.save_dir={tmp_path / 'again'}",

@@ -14,6 +14,8 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from hs_star_pl import faults
+
 
 def export_hf(module: L.LightningModule, directory: str | Path) -> Path:
     """Save ``module.model`` and ``module.tokenizer`` to ``directory`` (rank 0 writes).
@@ -36,9 +38,10 @@ def export_hf(module: L.LightningModule, directory: str | Path) -> Path:
             shutil.rmtree(tmp)
         module.model.save_pretrained(tmp)
         module.tokenizer.save_pretrained(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
+        with faults.persisting("export", name=directory.name):
+            if directory.exists():
+                shutil.rmtree(directory)
+            tmp.rename(directory)
         rank_zero_info(f"exported the policy to {directory}")
     if trainer is not None:
         trainer.strategy.barrier("export_hf")

@@ -293,12 +293,17 @@ class MathDataModule(L.LightningDataModule):
         if self.val_examples and isinstance(self.val_examples[0], PreferencePair):
             self._encode(self.val_examples, "val")
         items = self._encode(self.train_examples, "train")
-        generator = torch.Generator().manual_seed(self.seed + (self.trainer.current_epoch if self.trainer else 0))
+        # The epoch's order is drawn here, once, not by a RandomSampler when Lightning iterates:
+        # a run resumed from a checkpoint creates the iterator a different number of times, so a
+        # shared generator shuffled differently and the resumed run did not reproduce the
+        # uninterrupted one. Under DDP, Lightning splits this fixed order across the ranks.
+        epoch = self.trainer.current_epoch if self.trainer else 0
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(len(items), generator=generator).tolist() if self.shuffle else list(range(len(items)))
         return DataLoader(
             items,
             batch_size=self.batch_size,
-            shuffle=self.shuffle,
-            generator=generator,
+            sampler=order,
             num_workers=self.num_workers,
             collate_fn=self.collate,
         )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hs_star_pl.protocols import AnswerVerifier, GenerationRequest, RolloutEngine, SamplingParams
-from hs_star_pl.records import Problem, mean_or_none
+from hs_star_pl.records import Problem, mean_or_none, utf8_safe
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def evaluate(
     if n_samples < 1:
         raise ValueError(f"evaluation.n_samples must be >= 1, got {n_samples}")
     outputs = engine.generate([GenerationRequest(p.id, render_prompt(p), n_samples) for p in problems], params)
-    texts = [c.text for p in problems for c in outputs[p.id]]
+    texts = [utf8_safe(c.text) for p in problems for c in outputs[p.id]]
     golds = [p.answer for p in problems for _ in outputs[p.id]]
     verdicts = verifier.verify(texts, golds)
     rows, cursor = [], 0
@@ -79,7 +79,7 @@ def evaluate(
             {
                 "problem_id": p.id,
                 "gold": p.answer,
-                "responses": [c.text for c in got],
+                "responses": [utf8_safe(c.text) for c in got],
                 "correct": list(mine),
                 "n_tokens": [c.n_tokens for c in got],
                 "accuracy": sum(v is True for v in mine) / len(mine),

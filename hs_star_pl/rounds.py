@@ -46,6 +46,7 @@ from hs_star_pl.records import (
     ScoredRollout,
     SftExample,
     mean_or_none,
+    utf8_safe,
 )
 from hs_star_pl.selection import SelectionConfig, select_training_data
 from hs_star_pl.steps import DEFAULT_STEP_DELIMITER, split_steps
@@ -210,7 +211,7 @@ def generate_rollouts(
                 problem_id=req.key,
                 sample_index=first + i,
                 phase=phase,
-                text=c.text,
+                text=utf8_safe(c.text),  # model output goes into JSON artifacts
                 finish_reason=c.finish_reason,
                 n_tokens=c.n_tokens,
             )

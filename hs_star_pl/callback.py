@@ -129,6 +129,7 @@ class SelfTrainingCallback(L.Callback):
         self._trainer: L.Trainer | None = None
         self._served: dict[int, list] = {}
         self._restored: dict[str, Any] = {}
+        self._unlogged: dict[int, dict[str, float]] = {}
         self.history: list[dict[str, Any]] = []
 
     @property
@@ -330,11 +331,20 @@ class SelfTrainingCallback(L.Callback):
             metrics[f"round/samples_{cls}"] = float(n)
         for phase, seconds in summary["seconds"].items():
             metrics[f"round/seconds_{phase}"] = float(seconds)
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+        self._unlogged[result.iteration] = metrics  # logged when the iteration's training starts
         entry = {"iteration": result.iteration, "directory": str(directory), **summary}
         self.history = [h for h in self.history if h["iteration"] != result.iteration] + [entry]
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Not when the round is served: a fit resumed from an epoch-end checkpoint first builds
+        # the dataloader of the epoch it already trained, which would log that round again.
+        if not self.active or trainer.current_epoch % self.epochs_per_iteration:
+            return
+        metrics = self._unlogged.pop(trainer.current_epoch // self.epochs_per_iteration, None)
+        if metrics is not None and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -11,6 +11,7 @@ About 25 s per case on 2 cores.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -88,6 +89,18 @@ def test_a_run_killed_at_a_fault_point_resumes_to_the_uninterrupted_result(fault
     assert missing_work(ref_trace, events) == []
     assert leftover_temporaries(run_dir) == []
     assert all((round_dir(run_dir, t) / DONE).is_file() for t in (0, 1))
+
+
+def test_resuming_a_finished_run_changes_nothing(reference, tiny_m0, tmp_path):
+    """A kill after the last checkpoint (during teardown) leaves a finished run; resuming it
+    must neither redo work nor log a round's metrics a second time (the soak found that)."""
+    ref_run, ref_trace = reference
+    m0, problems = tiny_m0
+    run_dir, trace = tmp_path / "run", tmp_path / "trace.jsonl"
+    shutil.copytree(ref_run, run_dir)
+    assert run([*run_args(run_dir, m0, problems), "--ckpt_path=last"], tmp_path, trace=trace) == 0, log_tail(tmp_path)
+    assert compare_runs(ref_run, run_dir) == []
+    assert not trace.exists(), "the resumed run reached a fault point: it did work again"
 
 
 def test_the_soak_script_starts():

@@ -12,7 +12,7 @@ loses nothing that was finished. Code about to persist a unit of work wraps the 
 ``HS_STAR_TRACE=<file>``
     append one JSON line per point reached (``"event": "reach"``) and per write finished
     (``"event": "saved"``): the point, its labels (``iteration``, ``phase``, ``epoch``...),
-    the occurrence index ``k`` and the process id. A unit of work traced ``saved`` and then
+    the occurrence index ``k``, the process id and the wall-clock time ``t``. A unit of work traced ``saved`` and then
     ``reach``\\ ed again was redone.
 
 The points are listed in ``POINTS``. This is a testing hook: production runs never set the
@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -61,7 +62,7 @@ def parse_fault(spec: str) -> tuple[str, int]:
 
 
 def _append(path: str, event: dict[str, Any]) -> None:
-    line = (json.dumps(event, sort_keys=True) + "\n").encode()
+    line = (json.dumps({**event, "t": round(time.time(), 3)}, sort_keys=True) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line)  # one write of a short line: lines of several processes never interleave

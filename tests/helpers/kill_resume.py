@@ -165,7 +165,7 @@ def compare_runs(reference: Path, other: Path, n_iterations: int = N_ITERATIONS)
 
 
 def _unit(event: dict[str, Any]) -> tuple:
-    return tuple(sorted((k, v) for k, v in event.items() if k not in ("event", "k", "pid")))
+    return tuple(sorted((k, v) for k, v in event.items() if k not in ("event", "k", "pid", "t")))
 
 
 def redone_work(events: Sequence[dict[str, Any]]) -> list[str]:

@@ -7,6 +7,7 @@ Layout of one iteration (``<run dir>/rounds/round_NNN/``)::
     presample_scored.jsonl    phase store: ... with verdict and step scores
     resample_generated.jsonl  phase store: re-samples as generated
     resample_scored.jsonl     phase store: ... scored
+    reference_logps.jsonl     phase store: the pairs with their reference log-probs under M_t
     rollouts.jsonl            every scored rollout of the round
     difficulty.jsonl          per problem: phi_a, phi_r, class, sample counts
     ledger.json               the budget ledger (per-problem counts, totals per phase/class)
@@ -17,7 +18,8 @@ Layout of one iteration (``<run dir>/rounds/round_NNN/``)::
 Every file is written to a temporary name in the same folder, flushed and fsynced, then
 renamed over the final name, so a reader never sees half a file and a crash leaves either
 the old state or the new. A folder without ``DONE`` is an unfinished round: its phase files
-are reused on resume, everything else is rewritten.
+are reused on resume, everything else is rewritten (and the temporary files a SIGKILL left
+behind are removed, ``remove_stale_temporaries``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from hs_star_pl import faults
 from hs_star_pl.budget import BudgetLedger
+from hs_star_pl.errors import InputFileError
 from hs_star_pl.records import PreferencePair, Problem, ProblemDifficulty, ScoredRollout, SftExample
 from hs_star_pl.rounds import RoundResult
 
@@ -43,7 +47,8 @@ def round_dir(run_dir: str | Path, iteration: int) -> Path:
     return Path(run_dir) / "rounds" / f"round_{iteration:03d}"
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """fsync a folder, so a rename inside it survives a power loss (no-op where unsupported)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # platforms without directory fds
@@ -68,7 +73,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> None:
@@ -91,7 +96,10 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: invalid JSON in a round artifact: {err.msg}") from None
+                raise InputFileError(
+                    f"{path}:{lineno}: invalid JSON in a round artifact ({err.msg}); the file was changed "
+                    f"outside hs-star: delete the round folder's DONE marker and the damaged file to redo it"
+                ) from None
     return rows
 
 
@@ -127,8 +135,24 @@ def write_round(directory: str | Path, result: RoundResult, extra_summary: Mappi
     summary = result.summary()
     summary["dropped_problem_ids"] = list(result.dropped)
     summary.update(extra_summary or {})
-    write_json(directory / "summary.json", summary)
-    atomic_write_text(directory / DONE, "")
+    with faults.persisting("round_write"):
+        write_json(directory / "summary.json", summary)
+        atomic_write_text(directory / DONE, "")
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete the temporary files a killed writer left in ``directory`` (``.<name>.*.tmp``).
+
+    ``atomic_write_text`` removes its temporary file on an exception, but a SIGKILL leaves it.
+    Call this only while no other process writes into ``directory``. Returns what was removed.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = sorted(p for p in directory.glob(".*.tmp") if p.is_file())
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def write_examples(directory: str | Path, examples: list[PreferencePair] | list[SftExample]) -> Path:

@@ -37,14 +37,16 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from hs_star_pl.artifacts import RoundStore, is_complete, read_round, round_dir, write_round
+from hs_star_pl import faults
+from hs_star_pl.artifacts import RoundStore, is_complete, read_round, remove_stale_temporaries, round_dir, write_round
 from hs_star_pl.budget import BudgetAllocator, HierarchicalBudget
 from hs_star_pl.difficulty import DifficultyConfig
 from hs_star_pl.distributed import all_gather_objects
+from hs_star_pl.errors import ConfigError, EmptyRoundError
 from hs_star_pl.problems import ProblemPool, load_problems
 from hs_star_pl.protocols import AnswerVerifier, ProcessRewardModel, RolloutEngine, SamplingParams
 from hs_star_pl.records import PreferencePair
-from hs_star_pl.rounds import RoundConfig, RoundResult, run_round
+from hs_star_pl.rounds import RoundConfig, RoundResult, explain_no_examples, run_round
 from hs_star_pl.selection import SelectionConfig
 from hs_star_pl.steps import DEFAULT_STEP_DELIMITER
 from hs_star_pl.templates import render_prompt
@@ -79,6 +81,10 @@ class SelfTrainingCallback(L.Callback):
         step_delimiter: splits responses into steps for the PRM (paper: a blank line).
         seed: fixes every random choice of every round (draws, sampling, budget, pairs).
         plots: write ``difficulty.png`` per round (needs matplotlib; skipped without it).
+        on_empty_round: what to do when a round yields no training examples (no boundary
+            problem, no pair, every gold ungradeable): ``skip`` trains on nothing that
+            iteration (M_{t+1} = M_t) with a warning saying why; ``error`` stops the run with
+            that message. The round's artifacts are kept either way.
     """
 
     def __init__(
@@ -98,6 +104,7 @@ class SelfTrainingCallback(L.Callback):
         step_delimiter: str = DEFAULT_STEP_DELIMITER,
         seed: int = 0,
         plots: bool = True,
+        on_empty_round: Literal["skip", "error"] = "skip",
     ) -> None:
         if n_iterations < 1:
             raise ValueError(f"self_training.n_iterations must be >= 1, got {n_iterations}")
@@ -105,6 +112,10 @@ class SelfTrainingCallback(L.Callback):
             raise ValueError(f"self_training.epochs_per_iteration must be >= 1, got {epochs_per_iteration}")
         if problems_file is not None and prm is None:
             raise ValueError("self_training.prm is required when self_training.problems_file is set")
+        if problems_per_iteration is not None and problems_per_iteration < 1:
+            raise ValueError(f"self_training.problems_per_iteration must be >= 1, got {problems_per_iteration}")
+        if on_empty_round not in ("skip", "error"):
+            raise ValueError(f"self_training.on_empty_round must be 'skip' or 'error', got {on_empty_round!r}")
         self.problems_file = problems_file
         self.prm = prm
         self.engine = engine
@@ -117,10 +128,12 @@ class SelfTrainingCallback(L.Callback):
         self.on_exhausted = on_exhausted
         self.seed = seed
         self.plots = plots
+        self.on_empty_round = on_empty_round
         self._pool: ProblemPool | None = None
         self._trainer: L.Trainer | None = None
         self._served: dict[int, list] = {}
         self._restored: dict[str, Any] = {}
+        self._unlogged: dict[int, dict[str, float]] = {}
         self.history: list[dict[str, Any]] = []
 
     @property
@@ -157,13 +170,13 @@ class SelfTrainingCallback(L.Callback):
         elif datamodule.train_file is not None or datamodule.problems_file is not None:
             errors.append("data.train_file and data.problems_file must be unset: self-training makes its own data")
         if errors:
-            raise ValueError("self-training configuration:\n  - " + "\n  - ".join(errors))
+            raise ConfigError("self-training configuration:\n  - " + "\n  - ".join(errors))
         problems = tuple(load_problems(self.problems_file))
-        self._pool = ProblemPool(problems, self.problems_per_iteration, self.seed, self.on_exhausted)
         try:
+            self._pool = ProblemPool(problems, self.problems_per_iteration, self.seed, self.on_exhausted)
             self._pool.draw(self.n_iterations - 1)  # fail now, not after days of training
         except ValueError as err:
-            raise ValueError(f"self_training.problems_file={self.problems_file}: {err}") from None
+            raise ConfigError(f"self_training.problems_file={self.problems_file}: {err}") from None
         if self.engine is None:
             from hs_star_pl.engines import HFEngine
 
@@ -202,18 +215,32 @@ class SelfTrainingCallback(L.Callback):
             result = self._run_round(trainer, iteration, directory)
         self._record(trainer, result, directory)
         if not result.examples:
-            counts = {k: result.summary()[k] for k in ("n_inlier", "n_boundary", "n_outlier", "n_pairs")}
-            raise RuntimeError(
-                f"round {iteration} produced no training examples ({counts}); an epoch without data "
-                f"ends training. Its artifacts are in {directory}. Train on more problems "
-                f"(self_training.problems_per_iteration), other classes (self_training.selection."
-                f"train_classes) or with a larger budget (self_training.budget.samples_per_problem)."
+            reason = explain_no_examples(result, self.round_config.selection)
+            if self.on_empty_round == "error":
+                raise EmptyRoundError(
+                    f"round {iteration} produced no training examples: {reason}. Its artifacts are kept in "
+                    f"{directory}. Set self_training.on_empty_round: skip to go on without training this "
+                    f"iteration, or change the data (self_training.problems_per_iteration), the classes "
+                    f"(self_training.selection.train_classes), the thresholds (self_training.difficulty) or "
+                    f"the budget (self_training.budget)."
+                )
+            rank_zero_warn(
+                f"round {iteration} produced no training examples: {reason}. Iteration {iteration} trains on "
+                f"nothing (M_{iteration + 1} = M_{iteration}); self_training.on_empty_round: error stops instead."
             )
         return list(result.examples)
 
     def _run_round(self, trainer: L.Trainer, iteration: int, directory: Path) -> RoundResult:
+        with faults.scope(iteration=iteration):
+            return self._run_round_in_scope(trainer, iteration, directory)
+
+    def _run_round_in_scope(self, trainer: L.Trainer, iteration: int, directory: Path) -> RoundResult:
         module = trainer.lightning_module
         datamodule = trainer.datamodule
+        if trainer.is_global_zero:  # a killed writer's leftovers; before any rank writes here
+            remove_stale_temporaries(directory)
+        trainer.strategy.barrier("hs_star_round_clean")
+        store = RoundStore(directory)
         started = time.perf_counter()
         canary = self._prepare_engine(module)
         seconds_sync = time.perf_counter() - started
@@ -228,7 +255,7 @@ class SelfTrainingCallback(L.Callback):
             render_prompt=lambda p: render_prompt(template, p.question),
             iteration=iteration,
             seed=self.seed,
-            store=RoundStore(directory),
+            store=store,
             shard=(trainer.global_rank, trainer.world_size),
             gather=lambda mine: all_gather_objects(trainer.world_size, mine),
             broadcast=lambda value: trainer.strategy.broadcast(value, src=0),
@@ -241,8 +268,10 @@ class SelfTrainingCallback(L.Callback):
             extra["canary_max_abs_logprob_diff"] = canary.max_abs_diff
         if result.examples and isinstance(result.examples[0], PreferencePair):
             ref_started = time.perf_counter()
-            result.examples = self._reference_logps(trainer, module, datamodule, result.examples)
+            result.examples = self._reference_logps(trainer, module, datamodule, result.examples, store)
             extra["seconds_reference_logps"] = time.perf_counter() - ref_started
+        if not result.examples:
+            extra["empty_reason"] = explain_no_examples(result, self.round_config.selection)
         extra["seconds_round"] = time.perf_counter() - started
         if trainer.is_global_zero:
             write_round(directory, result, extra_summary=extra)
@@ -270,8 +299,18 @@ class SelfTrainingCallback(L.Callback):
             return engine.sync_weights(module.model, weights=iter_full_state_dict(module.model), tokenizer=module.tokenizer)
         return None
 
-    def _reference_logps(self, trainer, module, datamodule, pairs: list[PreferencePair]) -> list[PreferencePair]:
-        """Reference log-probs under M_t, computed shard-wise and gathered."""
+    def _reference_logps(self, trainer, module, datamodule, pairs: list[PreferencePair], store: RoundStore) -> list[PreferencePair]:
+        """Reference log-probs under M_t, computed shard-wise and gathered; kept as a phase file.
+
+        A resumed round reads them back when the saved pairs are this round's pairs (same
+        chosen and rejected keys in the same order): M_t is then the same policy.
+        """
+        saved = store.load("reference_logps")
+        if saved is not None:
+            restored = [PreferencePair.from_dict(row) for row in saved]
+            if [(p.chosen_key, p.rejected_key) for p in restored] == [(p.chosen_key, p.rejected_key) for p in pairs]:
+                return restored
+            rank_zero_warn(f"{store.directory}/reference_logps.jsonl does not match this round's pairs; recomputing")
         rank, world = trainer.global_rank, trainer.world_size
         mine = module.compute_reference_logps(
             pairs[rank::world], max_length=datamodule.max_length, batch_size=datamodule.ref_batch_size
@@ -280,6 +319,9 @@ class SelfTrainingCallback(L.Callback):
         out = list(pairs)
         for r, part in enumerate(parts):
             out[r::world] = part
+        with faults.persisting("reference_logps"):
+            if trainer.is_global_zero:
+                store.save("reference_logps", [p.to_dict() for p in out])
         return out
 
     # -- observability -------------------------------------------------------------------
@@ -294,11 +336,20 @@ class SelfTrainingCallback(L.Callback):
             metrics[f"round/samples_{cls}"] = float(n)
         for phase, seconds in summary["seconds"].items():
             metrics[f"round/seconds_{phase}"] = float(seconds)
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+        self._unlogged[result.iteration] = metrics  # logged when the iteration's training starts
         entry = {"iteration": result.iteration, "directory": str(directory), **summary}
         self.history = [h for h in self.history if h["iteration"] != result.iteration] + [entry]
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Not when the round is served: a fit resumed from an epoch-end checkpoint first builds
+        # the dataloader of the epoch it already trained, which would log that round again.
+        if not self.active or trainer.current_epoch % self.epochs_per_iteration:
+            return
+        metrics = self._unlogged.pop(trainer.current_epoch // self.epochs_per_iteration, None)
+        if metrics is not None and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -10,25 +10,50 @@ the policy is exported to ``<default_root_dir>/hf/iteration_NNN/`` after every i
 ``self_training`` group (``SelfTrainingCallback``: HS-STaR rounds between epochs; inactive until
 ``self_training.problems_file`` is set). ``export.epochs_per_iteration`` follows
 ``self_training.epochs_per_iteration``.
+
+Errors a user can fix (``hs_star_pl.errors``: a bad config value, a broken input file, a run
+stopped on purpose) are printed as ``hs-star: error: <message>`` naming the full config key or
+``file:line``, without a traceback (exit status 2, or 1 for a stopped run); set
+``HS_STAR_DEBUG=1`` to see the traceback anyway. A value rejected while the configured classes
+are built is reported under its full key (``self_training.budget.init_args.n_presample``),
+not jsonargparse's union-type dump.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import inspect
 import os
+import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+from jsonargparse import Namespace
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from hs_star_pl.callback import SelfTrainingCallback
+from hs_star_pl.checkpoint_io import AtomicCheckpointIO
 from hs_star_pl.data import MathDataModule
+from hs_star_pl.errors import ConfigError, HSStarError
 from hs_star_pl.eval_callback import EvaluationCallback
 from hs_star_pl.export import HFExportCallback
 from hs_star_pl.module import HSStarModule
+
+# The CLI groups whose components (class_path objects, dataclass groups) are re-built one by
+# one to find the key of a value rejected during instantiation.
+COMPONENT_GROUPS: dict[str, type] = {
+    "self_training": SelfTrainingCallback,
+    "evaluation": EvaluationCallback,
+    "export": HFExportCallback,
+}
 
 
 class HSStarCLI(LightningCLI):
@@ -69,14 +94,34 @@ class HSStarCLI(LightningCLI):
         bootstrap_stepwise_init(configs, Path(model_path))
 
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            if isinstance(err, HSStarError):
+                raise
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            raise (locate_config_error(config, COMPONENT_GROUPS) or ConfigError(str(err))) from err
+
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
+        # Checkpoints written next to their final name and renamed (docs/reliability.md);
+        # DeepSpeed and other strategies with their own checkpoint IO keep it.
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         # Lightning puts checkpoints under the logger's version folder, and a resumed run opens
         # a new version, where `--ckpt_path last` finds nothing and (with only a warning)
         # trains from scratch. One fixed folder per run makes `last` always resolve.
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
                 callback.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+            if isinstance(callback, ModelCheckpoint) and callback.save_last is True and callback.save_top_k == 0 \
+                    and callback.monitor is None:
+                # "Only last.ckpt": Lightning 2.6 writes save_last only next to a top-k checkpoint,
+                # so with save_top_k 0 it wrote last.ckpt once, when training ended, and a kill
+                # lost every finished iteration. A one-file top-k named "last" is rewritten at
+                # every epoch end and still resolves as --ckpt_path last.
+                callback.save_top_k, callback.filename, callback.save_last = 1, callback.CHECKPOINT_NAME_LAST, False
         return trainer
 
 
@@ -106,9 +151,94 @@ def bootstrap_stepwise_init(configs: list[str], model_path: Path) -> Path:
     return model_path
 
 
+def _qualify(message: str, name: str, key: str) -> str:
+    """Rewrite a component's own keys (``budget.n_presample``) to the full key, or prefix it."""
+    pattern = re.compile(rf"(?<![\w.]){re.escape(name)}\.(?:init_args\.)?")
+    qualified, n = pattern.subn(key + ".", message)
+    return qualified if n else f"{key}: {message}"
+
+
+def _build(node: Namespace, default: Any) -> tuple[str, Any] | None:
+    """How to re-build one configured component: ``("init_args" | "", thunk)``, or ``None``."""
+    if "class_path" in node:
+        module_name, _, class_name = node["class_path"].rpartition(".")
+        init = node.get("init_args")
+        kwargs = init.as_dict() if isinstance(init, Namespace) else dict(init or {})
+        return "init_args", lambda: getattr(importlib.import_module(module_name), class_name)(**kwargs)
+    if dataclasses.is_dataclass(default):
+        return "", lambda: type(default)(**node.as_dict())
+    return None
+
+
+def locate_config_error(config: Namespace, groups: Mapping[str, type]) -> ConfigError | None:
+    """The first component of ``groups`` in ``config`` that rejects its values, as a ``ConfigError``.
+
+    jsonargparse reports a constructor's ``ValueError`` inside a union-type message that names
+    neither the group nor the key. Re-building each ``class_path`` component and dataclass
+    group on its own finds the culprit; its message's own keys (``budget.x``,
+    ``difficulty.x``) are rewritten to the full key (``self_training.budget.init_args.x``).
+    Only called after instantiation failed, so components are never built twice in a good run.
+    """
+    for group, cls in groups.items():
+        node = config.get(group)
+        if not isinstance(node, Namespace):
+            continue
+        for name, param in inspect.signature(cls.__init__).parameters.items():
+            value = node.get(name)
+            if not isinstance(value, Namespace):
+                continue
+            plan = _build(value, param.default)
+            if plan is None:
+                continue
+            suffix, build = plan
+            key = f"{group}.{name}" + (f".{suffix}" if suffix else "")
+            try:
+                build()
+            except (ValueError, TypeError) as err:
+                return ConfigError(_qualify(str(err), name, key))
+    return None
+
+
+def check_config_files(args: list[str]) -> None:
+    """Parse every ``-c``/``--config`` YAML file first, so a syntax error names its file and line.
+
+    jsonargparse reports it as ``line N of "<unicode string>"``, without the file.
+    """
+    import yaml
+
+    paths = [b for a, b in zip(args, args[1:]) if a in ("-c", "--config")]
+    paths += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    for path in paths:
+        if not Path(path).is_file():
+            continue  # jsonargparse reports it
+        try:
+            yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except yaml.MarkedYAMLError as err:
+            mark = err.problem_mark
+            where = f"{path}:{mark.line + 1}" if mark is not None else path
+            context = ""
+            if err.context:
+                started = f" on line {err.context_mark.line + 1}" if err.context_mark is not None else ""
+                context = f" ({err.context}{started})"
+            raise ConfigError(f"{where}: invalid YAML: {err.problem}{context}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from None
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``hs-star`` script and ``python -m hs_star_pl``."""
-    HSStarCLI(args=args)
+    """Entry point of the ``hs-star`` script and ``python -m hs_star_pl``.
+
+    Errors the user can fix are printed as one message and end the process with their exit
+    status; ``HS_STAR_DEBUG=1`` re-raises them with the traceback.
+    """
+    try:
+        check_config_files(sys.argv[1:] if args is None else args)
+        HSStarCLI(args=args)
+    except HSStarError as err:
+        if os.environ.get("HS_STAR_DEBUG"):
+            raise
+        print(f"hs-star: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(err.exit_code) from None
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,15 +40,35 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from hs_star_pl.collate import EncodedSequence, PaddingSide, collate_pairs, collate_sequences, encode_example
-from hs_star_pl.problems import load_problems
+from hs_star_pl.errors import InputFileError
+from hs_star_pl.problems import MAX_LINE_BYTES, load_problems
 from hs_star_pl.records import PreferencePair, SftExample
 from hs_star_pl.templates import get_template, render_prompt
 
 Examples = Sequence[PreferencePair] | Sequence[SftExample]
 
 
-class ExampleFileError(ValueError):
+SKIP_BATCH = "skip_iteration"
+"""Key of the one placeholder batch served for an iteration without examples (``HSStarModule``
+skips it): Lightning ends training on an epoch with zero batches."""
+
+
+class ExampleFileError(InputFileError):
     """A training-example file cannot be used; the message names the file and line."""
+
+
+def _check_row_fields(row: dict[str, Any], kind: str, where: str) -> None:
+    texts = ("chosen", "rejected") if kind == "pair" else ("response",)
+    for key in texts:
+        if not isinstance(row[key], str):
+            raise ExampleFileError(f"{where}: field {key!r} must be a string, got {type(row[key]).__name__}")
+    numbers = ("ref_chosen_logp", "ref_rejected_logp", "chosen_score", "rejected_score") if kind == "pair" else ("score",)
+    for key in numbers:
+        value = row.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ExampleFileError(f"{where}: field {key!r} must be a finite number or null, got {value!r}")
 
 
 def _prompt_of(row: dict[str, Any], template: str, where: str) -> str:
@@ -66,22 +87,30 @@ def load_examples(path: str | Path, template: str) -> list[PreferencePair] | lis
     ``prompt`` or ``question``, ``response``, optional ``problem_id``.
 
     Raises:
-        ExampleFileError: missing/empty file, bad JSON, a row of neither or a different kind.
+        ExampleFileError: missing/empty file, bad JSON or UTF-8, an over-long line, a row of
+            neither or a different kind, a text that is not a string, a score or reference
+            log-prob that is not a finite number.
     """
     path = Path(path)
     if not path.is_file():
         raise ExampleFileError(f"{path}: no such example file")
     out: list[Any] = []
     kind = None
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{path}:{lineno}"
+            if len(raw) > MAX_LINE_BYTES:
+                raise ExampleFileError(f"{where}: line is {len(raw)} bytes, over the {MAX_LINE_BYTES}-byte limit")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ExampleFileError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ExampleFileError(f"{where}: invalid JSON: {err.msg}") from None
+                raise ExampleFileError(f"{where}: invalid JSON: {err.msg} (column {err.colno})") from None
             if not isinstance(row, dict):
                 raise ExampleFileError(f"{where}: expected a JSON object")
             row_kind = "pair" if "chosen" in row and "rejected" in row else "sft" if "response" in row else None
@@ -90,6 +119,7 @@ def load_examples(path: str | Path, template: str) -> list[PreferencePair] | lis
             if kind is not None and row_kind != kind:
                 raise ExampleFileError(f"{where}: {row_kind} row in a file of {kind} rows")
             kind = row_kind
+            _check_row_fields(row, kind, where)
             prompt = _prompt_of(row, template, where)
             pid = str(row.get("problem_id", row.get("id", lineno)))
             if kind == "pair":
@@ -114,6 +144,10 @@ def _check_examples(examples: Examples) -> type:
         names = sorted(k.__name__ for k in kinds)
         raise TypeError(f"examples must be all PreferencePair or all SftExample, got {names}")
     return kinds.pop() if kinds else type(None)
+
+
+def _skip_batch(items: list) -> dict[str, torch.Tensor]:
+    return {SKIP_BATCH: torch.ones(len(items))}
 
 
 def file_sha256(path: str | Path) -> str:
@@ -299,6 +333,12 @@ class MathDataModule(L.LightningDataModule):
         if self._example_source is not None:
             epoch = self.trainer.current_epoch if self.trainer is not None else 0
             examples = self._example_source(epoch)
+            if not examples:
+                # An iteration without examples (the source warned why). Zero batches would end
+                # training, so one placeholder batch keeps the epoch; HSStarModule skips it.
+                self.last_stats = {"n_examples": 0, "n_truncated": 0, "n_dropped": 0}
+                self._source_examples = examples
+                return DataLoader([None], batch_size=1, collate_fn=_skip_batch)
             if examples is not self._source_examples:
                 self.set_train_examples(examples)
                 self._source_examples = examples
@@ -308,12 +348,17 @@ class MathDataModule(L.LightningDataModule):
         if self.val_examples and isinstance(self.val_examples[0], PreferencePair):
             self._encode(self.val_examples, "val")
         items = self._encode(self.train_examples, "train")
-        generator = torch.Generator().manual_seed(self.seed + (self.trainer.current_epoch if self.trainer else 0))
+        # The epoch's order is drawn here, once, not by a RandomSampler when Lightning iterates:
+        # a run resumed from a checkpoint creates the iterator a different number of times, so a
+        # shared generator shuffled differently and the resumed run did not reproduce the
+        # uninterrupted one. Under DDP, Lightning splits this fixed order across the ranks.
+        epoch = self.trainer.current_epoch if self.trainer else 0
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(len(items), generator=generator).tolist() if self.shuffle else list(range(len(items)))
         return DataLoader(
             items,
             batch_size=self.batch_size,
-            shuffle=self.shuffle,
-            generator=generator,
+            sampler=order,
             num_workers=self.num_workers,
             collate_fn=self.collate,
         )

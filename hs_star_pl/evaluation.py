@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hs_star_pl.protocols import AnswerVerifier, Completion, GenerationRequest, RolloutEngine, SamplingParams
-from hs_star_pl.records import Problem
+from hs_star_pl.records import Problem, utf8_safe
 from hs_star_pl.verifiers import extract_answer
 
 SUM_KEYS = ("problems", "samples", "correct", "ungradeable", "truncated", "tokens", "accuracy")
@@ -108,7 +108,7 @@ def grade(batch: EvalBatch, outputs: Mapping[str, Sequence[Completion]], verifie
         got = outputs.get(p.id, [])
         if len(got) != batch.n_samples:
             raise RuntimeError(f"{batch.benchmark}/{p.id}: the engine returned {len(got)} responses, expected {batch.n_samples}")
-        texts += [c.text for c in got]
+        texts += [utf8_safe(c.text) for c in got]
         golds += [p.answer] * len(got)
     verdicts = verifier.verify(texts, golds)
     rows = []
@@ -121,8 +121,8 @@ def grade(batch: EvalBatch, outputs: Mapping[str, Sequence[Completion]], verifie
                 "problem_id": p.id,
                 "question": p.question,
                 "gold": p.answer,
-                "responses": [c.text for c in got],
-                "answers": [extract_answer(c.text) for c in got],
+                "responses": [utf8_safe(c.text) for c in got],
+                "answers": [extract_answer(utf8_safe(c.text)) for c in got],
                 "correct": mine,
                 "n_tokens": [c.n_tokens for c in got],
                 "finish_reasons": [c.finish_reason for c in got],

@@ -16,6 +16,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from hs_star_pl.zero import full_state_dict, is_zero3_partitioned
+from hs_star_pl import faults
 
 
 def export_hf(module: L.LightningModule, directory: str | Path) -> Path:
@@ -39,9 +40,10 @@ def export_hf(module: L.LightningModule, directory: str | Path) -> Path:
             shutil.rmtree(tmp)
         module.model.save_pretrained(tmp, state_dict=state_dict)
         module.tokenizer.save_pretrained(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
+        with faults.persisting("export", name=directory.name):
+            if directory.exists():
+                shutil.rmtree(directory)
+            tmp.rename(directory)
         rank_zero_info(f"exported the policy to {directory}")
     if trainer is not None:
         trainer.strategy.barrier("export_hf")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+from pathlib import Path
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -28,10 +29,14 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
+from hs_star_pl import faults
 from hs_star_pl.collate import collate_pairs, encode_example, position_ids_from_mask
 from hs_star_pl.evaluation import EvalBatch
+from hs_star_pl.data import SKIP_BATCH
+from hs_star_pl.errors import ConfigError, NonFiniteLossError
 from hs_star_pl.losses import chosen_nll, dpo_loss, get_dpo_loss, sequence_logps, sft_nll
 from hs_star_pl.protocols import Completion
 from hs_star_pl.records import PreferencePair
@@ -90,6 +95,10 @@ class HSStarModule(L.LightningModule):
         optimizer: optimizer factory (LightningCLI ``class_path``); AdamW by default.
         lr_scheduler: scheduler factory, stepped every optimizer step; a
             ``WarmupCosineLR`` without ``total_steps`` gets it from the trainer.
+        nonfinite_loss: a NaN/inf training loss or gradient: ``raise`` stops training with an
+            error naming the step (nothing is written after the last good checkpoint);
+            ``skip`` drops that batch's update with a warning and counts it in
+            ``train/nonfinite_skipped``.
     """
 
     def __init__(
@@ -104,6 +113,7 @@ class HSStarModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
+        nonfinite_loss: Literal["raise", "skip"] = "raise",
     ) -> None:
         super().__init__()
         if (model_path is None) == (tiny is None):
@@ -120,6 +130,8 @@ class HSStarModule(L.LightningModule):
             raise ValueError(f"model.sft_weight must be >= 0, got {sft_weight}")
         if dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {dtype!r}")
+        if nonfinite_loss not in ("raise", "skip"):
+            raise ValueError(f"model.nonfinite_loss must be 'raise' or 'skip', got {nonfinite_loss!r}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model_path = model_path
         self.tiny = tiny
@@ -129,6 +141,9 @@ class HSStarModule(L.LightningModule):
         self.sft_weight = sft_weight
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
+        self.nonfinite_loss = nonfinite_loss
+        self.n_nonfinite_skipped = 0
+        self._batch_idx = 0
         self.tokenizer, self.model = self._load(model_path, tiny, DTYPES[dtype])
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
@@ -143,6 +158,13 @@ class HSStarModule(L.LightningModule):
     def _load(model_path, tiny, dtype):
         if model_path is not None:
             from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            if not (Path(model_path) / "config.json").is_file():
+                what = "has no config.json" if Path(model_path).is_dir() else "does not exist"
+                raise ConfigError(
+                    f"model.model_path={model_path} {what}: a local Hugging Face model folder is expected "
+                    f"(config.json, weights, tokenizer files), e.g. an hf/iteration_NNN export"
+                )
 
             tokenizer = AutoTokenizer.from_pretrained(model_path)
             model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
@@ -249,6 +271,8 @@ class HSStarModule(L.LightningModule):
         metrics = self.metrics[f"{split}_"]  # ModuleDict keys may not shadow nn.Module.train
         if self.objective == "sft":
             loss = sft_nll(logits, batch["input_ids"], batch["response_mask"])
+            if split == "train" and self._nonfinite(loss, "loss"):
+                return None
             metrics["loss"](loss.detach())
         else:
             if "ref_chosen_logps" not in batch:
@@ -261,6 +285,8 @@ class HSStarModule(L.LightningModule):
             if self.sft_weight > 0:
                 n_tokens = batch["response_mask"][:n_pairs, 1:].sum(-1)
                 loss = loss + self.sft_weight * chosen_nll(chosen, n_tokens)
+            if split == "train" and self._nonfinite(loss, "loss"):
+                return None
             metrics["loss"](loss.detach())
             metrics["reward_accuracy"]((chosen_rewards > rejected_rewards).float())
             metrics["margin"](chosen_rewards - rejected_rewards)
@@ -272,8 +298,49 @@ class HSStarModule(L.LightningModule):
                      batch_size=batch_size)
         return loss
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        if SKIP_BATCH in batch:  # an iteration whose round gave no examples (see MathDataModule)
+            return None
+        self._batch_idx = batch_idx
         return self.model_step(batch, "train")
+
+    # -- numerical faults ------------------------------------------------------------------
+
+    def _where(self) -> str:
+        trainer = self._trainer
+        if trainer is None:
+            return f"batch {self._batch_idx}"
+        return f"global step {trainer.global_step} (epoch {trainer.current_epoch}, batch {self._batch_idx})"
+
+    def _nonfinite(self, value: torch.Tensor, what: str) -> bool:
+        """Whether to skip this update because ``value`` is NaN/inf on any rank; raises in ``raise`` mode."""
+        bad = not bool(torch.isfinite(value.detach()).all())
+        if self._trainer is not None:  # every rank must take the same decision, or DDP hangs
+            bad = self._trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            return False
+        if self.nonfinite_loss == "raise":
+            raise NonFiniteLossError(
+                f"non-finite training {what} ({value.detach().float().flatten()[:4].tolist()}) at {self._where()}; "
+                f"training stopped before this update, so every checkpoint and export on disk predates it. "
+                f"Lower the learning rate, check the data (reference log-probs, very long responses), or set "
+                f"model.nonfinite_loss: skip to drop such batches"
+            )
+        self.n_nonfinite_skipped += 1
+        rank_zero_warn(f"non-finite training {what} at {self._where()}: update skipped (model.nonfinite_loss: skip)")
+        self.log("train/nonfinite_skipped", float(self.n_nonfinite_skipped), on_step=True, on_epoch=False, batch_size=1)
+        return True
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # A finite loss can still give inf gradients (overflow in the backward pass); the
+        # optimizer would write them into the weights and the next checkpoint.
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
+        if self._nonfinite(norm, "gradient norm"):
+            for p in self.model.parameters():
+                p.grad = None  # optimizers skip parameters without a gradient: no update at all
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self.model_step(batch, "val")
@@ -319,7 +386,8 @@ class HSStarModule(L.LightningModule):
         self._batch_started = time.perf_counter()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self._batch_started is None:
+        faults.reach("training_step", epoch=self.current_epoch, batch=batch_idx)
+        if self._batch_started is None or SKIP_BATCH in batch:
             return
         seconds = max(time.perf_counter() - self._batch_started, 1e-9)
         n_tokens = float(batch["attention_mask"].sum())

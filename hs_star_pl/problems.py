@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from hs_star_pl.errors import InputFileError
 from hs_star_pl.records import GoldText, Problem
 from hs_star_pl.verifiers import last_boxed
 from hs_star_pl.verifiers import normalize_gold as gold_alternatives
@@ -35,7 +36,8 @@ ID_KEYS = ("id", "unique_id", "idx", "problem_id")
 SOLUTION_KEYS = ("solution", "reference_solution")
 MAX_LINE_BYTES = 4 * 1024 * 1024
 
-class ProblemFileError(ValueError):
+
+class ProblemFileError(InputFileError):
     """A problem file (or one of its rows) cannot be used; the message names file and line."""
 
     def __init__(self, path: str | Path, line: int | None, message: str) -> None:
@@ -281,11 +283,11 @@ class ProblemPool:
         n = self.problems_per_iteration
         if n is not None and not 1 <= n <= len(self.problems):
             raise ValueError(
-                f"data.problems_per_iteration must be between 1 and the pool size "
+                f"self_training.problems_per_iteration must be between 1 and the pool size "
                 f"({len(self.problems)}), got {n}"
             )
         if self.on_exhausted not in ("error", "reshuffle"):
-            raise ValueError(f"data.on_exhausted must be 'error' or 'reshuffle', got {self.on_exhausted!r}")
+            raise ValueError(f"self_training.on_exhausted must be 'error' or 'reshuffle', got {self.on_exhausted!r}")
 
     def draw(self, iteration: int) -> list[Problem]:
         """The problems of ``iteration`` (0-based), in a seeded order."""
@@ -306,7 +308,7 @@ class ProblemPool:
                     raise ValueError(
                         f"the problem pool has {len(ids)} problems but iteration {t} needs "
                         f"{(t + 1) * size} distinct ones ({size} per iteration); use a larger pool, "
-                        f"fewer data.problems_per_iteration, or data.on_exhausted: reshuffle"
+                        f"fewer self_training.problems_per_iteration, or self_training.on_exhausted: reshuffle"
                     )
                 fresh = random.Random(f"{self.seed}:pool:{n_pass}").sample(ids, len(ids))
                 n_pass += 1

@@ -14,9 +14,25 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def utf8_safe(text: str) -> str:
+    r"""``text`` with every lone surrogate replaced by U+FFFD, so it always encodes as UTF-8.
+
+    Engines built on tokenizers never produce one, but the engine protocol only promises a
+    ``str``; a single lone surrogate made writing the round's JSONL raise UnicodeEncodeError.
+
+    >>> utf8_safe("7\ud800") == "7\ufffd"
+    True
+    """
+    return _SURROGATE.sub("\ufffd", text)
 
 
 class Phase(str, enum.Enum):

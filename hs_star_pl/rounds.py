@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from hs_star_pl import faults
 from hs_star_pl.budget import BudgetAllocator, BudgetLedger
 from hs_star_pl.difficulty import DifficultyConfig, DifficultyThresholds, count_by_class, estimate_difficulty
 from hs_star_pl.protocols import (
@@ -50,6 +51,7 @@ from hs_star_pl.records import (
     ScoredRollout,
     SftExample,
     mean_or_none,
+    utf8_safe,
 )
 from hs_star_pl.selection import SelectionConfig, select_training_data
 from hs_star_pl.steps import DEFAULT_STEP_DELIMITER, split_steps
@@ -215,7 +217,7 @@ def generate_rollouts(
                 problem_id=req.key,
                 sample_index=first + i,
                 phase=phase,
-                text=c.text,
+                text=utf8_safe(c.text),  # model output goes into JSON artifacts
                 finish_reason=c.finish_reason,
                 n_tokens=c.n_tokens,
             )
@@ -295,11 +297,13 @@ def sample_and_score(
             lambda: generate_rollouts(problems, counts, start_index, phase, engine, render_prompt, sampling),
         )
         if store is not None:
-            store.save(f"{name}_generated", [ScoredRollout(r, RolloutScore(None)).to_dict() for r in rollouts])
+            with faults.persisting(name):
+                store.save(f"{name}_generated", [ScoredRollout(r, RolloutScore(None)).to_dict() for r in rollouts])
     by_id = {p.id: p for p in problems}
     scored = score_rollouts(rollouts, by_id, verifier, prm, step_delimiter, seconds, prefix=f"{name}_")
     if store is not None:
-        store.save(f"{name}_scored", [r.to_dict() for r in scored])
+        with faults.persisting("prm", phase=name):
+            store.save(f"{name}_scored", [r.to_dict() for r in scored])
     return scored
 
 
@@ -425,3 +429,46 @@ def run_round(
         examples=examples,
         seconds=seconds,
     )
+
+
+def explain_no_examples(result: RoundResult, selection: SelectionConfig) -> str:
+    """Why a round produced no training examples, in one sentence for a warning or an error.
+
+    Tells apart: every gold ungradeable (all problems dropped), no problem in
+    ``selection.train_classes``, every response of each training problem the same text, and
+    no training problem with both a correct and an incorrect response (DPO) or with a
+    correct one (SFT).
+    """
+    if not result.problems:
+        if result.dropped:
+            return (f"all {len(result.dropped)} problems were dropped: the verifier cannot parse their gold "
+                    f"answers (see the warnings naming them)")
+        return "the round had no problems"
+    counts = count_by_class(result.difficulties)
+    classes = list(selection.train_classes)
+    train_ids = {pid for pid, d in result.difficulties.items() if d.difficulty.value in classes}
+    shown = ", ".join(f"{n} {c}" for c, n in counts.items())
+    if not train_ids:
+        return (f"no problem is in selection.train_classes {classes} ({shown}, with tau_low="
+                f"{result.thresholds.tau_low:g}, tau_high={result.thresholds.tau_high:g})")
+    texts: dict[str, set[str]] = {pid: set() for pid in train_ids}
+    verdicts: dict[str, set[bool | None]] = {pid: set() for pid in train_ids}
+    for r in result.rollouts:
+        if r.problem_id in train_ids:
+            texts[r.problem_id].add(r.text.strip())
+            verdicts[r.problem_id].add(r.correct)
+    what = f"{len(train_ids)} {'/'.join(classes)} problem{'s' if len(train_ids) != 1 else ''}"
+    if all(len(t) <= 1 for t in texts.values()):
+        return (f"every response of each of the {what} is the same text (greedy decoding, "
+                f"self_training.sampling.temperature=0, or a collapsed policy)")
+    right_only = sum(v - {None} == {True} for v in verdicts.values())
+    wrong_only = sum(v - {None} == {False} for v in verdicts.values())
+    ungradeable = sum(not (v - {None}) for v in verdicts.values())
+    mixed = len(train_ids) - right_only - wrong_only - ungradeable
+    detail = f"{right_only} only correct, {wrong_only} only incorrect, {ungradeable} only ungradeable"
+    if selection.objective == "sft":
+        return f"none of the {what} has a usable correct response ({detail})"
+    reason = f"none of the {what} gave a pair: {mixed} had both correct and incorrect responses ({detail})"
+    if selection.min_chosen_prm is not None:
+        reason += f"; selection.min_chosen_prm={selection.min_chosen_prm:g} may exclude every correct one"
+    return reason

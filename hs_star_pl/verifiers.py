@@ -200,8 +200,13 @@ def normalize_gold(gold: GoldAnswer) -> tuple[str, ...] | None:
 # ---------------------------------------------------------------------------------------
 
 _TEXT_WRAPPERS = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
-_FRAC = re.compile(r"^\\[dt]?frac\{(-?\d+)\}\{(-?\d+)\}$")
-_NUMBER = re.compile(r"^-?(\d+(\.\d*)?|\.\d+)$")
+# ASCII digits only: "\\boxed{７}" (fullwidth) or "٧" (Arabic-Indic) is not the text "7".
+_FRAC = re.compile(r"^\\[dt]?frac\{(-?\d+)\}\{(-?\d+)\}$", re.ASCII)
+_NUMBER = re.compile(r"^-?(\d+(\.\d*)?|\.\d+)$", re.ASCII)
+_RATIO = re.compile(r"^(-?\d+)/(-?\d+)$", re.ASCII)
+_MAX_NUMBER_CHARS = 1000
+"""Longer numbers are compared as text: Python refuses int() of over 4300 digits, and model
+output is untrusted (a 100,000-digit "answer" raised ValueError out of ``verify``)."""
 
 
 def normalize_answer(text: str) -> str:
@@ -219,9 +224,11 @@ def normalize_answer(text: str) -> str:
     if _THOUSANDS.match(s):
         s = s.replace(",", "")
     value: Fraction | None = None
-    if _NUMBER.match(s):
+    if len(s) > _MAX_NUMBER_CHARS:
+        pass
+    elif _NUMBER.match(s):
         value = Fraction(s)
-    elif m := re.match(r"^(-?\d+)/(-?\d+)$", s) or _FRAC.match(s):
+    elif m := _RATIO.match(s) or _FRAC.match(s):
         num, den = int(m.group(1)), int(m.group(2))
         value = Fraction(num, den) if den else None
     if value is not None:

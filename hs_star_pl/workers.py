@@ -191,7 +191,8 @@ class KillablePool:
                             raise RuntimeError(
                                 f"{self.config_key} worker processes died {self._start_failures} times "
                                 f"in a row while starting; {self.config_key}.memory_limit_mb="
-                                f"{self.memory_limit_mb} may be too low for their imports"
+                                f"{self.memory_limit_mb} may be too low for their imports, or the main "
+                                f"script lacks an `if __name__ == \"__main__\":` guard (spawned workers import it)"
                             )
                     self._replace(w)
                     continue

@@ -13,6 +13,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread (read when torch is first imported, below this file): on a shared 2-core
+# machine two spinning threads per process made tiny-model generation 100x slower
+# (docs/findings.md). Subprocesses get the same through tests/helpers/self_training.env().
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)

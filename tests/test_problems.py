@@ -168,5 +168,5 @@ def test_pool_exhaustion_errors_by_default_and_reshuffles_on_request():
 def test_pool_without_a_size_uses_everything_and_validates():
     pool = ProblemPool(make_pool(5))
     assert sorted(p.id for p in pool.draw(3)) == [f"p{i:03d}" for i in range(5)]
-    with pytest.raises(ValueError, match="data.problems_per_iteration must be between 1 and the pool size \\(5\\)"):
+    with pytest.raises(ValueError, match="self_training.problems_per_iteration must be between 1 and the pool size \\(5\\)"):
         ProblemPool(make_pool(5), problems_per_iteration=6)

@@ -11,13 +11,15 @@ from fractions import Fraction
 
 from hs_star_pl.protocols import StepScoringRequest
 
-_NUM = r"-?\d{1,40}(?:\.\d{1,40})?"  # bounded: untrusted text, no runaway backtracking
-_EQUATION = re.compile(rf"(?<![\d.])({_NUM})\s*([-+*/×÷xX·])\s*({_NUM})\s*=\s*({_NUM})")
-_START = re.compile(rf"start\s+with\s+({_NUM})", re.IGNORECASE)
+_NUM = r"-?\d{1,40}(?:\.\d{1,40})?"  # bounded: untrusted text, no runaway backtracking; ASCII digits (re.ASCII)
+_EQUATION = re.compile(rf"(?<![\d.])({_NUM})\s*([-+*/×÷xX·])\s*({_NUM})\s*=\s*({_NUM})", re.ASCII)
+_START = re.compile(rf"start\s+with\s+({_NUM})", re.IGNORECASE | re.ASCII)
 _OPERATION = re.compile(
-    rf"\b(add|plus|subtract|minus|multiply\s+by|times|divide\s+by)\s+({_NUM})", re.IGNORECASE
+    rf"\b(add|plus|subtract|minus|multiply\s+by|times|divide\s+by)\s+({_NUM})", re.IGNORECASE | re.ASCII
 )
-_BOXED = re.compile(r"\\boxed\s*\{\s*([^{}]*?)\s*\}")
+# One unambiguous quantifier between the braces (the contents are stripped afterwards): the
+# earlier "\{\s*([^{}]*?)\s*\}" backtracked cubically, 10 minutes on "\boxed{" + 10,000 spaces.
+_BOXED = re.compile(r"\\boxed\s*\{([^{}]*)\}", re.ASCII)
 _OPS = {"+": "+", "-": "-", "*": "*", "×": "*", "x": "*", "X": "*", "·": "*", "/": "/", "÷": "/"}
 _WORD_OPS = {"add": "+", "plus": "+", "subtract": "-", "minus": "-", "multiply by": "*",
              "times": "*", "divide by": "/"}
@@ -51,7 +53,7 @@ def parse_operations(question: str) -> tuple[Fraction, list[tuple[str, Fraction]
 
 def _to_fraction(text: str) -> Fraction | None:
     text = text.strip().rstrip(".").replace(",", "")
-    return Fraction(text) if re.fullmatch(_NUM, text) else None
+    return Fraction(text) if re.fullmatch(_NUM, text, re.ASCII) else None
 
 
 class ArithmeticPRM:
@@ -126,7 +128,7 @@ class ArithmeticPRM:
                 previous = c
             for m in _BOXED.finditer(step):
                 checked = True
-                v = _to_fraction(m.group(1))
+                v = _to_fraction(m.group(1).strip())
                 if v is None or (n_equations and v != previous):
                     ok = False
                 if v is not None and expected_final is not None and v != expected_final:

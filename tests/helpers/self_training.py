@@ -44,8 +44,14 @@ def self_training_args(run: Path, m0: Path, problems: Path, *extra: str) -> list
     ]
 
 
-def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+def env(**extra: str) -> dict[str, str]:
+    """The environment of a CLI subprocess: this checkout first on the path, one torch thread.
+
+    One intra-op thread: on a shared 2-core machine two spinning torch threads per process
+    made HF generation of a tiny model 100x slower (docs/reliability.md). ``extra`` adds
+    variables (e.g. ``HS_STAR_FAULT``).
+    """
+    return {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", **extra}
 
 
 def cli(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:

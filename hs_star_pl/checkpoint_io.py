@@ -1,0 +1,53 @@
+"""Checkpoint files that are never half-written: ``AtomicCheckpointIO``.
+
+Lightning's default ``TorchCheckpointIO`` writes through an fsspec transaction whose temporary
+file lives in the system temp folder. When that folder is on another filesystem than the run
+(a local ``/tmp`` and a mounted volume, as on most rented GPU machines), the final move is a
+copy, and a kill during the copy leaves a truncated ``last.ckpt`` that ``--ckpt_path last``
+then cannot load. Here the temporary file is a sibling of the target, flushed and fsynced,
+then renamed over it (atomic on POSIX), and the folder is fsynced: a kill at any moment
+leaves the previous checkpoint or the new one. Temporary files a kill left behind are
+removed by the next save. Remote paths (``s3://`` ...) keep Lightning's own transaction.
+
+``HSStarCLI`` installs it on every strategy that uses the plain ``TorchCheckpointIO``
+(single device, DDP); DeepSpeed writes its own checkpoint folders.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from hs_star_pl import faults
+from hs_star_pl.artifacts import fsync_dir
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose ``save_checkpoint`` is atomic on local filesystems."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(checkpoint, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            with faults.persisting("checkpoint", epoch=checkpoint.get("epoch"), name=path.name):
+                os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        fsync_dir(path.parent)

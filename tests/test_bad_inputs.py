@@ -1,0 +1,179 @@
+"""The bad-input corpus (``tests/corpus/bad_inputs/``): each case and the exact error a user sees.
+
+Problem files and training-example files are loaded directly (the message must name
+``file:line``); config fragments go through the real entry point, ``hs_star_pl.cli.main``, on
+top of ``configs/base.yaml`` and the tiny self-training config, and must end in one
+``hs-star: error: ...`` message naming the config key (exit status 2), never a traceback.
+Together with ``test_degenerate_rounds.py`` this covers issue 10's bad inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from hs_star_pl.cli import main
+from hs_star_pl.data import ExampleFileError, load_examples
+from hs_star_pl.problems import MAX_LINE_BYTES, ProblemFileError, load_problems
+from tests.helpers.tiny_setup import REPO
+
+CORPUS = REPO / "tests" / "corpus" / "bad_inputs"
+PROBLEMS = "tests/corpus/bad_inputs/problems"
+EXAMPLES = "tests/corpus/bad_inputs/examples"
+
+PROBLEM_CASES = {
+    "bad_json": "2: invalid JSON: Expecting ',' delimiter (column 69)",
+    "truncated_last_line": "2: invalid JSON: Unterminated string starting at (column 26)",
+    "not_an_object": "1: expected a JSON object, got list",
+    "missing_question": "2: no question field ('question' or 'problem' or 'query' or 'prompt'); row has ['answer', 'id']",
+    "missing_answer": "1: no answer field ('answer' or 'final_answer' or 'gold' or 'expected_answer'); row has "
+                      "['id', 'question', 'solution']",
+    "question_not_a_string": "1: field 'question' must be a non-empty string, got 34",
+    "empty_question": "1: field 'question' must be a non-empty string, got '   '",
+    "answer_null": "1: field 'answer': expected a string, number or list of them, got None",
+    "answer_bool": "1: field 'answer': expected a string, number or list of them, got True",
+    "answer_object": "1: field 'answer': expected a string, number or list of them, got dict",
+    "answer_empty_list": "1: field 'answer': the answer list is empty",
+    "answer_nan": "1: field 'answer': the answer is not a finite number: nan",
+    "id_not_scalar": "1: field 'id' must be a non-empty string or integer",
+    "solution_not_a_string": "1: field 'solution' must be a string, got int",
+    "not_utf8": "2: not valid UTF-8 (invalid continuation byte at byte 29)",
+    "empty": " the file holds no problems",
+    "blank_lines_only": " the file holds no problems",
+    "duplicate_ids": "3: duplicate problem id 'p1' (first seen on line 1)",
+    "duplicate_content": "2: duplicate problem id 'h782922677800f2ec' (first seen on line 1)",
+}
+
+EXAMPLE_CASES = {
+    "bad_json": "2: invalid JSON: Expecting value (column 74)",
+    "neither_pair_nor_sft": "1: a row needs 'chosen' + 'rejected' (pair) or 'response' (SFT)",
+    "mixed_kinds": "2: sft row in a file of pair rows",
+    "no_prompt": "1: needs a 'prompt' (rendered) or 'question' string",
+    "chosen_not_a_string": "1: field 'chosen' must be a string, got int",
+    "ref_logp_nan": "2: field 'ref_chosen_logp' must be a finite number or null, got nan",
+    "ref_logp_not_a_number": "1: field 'ref_chosen_logp' must be a finite number or null, got '-2.5'",
+    "empty": " the file holds no examples",
+    "not_utf8": "2: not valid UTF-8 (invalid continuation byte at byte 17)",
+}
+
+K = "self_training.budget.init_args"
+CONFIG_CASES = {
+    "budget_presample_over_k": f"{K}.n_presample (5) must be <= {K}.samples_per_problem (4)",
+    "budget_negative": f"{K}.samples_per_problem must be a positive integer, got -8",
+    "budget_zero_presample": f"{K}.n_presample must be a positive integer, got 0",
+    "thresholds_crossed": "self_training.difficulty.tau_low (0.9) must be <= self_training.difficulty.tau_high (0.5)",
+    "threshold_out_of_range": "self_training.difficulty.tau_high must be a number in [0, 1], got 1.5",
+    "max_epochs_mismatch": "self-training configuration:\n  - trainer.max_epochs (5) must equal self_training.n_iterations "
+                           "(2) x self_training.epochs_per_iteration (1) = 2",
+    "reload_dataloaders_off": "self-training configuration:\n  - trainer.reload_dataloaders_every_n_epochs must be 1 "
+                              "(each epoch trains on its iteration's data), got 0",
+    "objective_mismatch": "self-training configuration:\n  - model.objective ('sft') must match "
+                          "self_training.selection.objective ('dpo')",
+    "missing_model_path": "model.model_path=checkpoints/does-not-exist/m0 does not exist: a local Hugging Face model "
+                          "folder is expected (config.json, weights, tokenizer files), e.g. an hf/iteration_NNN export",
+    "model_path_and_tiny": "set exactly one of model.model_path (a local HF directory) and model.tiny (a config)",
+    "problems_per_iteration_negative": "self_training.problems_per_iteration must be >= 1, got -5",
+    "pool_too_small": "self_training.problems_file=configs/data/arith_stepwise.jsonl: the problem pool has 20 problems "
+                      "but iteration 1 needs 30 distinct ones (15 per iteration); use a larger pool, fewer "
+                      "self_training.problems_per_iteration, or self_training.on_exhausted: reshuffle",
+    "unknown_train_class": "self_training.selection.train_classes: unknown class ['easy']; valid: "
+                           "['inlier', 'boundary', 'outlier']",
+    "temperature_negative": "self_training.sampling.temperature must be >= 0, got -0.5",
+    "verifier_timeout_zero": "self_training.verifier.init_args.timeout_s must be > 0, got 0.0",
+    "problems_file_bad_row": f"{PROBLEMS}/bad_json.jsonl:2: invalid JSON: Expecting ',' delimiter (column 69)",
+    "problems_file_missing": "data/no-such-pool.jsonl: no such problem file",
+    "train_file_bad_row": f"{EXAMPLES}/chosen_not_a_string.jsonl:1: field 'chosen' must be a string, got int",
+    "yaml_syntax_error": "tests/corpus/bad_inputs/configs/yaml_syntax_error.yaml:5: invalid YAML: expected ',' or ']', "
+                         "but got '<stream end>' (while parsing a flow sequence on line 4)",
+}
+
+# Rejected by jsonargparse while parsing: its own "error: ..." block names the key.
+PARSE_CASES = {
+    "unknown_budget_class": ('Parser key "self_training.budget"',
+                             "module 'hs_star_pl.budget' has no attribute 'NoSuchBudget'"),
+    "unknown_prm_module": ('Parser key "self_training.prm"', "module 'hs_star_pl' has no attribute 'prm_v2'"),
+    "misspelled_key": ("Subcommand 'fit' does not accept option 'self_training.n_iteration'",),
+    "nonfinite_loss_unknown": ('Parser key "model.nonfinite_loss"', "Got value: ignore"),
+    "on_empty_round_unknown": ('Parser key "self_training.on_empty_round"', "Got value: retry"),
+}
+
+
+def test_the_corpus_has_a_file_for_every_case_and_a_case_for_every_file():
+    assert {p.stem for p in (CORPUS / "problems").glob("*.jsonl")} == set(PROBLEM_CASES)
+    assert {p.stem for p in (CORPUS / "examples").glob("*.jsonl")} == set(EXAMPLE_CASES)
+    assert {p.stem for p in (CORPUS / "configs").glob("*.yaml")} == set(CONFIG_CASES) | set(PARSE_CASES)
+    assert len(PROBLEM_CASES) + len(EXAMPLE_CASES) + len(CONFIG_CASES) + len(PARSE_CASES) >= 30
+
+
+@pytest.mark.parametrize("name", list(PROBLEM_CASES))
+def test_problem_file_errors_name_file_and_line(name, monkeypatch):
+    monkeypatch.chdir(REPO)
+    path = f"{PROBLEMS}/{name}.jsonl"
+    with pytest.raises(ProblemFileError) as info:
+        load_problems(path)
+    assert str(info.value) == f"{path}:{PROBLEM_CASES[name]}"
+
+
+@pytest.mark.parametrize("name", list(EXAMPLE_CASES))
+def test_example_file_errors_name_file_and_line(name, monkeypatch):
+    monkeypatch.chdir(REPO)
+    path = f"{EXAMPLES}/{name}.jsonl"
+    with pytest.raises(ExampleFileError) as info:
+        load_examples(path, "plain")
+    assert str(info.value) == f"{path}:{EXAMPLE_CASES[name]}"
+
+
+def test_a_10_mb_line_is_refused_before_it_is_parsed(tmp_path):
+    row = json.dumps({"question": "Start with 1. " + "Add 1. " * (10 * 1024 * 1024 // 7), "answer": "1"})
+    for loader, path in ((load_problems, tmp_path / "problems.jsonl"), (lambda p: load_examples(p, "plain"), tmp_path / "pairs.jsonl")):
+        path.write_text('{"question": "Q", "answer": "1", "chosen": "a", "rejected": "b"}\n' + row + "\n")
+        with pytest.raises((ProblemFileError, ExampleFileError)) as info:
+            loader(path)
+        assert str(info.value) == f"{path}:2: line is {len(row) + 1} bytes, over the {MAX_LINE_BYTES}-byte limit"
+
+
+def run_main(case: str, tmp_path, capsys, monkeypatch) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["hs-star"])  # the CLI reads only ``args``
+    base = "configs/debug/tiny_cpu.yaml" if case.startswith("train_file") else "configs/debug/tiny_self_training.yaml"
+    args = ["fit", "-c", "configs/base.yaml", "-c", base, "-c", f"tests/corpus/bad_inputs/configs/{case}.yaml",
+            f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false"]
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return info.value.code, err
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+def test_config_errors_name_the_key_without_a_traceback(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)  # paths in the corpus are repo-relative, as in the shipped configs
+    code, err = run_main(case, tmp_path, capsys, monkeypatch)
+    assert code == 2
+    assert err[err.index("hs-star: error: "):].strip() == f"hs-star: error: {CONFIG_CASES[case]}"
+
+
+@pytest.mark.parametrize("case", list(PARSE_CASES))
+def test_parse_errors_name_the_key(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    code, err = run_main(case, tmp_path, capsys, monkeypatch)
+    assert code == 2
+    for part in PARSE_CASES[case]:
+        assert part in err
+
+
+def test_a_bad_config_on_resume_leaves_finished_artifacts_untouched(tmp_path, capsys, monkeypatch):
+    """Re-running a run folder with a config error (found in setup, after the trainer exists)
+    changes none of the files already there."""
+    monkeypatch.chdir(REPO)
+    finished = {"rounds/round_000/DONE": b"", "rounds/round_000/pairs.jsonl": b'{"chosen": "a"}\n',
+                "checkpoints/last.ckpt": b"weights", "hf/iteration_000/config.json": b"{}"}
+    for name, data in finished.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file()}
+    code, err = run_main("max_epochs_mismatch", tmp_path, capsys, monkeypatch)
+    assert code == 2 and "trainer.max_epochs (5)" in err
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before} == before

@@ -38,7 +38,7 @@ PROBLEM_CASES = {
     "answer_empty_list": "1: field 'answer': the answer list is empty",
     "answer_nan": "1: field 'answer': the answer is not a finite number: nan",
     "id_not_scalar": "1: field 'id' must be a non-empty string or integer",
-    "solution_not_a_string": "1: field 'solution' must be a string, got int",
+    "solution_not_a_string": "1: field 'solution' must be a string (or a list of strings), got int",
     "not_utf8": "2: not valid UTF-8 (invalid continuation byte at byte 29)",
     "empty": " the file holds no problems",
     "blank_lines_only": " the file holds no problems",

@@ -68,11 +68,15 @@ def test_the_reasons_for_an_empty_round_are_told_apart():
 
 @pytest.fixture
 def ungradeable_pool(tmp_path):
-    """20 problems whose gold (``$$``) no verifier can parse."""
+    """20 problems whose gold (``\\text{}``) math-verify cannot parse (the loader itself refuses
+    golds that are empty after normalisation, such as ``$$``)."""
     path = tmp_path / "ungradeable.jsonl"
     path.write_text("".join(json.dumps({"id": f"p{i}", "question": f"Start with {i}. Add 4. What is the result?",
-                                        "answer": "$$"}) + "\n" for i in range(20)))
+                                        "answer": "\\text{}"}) + "\n" for i in range(20)))
     return path
+
+
+MATH_VERIFY = ["--self_training.verifier.class_path=hs_star_pl.verifiers.MathVerifyVerifier"]
 
 
 def args_for(run, problems, *extra):
@@ -85,7 +89,7 @@ def test_empty_rounds_skip_training_with_a_warning_and_the_run_goes_on(ungradeab
     run = tmp_path / "run"
     with pytest.warns(UserWarning, match=r"round 1 produced no training examples: all 10 problems were dropped.*"
                                          r"Iteration 1 trains on nothing \(M_2 = M_1\)"):
-        cli = HSStarCLI(args=args_for(run, ungradeable_pool))
+        cli = HSStarCLI(args=args_for(run, ungradeable_pool, *MATH_VERIFY))
     assert completed_rounds(run) == [0, 1]
     for t in (0, 1):
         summary = json.loads((round_dir(run, t) / "summary.json").read_text())
@@ -103,7 +107,7 @@ def test_on_empty_round_error_stops_with_the_reason_and_keeps_the_round(ungradea
     monkeypatch.setattr(sys, "argv", ["hs-star"])
     run = tmp_path / "run"
     with pytest.raises(SystemExit) as info:
-        main(args_for(run, ungradeable_pool, "--self_training.on_empty_round=error"))
+        main(args_for(run, ungradeable_pool, *MATH_VERIFY, "--self_training.on_empty_round=error"))
     err = capsys.readouterr().err
     assert info.value.code == 1 and "Traceback" not in err
     assert err[err.index("hs-star: error:"):].strip() == (

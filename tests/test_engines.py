@@ -245,7 +245,7 @@ def test_tied_weights_are_sent_once(model):
 
     state = model.state_dict()
     assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
-    kept = _dedupe_shared(state)
+    kept = dict(_dedupe_shared(state.items()))
     assert "model.embed_tokens.weight" in kept and "lm_head.weight" not in kept
     assert len(kept) == len(state) - 1
 

@@ -19,17 +19,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
-from pathlib import Path
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import nn
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
 from torchmetrics import MeanMetric
 
 from hs_star_pl import faults

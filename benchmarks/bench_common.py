@@ -9,6 +9,7 @@ report *ratios measured side by side in one run*: on shared machines absolute ti
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -27,6 +28,7 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="a minimal size that only checks the script runs")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--json", metavar="PATH", help="also write the table and notes to this JSON file")
     return parser
 
 
@@ -71,6 +73,22 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def emit(title: str, notes: Sequence[str], headers: Sequence[str], rows: Sequence[Sequence[Any]],
+         json_path: str | None = None) -> None:
+    """Print ``# title``, the machine line, the notes and the table; optionally save them as JSON."""
+    machine = machine_line()
+    print(f"# {title}")
+    print(machine)
+    for note in notes:
+        print(note)
+    print()
+    print(markdown_table(headers, rows))
+    if json_path:
+        payload = {"title": title, "machine": machine, "notes": list(notes),
+                   "rows": [dict(zip(headers, row)) for row in rows]}
+        Path(json_path).write_text(json.dumps(payload, indent=1, default=str) + "\n", encoding="utf-8")
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:

@@ -25,9 +25,8 @@ from bench_common import (
     common_parser,
     demo_problems,
     demo_round_config,
+    emit,
     load_policy,
-    machine_line,
-    markdown_table,
     max_new_tokens,
     render_plain,
     round_policy_path,
@@ -94,12 +93,6 @@ def main() -> None:
                 t[f"samples_{c}"] += summary["samples_per_class"][c]
                 t[f"problems_{c}"] += summary[f"n_{c}"]
 
-    print("# Budget efficiency: pairs per 1000 rollouts at equal budget")
-    print(machine_line())
-    print(
-        f"policy: {model_path or 'untrained tiny model (--quick)'}; {n_problems} problems x {n_draws} draw(s) of the "
-        f"demo pool; K={args.samples_per_problem}, n_p={args.n_presample}; HFEngine batch {args.batch_size}\n"
-    )
     rows = []
     for name, t in totals.items():
         n = max(t["rollouts"], 1)
@@ -108,17 +101,19 @@ def main() -> None:
             *(f"{100.0 * t[f'samples_{c}'] / n:.0f}% ({t[f'problems_{c}']})" for c in CLASSES),
             t["correct"] / n, t["seconds"],
         ))
-    print(markdown_table(
-        ["allocator", "rollouts", "budget K*N", "pairs", "pairs / 1000 rollouts", "problems with pairs",
-         "samples on inlier (problems)", "on boundary", "on outlier", "rollout accuracy", "round s"],
-        rows,
-    ))
-    base = totals["uniform"]
-    hier = totals["hierarchical (HS-STaR)"]
+    notes = [
+        f"policy: {model_path or 'untrained tiny model (--quick)'}; {n_problems} problems x {n_draws} draw(s) of "
+        f"{args.problems_file or 'the demo pool'}; K={args.samples_per_problem}, n_p={args.n_presample}; "
+        f"HFEngine batch {args.batch_size}; max {config.sampling.max_new_tokens} new tokens",
+    ]
+    base, hier = totals["uniform"], totals["hierarchical (HS-STaR)"]
     if base["pairs"]:
         ratio = (hier["pairs"] / max(hier["rollouts"], 1)) / (base["pairs"] / max(base["rollouts"], 1))
-        print(f"\nhierarchical / uniform, pairs per rollout: {ratio:.2f}x")
-
+        notes.append(f"hierarchical / uniform, pairs per rollout: {ratio:.2f}x")
+    emit("Budget efficiency: pairs per 1000 rollouts at equal budget", notes,
+         ["allocator", "rollouts", "budget K*N", "pairs", "pairs / 1000 rollouts", "problems with pairs",
+          "samples on inlier (problems)", "on boundary", "on outlier", "rollout accuracy", "round s"],
+         rows, args.json)
 
 if __name__ == "__main__":
     main()

@@ -29,14 +29,16 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
+import os
 import re
 import sys
 import tempfile
 import warnings
 from functools import partial
 
-from bench_common import REPO, common_parser, interleaved, machine_line, markdown_table, median, setup_torch
+from bench_common import REPO, common_parser, emit, interleaved, median, setup_torch
 
 DEFAULTS = dict(n_steps=32, batch_size=16, repeats=3, hidden_size=128, num_hidden_layers=4)
 QUICK = dict(n_steps=2, batch_size=4, repeats=1, hidden_size=32, num_hidden_layers=1)
@@ -99,6 +101,7 @@ def trl_dataset(pairs):
 
 
 def trl_trainer(model, ref_model, tokenizer, pairs, *, batch_size, n_steps, lr, beta, precompute, out_dir, callbacks=()):
+    from transformers import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
     args = DPOConfig(
@@ -123,10 +126,12 @@ def trl_trainer(model, ref_model, tokenizer, pairs, *, batch_size, n_steps, lr, 
         dataloader_num_workers=0,
         seed=0,
     )
-    return DPOTrainer(
+    trainer = DPOTrainer(
         model=model, ref_model=ref_model, args=args, train_dataset=trl_dataset(pairs),
         processing_class=tokenizer, callbacks=list(callbacks),
     )
+    trainer.remove_callback(PrinterCallback)  # it prints the metrics dict at the end of train()
+    return trainer
 
 
 # ---------------------------------------------------------------------------- the loss check
@@ -269,10 +274,13 @@ def main() -> None:
     except ImportError:
         sys.exit("dpo_vs_trl.py needs TRL: pip install trl (the 'bench' extra)")
     import datasets
-    import torch
 
     datasets.disable_progress_bars()
+    os.environ["TQDM_DISABLE"] = "1"  # TRL's reference log-prob pass has its own bar
     warnings.filterwarnings("ignore", module="lightning")  # "no validation set", "few workers": expected here
+    import lightning  # noqa: F401  (its import sets its loggers to INFO; quieten them after)
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     n_pairs = size["n_steps"] * size["batch_size"]
     pairs = make_pairs(n_pairs)
     n_params = sum(p.numel() for p in ours_module(size, args.lr, args.beta).model.parameters())
@@ -291,17 +299,6 @@ def main() -> None:
             size["repeats"],
         )
 
-    print(f"# DPO: ours vs TRL {trl.__version__} (transformers {__import__('transformers').__version__})")
-    print(machine_line())
-    print(
-        f"model: tiny Qwen2 ({n_params / 1e6:.2f}M parameters, fp32); {n_pairs} pairs, batch {size['batch_size']}, "
-        f"{size['n_steps']} steps (one epoch), beta {args.beta}; medians of {size['repeats']} interleaved runs\n"
-    )
-    print(
-        f"first-batch loss ({check['n_pairs']} pairs, reference = perturbed policy): ours {check['ours']:.7f}, "
-        f"TRL {check['trl']:.7f}, |difference| {diff:.1e} (ln 2 = {math.log(2):.7f}); "
-        f"identical token ids and masks: {'yes' if check['same_tokens'] else 'NO'}\n"
-    )
     base_whole = median([t for t, _ in runs["TRL"]])
     base_steps = median([r["steps_s"] for _, r in runs["TRL"]])
     rows = []
@@ -309,7 +306,16 @@ def main() -> None:
         whole = median([t for t, _ in results])
         steps = median([r["steps_s"] for _, r in results])
         rows.append((name, whole, steps, steps / size["n_steps"], whole / base_whole, steps / base_steps))
-    print(markdown_table(["trainer", "whole call s", "steps s", "s/step", "whole vs TRL", "steps vs TRL"], rows))
+    notes = [
+        f"TRL {trl.__version__}, transformers {__import__('transformers').__version__}; model: tiny Qwen2 "
+        f"({n_params / 1e6:.2f}M parameters, fp32); {n_pairs} pairs, batch {size['batch_size']}, {size['n_steps']} steps "
+        f"(one epoch), beta {args.beta}; medians of {size['repeats']} interleaved runs",
+        f"first-batch loss ({check['n_pairs']} pairs, reference = perturbed policy): ours {check['ours']:.7f}, "
+        f"TRL {check['trl']:.7f}, |difference| {diff:.1e} (ln 2 = {math.log(2):.7f}); "
+        f"identical token ids and masks: {'yes' if check['same_tokens'] else 'NO'}",
+    ]
+    emit("DPO training: ours vs TRL DPOTrainer", notes,
+         ["trainer", "whole call s", "steps s", "s/step", "whole vs TRL", "steps vs TRL"], rows, args.json)
     if diff > 1e-5 or not check["same_tokens"]:
         sys.exit("the two frameworks disagree on the first batch (see above)")
 

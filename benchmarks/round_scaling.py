@@ -24,9 +24,8 @@ from bench_common import (
     common_parser,
     demo_problems,
     demo_round_config,
+    emit,
     load_policy,
-    machine_line,
-    markdown_table,
     max_new_tokens,
     render_plain,
     round_policy_path,
@@ -93,6 +92,8 @@ def main() -> None:
     args = parser.parse_args()
     setup_torch(args.threads)
     warnings.filterwarnings("ignore", module="lightning")
+    import lightning  # noqa: F401  (its import sets its loggers to INFO; quieten them after)
+
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
     ns = sorted(args.problems or ([4, 8] if args.quick else [64, 256, 1024]))
@@ -104,13 +105,8 @@ def main() -> None:
         for n, k in grid:
             results[(n, k)] = one_iteration(args, model_path, n, k, f"{tmp}/{n}_{k}")
 
-    print("# Scaling: one iteration's wall time by phase")
-    print(machine_line())
-    print(f"policy: {model_path or 'untrained tiny model (--quick)'}; hierarchical budget, n_p = min(3, K); "
-          f"HFEngine batch {args.batch_size}; DPO batch 16\n")
     rows = []
-    base = results[grid[0]]
-    base_total = sum(base["phases"].values())
+    base_total = sum(results[grid[0]]["phases"].values())
     for (n, k), r in results.items():
         total = sum(r["phases"].values())
         dominant = max(PHASES, key=lambda p: r["phases"][p])
@@ -119,11 +115,13 @@ def main() -> None:
             *(f"{r['phases'][p]:.1f} ({100 * r['phases'][p] / total:.0f}%)" for p in PHASES),
             total, total / base_total, dominant,
         ))
-    print(markdown_table(
-        ["N", "K", "rollouts", "tokens", "pairs", *(f"{p} s (%)" for p in PHASES), "total s", "vs first", "dominant"],
-        rows,
-    ))
-
+    notes = [
+        f"policy: {model_path or 'untrained tiny model (--quick)'}; hierarchical budget, n_p = min(3, K); "
+        f"HFEngine batch {args.batch_size}; max {max_new_tokens(args)} new tokens; DPO batch 16, one epoch",
+    ]
+    emit("Scaling: one iteration's wall time by phase", notes,
+         ["N", "K", "rollouts", "tokens", "pairs", *(f"{p} s (%)" for p in PHASES), "total s", "vs first", "dominant"],
+         rows, args.json)
 
 if __name__ == "__main__":
     main()

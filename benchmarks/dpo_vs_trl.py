@@ -40,7 +40,7 @@ from functools import partial
 
 from bench_common import REPO, common_parser, emit, interleaved, median, setup_torch
 
-DEFAULTS = dict(n_steps=32, batch_size=16, repeats=3, hidden_size=128, num_hidden_layers=4)
+DEFAULTS = dict(n_steps=32, batch_size=16, repeats=2, hidden_size=128, num_hidden_layers=4)
 QUICK = dict(n_steps=2, batch_size=4, repeats=1, hidden_size=32, num_hidden_layers=1)
 MAX_LENGTH = 384
 

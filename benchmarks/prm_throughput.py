@@ -3,25 +3,27 @@
 Run: ``python benchmarks/prm_throughput.py [--quick]``.
 
 Builds tiny random PRMs in a temporary folder (no downloads), then scores synthetic
-responses of 2-8 steps: batched (length-sorted, padded) versus one response per forward
-pass. Not a test: numbers depend on the machine and say nothing about real 1.5B-7B PRMs.
+responses of 2-8 steps three ways:
+
+* ``score`` batched (length-sorted, padded, ``--batch-size``);
+* ``score`` one response per forward pass;
+* *through the round*: ``rounds.score_rollouts``, which is what a round calls: the answer
+  check (exact match), splitting each response into steps, then the PRM, batched.
+
+Not a test: numbers depend on the machine and say nothing about real 1.5B-7B PRMs.
 """
 
 from __future__ import annotations
 
-import argparse
 import random
 import tempfile
 import time
 
-import torch
-
-from hs_star_pl.prm import ArithmeticPRM, QwenMathPRM, SkyworkPRM
-from hs_star_pl.prm.hf import build_tiny_prm_dir
-from hs_star_pl.protocols import StepScoringRequest
+from bench_common import common_parser, emit, setup_torch
 
 
-def make_requests(n: int, seed: int = 0) -> list[StepScoringRequest]:
+def make_items(n: int, seed: int = 0) -> list[tuple[str, list[str], int]]:
+    """``(question, steps, answer)`` of ``n`` synthetic addition chains."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
@@ -33,24 +35,44 @@ def make_requests(n: int, seed: int = 0) -> list[StepScoringRequest]:
             steps.append(f"Step {k + 1}: {value} + {b} = {value + b}")
             value += b
         steps.append(f"The answer is \\boxed{{{value}}}.")
-        out.append(StepScoringRequest(question + " What is the result?", tuple(steps)))
+        out.append((question + " What is the result?", steps, value))
     return out
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few requests, tiny model (a smoke run)")
+    parser = common_parser(__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
+    setup_torch(args.threads)
+    from hs_star_pl.prm import ArithmeticPRM, QwenMathPRM, SkyworkPRM
+    from hs_star_pl.prm.hf import build_tiny_prm_dir
+    from hs_star_pl.protocols import StepScoringRequest
+    from hs_star_pl.records import Phase, Problem, Rollout
+    from hs_star_pl.rounds import score_rollouts
+    from hs_star_pl.verifiers import ExactMatchVerifier
+
     n = 16 if args.quick else 256
     config = dict(hidden_size=64, num_hidden_layers=2) if args.quick else dict(hidden_size=128, num_hidden_layers=4)
-    requests = make_requests(n)
+    items = make_items(n)
+    requests = [StepScoringRequest(q, tuple(steps)) for q, steps, _ in items]
+    problems = {f"p{i}": Problem(f"p{i}", q, str(answer)) for i, (q, _, answer) in enumerate(items)}
+    rollouts = [Rollout(f"p{i}", 0, Phase.PRESAMPLE, "\n\n".join(steps)) for i, (_, steps, _) in enumerate(items)]
     n_steps = sum(len(r.steps) for r in requests)
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
     rows = []
-    t0 = time.perf_counter()
-    ArithmeticPRM().score(requests)
-    t = time.perf_counter() - t0
-    rows.append(("ArithmeticPRM", "-", t, n / t, n_steps / t, None))
+
+    def add(name: str, how: str, seconds: float, base: float) -> None:
+        rows.append((name, how, seconds, n / seconds, n_steps / seconds, f"{base / seconds:.2f}x"))
+
+    rule = ArithmeticPRM()
+    t = timed(lambda: rule.score(requests))
+    add("ArithmeticPRM", "score", t, t)
+    add("ArithmeticPRM", "through the round", timed(lambda: score_rollouts(rollouts, problems, ExactMatchVerifier(), rule)), t)
     with tempfile.TemporaryDirectory() as tmp:
         for kind, cls in (("skywork", SkyworkPRM), ("qwen", QwenMathPRM)):
             path = build_tiny_prm_dir(f"{tmp}/{kind}", kind, **config)
@@ -58,21 +80,14 @@ def main() -> None:
             n_params = sum(p.numel() for p in prm.model.parameters())
             prm.score(requests)  # warm-up (first calls pay one-off allocation costs)
             prm.score(requests[:4])
-            t0 = time.perf_counter()
-            prm.score(requests)
-            t_batched = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            for r in requests:
-                prm.score([r])
-            t_single = time.perf_counter() - t0
             name = f"{cls.__name__} ({n_params / 1e6:.2f}M)"
-            rows.append((name, f"bs={args.batch_size}", t_batched, n / t_batched, n_steps / t_batched, t_single / t_batched))
-            rows.append((name, "bs=1", t_single, n / t_single, n_steps / t_single, 1.0))
-    print(f"{n} responses, {n_steps} steps, CPU, torch threads={torch.get_num_threads()}")
-    print(f"{'scorer':<24}{'batch':>8}{'seconds':>10}{'resp/s':>10}{'steps/s':>10}{'speed-up':>10}")
-    for name, batch, t, rps, sps, speedup in rows:
-        sp = f"{speedup:.1f}x" if speedup is not None else "-"
-        print(f"{name:<24}{batch:>8}{t:>10.3f}{rps:>10.0f}{sps:>10.0f}{sp:>10}")
+            t_batched = timed(lambda: prm.score(requests))
+            add(name, f"score, batch {args.batch_size}", t_batched, t_batched)
+            add(name, "score, one at a time", timed(lambda: [prm.score([r]) for r in requests]), t_batched)
+            add(name, "through the round", timed(lambda: score_rollouts(rollouts, problems, ExactMatchVerifier(), prm)), t_batched)
+
+    emit("PRM scoring throughput", [f"{n} responses, {n_steps} steps; tiny random PRMs"],
+         ["scorer", "how", "seconds", "responses/s", "steps/s", "vs batched score"], rows, args.json)
 
 
 if __name__ == "__main__":

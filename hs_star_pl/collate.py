@@ -47,7 +47,9 @@ class EncodedSequence:
         return len(self.ids) - self.n_prompt
 
 
-def encode_example(tokenizer, prompt: str, response: str, max_length: int) -> EncodedSequence | None:
+def encode_example(
+    tokenizer, prompt: str, response: str, max_length: int, eos: bool = True
+) -> EncodedSequence | None:
     """Tokenise ``prompt`` + ``response`` + EOS; ``None`` when the prompt alone does not fit.
 
     Args:
@@ -55,11 +57,15 @@ def encode_example(tokenizer, prompt: str, response: str, max_length: int) -> En
         prompt: the rendered prompt (see ``hs_star_pl.templates``).
         response: the response text, without EOS.
         max_length: the longest allowed sequence in tokens.
+        eos: append EOS. ``False`` for a response that is a prefix (a rejected response cut
+            after its first failing step), which did not end there.
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; responses cannot be terminated")
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-    response_ids = tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_token_id]
+    response_ids = tokenizer.encode(response, add_special_tokens=False) + ([tokenizer.eos_token_id] if eos else [])
+    if not response_ids:
+        return None  # nothing to score
     if not prompt_ids or len(prompt_ids) + 1 > max_length:
         return None  # an empty prompt would leave the first response token unscorable
     room = max_length - len(prompt_ids)

@@ -414,7 +414,7 @@ class MathDataModule(L.LightningDataModule):
         for ex in examples:
             if isinstance(ex, PreferencePair):
                 c = encode_example(self.tokenizer, ex.prompt, ex.chosen, self.max_length)
-                r = encode_example(self.tokenizer, ex.prompt, ex.rejected, self.max_length)
+                r = encode_example(self.tokenizer, ex.prompt, ex.rejected, self.max_length, eos=not ex.rejected_cut)
                 if c is None or r is None:
                     n_dropped += 1
                     continue

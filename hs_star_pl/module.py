@@ -231,7 +231,7 @@ class HSStarModule(L.LightningModule):
         try:
             encoded = [
                 (i, encode_example(self.tokenizer, p.prompt, p.chosen, max_length),
-                 encode_example(self.tokenizer, p.prompt, p.rejected, max_length))
+                 encode_example(self.tokenizer, p.prompt, p.rejected, max_length, eos=not p.rejected_cut))
                 for i, p in enumerate(pairs)
             ]
             encoded = [(i, c, r) for i, c, r in encoded if c is not None and r is not None]

@@ -244,7 +244,9 @@ class PreferencePair:
     """A DPO training pair: a correct (chosen) and an incorrect (rejected) response.
 
     ``ref_chosen_logp``/``ref_rejected_logp`` are the reference model's summed response
-    log-probabilities, filled in before training (``None`` until then).
+    log-probabilities, filled in before training (``None`` until then). ``rejected_cut`` is
+    true when ``rejected`` is a prefix of the sampled response, cut after its first failing
+    step (``selection.truncate_rejected_below``); it is then encoded without EOS.
     """
 
     problem_id: str
@@ -257,13 +259,16 @@ class PreferencePair:
     rejected_score: float | None = None
     ref_chosen_logp: float | None = None
     ref_rejected_logp: float | None = None
+    rejected_cut: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
     @classmethod
     def from_dict(cls, row: Mapping[str, Any]) -> PreferencePair:
-        return cls(**{k: row.get(k) for k in cls.__dataclass_fields__})
+        fields = {k: row.get(k) for k in cls.__dataclass_fields__}
+        fields["rejected_cut"] = bool(fields["rejected_cut"])  # absent in rounds written before it existed
+        return cls(**fields)
 
 
 @dataclass(frozen=True)

@@ -415,6 +415,7 @@ def run_round(
             config.selection,
             render_prompt,
             derive_seed(seed, iteration, "selection"),
+            config.step_delimiter,
         ),
     ))
     return RoundResult(

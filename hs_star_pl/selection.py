@@ -7,6 +7,14 @@ ranks last); keep the top ``k = min(#correct, #incorrect)`` of each; shuffle eac
 (seeded) and pair them in order, so each response is used once. A pair whose chosen and
 rejected texts are identical after stripping whitespace is never emitted.
 
+Optionally (``truncate_rejected_below``, off by default, not in the paper) a rejected
+response is cut after its first step whose PRM score is below the threshold, in the spirit
+of step-level DPO (Lai et al., 2024, "Step-DPO"). Whole-response DPO pushes down every token
+of the rejected response, including the steps after the first mistake that compute
+correctly from the wrong value; on the embedded arithmetic task that unlearns arithmetic
+(docs/results-tiny.md). The cut keeps the failing step and drops EOS, so the pair
+contrasts the chosen continuation with the first mistake only.
+
 SFT / RFT examples (the STaR and rejection-sampling baselines): a problem's correct
 responses, best process reward first, distinct texts only, at most
 ``max_sft_per_problem``.
@@ -24,6 +32,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from hs_star_pl.records import Difficulty, PreferencePair, Problem, ProblemDifficulty, ScoredRollout, SftExample
+from hs_star_pl.steps import DEFAULT_STEP_DELIMITER
 
 Objective = Literal["dpo", "sft"]
 CLASS_NAMES: tuple[str, ...] = tuple(d.value for d in Difficulty)
@@ -42,12 +51,16 @@ class SelectionConfig:
             example) only if its process reward (min step score) is at least this. The
             paper's rule (unset) uses the PRM only to rank; with a weak policy many correct
             answers are reached through wrong steps, and pairs then reward those steps.
+        truncate_rejected_below: when set, a rejected response is cut after its first step
+            whose PRM score is below this (module docstring); unset trains on whole responses
+            as the paper does. A rejected response with no such step stays whole.
     """
 
     train_classes: tuple[str, ...] = ("boundary",)
     objective: Objective = "dpo"
     max_sft_per_problem: int = 4
     min_chosen_prm: float | None = None
+    truncate_rejected_below: float | None = None
 
     def __post_init__(self) -> None:
         classes = tuple(self.train_classes)
@@ -63,6 +76,10 @@ class SelectionConfig:
             raise ValueError(f"selection.max_sft_per_problem must be >= 1, got {self.max_sft_per_problem}")
         if self.min_chosen_prm is not None and not 0.0 <= self.min_chosen_prm <= 1.0:
             raise ValueError(f"selection.min_chosen_prm must be in [0, 1], got {self.min_chosen_prm}")
+        if self.truncate_rejected_below is not None and not 0.0 < self.truncate_rejected_below <= 1.0:
+            raise ValueError(
+                f"selection.truncate_rejected_below must be in (0, 1], got {self.truncate_rejected_below}"
+            )
 
 
 def _by_reward(rollouts: Iterable[ScoredRollout]) -> list[ScoredRollout]:
@@ -79,8 +96,40 @@ def _eligible_chosen(r: ScoredRollout, min_chosen_prm: float | None) -> bool:
     return min_chosen_prm is None or (r.prm_min is not None and r.prm_min >= min_chosen_prm)
 
 
+def cut_after_first_failure(
+    r: ScoredRollout, threshold: float, delimiter: str = DEFAULT_STEP_DELIMITER
+) -> str | None:
+    """``r``'s text up to the end of its first step scoring below ``threshold``.
+
+    ``None`` when no step fails or the failing step is the last one (nothing to cut). The
+    steps are the non-empty ``delimiter``-separated blocks the PRM scored
+    (``hs_star_pl.steps.split_steps``); the text before the cut is kept verbatim.
+
+    >>> from hs_star_pl.records import Rollout, RolloutScore, Phase
+    >>> r = ScoredRollout(Rollout("p", 0, Phase.PRESAMPLE, "a\\n\\nb\\n\\n\\n\\nc\\n\\nd"), RolloutScore(False, (1, 1, 0, 0)))
+    >>> cut_after_first_failure(r, 0.5)
+    'a\\n\\nb\\n\\n\\n\\nc'
+    """
+    scores = r.score.step_scores
+    first = next((i for i, v in enumerate(scores) if v < threshold), None)
+    if first is None or first == len(scores) - 1:
+        return None
+    blocks = r.text.split(delimiter)
+    seen = -1
+    for end, block in enumerate(blocks):
+        seen += bool(block.strip())
+        if seen == first:
+            return delimiter.join(blocks[: end + 1]).rstrip()
+    return None  # fewer steps in the text than scores: leave it whole
+
+
 def build_pairs_for_problem(
-    prompt: str, rollouts: Sequence[ScoredRollout], rng: random.Random, min_chosen_prm: float | None = None
+    prompt: str,
+    rollouts: Sequence[ScoredRollout],
+    rng: random.Random,
+    min_chosen_prm: float | None = None,
+    truncate_rejected_below: float | None = None,
+    step_delimiter: str = DEFAULT_STEP_DELIMITER,
 ) -> list[PreferencePair]:
     """The DPO pairs of one problem (rule in the module docstring).
 
@@ -100,18 +149,21 @@ def build_pairs_for_problem(
     rng.shuffle(rejected)
     pairs = []
     for c, w in zip(chosen, rejected):
-        if c.text.strip() == w.text.strip():
+        cut = None if truncate_rejected_below is None else cut_after_first_failure(w, truncate_rejected_below, step_delimiter)
+        rejected_text = w.text if cut is None else cut
+        if c.text.strip() == rejected_text.strip():
             continue
         pairs.append(
             PreferencePair(
                 problem_id=c.problem_id,
                 prompt=prompt,
                 chosen=c.text,
-                rejected=w.text,
+                rejected=rejected_text,
                 chosen_key=c.rollout.key,
                 rejected_key=w.rollout.key,
                 chosen_score=c.prm_min,
                 rejected_score=w.prm_min,
+                rejected_cut=cut is not None,
             )
         )
     return pairs
@@ -141,6 +193,7 @@ def select_training_data(
     config: SelectionConfig,
     render_prompt: Callable[[Problem], str],
     seed: int,
+    step_delimiter: str = DEFAULT_STEP_DELIMITER,
 ) -> list[PreferencePair] | list[SftExample]:
     """Pairs (``objective: dpo``) or SFT examples (``sft``) from the problems in ``train_classes``.
 
@@ -159,7 +212,12 @@ def select_training_data(
             continue
         prompt = render_prompt(problem)
         if config.objective == "dpo":
-            examples.extend(build_pairs_for_problem(prompt, grouped[problem.id], rng, config.min_chosen_prm))
+            examples.extend(
+                build_pairs_for_problem(
+                    prompt, grouped[problem.id], rng, config.min_chosen_prm, config.truncate_rejected_below,
+                    step_delimiter,
+                )
+            )
         else:
             examples.extend(
                 build_sft_for_problem(prompt, grouped[problem.id], config.max_sft_per_problem, config.min_chosen_prm)

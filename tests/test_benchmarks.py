@@ -52,7 +52,7 @@ def test_prm_throughput(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="needs trl (the bench extra)")
 def test_dpo_vs_trl_losses_agree(tmp_path):
     report = run_script("dpo_vs_trl.py", tmp_path=tmp_path)  # exits non-zero if the losses disagree
-    assert first_column(report) == ["ours", "TRL", "TRL, precomputed"]
+    assert first_column(report) == ["ours", "ours, reference pass in input order (before)", "TRL", "TRL, precomputed"]
     assert "identical token ids and masks: yes" in report["notes"][1]
 
 

@@ -107,6 +107,29 @@ def test_compute_reference_logps_matches_a_direct_forward_and_restores_mode():
         assert dataclasses.replace(filled, ref_chosen_logp=None, ref_rejected_logp=None) == pair
 
 
+def test_compute_reference_logps_batches_by_length_and_returns_input_order():
+    """Long and short pairs alternate: sorted, each batch pads only to its own length."""
+    module = tiny_module()
+    short = _pairs(2)
+    long = [dataclasses.replace(p, problem_id=f"long{i}", prompt=p.prompt + " Then add 2, 3 and 4." * 3)
+            for i, p in enumerate(_pairs(2))]
+    pairs = [long[0], short[0], long[1], short[1]]
+    widths: list[int] = []
+    hook = module.model.register_forward_pre_hook(lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                                  with_kwargs=True)
+    try:
+        by_length = module.compute_reference_logps(pairs, max_length=256, batch_size=2)
+        sorted_widths, widths[:] = list(widths), []
+        in_order = module.compute_reference_logps(pairs, max_length=256, batch_size=2, sort_by_length=False)
+    finally:
+        hook.remove()
+    assert sum(sorted_widths) < sum(widths)  # in input order both batches pad to a long pair
+    assert [p.problem_id for p in by_length] == [p.problem_id for p in pairs]
+    for a, b in zip(by_length, in_order):
+        assert a.ref_chosen_logp == pytest.approx(b.ref_chosen_logp, abs=1e-4)
+        assert a.ref_rejected_logp == pytest.approx(b.ref_rejected_logp, abs=1e-4)
+
+
 def test_compute_reference_logps_leaves_unfittable_pairs_unchanged():
     module = tiny_module()
     long = dataclasses.replace(_pairs(1)[0], prompt="x" * 300)

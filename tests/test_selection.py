@@ -149,3 +149,15 @@ def test_a_cut_rejected_is_encoded_without_eos_and_survives_a_round_trip():
     full = encode_example(tok, "Q", pair.rejected, 64)
     cut = encode_example(tok, "Q", pair.rejected, 64, eos=False)
     assert full.ids[-1] == tok.eos_token_id and cut.ids == full.ids[:-1]
+
+
+def test_the_cut_follows_the_rounds_step_delimiter():
+    """With ``step_delimiter="\\n"`` the steps are lines; the cut is after the failing line."""
+    problems = [Problem("b", "Q b", "1")]
+    rollouts = [stepped("b", 0, True, (1, 1, 1), "x\ny\nz"), stepped("b", 1, False, (0, 1, 1), "x'\ny'\nz'")]
+    diffs = classed({"b": Difficulty.BOUNDARY})
+    cfg = SelectionConfig(truncate_rejected_below=0.5)
+    (pair,) = select_training_data(problems, rollouts, diffs, cfg, lambda p: p.question, 0, step_delimiter="\n")
+    assert (pair.rejected, pair.rejected_cut) == ("x'", True)
+    (whole,) = select_training_data(problems, rollouts, diffs, cfg, lambda p: p.question, 0)  # "\n\n": one step
+    assert (whole.rejected, whole.rejected_cut) == ("x'\ny'\nz'", False)

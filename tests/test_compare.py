@@ -72,4 +72,13 @@ def test_report_gives_mean_and_sd_over_seeds_per_iteration():
     row = report(runs, 1).splitlines()[2].split("|")
     # M_1: mean 0.5, sample sd 0.1414; gain 0.3 ± 0.1414; (10 + 30) pairs over 2 x 100 rollouts
     assert [c.strip() for c in row[1:-1]] == ["a", "0,1", "0.200 ± 0.000", "0.500 ± 0.141", "0.300 ± 0.141", "200.0",
-                                             "30.0", "60.0", "10.0"]
+                                             "30.0", "60.0", "10.0", ""]
+
+
+def test_report_pairs_each_method_with_the_baseline_on_the_same_seeds():
+    """b - hs_star at seeds 0 and 1: 0.5 - 0.4 and 0.45 - 0.5; seed 2 has no hs_star run."""
+    def run(method, seed, final):
+        return RunResult(method, seed, [0.3, final], [1], [10], {"inlier": 0, "boundary": 10, "outlier": 0})
+    runs = [run("hs_star", 0, .4), run("hs_star", 1, .5), run("b", 0, .5), run("b", 1, .45), run("b", 2, .9)]
+    rows = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in report(runs, 1).splitlines()[2:]}
+    assert rows == {"hs_star": "", "b": "0.025 ± 0.106"}

@@ -162,13 +162,21 @@ def _mean_sd(values: Sequence[float]) -> str:
     return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def report(results: Sequence[RunResult], expected: int) -> str:
-    """The markdown comparison (one row per method; mean ± sd over seeds)."""
+def report(results: Sequence[RunResult], expected: int, baseline: str = "hs_star") -> str:
+    """The markdown comparison (one row per method; mean ± sd over seeds).
+
+    The last column is each method's final accuracy minus ``baseline``'s on the same seeds
+    (a seed fixes the problems drawn each iteration, so the difference is paired).
+    """
     by_method: dict[str, list[RunResult]] = {}
     for r in results:
         by_method.setdefault(r.method, []).append(r)
+    final = {
+        (r.method, r.seed): r.accuracy[-1] for r in results if len(r.accuracy) == expected + 1
+    }
     head = ["method", "seeds", *[f"M_{t}" for t in range(expected + 1)], "gain M_0→M_T", "pairs / 1000 rollouts"]
     head += [f"% samples {c}" for c in CLASSES]
+    head.append(f"M_T − {baseline}, same seeds")
     lines = ["| " + " | ".join(head) + " |", "| --- | ---: |" + " ---: |" * (len(head) - 2)]
     for method, runs in by_method.items():
         row = [method, ",".join(str(r.seed) for r in runs)]
@@ -180,6 +188,12 @@ def report(results: Sequence[RunResult], expected: int) -> str:
         total = sum(sum(r.samples_per_class.values()) for r in runs) or 1
         for c in CLASSES:
             row.append(f"{100.0 * sum(r.samples_per_class[c] for r in runs) / total:.1f}")
+        paired = [
+            final[(method, r.seed)] - final[(baseline, r.seed)]
+            for r in runs
+            if method != baseline and (method, r.seed) in final and (baseline, r.seed) in final
+        ]
+        row.append(_mean_sd(paired) if paired else "")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 

@@ -50,7 +50,8 @@ class EncodedSequence:
 def encode_example(
     tokenizer, prompt: str, response: str, max_length: int, eos: bool = True
 ) -> EncodedSequence | None:
-    """Tokenise ``prompt`` + ``response`` + EOS; ``None`` when the prompt alone does not fit.
+    """Tokenise ``prompt`` + ``response`` + EOS; ``None`` when the prompt alone does not fit
+    or there is no response token to score.
 
     Args:
         tokenizer: a Hugging Face tokenizer with an ``eos_token_id``.

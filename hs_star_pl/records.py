@@ -266,9 +266,9 @@ class PreferencePair:
 
     @classmethod
     def from_dict(cls, row: Mapping[str, Any]) -> PreferencePair:
-        fields = {k: row.get(k) for k in cls.__dataclass_fields__}
-        fields["rejected_cut"] = bool(fields["rejected_cut"])  # absent in rounds written before it existed
-        return cls(**fields)
+        # a key absent from the row takes its field's default (rounds written before
+        # ``rejected_cut`` existed have none)
+        return cls(**{k: row[k] for k in cls.__dataclass_fields__ if k in row})
 
 
 @dataclass(frozen=True)

@@ -115,14 +115,10 @@ def cut_after_first_failure(
     if first is None or first == len(scores) - 1:
         return None
     blocks = r.text.split(delimiter)
-    if sum(bool(b.strip()) for b in blocks) != len(scores):
+    steps = [i for i, block in enumerate(blocks) if block.strip()]  # the blocks split_steps keeps
+    if len(steps) != len(scores):
         return None  # scored with another delimiter: leave it whole
-    seen = -1
-    for end, block in enumerate(blocks):
-        seen += bool(block.strip())
-        if seen == first:
-            return delimiter.join(blocks[: end + 1]).rstrip()
-    return None
+    return delimiter.join(blocks[: steps[first] + 1]).rstrip()
 
 
 def build_pairs_for_problem(

@@ -269,8 +269,10 @@ class ProblemPool:
     permutation of the pool, so no problem is seen twice until the pool runs out. What
     happens then is ``on_exhausted``: ``"error"`` (default) refuses; ``"reshuffle"`` starts
     a new permutation, with the problems of the previous iteration moved to its end so
-    iteration ``t`` still never repeats iteration ``t-1`` (given a pool at least twice the
-    draw size). ``problems_per_iteration=None`` uses the whole pool every iteration.
+    iteration ``t`` still never repeats iteration ``t-1``. That needs a pool at least twice
+    the draw size; with a smaller one the reshuffling draw refuses too, rather than repeat
+    problems. ``problems_per_iteration=None`` uses the whole pool every iteration (a
+    deliberate choice of the config, for a pool that is one iteration's worth).
     """
 
     problems: tuple[Problem, ...]
@@ -304,10 +306,22 @@ class ProblemPool:
         for t in range(iteration + 1):
             if len(perm) < size:
                 if self.on_exhausted == "error" and t > 0:
+                    fixes = (
+                        "use a larger pool, fewer self_training.problems_per_iteration, or "
+                        "self_training.on_exhausted: reshuffle"
+                        if len(ids) >= 2 * size
+                        else "use a larger pool or fewer self_training.problems_per_iteration "
+                        f"(self_training.on_exhausted: reshuffle would need {2 * size} problems)"
+                    )
                     raise ValueError(
                         f"the problem pool has {len(ids)} problems but iteration {t} needs "
-                        f"{(t + 1) * size} distinct ones ({size} per iteration); use a larger pool, "
-                        f"fewer self_training.problems_per_iteration, or self_training.on_exhausted: reshuffle"
+                        f"{(t + 1) * size} distinct ones ({size} per iteration); {fixes}"
+                    )
+                if t > 0 and len(ids) < 2 * size:
+                    raise ValueError(
+                        f"the problem pool has {len(ids)} problems but iteration {t} needs {size} that "
+                        f"iteration {t - 1} did not use; self_training.on_exhausted: reshuffle needs a pool "
+                        f"of at least 2 x self_training.problems_per_iteration = {2 * size} problems"
                     )
                 fresh = random.Random(f"{self.seed}:pool:{n_pass}").sample(ids, len(ids))
                 n_pass += 1

@@ -76,8 +76,9 @@ CONFIG_CASES = {
     "model_path_and_tiny": "set exactly one of model.model_path (a local HF directory) and model.tiny (a config)",
     "problems_per_iteration_negative": "self_training.problems_per_iteration must be >= 1, got -5",
     "pool_too_small": "self_training.problems_file=configs/data/arith_stepwise.jsonl: the problem pool has 20 problems "
-                      "but iteration 1 needs 30 distinct ones (15 per iteration); use a larger pool, fewer "
-                      "self_training.problems_per_iteration, or self_training.on_exhausted: reshuffle",
+                      "but iteration 1 needs 30 distinct ones (15 per iteration); use a larger pool or fewer "
+                      "self_training.problems_per_iteration (self_training.on_exhausted: reshuffle would need 30 "
+                      "problems)",
     "unknown_train_class": "self_training.selection.train_classes: unknown class ['easy']; valid: "
                            "['inlier', 'boundary', 'outlier']",
     "temperature_negative": "self_training.sampling.temperature must be >= 0, got -0.5",

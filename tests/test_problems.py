@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hs_star_pl.problems import ProblemFileError, ProblemPool, content_id, load_problems, normalize_gold, write_problems
 from hs_star_pl.records import Problem
@@ -33,6 +35,16 @@ def test_common_dataset_shapes_are_mapped(tmp_path):
     assert (p4.answer, p4.metadata) == ("27", {"level": 3})
     assert p5.answer == "2.5"
     assert p1.id == content_id("Q1", "1234") and p1.id != content_id("Q1", "1235")
+
+
+def test_content_ids_are_stable_across_processes_and_versions(tmp_path):
+    """A row without an id gets ``h`` + the first 16 hex digits of sha256(question NUL gold).
+    The literal values pin the rule: round folders and resumed runs name problems by these
+    ids, so a changed rule would silently orphan them."""
+    assert content_id("What is 2+3?", "5") == "h9d7458448f198870"
+    assert content_id("Q", ("1", "2")) == "hd0d070eaf2a5e188"
+    f = write_lines(tmp_path / "p.jsonl", [json.dumps({"question": "What is 2+3?", "answer": "#### 5"})])
+    assert load_problems(f)[0].id == "h9d7458448f198870"  # the id hashes the normalised gold
 
 
 def test_configured_keys_override_the_defaults(tmp_path):
@@ -163,6 +175,53 @@ def test_pool_exhaustion_errors_by_default_and_reshuffles_on_request():
         if previous is not None:
             assert not ids & previous, f"iteration {t} repeats iteration {t - 1}"
         previous = ids
+
+
+def test_reshuffle_refuses_a_pool_too_small_to_avoid_repeating_the_last_iteration():
+    """15 problems, 10 per iteration: iteration 1 can find only 5 that iteration 0 did not
+    use, so it refuses instead of repeating 5 problems (and the error mode does not suggest
+    a reshuffle that could not help)."""
+    reshuffle = ProblemPool(make_pool(15), problems_per_iteration=10, seed=0, on_exhausted="reshuffle")
+    assert len(reshuffle.draw(0)) == 10
+    with pytest.raises(ValueError, match=r"iteration 1 needs 10 that iteration 0 did not use; .*at least "
+                                         r"2 x self_training.problems_per_iteration = 20 problems"):
+        reshuffle.draw(1)
+    with pytest.raises(ValueError, match=r"fewer self_training.problems_per_iteration \(self_training.on_exhausted: "
+                                         r"reshuffle would need 20 problems\)"):
+        ProblemPool(make_pool(15), problems_per_iteration=10).draw(1)
+    exact = ProblemPool(make_pool(20), problems_per_iteration=10, on_exhausted="reshuffle")
+    assert not {p.id for p in exact.draw(2)} & {p.id for p in exact.draw(3)}
+
+
+@settings(max_examples=150, deadline=None)
+@given(n=st.integers(1, 40), size=st.integers(1, 40), seed=st.integers(0, 10**6), data=st.data())
+def test_pool_draw_properties(n, size, seed, data):
+    """Any pool size, draw size and seed: draws have the requested size, never repeat a
+    problem until the pool runs out (``error``) or the previous iteration (``reshuffle``),
+    are deterministic, and do not depend on the order of the problem file."""
+    size = min(size, n)
+    problems = make_pool(n)
+    shuffled = tuple(data.draw(st.permutations(problems)))
+    strict = ProblemPool(problems, size, seed)
+    last = n // size - 1  # the last iteration the pool can serve without repeats
+    draws = [[p.id for p in strict.draw(t)] for t in range(last + 1)]
+    assert all(len(d) == len(set(d)) == size for d in draws)
+    assert len({i for d in draws for i in d}) == size * len(draws)  # without replacement
+    assert draws == [[p.id for p in ProblemPool(shuffled, size, seed).draw(t)] for t in range(last + 1)]
+    with pytest.raises(ValueError, match="self_training.problems_per_iteration"):
+        strict.draw(last + 1)
+    again = ProblemPool(problems, size, seed, on_exhausted="reshuffle")
+    if n < 2 * size:
+        with pytest.raises(ValueError, match="on_exhausted: reshuffle needs a pool of at least"):
+            again.draw(last + 1)
+        return
+    previous: set[str] = set()
+    for t in range(last + 4):
+        ids = [p.id for p in again.draw(t)]
+        assert len(ids) == len(set(ids)) == size and not set(ids) & previous
+        previous = set(ids)
+        if t <= last:
+            assert ids == draws[t]  # reshuffling changes nothing before the pool runs out
 
 
 def test_pool_without_a_size_uses_everything_and_validates():

@@ -107,38 +107,66 @@ def test_bad_budgets_name_the_key(factory, message):
 
 classes_st = st.lists(st.sampled_from(list(Difficulty)), min_size=1, max_size=60)
 phi_st = st.one_of(st.none(), st.sampled_from([0.0, 0.25, 1 / 3, 0.5, 2 / 3, 1.0]))
-allocators = st.one_of(
-    st.builds(
-        HierarchicalBudget,
-        samples_per_problem=st.integers(1, 16),
-        n_presample=st.just(1),
-        no_boundary=st.sampled_from(["skip", "uniform"]),
-    ),
-    st.builds(UniformBudget, samples_per_problem=st.integers(1, 16)),
-    st.builds(ProportionalBudget, samples_per_problem=st.integers(1, 16), n_presample=st.just(1), no_boundary=st.sampled_from(["skip", "uniform"])),
-)
 
 
-@settings(max_examples=200, deadline=None)
-@given(allocator=allocators, data=st.data(), seed=st.integers(0, 2**31 - 1))
+@st.composite
+def allocators(draw):
+    """Any of the three allocators, with any K and any n_p <= K."""
+    k = draw(st.integers(1, 16))
+    n_presample = draw(st.integers(1, k))
+    no_boundary = draw(st.sampled_from(["skip", "uniform"]))
+    kind = draw(st.sampled_from(["hierarchical", "uniform", "proportional"]))
+    if kind == "hierarchical":
+        return HierarchicalBudget(k, n_presample, no_boundary)
+    if kind == "proportional":
+        return ProportionalBudget(k, n_presample, no_boundary)
+    return UniformBudget(k)
+
+
+@settings(max_examples=300, deadline=None)
+@given(allocator=allocators(), data=st.data(), seed=st.integers(0, 2**31 - 1))
 def test_allocator_invariants(allocator, data, seed):
     classes = data.draw(classes_st)
     phis = data.draw(st.lists(phi_st, min_size=len(classes), max_size=len(classes)))
     d = difficulties(classes, phis)
     ledger = allocator.allocate(d, seed)
-    k, n = allocator.samples_per_problem, len(d)
-    assert set(ledger.presample) == set(ledger.resample) == set(d)
+    k, n, n_p = allocator.samples_per_problem, len(d), allocator.n_presample
+    remaining = (k - n_p) * n
+    assert set(ledger.presample) == set(ledger.resample) == set(ledger.classes) == set(d)
     assert all(v >= 0 for v in ledger.resample.values())
-    assert all(v == allocator.n_presample for v in ledger.presample.values())
-    assert ledger.budget_total == k * n
-    assert ledger.total <= ledger.budget_total  # never over-spend
+    assert all(v == n_p for v in ledger.presample.values())
+    assert ledger.classes == {pid: x.difficulty.value for pid, x in d.items()}
+    assert ledger.budget_total == k * n and ledger.presample_total == n_p * n
+    assert ledger.total == ledger.presample_total + ledger.resample_total <= ledger.budget_total  # never over-spend
     if ledger.note is None:
         assert ledger.total == ledger.budget_total  # exact unless a documented fallback says otherwise
+    per_class = ledger.per_class()
+    assert sum(row["problems"] for row in per_class.values()) == n
+    assert sum(row["total"] for row in per_class.values()) == ledger.total
     assert ledger == allocator.allocate(d, seed)  # deterministic per seed
-    if isinstance(allocator, HierarchicalBudget) and any(c is Difficulty.BOUNDARY for c in classes):
-        got = [ledger.resample[p] for p, c in ledger.classes.items() if c == "boundary"]
-        assert max(got) - min(got) <= 1  # floor share, residue +1
+    assert ledger == allocator.allocate(dict(reversed(list(d.items()))), seed)  # not by dict order
+    assert BudgetLedger.from_dict(ledger.to_dict()) == ledger
+    boundary = [p for p, c in ledger.classes.items() if c == "boundary"]
+    if isinstance(allocator, UniformBudget):
+        assert ledger.resample_total == 0 and ledger.total == ledger.budget_total
+    elif isinstance(allocator, HierarchicalBudget) and boundary:
+        base, residue = divmod(remaining, len(boundary))
+        got = Counter(ledger.resample[p] for p in boundary)
+        assert got == Counter({base: len(boundary) - residue, base + 1: residue}) - Counter()  # floor, +1 residue
         assert all(ledger.resample[p] == 0 for p, c in ledger.classes.items() if c != "boundary")
+        assert ledger.note is None
+    elif isinstance(allocator, HierarchicalBudget):  # no boundary problem: the documented fallback
+        assert ledger.note.startswith("no boundary problems")
+        assert ledger.resample_total == (remaining if allocator.no_boundary == "uniform" else 0)
+    elif isinstance(allocator, ProportionalBudget):
+        fail = {p: 1.0 if x.phi_a is None else 1.0 - x.phi_a for p, x in d.items()}
+        if sum(fail.values()) > 0:
+            assert ledger.resample_total == remaining and ledger.note is None
+            assert all(ledger.resample[p] == 0 for p, w in fail.items() if w == 0)
+            for p, w in fail.items():  # within one of the exact share
+                assert abs(ledger.resample[p] - remaining * w / sum(fail.values())) < 1 + 1e-9
+        else:
+            assert ledger.note.startswith("every problem always solved")
 
 
 @settings(max_examples=200, deadline=None)

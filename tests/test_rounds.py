@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hs_star_pl.budget import HierarchicalBudget, UniformBudget
+from hs_star_pl.budget import HierarchicalBudget, ProportionalBudget, UniformBudget
 from hs_star_pl.difficulty import DifficultyConfig
 from hs_star_pl.protocols import AnswerVerifier, ProcessRewardModel, RolloutEngine
 from hs_star_pl.records import Phase
@@ -48,6 +48,44 @@ def test_round_classifies_allocates_and_pairs():
     assert {p.problem_id for p in result.examples} <= {"mid1", "mid2"}
     assert all(p.prompt.startswith("Q: question") and "boxed{7}" in p.chosen and "boxed{8}" in p.rejected for p in result.examples)
     assert set(s["seconds"]) >= {"presample_generate", "presample_verify", "presample_prm", "resample_generate", "select"}
+
+
+@pytest.mark.parametrize(
+    "allocator",
+    [
+        HierarchicalBudget(samples_per_problem=8, n_presample=3),
+        HierarchicalBudget(samples_per_problem=7, n_presample=2, no_boundary="uniform"),
+        UniformBudget(samples_per_problem=5),
+        ProportionalBudget(samples_per_problem=6, n_presample=2),
+    ],
+    ids=["hierarchical", "hierarchical-7-2", "uniform", "proportional"],
+)
+def test_the_engine_is_asked_for_exactly_the_ledgers_counts(allocator):
+    """Never over-generate: the pre-sample call asks n_p of every gradeable problem, the
+    re-sample call asks each problem exactly its ledger count (none for a count of 0), and
+    the round holds exactly the ledger's total, with per-problem indices 0..count-1."""
+    engine = ScriptedEngine()
+    result = run(engine=engine, allocator=allocator)
+    ledger = result.ledger
+    assert dict(engine.calls[0]) == {pid: allocator.n_presample for pid in P_RIGHT}
+    wanted = {pid: n for pid, n in ledger.resample.items() if n > 0}
+    assert (dict(engine.calls[1]) if len(engine.calls) > 1 else {}) == wanted
+    assert len(engine.calls) == 1 + bool(wanted)
+    assert len(result.presamples) == ledger.presample_total and len(result.resamples) == ledger.resample_total
+    for pid in P_RIGHT:
+        idx = sorted(r.rollout.sample_index for r in result.rollouts if r.problem_id == pid)
+        assert idx == list(range(ledger.presample[pid] + ledger.resample[pid]))
+
+
+def test_calibrated_thresholds_are_used_and_reported():
+    """``difficulty.calibration=[0, 1]`` puts tau_low/tau_high at the smallest and largest
+    phi_r of the round (0.1 for hard2, 0.9 for the rest): nothing is strictly below the
+    minimum or above the maximum, so every problem is on the boundary, and summary.json
+    reports the thresholds actually used, not the configured ones."""
+    result = run(config=RoundConfig(difficulty=DifficultyConfig(tau_low=0.3, tau_high=0.6, calibration=(0.0, 1.0))))
+    s = result.summary()
+    assert (s["tau_low"], s["tau_high"]) == (pytest.approx(0.1), pytest.approx(0.9))
+    assert (s["n_inlier"], s["n_boundary"], s["n_outlier"]) == (0, 5, 0)
 
 
 def test_round_is_deterministic_per_seed():

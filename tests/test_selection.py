@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hs_star_pl.records import Difficulty, Phase, PreferencePair, Problem, ProblemDifficulty, Rollout, RolloutScore, ScoredRollout
 from hs_star_pl.selection import SelectionConfig, build_pairs_for_problem, build_sft_for_problem, select_training_data
@@ -56,6 +58,42 @@ def test_pairing_is_seeded():
     assert a == build_pairs_for_problem("P", rollouts, random.Random(1))
     variants = {tuple((p.chosen, p.rejected) for p in build_pairs_for_problem("P", rollouts, random.Random(s))) for s in range(10)}
     assert len(variants) > 1
+
+
+score_st = st.one_of(st.none(), st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(st.tuples(st.sampled_from([True, False, None]), score_st, st.booleans()), max_size=16),
+    seed=st.integers(0, 10**6),
+)
+def test_pair_rule_properties(rows, seed):
+    """Any mix of verdicts and PRM scores: k = min(#correct, #incorrect); the chosen are the
+    k best-scored correct responses and the rejected the k best-scored incorrect ones
+    (no score ranks last); ungradeable responses are on neither side; each response is used
+    at most once; no pair has the same text on both sides (some rows share one text)."""
+    rollouts = [r("p", i, ok, score, text="same" if dup else None) for i, (ok, score, dup) in enumerate(rows)]
+    pairs = build_pairs_for_problem("P", rollouts, random.Random(seed))
+    correct = [x for x in rollouts if x.correct is True]
+    wrong = [x for x in rollouts if x.correct is False]
+    k = min(len(correct), len(wrong))
+
+    def ranked(xs):  # best first, a missing score last; ties in sample order
+        return sorted(xs, key=lambda x: (x.prm_min is None, -(x.prm_min or 0.0), x.rollout.sample_index))
+
+    top_correct = {x.rollout.key for x in ranked(correct)[:k]}
+    top_wrong = {x.rollout.key for x in ranked(wrong)[:k]}
+    identical = sum(p.chosen.strip() == p.rejected.strip() for p in pairs)
+    assert identical == 0
+    assert len(pairs) <= k
+    assert {p.chosen_key for p in pairs} <= top_correct and {p.rejected_key for p in pairs} <= top_wrong
+    keys = [p.chosen_key for p in pairs] + [p.rejected_key for p in pairs]
+    assert len(keys) == len(set(keys))
+    if not any(dup for _, _, dup in rows):  # all texts distinct: exactly k pairs, the top k of each side
+        assert len(pairs) == k
+        assert {p.chosen_key for p in pairs} == top_correct and {p.rejected_key for p in pairs} == top_wrong
+    assert pairs == build_pairs_for_problem("P", rollouts, random.Random(seed))
 
 
 def test_sft_examples_are_distinct_best_first_and_capped():

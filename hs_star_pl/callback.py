@@ -27,6 +27,7 @@ and the HF export.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -43,7 +44,7 @@ from hs_star_pl.budget import BudgetAllocator, HierarchicalBudget
 from hs_star_pl.difficulty import DifficultyConfig
 from hs_star_pl.distributed import all_gather_objects
 from hs_star_pl.errors import ConfigError, EmptyRoundError
-from hs_star_pl.problems import ProblemPool, load_problems
+from hs_star_pl.problems import FieldMap, ProblemPool, load_problems
 from hs_star_pl.protocols import AnswerVerifier, ProcessRewardModel, RolloutEngine, SamplingParams
 from hs_star_pl.records import PreferencePair
 from hs_star_pl.rounds import RoundConfig, RoundResult, explain_no_examples, run_round
@@ -64,6 +65,11 @@ class SelfTrainingCallback(L.Callback):
 
     Args:
         problems_file: the problem pool (JSONL, ``problems.load_problems`` format).
+        problem_fields: which row fields hold the question, gold answer, id and solution
+            (``question_key``, ``answer_key``, ``id_key``, ``solution_key``, ``answer_from``,
+            ``default_id``; see ``problems.FieldMap``). Unset keys are detected from the
+            usual names (``question``/``problem``/``query``/``prompt``, ``answer``/
+            ``final_answer``/``gold``/``expected_answer``, ``id``/``unique_id``/...).
         prm: process reward model (``class_path``); required when active.
         engine: rollout engine (``class_path``); default ``HFEngine()`` on the policy.
         verifier: answer verifier (``class_path``); default ``MathVerifyVerifier()``.
@@ -90,6 +96,7 @@ class SelfTrainingCallback(L.Callback):
     def __init__(
         self,
         problems_file: str | None = None,
+        problem_fields: FieldMap = FieldMap(),
         prm: ProcessRewardModel | None = None,
         engine: RolloutEngine | None = None,
         verifier: AnswerVerifier | None = None,
@@ -117,6 +124,7 @@ class SelfTrainingCallback(L.Callback):
         if on_empty_round not in ("skip", "error"):
             raise ValueError(f"self_training.on_empty_round must be 'skip' or 'error', got {on_empty_round!r}")
         self.problems_file = problems_file
+        self.problem_fields = problem_fields
         self.prm = prm
         self.engine = engine
         self.verifier = verifier
@@ -171,12 +179,8 @@ class SelfTrainingCallback(L.Callback):
             errors.append("data.train_file and data.problems_file must be unset: self-training makes its own data")
         if errors:
             raise ConfigError("self-training configuration:\n  - " + "\n  - ".join(errors))
-        problems = tuple(load_problems(self.problems_file))
-        try:
-            self._pool = ProblemPool(problems, self.problems_per_iteration, self.seed, self.on_exhausted)
-            self._pool.draw(self.n_iterations - 1)  # fail now, not after days of training
-        except ValueError as err:
-            raise ConfigError(f"self_training.problems_file={self.problems_file}: {err}") from None
+        self._pool = self.load_pool()
+        problems = self._pool.problems
         if self.engine is None:
             from hs_star_pl.engines import HFEngine
 
@@ -191,6 +195,21 @@ class SelfTrainingCallback(L.Callback):
             f"self-training: {len(problems)} problems, {self.n_iterations} iterations, "
             f"rounds in {self.rounds_root(trainer)}"
         )
+
+    def load_pool(self) -> ProblemPool:
+        """The problem pool from ``problems_file``, checked to last ``n_iterations`` draws.
+
+        Raises:
+            ProblemFileError: a malformed row (``file:line``).
+            ConfigError: the pool cannot serve every iteration (naming the keys to change).
+        """
+        problems = tuple(load_problems(self.problems_file, **dataclasses.asdict(self.problem_fields)))
+        try:
+            pool = ProblemPool(problems, self.problems_per_iteration, self.seed, self.on_exhausted)
+            pool.draw(self.n_iterations - 1)  # fail now, not after days of training
+        except ValueError as err:
+            raise ConfigError(f"self_training.problems_file={self.problems_file}: {err}") from None
+        return pool
 
     @staticmethod
     def rounds_root(trainer: L.Trainer) -> Path:

@@ -56,3 +56,34 @@ def test_contradictory_values_fail_with_the_key():
         build({"budget": {"class_path": "hs_star_pl.budget.Nope"}})
     with pytest.raises(Exception, match="difficulty.mode"):
         build({"budget": {"class_path": "hs_star_pl.budget.UniformBudget"}, "difficulty": {"mode": "vibes"}})
+
+
+def test_problem_field_mapping_reaches_the_pool_from_the_cli(tmp_path, monkeypatch):
+    """``self_training.problem_fields`` maps a pool whose rows use other names (``q``, ``a``,
+    ``uid``) through the real CLI; without the mapping the same file fails at its first line."""
+    import json
+
+    from hs_star_pl.callback import SelfTrainingCallback
+    from hs_star_pl.cli import HSStarCLI
+    from hs_star_pl.problems import ProblemFileError
+    from tests.helpers.tiny_setup import REPO
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr("sys.argv", ["hs-star"])  # the CLI reads only ``args``
+    pool_file = tmp_path / "pool.jsonl"
+    pool_file.write_text("".join(json.dumps({"uid": f"u{i}", "q": f"{i} + 1 = ?", "a": f"#### {i + 1}"}) + "\n" for i in range(20)))
+
+    def callback(*extra):
+        args = ["-c", "configs/base.yaml", "-c", "configs/debug/tiny_self_training.yaml",
+                f"--self_training.problems_file={pool_file}", f"--trainer.default_root_dir={tmp_path}",
+                f"--trainer.logger.init_args.save_dir={tmp_path}", *extra]
+        cli = HSStarCLI(args=args, run=False)
+        return next(c for c in cli.trainer.callbacks if isinstance(c, SelfTrainingCallback))
+
+    mapped = callback("--self_training.problem_fields.question_key=q", "--self_training.problem_fields.answer_key=a",
+                      "--self_training.problem_fields.id_key=uid")
+    pool = mapped.load_pool()
+    assert [(p.id, p.question, p.answer) for p in pool.problems[:2]] == [("u0", "0 + 1 = ?", "1"), ("u1", "1 + 1 = ?", "2")]
+    assert len(pool.draw(1)) == 10  # problems_per_iteration of the debug config
+    with pytest.raises(ProblemFileError, match=r"pool.jsonl:1: no question field"):
+        callback().load_pool()

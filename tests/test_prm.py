@@ -296,3 +296,207 @@ def test_auto_device_is_this_processs_gpu(monkeypatch):
     assert resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
+
+
+# ---------------------------------------------------------------- the documented formulas, recomputed apart
+
+
+def _reference_body(path):
+    """The saved Qwen2 body loaded by plain transformers, and the raw tensors of the folder."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, Qwen2Model
+
+    state = load_file(str(path / "model.safetensors"))
+    body = Qwen2Model(AutoConfig.from_pretrained(str(path)))
+    body.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    return body.eval(), state
+
+
+@pytest.mark.parametrize("bos", [None, "<|endoftext|>"])
+def test_skywork_scores_are_the_sigmoid_of_the_value_head_at_each_separator(bos, tiny_dirs):
+    """Skywork's documented input, built as one string: ``bos + question + "\\n"``, then each
+    step followed by ``"\\n"``; the score of a step is ``sigmoid(v_head(h))`` at its ``"\\n"``."""
+    prm = make("skywork", tiny_dirs)
+    prm.tokenizer.bos_token = bos
+    question, steps = "What is 2+2?", ("Step 1: 2 + 2 = 4", "so it is 4", "\\boxed{4}")
+    body, state = _reference_body(tiny_dirs["skywork"])
+    tok = prm.tokenizer
+    prompt = (bos or "") + question + "\n"
+    ids = tok(prompt + "".join(s + "\n" for s in steps), add_special_tokens=False)["input_ids"]
+    newline = tok("\n", add_special_tokens=False)["input_ids"][-1]
+    start = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    positions = [i for i in range(start, len(ids)) if ids[i] == newline]
+    assert len(positions) == len(steps)
+    with torch.no_grad():
+        hidden = body(input_ids=torch.tensor([ids])).last_hidden_state[0]
+        values = torch.sigmoid(hidden @ state["v_head.summary.weight"].T + state["v_head.summary.bias"])[:, 0]
+    assert prm.score([StepScoringRequest(question, steps)])[0] == pytest.approx(values[positions].tolist(), abs=1e-5)
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("chat_template", [None, CHATML])
+def test_qwen_scores_follow_the_model_cards_recipe(chat_template, tiny_dirs):
+    """The model card's usage, recomputed apart: the whole conversation with the steps joined
+    by ``<extra_0>`` (one after the last) and ``<|im_end|>`` after them, one forward pass,
+    and the softmax probability of class 1 wherever the token is ``<extra_0>``. The tokens
+    after the last separator, which we do not feed, must not change anything."""
+    import torch.nn.functional as F
+
+    prm = make("qwen", tiny_dirs)
+    prm.tokenizer.chat_template = chat_template
+    question, steps = "What is 2+2?", ("Step 1: 2 + 2\n= 4", "so it is 4", "\\boxed{4}")
+    messages = [{"role": "system", "content": prm.system_prompt}, {"role": "user", "content": question},
+                {"role": "assistant", "content": "<extra_0>".join(steps) + "<extra_0>"}]
+    if chat_template:
+        conversation = prm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    else:  # the ChatML that Qwen's own template writes
+        conversation = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    ids = torch.tensor([prm.tokenizer(conversation)["input_ids"]])
+    mask = ids[0] == prm.tokenizer.convert_tokens_to_ids("<extra_0>")
+    assert int(mask.sum()) == len(steps) and ids[0, -1] != prm.separator_id  # <|im_end|> and "\n" follow
+    body, state = _reference_body(tiny_dirs["qwen"])
+    with torch.no_grad():
+        hidden = body(input_ids=ids).last_hidden_state[0]
+        inner = F.relu(hidden @ state["score.0.weight"].T + state["score.0.bias"])
+        probs = F.softmax(inner @ state["score.2.weight"].T + state["score.2.bias"], dim=-1)[:, 1]
+    assert prm.score([StepScoringRequest(question, steps)])[0] == pytest.approx(probs[mask].tolist(), abs=1e-5)
+
+
+def test_weights_load_from_shards_from_bin_files_and_with_prefixes(tiny_dirs, tmp_path):
+    """The layouts the docs promise: sharded ``*.safetensors`` with an index, ``pytorch_model.bin``
+    with ``pretrained_model.`` prefixes and an ``lm_head`` to ignore; unknown tensors are refused."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_dirs["skywork"]
+    state = load_file(str(src / "model.safetensors"))
+    expected = make("skywork", tiny_dirs).score(REQUESTS[:2])
+
+    def copy_without_weights(name):
+        dst = tmp_path / name
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors"))
+        return dst
+
+    sharded = copy_without_weights("sharded")
+    keys = sorted(state)
+    index = {}
+    for n, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :]), start=1):
+        fname = f"model-0000{n}-of-00002.safetensors"
+        save_file({k: state[k] for k in part}, str(sharded / fname))
+        index.update(dict.fromkeys(part, fname))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+    binned = copy_without_weights("binned")
+    torch.save({**{f"pretrained_model.{k}": v for k, v in state.items()},
+                "lm_head.weight": torch.zeros(3, 3)}, binned / "pytorch_model.bin")
+    for folder in (sharded, binned):
+        scores = SkyworkPRM(str(folder), device="cpu", progress=False).score(REQUESTS[:2])
+        for got, want in zip(scores, expected):
+            assert got == pytest.approx(want, abs=1e-6), folder.name
+
+    extra = copy_without_weights("extra")
+    save_file({**state, "v_head.extra.weight": torch.zeros(2)}, str(extra / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"unexpected \['v_head\.extra\.weight'\]"):
+        SkyworkPRM(str(extra), device="cpu")
+    empty = copy_without_weights("empty")
+    with pytest.raises(FileNotFoundError, match=r"prm\.init_args\.model_path=.*empty"):
+        SkyworkPRM(str(empty), device="cpu")
+
+
+# ---------------------------------------------------------------- batching, progress, sharding, device
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batches_are_sorted_by_length(kind, tiny_dirs):
+    """With ``batch_size=2`` the six sequences go in as the longest two, the next two, ...:
+    in input order the widths would be those of items 1, 3 and 5 (40, 33, 20 characters)."""
+    prm = make(kind, tiny_dirs, batch_size=2)
+    requests = [StepScoringRequest("q", ("x" * n,)) for n in (5, 40, 12, 33, 1, 20)]
+    shapes = []
+    handle = prm.model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    try:
+        prm.score(requests)
+    finally:
+        handle.remove()
+    lengths = sorted((len(fit_to_length(*prm.encode(r), 10**6)[0]) for r in requests), reverse=True)
+    assert shapes == [(2, lengths[0]), (2, lengths[2]), (2, lengths[4])]
+
+
+def test_progress_bar_shows_on_calls_of_eight_batches_or_more(tiny_dirs, capsys):
+    requests = [StepScoringRequest("q", ("a", "b"))] * 8
+    loud = SkyworkPRM(str(tiny_dirs["skywork"]), device="cpu", batch_size=1, progress=True)
+    loud.score(requests[:7])
+    assert "SkyworkPRM scoring" not in capsys.readouterr().err
+    loud.score(requests)
+    assert "SkyworkPRM scoring" in capsys.readouterr().err
+    make("skywork", tiny_dirs, batch_size=1).score(requests)  # progress=False
+    assert "scoring" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shards_scored_apart_gather_to_the_whole(kind, tiny_dirs):
+    """What a rank does: score ``shard(requests, rank, world_size)``; the caller interleaves."""
+    prm = make(kind, tiny_dirs, batch_size=2)
+    whole = prm.score(REQUESTS)
+    world_size = 3
+    gathered: list = [None] * len(REQUESTS)
+    for rank in range(world_size):
+        gathered[rank::world_size] = prm.score(shard(REQUESTS, rank, world_size))
+    for got, want in zip(gathered, whole):
+        assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_auto_dtype_is_bf16_on_cuda_and_fp32_on_cpu():
+    from hs_star_pl.prm.hf import resolve_dtype
+
+    assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
+
+
+# ---------------------------------------------------------------- one step delimiter
+
+
+def test_one_delimiter_for_the_template_the_task_data_and_the_prm():
+    """The paper's template asks for steps separated by the package's delimiter, the synthetic
+    task's solutions are written with it, and the PRM scores exactly the steps it yields."""
+    from hs_star_pl.steps import DEFAULT_STEP_DELIMITER
+    from hs_star_pl.tasks.arithmetic import make_problem
+    from hs_star_pl.templates import get_template
+
+    assert DEFAULT_STEP_DELIMITER == "\n\n"
+    assert f"separating each step with '{DEFAULT_STEP_DELIMITER}'" in get_template("qwen25-step-cot").prefix
+    problem = make_problem(12, [("add", 7), ("multiply", 3), ("subtract", 5)])
+    steps = split_steps(problem.solution)
+    assert len(steps) == 4
+    assert ArithmeticPRM().score([StepScoringRequest(problem.question, tuple(steps))]) == [[1.0] * 4]
+
+
+class _LineEngine:
+    """Answers every problem with the same three lines, one computation per line."""
+
+    def generate(self, requests, params):
+        from hs_star_pl.protocols import Completion
+
+        return {r.key: [Completion("12 + 7 = 19\n19 * 3 = 57\n\\boxed{57}")] * r.n for r in requests}
+
+
+@pytest.mark.parametrize(("delimiter", "n_steps"), [("\n", 3), ("\n\n", 1)])
+def test_the_configured_delimiter_is_what_the_round_hands_the_prm(delimiter, n_steps):
+    """``self_training.step_delimiter`` -> ``RoundConfig`` -> the steps each PRM request holds."""
+    from hs_star_pl.budget import HierarchicalBudget
+    from hs_star_pl.callback import SelfTrainingCallback
+    from hs_star_pl.records import Problem
+    from hs_star_pl.rounds import RoundConfig, run_round
+    from hs_star_pl.verifiers import ExactMatchVerifier
+
+    assert SelfTrainingCallback(step_delimiter=delimiter).round_config.step_delimiter == delimiter
+    problem = Problem("p", "Start with 12. Add 7. Multiply by 3. What is the result?", "57")
+    result = run_round([problem], engine=_LineEngine(), verifier=ExactMatchVerifier(), prm=ArithmeticPRM(),
+                       allocator=HierarchicalBudget(samples_per_problem=2, n_presample=1),
+                       config=RoundConfig(step_delimiter=delimiter))
+    assert result.rollouts and all(r.score.step_scores == (1.0,) * n_steps for r in result.rollouts)

@@ -124,6 +124,8 @@ EQUIVALENT = [
     ("\\boxed{[0, 1)}", "[0,1)"),
     ("\\boxed{\\{2, 1\\}}", "\\{1,2\\}"),
     ("\\boxed{50\\%}", "0.5"),
+    ("\\boxed{50\\%}", "50"),
+    ("\\boxed{\\frac{3}{4}}", "75\\%"),
     ("\\boxed{x = 5}", "5"),
     ("\\boxed{-3, 3}", "3, -3"),
     ("\\boxed{0.5}", ["\\frac{1}{3}", "1/2"]),
@@ -136,6 +138,7 @@ DIFFERENT = [
     ("\\boxed{(1, 2]}", "(1,2)"),
     ("\\boxed{\\{1, 2, 3\\}}", "\\{1,2\\}"),
     ("\\boxed{banana}", "5"),
+    ("\\boxed{60\\%}", "0.5"),
     ("I could not solve it.", "5"),
 ]
 
@@ -300,3 +303,72 @@ def test_bad_gold_is_ungradeable_even_without_a_response_answer(mv):
         assert mv.verify(["no final answer", "no final answer"], ["$$", "4"]) == [None, False]
     with pytest.warns(UserWarning, match="ungradeable"):
         assert ExactMatchVerifier().verify(["no final answer"], ["$$"]) == [None]
+
+
+# ---------------------------------------------------------------- cache bounds, hanging golds, dropped problems
+
+
+def test_cache_is_a_bounded_lru_and_size_zero_shares_nothing():
+    with MathVerifyVerifier(n_workers=1, cache_size=2) as v:
+        pairs = [("\\boxed{1}", "1"), ("\\boxed{2}", "2"), ("\\boxed{3}", "4")]
+        assert v.verify(*map(list, zip(*pairs))) == [True, True, False]
+        assert (v.cache_stats.size, v.cache_stats.misses) == (2, 3)
+        assert v.verify(["\\boxed{3}"], ["4"]) == [False] and v.cache_stats.hits == 1  # newest kept
+        assert v.verify(["\\boxed{1}"], ["1"]) == [True] and v.cache_stats.misses == 4  # oldest evicted
+    with MathVerifyVerifier(n_workers=1, cache_size=0) as v:
+        assert v.verify(["\\boxed{1}"] * 3, ["1"] * 3) == [True] * 3
+        assert v.verify(["\\boxed{1}"], ["1"]) == [True]
+        assert (v.cache_stats.hits, v.cache_stats.misses, v.cache_stats.size) == (0, 4, 0)
+
+
+NESTED_SQRT = "\\sqrt{" * 3000 + "2" + "}" * 3000  # math-verify takes about 13 s to parse this (idle core)
+
+
+def test_a_gold_whose_parse_hangs_is_ungradeable_within_its_timeout():
+    with MathVerifyVerifier(n_workers=1, timeout_s=1.0) as v:
+        assert v.verify(["\\boxed{1}"], ["1"]) == [True]  # worker warm before the clock starts
+        t0 = time.monotonic()
+        assert v.check_golds([NESTED_SQRT, "5"]) == [False, True]
+        assert time.monotonic() - t0 < 1.0 + 2.0
+        assert v.n_timeouts == 1
+        with pytest.warns(UserWarning, match=r"gold answer '\\\\sqrt\{.*ungradeable"):
+            assert v.verify(["\\boxed{2}", "\\boxed{5}"], [NESTED_SQRT, "5"]) == [None, True]
+        assert v.n_timeouts == 1  # the verdict on the gold is remembered, not re-timed
+
+
+@pytest.mark.parametrize("verifier_cls", [ExactMatchVerifier, MathVerifyVerifier])
+def test_a_round_drops_problems_with_unparseable_golds_and_names_them(verifier_cls, caplog):
+    """What ``run_round`` calls first: the problem is dropped with a warning naming it, so it is
+    never silently right or wrong."""
+    from hs_star_pl.records import Problem
+    from hs_star_pl.rounds import drop_ungradeable
+
+    problems = [Problem("ok", "q", "42"), Problem("gsm-17", "q", "$$"), Problem("empty", "q", "  ")]
+    verifier = verifier_cls() if verifier_cls is ExactMatchVerifier else verifier_cls(n_workers=1)
+    try:
+        with caplog.at_level("WARNING", logger="hs_star_pl.rounds"):
+            kept, dropped = drop_ungradeable(problems, verifier)
+    finally:
+        getattr(verifier, "close", lambda: None)()
+    assert [p.id for p in kept] == ["ok"] and dropped == ["gsm-17", "empty"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("problem gsm-17" in m and "'$$'" in m and "dropped" in m for m in messages)
+    assert any("problem empty" in m for m in messages)
+
+
+def test_no_eval_exec_or_sympy_call_in_the_package():
+    """Model output reaches sympy only through math-verify: nothing in ``hs_star_pl`` calls
+    the builtins ``eval``/``exec``/``compile`` or imports sympy (``sympify``, ``parse_expr``)."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "hs_star_pl"
+    offences = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("eval", "exec", "compile", "__import__"):
+                offences.append(f"{path.name}:{node.lineno}: {node.func.id}()")
+            names = [a.name for a in node.names] if isinstance(node, (ast.Import, ast.ImportFrom)) else []
+            module = node.module or "" if isinstance(node, ast.ImportFrom) else ""
+            if any(n.split(".")[0] == "sympy" or n in ("sympify", "parse_expr") for n in [module, *names]):
+                offences.append(f"{path.name}:{node.lineno}: imports {module or names}")
+    assert offences == []

@@ -280,8 +280,10 @@ class SkyworkPRM:
     """Skywork-o1-Open-PRM-style scorer: ``sigmoid(value head)`` at each step separator.
 
     Args:
-        model_path: local folder in the Skywork layout (see the module docstring).
-        max_length: token limit of one scored sequence (see truncation above).
+        model_path: local folder in the Skywork layout (``model.*`` + ``v_head.summary.*`` tensors;
+            see ``hs_star_pl.prm.hf``).
+        max_length: token limit of one scored sequence; longer inputs keep every step's score
+            (steps that do not fit repeat the last scored one; see ``hs_star_pl.prm.hf``).
         batch_size: sequences per forward pass (sorted by length, padded on the right).
         device: ``"auto"`` (this process's GPU, ``cuda:LOCAL_RANK``, when CUDA is available, else
             CPU), ``"cpu"`` or ``"cuda[:N]"``.
@@ -329,9 +331,11 @@ class QwenMathPRM:
     """Qwen2.5-Math-PRM-style scorer: P(positive) of the 2-class head at each ``<extra_0>``.
 
     Args:
-        model_path: local folder in the Qwen2.5-Math-PRM layout (see the module docstring);
+        model_path: local folder in the Qwen2.5-Math-PRM layout (``model.*`` + ``score.0``/``score.2``;
+            see ``hs_star_pl.prm.hf``);
             its tokenizer must have ``step_separator`` as one token.
-        max_length: token limit of one scored sequence (see truncation above).
+        max_length: token limit of one scored sequence; longer inputs keep every step's score
+            (steps that do not fit repeat the last scored one; see ``hs_star_pl.prm.hf``).
         batch_size: sequences per forward pass (sorted by length, padded on the right).
         device: ``"auto"`` (this process's GPU, ``cuda:LOCAL_RANK``, when CUDA is available, else
             CPU), ``"cpu"`` or ``"cuda[:N]"``.
@@ -361,6 +365,7 @@ class QwenMathPRM:
 
     @property
     def n_truncated(self) -> int:
+        """Responses so far whose last steps did not fit in ``max_length``."""
         return self._scorer.n_truncated
 
     def prompt_text(self, question: str) -> str:

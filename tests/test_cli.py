@@ -125,3 +125,23 @@ def test_resume_from_last_ckpt_continues_without_recomputing_references(tmp_path
     assert cli.trainer.global_step == 10  # 5 restored + 5 new optimizer steps
     assert cli.datamodule.train_examples[0].ref_chosen_logp < -900  # read from the cache, not recomputed
     assert (tmp_path / "hf" / "iteration_001" / "config.json").is_file()
+
+
+def test_validate_scores_a_checkpoint_against_the_configured_model(tmp_path):
+    """``hs-star validate --ckpt_path``: the val pairs' reference is the model ``model.*`` names
+    (taken before the checkpoint's weights replace it), so validating the trained checkpoint
+    gives exactly the val loss the fit logged for it. Without a checkpoint the policy is its own
+    reference: log 2, with a warning saying why."""
+    pairs = str(REPO / "configs" / "data" / "arith_pairs.jsonl")
+    fit = HSStarCLI(args=["fit", *_run_args(tmp_path), "--data.val_file", pairs])
+    fit_val = float(fit.trainer.callback_metrics["val/loss"])
+    assert fit_val < math.log(2) - 1e-3
+    # space-separated "--key value" as well as "--key=value"
+    checked = HSStarCLI(args=["validate", *_run_args(tmp_path), "--data.val_file", pairs,
+                              "--ckpt_path", str(tmp_path / "checkpoints" / "last.ckpt")])
+    metrics = checked.trainer.callback_metrics
+    assert float(metrics["val/loss"]) == pytest.approx(fit_val, abs=1e-5)
+    assert float(metrics["val/reward_accuracy"]) > 0.5 and float(metrics["val/margin"]) > 0
+    with pytest.warns(UserWarning, match="no --ckpt_path was given, so the policy is its own reference"):
+        untrained = HSStarCLI(args=["validate", *_run_args(tmp_path), "--data.val_file", pairs])
+    assert float(untrained.trainer.callback_metrics["val/loss"]) == pytest.approx(math.log(2), abs=1e-6)

@@ -364,3 +364,31 @@ def test_each_iteration_is_referenced_by_the_policy_at_its_start_without_a_secon
     assert recorder.losses[1] < math.log(2) - 1e-3  # the policy moved during iteration 0 ...
     assert module.first_losses[1] == pytest.approx(math.log(2), abs=1e-5)  # ... and is iteration 1's reference
     assert module.other_models == [0, 0, 0, 0]  # 2 steps per iteration; no model besides the policy
+
+
+def test_export_after_the_last_epoch_of_each_iteration(tmp_path):
+    """export.epochs_per_iteration 2 over 4 epochs: iteration_000 holds the weights at the end
+    of epoch 1 (not 0), iteration_001 those at the end of epoch 3, and nothing else is written."""
+    from safetensors.torch import load_file
+
+    from hs_star_pl.export import HFExportCallback
+
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+
+    class Snapshot(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            snapshots[trainer.current_epoch] = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+
+    module = tiny_module(lr=1e-2)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=4, limit_train_batches=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        reload_dataloaders_every_n_epochs=1, default_root_dir=tmp_path,
+                        callbacks=[Snapshot(), HFExportCallback(epochs_per_iteration=2)])
+    trainer.fit(module, MathDataModule(train_file=str(PAIRS_FILE), template="plain", max_length=256, batch_size=4))
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["iteration_000", "iteration_001"]
+    for iteration, epoch in ((0, 1), (1, 3)):
+        saved = load_file(str(tmp_path / "hf" / f"iteration_{iteration:03d}" / "model.safetensors"))
+        for name, tensor in saved.items():
+            torch.testing.assert_close(tensor, snapshots[epoch][name])
+    weight = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(snapshots[0][weight], snapshots[1][weight])  # so epoch 0's weights would differ

@@ -146,6 +146,10 @@ def _check_examples(examples: Examples) -> type:
     return kinds.pop() if kinds else type(None)
 
 
+def _missing_reference(pairs: Sequence[PreferencePair]) -> bool:
+    return any(p.ref_chosen_logp is None or p.ref_rejected_logp is None for p in pairs)
+
+
 def _skip_batch(items: list) -> dict[str, torch.Tensor]:
     return {SKIP_BATCH: torch.ones(len(items))}
 
@@ -459,9 +463,45 @@ class MathDataModule(L.LightningDataModule):
             return None
         return Path(self.trainer.default_root_dir) / "reference_logps" / f"{self._ref_cache_key}.json"
 
+    def reference_val_pairs_before_restore(self, module) -> None:
+        """``hs-star validate --ckpt_path``: score the val pairs' reference with the configured model.
+
+        Called by ``HSStarModule.on_load_checkpoint``, i.e. while the module still holds the
+        weights that ``model.model_path``/``model.tiny`` name and before the checkpoint's
+        replace them. The reference of a DPO validation is then the configured model and the
+        policy is the checkpoint; computed after the restore, they would be the same model
+        and ``val/loss`` would be log 2 whatever was trained. The module is moved to the
+        strategy's device first (Lightning restores before moving it there). Pairs that
+        already carry reference log-probs (from ``data.val_file``) are left alone.
+
+        Under strategies that load checkpoint weights before this hook (DeepSpeed), the
+        reference cannot be taken from the configured model; a warning says so.
+        """
+        trainer = self.trainer
+        pairs = [p for p in self.val_examples if isinstance(p, PreferencePair)]
+        if trainer is None or not pairs or not _missing_reference(pairs):
+            return
+        if trainer.strategy.restore_checkpoint_after_setup:
+            rank_zero_warn(
+                "validate: this strategy loads the checkpoint's weights before the val pairs' reference "
+                "log-probs can be computed, so the checkpoint is scored against itself (val/loss = log 2); "
+                "put ref_chosen_logp/ref_rejected_logp in data.val_file to validate a DPO checkpoint here"
+            )
+            return
+        module.to(trainer.strategy.root_device)
+        self._with_reference_logps(pairs, "val")
+
     def _with_reference_logps(self, pairs: list[PreferencePair], split: str) -> list[PreferencePair]:
-        if all(p.ref_chosen_logp is not None and p.ref_rejected_logp is not None for p in pairs):
+        if not _missing_reference(pairs):
             return pairs
+        trainer = self.trainer
+        if split == "val" and trainer is not None and trainer.state.fn == "validate":
+            rank_zero_warn(
+                "validate: the val pairs have no reference log-probs and no --ckpt_path was given, so the "
+                "policy is its own reference and val/loss is log 2 by construction. Pass --ckpt_path (the "
+                "checkpoint is scored against the model that model.* names) or put "
+                "ref_chosen_logp/ref_rejected_logp in data.val_file"
+            )
         cache = self._cache_path() if split == "train" else None
         if cache is not None and cache.is_file():
             values = json.loads(cache.read_text())

@@ -12,7 +12,8 @@ Covered:
   and ``ipo`` (IPO, Azar et al. 2023, Eq. 17), plus ``chosen_nll``, the optional
   length-normalised NLL term on the chosen response (Pang et al. 2024, "Iterative Reasoning
   Preference Optimization", Eq. 1).
-* ``sft_nll``: token-averaged negative log-likelihood of the response (step-wise init).
+* ``sft_nll``: token-averaged negative log-likelihood of the response (step-wise init; the
+  maximum-likelihood objective, written out in its docstring).
 
 Not covered: reference models. Reference log-probs arrive as tensors (precomputed with the
 policy at the start of the iteration, see ``HSStarModule.compute_reference_logps``).
@@ -62,6 +63,9 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask:
 def sft_nll(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Supervised loss: negative log-likelihood averaged over all response tokens of the batch.
 
+    The maximum-likelihood objective of step-wise initialisation (and of the STaR/RFT
+    baselines), ``L = -(1 / N) * sum_{i, t} log pi(y_{i,t} | x_i, y_{i,<t})`` with ``N`` the
+    number of response tokens in the batch (prompt and padding tokens masked out).
     Token-averaged (not per-sequence-averaged), like ``F.cross_entropy`` with ignored prompt
     tokens, so long solutions weigh in proportion to their length.
 
@@ -120,6 +124,9 @@ def dpo_loss(
     loss_type: str = "sigmoid",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Preference loss over a batch of pairs, averaged over the batch.
+
+    ``sigmoid`` is DPO (Rafailov et al. 2023, Eq. 7), ``ipo`` is IPO (Azar et al. 2023, Eq. 17),
+    both on ``h = (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))``.
 
     Args:
         policy_chosen_logps: ``(B,)`` ``log pi(y_w | x)`` under the policy.

@@ -383,6 +383,15 @@ class HSStarModule(L.LightningModule):
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # `hs-star validate --ckpt_path`: the module still holds the configured weights here,
+        # the last moment they can serve as the DPO reference of the checkpoint's val pairs.
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn == "validate":
+            prepare = getattr(trainer.datamodule, "reference_val_pairs_before_restore", None)
+            if prepare is not None:
+                prepare(self)
+
     def on_train_epoch_start(self) -> None:
         # The DataModule counted this epoch's examples when Lightning built the dataloader
         # (which happens before this hook); put the counts next to the losses.

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import inspect
 import math
 import re
 import subprocess
 import sys
 
+import docstring_parser
 import pytest
 import torch
 import yaml
@@ -19,7 +21,8 @@ from hs_star_pl.cli import HSStarCLI
 from hs_star_pl.data import MathDataModule
 from hs_star_pl.eval_callback import EvaluationCallback
 from hs_star_pl.export import HFExportCallback
-from hs_star_pl.module import HSStarModule
+from hs_star_pl.module import HSStarModule, TinyModelConfig
+from hs_star_pl.schedules import WarmupCosineLR
 from hs_star_pl.templates import render_prompt
 from tests.helpers.tiny_setup import REPO
 
@@ -75,25 +78,78 @@ def test_fit_trains_saves_config_and_exports_each_iteration(tmp_path):
     assert len(list((tmp_path / "reference_logps").glob("*.json"))) == 1
 
 
-def test_help_lists_every_option_with_its_docstring(capsys):
+def _help_options(text: str) -> dict[str, str]:
+    """``--option`` -> its help text, without the metavar and the ``(type: ..., default: ...)`` tail."""
+    options: dict[str, str] = {}
+    current = None
+    for line in text.splitlines():
+        match = re.match(r"^  (--[\w.]+)(?: (?:\{[^}]*\}|\[[^\]]*\]|[A-Z_]+))?(.*)$", line)
+        if match:
+            current = match.group(1)
+            options[current] = match.group(2)
+        elif current is not None and line.startswith(" " * 24):
+            options[current] += " " + line.strip()
+        else:
+            current = None
+    return {k: re.sub(r"\s*\(type: .*$", "", " ".join(v.split())).strip() for k, v in options.items()}
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _shown(doc: str, help_text: str) -> bool:
+    """``doc`` appears in ``help_text`` (argparse re-wraps lines, also after hyphens)."""
+    return "".join(doc.split()) in "".join(help_text.split())
+
+
+def _documented(cls) -> dict[str, str]:
+    """Each ``Args:``/``Attributes:`` entry of ``cls``'s docstring, as ``--help`` shows it."""
+    return {p.arg_name: _squash(p.description or "") for p in docstring_parser.parse(cls.__doc__ or "").params}
+
+
+def _help(capsys, *args: str) -> tuple[dict[str, str], str]:
     with pytest.raises(SystemExit) as exit_info:
-        HSStarCLI(args=["fit", "--help"])
+        HSStarCLI(args=["fit", *args])
     assert exit_info.value.code == 0
-    text = re.sub(r"\s+", " ", capsys.readouterr().out)
+    text = capsys.readouterr().out
+    return _help_options(text), text
+
+
+def test_help_lists_every_option_with_its_docstring(capsys):
+    """Every option of ``hs-star fit --help`` (Lightning's included) has a description, and for our
+    classes it is the parameter's own docstring entry, nested dataclass groups included."""
+    options, text = _help(capsys, "--help")
+    assert len(options) > 100
+    undocumented = [name for name, text in options.items() if not text]
+    assert not undocumented, f"options without help text: {undocumented}"
     linked = {"export.epochs_per_iteration", "evaluation.epochs_per_iteration"}  # follow self_training's
-    groups = (("model", HSStarModule), ("data", MathDataModule), ("export", HFExportCallback),
-              ("self_training", SelfTrainingCallback), ("evaluation", EvaluationCallback))
-    for group, cls in groups:
-        for name in inspect.signature(cls.__init__).parameters:
-            if name == "self" or f"{group}.{name}" in linked:
+    groups = [("model", HSStarModule), ("data", MathDataModule), ("export", HFExportCallback),
+              ("self_training", SelfTrainingCallback), ("evaluation", EvaluationCallback)]
+    checked = 0
+    while groups:
+        group, cls = groups.pop()
+        documented = _documented(cls)
+        signature = inspect.signature(cls.__init__ if not dataclasses.is_dataclass(cls) else cls)
+        for name, param in signature.parameters.items():
+            key = f"{group}.{name}"
+            if name == "self" or key in linked:
                 continue
-            assert f"--{group}.{name}" in text, f"--{group}.{name} missing from --help"
-    # docstring text (Args: blocks) reaches the help
-    assert "DPO KL strength (IPO's tau)." in text
-    assert "prompt template name (``hs_star_pl.templates``) used to render questions." in text
-    assert "training epochs per iteration (paper: 1)." in text
-    assert "--stepwise_init" in text and "M_0 is trained once, then reused" in text
-    assert "the problem pool (JSONL, ``problems.load_problems`` format)." in text
+            assert documented.get(name), f"{cls.__name__}: {name!r} has no docstring entry"
+            assert f"--{key}" in options, f"--{key} missing from --help"
+            checked += 1
+            if dataclasses.is_dataclass(param.default):
+                # a nested group: its docstring titles the section, its fields are options too
+                assert f"\n{documented[name].rstrip('.')}:\n  --{key} " in text, key
+                groups.append((key, type(param.default)))
+            else:
+                assert _shown(documented[name], options[f"--{key}"]), (key, documented[name], options[f"--{key}"])
+    assert checked >= 50
+    assert "M_0 is trained once, then reused" in options["--stepwise_init"]
+    # model.tiny is optional (null by default), so its fields have their own help page
+    tiny, _ = _help(capsys, "--model.tiny.help", "TinyModelConfig")
+    for name, text in _documented(TinyModelConfig).items():
+        assert text and _shown(text, tiny[f"--model.tiny.{name}"]), name
 
 
 def test_bad_value_is_reported_with_its_key(tmp_path):
@@ -125,3 +181,55 @@ def test_resume_from_last_ckpt_continues_without_recomputing_references(tmp_path
     assert cli.trainer.global_step == 10  # 5 restored + 5 new optimizer steps
     assert cli.datamodule.train_examples[0].ref_chosen_logp < -900  # read from the cache, not recomputed
     assert (tmp_path / "hf" / "iteration_001" / "config.json").is_file()
+
+
+def test_validate_scores_a_checkpoint_against_the_configured_model(tmp_path):
+    """``hs-star validate --ckpt_path``: the val pairs' reference is the model ``model.*`` names
+    (taken before the checkpoint's weights replace it), so validating the trained checkpoint
+    gives exactly the val loss the fit logged for it. Without a checkpoint the policy is its own
+    reference: log 2, with a warning saying why."""
+    pairs = str(REPO / "configs" / "data" / "arith_pairs.jsonl")
+    fit = HSStarCLI(args=["fit", *_run_args(tmp_path), "--data.val_file", pairs])
+    fit_val = float(fit.trainer.callback_metrics["val/loss"])
+    assert fit_val < math.log(2) - 1e-3
+    # space-separated "--key value" as well as "--key=value"
+    checked = HSStarCLI(args=["validate", *_run_args(tmp_path), "--data.val_file", pairs,
+                              "--ckpt_path", str(tmp_path / "checkpoints" / "last.ckpt")])
+    metrics = checked.trainer.callback_metrics
+    assert float(metrics["val/loss"]) == pytest.approx(fit_val, abs=1e-5)
+    assert float(metrics["val/reward_accuracy"]) > 0.5 and float(metrics["val/margin"]) > 0
+    with pytest.warns(UserWarning, match="no --ckpt_path was given, so the policy is its own reference"):
+        untrained = HSStarCLI(args=["validate", *_run_args(tmp_path), "--data.val_file", pairs])
+    assert float(untrained.trainer.callback_metrics["val/loss"]) == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_shipped_stepwise_init_config_trains_m0_with_adamw_and_warmup_cosine(tmp_path):
+    """``hs-star fit -c configs/base.yaml -c configs/sft/stepwise_init.yaml`` as shipped: SFT on
+    (question, step-by-step solution) rows, AdamW and the warmup + cosine schedule injected from
+    YAML (20 problems / batch 4 x 3 epochs = 15 steps, 10% warmup = 2 steps, peak 2e-3), the
+    loss falls, and the last export is an M_0 that ``from_pretrained`` loads and generates with."""
+    cli = HSStarCLI(args=[
+        "fit", "-c", BASE, "-c", str(REPO / "configs" / "sft" / "stepwise_init.yaml"),
+        "--data.problems_file", str(REPO / "configs" / "data" / "arith_stepwise.jsonl"),
+        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+    ])
+    assert cli.model.objective == "sft" and cli.trainer.global_step == 15
+    (optimizer,) = cli.trainer.optimizers
+    (config,) = cli.trainer.lr_scheduler_configs
+    assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["weight_decay"] == 0.0
+    assert isinstance(config.scheduler, WarmupCosineLR) and config.interval == "step"
+    assert config.scheduler.total_steps == 15  # filled from the trainer, not written in the YAML
+    rows = list(csv.DictReader(open(tmp_path / "logs" / "version_0" / "metrics.csv")))
+    lrs = [float(r["lr-AdamW"]) for r in rows if r.get("lr-AdamW")]
+    peak = 2e-3
+    # warmup (s + 1) / 2, then 0.5 * (1 + cos(pi * (s - 2) / 13)) for s = 2..14
+    expected = [peak * 0.5, peak] + [peak * 0.5 * (1 + math.cos(math.pi * (s - 2) / 13)) for s in range(2, 15)]
+    assert lrs == pytest.approx(expected, rel=1e-6)
+    epoch_losses = [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]
+    assert len(epoch_losses) == 3 and epoch_losses[-1] < epoch_losses[0] - 0.5
+    m0 = tmp_path / "hf" / "iteration_002"
+    model, tok = AutoModelForCausalLM.from_pretrained(m0), AutoTokenizer.from_pretrained(m0)
+    ids = torch.tensor([tok.encode(render_prompt("qwen25-step-cot", "Start with 3. Add 4. What is the result?"))])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    assert out.shape[1] > ids.shape[1]

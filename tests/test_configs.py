@@ -102,7 +102,11 @@ def test_yaml_opens_with_purpose_and_command(path: Path):
             break
         header.append(line)
     assert len(header) >= 2, f"{path} must open with a comment saying what it is for"
-    assert any(f"hs-star {verb} -c configs/" in line for line in header for verb in ("fit", "test")), f"{path}: no exact command"
+    commands = [line for line in header for verb in ("fit", "test") if f"hs-star {verb} " in line]
+    assert commands, f"{path}: no command"
+    own = f"configs/{path.relative_to(CONFIGS).as_posix()}"
+    # the exact command: it names this very file (a fragment's command also names what it goes on top of)
+    assert any(f"-c {own}" in line for line in commands), f"{path}: no command with -c {own}"
 
 
 @pytest.mark.parametrize("path", [cli_param(p) for p in YAMLS])

@@ -134,13 +134,38 @@ def test_problems_file_gives_sft_examples_with_template(tmp_path):
         assert batch["input_ids"][row, n - 1] == EOS and batch["response_mask"][row, n - 1] == 1
 
 
-def test_truncation_is_counted(tmp_path):
+def test_truncation_is_counted_warned_and_logged(tmp_path):
+    """max_length 60 with the plain template: 17 of the 20 prompts do not fit (dropped), the 3
+    that do have their solutions cut; the counts are warned about and logged as data/*."""
     module = tiny_module("sft")
     dm = MathDataModule(problems_file=str(STEPWISE_FILE), template="plain", max_length=60, batch_size=4)
-    _attach(dm, module, tmp_path)
-    dm.setup("fit")
-    dm.train_dataloader()
-    assert dm.last_stats["n_truncated"] > 0 and dm.last_stats["n_examples"] + dm.last_stats["n_dropped"] == 20
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match=r"train: 3 responses cut to data.max_length=60, 17 examples dropped"):
+        trainer.fit(module, dm)
+    assert dm.last_stats == {"n_examples": 3, "n_truncated": 3, "n_dropped": 17}
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("data/")}
+    assert logged == {"data/n_examples": 3.0, "data/n_truncated": 3.0, "data/n_dropped": 17.0}
+
+
+def test_the_train_dataloader_is_rebuilt_every_epoch_before_on_train_epoch_start(tmp_path):
+    """What the whole loop relies on (base.yaml sets reload_dataloaders_every_n_epochs: 1):
+    Lightning asks for epoch e's data before the on_train_epoch_start of epoch e, so a hook
+    there would hand over data one epoch late. If Lightning changes this order, this fails."""
+    events: list[tuple[str, int]] = []
+
+    class EpochStart(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            events.append(("on_train_epoch_start", trainer.current_epoch))
+
+    pairs = [PreferencePair(f"p{i}", render_prompt("plain", f"Q{i}"), "right", "wrong", "c", "r") for i in range(2)]
+    dm = MathDataModule(template="plain", batch_size=2)
+    dm.set_example_source(lambda epoch: events.append(("train_dataloader", epoch)) or list(pairs))
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, reload_dataloaders_every_n_epochs=1,
+                        default_root_dir=tmp_path, callbacks=[EpochStart()])
+    trainer.fit(tiny_module(), dm)
+    assert events == [(name, e) for e in range(3) for name in ("train_dataloader", "on_train_epoch_start")]
 
 
 def test_objective_mismatch_names_the_key(tmp_path):

@@ -212,3 +212,183 @@ def test_warmup_cosine_factors():
     ratio = WarmupCosineLR(opt, warmup_ratio=0.25)
     ratio.set_total_steps(8)  # warmup = 2 steps
     assert ratio.factor(0) == pytest.approx(0.5) and opt.param_groups[0]["lr"] == pytest.approx(0.5)
+
+
+def test_defaults_are_adamw_and_a_constant_learning_rate():
+    """The signature defaults: AdamW, no schedule (docs/training-core.md says why; the paper's
+    warmup + cosine is ``model.lr_scheduler`` in configs/sft/ and configs/paper/)."""
+    module = HSStarModule(tiny=TinyModelConfig(hidden_size=32))
+    optimizer = module.configure_optimizers()
+    assert type(optimizer) is torch.optim.AdamW
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in module.model.parameters()}
+
+
+def _pair_batch(module: HSStarModule):
+    """Two pairs, collated the way MathDataModule does (chosen rows first, then rejected)."""
+    from hs_star_pl.collate import collate_pairs, encode_example
+
+    tok = module.tokenizer
+    encoded = [(encode_example(tok, p.prompt, p.chosen, 256), encode_example(tok, p.prompt, p.rejected, 256))
+               for p in _pairs(2)]
+    return collate_pairs(encoded, tok.pad_token_id), encoded
+
+
+@pytest.mark.parametrize("sft_weight", [0.0, 2.0])
+def test_dpo_step_metrics_and_nll_term_match_hand_values(sft_weight):
+    """beta = 0.1. References set from the policy's own log-probs so that the implicit rewards
+    are known: pair 1 chosen +1 nat, rejected -2 nats -> rewards 0.1, -0.2; pair 2 chosen -1,
+    rejected 0 -> rewards -0.1, 0. Reward accuracy 1/2, margin mean (0.3 + -0.1) / 2 = 0.1,
+    chosen mean 0, rejected mean -0.1, loss mean(-log sigmoid(0.3), -log sigmoid(-0.1)) plus
+    sft_weight x the chosen responses' per-token NLL."""
+    module = tiny_module(sft_weight=sft_weight)
+    batch, encoded = _pair_batch(module)
+    with torch.no_grad():
+        _, logps = module.response_logps(batch)
+    chosen, rejected = logps[:2], logps[2:]
+    batch["ref_chosen_logps"] = chosen - torch.tensor([1.0, -1.0])
+    batch["ref_rejected_logps"] = rejected - torch.tensor([-2.0, 0.0])
+    loss = module.model_step(batch, "train")
+    dpo = (math.log1p(math.exp(-0.3)) + math.log1p(math.exp(0.1))) / 2
+    n_tokens = torch.tensor([c.n_response for c, _ in encoded], dtype=torch.float32)
+    nll = float((-chosen / n_tokens).mean())
+    assert float(loss) == pytest.approx(dpo + sft_weight * nll, abs=1e-5)
+    metrics = {name: float(m.compute()) for name, m in module.metrics["train_"].items()}
+    assert metrics["reward_accuracy"] == pytest.approx(0.5)
+    assert metrics["margin"] == pytest.approx(0.1, abs=1e-5)
+    assert metrics["chosen_reward"] == pytest.approx(0.0, abs=1e-5)
+    assert metrics["rejected_reward"] == pytest.approx(-0.1, abs=1e-5)
+
+
+def test_reference_logps_are_computed_in_eval_mode_without_grad():
+    module = tiny_module()
+    module.train()
+    seen: list[tuple[bool, bool]] = []
+    hook = module.model.register_forward_pre_hook(lambda m, _: seen.append((m.training, torch.is_grad_enabled())))
+    try:
+        module.compute_reference_logps(_pairs(3), max_length=256, batch_size=2)
+    finally:
+        hook.remove()
+    assert seen == [(False, False), (False, False)]  # two batches, both eval mode and no grad
+    assert module.model.training
+
+
+def test_gradient_checkpointing_recomputes_activations_and_gives_the_same_gradients():
+    """Same weights with and without the switch: equal loss and gradients, but each decoder
+    layer is entered twice (its forward is re-run in the backward pass; a pre-hook, because
+    torch stops the re-run early once it has the activations it needs)."""
+    plain, checkpointed = tiny_module(), tiny_module(gradient_checkpointing=True)
+    batch, _ = _pair_batch(plain)
+    batch["ref_chosen_logps"] = torch.tensor([-50.0, -60.0])
+    batch["ref_rejected_logps"] = torch.tensor([-55.0, -58.0])
+    layer_calls = {"plain": 0, "checkpointed": 0}
+    grads = {}
+    for name, module in (("plain", plain), ("checkpointed", checkpointed)):
+        module.train()
+        layer = module.model.model.layers[0]
+        hook = layer.register_forward_pre_hook(lambda *_, name=name: layer_calls.__setitem__(name, layer_calls[name] + 1))
+        loss = module.model_step(batch, "train")
+        loss.backward()
+        hook.remove()
+        grads[name] = (float(loss), {n: p.grad.clone() for n, p in module.model.named_parameters()})
+    assert layer_calls == {"plain": 1, "checkpointed": 2}
+    assert grads["plain"][0] == pytest.approx(grads["checkpointed"][0], abs=1e-6)
+    for n, g in grads["plain"][1].items():
+        torch.testing.assert_close(grads["checkpointed"][1][n], g, atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_weights_train_with_dpo(tmp_path):
+    """``model.dtype: bfloat16``: a few DPO steps run, the loss starts at log 2 (to bf16 precision)
+    and every weight stays bf16 and moves."""
+    module = HSStarModule(tiny=TinyModelConfig(hidden_size=32), dtype="bfloat16",
+                          optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.0))
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    recorder = _LossRecorder()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=3, limit_train_batches=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        reload_dataloaders_every_n_epochs=1, default_root_dir=tmp_path, callbacks=[recorder])
+    trainer.fit(module, MathDataModule(train_file=str(PAIRS_FILE), template="plain", max_length=256, batch_size=4,
+                                       shuffle=False))
+    assert all(math.isfinite(x) for x in recorder.losses) and recorder.losses[0] == pytest.approx(math.log(2), abs=1e-2)
+    assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
+    assert not [n for n, p in module.named_parameters() if torch.equal(p.detach(), before[n])]
+
+
+class _CountingModule(HSStarModule):
+    """Counts reference passes and, at every training step, the models alive besides the policy."""
+
+    def __init__(self, *args, known_model_ids: set[int], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.known = known_model_ids | {id(m) for m in self.model.modules()}
+        self.reference_calls: list[int] = []
+        self.other_models: list[int] = []
+        self.first_losses: dict[int, float] = {}
+
+    def compute_reference_logps(self, pairs, **kwargs):
+        self.reference_calls.append(self.trainer.current_epoch if self._trainer else -1)
+        return super().compute_reference_logps(pairs, **kwargs)
+
+    def training_step(self, batch, batch_idx):
+        self.other_models.append(len([o for o in _live_models() if id(o) not in self.known]))
+        loss = super().training_step(batch, batch_idx)
+        self.first_losses.setdefault(self.current_epoch, float(loss))
+        return loss
+
+
+def _live_models() -> list:
+    """Every Hugging Face model object alive in the process (a policy copy would be one)."""
+    import gc
+
+    from transformers import PreTrainedModel
+
+    return [o for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
+
+
+def test_each_iteration_is_referenced_by_the_policy_at_its_start_without_a_second_model(tmp_path):
+    """Two iterations served like the self-training callback serves them (an example source
+    asked when Lightning builds each epoch's dataloader). Iteration 1's pairs are new, so their
+    reference is computed once, from the policy after iteration 0's training: its first loss is
+    log 2 again although the policy has moved. No causal LM besides the policy is ever alive."""
+    module = _CountingModule(tiny=TinyModelConfig(hidden_size=32), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+                             known_model_ids={id(o) for o in _live_models()})
+    iterations = {0: _pairs(4), 1: [dataclasses.replace(p, problem_id=f"next{i}", chosen=p.chosen + " so",
+                                                        rejected=p.rejected + " hm") for i, p in enumerate(_pairs(4))]}
+    dm = MathDataModule(template="plain", max_length=256, batch_size=2, shuffle=False)
+    dm.set_example_source(lambda epoch: iterations[epoch])
+    recorder = _LossRecorder()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, reload_dataloaders_every_n_epochs=1,
+                        default_root_dir=tmp_path, callbacks=[recorder])
+    trainer.fit(module, dm)
+    assert module.reference_calls == [0, 1]  # once per iteration, not per batch or per epoch rebuild
+    assert module.first_losses[0] == pytest.approx(math.log(2), abs=1e-5)
+    assert recorder.losses[1] < math.log(2) - 1e-3  # the policy moved during iteration 0 ...
+    assert module.first_losses[1] == pytest.approx(math.log(2), abs=1e-5)  # ... and is iteration 1's reference
+    assert module.other_models == [0, 0, 0, 0]  # 2 steps per iteration; no model besides the policy
+
+
+def test_export_after_the_last_epoch_of_each_iteration(tmp_path):
+    """export.epochs_per_iteration 2 over 4 epochs: iteration_000 holds the weights at the end
+    of epoch 1 (not 0), iteration_001 those at the end of epoch 3, and nothing else is written."""
+    from safetensors.torch import load_file
+
+    from hs_star_pl.export import HFExportCallback
+
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+
+    class Snapshot(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            snapshots[trainer.current_epoch] = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+
+    module = tiny_module(lr=1e-2)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=4, limit_train_batches=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        reload_dataloaders_every_n_epochs=1, default_root_dir=tmp_path,
+                        callbacks=[Snapshot(), HFExportCallback(epochs_per_iteration=2)])
+    trainer.fit(module, MathDataModule(train_file=str(PAIRS_FILE), template="plain", max_length=256, batch_size=4))
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["iteration_000", "iteration_001"]
+    for iteration, epoch in ((0, 1), (1, 3)):
+        saved = load_file(str(tmp_path / "hf" / f"iteration_{iteration:03d}" / "model.safetensors"))
+        for name, tensor in saved.items():
+            torch.testing.assert_close(tensor, snapshots[epoch][name])
+    weight = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(snapshots[0][weight], snapshots[1][weight])  # so epoch 0's weights would differ

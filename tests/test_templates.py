@@ -28,3 +28,45 @@ def test_every_template_contains_the_question_once():
 def test_unknown_template_lists_valid_names():
     with pytest.raises(ValueError, match=r"'chatml'.*\['plain', 'qwen25-step-cot'\]"):
         get_template("chatml")
+
+
+def test_sampling_training_and_evaluation_see_the_same_prompt(tmp_path, monkeypatch):
+    """One self-training iteration and its evaluations through the real CLI with the paper's
+    template: the prompt the rollout engine continues, the prompt of every training pair and
+    the prompt the evaluation generates from are one string per question,
+    ``render_prompt(data.template, question)``, with ``\\boxed{}`` written once everywhere."""
+    from hs_star_pl.callback import SelfTrainingCallback
+    from hs_star_pl.cli import HSStarCLI
+    from hs_star_pl.module import HSStarModule
+    from hs_star_pl.problems import load_problems
+    from tests.helpers.tiny_setup import REPO, STEPWISE_FILE
+
+    evaluated: list[tuple[str, str]] = []
+    generate_for_eval = HSStarModule.generate_for_eval
+
+    def recording(self, batch):  # records the batch's prompts, then generates as usual
+        evaluated.extend((p.id, prompt) for p, prompt in zip(batch.problems, batch.prompts))
+        return generate_for_eval(self, batch)
+
+    monkeypatch.setattr(HSStarModule, "generate_for_eval", recording)
+    configs = REPO / "configs"
+    cli = HSStarCLI(args=[
+        "fit", "-c", str(configs / "base.yaml"), "-c", str(configs / "debug" / "tiny_self_training.yaml"),
+        "--model.tiny.hidden_size=32", "--data.template=qwen25-step-cot", "--data.max_length=512",
+        f"--self_training.problems_file={STEPWISE_FILE}", "--self_training.n_iterations=1", "--trainer.max_epochs=1",
+        "--self_training.engine=tests.helpers.solution_engine.SolutionEngine",
+        f"--self_training.engine.init_args.problems_file={STEPWISE_FILE}",
+        f"--evaluation.problems_file={STEPWISE_FILE}", "--evaluation.max_problems=3", "--evaluation.max_new_tokens=4",
+        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+    ])
+    questions = {p.id: p.question for p in load_problems(STEPWISE_FILE)}
+    expected = {pid: render_prompt("qwen25-step-cot", q) for pid, q in questions.items()}
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, SelfTrainingCallback)]
+    sampled = callback.engine.prompts
+    trained = [(p.problem_id, p.prompt) for p in cli.datamodule.train_examples]
+    assert len({pid for pid, _ in sampled}) == 10 and trained and len(evaluated) == 6  # 3 problems, M_0 and M_1
+    for where, seen in (("sampling", sampled), ("training", trained), ("evaluation", evaluated)):
+        for pid, prompt in seen:
+            assert prompt == expected[pid], where
+            assert "\\boxed{}" in prompt and "{{" not in prompt, where

@@ -30,11 +30,15 @@ class PromptTemplate:
         name: the registry key (the ``data.template`` YAML value).
         prefix: text before the question.
         suffix: text after the question, ending where the response begins.
+        step_delimiter: the step separator the prompt's wording asks the model for, or
+            ``None`` when the wording names none; a run whose ``self_training.step_delimiter``
+            differs is refused (``check_step_delimiter``).
     """
 
     name: str
     prefix: str
     suffix: str
+    step_delimiter: str | None = None
 
     def render(self, question: str) -> str:
         """The prompt for ``question``, verbatim (no formatting, so braces are untouched)."""
@@ -51,6 +55,7 @@ TEMPLATES: dict[str, PromptTemplate] = {
                 "'\n\n', and put your final answer within \\boxed{}.\n\nUser:\n"
             ),
             suffix="\n\nAssistant:\n",
+            step_delimiter="\n\n",
         ),
         # Short on purpose: the tiny models and the synthetic task pay for every prompt byte.
         PromptTemplate(name="plain", prefix="Question: ", suffix="\nAnswer:\n"),
@@ -77,3 +82,22 @@ def render_prompt(template_name: str, question: str) -> str:
     'Question: What is 2 + 2?\\nAnswer:\\n'
     """
     return get_template(template_name).render(question)
+
+
+def check_step_delimiter(template_name: str, step_delimiter: str) -> None:
+    """Refuse a step delimiter that the template's own wording contradicts.
+
+    The PRM, the pair cut and the step-wise SFT data split responses on
+    ``self_training.step_delimiter``; a template that tells the model to separate steps with
+    something else would make every response one long step.
+
+    Raises:
+        ValueError: naming both config keys and both delimiters.
+    """
+    asked = get_template(template_name).step_delimiter
+    if asked is not None and asked != step_delimiter:
+        raise ValueError(
+            f"data.template {template_name!r} asks the model to separate steps with {asked!r}, "
+            f"but self_training.step_delimiter is {step_delimiter!r}; use the same delimiter "
+            "in both (or a template whose wording names none, such as 'plain')"
+        )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hs_star_pl.templates import TEMPLATES, get_template, render_prompt
+from hs_star_pl.templates import TEMPLATES, check_step_delimiter, get_template, render_prompt
 
 
 def test_paper_template_renders_single_braces_and_real_newlines():
@@ -23,6 +23,16 @@ def test_question_braces_are_not_formatted():
 def test_every_template_contains_the_question_once():
     for name in TEMPLATES:
         assert render_prompt(name, "QQQ").count("QQQ") == 1
+
+
+def test_a_template_names_the_delimiter_its_wording_asks_for():
+    for name, template in TEMPLATES.items():
+        if template.step_delimiter is not None:
+            assert f"'{template.step_delimiter}'" in template.prefix + template.suffix, name
+    check_step_delimiter("qwen25-step-cot", "\n\n")
+    check_step_delimiter("plain", "\n")  # its wording names no delimiter
+    with pytest.raises(ValueError, match=r"data.template 'qwen25-step-cot'.*self_training.step_delimiter is '\\n'"):
+        check_step_delimiter("qwen25-step-cot", "\n")
 
 
 def test_unknown_template_lists_valid_names():

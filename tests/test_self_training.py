@@ -215,6 +215,11 @@ def test_inconsistent_trainer_settings_name_the_keys(tiny_m0, tmp_path, monkeypa
                               "--self_training.engine.init_args.sync_from=export", "--export.enabled=false")
     with pytest.raises(ValueError, match="sync_from=export reloads the HF export of each iteration: set export.enabled: true"):
         HSStarCLI(args=args)
+    args = self_training_args(tmp_path / "run", m0, problems, "--data.template=qwen25-step-cot",
+                              "--self_training.step_delimiter=\n")
+    with pytest.raises(ValueError, match=r"data.template 'qwen25-step-cot' asks the model to separate steps with '\\n\\n', "
+                                         r"but self_training.step_delimiter is '\\n'"):
+        HSStarCLI(args=args)
 
 
 def complete(args: list[str], cwd: Path) -> None:

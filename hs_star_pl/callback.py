@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -96,6 +97,14 @@ class SelfTrainingCallback(L.Callback):
         step_delimiter: splits responses into steps for the PRM (paper: a blank line).
         seed: fixes every random choice of every round (draws, sampling, budget, pairs).
         plots: write ``difficulty.png`` per round (needs matplotlib; skipped without it).
+        restart_lr_schedule: give each iteration's training the whole learning-rate schedule
+            (a ``WarmupCosineLR``'s warmup and decay span that iteration's optimizer steps,
+            counted once its round is known), as the paper trains each iteration as a new run.
+            When false the schedule spans the whole fit, whose length is only estimated from
+            round 0, so later, larger rounds would train their extra steps at the final rate.
+        reset_optimizer_state: clear the optimizer's moments (AdamW's running averages and
+            step count) at the start of every iteration after the first, so M_t -> M_{t+1}
+            starts from a fresh optimizer like a new run; when false they carry over.
         on_empty_round: what to do when a round yields no training examples (no boundary
             problem, no pair, every gold ungradeable): ``skip`` trains on nothing that
             iteration (M_{t+1} = M_t) with a warning saying why; ``error`` stops the run with
@@ -120,6 +129,8 @@ class SelfTrainingCallback(L.Callback):
         step_delimiter: str = DEFAULT_STEP_DELIMITER,
         seed: int = 0,
         plots: bool = True,
+        restart_lr_schedule: bool = True,
+        reset_optimizer_state: bool = False,
         on_empty_round: Literal["skip", "error"] = "skip",
     ) -> None:
         if n_iterations < 1:
@@ -146,6 +157,8 @@ class SelfTrainingCallback(L.Callback):
         self.seed = seed
         self.plots = plots
         self.on_empty_round = on_empty_round
+        self.restart_lr_schedule = restart_lr_schedule
+        self.reset_optimizer_state = reset_optimizer_state
         self._pool: ProblemPool | None = None
         self._trainer: L.Trainer | None = None
         self._served: dict[int, list] = {}
@@ -418,10 +431,30 @@ class SelfTrainingCallback(L.Callback):
         # the dataloader of the epoch it already trained, which would log that round again.
         if not self.active or trainer.current_epoch % self.epochs_per_iteration:
             return
-        metrics = self._unlogged.pop(trainer.current_epoch // self.epochs_per_iteration, None)
+        iteration = trainer.current_epoch // self.epochs_per_iteration
+        self._start_optimisation(trainer, iteration)
+        metrics = self._unlogged.pop(iteration, None)
         if metrics is not None and trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _start_optimisation(self, trainer: L.Trainer, iteration: int) -> None:
+        """An iteration's optimisation starts like a new run: its own schedule, optionally a
+        fresh optimizer. Runs when the iteration's dataloader exists (its length is known)
+        and before its first step; a resume from the end of the previous epoch repeats it
+        identically, and a schedule already restarted is restored from the checkpoint."""
+        if self.reset_optimizer_state and iteration > 0:
+            for optimizer in trainer.optimizers:
+                clear_optimizer_state(optimizer)
+        if not self.restart_lr_schedule:
+            return
+        steps = math.ceil(trainer.num_training_batches / max(1, trainer.accumulate_grad_batches))
+        steps *= self.epochs_per_iteration
+        for config in trainer.lr_scheduler_configs:
+            restart = getattr(config.scheduler, "restart", None)
+            if restart is not None and steps > 0 and config.interval == "step":
+                restart(steps)
+                rank_zero_info(f"self-training: iteration {iteration} learning-rate schedule over {steps} optimizer steps")
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -494,6 +527,21 @@ _ROUND_STATE_KEYS = ("iteration", "directory", "n_problems", "samples_presample"
                      "budget_total", "samples_per_class", "n_pairs", "n_sft_examples")
 _ROUND_CHECK_KEYS = ("n_problems", "samples_presample", "samples_resample", "samples_total", "budget_total",
                      "samples_per_class", "n_pairs", "n_sft_examples")
+
+
+def clear_optimizer_state(optimizer: Any) -> None:
+    """Forget an optimizer's per-parameter state (moments, step counts), keeping its settings.
+
+    Torch's optimizers (and DeepSpeed's, which wrap one as ``.optimizer``) rebuild an empty
+    state on their next step, exactly as a new optimizer would. Every wrapped level is cleared.
+    """
+    seen = set()
+    while optimizer is not None and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        state = getattr(optimizer, "state", None)
+        if isinstance(state, dict):
+            state.clear()
+        optimizer = getattr(optimizer, "optimizer", None)
 
 
 def _pyplot():

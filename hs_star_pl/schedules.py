@@ -27,7 +27,8 @@ class WarmupCosineLR(LRScheduler):
         warmup_steps: warmup length in optimizer steps; when 0, ``warmup_ratio`` decides.
         warmup_ratio: warmup length as a fraction of ``total_steps``.
         total_steps: schedule length in optimizer steps; ``None`` until the module sets it
-            from the trainer (``trainer.max_steps``, else ``trainer.estimated_stepping_batches``).
+            from the trainer (``trainer.max_steps``, else ``trainer.estimated_stepping_batches``),
+            or until ``restart`` gives each self-training iteration a schedule of its own.
         min_lr_ratio: final learning rate as a fraction of the base rate.
         last_epoch: the index of the last step taken (-1 to start fresh).
     """
@@ -51,6 +52,7 @@ class WarmupCosineLR(LRScheduler):
         self.warmup_ratio = warmup_ratio
         self.total_steps = total_steps
         self.min_lr_ratio = min_lr_ratio
+        self.start_step = 0  # the optimizer step at which the current schedule began
         super().__init__(optimizer, last_epoch)
 
     def _warmup(self) -> int:
@@ -69,8 +71,18 @@ class WarmupCosineLR(LRScheduler):
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def get_lr(self) -> list[float]:
-        f = self.factor(max(0, self.last_epoch))
+        f = self.factor(max(0, self.last_epoch - self.start_step))
         return [base * f for base in self.base_lrs]
+
+    def restart(self, total_steps: int) -> None:
+        """Begin a new warmup + decay of ``total_steps`` steps at the current optimizer step.
+
+        Self-training calls this at the start of each iteration, so every iteration's training
+        gets the whole schedule, as the paper's scripts train each iteration as a new run.
+        ``start_step`` is part of ``state_dict``, so a resumed run continues the same schedule.
+        """
+        self.start_step = max(0, self.last_epoch)
+        self.set_total_steps(total_steps)
 
     def set_total_steps(self, total_steps: int) -> None:
         """Fix the schedule length and re-apply the current step's learning rate."""

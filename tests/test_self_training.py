@@ -393,3 +393,45 @@ def test_the_demo_command_bootstraps_m0_then_self_trains_and_evaluates(tmp_path)
     complete(args[:-2] + [f"--trainer.default_root_dir={tmp_path / 'again'}", f"--trainer.logger.init_args.save_dir={tmp_path / 'again'}",
                           "--self_training.n_iterations=1", "--trainer.max_epochs=1"], tmp_path)
     assert (m0 / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("restart", [True, False])
+def test_each_iteration_gets_its_own_learning_rate_schedule_and_optimizer(tiny_m0, tmp_path, monkeypatch, restart):
+    """With ``WarmupCosineLR`` (1 warmup step, decay to 0), every iteration's optimizer steps
+    follow the whole schedule over that iteration's own step count, and with
+    ``reset_optimizer_state`` AdamW's step count after the fit is the last iteration's steps
+    only. Without the restart, one schedule spans the fit, sized from round 0 alone."""
+    import math
+
+    import torch
+
+    m0, problems = tiny_m0
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    model = HSStarCLI(args=self_training_args(
+        run, m0, problems,
+        "--model.lr_scheduler=hs_star_pl.schedules.WarmupCosineLR", "--model.lr_scheduler.warmup_steps=1",
+        f"--self_training.restart_lr_schedule={str(restart).lower()}", "--self_training.reset_optimizer_state=true",
+        "--data.batch_size=2",
+    ))
+    rows = list(csv.DictReader(open(run / "logs" / "version_0" / "metrics.csv")))
+    lrs = [float(row["lr-AdamW"]) for row in sorted(rows, key=lambda r: int(r["step"])) if row.get("lr-AdamW")]
+    # one optimizer step per batch of 2 pairs
+    steps = [math.ceil(json.loads((round_dir(run, t) / "summary.json").read_text())["n_pairs"] / 2) for t in (0, 1)]
+    assert len(lrs) == sum(steps) and model.trainer.global_step == sum(steps)
+    lrs_by_epoch = {0: lrs[: steps[0]], 1: lrs[steps[0]:]}
+    peak = 1e-4
+
+    def schedule(total: int) -> list[float]:
+        return [peak] + [peak * 0.5 * (1 + math.cos(math.pi * (s - 1) / (total - 1))) for s in range(1, total)]
+
+    if restart:
+        assert lrs_by_epoch[0] == pytest.approx(schedule(steps[0]), rel=1e-6)
+        assert lrs_by_epoch[1] == pytest.approx(schedule(steps[1]), rel=1e-6)
+    else:  # one schedule sized by round 0 x 2 epochs
+        whole = schedule(2 * steps[0]) + [0.0] * max(0, steps[1] - steps[0])
+        assert lrs_by_epoch[0] + lrs_by_epoch[1] == pytest.approx(whole[: sum(steps)], rel=1e-6, abs=1e-12)
+    (optimizer,) = model.trainer.optimizers
+    counts = {int(state["step"]) for state in optimizer.state.values()}
+    assert counts == {steps[1]}
+    assert torch.is_tensor(next(iter(optimizer.state.values()))["exp_avg"])

@@ -100,3 +100,47 @@ def test_gpu_validation_script_runs_on_cuda(stage, tmp_path):
     results = {r["phase"]: r for r in (json.loads(line[len("RESULT "):]) for line in done.stdout.splitlines() if line.startswith("RESULT "))}
     assert {"train", "reference_logps", "export", "export_reload", "hf_generate"} <= set(results)
     assert results["export_reload"]["max_logit_gap_vs_policy"] < 0.1
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_optimizer_state_reset_reaches_deepspeeds_wrapped_optimizer(stage):
+    """``self_training.reset_optimizer_state`` clears the torch AdamW that DeepSpeed's ZeRO
+    optimizer wraps: after clearing at the second epoch's start, its step count is that epoch's
+    3 steps, not 6, and training goes on (the state is rebuilt on the next step)."""
+    import lightning as L
+
+    from hs_star_pl.callback import clear_optimizer_state
+    from hs_star_pl.strategies import DeepSpeedStrategy
+
+    class Linear(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.randn(6, 4), batch_size=2)
+
+    seen = {}
+
+    class ResetAtSecondEpoch(L.Callback):
+        def on_train_epoch_start(self, trainer, module):
+            if trainer.current_epoch == 1:
+                seen["before"] = [int(s["step"]) for s in trainer.optimizers[0].optimizer.state.values()]
+                clear_optimizer_state(trainer.optimizers[0])
+                seen["cleared"] = len(trainer.optimizers[0].optimizer.state)
+
+        def on_train_end(self, trainer, module):
+            seen["after"] = [int(s["step"]) for s in trainer.optimizers[0].optimizer.state.values()]
+
+    trainer = L.Trainer(strategy=DeepSpeedStrategy(stage=stage), accelerator="cpu", devices=1, max_epochs=2,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[ResetAtSecondEpoch()])
+    trainer.fit(Linear())
+    assert type(trainer.optimizers[0].optimizer) is torch.optim.AdamW  # really wrapped by ZeRO
+    assert seen == {"before": [3], "cleared": 0, "after": [3]}

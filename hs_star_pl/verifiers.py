@@ -341,6 +341,10 @@ class CacheStats:
     max_size: int
 
 
+PROGRESS_MIN_CHECKS = 1000
+"""A verifier call with this many checks for the workers shows a progress bar."""
+
+
 class MathVerifyVerifier:
     """Answer checks by math-verify, in killable worker processes, with an LRU cache.
 
@@ -360,6 +364,8 @@ class MathVerifyVerifier:
         start_method: ``"spawn"`` or ``"forkserver"``; both are safe in a process that
             already runs torch threads (``fork`` is not offered for that reason).
         float_rounding: decimal places math-verify rounds floats to before comparing.
+        progress: show a progress bar when a call sends ``PROGRESS_MIN_CHECKS`` (1000)
+            checks or more to the workers (cache hits are not counted).
 
     Use as a context manager, or call :meth:`close`; workers are also stopped at exit.
     """
@@ -372,6 +378,7 @@ class MathVerifyVerifier:
         memory_limit_mb: int = 4096,
         start_method: str = "spawn",
         float_rounding: int = 6,
+        progress: bool = True,
     ) -> None:
         errors = []
         if n_workers < 1:
@@ -391,6 +398,7 @@ class MathVerifyVerifier:
         self.timeout_s = float(timeout_s)
         self.cache_size = cache_size
         self.float_rounding = float_rounding
+        self.progress = progress
         self._pool = KillablePool(
             _run_task, n_workers, float(timeout_s), memory_limit_mb, start_method,
             warm_imports=("math_verify",), import_hint=_MISSING_MATH_VERIFY, config_key="verifier",
@@ -482,7 +490,8 @@ class MathVerifyVerifier:
                 pending.setdefault(key, []).append(i)
         keys = list(pending)
         tasks = [("verify", (k[0], k[1], self.float_rounding)) for k in keys]
-        outcomes = self._pool.run(tasks)
+        loud = self.progress and len(tasks) >= PROGRESS_MIN_CHECKS
+        outcomes = self._pool.run(tasks, progress="answer checks" if loud else None)
         n_lost = sum(1 for v in outcomes if v in (TIMEOUT, CRASH))
         if n_lost:
             log.warning("%d of %d answer checks timed out or failed (timeout_s=%s); they are "

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_connections
 from typing import Any
 
+from tqdm.auto import tqdm
+
 TIMEOUT = "timeout"
 """Result of a task killed at its deadline."""
 CRASH = "crash"
@@ -156,11 +158,18 @@ class KillablePool:
         """Stop all workers; a later :meth:`run` starts fresh ones."""
         _shutdown(self._workers)
 
-    def run(self, tasks: Sequence[tuple[str, Any]]) -> list[Any]:
-        """Results in task order: ``task_fn``'s value, :data:`TIMEOUT` or :data:`CRASH`."""
+    def run(self, tasks: Sequence[tuple[str, Any]], progress: str | None = None) -> list[Any]:
+        """Results in task order: ``task_fn``'s value, :data:`TIMEOUT` or :data:`CRASH`.
+
+        ``progress``: a progress bar's label, counting finished tasks; ``None`` shows none.
+        """
         results: list[Any] = [None] * len(tasks)
         if not tasks:
             return results
+        with tqdm(total=len(tasks), desc=progress, unit="check", disable=progress is None) as bar:
+            return self._run(tasks, results, bar)
+
+    def _run(self, tasks: Sequence[tuple[str, Any]], results: list[Any], bar: tqdm) -> list[Any]:
         while len(self._workers) < min(self.n_workers, len(tasks)):
             self._workers.append(self._spawn())
         next_task, n_done = 0, 0
@@ -216,4 +225,5 @@ class KillablePool:
                     results[w.task], n_done = TIMEOUT, n_done + 1
                     self.n_timeouts += 1
                     self._replace(w)
+            bar.update(n_done - bar.n)
         return results

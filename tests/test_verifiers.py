@@ -175,6 +175,27 @@ def test_cache_counts_repeated_pairs_and_keeps_results(mv):
     assert mv.cache_stats.hits == 18
 
 
+def test_progress_bar_counts_the_checks_sent_to_the_workers(mv, capsys, monkeypatch):
+    """A bar from PROGRESS_MIN_CHECKS distinct checks on (lowered to 3 here), counting each
+    check when its worker answers; cache hits do not count; ``progress=False`` silences it."""
+    import hs_star_pl.verifiers as verifiers
+
+    monkeypatch.setattr(verifiers, "PROGRESS_MIN_CHECKS", 3)
+    mv.clear_cache()
+    assert mv.verify(["\\boxed{1}", "\\boxed{2}"], ["1", "1"]) == [True, False]
+    assert "answer checks" not in capsys.readouterr().err
+    assert mv.verify(["\\boxed{1}", "\\boxed{2}", "\\boxed{3}"] * 2, ["3"] * 6) == [False, False, True] * 2
+    err = capsys.readouterr().err
+    assert "answer checks: 100%" in err and "3/3" in err  # 3 distinct checks, 3 cache hits
+    mv.progress = False
+    try:
+        mv.clear_cache()
+        mv.verify(["\\boxed{1}", "\\boxed{2}", "\\boxed{3}"], ["3"] * 3)
+        assert "answer checks" not in capsys.readouterr().err
+    finally:
+        mv.progress = True
+
+
 def test_no_answer_is_wrong_without_a_worker_call(mv):
     mv.clear_cache()
     assert mv.verify(["I think it is five"], ["5"]) == [False]

@@ -174,8 +174,12 @@ def test_canary_catches_stale_weights(model, tokenizer):
     prompts, completions = [tokenizer("1+1=").input_ids], [tokenizer("2 and more").input_ids]
     trainer = sequence_token_logprobs(model, prompts, completions)
     engine_side = sequence_token_logprobs(stale, prompts, completions)
-    with pytest.raises(LogprobMismatchError, match="stale"):
+    with pytest.raises(LogprobMismatchError, match="stale") as info:
         compare_logprobs(trainer, engine_side, tolerance=0.02)
+    # hs-star reports it as one message and exit status 1 (a run stopped), not a traceback
+    from hs_star_pl.errors import HSStarError
+
+    assert isinstance(info.value, HSStarError) and info.value.exit_code == 1
 
 
 def test_engines_package_is_light():

@@ -18,9 +18,15 @@ from dataclasses import dataclass
 
 import torch
 
+from hs_star_pl.errors import HSStarError
 
-class LogprobMismatchError(RuntimeError):
-    """The engine's token log-probs disagree with the trainer's beyond the tolerance."""
+
+class LogprobMismatchError(HSStarError, RuntimeError):
+    """The engine's token log-probs disagree with the trainer's beyond the tolerance.
+
+    A run stopped on purpose: ``hs-star`` prints the message (which says what to check) and
+    exits with status 1, without a traceback.
+    """
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ def one_iteration(args, model_path, n_problems: int, k: int, out_dir: str) -> di
     phases["decide"] = round_s - sum(phases.values())  # gold checks, difficulty, allocation, selection, records
     pairs = result.examples
     phases["ref_logps"], pairs = timed(lambda: module.compute_reference_logps(pairs, max_length=max_length, batch_size=16))
-    phases["train"] = 0.0
+    phases["train"], train_steps = 0.0, 0
     if pairs:
         data = MathDataModule(template="plain", max_length=max_length, batch_size=16)
         data.set_train_examples(pairs)
@@ -74,12 +74,14 @@ def one_iteration(args, model_path, n_problems: int, k: int, out_dir: str) -> di
             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=out_dir,
         )
         phases["train"], _ = timed(lambda: trainer.fit(module, datamodule=data))
+        train_steps = trainer.global_step
     summary = result.summary()
     return {
         "phases": phases,
         "rollouts": len(result.rollouts),
         "tokens": sum(r.rollout.n_tokens for r in result.rollouts),
         "pairs": len(pairs),
+        "train_steps": train_steps,
         "boundary": summary["n_boundary"],
     }
 
@@ -111,7 +113,7 @@ def main() -> None:
         total = sum(r["phases"].values())
         dominant = max(PHASES, key=lambda p: r["phases"][p])
         rows.append((
-            n, k, r["rollouts"], r["tokens"], r["pairs"],
+            n, k, r["rollouts"], r["tokens"], r["pairs"], r["train_steps"],
             *(f"{r['phases'][p]:.1f} ({100 * r['phases'][p] / total:.0f}%)" for p in PHASES),
             total, total / base_total, dominant,
         ))
@@ -120,7 +122,7 @@ def main() -> None:
         f"HFEngine batch {args.batch_size}; max {max_new_tokens(args)} new tokens; DPO batch 16, one epoch",
     ]
     emit("Scaling: one iteration's wall time by phase", notes,
-         ["N", "K", "rollouts", "tokens", "pairs", *(f"{p} s (%)" for p in PHASES), "total s", "vs first", "dominant"],
+         ["N", "K", "rollouts", "tokens", "pairs", "train steps", *(f"{p} s (%)" for p in PHASES), "total s", "vs first", "dominant"],
          rows, args.json)
 
 if __name__ == "__main__":

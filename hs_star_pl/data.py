@@ -28,9 +28,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 
 from hs_star_pl.collate import EncodedSequence, PaddingSide, collate_pairs, collate_sequences, encode_example
 from hs_star_pl.errors import InputFileError
-from hs_star_pl.problems import MAX_LINE_BYTES, load_problems
+from hs_star_pl.problems import MAX_LINE_BYTES, FieldMap, load_problems
 from hs_star_pl.records import PreferencePair, SftExample
 from hs_star_pl.templates import get_template, render_prompt
 
@@ -176,6 +176,8 @@ class MathDataModule(L.LightningDataModule):
             Exclusive with ``problems_file``.
         problems_file: problems JSONL with a ``solution`` per problem (the ``load_problems``
             format); trains SFT on (question, solution) for step-wise initialisation.
+        problem_fields: which row fields of ``problems_file`` hold the question, answer, id
+            and solution (e.g. ``solution_key: steps``); see ``problems.FieldMap``.
         val_file: optional JSONL of the same kind as the training data, for ``validate``
             and the validation loop.
         template: prompt template name (``hs_star_pl.templates``) used to render questions.
@@ -196,6 +198,7 @@ class MathDataModule(L.LightningDataModule):
         self,
         train_file: str | None = None,
         problems_file: str | None = None,
+        problem_fields: FieldMap = FieldMap(),
         val_file: str | None = None,
         template: str = "qwen25-step-cot",
         max_length: int = 1024,
@@ -223,6 +226,7 @@ class MathDataModule(L.LightningDataModule):
             raise ValueError(f"data.padding_side must be 'right' or 'left', got {padding_side!r}")
         self.train_file = train_file
         self.problems_file = problems_file
+        self.problem_fields = problem_fields
         self.val_file = val_file
         self.template = template
         self.max_length = max_length
@@ -273,12 +277,14 @@ class MathDataModule(L.LightningDataModule):
         if self.train_file is not None:
             return load_examples(self.train_file, self.template)
         if self.problems_file is not None:
-            problems = load_problems(self.problems_file)
+            problems = load_problems(self.problems_file, **dataclasses.asdict(self.problem_fields))
             missing = [p.id for p in problems if not p.solution]
             if missing:
+                field = self.problem_fields.solution_key or "solution"
                 raise ValueError(
-                    f"data.problems_file: {len(missing)} problems have no 'solution' field "
-                    f"(first: {missing[0]!r}); step-wise initialisation needs one per problem"
+                    f"data.problems_file={self.problems_file}: {len(missing)} problems have no {field!r} field "
+                    f"(first: {missing[0]!r}); step-wise initialisation needs one per problem "
+                    "(data.problem_fields.solution_key names another field)"
                 )
             return [SftExample(p.id, render_prompt(self.template, p.question), p.solution) for p in problems]
         return []

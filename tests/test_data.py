@@ -134,6 +134,30 @@ def test_problems_file_gives_sft_examples_with_template(tmp_path):
         assert batch["input_ids"][row, n - 1] == EOS and batch["response_mask"][row, n - 1] == 1
 
 
+def test_problems_file_fields_are_mapped_for_stepwise_init(tmp_path):
+    """A solution kept under another key (``steps``) is read with data.problem_fields; without
+    the mapping the error names the file, the missing field and the key to set."""
+    import json
+
+    from hs_star_pl.problems import FieldMap
+
+    rows = [json.loads(line) for line in STEPWISE_FILE.read_text().splitlines()]
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text("".join(json.dumps({"q": r["question"], "answer": r["answer"], "steps": r["solution"]}) + "\n"
+                               for r in rows))
+    module = tiny_module("sft")
+    dm = MathDataModule(problems_file=str(renamed), problem_fields=FieldMap(question_key="q", solution_key="steps"),
+                        template="plain", batch_size=4)
+    _attach(dm, module, tmp_path)
+    dm.setup("fit")
+    assert [e.response for e in dm.train_examples] == [r["solution"] for r in rows]
+    assert dm.train_examples[0].prompt == f"Question: {rows[0]['question']}\nAnswer:\n"
+    unmapped = MathDataModule(problems_file=str(renamed), problem_fields=FieldMap(question_key="q"), template="plain")
+    with pytest.raises(ValueError, match=rf"data.problems_file={renamed}: 20 problems have no 'solution' field.*"
+                                         r"data.problem_fields.solution_key"):
+        unmapped.load_train_examples()
+
+
 def test_truncation_is_counted_warned_and_logged(tmp_path):
     """max_length 60 with the plain template: 17 of the 20 prompts do not fit (dropped), the 3
     that do have their solutions cut; the counts are warned about and logged as data/*."""

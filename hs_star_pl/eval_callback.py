@@ -275,7 +275,7 @@ class EvaluationCallback(L.Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
         trainer.strategy.barrier("hs_star_eval_written")
-        rank_zero_info(f"eval: M_{policy} " + ", ".join(f"{n} {s['metric']} {s['accuracy']:.3f}" for n, s in summaries.items()))
+        rank_zero_info(f"eval: M_{policy} " + ", ".join(f"{n} {s['metric']} {100 * s['accuracy']:.1f}%" for n, s in summaries.items()))
         return entry
 
     # -- hs-star test ----------------------------------------------------------------------

@@ -435,3 +435,27 @@ def test_each_iteration_gets_its_own_learning_rate_schedule_and_optimizer(tiny_m
     counts = {int(state["step"]) for state in optimizer.state.values()}
     assert counts == {steps[1]}
     assert torch.is_tensor(next(iter(optimizer.state.values()))["exp_avg"])
+
+
+def test_a_resumed_run_continues_each_iterations_learning_rate_schedule(tiny_m0, tmp_path, monkeypatch):
+    """Iteration 0, then a new fit from ``--ckpt_path last`` for iteration 1: the learning rate
+    of every step equals the uninterrupted run's (the restarted schedule and the fresh AdamW
+    are repeated at the iteration start after the resume, not carried over or skipped)."""
+    monkeypatch.chdir(tmp_path)
+    m0, problems = tiny_m0
+    schedule = ["--model.lr_scheduler=hs_star_pl.schedules.WarmupCosineLR", "--model.lr_scheduler.warmup_steps=1",
+                "--self_training.reset_optimizer_state=true", "--data.batch_size=2"]
+
+    def lrs(run: Path) -> list[float]:
+        rows = [r for f in sorted((run / "logs").glob("version_*/metrics.csv")) for r in csv.DictReader(open(f))]
+        return [float(r["lr-AdamW"]) for r in sorted(rows, key=lambda r: int(r["step"])) if r.get("lr-AdamW")]
+
+    whole = tmp_path / "whole"
+    HSStarCLI(args=self_training_args(whole, m0, problems, *schedule))
+    resumed = tmp_path / "resumed"
+    HSStarCLI(args=self_training_args(resumed, m0, problems, *schedule, "--self_training.n_iterations=1", "--trainer.max_epochs=1"))
+    first = lrs(resumed)
+    HSStarCLI(args=self_training_args(resumed, m0, problems, *schedule, "--ckpt_path=last"))
+    assert len(first) < len(lrs(resumed))
+    assert lrs(resumed) == pytest.approx(lrs(whole), rel=1e-9)
+    assert lrs(resumed)[len(first)] == pytest.approx(1e-4)  # iteration 1 starts with its own warmup step

@@ -144,7 +144,7 @@ def loss_check(pairs, size: dict, beta: float) -> dict:
     """Both frameworks' DPO loss on one batch, against a perturbed-copy reference."""
     import torch
 
-    from hs_star_pl.collate import collate_pairs, encode_example
+    from hs_star_pl.collate import collate_pairs, encode_pair
     from hs_star_pl.losses import dpo_loss
 
     policy = ours_module(size, 1e-5, beta)
@@ -157,7 +157,7 @@ def loss_check(pairs, size: dict, beta: float) -> dict:
     # ours: reference log-probs precomputed once, then one forward of the policy
     with_ref = reference.compute_reference_logps(batch_pairs, max_length=MAX_LENGTH, batch_size=len(batch_pairs))
     tok = policy.tokenizer
-    encoded = [(encode_example(tok, p.prompt, p.chosen, MAX_LENGTH), encode_example(tok, p.prompt, p.rejected, MAX_LENGTH)) for p in with_ref]
+    encoded = [encode_pair(tok, p, MAX_LENGTH) for p in with_ref]
     ours_batch = collate_pairs(encoded, tok.pad_token_id, "right", [(p.ref_chosen_logp, p.ref_rejected_logp) for p in with_ref])
     with torch.no_grad():
         _, logps = policy.response_logps(ours_batch)

@@ -74,6 +74,17 @@ def encode_example(
     return EncodedSequence(tuple(prompt_ids + response_ids[:room]), len(prompt_ids), truncated)
 
 
+def encode_pair(tokenizer, pair, max_length: int) -> tuple[EncodedSequence, EncodedSequence] | None:
+    """A ``PreferencePair``'s chosen and rejected sequences; ``None`` when either is dropped.
+
+    The chosen response ends with EOS; the rejected one too, unless it is a prefix
+    (``rejected_cut``: cut after its first failing step, so it did not end there).
+    """
+    chosen = encode_example(tokenizer, pair.prompt, pair.chosen, max_length)
+    rejected = encode_example(tokenizer, pair.prompt, pair.rejected, max_length, eos=not pair.rejected_cut)
+    return None if chosen is None or rejected is None else (chosen, rejected)
+
+
 def collate_sequences(
     sequences: Sequence[EncodedSequence], pad_token_id: int, padding_side: PaddingSide = "right"
 ) -> dict[str, torch.Tensor]:

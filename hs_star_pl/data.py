@@ -39,7 +39,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from hs_star_pl.collate import EncodedSequence, PaddingSide, collate_pairs, collate_sequences, encode_example
+from hs_star_pl.collate import (
+    EncodedSequence,
+    PaddingSide,
+    collate_pairs,
+    collate_sequences,
+    encode_example,
+    encode_pair,
+)
 from hs_star_pl.errors import InputFileError
 from hs_star_pl.problems import MAX_LINE_BYTES, FieldMap, load_problems
 from hs_star_pl.records import PreferencePair, SftExample
@@ -423,13 +430,12 @@ class MathDataModule(L.LightningDataModule):
         n_truncated = n_dropped = 0
         for ex in examples:
             if isinstance(ex, PreferencePair):
-                c = encode_example(self.tokenizer, ex.prompt, ex.chosen, self.max_length)
-                r = encode_example(self.tokenizer, ex.prompt, ex.rejected, self.max_length, eos=not ex.rejected_cut)
-                if c is None or r is None:
+                pair = encode_pair(self.tokenizer, ex, self.max_length)
+                if pair is None:
                     n_dropped += 1
                     continue
-                n_truncated += int(c.truncated) + int(r.truncated)
-                encoded.append((c, r))
+                n_truncated += int(pair[0].truncated) + int(pair[1].truncated)
+                encoded.append(pair)
             else:
                 s = encode_example(self.tokenizer, ex.prompt, ex.response, self.max_length)
                 if s is None:

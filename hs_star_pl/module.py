@@ -33,7 +33,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from hs_star_pl import faults
-from hs_star_pl.collate import collate_pairs, encode_example, position_ids_from_mask
+from hs_star_pl.collate import collate_pairs, encode_example, encode_pair, position_ids_from_mask
 from hs_star_pl.evaluation import EvalBatch
 from hs_star_pl.data import SKIP_BATCH
 from hs_star_pl.errors import ConfigError, NonFiniteLossError
@@ -235,12 +235,8 @@ class HSStarModule(L.LightningModule):
         precision = self._trainer.strategy.precision_plugin.forward_context() if self._trainer else nullcontext()
         out = list(pairs)
         try:
-            encoded = [
-                (i, encode_example(self.tokenizer, p.prompt, p.chosen, max_length),
-                 encode_example(self.tokenizer, p.prompt, p.rejected, max_length, eos=not p.rejected_cut))
-                for i, p in enumerate(pairs)
-            ]
-            encoded = [(i, c, r) for i, c, r in encoded if c is not None and r is not None]
+            encoded = [(i, encode_pair(self.tokenizer, p, max_length)) for i, p in enumerate(pairs)]
+            encoded = [(i, *e) for i, e in encoded if e is not None]
             if sort_by_length:  # a batch pads to its longest sequence, chosen or rejected
                 encoded.sort(key=lambda e: (-max(len(e[1].ids), len(e[2].ids)), e[0]))
             pad_id = self.tokenizer.pad_token_id

@@ -204,9 +204,7 @@ class SelfTrainingCallback(L.Callback):
                 check_step_delimiter(datamodule.template, self.round_config.step_delimiter)
             except ValueError as err:
                 errors.append(str(err))
-        if getattr(self.engine, "sync_from", "weights") == "export" and not any(
-            isinstance(c, HFExportCallback) and c.enabled for c in trainer.callbacks
-        ):
+        if getattr(self.engine, "sync_from", "weights") == "export" and _exporter(trainer) is None:
             errors.append("self_training.engine.init_args.sync_from=export reloads the HF export of each "
                           "iteration: set export.enabled: true, or use sync_from: weights")
         if errors:
@@ -371,10 +369,10 @@ class SelfTrainingCallback(L.Callback):
         if iteration == 0:
             path = getattr(module, "model_path", None)
             return Path(path) if path is not None and Path(path).is_dir() else None
-        exporters = [c for c in trainer.callbacks if isinstance(c, HFExportCallback) and c.enabled]
-        if not exporters:
+        exporter = _exporter(trainer)
+        if exporter is None:
             return None
-        path = exporters[0].iteration_dir(trainer, iteration - 1)
+        path = exporter.iteration_dir(trainer, iteration - 1)
         if not path.is_dir():
             raise FileNotFoundError(
                 f"self_training.engine.init_args.sync_from=export: the HF export of M_{iteration} ({path}) "
@@ -525,8 +523,12 @@ class SelfTrainingCallback(L.Callback):
 # What the checkpoint keeps of each round (its ledger totals) and what a resume compares.
 _ROUND_STATE_KEYS = ("iteration", "directory", "n_problems", "samples_presample", "samples_resample", "samples_total",
                      "budget_total", "samples_per_class", "n_pairs", "n_sft_examples")
-_ROUND_CHECK_KEYS = ("n_problems", "samples_presample", "samples_resample", "samples_total", "budget_total",
-                     "samples_per_class", "n_pairs", "n_sft_examples")
+_ROUND_CHECK_KEYS = tuple(k for k in _ROUND_STATE_KEYS if k not in ("iteration", "directory"))
+
+
+def _exporter(trainer: L.Trainer) -> HFExportCallback | None:
+    """The run's enabled HF export callback, if any."""
+    return next((c for c in trainer.callbacks if isinstance(c, HFExportCallback) and c.enabled), None)
 
 
 def clear_optimizer_state(optimizer: Any) -> None:

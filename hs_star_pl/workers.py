@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_connections
 from typing import Any
 
-from tqdm.auto import tqdm
-
 TIMEOUT = "timeout"
 """Result of a task killed at its deadline."""
 CRASH = "crash"
@@ -166,10 +164,12 @@ class KillablePool:
         results: list[Any] = [None] * len(tasks)
         if not tasks:
             return results
+        from tqdm.auto import tqdm  # here, not at the top: every worker process imports this module
+
         with tqdm(total=len(tasks), desc=progress, unit="check", disable=progress is None) as bar:
             return self._run(tasks, results, bar)
 
-    def _run(self, tasks: Sequence[tuple[str, Any]], results: list[Any], bar: tqdm) -> list[Any]:
+    def _run(self, tasks: Sequence[tuple[str, Any]], results: list[Any], bar: Any) -> list[Any]:
         while len(self._workers) < min(self.n_workers, len(tasks)):
             self._workers.append(self._spawn())
         next_task, n_done = 0, 0

@@ -4,19 +4,27 @@ Every allocator spends a budget of ``samples_per_problem`` (K) times N problems 
 ``n_presample`` per problem first (to estimate difficulty), then a re-sample phase whose
 counts it decides from the difficulty estimates. Selected in YAML by ``class_path``:
 
-* ``HierarchicalBudget`` (the paper): the remaining ``(K - n_p) * N`` samples go to boundary
-  problems only, ``floor(R / B)`` each, and the residue ``R mod B`` as +1 to randomly chosen
-  (seeded) boundary problems: exactly ``K * N`` in total. We generate exactly what is
-  allocated; the reference scripts generate the ceiling for every boundary problem and
-  discard the surplus. With *no* boundary problem, ``no_boundary`` decides: ``"skip"``
-  (default: spend nothing more; every problem is either solved with confidence or hopeless,
-  so re-samples would yield no pairs) or ``"uniform"`` (spread the rest over all problems).
+Which problems may receive re-samples is the round's *split*: the difficulty classes it
+re-samples and trains on (``selection.train_classes``, passed to ``allocate`` as
+``classes``; default ``boundary``). The paper's pilot study runs one split at a time
+(inlier, boundary, outlier, or a union of two) at the same budget, as the reference code's
+``run.sh`` split argument does.
+
+* ``HierarchicalBudget`` (the paper): the remaining ``(K - n_p) * N`` samples go to the
+  split's problems only (boundary by default), ``floor(R / B)`` each, and the residue
+  ``R mod B`` as +1 to randomly chosen (seeded) ones: exactly ``K * N`` in total. We
+  generate exactly what is allocated; the reference scripts generate the ceiling for every
+  split problem and discard the surplus. With *no* problem in the split, ``no_boundary``
+  decides: ``"skip"`` (default: spend nothing more; with the boundary split, every problem
+  is either solved with confidence or hopeless, so re-samples would yield no pairs) or
+  ``"uniform"`` (spread the rest over all problems).
 * ``UniformBudget``: K samples per problem in one phase, the standard iterative-DPO / STaR
-  baseline at equal budget. Difficulty is still estimated (from all K) for logging and for
-  split ablations.
-* ``ProportionalBudget`` (DART-Math "prop2diff" style): the remaining budget goes to all
-  problems in proportion to their failure rate ``1 - phi_a`` (largest-remainder rounding,
-  seeded tie-breaks). A problem with no gradeable pre-sample counts as failure rate 1.
+  baseline at equal budget. There is no re-sample phase to steer, so the split only filters
+  training (as the reference does with 8 pre-samples); difficulty is estimated from all K.
+* ``ProportionalBudget`` (DART-Math "prop2diff" style): the remaining budget goes to the
+  split's problems in proportion to their failure rate ``1 - phi_a`` (largest-remainder
+  rounding, seeded tie-breaks). A problem with no gradeable pre-sample counts as failure
+  rate 1. Its configs train on all three classes, so it spreads over every problem.
 
 The returned ``BudgetLedger`` is the single record of what was planned and spent.
 """
@@ -25,13 +33,14 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from hs_star_pl.records import Difficulty, ProblemDifficulty
 
 NoBoundaryPolicy = Literal["skip", "uniform"]
+DEFAULT_SPLIT: tuple[str, ...] = (Difficulty.BOUNDARY.value,)
 
 
 @dataclass(frozen=True)
@@ -119,9 +128,20 @@ class BudgetAllocator(Protocol):
     samples_per_problem: int
     n_presample: int
 
-    def allocate(self, difficulties: Mapping[str, ProblemDifficulty], seed: int) -> BudgetLedger:
-        """The re-sample plan for problems classified from ``n_presample`` pre-samples each."""
+    def allocate(
+        self, difficulties: Mapping[str, ProblemDifficulty], seed: int, classes: Collection[str] = DEFAULT_SPLIT
+    ) -> BudgetLedger:
+        """The re-sample plan for problems classified from ``n_presample`` pre-samples each.
+
+        ``classes`` is the split: only problems of those difficulty classes may be re-sampled.
+        """
         ...
+
+
+def in_split(difficulties: Mapping[str, ProblemDifficulty], classes: Collection[str]) -> list[str]:
+    """The ids of the problems whose class is one of ``classes``."""
+    wanted = set(classes)
+    return [pid for pid, d in difficulties.items() if d.difficulty.value in wanted]
 
 
 def split_evenly(total: int, ids: Sequence[str], rng: random.Random) -> dict[str, int]:
@@ -183,6 +203,10 @@ def _fallback(
     return {}, f"{why}: {remaining} re-samples not spent (no_boundary=skip)"
 
 
+def _nothing_in(classes: Collection[str]) -> str:
+    return f"no problem in the split {sorted(classes)}"
+
+
 def _ledger(k: int, n_presample: int, difficulties: Mapping[str, ProblemDifficulty], resample: Mapping[str, int], note: str | None = None) -> BudgetLedger:
     ids = sorted(difficulties)
     return BudgetLedger(
@@ -196,14 +220,17 @@ def _ledger(k: int, n_presample: int, difficulties: Mapping[str, ProblemDifficul
 
 @dataclass(frozen=True)
 class HierarchicalBudget:
-    """The paper's allocation: the rest of the budget to boundary problems only.
+    """The paper's allocation: the rest of the budget to the split's problems only.
+
+    The split (``allocate``'s ``classes``, from ``selection.train_classes``) is the boundary
+    for HS-STaR, and any class or union of classes for the pilot study.
 
     Args:
         samples_per_problem: K, the per-problem budget (paper: 8).
         n_presample: pre-samples per problem used to estimate difficulty (paper: 3).
-        no_boundary: what to do when no problem is on the boundary: ``"skip"`` spends
-            nothing more (total < K*N, logged in the ledger's note), ``"uniform"`` spreads
-            the rest over all problems.
+        no_boundary: what to do when no problem is in the split (with the default split:
+            none on the boundary): ``"skip"`` spends nothing more (total < K*N, logged in
+            the ledger's note), ``"uniform"`` spreads the rest over all problems.
     """
 
     samples_per_problem: int = 8
@@ -214,15 +241,17 @@ class HierarchicalBudget:
         _check_counts(self.samples_per_problem, self.n_presample)
         _check_no_boundary(self.no_boundary)
 
-    def allocate(self, difficulties: Mapping[str, ProblemDifficulty], seed: int) -> BudgetLedger:
+    def allocate(
+        self, difficulties: Mapping[str, ProblemDifficulty], seed: int, classes: Collection[str] = DEFAULT_SPLIT
+    ) -> BudgetLedger:
         rng = random.Random(f"{seed}:hierarchical")
         remaining = (self.samples_per_problem - self.n_presample) * len(difficulties)
-        boundary = [pid for pid, d in difficulties.items() if d.difficulty is Difficulty.BOUNDARY]
+        split = in_split(difficulties, classes)
         note = None
-        if boundary:
-            resample = split_evenly(remaining, boundary, rng)
+        if split:
+            resample = split_evenly(remaining, split, rng)
         else:
-            resample, note = _fallback(remaining, difficulties, self.no_boundary, rng, "no boundary problems")
+            resample, note = _fallback(remaining, difficulties, self.no_boundary, rng, _nothing_in(classes))
         return _ledger(self.samples_per_problem, self.n_presample, difficulties, resample, note)
 
 
@@ -241,7 +270,9 @@ class UniformBudget:
         _check_counts(self.samples_per_problem, self.samples_per_problem)
         object.__setattr__(self, "n_presample", self.samples_per_problem)
 
-    def allocate(self, difficulties: Mapping[str, ProblemDifficulty], seed: int) -> BudgetLedger:
+    def allocate(
+        self, difficulties: Mapping[str, ProblemDifficulty], seed: int, classes: Collection[str] = DEFAULT_SPLIT
+    ) -> BudgetLedger:
         return _ledger(self.samples_per_problem, self.n_presample, difficulties, {})
 
 
@@ -249,11 +280,15 @@ class UniformBudget:
 class ProportionalBudget:
     """DART-Math-style "prop2diff": the rest of the budget in proportion to failure rate.
 
+    Only the split's problems (``allocate``'s ``classes``) are weighted; the shipped
+    proportional configs set ``selection.train_classes`` to all three classes.
+
     Args:
         samples_per_problem: K.
         n_presample: pre-samples per problem.
-        no_boundary: what to do when every problem was always solved (all weights zero):
-            ``"skip"`` or ``"uniform"``, as in ``HierarchicalBudget``.
+        no_boundary: what to do when every problem of the split was always solved, or the
+            split is empty (all weights zero): ``"skip"`` or ``"uniform"``, as in
+            ``HierarchicalBudget``.
     """
 
     samples_per_problem: int = 8
@@ -264,13 +299,21 @@ class ProportionalBudget:
         _check_counts(self.samples_per_problem, self.n_presample)
         _check_no_boundary(self.no_boundary)
 
-    def allocate(self, difficulties: Mapping[str, ProblemDifficulty], seed: int) -> BudgetLedger:
+    def allocate(
+        self, difficulties: Mapping[str, ProblemDifficulty], seed: int, classes: Collection[str] = DEFAULT_SPLIT
+    ) -> BudgetLedger:
         rng = random.Random(f"{seed}:proportional")
         remaining = (self.samples_per_problem - self.n_presample) * len(difficulties)
-        weights = {pid: 1.0 if d.phi_a is None else 1.0 - d.phi_a for pid, d in difficulties.items()}
+        split = set(in_split(difficulties, classes))
+        weights = {
+            pid: 0.0 if pid not in split else 1.0 if d.phi_a is None else 1.0 - d.phi_a
+            for pid, d in difficulties.items()
+        }
         note = None
         if any(w > 0 for w in weights.values()):
             resample = split_proportionally(remaining, weights, rng)
+        elif split:
+            resample, note = _fallback(remaining, difficulties, self.no_boundary, rng, "every problem in the split always solved")
         else:
-            resample, note = _fallback(remaining, difficulties, self.no_boundary, rng, "every problem always solved")
+            resample, note = _fallback(remaining, difficulties, self.no_boundary, rng, _nothing_in(classes))
         return _ledger(self.samples_per_problem, self.n_presample, difficulties, resample, note)

@@ -2,8 +2,11 @@
 
 ``run_round`` performs, in order: drop problems whose gold cannot be graded -> pre-sample
 ``n_presample`` responses per problem -> verify + PRM-score them -> estimate difficulty ->
-allocate the rest of the budget -> re-sample -> verify + score -> select training data. It
-returns a ``RoundResult`` with everything the artifacts and the training step need.
+allocate the rest of the budget to the split -> re-sample -> verify + score -> select
+training data from the split. The split is ``selection.train_classes`` (boundary for
+HS-STaR; one class or a union of two for the paper's pilot study): the same classes are
+re-sampled and trained on. It returns a ``RoundResult`` with everything the artifacts and
+the training step need.
 
 Resumability: the two expensive phases (generating, then scoring, each of pre- and
 re-samples) go through an optional ``PhaseStore``. A phase found in the store is read back,
@@ -392,7 +395,11 @@ def run_round(
         seconds, "difficulty", lambda: estimate_difficulty(presamples, config.difficulty, ids)
     ))
     ledger = share(_timed(
-        seconds, "allocate", lambda: allocator.allocate(difficulties, derive_seed(seed, iteration, "budget"))
+        seconds,
+        "allocate",
+        lambda: allocator.allocate(
+            difficulties, derive_seed(seed, iteration, "budget"), config.selection.train_classes
+        ),
     ))
     resample_params = dataclasses.replace(config.sampling, seed=derive_seed(seed, iteration, "resample"))
     resamples = everyone(

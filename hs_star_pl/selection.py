@@ -20,7 +20,10 @@ responses, best process reward first, distinct texts only, at most
 ``max_sft_per_problem``.
 
 Which difficulty classes feed training is ``train_classes`` (default: boundary only; any
-subset for the paper's split ablations).
+subset for the paper's pilot study). It is the round's *split*: the class-aware budgets
+(``budget.HierarchicalBudget``, ``ProportionalBudget``) re-sample only those classes, so one
+key decides both what is re-sampled and what is trained on, as the reference's split
+argument does.
 """
 
 from __future__ import annotations
@@ -43,8 +46,10 @@ class SelectionConfig:
     """What a round turns into training data.
 
     Args:
-        train_classes: difficulty classes whose problems feed training; any of
-            ``inlier``, ``boundary``, ``outlier`` (paper: ``[boundary]``).
+        train_classes: the split: difficulty classes whose problems are re-sampled (by the
+            hierarchical and proportional budgets) and feed training; any of ``inlier``,
+            ``boundary``, ``outlier`` (paper: ``[boundary]``; the pilot study: one class or
+            a union of two).
         objective: ``dpo`` builds preference pairs, ``sft`` builds RFT-style examples.
         max_sft_per_problem: cap on SFT examples per problem (``objective: sft``).
         min_chosen_prm: when set, a correct response is eligible as *chosen* (or as an SFT

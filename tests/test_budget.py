@@ -19,6 +19,8 @@ from hs_star_pl.budget import (
 )
 from hs_star_pl.records import Difficulty, ProblemDifficulty
 
+ALL = ["inlier", "boundary", "outlier"]
+
 
 def difficulties(classes: list[Difficulty], phi_a: list[float | None] | None = None) -> dict[str, ProblemDifficulty]:
     phi_a = phi_a or [None] * len(classes)
@@ -61,6 +63,7 @@ def test_no_boundary_fallbacks():
     d = difficulties([Difficulty.INLIER, Difficulty.OUTLIER])
     skip = HierarchicalBudget().allocate(d, seed=0)
     assert skip.resample_total == 0 and skip.total == 6 and "10 re-samples not spent" in skip.note
+    assert "no problem in the split ['boundary']" in skip.note
     spread = HierarchicalBudget(no_boundary="uniform").allocate(d, seed=0)
     assert spread.resample == {"p00000": 5, "p00001": 5} and spread.total == spread.budget_total
 
@@ -77,10 +80,37 @@ def test_proportional_budget_by_hand():
     (0.67, problem 2) takes the last one -> 0, 3, 7, 10.
     """
     d = difficulties([Difficulty.INLIER, Difficulty.BOUNDARY, Difficulty.BOUNDARY, Difficulty.OUTLIER], [1.0, 2 / 3, 1 / 3, 0.0])
-    ledger = ProportionalBudget().allocate(d, seed=0)
+    ledger = ProportionalBudget().allocate(d, seed=0, classes=ALL)
     assert [ledger.resample[f"p{i:05d}"] for i in range(4)] == [0, 3, 7, 10]
-    all_solved = ProportionalBudget().allocate(difficulties([Difficulty.INLIER] * 2, [1.0, 1.0]), seed=0)
+    all_solved = ProportionalBudget().allocate(difficulties([Difficulty.INLIER] * 2, [1.0, 1.0]), seed=0, classes=ALL)
     assert all_solved.resample_total == 0 and "not spent" in all_solved.note
+
+
+def test_proportional_budget_weights_only_the_split():
+    """The same four problems with the boundary split: failure rates 1/3 and 2/3 of the two
+    boundary problems share all 20 re-samples, quotas 6.67 and 13.33 -> 7 and 13."""
+    d = difficulties([Difficulty.INLIER, Difficulty.BOUNDARY, Difficulty.BOUNDARY, Difficulty.OUTLIER], [1.0, 2 / 3, 1 / 3, 0.0])
+    ledger = ProportionalBudget().allocate(d, seed=0, classes=["boundary"])
+    assert [ledger.resample[f"p{i:05d}"] for i in range(4)] == [0, 7, 13, 0]
+    assert ledger.total == ledger.budget_total == 32
+
+
+SPLITS = [["inlier"], ["boundary"], ["outlier"], ["inlier", "boundary"], ["boundary", "outlier"], ["inlier", "outlier"]]
+
+
+@pytest.mark.parametrize("split", SPLITS, ids="+".join)
+def test_each_split_spends_exactly_k_times_n_on_its_own_problems(split):
+    """The pilot study: N=10 (3 inlier, 4 boundary, 3 outlier), K=8, n_p=3. Whatever the split,
+    the 5 * 10 = 50 remaining samples go to the split's problems only, evenly (floor, +1
+    residue), and the round spends exactly 80."""
+    classes = [Difficulty.INLIER] * 3 + [Difficulty.BOUNDARY] * 4 + [Difficulty.OUTLIER] * 3
+    ledger = HierarchicalBudget().allocate(difficulties(classes), seed=1, classes=split)
+    chosen = [pid for pid, c in ledger.classes.items() if c in split]
+    base, residue = divmod(50, len(chosen))
+    assert Counter(ledger.resample[p] for p in chosen) == Counter({base: len(chosen) - residue, base + 1: residue}) - Counter()
+    assert all(n == 0 for pid, n in ledger.resample.items() if pid not in chosen)
+    assert ledger.total == ledger.budget_total == 80 and ledger.note is None
+    assert sum(ledger.per_class()[c]["resample"] for c in split) == 50
 
 
 def test_ledger_round_trips_through_dict():
@@ -128,8 +158,9 @@ def allocators(draw):
 def test_allocator_invariants(allocator, data, seed):
     classes = data.draw(classes_st)
     phis = data.draw(st.lists(phi_st, min_size=len(classes), max_size=len(classes)))
+    split = data.draw(st.lists(st.sampled_from(ALL), min_size=1, max_size=3, unique=True))
     d = difficulties(classes, phis)
-    ledger = allocator.allocate(d, seed)
+    ledger = allocator.allocate(d, seed, split)
     k, n, n_p = allocator.samples_per_problem, len(d), allocator.n_presample
     remaining = (k - n_p) * n
     assert set(ledger.presample) == set(ledger.resample) == set(ledger.classes) == set(d)
@@ -143,30 +174,30 @@ def test_allocator_invariants(allocator, data, seed):
     per_class = ledger.per_class()
     assert sum(row["problems"] for row in per_class.values()) == n
     assert sum(row["total"] for row in per_class.values()) == ledger.total
-    assert ledger == allocator.allocate(d, seed)  # deterministic per seed
-    assert ledger == allocator.allocate(dict(reversed(list(d.items()))), seed)  # not by dict order
+    assert ledger == allocator.allocate(d, seed, split)  # deterministic per seed
+    assert ledger == allocator.allocate(dict(reversed(list(d.items()))), seed, split)  # not by dict order
     assert BudgetLedger.from_dict(ledger.to_dict()) == ledger
-    boundary = [p for p, c in ledger.classes.items() if c == "boundary"]
+    chosen = [p for p, c in ledger.classes.items() if c in split]
     if isinstance(allocator, UniformBudget):
         assert ledger.resample_total == 0 and ledger.total == ledger.budget_total
-    elif isinstance(allocator, HierarchicalBudget) and boundary:
-        base, residue = divmod(remaining, len(boundary))
-        got = Counter(ledger.resample[p] for p in boundary)
-        assert got == Counter({base: len(boundary) - residue, base + 1: residue}) - Counter()  # floor, +1 residue
-        assert all(ledger.resample[p] == 0 for p, c in ledger.classes.items() if c != "boundary")
+    elif isinstance(allocator, HierarchicalBudget) and chosen:
+        base, residue = divmod(remaining, len(chosen))
+        got = Counter(ledger.resample[p] for p in chosen)
+        assert got == Counter({base: len(chosen) - residue, base + 1: residue}) - Counter()  # floor, +1 residue
+        assert all(ledger.resample[p] == 0 for p, c in ledger.classes.items() if c not in split)
         assert ledger.note is None
-    elif isinstance(allocator, HierarchicalBudget):  # no boundary problem: the documented fallback
-        assert ledger.note.startswith("no boundary problems")
+    elif isinstance(allocator, HierarchicalBudget):  # no problem in the split: the documented fallback
+        assert ledger.note.startswith("no problem in the split")
         assert ledger.resample_total == (remaining if allocator.no_boundary == "uniform" else 0)
     elif isinstance(allocator, ProportionalBudget):
-        fail = {p: 1.0 if x.phi_a is None else 1.0 - x.phi_a for p, x in d.items()}
+        fail = {p: 0.0 if p not in chosen else 1.0 if x.phi_a is None else 1.0 - x.phi_a for p, x in d.items()}
         if sum(fail.values()) > 0:
             assert ledger.resample_total == remaining and ledger.note is None
             assert all(ledger.resample[p] == 0 for p, w in fail.items() if w == 0)
             for p, w in fail.items():  # within one of the exact share
                 assert abs(ledger.resample[p] - remaining * w / sum(fail.values())) < 1 + 1e-9
         else:
-            assert ledger.note.startswith("every problem always solved")
+            assert ledger.note.startswith("every problem in the split always solved" if chosen else "no problem in the split")
 
 
 @settings(max_examples=200, deadline=None)

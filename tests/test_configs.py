@@ -160,3 +160,27 @@ def test_paper_configs_hold_the_papers_settings():
         st = merged([BASE, strategy, paper / "hs_star.yaml", paper / "prm" / name])["self_training"]
         assert (st["prm"]["class_path"].rsplit(".", 1)[-1], st["difficulty"]["tau_low"], st["difficulty"]["tau_high"]) == (cls, low, high), name
     assert (st["difficulty"]["tau_low"], st["difficulty"]["tau_high"]) == (0.55, 0.99)
+
+
+SPLITS = {"inlier": ("inlier",), "boundary": ("boundary",), "outlier": ("outlier",), "inlier_boundary": ("inlier", "boundary"),
+          "boundary_outlier": ("boundary", "outlier"), "inlier_outlier": ("inlier", "outlier")}
+
+
+@pytest.mark.parametrize("base, folder", [("tiny/hs_star.yaml", "tiny/methods"), ("paper/hs_star.yaml", "paper/ablations")], ids=["tiny", "paper"])
+def test_pilot_study_overlays_spend_exactly_k_times_n_on_their_split(base, folder):
+    """One overlay per class and per union of two; each, composed over its base config,
+    re-samples its split only and spends exactly K * N on a round holding every class."""
+    import importlib
+
+    from hs_star_pl.records import Difficulty, ProblemDifficulty
+
+    d = {f"p{i}": ProblemDifficulty(f"p{i}", None, None, c, 3, 3) for i, c in enumerate([*Difficulty] * 5)}
+    for name, split in SPLITS.items():
+        path = CONFIGS / folder / f"split_{name}.yaml"
+        st = merged([BASE, CONFIGS / base, path])["self_training"]
+        assert tuple(st["selection"]["train_classes"]) == split, path
+        module, cls = st["budget"]["class_path"].rsplit(".", 1)
+        allocator = getattr(importlib.import_module(module), cls)(**st["budget"].get("init_args", {}))
+        ledger = allocator.allocate(d, seed=0, classes=split)
+        assert ledger.total == ledger.budget_total == allocator.samples_per_problem * len(d), path
+        assert {ledger.classes[pid] for pid, n in ledger.resample.items() if n > 0} == set(split), path

@@ -7,7 +7,8 @@ import pytest
 from hs_star_pl.budget import HierarchicalBudget, ProportionalBudget, UniformBudget
 from hs_star_pl.difficulty import DifficultyConfig
 from hs_star_pl.protocols import AnswerVerifier, ProcessRewardModel, RolloutEngine
-from hs_star_pl.records import Phase
+from hs_star_pl.protocols import Completion
+from hs_star_pl.records import Phase, Problem
 from hs_star_pl.rounds import MemoryStore, RoundConfig, derive_seed, run_round
 from hs_star_pl.selection import SelectionConfig
 from tests.helpers.round_fakes import P_RIGHT, BoxedNumberVerifier, KeywordPRM, ScriptedEngine, problems, run
@@ -208,3 +209,77 @@ def test_shard_arguments_are_checked():
         run(shard=(0, 2))
     with pytest.raises(ValueError, match="0 <= rank < world_size"):
         run(shard=(2, 2), gather=lambda mine: [mine])
+
+
+class PlannedEngine:
+    """Answers each problem by plan: ``pre[pid]`` verdicts for the pre-sample call, then
+    ``re[pid]`` (cycled) for the re-sample call; ``guess`` problems hedge every step, so the
+    KeywordPRM scores them 0.1."""
+
+    def __init__(self, pre, re, guess=()):
+        self.pre, self.re, self.guess, self.calls = pre, re, set(guess), []
+
+    def generate(self, requests, params):
+        plan = self.pre if not self.calls else self.re
+        self.calls.append({r.key: r.n for r in requests})
+        out = {}
+        for req in requests:
+            hedge = "guess" if req.key in self.guess else "so"
+            verdicts = plan[req.key]
+            out[req.key] = [
+                Completion(f"Step 1: {req.key} call {len(self.calls)} try {i}\n\n{hedge} \\boxed{{{7 if verdicts[i % len(verdicts)] else 8}}}", "stop", 9)
+                for i in range(req.n)
+            ]
+        return out
+
+
+def planned_round(engine, split, **kw):
+    """Three problems, K=8, n_p=3: ``easy`` right 3/3 (inlier), ``mid`` 1/3 (boundary), ``hard``
+    wrong 3/3 with hedged steps (outlier); the 15 remaining samples go to ``split``."""
+    probs = [Problem(pid, f"question {pid}", "7") for pid in ("easy", "mid", "hard")]
+    return run_round(
+        probs,
+        engine=engine,
+        verifier=BoxedNumberVerifier(),
+        prm=KeywordPRM(),
+        allocator=HierarchicalBudget(samples_per_problem=8, n_presample=3),
+        config=RoundConfig(difficulty=DifficultyConfig(tau_low=0.3, tau_high=0.6), selection=SelectionConfig(train_classes=tuple(split))),
+        seed=7,
+        **kw,
+    )
+
+
+PLAN_PRE = {"easy": [True], "mid": [True, False, False], "hard": [False]}
+
+
+@pytest.mark.parametrize(
+    "split, resampled",
+    [(["outlier"], {"hard"}), (["inlier"], {"easy"}), (["boundary"], {"mid"}), (["inlier", "outlier"], {"easy", "hard"})],
+    ids=["outlier", "inlier", "boundary", "inlier+outlier"],
+)
+def test_the_split_is_what_is_resampled_and_trained_on(split, resampled):
+    """The pilot study's unit: the split receives all (8 - 3) * 3 = 15 re-samples. An outlier
+    re-sampled until one answer is right gives pairs (the right re-sample chosen, a wrong
+    pre-sample rejected); an inlier re-sampled until one is wrong likewise. The round spends
+    exactly K * N = 24 on any split, and trains on the split only."""
+    engine = PlannedEngine(PLAN_PRE, {"easy": [False, True], "mid": [False], "hard": [True, False]}, guess={"hard"})
+    result = planned_round(engine, split)
+    assert {pid: d.difficulty.value for pid, d in result.difficulties.items()} == {"easy": "inlier", "mid": "boundary", "hard": "outlier"}
+    assert set(engine.calls[1]) == resampled and sum(engine.calls[1].values()) == 15
+    assert result.ledger.total == result.ledger.budget_total == 24
+    trained = {p.problem_id for p in result.examples}
+    assert trained == resampled
+    for pair in result.examples:
+        assert "boxed{7}" in pair.chosen and "boxed{8}" in pair.rejected
+    if "hard" in resampled:  # only a re-sample of the outlier is right: it is the chosen side
+        assert all("call 2" in p.chosen for p in result.examples if p.problem_id == "hard")
+
+
+def test_pairs_pool_pre_and_resamples():
+    """``mid``'s one right answer is a pre-sample and all 15 re-samples are wrong: the pair
+    exists only if pre-samples are in the pool (k = min(1 right, 17 wrong) = 1)."""
+    engine = PlannedEngine(PLAN_PRE, {"easy": [True], "mid": [False], "hard": [False]}, guess={"hard"})
+    result = planned_round(engine, ["boundary"])
+    assert len(result.examples) == 1
+    (pair,) = result.examples
+    assert "call 1 try 0" in pair.chosen and "boxed{8}" in pair.rejected

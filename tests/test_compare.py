@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from hs_star_pl.experiments.compare import RunResult, method_paths, report
+from hs_star_pl.experiments.compare import STUDIES, RunResult, method_paths, paired_t_interval, report
 from tests.helpers.self_training import CONFIGS, env
 
 
@@ -31,7 +31,7 @@ def test_two_methods_from_one_m0_at_equal_budget_then_a_rerun_reuses_them(tiny_m
         f"--evaluation.problems_file={problems.with_name('test.jsonl')}", "--evaluation.max_new_tokens=48",
     ]
     compare(args, tmp_path)
-    runs = {r["method"]: r for r in json.loads((out / "comparison.json").read_text())}
+    runs = {r["method"]: r for r in json.loads((out / "comparison_custom.json").read_text())}
     assert set(runs) == {"hs_star", "uniform"}
     hs, uniform = runs["hs_star"], runs["uniform"]
     # one M_0 and greedy evaluation: both methods start from the same measured accuracy
@@ -44,10 +44,10 @@ def test_two_methods_from_one_m0_at_equal_budget_then_a_rerun_reuses_them(tiny_m
     round0 = json.loads((out / "hs_star" / "seed_0" / "rounds" / "round_000" / "summary.json").read_text())
     assert per_class["inlier"] == 3 * round0["n_inlier"] and per_class["outlier"] == 3 * round0["n_outlier"]
     assert hs["pairs_per_1000"] == pytest.approx(1000 * round0["n_pairs"] / (24 * 8))
-    table = (out / "comparison.md").read_text().splitlines()
+    table = (out / "comparison_custom.md").read_text().splitlines()
     assert table[0].startswith("| method | seeds | M_0 | M_1 |")
     assert [row.split("|")[1].strip() for row in table[2:]] == ["hs_star", "uniform"]
-    assert (out / "comparison.png").stat().st_size > 0
+    assert (out / "comparison_custom.png").stat().st_size > 0
 
     # the same command again finds both runs finished and only re-tabulates
     logs = {m: (out / m / "seed_0" / "compare.log").stat().st_mtime_ns for m in runs}
@@ -81,4 +81,19 @@ def test_report_pairs_each_method_with_the_baseline_on_the_same_seeds():
         return RunResult(method, seed, [0.3, final], [1], [10], {"inlier": 0, "boundary": 10, "outlier": 0})
     runs = [run("hs_star", 0, .4), run("hs_star", 1, .5), run("b", 0, .5), run("b", 1, .45), run("b", 2, .9)]
     rows = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in report(runs, 1).splitlines()[2:]}
-    assert rows == {"hs_star": "", "b": "0.025 ± 0.106"}
+    # differences 0.1 and -0.05: mean 0.025, sd 0.1061, se 0.075; t(0.975, 1 df) = 12.706
+    # gives a half-width of 0.953
+    assert rows == {"hs_star": "", "b": "+0.025 [-0.928, +0.978]"}
+
+
+def test_paired_t_interval_by_hand():
+    """Five seeds, differences 0.01, 0.02, 0.03, 0.04, 0.05: mean 0.03, sd 0.01581,
+    se 0.007071, t(0.975, 4 df) = 2.7764 -> 0.03 ± 0.01963."""
+    mean, low, high = paired_t_interval([0.01, 0.02, 0.03, 0.04, 0.05])
+    assert (mean, low, high) == pytest.approx((0.03, 0.01037, 0.04963), abs=1e-5)
+    assert paired_t_interval([0.2]) is None
+
+
+def test_studies_name_existing_overlays():
+    for study, names in STUDIES.items():
+        assert set(method_paths(CONFIGS / "tiny" / "methods", list(names))) == set(names), study

@@ -1,6 +1,7 @@
 """Compare self-training methods over seeds, from one M_0, at equal sampling budget.
 
-    python -m hs_star_pl.experiments.compare                      # the tiny demo's methods
+    python -m hs_star_pl.experiments.compare                      # the main comparison, 5 seeds
+    python -m hs_star_pl.experiments.compare --study pilot        # the pilot study's splits
     python -m hs_star_pl.experiments.compare --seeds 0 1 2 --methods hs_star uniform
     python -m hs_star_pl.experiments.compare --report-only        # tables from finished runs
     python -m hs_star_pl.experiments.compare --seeds 0 --self_training.problems_per_iteration=100
@@ -16,10 +17,20 @@ seed. All runs share the base config's ``model.model_path`` (M_0 is trained once
 run if missing). A run whose last evaluation is on disk is not run again, so a killed
 comparison resumes where it stopped (an unfinished run continues from ``--ckpt_path last``).
 
-Written to ``<out>``: ``comparison.md`` (test accuracy per iteration, mean and standard
-deviation over seeds; DPO pairs per 1000 rollouts; the share of samples spent on each
-difficulty class), ``comparison.json`` (every number behind it, per run) and
-``comparison.png``.
+Studies (``--study``), each against HS-STaR (the base config, the boundary split) at equal
+budget:
+
+* ``main``: the paper's main table: uniform K per problem, accuracy-only and reward-only
+  difficulty, and proportional allocation;
+* ``pilot``: the paper's pilot study: re-sample and train on one difficulty split at a time
+  (inlier, outlier, and the unions of two; HS-STaR is the boundary split);
+* ``departures``: the demo's departures from the paper's recipe (``paper_pairs``,
+  ``paper_dpo``).
+
+Written to ``<out>/comparison_<study>`` (``comparison_custom`` with ``--methods``): ``.md`` (accuracy per iteration, mean and standard
+deviation over seeds; each method's final accuracy minus HS-STaR's on the same seeds with a
+95% paired t interval over seeds; DPO pairs per 1000 rollouts; the share of samples spent on
+each difficulty class), ``.json`` (every number behind it, per run) and ``.png``.
 """
 
 from __future__ import annotations
@@ -39,6 +50,12 @@ import yaml
 BASE_CONFIG = Path("configs/tiny/hs_star.yaml")
 METHODS_DIR = Path("configs/tiny/methods")
 CLASSES = ("inlier", "boundary", "outlier")
+BASELINE = "hs_star"
+STUDIES: dict[str, tuple[str, ...]] = {
+    "main": (BASELINE, "uniform", "accuracy_only", "reward_only", "proportional"),
+    "pilot": (BASELINE, "split_inlier", "split_outlier", "split_inlier_boundary", "split_boundary_outlier", "split_inlier_outlier"),
+    "departures": (BASELINE, "paper_pairs", "paper_dpo"),
+}
 
 
 @dataclass
@@ -154,6 +171,32 @@ def run_one(
     return result
 
 
+def paired_t_interval(differences: Sequence[float], level: float = 0.95) -> tuple[float, float, float] | None:
+    """``(mean, low, high)``: the paired t interval for the mean of per-seed differences.
+
+    ``None`` with fewer than two differences (no spread to estimate). With n seeds the
+    half-width is ``t_{(1+level)/2, n-1} * sd / sqrt(n)``.
+    """
+    n = len(differences)
+    if n < 2:
+        return None
+    try:
+        from scipy.stats import t as student_t
+    except ImportError as err:  # pragma: no cover - scipy is in the dev and experiments extras
+        raise ImportError("the comparison's confidence intervals need scipy: pip install 'hs-star-pl[experiments]'") from err
+    mean = statistics.fmean(differences)
+    half = float(student_t.ppf((1 + level) / 2, n - 1)) * statistics.stdev(differences) / n**0.5
+    return mean, mean - half, mean + half
+
+
+def _interval(differences: Sequence[float]) -> str:
+    ci = paired_t_interval(differences)
+    if ci is None:
+        return f"{differences[0]:+.3f} (1 seed)" if differences else ""
+    mean, low, high = ci
+    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
 def _mean_sd(values: Sequence[float]) -> str:
     if not values:
         return ""
@@ -162,11 +205,12 @@ def _mean_sd(values: Sequence[float]) -> str:
     return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def report(results: Sequence[RunResult], expected: int, baseline: str = "hs_star") -> str:
+def report(results: Sequence[RunResult], expected: int, baseline: str = BASELINE) -> str:
     """The markdown comparison (one row per method; mean ± sd over seeds).
 
     The last column is each method's final accuracy minus ``baseline``'s on the same seeds
-    (a seed fixes the problems drawn each iteration, so the difference is paired).
+    (a seed fixes the problems drawn each iteration, so the difference is paired): the mean
+    difference and its 95% paired t interval over seeds.
     """
     by_method: dict[str, list[RunResult]] = {}
     for r in results:
@@ -176,7 +220,7 @@ def report(results: Sequence[RunResult], expected: int, baseline: str = "hs_star
     }
     head = ["method", "seeds", *[f"M_{t}" for t in range(expected + 1)], "gain M_0→M_T", "pairs / 1000 rollouts"]
     head += [f"% samples {c}" for c in CLASSES]
-    head.append(f"M_T − {baseline}, same seeds")
+    head.append(f"M_T − {baseline}, same seeds: mean [95% paired t CI]")
     lines = ["| " + " | ".join(head) + " |", "| --- | ---: |" + " ---: |" * (len(head) - 2)]
     for method, runs in by_method.items():
         row = [method, ",".join(str(r.seed) for r in runs)]
@@ -193,7 +237,7 @@ def report(results: Sequence[RunResult], expected: int, baseline: str = "hs_star
             for r in runs
             if method != baseline and (method, r.seed) in final and (baseline, r.seed) in final
         ]
-        row.append(_mean_sd(paired) if paired else "")
+        row.append(_interval(paired))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -250,8 +294,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", type=Path, default=BASE_CONFIG, help="the base run config (default: %(default)s)")
     parser.add_argument("--methods-dir", type=Path, default=METHODS_DIR, help="overlay folder (default: %(default)s)")
-    parser.add_argument("--methods", nargs="+", default=None, help="names to run (default: hs_star and every overlay)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--study", choices=sorted(STUDIES), default="main",
+                        help="which methods to run: main (the paper's main table), pilot (the difficulty splits) "
+                             "or departures (the demo's departures from the paper); default: %(default)s")
+    parser.add_argument("--methods", nargs="+", default=None, help="names to run instead of a study's (hs_star is the base config)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", type=Path, default=Path("checkpoints/tiny/compare"))
     parser.add_argument("--report-only", action="store_true", help="only tabulate runs already on disk")
     args, fit_args = parser.parse_known_args(argv)
@@ -261,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if not args.base.exists():
         raise SystemExit(f"--base: {args.base} does not exist")
-    methods = method_paths(args.methods_dir, args.methods)
+    methods = method_paths(args.methods_dir, args.methods or list(STUDIES[args.study]))
     expected = n_iterations(args.base, fit_args)
     results: list[RunResult] = []
     for seed in args.seeds:  # seed-major: a partial comparison already covers every method
@@ -277,14 +324,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not results:
         raise SystemExit(f"no finished runs under {args.out}")
     args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"comparison_{'custom' if args.methods else args.study}"
     table = report(results, expected)
-    (args.out / "comparison.md").write_text(table)
-    (args.out / "comparison.json").write_text(
+    stem.with_suffix(".md").write_text(table)
+    stem.with_suffix(".json").write_text(
         json.dumps([{**r.__dict__, "pairs_per_1000": r.pairs_per_1000} for r in results], indent=2) + "\n"
     )
-    plotted = plot(results, expected, args.out / "comparison.png")
+    plotted = plot(results, expected, stem.with_suffix(".png"))
     print(table, flush=True)
-    print(f"[compare] wrote {args.out / 'comparison.md'}, comparison.json" + (", comparison.png" if plotted else ""), flush=True)
+    print(f"[compare] wrote {stem}.md, .json" + (", .png" if plotted else ""), flush=True)
 
 
 if __name__ == "__main__":

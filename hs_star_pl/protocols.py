@@ -90,12 +90,16 @@ class StepScoringRequest:
     """One response for the PRM: the question, its steps, and the answer check's verdict.
 
     ``correct`` is there for outcome-only scorers (the accuracy-only ablation); learned PRMs
-    ignore it.
+    ignore it. ``response`` is the raw text the steps were split from, for a PRM that must
+    see what splitting drops (blank blocks, whitespace around steps) to build its input the
+    way its reference implementation does (``SkyworkPRM`` in ``input_mode="reference"``);
+    ``None`` when the caller only has the steps.
     """
 
     question: str
     steps: tuple[str, ...]
     correct: bool | None = None
+    response: str | None = None
 
 
 @runtime_checkable

@@ -17,6 +17,13 @@ from hs_star_pl.prm.hf import build_tiny_prm_dir, fit_to_length
 from hs_star_pl.protocols import ProcessRewardModel, StepScoringRequest
 from hs_star_pl.steps import split_steps
 
+# These requests hold steps only (no raw response), which SkyworkPRM's reference mode scores
+# step by step and says so once per instance; that warning is tested where it is the subject
+# (tests/test_prm_reference_inputs.py), not repeated here.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:SkyworkPRM\\(input_mode='reference'\\) got a StepScoringRequest without:UserWarning"
+)
+
 Q = "Start with 12. Add 7. Multiply by 3. Subtract 5. What is the result?"
 GOOD = "Step 1: 12 + 7 = 19\n\nStep 2: 19 * 3 = 57\n\nStep 3: 57 - 5 = 52\n\nThe answer is \\boxed{52}."
 
@@ -139,8 +146,9 @@ def test_separators_sit_at_the_end_of_each_step(kind, tiny_dirs):
     assert len(positions) == 2
     assert [ids[p] for p in positions] == [prm.separator_id] * 2
     # Qwen: "<extra_0>" written in a step is plain text, never the separator token.
-    # Skywork's separator is "\n", which steps may contain; scores are read only at the
-    # positions we placed, so an inner newline is not scored (documented).
+    # Skywork's separator token ("\n", the last token of "\n\n" in this byte-level vocabulary)
+    # may occur in steps; scores are read only at the positions we placed, so an inner
+    # newline is not scored (documented).
     response_ids = ids[len(prefix):]
     assert response_ids.count(prm.separator_id) == (2 if kind == "qwen" else 3)
     assert prm.tokenizer.decode(ids[len(prefix): positions[0]]) == "a <extra_0> b\n c"
@@ -314,9 +322,11 @@ def _reference_body(path):
 
 @pytest.mark.parametrize("bos", [None, "<|endoftext|>"])
 def test_skywork_scores_are_the_sigmoid_of_the_value_head_at_each_separator(bos, tiny_dirs):
-    """Skywork's documented input, built as one string: ``bos + question + "\\n"``, then each
-    step followed by ``"\\n"``; the score of a step is ``sigmoid(v_head(h))`` at its ``"\\n"``."""
-    prm = make("skywork", tiny_dirs)
+    """Skywork's documented input in ``input_mode: steps``, built as one string: ``bos +
+    question + "\\n"``, then each step followed by ``"\\n"``; the score of a step is
+    ``sigmoid(v_head(h))`` at its ``"\\n"``. (The reference mode, on the HS-STaR reference's
+    ``"\\n\\n"`` pieces: ``tests/test_prm_reference_inputs.py``.)"""
+    prm = make("skywork", tiny_dirs, input_mode="steps", step_separator="\n")
     prm.tokenizer.bos_token = bos
     question, steps = "What is 2+2?", ("Step 1: 2 + 2 = 4", "so it is 4", "\\boxed{4}")
     body, state = _reference_body(tiny_dirs["skywork"])

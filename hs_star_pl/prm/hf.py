@@ -6,9 +6,21 @@ weights as ``model.safetensors``, sharded ``*.safetensors`` with an index, or
 
 * :class:`SkyworkPRM` (Skywork-o1-Open-PRM-Qwen-2.5-1.5B/7B): ``model.*`` (a ``Qwen2Model``)
   plus ``v_head.summary.{weight,bias}`` (a ``Linear(hidden, 1)``). Keys under
-  ``pretrained_model.`` are accepted as well; ``lm_head.*`` is ignored. The input is
-  ``bos + question + "\\n"`` followed by each step's tokens and the step separator token
-  (default ``"\\n"``); a step's score is ``sigmoid(value)`` at its separator token.
+  ``pretrained_model.`` are accepted as well; ``lm_head.*`` is ignored. A score is
+  ``sigmoid(value)`` at a separator token. Two input modes:
+
+  - ``"reference"`` (default): the HS-STaR reference's Skywork scoring, on which the paper's
+    thresholds were fitted. ``encode(bos + question + "\\n")``, then the *raw* response split
+    on ``step_separator`` (``"\\n\\n"``, not stripped): each piece, empty ones included, is
+    encoded on its own and followed by the last token of ``encode(step_separator)``, and
+    every piece gets a score. Pieces that splitting into steps drops (blank ones) hand their
+    score to the step before them (the first step for leading ones) as a minimum, so a
+    step's score is the lowest score seen up to the next step and the minimum over steps is
+    the reference's minimum over pieces. Needs ``StepScoringRequest.response``; without it
+    each given step is one piece.
+  - ``"steps"``: each step the caller gives (stripped, blank blocks dropped) encoded without
+    special tokens and followed by the separator's last token (Skywork's own examples use
+    ``"\\n"``).
 * :class:`QwenMathPRM` (Qwen2.5-Math-PRM-7B/72B): ``model.*`` plus ``score.0`` (a
   ``Linear(hidden, hidden)``), ReLU, ``score.2`` (a ``Linear(hidden, 2)``). The input is the
   chat template (system prompt, question, assistant turn) followed by each step's tokens and
@@ -18,7 +30,9 @@ weights as ``model.safetensors``, sharded ``*.safetensors`` with an index, or
 Both models are causal, so the tokens after the last separator (the real pipelines append
 ``<|im_end|>``) cannot change any step score and are not fed. Step text is tokenized with
 ``split_special_tokens=True``: a response that *writes* ``<extra_0>`` cannot forge a
-separator.
+separator. (Skywork's reference mode reads text with ``encode``'s defaults, as the reference
+does; scores are read at the positions we place, never found by token id, so a written
+special token still cannot add or move a score.)
 
 **Truncation** (one score per step, always): when the prompt plus all steps exceed
 ``max_length`` tokens, the question is kept whole if the first step fits after it, else it
@@ -34,10 +48,10 @@ numbers a real checkpoint produces were not compared with its reference implemen
 
 from __future__ import annotations
 
-import os
-
 import json
 import math
+import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,6 +62,7 @@ from transformers import AutoConfig, AutoTokenizer, Qwen2Model
 from hs_star_pl.protocols import StepScoringRequest
 
 _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SKYWORK_INPUT_MODES = ("reference", "steps")
 QWEN_PRM_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -288,21 +303,40 @@ class SkyworkPRM:
         device: ``"auto"`` (this process's GPU, ``cuda:LOCAL_RANK``, when CUDA is available, else
             CPU), ``"cpu"`` or ``"cuda[:N]"``.
         dtype: ``"auto"`` (bf16 on CUDA, fp32 on CPU), ``"float32"``, ``"bfloat16"``, ``"float16"``.
-        step_separator: text whose last token ends every step; Skywork trained with ``"\\n"``.
+        step_separator: text whose last token ends every scored piece. In ``"reference"`` mode
+            the response is also split on it, so it must equal ``self_training.step_delimiter``;
+            the HS-STaR reference uses ``"\\n\\n"`` (Skywork's own examples ``"\\n"``).
+        input_mode: ``"reference"``: the HS-STaR reference's input, token for token (the raw
+            response split on ``step_separator``, every piece scored, empty ones included);
+            ``"steps"``: the stripped, non-blank steps the caller gives, each followed by the
+            separator token. See ``hs_star_pl.prm.hf``.
         progress: show a progress bar when a call has 8 batches or more.
     """
 
     def __init__(self, model_path: str, max_length: int = 4096, batch_size: int = 8,
-                 device: str = "auto", dtype: str = "auto", step_separator: str = "\n",
-                 progress: bool = True) -> None:
+                 device: str = "auto", dtype: str = "auto", step_separator: str = "\n\n",
+                 input_mode: str = "reference", progress: bool = True) -> None:
         _check_common(model_path, max_length, batch_size, device, dtype)
         if not step_separator:
             raise ValueError("prm.init_args.step_separator must be a non-empty string")
+        if input_mode not in SKYWORK_INPUT_MODES:
+            raise ValueError(f"prm.init_args.input_mode must be one of {list(SKYWORK_INPUT_MODES)}, got {input_mode!r}")
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        sep = self.tokenizer(step_separator, add_special_tokens=False)["input_ids"]
+        self.step_separator, self.input_mode = step_separator, input_mode
+        if input_mode == "reference":
+            if self.tokenizer.bos_token is None:
+                raise ValueError(
+                    f"prm.init_args.input_mode='reference' starts the input with the tokenizer's "
+                    f"bos_token, as the reference does, but the tokenizer in {model_path!r} has none; "
+                    f"use input_mode: steps for such a model"
+                )
+            sep = self.tokenizer.encode(step_separator)  # the reference's own call
+        else:
+            sep = self.tokenizer(step_separator, add_special_tokens=False)["input_ids"]
         if not sep:
             raise ValueError(f"prm.init_args.step_separator={step_separator!r} encodes to no token")
         self.separator_id = sep[-1]
+        self._warned_no_response = False
         dev = resolve_device(device)
         self.model = load_prm_model(Qwen2ValueHeadModel, model_path, dev, resolve_dtype(dtype, dev))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.separator_id
@@ -313,18 +347,74 @@ class SkyworkPRM:
         """Responses so far whose last steps did not fit in ``max_length``."""
         return self._scorer.n_truncated
 
+    def pieces(self, request: StepScoringRequest) -> tuple[list[str], list[int]]:
+        """The texts scored for ``request`` and, for each, the index of the step it scores.
+
+        In ``"steps"`` mode, or without ``request.response``, the pieces are the steps. In
+        ``"reference"`` mode they are ``request.response.split(step_separator)`` unstripped; a
+        blank piece belongs to the step before it (the first step when none is before it).
+        A response with no steps has no pieces.
+
+        Raises:
+            ValueError: when the response's non-blank pieces are not ``request.steps``, i.e. the
+                round split it on another delimiter than ``step_separator``.
+        """
+        steps = list(request.steps)
+        if self.input_mode == "steps" or request.response is None:
+            if self.input_mode == "reference" and not self._warned_no_response:
+                self._warned_no_response = True
+                warnings.warn(
+                    "SkyworkPRM(input_mode='reference') got a StepScoringRequest without its response: "
+                    "each step is scored as one piece, as if the response were "
+                    f"{self.step_separator!r}.join(steps); blank blocks and whitespace around steps, "
+                    "which the reference scores, are lost (pass response= to score its exact input)",
+                    stacklevel=3,
+                )
+            return steps, list(range(len(steps)))
+        pieces = request.response.split(self.step_separator)
+        owners: list[int] = []
+        blocks: list[str] = []
+        for piece in pieces:
+            if piece.strip():
+                blocks.append(piece.strip())
+            owners.append(max(len(blocks) - 1, 0))
+        if blocks != steps:
+            raise ValueError(
+                f"SkyworkPRM(input_mode='reference') splits each response on prm.init_args.step_separator="
+                f"{self.step_separator!r}; for the response to {request.question[:60]!r} that gives "
+                f"{len(blocks)} non-blank blocks, not the {len(steps)} steps it was given: set "
+                f"self_training.step_delimiter to the same string"
+            )
+        return (pieces, owners) if steps else ([], [])
+
     def encode(self, request: StepScoringRequest) -> tuple[list[int], list[list[int]]]:
-        """The prompt tokens and, per step, its tokens followed by the separator token."""
+        """The prompt tokens and, per piece (see :meth:`pieces`), its tokens and the separator token."""
+        return self._encode_pieces(request.question, self.pieces(request)[0])
+
+    def _encode_pieces(self, question: str, pieces: list[str]) -> tuple[list[int], list[list[int]]]:
         bos = self.tokenizer.bos_token or ""
-        prefix = _encode(self.tokenizer, request.question + "\n")
+        if self.input_mode == "reference":
+            # as the reference: one encode() call with its defaults per text, nothing for "",
+            # so special-token text in a response is read as the reference reads it
+            prefix = self.tokenizer.encode(bos + question + "\n")
+            return prefix, [(self.tokenizer.encode(p) if p else []) + [self.separator_id] for p in pieces]
+        prefix = _encode(self.tokenizer, question + "\n")
         if bos:
             prefix = self.tokenizer(bos, add_special_tokens=False)["input_ids"] + prefix
-        return prefix, [_encode(self.tokenizer, s) + [self.separator_id] for s in request.steps]
+        return prefix, [_encode(self.tokenizer, s) + [self.separator_id] for s in pieces]
 
     def score(self, requests: Sequence[StepScoringRequest]) -> list[list[float]]:
-        """One score in [0, 1] per step; a request with no steps gets ``[]``."""
-        encoded = [self.encode(r) for r in requests]
-        return self._scorer.run([e[0] for e in encoded], [e[1] for e in encoded])
+        """One score in [0, 1] per step (the minimum over its pieces); no steps gives ``[]``."""
+        layouts = list(map(self.pieces, requests))
+        encoded = [self._encode_pieces(r.question, pieces) for r, (pieces, _) in zip(requests, layouts)]
+        piece_scores = self._scorer.run([e[0] for e in encoded], [e[1] for e in encoded])
+        out = []
+        for request, scores, (_, owner) in zip(requests, piece_scores, layouts):
+            steps: list[float | None] = [None] * len(request.steps)
+            for value, k in zip(scores, owner):
+                steps[k] = value if steps[k] is None else min(steps[k], value)
+            out.append(steps)
+        return out
 
 
 class QwenMathPRM:
@@ -389,17 +479,22 @@ class QwenMathPRM:
         return self._scorer.run([e[0] for e in encoded], [e[1] for e in encoded])
 
 
-def build_tiny_prm_dir(path: str | Path, kind: str, *, seed: int = 0, **config_kwargs: int) -> Path:
+def build_tiny_prm_dir(path: str | Path, kind: str, *, seed: int = 0, tokenizer=None, **config_kwargs: int) -> Path:
     """Save a tiny random PRM in the ``kind`` layout (``"skywork"`` or ``"qwen"``) with a tokenizer.
 
-    For tests and benchmarks: a byte-level Qwen2 tokenizer (plus ``<extra_0>`` for ``"qwen"``)
-    and a randomly initialised model, written exactly as the loaders above expect.
+    For tests and benchmarks: a byte-level Qwen2 tokenizer (plus ``<extra_0>`` for ``"qwen"``;
+    ``<|endoftext|>`` as BOS for ``"skywork"``, whose reference input starts with one) unless
+    ``tokenizer`` is given, and a randomly initialised model sized to it, written exactly as
+    the loaders above expect.
     """
-    from hs_star_pl.tiny import build_byte_tokenizer, tiny_qwen2_config
+    from hs_star_pl.tiny import EOS, build_byte_tokenizer, tiny_qwen2_config
 
     if kind not in ("skywork", "qwen"):
         raise ValueError(f"kind must be 'skywork' or 'qwen', got {kind!r}")
-    tokenizer = build_byte_tokenizer(["<extra_0>"] if kind == "qwen" else [])
+    if tokenizer is None:
+        tokenizer = build_byte_tokenizer(["<extra_0>"] if kind == "qwen" else [])
+        if kind == "skywork":
+            tokenizer.bos_token = EOS
     config = tiny_qwen2_config(len(tokenizer), eos_token_id=tokenizer.eos_token_id, **config_kwargs)
     cls = Qwen2ValueHeadModel if kind == "skywork" else Qwen2TwoClassPRMModel
     with torch.random.fork_rng(devices=[]):

@@ -254,6 +254,7 @@ def score_rollouts(
             question=problems[r.problem_id].question,
             steps=tuple(split_steps(r.text, step_delimiter)),
             correct=v,
+            response=r.text,
         )
         for r, v in zip(rollouts, verdicts)
     ]

@@ -236,3 +236,24 @@ def resolve_each(sections: list[dict], folders: list[Path]):
         init = {**section.get("init_args", {}), "model_path": str(path), "device": "cpu", "progress": False}
         args += ["--prm", json.dumps({**section, "init_args": init})]
     return parser.instantiate(parser.parse_args(args)).prm
+
+
+def test_a_round_hands_the_prm_the_raw_response(prm, folder):
+    """Through ``rounds.score_rollouts`` (what every round calls), each response's process
+    reward is the reference's minimum over all its pieces, and no steps-only fallback warns."""
+    import warnings
+
+    from hs_star_pl.records import Phase, Problem, Rollout
+    from hs_star_pl.rounds import score_rollouts
+
+    class AllRight:
+        def verify(self, responses, golds):
+            return [True] * len(responses)
+
+    rollouts = [Rollout("q", i, Phase.PRESAMPLE, text) for i, text in enumerate(RESPONSES.values())]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scored = score_rollouts(rollouts, {"q": Problem("q", QUESTION, "57")}, AllRight(), prm)
+    for r in scored:
+        ids, positions = reference_input(prm.tokenizer, QUESTION, r.text)
+        assert r.prm_min == pytest.approx(min(reference_values(folder, ids)[positions].tolist()), abs=1e-5)

@@ -1,6 +1,6 @@
 """The ``harness`` answer extraction: the rules of the evaluation harness behind the paper's
 tables (``simplerl_math_eval/parser.py::extract_answer`` of the HS-STaR reference code), one
-real-shaped response per rule, graded by math-verify.
+real-shaped response per rule, graded by math-verify; and how configs select it.
 
 Run: ``PYTHONPATH=$PWD python -m pytest tests/test_harness_extraction.py -q``.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import yaml
 
 from hs_star_pl.verifiers import (
     ExactMatchVerifier,
@@ -17,6 +18,9 @@ from hs_star_pl.verifiers import (
     extract_answer,
     extract_answer_harness,
 )
+from tests.helpers.tiny_setup import REPO
+
+CONFIGS = REPO / "configs"
 
 # The two responses the harness grades right and the strict rule does not extract.
 UNBOXED = "Adding the two equations gives 2x = 10.\nDividing both sides by 2, so x = 5"
@@ -142,3 +146,57 @@ def test_exact_match_verifier_has_the_mode_too():
 def test_an_unknown_mode_names_the_key_and_the_modes(verifier_cls):
     with pytest.raises(ValueError, match=r"verifier\.extraction must be one of \['strict', 'harness'\], got 'paper'"):
         verifier_cls(extraction="paper")
+
+
+# ---------------------------------------------------------------- configs
+
+
+def extraction_settings() -> dict[str, object]:
+    """``file: key -> value`` of every ``extraction`` set in a shipped YAML."""
+    found: dict[str, object] = {}
+
+    def walk(node, path, file):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "extraction":
+                    found[f"{file}: {'.'.join(path)}"] = value
+                walk(value, [*path, str(key)], file)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, path, file)
+
+    for path in sorted(CONFIGS.rglob("*.yaml")):
+        walk(yaml.safe_load(path.read_text()), [], path.relative_to(CONFIGS).as_posix())
+    return found
+
+
+def test_only_the_paper_evaluation_config_selects_the_harness_rules():
+    """Training verifiers (``self_training.verifier``) keep the strict default everywhere."""
+    assert extraction_settings() == {"eval/paper.yaml: evaluation.verifier.init_args": "harness"}
+
+
+def evaluation_cli(tmp_path, monkeypatch, *extra: str):
+    from hs_star_pl.cli import HSStarCLI
+
+    monkeypatch.chdir(REPO)
+    return HSStarCLI(args=["-c", str(CONFIGS / "base.yaml"), "-c", str(CONFIGS / "debug" / "tiny_cpu.yaml"),
+                           "-c", str(CONFIGS / "eval" / "paper.yaml"), f"--trainer.default_root_dir={tmp_path}",
+                           f"--trainer.logger.init_args.save_dir={tmp_path}", *extra], run=False)
+
+
+def test_hs_star_test_with_the_paper_config_grades_with_harness_extraction(tmp_path, monkeypatch):
+    from hs_star_pl.eval_callback import EvaluationCallback
+
+    cli = evaluation_cli(tmp_path, monkeypatch)
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, EvaluationCallback)]
+    try:
+        assert isinstance(callback.verifier, MathVerifyVerifier)
+        assert callback.verifier.extraction == "harness"
+        assert callback.verifier.extract_answer(UNBOXED) == "5"
+    finally:
+        callback.verifier.close()
+
+
+def test_an_unknown_mode_in_yaml_names_the_full_key(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"evaluation\.verifier\.init_args\.extraction must be one of"):
+        evaluation_cli(tmp_path, monkeypatch, "--evaluation.verifier.init_args.extraction=paper")

@@ -100,6 +100,10 @@ def grade(batch: EvalBatch, outputs: Mapping[str, Sequence[Completion]], verifie
           pass_k: Sequence[int] = ()) -> list[dict[str, Any]]:
     """One row per problem: question, gold, responses, extracted answers, verdicts, tokens.
 
+    ``answers`` are what the verifier graded: its own ``extract_answer`` method when it has
+    one (both built-in verifiers do, by their ``extraction`` mode), else the strict
+    :func:`~hs_star_pl.verifiers.extract_answer`.
+
     Raises:
         RuntimeError: the engine returned a different number of completions than asked for.
     """
@@ -111,6 +115,7 @@ def grade(batch: EvalBatch, outputs: Mapping[str, Sequence[Completion]], verifie
         texts += [utf8_safe(c.text) for c in got]
         golds += [p.answer] * len(got)
     verdicts = verifier.verify(texts, golds)
+    extract = getattr(verifier, "extract_answer", extract_answer)
     rows = []
     for i, p in enumerate(batch.problems):
         got = outputs[p.id]
@@ -122,7 +127,7 @@ def grade(batch: EvalBatch, outputs: Mapping[str, Sequence[Completion]], verifie
                 "question": p.question,
                 "gold": p.answer,
                 "responses": [utf8_safe(c.text) for c in got],
-                "answers": [extract_answer(utf8_safe(c.text)) for c in got],
+                "answers": [extract(utf8_safe(c.text)) for c in got],
                 "correct": mine,
                 "n_tokens": [c.n_tokens for c in got],
                 "finish_reasons": [c.finish_reason for c in got],

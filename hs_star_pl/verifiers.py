@@ -2,10 +2,16 @@
 
 Scope:
 
-* **Extraction** (pure, stdlib): the last ``\\boxed{...}`` (nested braces, also ``\\fbox``),
-  else the text after the last "The answer is", else after the last "Answer:", else after
-  the last GSM8K-style "####". A response with none of these has no final answer and is
-  graded *wrong* (the policy failed to answer; that is the model's fault, not the grader's).
+* **Extraction** (pure, stdlib), in one of two modes chosen by a verifier's ``extraction``:
+
+  - ``strict`` (:func:`extract_answer`, the default, used in training): the last
+    ``\\boxed{...}`` (nested braces, also ``\\fbox``), else the text after the last "The
+    answer is", else after the last "Answer:", else after the last GSM8K-style "####". A
+    response with none of these has no final answer and is graded *wrong* (the policy
+    failed to answer; that is the model's fault, not the grader's).
+  - ``harness`` (:func:`extract_answer_harness`, for benchmark evaluation): the rules of the
+    Qwen2.5-Math evaluation harness the paper's tables come from, in its order, ending in
+    the last number of the response (see that function).
 * **Gold answers** in the common dataset forms: plain (``"42"``), LaTeX (``"\\frac{1}{2}"``),
   ``"$...$"``, ``"\\boxed{...}"``, GSM8K ``"... #### 1,234"``, numbers stored as floats
   (``27.0``/``"27.0"`` mean 27), and lists of acceptable answers (a Python list/tuple: any
@@ -146,6 +152,114 @@ def extract_answer(response: str) -> str | None:
     return None
 
 
+
+# The harness's rules, written from reading simplerl_math_eval/parser.py::extract_answer of
+# the HS-STaR reference code (the Qwen2.5-Math evaluation harness). Every literal below is
+# case-sensitive there and here.
+_HARNESS_STEP_TAG = "\u043a\u0438"  # "ки", Math-Shepherd's step tag: deleted before anything else
+_HARNESS_LAST_NUMBER = re.compile(r"-?\d*\.?\d+")  # str pattern: \d is any Unicode digit, as there
+_HARNESS_NEWLINES = re.compile(r"\n\s*")
+
+
+def _harness_box(tail: str) -> str:
+    """What follows the last "boxed": a braced group (to its match, or to the end when it
+    never closes), else the text up to the next ``$``."""
+    if not tail.startswith("{"):
+        return tail.split("$", 1)[0].strip()
+    depth = 1
+    for i in range(1, len(tail)):
+        ch = tail[i]
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return tail[1:i]
+    return tail[1:]
+
+
+def extract_answer_harness(response: str, *, use_last_number: bool = True) -> str | None:
+    """The final answer by the rules of the paper's evaluation harness, or ``None`` if empty.
+
+    The HS-STaR tables come from the Qwen2.5-Math harness (``extract_answer`` in the
+    reference code's ``simplerl_math_eval/parser.py``). Its rules, first that applies wins:
+
+    1. Minerva: the response contains both "final answer is $" and "$. I hope": the text
+       after the *first* "final answer is $" up to the next "$. I hope".
+    2. The substring "boxed" anywhere (``\\boxed``, but also a bare word "unboxed"; ``\\fbox``
+       is not special): what follows its *last* occurrence: a ``{...}`` group with nested
+       braces (an unclosed one runs to the end of the response), else the text up to the
+       next ``$``. The last box wins even when empty: ``\\boxed{}`` is no answer, however
+       many boxes came before it.
+    3. After the last "he answer is" (so "The answer is" and "the answer is"), the whole
+       rest of the response, not just its line.
+    4. After the last "final answer is", likewise.
+    5. After the first "答案是", up to the next "答案是" or the blank line after it.
+    6. The last match of ``-?\\d*\\.?\\d+`` once every comma is deleted from the response:
+       "1,234" reads 1234 (and "(3,4)" reads 34, as there); a sentence-final period is
+       not part of the number; ``\\d`` matches any Unicode digit. With
+       ``use_last_number=False`` (the harness's switch, on in its benchmark runs) this rule
+       gives no answer.
+
+    Then, as there: each newline and the whitespace after it are deleted, one leading
+    ``:``, one trailing ``.`` and then one trailing ``/`` are removed; and, as the first
+    two steps of its ``strip_string``, surrounding whitespace and trailing periods are
+    trimmed. An empty result is ``None`` (no answer: graded wrong, as the harness grades an
+    empty prediction). The harness also deletes "ки" (Math-Shepherd's step tag) before
+    anything else; so does this.
+
+    Not done here: the rest of ``strip_string``. The harness's answer goes through it and
+    then ``math_equal``; ours goes to the verifier as extracted. math-verify normalises
+    LaTeX itself (``\\dfrac``, ``\\left``, ``\\text{}`` units, ``^\\circ``, ``\\%``,
+    ``x =``), and ``strip_string`` also deletes unit words, single letters among them, on
+    both sides of the harness's comparison: on the answer alone it would make right answers
+    wrong (``a+1`` becomes ``+1``), on both it makes different ones equal (``a+1`` and
+    ``c+1``). See docs/evaluation.md. Nor is its multiple-choice branch (letter answers),
+    which none of the seven benchmarks use.
+
+    >>> extract_answer_harness("The final answer is $6$. I hope it is correct.")
+    '6'
+    >>> extract_answer_harness("Adding them, 2 + 3 = 5, so x = 5.")
+    '5'
+    """
+    if not isinstance(response, str):
+        raise TypeError(f"response must be a string, got {type(response).__name__}")
+    text = response.replace(_HARNESS_STEP_TAG, "")
+    if "final answer is $" in text and "$. I hope" in text:
+        answer = text.split("final answer is $", 1)[1].split("$. I hope", 1)[0].strip()
+    elif "boxed" in text:
+        tail = text.rsplit("boxed", 1)[1]
+        if not tail:
+            return None
+        answer = _harness_box(tail)
+    elif "he answer is" in text:
+        answer = text.rsplit("he answer is", 1)[1].strip()
+    elif "final answer is" in text:
+        answer = text.rsplit("final answer is", 1)[1].strip()
+    elif "答案是" in text:
+        answer = text.split("答案是", 2)[1].strip().split("\n\n", 1)[0].strip()
+    elif use_last_number:
+        numbers = _HARNESS_LAST_NUMBER.findall(text.replace(",", ""))
+        answer = numbers[-1] if numbers else ""
+    else:
+        answer = ""
+    answer = _HARNESS_NEWLINES.sub("", answer)
+    answer = answer.removeprefix(":").removesuffix(".").removesuffix("/")
+    answer = answer.strip().rstrip(".")
+    return answer or None
+
+
+EXTRACTIONS = {"strict": extract_answer, "harness": extract_answer_harness}
+"""Answer-extraction modes by name: a verifier's ``extraction`` setting."""
+
+
+def _extraction_error(mode: object) -> str | None:
+    """The message for a verifier's ``extraction`` that names no mode, else ``None``."""
+    if isinstance(mode, str) and mode in EXTRACTIONS:
+        return None
+    return (f"verifier.extraction must be one of {list(EXTRACTIONS)}, got {mode!r}: 'strict' for training-time "
+            "verification, 'harness' for the paper's benchmark evaluation (docs/evaluation.md)")
+
 _THOUSANDS = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$")
 _FLOAT_INTEGRAL = re.compile(r"^(-?\d+)\.0+$")
 
@@ -243,7 +357,20 @@ class ExactMatchVerifier:
     does not know that ``\\sqrt{2}/2`` equals ``\\frac{\\sqrt2}{2}``: use
     :class:`MathVerifyVerifier` for real math data. A gold that normalises to nothing is
     ungradeable (``None``, with a warning); a response without a final answer is wrong.
+
+    Args:
+        extraction: how the final answer is found: ``"strict"`` (:func:`extract_answer`)
+            or ``"harness"`` (:func:`extract_answer_harness`, the paper's evaluation rules).
     """
+
+    def __init__(self, extraction: str = "strict") -> None:
+        if error := _extraction_error(extraction):
+            raise ValueError(error)
+        self.extraction = extraction
+
+    def extract_answer(self, response: str) -> str | None:
+        """The final answer of ``response`` by this verifier's ``extraction`` mode."""
+        return EXTRACTIONS[self.extraction](response)
 
     def verify(self, responses: Sequence[str], golds: Sequence[str]) -> list[bool | None]:
         """``True``/``False`` per (response, gold); ``None`` when the gold is unusable."""
@@ -255,7 +382,7 @@ class ExactMatchVerifier:
                 _warn_bad_gold(gold)
                 results.append(None)
                 continue
-            answer = extract_answer(response)
+            answer = self.extract_answer(response)
             if answer is None:
                 results.append(False)
                 continue
@@ -366,6 +493,10 @@ class MathVerifyVerifier:
         float_rounding: decimal places math-verify rounds floats to before comparing.
         progress: show a progress bar when a call sends ``PROGRESS_MIN_CHECKS`` (1000)
             checks or more to the workers (cache hits are not counted).
+        extraction: how the final answer is found before math-verify compares it:
+            ``"strict"`` (:func:`extract_answer`; for training-time verification) or
+            ``"harness"`` (:func:`extract_answer_harness`: the rules of the harness the
+            paper's benchmark numbers come from, down to the last number of the response).
 
     Use as a context manager, or call :meth:`close`; workers are also stopped at exit.
     """
@@ -379,6 +510,7 @@ class MathVerifyVerifier:
         start_method: str = "spawn",
         float_rounding: int = 6,
         progress: bool = True,
+        extraction: str = "strict",
     ) -> None:
         errors = []
         if n_workers < 1:
@@ -393,12 +525,15 @@ class MathVerifyVerifier:
             errors.append(f"verifier.start_method must be one of {START_METHODS}, got {start_method!r}")
         if float_rounding < 0:
             errors.append(f"verifier.float_rounding must be >= 0, got {float_rounding}")
+        if error := _extraction_error(extraction):
+            errors.append(error)
         if errors:
             raise ValueError("; ".join(errors))
         self.timeout_s = float(timeout_s)
         self.cache_size = cache_size
         self.float_rounding = float_rounding
         self.progress = progress
+        self.extraction = extraction
         self._pool = KillablePool(
             _run_task, n_workers, float(timeout_s), memory_limit_mb, start_method,
             warm_imports=("math_verify",), import_hint=_MISSING_MATH_VERIFY, config_key="verifier",
@@ -457,7 +592,11 @@ class MathVerifyVerifier:
         lists of acceptable answers are accepted too (see :func:`normalize_gold`).
         """
         _check_lengths(responses, golds)
-        return self.verify_answers([extract_answer(r) for r in responses], golds)
+        return self.verify_answers([self.extract_answer(r) for r in responses], golds)
+
+    def extract_answer(self, response: str) -> str | None:
+        """The final answer of ``response`` by this verifier's ``extraction`` mode."""
+        return EXTRACTIONS[self.extraction](response)
 
     def verify_answers(
         self, answers: Sequence[str | None], golds: Sequence[str]

@@ -107,6 +107,23 @@ def test_ungradeable_counts_as_wrong_and_is_reported():
     assert (s["accuracy"], s["n_ungradeable"]) == (0.0, 2)
 
 
+def test_rows_record_the_answer_the_verifier_extracted_by_its_mode():
+    """Two unboxed responses to gold 7: "... so x = 7" and a Minerva-style final line. The
+    strict rule finds no answer in the first (wrong) and reads "7$. I hope it is correct" in
+    the second (wrong for exact match); the harness rules read 7 in both (right, 2 of 2).
+    The rows show what was graded, not the strict rule's reading."""
+    texts = ["Subtracting 3 from both sides, so x = 7",
+             "Final Answer: The final answer is $7$. I hope it is correct."]
+    batch = make_batch("b", [Problem("x", "Q", "7")], render_prompt=lambda p: p.question,
+                       params=SamplingParams(temperature=0.5), n_samples=2)
+    outputs = {"x": [Completion(t, "stop", 9) for t in texts]}
+    (strict,) = grade(batch, outputs, ExactMatchVerifier())
+    (harness,) = grade(batch, outputs, ExactMatchVerifier(extraction="harness"))
+    assert strict["answers"] == [None, "7$. I hope it is correct"] and strict["correct"] == [False, False]
+    assert harness["answers"] == ["7", "7"] and harness["correct"] == [True, True]
+    assert harness["accuracy"] == 1.0
+
+
 def test_an_engine_returning_too_few_samples_is_an_error():
     batch = make_batch("gsm8k", PROBLEMS[:1], render_prompt=lambda p: p.question, params=SamplingParams(), n_samples=2)
     with pytest.raises(RuntimeError, match="gsm8k/p1: the engine returned 1 responses, expected 2"):

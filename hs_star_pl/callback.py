@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,6 +45,7 @@ from hs_star_pl.artifacts import (
     RoundStore,
     completed_rounds,
     is_complete,
+    read_json,
     read_round,
     remove_stale_temporaries,
     round_dir,
@@ -56,7 +58,7 @@ from hs_star_pl.errors import ConfigError, EmptyRoundError
 from hs_star_pl.export import HFExportCallback
 from hs_star_pl.problems import FieldMap, ProblemPool, load_problems
 from hs_star_pl.protocols import AnswerVerifier, ProcessRewardModel, RolloutEngine, SamplingParams
-from hs_star_pl.records import PreferencePair
+from hs_star_pl.records import PreferencePair, Problem
 from hs_star_pl.rounds import RoundConfig, RoundResult, explain_no_examples, run_round
 from hs_star_pl.selection import SelectionConfig
 from hs_star_pl.steps import DEFAULT_STEP_DELIMITER
@@ -143,6 +145,8 @@ class SelfTrainingCallback(L.Callback):
             raise ValueError(f"self_training.problems_per_iteration must be >= 1, got {problems_per_iteration}")
         if on_empty_round not in ("skip", "error"):
             raise ValueError(f"self_training.on_empty_round must be 'skip' or 'error', got {on_empty_round!r}")
+        if not isinstance(step_delimiter, str) or not step_delimiter:
+            raise ValueError(f"self_training.step_delimiter must be a non-empty string, got {step_delimiter!r}")
         self.problems_file = problems_file
         self.problem_fields = problem_fields
         self.prm = prm
@@ -220,6 +224,8 @@ class SelfTrainingCallback(L.Callback):
 
             self.verifier = MathVerifyVerifier()
         self._trainer = trainer
+        warn_long_prompts(problems, pl_module, datamodule.template, self.round_config.sampling.max_new_tokens,
+                          self.problems_file)
         datamodule.set_example_source(self.examples_for_epoch)
         rank_zero_info(
             f"self-training: {len(problems)} problems, {self.n_iterations} iterations, "
@@ -459,8 +465,7 @@ class SelfTrainingCallback(L.Callback):
         if self.active and self.plots and trainer.is_global_zero:
             # From disk: a resumed process has served only the rounds since the resume.
             root = self.rounds_root(trainer)
-            summaries = [json.loads((round_dir(root, t) / "summary.json").read_text(encoding="utf-8"))
-                         for t in completed_rounds(root)]
+            summaries = [read_json(round_dir(root, t) / "summary.json") for t in completed_rounds(root)]
             _plot_history(root / "rounds", summaries)
 
     # -- checkpoint state (small, plain, versioned; the disk stays the truth) ----------------
@@ -524,6 +529,38 @@ class SelfTrainingCallback(L.Callback):
 _ROUND_STATE_KEYS = ("iteration", "directory", "n_problems", "samples_presample", "samples_resample", "samples_total",
                      "budget_total", "samples_per_class", "n_pairs", "n_sft_examples")
 _ROUND_CHECK_KEYS = tuple(k for k in _ROUND_STATE_KEYS if k not in ("iteration", "directory"))
+
+
+def warn_long_prompts(problems: Sequence[Problem], pl_module: Any, template: str, max_new_tokens: int,
+                      problems_file: str | None) -> int:
+    """Warn when prompts leave no room in the policy's context for ``max_new_tokens``; returns how many.
+
+    The context is the policy's ``max_position_embeddings``. Such a problem cannot be read
+    whole and answered, yet is sampled like any other; usually the wrong field was taken as
+    the question, or the model is not the intended one. Only prompts whose UTF-8 length
+    could exceed the room are tokenized (a token covers at least one byte).
+    """
+    tokenizer = getattr(pl_module, "tokenizer", None)
+    context = getattr(getattr(getattr(pl_module, "model", None), "config", None), "max_position_embeddings", None)
+    if tokenizer is None or not isinstance(context, int):
+        return 0
+    room = context - max_new_tokens
+    prompts = {p.id: render_prompt(template, p.question) for p in problems}
+    maybe = [pid for pid, text in prompts.items() if len(text.encode("utf-8")) + 8 > room]
+    if not maybe:
+        return 0
+    lengths = dict(zip(maybe, (len(ids) for ids in tokenizer([prompts[pid] for pid in maybe])["input_ids"])))
+    over = {pid: n for pid, n in lengths.items() if n > room}
+    if over:
+        worst = max(over, key=over.get)
+        rank_zero_warn(
+            f"{len(over)} of the {len(problems)} problems in self_training.problems_file={problems_file} have prompts "
+            f"longer than the policy's context ({context} tokens, max_position_embeddings) leaves for "
+            f"self_training.sampling.max_new_tokens ({max_new_tokens}); the longest, problem {worst!r}, is "
+            f"{over[worst]} tokens. They cannot be read whole and answered: check the question field "
+            f"(self_training.problem_fields.question_key) and the model"
+        )
+    return len(over)
 
 
 def _exporter(trainer: L.Trainer) -> HFExportCallback | None:

@@ -14,6 +14,8 @@ Layout of one iteration (``<run dir>/rounds/round_NNN/``)::
     pairs.jsonl | sft.jsonl   the training examples
     summary.json              the round's numbers (``RoundResult.summary()``)
     DONE                      written last: the round is complete
+    settings.json             written first by the callback: the settings that decide the
+                              round (``fingerprint``)
 
 Every file is written to a temporary name in the same folder, flushed and fsynced, then
 renamed over the final name, so a reader never sees half a file and a crash leaves either

@@ -118,6 +118,10 @@ class HSStarCLI(LightningCLI):
                 raise
             found = locate_config_error(config, COMPONENT_GROUPS) or ConfigError(str(err))
             raise ConfigError(name_link_sources(str(found))) from err
+        # The settings that decide a round are recorded from the whole config (fingerprint).
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, SelfTrainingCallback):
+                callback.run_config = config.as_dict()
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)

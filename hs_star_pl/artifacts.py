@@ -14,12 +14,17 @@ Layout of one iteration (``<run dir>/rounds/round_NNN/``)::
     pairs.jsonl | sft.jsonl   the training examples
     summary.json              the round's numbers (``RoundResult.summary()``)
     DONE                      written last: the round is complete
+    settings.json             written first by the callback: the settings that decide the
+                              round (``fingerprint``)
 
 Every file is written to a temporary name in the same folder, flushed and fsynced, then
 renamed over the final name, so a reader never sees half a file and a crash leaves either
 the old state or the new. A folder without ``DONE`` is an unfinished round: its phase files
 are reused on resume, everything else is rewritten (and the temporary files a SIGKILL left
-behind are removed, ``remove_stale_temporaries``).
+behind are removed, ``remove_stale_temporaries``). A write on a full disk or into an
+unwritable folder raises ``StorageError`` naming the file (``storage``); a file damaged
+outside hs-star (missing from a complete round, cut short) raises ``InputFileError`` naming
+it when read back.
 """
 
 from __future__ import annotations
@@ -35,8 +40,10 @@ from typing import Any
 from hs_star_pl import faults
 from hs_star_pl.budget import BudgetLedger
 from hs_star_pl.errors import InputFileError
+from hs_star_pl.jsonl import LineError, parse_json_line
 from hs_star_pl.records import PreferencePair, Problem, ProblemDifficulty, ScoredRollout, SftExample
 from hs_star_pl.rounds import RoundResult
+from hs_star_pl.storage import storage_error
 
 DONE = "DONE"
 _ROUND_NAME = re.compile(r"^round_(\d{3,})$")
@@ -60,18 +67,26 @@ def fsync_dir(directory: Path) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the whole new one."""
+    """Write ``text`` to ``path`` so that readers see the old file or the whole new one.
+
+    Raises:
+        StorageError: the disk is full or the folder is not writable (naming ``path``).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if (failed := storage_error(err, path)) is not None:  # a full disk, a read-only folder
+            raise failed from err
         raise
     fsync_dir(path.parent)
 
@@ -86,21 +101,33 @@ def write_json(path: str | Path, value: Any) -> None:
     atomic_write_text(path, json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
 
 
+_REDO = ("the file was changed outside hs-star: restore it, or delete it (and the round folder's DONE marker, "
+         "if there is one) to redo that part of the round")
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Read a JSONL file this module wrote; a bad line raises naming ``file:line``."""
     rows = []
-    with Path(path).open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
+    with Path(path).open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise InputFileError(
-                    f"{path}:{lineno}: invalid JSON in a round artifact ({err.msg}); the file was changed "
-                    f"outside hs-star: delete the round folder's DONE marker and the damaged file to redo it"
-                ) from None
+                row = parse_json_line(raw, lineno)
+            except LineError as err:
+                raise InputFileError(f"{path}:{lineno}: {err} in a round artifact; {_REDO}") from None
+            if row is not None:
+                rows.append(row)
     return rows
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file this module wrote; a damaged one raises naming the file."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise InputFileError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start}) in a round artifact; "
+                             f"{_REDO}") from None
+    except ValueError as err:
+        raise InputFileError(f"{path}: invalid JSON in a round artifact ({err}); {_REDO}") from None
 
 
 class RoundStore:
@@ -171,27 +198,49 @@ def read_examples(directory: str | Path) -> list[PreferencePair] | list[SftExamp
 
 
 def read_round(directory: str | Path) -> RoundResult:
-    """Rebuild a complete round's ``RoundResult`` from its folder (``seconds`` from the summary)."""
+    """Rebuild a complete round's ``RoundResult`` from its folder (``seconds`` from the summary).
+
+    Raises:
+        InputFileError: a file of the complete round is missing or damaged (naming it).
+    """
     directory = Path(directory)
     if not is_complete(directory):
         raise FileNotFoundError(f"{directory}: round is not complete (no {DONE} marker)")
-    summary = json.loads((directory / "summary.json").read_text(encoding="utf-8"))
-    rollouts = [ScoredRollout.from_dict(r) for r in read_jsonl(directory / "rollouts.jsonl")]
-    difficulties = [ProblemDifficulty.from_dict(r) for r in read_jsonl(directory / "difficulty.jsonl")]
-    from hs_star_pl.difficulty import DifficultyThresholds
+    needed = ["summary.json", "ledger.json", "problems.jsonl", "rollouts.jsonl", "difficulty.jsonl"]
+    if not (directory / "sft.jsonl").is_file():
+        needed.append("pairs.jsonl")
+    missing = [name for name in needed if not (directory / name).is_file()]
+    if missing:
+        raise InputFileError(
+            f"{directory}: the round is marked complete ({DONE}) but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing; restore the folder, or delete its {DONE} marker "
+            "to redo the round"
+        )
+    summary = read_json(directory / "summary.json")
+    try:
+        rollouts = [ScoredRollout.from_dict(r) for r in read_jsonl(directory / "rollouts.jsonl")]
+        difficulties = [ProblemDifficulty.from_dict(r) for r in read_jsonl(directory / "difficulty.jsonl")]
+        from hs_star_pl.difficulty import DifficultyThresholds
 
-    return RoundResult(
-        iteration=int(summary["iteration"]),
-        problems=[Problem.from_dict(r) for r in read_jsonl(directory / "problems.jsonl")],
-        dropped=list(summary.get("dropped_problem_ids", [])),
-        presamples=[r for r in rollouts if r.rollout.phase.value == "presample"],
-        resamples=[r for r in rollouts if r.rollout.phase.value == "resample"],
-        difficulties={d.problem_id: d for d in difficulties},
-        thresholds=DifficultyThresholds(summary["tau_low"], summary["tau_high"]),
-        ledger=BudgetLedger.from_dict(json.loads((directory / "ledger.json").read_text(encoding="utf-8"))),
-        examples=read_examples(directory),
-        seconds=dict(summary.get("seconds", {})),
-    )
+        return RoundResult(
+            iteration=int(summary["iteration"]),
+            problems=[Problem.from_dict(r) for r in read_jsonl(directory / "problems.jsonl")],
+            dropped=list(summary.get("dropped_problem_ids", [])),
+            presamples=[r for r in rollouts if r.rollout.phase.value == "presample"],
+            resamples=[r for r in rollouts if r.rollout.phase.value == "resample"],
+            difficulties={d.problem_id: d for d in difficulties},
+            thresholds=DifficultyThresholds(summary["tau_low"], summary["tau_high"]),
+            ledger=BudgetLedger.from_dict(read_json(directory / "ledger.json")),
+            examples=read_examples(directory),
+            seconds=dict(summary.get("seconds", {})),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        if isinstance(err, InputFileError):
+            raise
+        raise InputFileError(
+            f"{directory}: a file of this complete round does not hold what hs-star wrote "
+            f"({type(err).__name__}: {err}); restore the folder, or delete its {DONE} marker to redo the round"
+        ) from None
 
 
 def completed_rounds(run_dir: str | Path) -> list[int]:

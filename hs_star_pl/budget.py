@@ -41,6 +41,9 @@ from hs_star_pl.records import Difficulty, ProblemDifficulty
 
 NoBoundaryPolicy = Literal["skip", "uniform"]
 DEFAULT_SPLIT: tuple[str, ...] = (Difficulty.BOUNDARY.value,)
+# A sanity bound, far above any sampling budget in use (the paper's K is 8): a round keeps
+# every response in memory, and a typo such as 1e9 would otherwise fail only after pre-sampling.
+MAX_SAMPLES_PER_PROBLEM = 4096
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,12 @@ def _check_counts(samples_per_problem: int, n_presample: int, *, prefix: str = "
     if n_presample > samples_per_problem:
         raise ValueError(
             f"{prefix}.n_presample ({n_presample}) must be <= {prefix}.samples_per_problem ({samples_per_problem})"
+        )
+    if samples_per_problem > MAX_SAMPLES_PER_PROBLEM:
+        raise ValueError(
+            f"{prefix}.samples_per_problem ({samples_per_problem}) is over the limit of {MAX_SAMPLES_PER_PROBLEM}: a "
+            f"round holds every response (K x problems) in memory, so a K this large would run out of memory after "
+            f"pre-sampling (the paper uses K=8)"
         )
 
 

@@ -15,7 +15,9 @@ Disk is the source of truth (STYLE habit 8): each round lives in
 ``<default_root_dir>/rounds/round_NNN/`` (see ``artifacts``). A complete round (``DONE``)
 is read back, never regenerated; an incomplete one reuses its finished phase files. That
 makes ``--ckpt_path last`` resume after a kill at any point, and also covers strategies that
-restore callback state late (DeepSpeed restores it after ``on_fit_start``).
+restore callback state late (DeepSpeed restores it after ``on_fit_start``). Each round folder
+and the checkpoint record the settings that decide a round (``fingerprint``); ``setup`` (and
+``load_state_dict``) refuse a run folder whose rounds were made with other settings.
 
 Ranks: every rank samples and scores its share of the problems (``run_round``'s ``shard``),
 rollouts are all-gathered, rank 0's decisions are broadcast, reference log-probs are
@@ -32,6 +34,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,6 +47,7 @@ from hs_star_pl.artifacts import (
     RoundStore,
     completed_rounds,
     is_complete,
+    read_json,
     read_round,
     remove_stale_temporaries,
     round_dir,
@@ -54,9 +58,10 @@ from hs_star_pl.difficulty import DifficultyConfig
 from hs_star_pl.distributed import all_gather_objects
 from hs_star_pl.errors import ConfigError, EmptyRoundError
 from hs_star_pl.export import HFExportCallback
+from hs_star_pl.fingerprint import SettingsRecord, mismatch_message, read_record, recorded_rounds, settings_of, write_record
 from hs_star_pl.problems import FieldMap, ProblemPool, load_problems
 from hs_star_pl.protocols import AnswerVerifier, ProcessRewardModel, RolloutEngine, SamplingParams
-from hs_star_pl.records import PreferencePair
+from hs_star_pl.records import PreferencePair, Problem
 from hs_star_pl.rounds import RoundConfig, RoundResult, explain_no_examples, run_round
 from hs_star_pl.selection import SelectionConfig
 from hs_star_pl.steps import DEFAULT_STEP_DELIMITER
@@ -64,7 +69,7 @@ from hs_star_pl.templates import check_step_delimiter, render_prompt
 from hs_star_pl.zero import iter_full_state_dict
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 2  # 2: the last iteration and each round's ledger totals
+SCHEMA_VERSION = 3  # 2: the last iteration and each round's ledger totals; 3: the settings record
 
 
 class SelfTrainingCallback(L.Callback):
@@ -143,6 +148,8 @@ class SelfTrainingCallback(L.Callback):
             raise ValueError(f"self_training.problems_per_iteration must be >= 1, got {problems_per_iteration}")
         if on_empty_round not in ("skip", "error"):
             raise ValueError(f"self_training.on_empty_round must be 'skip' or 'error', got {on_empty_round!r}")
+        if not isinstance(step_delimiter, str) or not step_delimiter:
+            raise ValueError(f"self_training.step_delimiter must be a non-empty string, got {step_delimiter!r}")
         self.problems_file = problems_file
         self.problem_fields = problem_fields
         self.prm = prm
@@ -165,6 +172,10 @@ class SelfTrainingCallback(L.Callback):
         self._restored: dict[int, dict[str, Any]] = {}
         self._unlogged: dict[int, dict[str, float]] = {}
         self.history: list[dict[str, Any]] = []
+        # The whole parsed config (``HSStarCLI`` sets it), from which the settings that decide a
+        # round are recorded (``fingerprint``); without it, this callback's own settings are.
+        self.run_config: dict[str, Any] | None = None
+        self._settings: SettingsRecord | None = None
 
     @property
     def active(self) -> bool:
@@ -220,6 +231,14 @@ class SelfTrainingCallback(L.Callback):
 
             self.verifier = MathVerifyVerifier()
         self._trainer = trainer
+        config = self.run_config if self.run_config is not None else self._own_config(pl_module, datamodule)
+        self._settings = settings_of(config, problems, self.problems_file)
+        root = self.rounds_root(trainer)
+        message = mismatch_message(f"{root} holds rounds", recorded_rounds(root), self._settings, root)
+        if message is not None:
+            raise ConfigError(message)
+        warn_long_prompts(problems, pl_module, datamodule.template, self.round_config.sampling.max_new_tokens,
+                          self.problems_file)
         datamodule.set_example_source(self.examples_for_epoch)
         rank_zero_info(
             f"self-training: {len(problems)} problems, {self.n_iterations} iterations, "
@@ -240,6 +259,35 @@ class SelfTrainingCallback(L.Callback):
         except ValueError as err:
             raise ConfigError(f"self_training.problems_file={self.problems_file}: {err}") from None
         return pool
+
+    def _own_config(self, pl_module: L.LightningModule, datamodule: Any) -> dict[str, Any]:
+        """The settings of this callback, its module and data module as a nested config.
+
+        Used when the callback is built in Python rather than by ``HSStarCLI`` (which hands
+        over the whole parsed config): components are recorded by class, with their fields
+        when they are dataclasses.
+        """
+        def component(obj: Any) -> dict[str, Any] | None:
+            if obj is None:
+                return None
+            fields = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else {}
+            return {"class_path": f"{type(obj).__module__}.{type(obj).__qualname__}", "init_args": fields}
+
+        config = self.round_config
+        hparams = dict(getattr(pl_module, "hparams", {}) or {})
+        return {
+            "self_training": {
+                "prm": component(self.prm), "engine": component(self.engine), "verifier": component(self.verifier),
+                "budget": component(self.budget), "difficulty": dataclasses.asdict(config.difficulty),
+                "selection": dataclasses.asdict(config.selection), "sampling": dataclasses.asdict(config.sampling),
+                "step_delimiter": config.step_delimiter, "seed": self.seed,
+                "problems_per_iteration": self.problems_per_iteration, "on_exhausted": self.on_exhausted,
+                "epochs_per_iteration": self.epochs_per_iteration, "restart_lr_schedule": self.restart_lr_schedule,
+                "reset_optimizer_state": self.reset_optimizer_state,
+            },
+            "model": {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in hparams.items()},
+            "data": {k: getattr(datamodule, k, None) for k in ("template", "max_length", "batch_size")},
+        }
 
     @staticmethod
     def rounds_root(trainer: L.Trainer) -> Path:
@@ -288,6 +336,8 @@ class SelfTrainingCallback(L.Callback):
         datamodule = trainer.datamodule
         if trainer.is_global_zero:  # a killed writer's leftovers; before any rank writes here
             remove_stale_temporaries(directory)
+            if self._settings is not None and read_record(directory) is None:
+                write_record(directory, self._settings)  # before the round's first file
         trainer.strategy.barrier("hs_star_round_clean")
         store = RoundStore(directory)
         started = time.perf_counter()
@@ -459,8 +509,7 @@ class SelfTrainingCallback(L.Callback):
         if self.active and self.plots and trainer.is_global_zero:
             # From disk: a resumed process has served only the rounds since the resume.
             root = self.rounds_root(trainer)
-            summaries = [json.loads((round_dir(root, t) / "summary.json").read_text(encoding="utf-8"))
-                         for t in completed_rounds(root)]
+            summaries = [read_json(round_dir(root, t) / "summary.json") for t in completed_rounds(root)]
             _plot_history(root / "rounds", summaries)
 
     # -- checkpoint state (small, plain, versioned; the disk stays the truth) ----------------
@@ -476,13 +525,16 @@ class SelfTrainingCallback(L.Callback):
         # Rounds served before a resume are known from the checkpoint that was resumed.
         by_iteration = {**self._restored, **{h["iteration"]: h for h in self.history}}
         rounds = [by_iteration[t] for t in sorted(by_iteration)]
-        return {
+        state = {
             "schema_version": SCHEMA_VERSION,
             "seed": self.seed,
             "problems_file": self.problems_file,
             "iteration": rounds[-1]["iteration"] if rounds else None,
             "rounds": [{k: h[k] for k in _ROUND_STATE_KEYS if k in h} for h in rounds],
         }
+        if self._settings is not None:
+            state["settings"] = self._settings.to_dict()
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -493,18 +545,25 @@ class SelfTrainingCallback(L.Callback):
                 f"{SCHEMA_VERSION}: resume it with the hs-star version that wrote it"
             )
         self._restored = {int(r["iteration"]): r for r in state_dict.get("rounds", [])}
-        saved_seed = state_dict.get("seed", self.seed)
-        if saved_seed != self.seed:
-            rank_zero_warn(
-                f"self_training.seed is {self.seed} but the checkpoint was made with {saved_seed}: "
-                "rounds already on disk keep their old draws, new rounds use the new seed"
-            )
-        saved_pool = state_dict.get("problems_file", self.problems_file)
-        if saved_pool != self.problems_file:
-            rank_zero_warn(
-                f"self_training.problems_file is {self.problems_file} but the checkpoint was made with {saved_pool}: "
-                "rounds already on disk keep their problems, new rounds draw from the new pool"
-            )
+        if self._settings is None:  # inactive, or not fitting: nothing of this run to compare
+            return
+        saved = state_dict.get("settings")
+        if saved is not None:
+            record = SettingsRecord.from_dict(saved)
+        else:  # a checkpoint from before settings were recorded: its seed is all there is to compare
+            record = SettingsRecord({"self_training.seed": state_dict["seed"]} if "seed" in state_dict else {}, version=0)
+            saved_pool = state_dict.get("problems_file", self.problems_file)
+            if saved_pool != self.problems_file:
+                rank_zero_warn(
+                    f"self_training.problems_file is {self.problems_file} but the checkpoint was made with "
+                    f"{saved_pool}: rounds already on disk keep their problems, new rounds draw from the new pool"
+                )
+        trainer = self._trainer
+        root = self.rounds_root(trainer) if trainer is not None else Path(".")
+        checkpoint = getattr(trainer, "ckpt_path", None) or "resumed"
+        message = mismatch_message(f"the checkpoint {checkpoint} was", [("the checkpoint", record)], self._settings, root)
+        if message is not None:
+            raise ConfigError(message)
 
     def _check_against_checkpoint(self, entry: dict[str, Any]) -> None:
         """Warn when a round on disk is not the one the checkpoint recorded (the disk wins)."""
@@ -524,6 +583,38 @@ class SelfTrainingCallback(L.Callback):
 _ROUND_STATE_KEYS = ("iteration", "directory", "n_problems", "samples_presample", "samples_resample", "samples_total",
                      "budget_total", "samples_per_class", "n_pairs", "n_sft_examples")
 _ROUND_CHECK_KEYS = tuple(k for k in _ROUND_STATE_KEYS if k not in ("iteration", "directory"))
+
+
+def warn_long_prompts(problems: Sequence[Problem], pl_module: Any, template: str, max_new_tokens: int,
+                      problems_file: str | None) -> int:
+    """Warn when prompts leave no room in the policy's context for ``max_new_tokens``; returns how many.
+
+    The context is the policy's ``max_position_embeddings``. Such a problem cannot be read
+    whole and answered, yet is sampled like any other; usually the wrong field was taken as
+    the question, or the model is not the intended one. Only prompts whose UTF-8 length
+    could exceed the room are tokenized (a token covers at least one byte).
+    """
+    tokenizer = getattr(pl_module, "tokenizer", None)
+    context = getattr(getattr(getattr(pl_module, "model", None), "config", None), "max_position_embeddings", None)
+    if tokenizer is None or not isinstance(context, int):
+        return 0
+    room = context - max_new_tokens
+    prompts = {p.id: render_prompt(template, p.question) for p in problems}
+    maybe = [pid for pid, text in prompts.items() if len(text.encode("utf-8")) + 8 > room]
+    if not maybe:
+        return 0
+    lengths = dict(zip(maybe, (len(ids) for ids in tokenizer([prompts[pid] for pid in maybe])["input_ids"])))
+    over = {pid: n for pid, n in lengths.items() if n > room}
+    if over:
+        worst = max(over, key=over.get)
+        rank_zero_warn(
+            f"{len(over)} of the {len(problems)} problems in self_training.problems_file={problems_file} have prompts "
+            f"longer than the policy's context ({context} tokens, max_position_embeddings) leaves for "
+            f"self_training.sampling.max_new_tokens ({max_new_tokens}); the longest, problem {worst!r}, is "
+            f"{over[worst]} tokens. They cannot be read whole and answered: check the question field "
+            f"(self_training.problem_fields.question_key) and the model"
+        )
+    return len(over)
 
 
 def _exporter(trainer: L.Trainer) -> HFExportCallback | None:

@@ -9,6 +9,10 @@ then renamed over it (atomic on POSIX), and the folder is fsynced: a kill at any
 leaves the previous checkpoint or the new one. Temporary files a kill left behind are
 removed by the next save. Remote paths (``s3://`` ...) keep Lightning's own transaction.
 
+A save on a full disk raises ``StorageError`` naming the checkpoint (``storage``); loading a
+damaged one (cut short, overwritten) raises ``InputFileError`` naming it, not torch's
+"failed finding central directory".
+
 ``HSStarCLI`` installs it on every strategy that uses the plain ``TorchCheckpointIO``
 (single device, DDP); DeepSpeed writes its own checkpoint folders.
 """
@@ -16,7 +20,9 @@ removed by the next save. Remote paths (``s3://`` ...) keep Lightning's own tran
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +31,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from hs_star_pl import faults
 from hs_star_pl.artifacts import fsync_dir
+from hs_star_pl.errors import InputFileError
+from hs_star_pl.storage import storage_error
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -36,18 +44,37 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options")
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):
-            stale.unlink(missing_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            for stale in path.parent.glob(f".{path.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            # A Python file object, not the path: torch's writer then fails through Python's
+            # write, so a full disk is an OSError in the error's context (storage_error).
             with os.fdopen(fd, "wb") as fh:
                 torch.save(checkpoint, fh)
                 fh.flush()
                 os.fsync(fh.fileno())
             with faults.persisting("checkpoint", epoch=checkpoint.get("epoch"), name=path.name):
                 os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+        except BaseException as err:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            if (failed := storage_error(err, path)) is not None:
+                raise failed from err
             raise
         fsync_dir(path.parent)
+
+    def load_checkpoint(self, path: str | os.PathLike, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Lightning's load, with a damaged file (cut short, overwritten) reported as one message naming it."""
+        try:
+            return super().load_checkpoint(path, *args, **kwargs)
+        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+            if "://" in str(path):
+                raise
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise InputFileError(
+                f"{path}: cannot be read as a checkpoint, it is damaged or cut short ({reason[:200]}). Resume from "
+                f"another checkpoint (--ckpt_path <file>), or move it away and run without --ckpt_path to start over"
+            ) from err

@@ -16,7 +16,9 @@ stopped on purpose) are printed as ``hs-star: error: <message>`` naming the full
 ``file:line``, without a traceback (exit status 2, or 1 for a stopped run); set
 ``HS_STAR_DEBUG=1`` to see the traceback anyway. A value rejected while the configured classes
 are built is reported under its full key (``self_training.budget.init_args.n_presample``),
-not jsonargparse's union-type dump.
+not jsonargparse's union-type dump. Before anything is built, every float key refuses NaN and
+inf (``config_checks``); before anything is written, an unwritable run folder is refused; a
+full disk or an unwritable folder met later is one message naming where (``storage``).
 """
 
 from __future__ import annotations
@@ -41,11 +43,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from hs_star_pl.callback import SelfTrainingCallback
 from hs_star_pl.checkpoint_io import AtomicCheckpointIO
+from hs_star_pl.config_checks import LINKS, check_config, name_link_sources
 from hs_star_pl.data import MathDataModule
 from hs_star_pl.errors import ConfigError, HSStarError
 from hs_star_pl.eval_callback import EvaluationCallback
 from hs_star_pl.export import HFExportCallback
 from hs_star_pl.module import HSStarModule
+from hs_star_pl.storage import check_writable, storage_error
 
 # The CLI groups whose components (class_path objects, dataclass groups) are re-built one by
 # one to find the key of a value rejected during instantiation.
@@ -65,15 +69,25 @@ class HSStarCLI(LightningCLI):
         # The optimizer and scheduler are HSStarModule arguments (model.optimizer,
         # model.lr_scheduler), so the top-level groups LightningCLI would add are left out.
         kwargs.setdefault("auto_configure_optimizers", False)
-        super().__init__(HSStarModule, MathDataModule, *args, **kwargs)
+        try:
+            super().__init__(HSStarModule, MathDataModule, *args, **kwargs)
+        except Exception as err:
+            # A full disk or an unwritable folder in a write that is not hs-star's own
+            # (Lightning's logs, the saved config): one message naming the run folder.
+            trainer = getattr(self, "trainer", None)
+            failed = None if isinstance(err, HSStarError) else storage_error(
+                err, run_dir=getattr(trainer, "default_root_dir", None), writing=False)
+            if failed is None:
+                raise
+            raise failed from err
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(HFExportCallback, "export")
         # Always present, inactive until self_training.problems_file is set.
         parser.add_lightning_class_args(SelfTrainingCallback, "self_training")
         parser.add_lightning_class_args(EvaluationCallback, "evaluation")
-        parser.link_arguments("self_training.epochs_per_iteration", "export.epochs_per_iteration", apply_on="parse")
-        parser.link_arguments("self_training.epochs_per_iteration", "evaluation.epochs_per_iteration", apply_on="parse")
+        for target, source in LINKS.items():
+            parser.link_arguments(source, target, apply_on="parse")
         parser.add_argument(
             "--stepwise_init",
             type=list[str] | None,
@@ -95,16 +109,30 @@ class HSStarCLI(LightningCLI):
 
 
     def instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_config(config.as_dict())  # non-finite floats, a negative learning rate
         try:
             super().instantiate_classes()
         except (ValueError, TypeError) as err:
             if isinstance(err, HSStarError):
                 raise
-            config = self.config[self.subcommand] if self.subcommand else self.config
-            raise (locate_config_error(config, COMPONENT_GROUPS) or ConfigError(str(err))) from err
+            found = locate_config_error(config, COMPONENT_GROUPS) or ConfigError(str(err))
+            raise ConfigError(name_link_sources(str(found))) from err
+        # The settings that decide a round are recorded from the whole config (fingerprint).
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, SelfTrainingCallback):
+                callback.run_config = config.as_dict()
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
+        # Before Lightning writes anything (logs, the saved config): a folder that cannot be
+        # written is refused here, naming its key, not as a traceback from deep inside a logger.
+        if "://" not in str(trainer.default_root_dir):
+            check_writable(trainer.default_root_dir, "trainer.default_root_dir")
+        for logger in trainer.loggers:
+            save_dir = getattr(logger, "save_dir", None)
+            if isinstance(save_dir, (str, os.PathLike)) and "://" not in str(save_dir):
+                check_writable(save_dir, "trainer.logger.init_args.save_dir")
         # Checkpoints written next to their final name and renamed (docs/reliability.md);
         # DeepSpeed and other strategies with their own checkpoint IO keep it.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:

@@ -48,6 +48,7 @@ from hs_star_pl.collate import (
     encode_pair,
 )
 from hs_star_pl.errors import InputFileError
+from hs_star_pl.jsonl import LineError, parse_json_line, why_not_a_file
 from hs_star_pl.problems import MAX_LINE_BYTES, FieldMap, load_problems
 from hs_star_pl.records import PreferencePair, SftExample
 from hs_star_pl.templates import get_template, render_prompt
@@ -100,7 +101,7 @@ def load_examples(path: str | Path, template: str) -> list[PreferencePair] | lis
     """
     path = Path(path)
     if not path.is_file():
-        raise ExampleFileError(f"{path}: no such example file")
+        raise ExampleFileError(f"{path}: {why_not_a_file(path, 'example file')}")
     out: list[Any] = []
     kind = None
     with path.open("rb") as fh:
@@ -109,15 +110,11 @@ def load_examples(path: str | Path, template: str) -> list[PreferencePair] | lis
             if len(raw) > MAX_LINE_BYTES:
                 raise ExampleFileError(f"{where}: line is {len(raw)} bytes, over the {MAX_LINE_BYTES}-byte limit")
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise ExampleFileError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
-            if not line.strip():
+                row = parse_json_line(raw, lineno)
+            except LineError as err:
+                raise ExampleFileError(f"{where}: {err}") from None
+            if row is None:
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ExampleFileError(f"{where}: invalid JSON: {err.msg} (column {err.colno})") from None
             if not isinstance(row, dict):
                 raise ExampleFileError(f"{where}: expected a JSON object")
             row_kind = "pair" if "chosen" in row and "rejected" in row else "sft" if "response" in row else None
@@ -218,7 +215,10 @@ class MathDataModule(L.LightningDataModule):
         ref_batch_size: int = 16,
     ) -> None:
         super().__init__()
-        get_template(template)
+        try:
+            get_template(template)
+        except ValueError as err:
+            raise ValueError(f"data.template: {err}") from None
         if train_file is not None and problems_file is not None:
             raise ValueError("data.train_file and data.problems_file are exclusive; set one")
         if max_length < 2:

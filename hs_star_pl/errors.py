@@ -30,6 +30,16 @@ class InputFileError(HSStarError, ValueError):
     exit_code = 2
 
 
+class StorageError(HSStarError, OSError):
+    """A write failed because the disk is full or the folder is not writable; the message names where.
+
+    Built by ``hs_star_pl.storage.storage_error`` from the ``OSError`` (or the library error
+    that hides one) of the failed write.
+    """
+
+    exit_code = 2
+
+
 class EmptyRoundError(HSStarError, RuntimeError):
     """A round produced no training examples and ``self_training.on_empty_round`` is ``error``."""
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from hs_star_pl.zero import full_state_dict, is_zero3_partitioned
 from hs_star_pl import faults
+from hs_star_pl.storage import storage_error
+from hs_star_pl.zero import full_state_dict, is_zero3_partitioned
 
 
 def export_hf(module: L.LightningModule, directory: str | Path) -> Path:
@@ -36,10 +37,16 @@ def export_hf(module: L.LightningModule, directory: str | Path) -> Path:
     state_dict = full_state_dict(module.model) if is_zero3_partitioned(module.model) else None
     if trainer is None or trainer.is_global_zero:
         tmp = directory.with_name(directory.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        module.model.save_pretrained(tmp, state_dict=state_dict)
-        module.tokenizer.save_pretrained(tmp)
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            module.model.save_pretrained(tmp, state_dict=state_dict)
+            module.tokenizer.save_pretrained(tmp)
+        except Exception as err:  # safetensors reports a full disk as its own error type
+            shutil.rmtree(tmp, ignore_errors=True)
+            if (failed := storage_error(err, tmp)) is not None:
+                raise failed from err
+            raise
         with faults.persisting("export", name=directory.name):
             if directory.exists():
                 shutil.rmtree(directory)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -124,6 +125,9 @@ class HSStarModule(L.LightningModule):
             get_dpo_loss(loss_type)
         except ValueError as err:
             raise ValueError(f"model.loss_type: {err}") from None
+        for key, value in (("beta", beta), ("sft_weight", sft_weight)):
+            if not math.isfinite(value):  # NaN passes the range checks below
+                raise ValueError(f"model.{key} must be a finite number, got {value}")
         if beta <= 0:
             raise ValueError(f"model.beta must be > 0, got {beta}")
         if sft_weight < 0:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hs_star_pl.errors import InputFileError
+from hs_star_pl.jsonl import LineError, parse_json_line, why_not_a_file
 from hs_star_pl.records import GoldText, Problem
 from hs_star_pl.verifiers import last_boxed
 from hs_star_pl.verifiers import normalize_gold as gold_alternatives
@@ -151,9 +152,11 @@ def load_problems(
         max_line_bytes: longer lines are rejected rather than parsed.
 
     Raises:
-        ProblemFileError: missing or empty file, a line that is not UTF-8 or not a JSON
-            object, a missing/ill-typed question or answer, an over-long line, or a
-            duplicate id (naming both lines).
+        ProblemFileError: missing or empty file (or a directory, a broken or looping
+            link), a line that is not UTF-8 or not a JSON object (see ``jsonl``: a lone
+            surrogate or a 4,300-digit number is refused too; a byte-order mark is skipped),
+            a missing/ill-typed question or answer, an over-long line, or a duplicate id
+            (naming both lines).
     """
     fields = FieldMap(question_key, answer_key, id_key, solution_key, answer_from, default_id)
     if answer_from not in ("field", "boxed"):
@@ -162,7 +165,7 @@ def load_problems(
         raise ValueError(f"default_id must be 'content' or 'line', got {default_id!r}")
     path = Path(path)
     if not path.is_file():
-        raise ProblemFileError(path, None, "no such problem file")
+        raise ProblemFileError(path, None, why_not_a_file(path, "problem file"))
     problems: list[Problem] = []
     seen: dict[str, int] = {}
     with path.open("rb") as fh:
@@ -172,15 +175,11 @@ def load_problems(
                     path, lineno, f"line is {len(raw)} bytes, over the {max_line_bytes}-byte limit"
                 )
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise ProblemFileError(path, lineno, f"not valid UTF-8 ({err.reason} at byte {err.start})") from None
-            if not line.strip():
+                row = parse_json_line(raw, lineno)
+            except LineError as err:
+                raise ProblemFileError(path, lineno, str(err)) from None
+            if row is None:
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ProblemFileError(path, lineno, f"invalid JSON: {err.msg} (column {err.colno})") from None
             if not isinstance(row, dict):
                 raise ProblemFileError(path, lineno, f"expected a JSON object, got {type(row).__name__}")
             problem = _row_to_problem(path, lineno, row, fields)

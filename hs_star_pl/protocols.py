@@ -7,6 +7,7 @@ get their model from the caller, and nothing here knows about Lightning or DeepS
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -31,6 +32,9 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # NaN passes "< 0" (and would make sampling silently greedy): finite first.
+        if not math.isfinite(self.temperature):
+            raise ValueError(f"sampling.temperature must be a finite number, got {self.temperature}")
         if self.temperature < 0:
             raise ValueError(f"sampling.temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -46,6 +46,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from fractions import Fraction
 from typing import Union
 
@@ -295,7 +296,8 @@ def normalize_gold(gold: GoldAnswer) -> tuple[str, ...] | None:
     if isinstance(gold, float):
         if gold != gold or gold in (float("inf"), float("-inf")):
             return None
-        return (str(int(gold)),) if gold.is_integer() else (repr(gold),)
+        # Positional notation: repr(1e-07) is "1e-07", which no answer written as a decimal matches.
+        return (str(int(gold)),) if gold.is_integer() else (format(Decimal(repr(gold)), "f"),)
     if isinstance(gold, str):
         text = _normalize_gold_text(gold)
         return (text,) if text is not None else None

@@ -4,7 +4,8 @@ Problem files and training-example files are loaded directly (the message must n
 ``file:line``); config fragments go through the real entry point, ``hs_star_pl.cli.main``, on
 top of ``configs/base.yaml`` and the tiny self-training config, and must end in one
 ``hs-star: error: ...`` message naming the config key (exit status 2), never a traceback.
-Together with ``test_degenerate_rounds.py`` this covers issue 10's bad inputs.
+Together with ``test_degenerate_rounds.py`` this covers the bad inputs; damaged run folders,
+full disks and reused run folders are in ``test_run_folders.py``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ CORPUS = REPO / "tests" / "corpus" / "bad_inputs"
 PROBLEMS = "tests/corpus/bad_inputs/problems"
 EXAMPLES = "tests/corpus/bad_inputs/examples"
 
+SURROGATE = "holds a lone UTF-16 surrogate (an escape such as \\ud800 with no pair), which is not text"
 PROBLEM_CASES = {
     "bad_json": "2: invalid JSON: Expecting ',' delimiter (column 69)",
     "truncated_last_line": "2: invalid JSON: Unterminated string starting at (column 26)",
@@ -44,6 +46,10 @@ PROBLEM_CASES = {
     "blank_lines_only": " the file holds no problems",
     "duplicate_ids": "3: duplicate problem id 'p1' (first seen on line 1)",
     "duplicate_content": "2: duplicate problem id 'h782922677800f2ec' (first seen on line 1)",
+    # Python's json raises a plain ValueError past 4,300 digits (sys.set_int_max_str_digits)
+    "int_over_4300_digits": "1: invalid JSON: a number has more than 4300 digits",
+    # it would load, then break the tokenizer at the first generation
+    "lone_surrogate": f"1: field 'question' {SURROGATE}",
 }
 
 EXAMPLE_CASES = {
@@ -56,6 +62,8 @@ EXAMPLE_CASES = {
     "ref_logp_not_a_number": "1: field 'ref_chosen_logp' must be a finite number or null, got '-2.5'",
     "empty": " the file holds no examples",
     "not_utf8": "2: not valid UTF-8 (invalid continuation byte at byte 17)",
+    "int_over_4300_digits": "1: invalid JSON: a number has more than 4300 digits",
+    "lone_surrogate": f"1: field 'chosen' {SURROGATE}",
 }
 
 K = "self_training.budget.init_args"
@@ -88,6 +96,18 @@ CONFIG_CASES = {
     "train_file_bad_row": f"{EXAMPLES}/chosen_not_a_string.jsonl:1: field 'chosen' must be a string, got int",
     "yaml_syntax_error": "tests/corpus/bad_inputs/configs/yaml_syntax_error.yaml:5: invalid YAML: expected ',' or ']', "
                          "but got '<stream end>' (while parsing a flow sequence on line 4)",
+    "step_delimiter_empty": "self_training.step_delimiter must be a non-empty string, got ''",
+    "lr_nan": "model.optimizer.init_args.lr must be a finite number, got nan",
+    "lr_negative": "model.optimizer.init_args.lr must be >= 0, got -0.0001",
+    "temperature_nan": "self_training.sampling.temperature must be a finite number, got nan",
+    "temperature_inf": "self_training.sampling.temperature must be a finite number, got inf",
+    "beta_nan": "model.beta must be a finite number, got nan",
+    "template_misspelled": "data.template: unknown prompt template 'plian'; valid names are ['plain', 'qwen25-step-cot']",
+    "epochs_per_iteration_zero": "self_training.epochs_per_iteration must be >= 1, got 0",
+    "problems_file_directory": f"{PROBLEMS}: is a directory, not a problem file (a JSONL file is expected)",
+    "samples_per_problem_huge": f"{K}.samples_per_problem (1000000000) is over the limit of 4096: a round holds every "
+                                "response (K x problems) in memory, so a K this large would run out of memory after "
+                                "pre-sampling (the paper uses K=8)",
 }
 
 # Rejected by jsonargparse while parsing: its own "error: ..." block names the key.
@@ -135,6 +155,40 @@ def test_a_10_mb_line_is_refused_before_it_is_parsed(tmp_path):
         assert str(info.value) == f"{path}:2: line is {len(row) + 1} bytes, over the {MAX_LINE_BYTES}-byte limit"
 
 
+@pytest.mark.parametrize("loader", ["problems", "examples"])
+def test_a_byte_order_mark_at_the_start_of_a_file_is_read(loader, tmp_path):
+    """Editors on Windows start UTF-8 files with a BOM; the first row is read as if it were not there."""
+    path = tmp_path / "with_bom.jsonl"
+    row = {"id": "p1", "question": "Start with 2. Add 3. What is the result?", "answer": "5", "chosen": "5", "rejected": "6"}
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(row) + "\n").encode())
+    if loader == "problems":
+        (problem,) = load_problems(path)
+        assert (problem.id, problem.question) == ("p1", row["question"])
+    else:
+        (pair,) = load_examples(path, "plain")
+        assert (pair.chosen, pair.rejected) == ("5", "6")
+
+
+@pytest.mark.parametrize("kind", ["directory", "symlink_loop", "broken_symlink"])
+def test_a_path_that_is_not_a_file_is_named_for_what_it_is(kind, tmp_path):
+    path = tmp_path / "pool.jsonl"
+    if kind == "directory":
+        path.mkdir()
+        why = "is a directory, not a {} (a JSONL file is expected)"
+    elif kind == "symlink_loop":
+        path.symlink_to(path)
+        why = "is a symbolic link that loops back on itself, not a {}"
+    else:
+        path.symlink_to(tmp_path / "gone.jsonl")
+        why = f"is a symbolic link to {tmp_path / 'gone.jsonl'}, which does not exist"
+    with pytest.raises(ProblemFileError) as info:
+        load_problems(path)
+    assert str(info.value) == f"{path}: " + why.format("problem file")
+    with pytest.raises(ExampleFileError) as info:
+        load_examples(path, "plain")
+    assert str(info.value) == f"{path}: " + why.format("example file")
+
+
 def run_main(case: str, tmp_path, capsys, monkeypatch) -> tuple[int, str]:
     monkeypatch.setattr(sys, "argv", ["hs-star"])  # the CLI reads only ``args``
     base = "configs/debug/tiny_cpu.yaml" if case.startswith("train_file") else "configs/debug/tiny_self_training.yaml"
@@ -178,3 +232,25 @@ def test_a_bad_config_on_resume_leaves_finished_artifacts_untouched(tmp_path, ca
     code, err = run_main("max_epochs_mismatch", tmp_path, capsys, monkeypatch)
     assert code == 2 and "trainer.max_epochs (5)" in err
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before} == before
+
+
+def test_questions_longer_than_the_models_context_are_warned_about_at_setup(tmp_path, monkeypatch):
+    """A question of 2,800 tokens for a policy with a 256-token context: sampled as if nothing were wrong, before."""
+    from hs_star_pl.cli import HSStarCLI
+
+    monkeypatch.chdir(REPO)
+    rows = [{"id": f"p{i}", "question": f"Start with {i}. Add 3. What is the result?", "answer": str(i + 3)} for i in range(3)]
+    rows.append({"id": "long", "question": "Start with 1. " + "Add 1. " * 400 + "What is the result?", "answer": "401"})
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["fit", "-c", "configs/base.yaml", "-c", "configs/debug/tiny_self_training.yaml",
+            f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false", f"--self_training.problems_file={pool}",
+            "--self_training.problems_per_iteration=null", "--self_training.n_iterations=1", "--trainer.max_epochs=1",
+            "--model.tiny.max_position_embeddings=256", "--self_training.sampling.max_new_tokens=8",
+            "--self_training.budget.init_args.samples_per_problem=2", "--self_training.budget.init_args.n_presample=1"]
+    with pytest.warns(UserWarning, match=r"1 of the 4 problems in self_training.problems_file=\S+pool.jsonl have prompts "
+                                         r"longer than the policy's context \(256 tokens, max_position_embeddings\) leaves "
+                                         r"for self_training.sampling.max_new_tokens \(8\); the longest, problem 'long', is "
+                                         r"\d{4} tokens"):
+        HSStarCLI(args=args)

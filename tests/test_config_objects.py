@@ -87,3 +87,13 @@ def test_problem_field_mapping_reaches_the_pool_from_the_cli(tmp_path, monkeypat
     assert len(pool.draw(1)) == 10  # problems_per_iteration of the debug config
     with pytest.raises(ProblemFileError, match=r"pool.jsonl:1: no question field"):
         callback().load_pool()
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf")])
+def test_a_non_finite_temperature_is_refused_by_the_sampling_settings_themselves(temperature):
+    """Built in Python, without the CLI's check of every float: ``nan < 0`` is false, and a NaN
+    temperature used to pass and make sampling greedy."""
+    from hs_star_pl.protocols import SamplingParams
+
+    with pytest.raises(ValueError, match=f"sampling.temperature must be a finite number, got {temperature}"):
+        SamplingParams(temperature=temperature)

@@ -160,6 +160,7 @@ def test_reference_cache_is_reused_on_resume(tmp_path):
         ({"objective": "ppo"}, r"model.objective must be one of \['dpo', 'sft'\], got 'ppo'"),
         ({"loss_type": "hinge"}, r"model.loss_type: unknown DPO loss type 'hinge'; valid names are \['ipo', 'sigmoid'\]"),
         ({"beta": 0.0}, r"model.beta must be > 0"),
+        ({"beta": float("nan")}, r"model.beta must be a finite number, got nan"),  # NaN passes "beta <= 0"
         ({"model_path": "/nowhere"}, r"exactly one of model.model_path .* and model.tiny"),
     ],
 )

@@ -76,6 +76,17 @@ def test_a_gold_list_means_alternatives_in_the_file_and_in_the_verifier(tmp_path
     assert content_id("Q", ("1", "2")) != content_id("Q", "1, 2")
 
 
+def test_a_small_float_gold_is_kept_in_positional_notation_so_exact_match_can_match_it(tmp_path):
+    """JSON ``1e-07`` used to be stored as the text '1e-07', which no decimal answer equals."""
+    from hs_star_pl.verifiers import ExactMatchVerifier
+
+    path = write_lines(tmp_path / "small.jsonl", ['{"id": "a", "question": "Q", "answer": 1e-07}',
+                                                  '{"id": "b", "question": "Q", "answer": -2.5e-05}'])
+    assert [p.answer for p in load_problems(path)] == ["0.0000001", "-0.000025"]
+    verdicts = ExactMatchVerifier().verify(["\\boxed{0.0000001}", "\\boxed{-0.000025}"], [p.answer for p in load_problems(path)])
+    assert verdicts == [True, True]
+
+
 def test_gold_from_the_last_box_of_a_solution_and_line_ids(tmp_path):
     f = write_lines(tmp_path / "minerva.jsonl", [
         json.dumps({"problem": "P", "solution": "First $\\boxed{3}$, then $s=\\boxed{1.6} \\mathrm{~cm}$"}),

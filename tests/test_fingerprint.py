@@ -1,0 +1,142 @@
+"""The settings record of a run folder (``hs_star_pl.fingerprint``): what counts, how records compare, the refusal.
+
+Pure and fast; the same through the real CLI (re-runs and resumes of a run folder with
+edited settings) is in ``test_run_folders.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from hs_star_pl.errors import ConfigError
+from hs_star_pl.fingerprint import SettingsRecord, counts, differences, mismatch_message, recorded_rounds, settings_of, write_record
+from hs_star_pl.records import Problem
+
+K = "self_training.budget.init_args.samples_per_problem"
+POOL = [Problem("p1", "Start with 2. Add 3. What is the result?", "5"), Problem("p2", "Start with 4. Add 1.", "5")]
+
+
+def config(**overrides):
+    """A parsed config as the CLI holds it (nested, components as class_path + init_args)."""
+    base = {
+        "seed_everything": 0,
+        "trainer": {"max_epochs": 2, "enable_progress_bar": True, "default_root_dir": "runs/a", "accumulate_grad_batches": 1,
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs/a"}}},
+        "model": {"model_path": "m0", "tiny": None, "beta": 0.1, "nonfinite_loss": "raise",
+                  "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-4}}},
+        "data": {"template": "plain", "max_length": 192, "batch_size": 8, "num_workers": 0, "ref_batch_size": 16},
+        "self_training": {
+            "problems_file": "pool.jsonl", "problem_fields": {"question_key": None},
+            "budget": {"class_path": "hs_star_pl.budget.HierarchicalBudget", "init_args": {"samples_per_problem": 4, "n_presample": 2}},
+            "difficulty": {"tau_low": 0.25, "tau_high": 0.75}, "selection": {"train_classes": ["boundary"]},
+            "sampling": {"temperature": 0.7, "top_p": 0.95, "stop": []}, "seed": 0, "n_iterations": 2, "plots": True,
+            "engine": {"class_path": "hs_star_pl.engines.HFEngine", "init_args": {"batch_size": 64, "progress": False}},
+            "verifier": {"class_path": "hs_star_pl.verifiers.MathVerifyVerifier", "init_args": {"n_workers": 2, "timeout_s": 5.0}},
+            "prm": {"class_path": "hs_star_pl.prm.HFPRM", "init_args": {"model_path": "prm", "batch_size": 8, "device": "auto"}},
+            "on_empty_round": "skip",
+        },
+        "export": {"dirname": "hf"},
+        "evaluation": {"benchmarks": None},
+    }
+    for key, value in overrides.items():
+        node = base
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return base
+
+
+def record(problems=POOL, problems_file="pool.jsonl", **overrides) -> SettingsRecord:
+    return settings_of(config(**overrides), problems, problems_file)
+
+
+@pytest.mark.parametrize("key", [
+    K, "self_training.budget.init_args.n_presample", "self_training.budget.class_path",
+    "self_training.selection.train_classes", "self_training.difficulty.tau_low", "self_training.sampling.temperature",
+    "self_training.seed", "self_training.engine.init_args.batch_size", "self_training.verifier.init_args.timeout_s",
+    "self_training.prm.init_args.model_path", "model.model_path", "model.optimizer.init_args.lr", "model.beta",
+    "seed_everything", "data.template", "data.batch_size", "trainer.accumulate_grad_batches",
+])
+def test_a_setting_that_decides_a_round_counts(key):
+    assert counts(key)
+
+
+@pytest.mark.parametrize("key", [
+    "trainer.enable_progress_bar", "trainer.logger.init_args.save_dir", "trainer.default_root_dir", "trainer.max_epochs",
+    "self_training.plots", "self_training.n_iterations", "self_training.on_empty_round", "self_training.engine.init_args.progress",
+    "self_training.verifier.init_args.n_workers", "self_training.prm.init_args.batch_size", "self_training.prm.init_args.device",
+    "self_training.engine.init_args.gpu_memory_utilization", "data.num_workers", "data.ref_batch_size",
+    "model.nonfinite_loss", "export.dirname", "evaluation.benchmarks",
+])
+def test_logging_progress_bars_paths_and_resources_do_not_count(key):
+    assert not counts(key)
+
+
+def test_edits_that_cannot_change_a_round_leave_the_record_equal():
+    edited = record(**{"trainer.enable_progress_bar": False, "self_training.plots": False, "self_training.n_iterations": 5,
+                       "trainer.max_epochs": 5, "self_training.engine.init_args.progress": True,
+                       "self_training.verifier.init_args.n_workers": 8, "data.num_workers": 4})
+    assert differences(record(), edited) == {}
+    assert edited.fingerprint == record().fingerprint
+
+
+def test_the_pool_is_recorded_by_content_not_by_path():
+    moved = record(problems_file="elsewhere/pool.jsonl", **{"self_training.problems_file": "elsewhere/pool.jsonl"})
+    assert differences(record(), moved) == {}
+    edited = record(problems=[POOL[0], Problem("p2", "Start with 4. Add 2.", "6")])
+    assert list(differences(record(), edited)) == ["self_training.problems_file"]
+    fewer = record(problems=POOL[:1])
+    assert list(differences(record(), fewer)) == ["self_training.problems_file"]
+
+
+def test_differences_name_each_changed_key_with_both_values():
+    changed = record(**{K: 6, "self_training.seed": 5, "self_training.sampling.temperature": 1.0})
+    assert differences(record(), changed) == {
+        K: (4, 6), "self_training.seed": (0, 5), "self_training.sampling.temperature": (0.7, 1.0),
+    }
+
+
+def test_a_component_swapped_for_another_differs_in_its_class_and_its_arguments():
+    swapped = record(**{"self_training.budget": {"class_path": "hs_star_pl.budget.UniformBudget",
+                                                 "init_args": {"samples_per_problem": 4}}})
+    diff = differences(record(), swapped)
+    assert diff["self_training.budget.class_path"] == ("hs_star_pl.budget.HierarchicalBudget", "hs_star_pl.budget.UniformBudget")
+    assert "self_training.budget.init_args.n_presample" in diff  # recorded, not set now
+
+
+def test_a_record_of_another_format_version_is_compared_on_the_keys_both_hold():
+    old = SettingsRecord({"self_training.seed": 0, "some.key.this.version.dropped": 1}, version=0)
+    assert differences(old, record()) == {}
+    assert differences(SettingsRecord({"self_training.seed": 3}, version=0), record()) == {"self_training.seed": (3, 0)}
+
+
+def test_the_refusal_lists_every_key_with_its_values_per_round_and_both_ways_out(tmp_path):
+    write_record(tmp_path / "rounds" / "round_000", record())
+    write_record(tmp_path / "rounds" / "round_001", record(**{"self_training.budget.init_args.n_presample": 3}))
+    found = recorded_rounds(tmp_path)
+    assert [t for t, _ in found] == [0, 1]
+    current = record(**{K: 6, "self_training.seed": 5}, problems_file="new.jsonl", problems=POOL[:1])
+    message = mismatch_message(f"{tmp_path} holds rounds", found, current, tmp_path)
+    lines = message.splitlines()
+    assert lines[0] == (f"{tmp_path} holds rounds made with other settings, and this run would mix them with its own. "
+                        "The settings that differ:")
+    assert f"  - {K}: 4 in rounds 0, 1; 6 now" in lines
+    assert "  - self_training.budget.init_args.n_presample: 3 in round 1; 2 now" in lines  # round 0 agrees
+    assert "  - self_training.seed: 0 in rounds 0, 1; 5 now" in lines
+    (pool_line,) = [line for line in lines if line.startswith("  - self_training.problems_file: ")]
+    assert "(pool.jsonl, 2 problems) in rounds 0, 1;" in pool_line and pool_line.endswith("(new.jsonl, 1 problems) now")
+    assert lines[-1] == ("Either give this configuration a run folder of its own (a new trainer.default_root_dir), or "
+                         f"restore the settings above to continue the run in {tmp_path}.")
+    assert mismatch_message("x", [(0, record())], record(**{"self_training.plots": False}), tmp_path) is None
+
+
+def test_a_checkpoint_without_a_settings_record_still_refuses_another_seed():
+    """A checkpoint from before settings were recorded: a changed seed used to be a warning."""
+    from hs_star_pl.callback import SelfTrainingCallback
+
+    callback = SelfTrainingCallback(seed=5)
+    callback._settings = record(**{"self_training.seed": 5})  # what setup() records for an active fit
+    with pytest.raises(ConfigError, match=r"(?s)was made with other settings.*self_training.seed: 0 in the checkpoint; 5 now"):
+        callback.load_state_dict({"schema_version": 2, "seed": 0, "problems_file": None, "iteration": 0, "rounds": []})
+    callback.load_state_dict({"schema_version": 2, "seed": 5, "problems_file": None, "iteration": 0, "rounds": []})

@@ -262,8 +262,10 @@ def main(args: list[str] | None = None) -> None:
     if not preemption.installed():  # ``python -m hs_star_pl`` installs it before importing this module
         preemption.reset()
     preemption.install()
+    preemption.begin_startup()
     preemption.stop_with_parent()
     try:
+        preemption.check("while starting")  # a SIGTERM during the imports
         check_config_files(sys.argv[1:] if args is None else args)
         HSStarCLI(args=args)
     except preemption.Preempted as stop:

@@ -9,9 +9,10 @@ default for SLURM and Kubernetes, 10 s for Docker). What this module guarantees:
   before anything else) turns SIGTERM into a request; ``SelfTrainingCallback`` and the CLI
   act on it at the next safe point, and the process exits with :func:`exit_status`
   (``128 + signal``: 143 for SIGTERM, what a shell reports for a process that signal ended).
-* **Where it stops.** Work that is dropped anyway when a run is killed (sampling, answer
-  checks, PRM scoring, reference log-probs: everything inside :func:`interruptible`) is cut
-  short at once by raising :class:`Preempted` from the signal handler; every unit already
+* **Where it stops.** Work that is dropped anyway when a run is killed (start-up, sampling,
+  answer checks, PRM scoring, reference log-probs: everything inside :func:`interruptible`, and
+  start-up until :func:`end_startup`) is cut short at once by raising :class:`Preempted` from
+  the signal handler; every unit already
   finished is on disk (phase files are written atomically), so a resume with
   ``--ckpt_path last`` reuses it. Elsewhere the request waits for a safe point: Lightning
   stops training after the current batch (its own SIGTERM flag, which :func:`attach` also
@@ -98,6 +99,7 @@ class _State:
     requeue: bool = False  # it was the SLURM requeue signal under auto_requeue
     raised: bool = False  # Preempted was raised by the handler already
     where: list[str] = []  # labels of the interruptible() blocks the main thread is in
+    starting: bool = False  # between the command's start and its training (or testing) loop
     installed: set[int] = set()
     requeue_signals: set[int] = set()
     previous: dict[int, Any] = {}
@@ -150,6 +152,17 @@ def interruptible(where: str = "") -> Iterator[None]:
         _state.where.pop()
 
 
+def begin_startup() -> None:
+    """From here until :func:`end_startup` a stop request raises at once: start-up (parsing, model
+    loading, checkpoint restore, M_0's bootstrap) writes nothing a resume needs."""
+    _state.starting = True
+
+
+def end_startup() -> None:
+    """The training (or testing) loop begins: stop requests wait for its safe points from now on."""
+    _state.starting = False
+
+
 def _handle(signum: int, frame: Any) -> None:
     first = _state.signum is None
     if first:
@@ -163,9 +176,9 @@ def _handle(signum: int, frame: Any) -> None:
     previous = _state.previous.get(signum)
     if callable(previous):
         previous(signum, frame)
-    if _state.where and not _state.raised:
+    if (_state.where or _state.starting) and not _state.raised:
         _state.raised = True
-        raise Preempted(_state.signum or signum, _state.where[-1])
+        raise Preempted(_state.signum or signum, _state.where[-1] if _state.where else "while starting")
 
 
 def install(signals: Sequence[int] = STOP_SIGNALS) -> None:
@@ -194,6 +207,7 @@ def uninstall() -> None:
             previous = _state.previous.get(signum)
             signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
     _state.installed.clear()
+    _state.starting = False
     _state.requeue_signals.clear()
     _state.previous.clear()
     _state.trainer = None

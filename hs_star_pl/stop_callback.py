@@ -2,9 +2,9 @@
 
 Lightning stops ``fit`` after the current training batch once ``trainer.received_sigterm``
 is set; its SIGTERM handler sets that flag, but only from the moment ``fit`` starts its
-loops (it also clears it then). A request that came earlier (while the model loaded, while
-checkpoints were restored) is acted on here, at the start of training (or testing), before
-any batch.
+loops (it also clears it then). Until the training (or testing) loop starts, a request
+raises at once (``preemption.begin_startup``); here start-up ends, and a request that is
+still pending is acted on before any batch.
 The ``hs-star`` CLI adds this callback to every Trainer it builds.
 """
 
@@ -35,6 +35,7 @@ class StopRequestCallback(L.Callback):
 
 
 def _stop_if_requested(trainer: L.Trainer, where: str) -> None:
+    preemption.end_startup()  # from here a stop waits for the loop's safe points (batch ends)
     stop = preemption.requested() is not None
     if trainer.world_size > 1:  # every rank stops, or none: a lone rank would hang the others
         stop = trainer.strategy.reduce_boolean_decision(stop, all=False)

@@ -253,3 +253,23 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_a_stop_reaches_the_m0_
         leftover_group(first.pid, kill=True)
         if second is not None:
             leftover_group(second.pid, kill=True)
+
+
+def test_a_sigterm_while_the_command_starts_stops_it_at_once(tmp_path):
+    """Start-up (imports, parsing, model loading) writes nothing a resume needs: a SIGTERM there
+    ends the command with 143 and one line (before: it died of the signal during the imports,
+    or was only noticed once training began)."""
+    command = [sys.executable, "-m", "hs_star_pl", "fit", "-c", str(REPO / "configs" / "base.yaml"),
+               "-c", str(REPO / "configs" / "debug" / "tiny_cpu.yaml"),
+               f"--data.train_file={REPO / 'configs' / 'data' / 'arith_pairs.jsonl'}",
+               f"--trainer.default_root_dir={tmp_path / 'run'}", f"--trainer.logger.init_args.save_dir={tmp_path / 'run'}"]
+    proc = _start(command, tmp_path, "run")
+    try:
+        time.sleep(3.0)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143, (tmp_path / "run.log").read_text()[-3000:]
+        assert "hs-star: stopped by SIGTERM while starting" in (tmp_path / "run.log").read_text()
+        assert not (tmp_path / "run" / "checkpoints").exists()
+    finally:
+        leftover_group(proc.pid, kill=True)

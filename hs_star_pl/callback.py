@@ -42,7 +42,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from hs_star_pl import faults
+from hs_star_pl import faults, preemption
 from hs_star_pl.artifacts import (
     RoundStore,
     completed_rounds,
@@ -328,7 +328,9 @@ class SelfTrainingCallback(L.Callback):
         return list(result.examples)
 
     def _run_round(self, trainer: L.Trainer, iteration: int, directory: Path) -> RoundResult:
-        with faults.scope(iteration=iteration):
+        # A stop request (SIGTERM) drops the round's unit in progress at once; its finished
+        # phases are on disk and reused on resume (hs_star_pl.preemption).
+        with faults.scope(iteration=iteration), preemption.interruptible(f"during round {iteration}"):
             return self._run_round_in_scope(trainer, iteration, directory)
 
     def _run_round_in_scope(self, trainer: L.Trainer, iteration: int, directory: Path) -> RoundResult:

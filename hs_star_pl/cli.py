@@ -19,6 +19,10 @@ are built is reported under its full key (``self_training.budget.init_args.n_pre
 not jsonargparse's union-type dump. Before anything is built, every float key refuses NaN and
 inf (``config_checks``); before anything is written, an unwritable run folder is refused; a
 full disk or an unwritable folder met later is one message naming where (``storage``).
+
+A run asked to stop by SIGTERM (or SLURM's requeue signal) stops at a safe point and exits
+with 128 + the signal's number: 143 for SIGTERM (``hs_star_pl.preemption``). A second
+command into a run folder in use is refused with exit status 2 (``hs_star_pl.run_lock``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import inspect
 import os
 import re
 import shutil
-import subprocess
+import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,7 +44,9 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from hs_star_pl import preemption
 from hs_star_pl.callback import SelfTrainingCallback
 from hs_star_pl.checkpoint_io import AtomicCheckpointIO
 from hs_star_pl.config_checks import LINKS, check_config, name_link_sources
@@ -49,6 +55,8 @@ from hs_star_pl.errors import ConfigError, HSStarError
 from hs_star_pl.eval_callback import EvaluationCallback
 from hs_star_pl.export import HFExportCallback
 from hs_star_pl.module import HSStarModule
+from hs_star_pl.run_lock import RunLock, is_launching_process, release_all
+from hs_star_pl.stop_callback import StopRequestCallback
 from hs_star_pl.storage import check_writable, storage_error
 
 # The CLI groups whose components (class_path objects, dataclass groups) are re-built one by
@@ -101,12 +109,26 @@ class HSStarCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        self._lock_run_dir(config)
         configs = config.get("stepwise_init")
         model_path = config.get("model", {}).get("model_path")
         if not configs or model_path is None or Path(model_path).exists():
             return
         bootstrap_stepwise_init(configs, Path(model_path))
 
+    def _lock_run_dir(self, config: Namespace) -> None:
+        """Refuse to run into a folder another live ``hs-star`` is using (``hs_star_pl.run_lock``);
+        before anything is written there, M_0's bootstrap included. Only when a command runs."""
+        root = config.get("trainer", {}).get("default_root_dir")
+        if self.subcommand is None or root is None or not is_launching_process():
+            return
+        RunLock(root).acquire()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        finally:  # an in-process CLI (tests, notebooks) gives the folder back when its command ends
+            release_all()
 
     def instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -125,6 +147,9 @@ class HSStarCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
+        # SIGTERM / SLURM requeue (hs_star_pl.preemption); first, so a pending stop comes before
+        # other callbacks' on_train_start work (evaluating M_0)
+        trainer.callbacks.insert(0, StopRequestCallback())
         # Before Lightning writes anything (logs, the saved config): a folder that cannot be
         # written is refused here, naming its key, not as a traceback from deep inside a logger.
         if "://" not in str(trainer.default_root_dir):
@@ -166,9 +191,9 @@ def bootstrap_stepwise_init(configs: list[str], model_path: Path) -> Path:
         args += ["-c", c]
     args += [f"--trainer.default_root_dir={run_dir}", f"--trainer.logger.init_args.save_dir={run_dir}"]
     print(f"stepwise_init: training M_0 ({' '.join(configs)}) into {model_path}", flush=True)
-    done = subprocess.run(args)
-    if done.returncode != 0:
-        raise RuntimeError(f"stepwise_init: the step-wise initialisation fit failed (exit {done.returncode}); see its output above")
+    returncode = preemption.run_child(args)  # a stop reaches the child; it dies with this process
+    if returncode != 0:
+        raise RuntimeError(f"stepwise_init: the step-wise initialisation fit failed (exit {returncode}); see its output above")
     exports = sorted((run_dir / "hf").glob("iteration_*"))
     if not exports:
         raise RuntimeError(f"stepwise_init: the fit left no HF export under {run_dir / 'hf'}")
@@ -257,16 +282,47 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of the ``hs-star`` script and ``python -m hs_star_pl``.
 
     Errors the user can fix are printed as one message and end the process with their exit
-    status; ``HS_STAR_DEBUG=1`` re-raises them with the traceback.
+    status; ``HS_STAR_DEBUG=1`` re-raises them with the traceback. A run stopped by SIGTERM
+    (or SLURM's requeue signal) at a safe point exits with 128 + the signal's number (143);
+    see ``hs_star_pl.preemption``.
     """
+    if not preemption.installed():  # ``python -m hs_star_pl`` installs it before importing this module
+        preemption.reset()
+    preemption.install()
+    preemption.begin_startup()
+    preemption.stop_with_parent()
     try:
+        preemption.check("while starting")  # a SIGTERM during the imports
         check_config_files(sys.argv[1:] if args is None else args)
         HSStarCLI(args=args)
+    except preemption.Preempted as stop:
+        _stopped(stop.signum, stop.where)
+    except SIGTERMException:  # Lightning's stop after a training batch or at an epoch's end
+        _stopped(preemption.requested() or signal.SIGTERM, "in training (after the last finished batch)")
     except HSStarError as err:
         if os.environ.get("HS_STAR_DEBUG"):
             raise
         print(f"hs-star: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(err.exit_code) from None
+    except Exception as err:
+        signum = preemption.requested()
+        if signum is None or os.environ.get("HS_STAR_DEBUG"):
+            raise
+        # a stop signal sent to the whole group also ends helper processes (a vLLM engine),
+        # whose loss can surface as an error before the stop itself is acted on
+        _stopped(signum, f"(while stopping: {type(err).__name__}: {str(err)[:300]})")
+    finally:
+        release_all()
+        preemption.uninstall()
+
+
+def _stopped(signum: int, where: str) -> None:
+    """Report a run stopped by ``signum``, requeue it under SLURM if asked, exit 128 + signum."""
+    print(f"hs-star: stopped by {preemption.signal_name(signum)} {where}. Everything finished is on disk; "
+          "resume with the same command plus --ckpt_path last.", file=sys.stderr, flush=True)
+    if preemption.requeue_requested():
+        preemption.requeue_slurm_job()
+    raise SystemExit(preemption.exit_status(signum)) from None
 
 
 if __name__ == "__main__":

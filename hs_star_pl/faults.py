@@ -15,8 +15,16 @@ loses nothing that was finished. Code about to persist a unit of work wraps the 
     the occurrence index ``k``, the process id and the wall-clock time ``t``. A unit of work traced ``saved`` and then
     ``reach``\\ ed again was redone.
 
-The points are listed in ``POINTS``. This is a testing hook: production runs never set the
-variables. Stdlib only (the pure round modules use it).
+``HS_STAR_SIGNAL=<point>[@<k>]:<SIGNAL>[:group]``
+    send ``SIGNAL`` (``SIGTERM``, ``SIGUSR1``...) to this process, or with ``:group`` to its
+    whole process group (as SLURM, Kubernetes and ``docker stop`` do), the ``k``-th time it
+    reaches ``point``, and carry on: what happens next is the signal handlers' business. Start
+    the run in its own process group (``setsid``) before using ``:group``. Besides ``POINTS``
+    it takes the points of ``WORKER_POINTS``, reached in worker processes (each counts its own
+    occurrences; they are not traced).
+
+The points are listed in ``POINTS`` and ``WORKER_POINTS``. This is a testing hook: production
+runs never set the variables. Stdlib only (the pure round modules use it).
 """
 
 from __future__ import annotations
@@ -43,6 +51,12 @@ POINTS: dict[str, str] = {
     "export": "an HF export is written to its temporary folder, not renamed into place yet",
 }
 
+WORKER_POINTS: dict[str, str] = {
+    "worker_task": "a KillablePool worker (an answer check) has taken a task and not answered it yet",
+}
+
+SIGNAL_ENV = "HS_STAR_SIGNAL"
+
 _counts: dict[str, int] = {}
 _scope: dict[str, Any] = {}
 
@@ -61,6 +75,23 @@ def parse_fault(spec: str) -> tuple[str, int]:
     return name, k
 
 
+def parse_signal(spec: str) -> tuple[str, int, int, bool]:
+    """``"point@k:SIGTERM[:group]"`` -> ``(point, k, signal number, to the group)``; raises naming the variable."""
+    where, _, rest = spec.strip().partition(":")
+    name, _, group = rest.partition(":")
+    if group not in ("", "group"):
+        raise ValueError(f"{SIGNAL_ENV}={spec!r}: after the signal only ':group' may follow, got {group!r}")
+    signum = getattr(signal, name, None) if name.startswith("SIG") else None
+    if not isinstance(signum, signal.Signals):
+        raise ValueError(f"{SIGNAL_ENV}={spec!r}: expected <point>[@k]:<SIGNAL>[:group] with a signal name such as SIGTERM")
+    point, _, occurrence = where.partition("@")
+    if point not in POINTS and point not in WORKER_POINTS:
+        raise ValueError(f"{SIGNAL_ENV}={spec!r}: unknown point {point!r}; valid: {sorted({**POINTS, **WORKER_POINTS})}")
+    if not occurrence.isdigit() and occurrence != "":
+        raise ValueError(f"{SIGNAL_ENV}={spec!r}: the occurrence after '@' must be an integer >= 0")
+    return point, int(occurrence or 0), int(signum), group == "group"
+
+
 def _append(path: str, event: dict[str, Any]) -> None:
     line = (json.dumps({**event, "t": round(time.time(), 3)}, sort_keys=True) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -71,17 +102,26 @@ def _append(path: str, event: dict[str, Any]) -> None:
 
 
 def reach(point: str, **labels: Any) -> None:
-    """Mark that this process reached ``point``: trace it, and SIGKILL if ``HS_STAR_FAULT`` asks."""
-    if point not in POINTS:
-        raise ValueError(f"unknown fault point {point!r}; valid: {sorted(POINTS)}")
+    """Mark that this process reached ``point``: trace it, and SIGKILL if ``HS_STAR_FAULT`` asks
+    (or send the signal ``HS_STAR_SIGNAL`` asks for)."""
+    if point not in POINTS and point not in WORKER_POINTS:
+        raise ValueError(f"unknown fault point {point!r}; valid: {sorted({**POINTS, **WORKER_POINTS})}")
     fault = os.environ.get(FAULT_ENV)
-    trace = os.environ.get(TRACE_ENV)
-    if not fault and not trace:
+    trace = os.environ.get(TRACE_ENV) if point in POINTS else None
+    send = os.environ.get(SIGNAL_ENV)
+    if not fault and not trace and not send:
         return
     k = _counts.get(point, 0)
     _counts[point] = k + 1
     if trace:
         _append(trace, {"event": "reach", "point": point, "k": k, "pid": os.getpid(), **_scope, **labels})
+    if send:
+        at, occurrence, signum, group = parse_signal(send)
+        if (at, occurrence) == (point, k):
+            if group:
+                os.killpg(os.getpgrp(), signum)
+            else:
+                os.kill(os.getpid(), signum)
     if fault and parse_fault(fault) == (point, k):
         os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
 

@@ -9,18 +9,29 @@ replaced, and the other results of the batch are kept.
 Scope: short, CPU-bound, untrusted-input tasks (answer checks). Each worker runs
 ``task_fn(kind, payload)`` for one task at a time; ``task_fn`` must be a module-level
 function (it is pickled by reference for ``spawn``). Stdlib only.
+
+Signals: a worker that dies of a signal meant for the run (SIGTERM or SIGINT sent to the
+process group, as SLURM, Kubernetes, ``docker stop`` and Ctrl-C do) says nothing about its
+task, so that task is not a result: it is handed to a fresh worker (if the parent carries
+on), never reported as :data:`CRASH`. Workers die of SIGINT like of SIGTERM (instead of a
+``KeyboardInterrupt`` that looks like a crash) and ignore SIGUSR1/SIGUSR2, the requeue
+signals a scheduler sends to every process of a job.
 """
 
 from __future__ import annotations
 
 import importlib
 import multiprocessing as mp
+import signal
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_connections
 from typing import Any
+
+from hs_star_pl import faults
 
 TIMEOUT = "timeout"
 """Result of a task killed at its deadline."""
@@ -29,10 +40,25 @@ CRASH = "crash"
 
 START_METHODS = ("spawn", "forkserver")
 
+OUTSIDE_SIGNALS = frozenset(
+    int(getattr(signal, name)) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+    if hasattr(signal, name)
+)
+"""Signals a worker never brings on itself: death by one is an interruption, not a crash.
+(The pool's own deadline kill is SIGKILL, which the kernel's OOM killer also sends; an
+answer that blows the memory limit ends in ``MemoryError`` or SIGSEGV: both crashes.)"""
+
+MAX_INTERRUPTIONS = 3
+"""A task whose worker is killed from outside this many times stops :meth:`KillablePool.run`."""
+
 
 def _worker_main(conn, task_fn: Callable[[str, Any], Any], memory_limit_mb: int,
                  warm_imports: tuple[str, ...], import_hint: str) -> None:
     """Worker loop: answer ``(task_id, kind, payload)`` messages until ``None`` arrives."""
+    for name, action in (("SIGINT", signal.SIG_DFL), ("SIGTERM", signal.SIG_DFL),
+                         ("SIGUSR1", signal.SIG_IGN), ("SIGUSR2", signal.SIG_IGN)):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), action)
     if memory_limit_mb > 0:
         try:
             import resource
@@ -56,6 +82,7 @@ def _worker_main(conn, task_fn: Callable[[str, Any], Any], memory_limit_mb: int,
         if msg is None:
             return
         task_id, kind, payload = msg
+        faults.reach("worker_task")
         try:
             result: Any = ("ok", task_fn(kind, payload))
         except Exception as exc:  # reported back as "error": the caller counts it as CRASH
@@ -70,6 +97,17 @@ class _Worker:
     ready: bool = False
     task: int | None = None
     deadline: float = 0.0
+
+
+def _kill(workers: list[_Worker]) -> None:
+    """Stop every worker at once (a task in flight is abandoned)."""
+    for w in workers:
+        if w.process.is_alive():
+            w.process.kill()
+    for w in workers:
+        w.process.join(timeout=5.0)
+        w.conn.close()
+    workers.clear()
 
 
 def _shutdown(workers: list[_Worker]) -> None:
@@ -132,6 +170,7 @@ class KillablePool:
         self.n_timeouts = 0
         self.n_crashes = 0
         self.n_errors = 0
+        self.n_interrupted = 0
         self.last_errors: list[str] = []
 
     def _spawn(self) -> _Worker:
@@ -160,27 +199,51 @@ class KillablePool:
         """Results in task order: ``task_fn``'s value, :data:`TIMEOUT` or :data:`CRASH`.
 
         ``progress``: a progress bar's label, counting finished tasks; ``None`` shows none.
+
+        Raises:
+            RuntimeError: a task's worker was killed by an outside signal ``MAX_INTERRUPTIONS``
+                times, or workers keep dying while starting.
+
+        An exception raised while waiting (a ``KeyboardInterrupt``, a stop request) kills the
+        workers, so that no answer to an abandoned task can reach a later call.
         """
         results: list[Any] = [None] * len(tasks)
         if not tasks:
             return results
         from tqdm.auto import tqdm  # here, not at the top: every worker process imports this module
 
-        with tqdm(total=len(tasks), desc=progress, unit="check", disable=progress is None) as bar:
-            return self._run(tasks, results, bar)
+        try:
+            with tqdm(total=len(tasks), desc=progress, unit="check", disable=progress is None) as bar:
+                return self._run(tasks, results, bar)
+        except BaseException:
+            _kill(self._workers)
+            raise
+
+    def _interrupted(self, worker: _Worker) -> bool:
+        """Whether a worker that closed its pipe was killed by a signal from outside."""
+        worker.process.join(timeout=5.0)
+        code = worker.process.exitcode
+        return code is not None and code < 0 and -code in OUTSIDE_SIGNALS
 
     def _run(self, tasks: Sequence[tuple[str, Any]], results: list[Any], bar: Any) -> list[Any]:
         while len(self._workers) < min(self.n_workers, len(tasks)):
             self._workers.append(self._spawn())
-        next_task, n_done = 0, 0
+        pending: deque[int] = deque(range(len(tasks)))
+        interruptions: dict[int, int] = {}
+        n_done = 0
         while n_done < len(tasks):
             now = time.monotonic()
-            for w in self._workers:
-                if w.ready and w.task is None and next_task < len(tasks):
-                    kind, payload = tasks[next_task]
-                    w.conn.send((next_task, kind, payload))
-                    w.task, w.deadline = next_task, now + self.timeout_s
-                    next_task += 1
+            for w in list(self._workers):
+                if w.ready and w.task is None and pending:
+                    task_id = pending.popleft()
+                    kind, payload = tasks[task_id]
+                    try:
+                        w.conn.send((task_id, kind, payload))
+                    except OSError:  # the worker died while idle (e.g. a signal to the group): it never saw the task
+                        pending.appendleft(task_id)
+                        self._replace(w)
+                        continue
+                    w.task, w.deadline = task_id, now + self.timeout_s
             busy = [w for w in self._workers if w.task is not None]
             wait_s = max(0.0, min((w.deadline for w in busy), default=now + 30.0) - now)
             ready_conns = wait_connections([w.conn for w in self._workers], timeout=wait_s)
@@ -189,11 +252,24 @@ class KillablePool:
                     continue
                 try:
                     msg = w.conn.recv()
-                except (EOFError, OSError):  # died: memory limit, or killed from outside
-                    if w.task is not None:
+                except (EOFError, OSError):  # died: memory limit, a crash, or killed from outside
+                    interrupted = self._interrupted(w)
+                    if w.task is not None and interrupted:
+                        # not a verdict on the task: hand it to a fresh worker
+                        self.n_interrupted += 1
+                        interruptions[w.task] = interruptions.get(w.task, 0) + 1
+                        if interruptions[w.task] >= MAX_INTERRUPTIONS:
+                            raise RuntimeError(
+                                f"{self.config_key} worker processes were killed by a signal from outside "
+                                f"(exit status {w.process.exitcode}) {interruptions[w.task]} times on the same task; "
+                                "something outside hs-star keeps killing them (a signal sent to the process "
+                                "group every few seconds?)"
+                            )
+                        pending.appendleft(w.task)
+                    elif w.task is not None:
                         results[w.task], n_done = CRASH, n_done + 1
                         self.n_crashes += 1
-                    if not w.ready:
+                    if not w.ready and not interrupted:
                         self._start_failures += 1
                         if self._start_failures >= self.MAX_START_FAILURES:
                             self.close()

@@ -1,19 +1,33 @@
-"""Soak test: SIGKILL the tiny self-training loop at random points and times, resume, compare.
+"""Soak test: SIGKILL or SIGTERM the tiny self-training loop at random points and times, resume, compare.
 
-Run from the repository root (about 20 s per trial on 2 cores)::
+Run from the repository root (about a minute per trial on 2 busy cores)::
 
-    python scripts/soak.py --trials 30 [--seed 0] [--max-kills 3] [--work /tmp/hs-star-soak]
+    OMP_NUM_THREADS=1 python scripts/soak.py --trials 30 [--seed 0] [--max-kills 3] [--work /tmp/hs-star-soak] \
+        [--verifier math-verify|exact]
 
 Each trial starts a fresh run of the two-iteration tiny loop (``tests/helpers/kill_resume.py``)
-and kills it, then kills each resumed process again with probability 1/2, up to
-``--max-kills`` times, before letting it finish with ``--ckpt_path last``. A kill is either at
-a random named fault point and occurrence (``HS_STAR_FAULT``) or a plain SIGKILL after a random
-delay between the uninterrupted run's first fault point (start-up is over) and its end. After
-every kill no round may be half-written; at the end the run must equal an uninterrupted run of
-the same seeds (round artifacts, HF exports, logged metrics), no saved work may have been
-redone, and no temporary file may be left. M_0 is trained once into ``<work>/m0`` (about a
-minute) unless ``--m0`` and ``--problems`` are given. The last line counts runs (processes),
-kills and mismatches; the exit status is 1 when there is any mismatch.
+and interrupts it, then interrupts each resumed process again with probability 1/2, up to
+``--max-kills`` times, before letting it finish with ``--ckpt_path last``. An interruption is
+one of (chosen uniformly):
+
+* SIGKILL at a random named fault point and occurrence (``HS_STAR_FAULT``), or after a random
+  delay between the uninterrupted run's first fault point (start-up is over) and 90% of its
+  duration;
+* SIGTERM at a random fault point (``HS_STAR_SIGNAL``) or after a random delay, sent to the
+  main process only or to its whole process group (as SLURM, Kubernetes and ``docker stop``
+  do: verifier workers included);
+* SIGTERM to the group while a math-verify worker is in the middle of an answer check
+  (``worker_task``; with ``--verifier math-verify``, the default).
+
+A SIGKILLed process must end with SIGKILL; a SIGTERMed one must stop with exit status 143
+(or 0 if the signal came after its work was done, or die of the signal if it came before
+the handler was in place), and within ``--stop-within`` seconds of a timed signal. After every
+interruption no round may be half-written and no process of the run may be left; at the end
+the run must equal an uninterrupted run of the same seeds (round artifacts, HF exports,
+logged metrics), no saved work may have been redone, and no temporary file may be left. M_0
+is trained once into ``<work>/m0`` (about a minute) unless ``--m0`` and ``--problems`` are
+given. The last line counts runs (processes), interruptions of each kind and mismatches; the
+exit status is 1 when there is any mismatch.
 """
 
 from __future__ import annotations
@@ -21,17 +35,21 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
+import signal
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+MATH_VERIFY = ["--self_training.verifier.class_path=hs_star_pl.verifiers.MathVerifyVerifier",
+               "--self_training.verifier.init_args.n_workers=1"]
 sys.path.insert(0, str(ROOT))
 
 from hs_star_pl.faults import POINTS, read_trace  # noqa: E402
 from tests.helpers.kill_resume import (  # noqa: E402
     KILLED,
+    STOPPED,
     compare_runs,
     half_written_rounds,
     leftover_temporaries,
@@ -56,35 +74,80 @@ def landed(trace: Path, before: int) -> str:
     return f"{'after' if saved else 'at'} {last['point']} {labels}"
 
 
+KINDS = {
+    "kill-point": "SIGKILL at a fault point",
+    "kill-delay": "SIGKILL after a delay",
+    "term-point": "SIGTERM to the main process at a fault point",
+    "term-group-point": "SIGTERM to the group at a fault point",
+    "term-delay": "SIGTERM to the main process after a delay",
+    "term-group-delay": "SIGTERM to the group after a delay",
+    "term-group-check": "SIGTERM to the group in the middle of an answer check",
+}
+WORKER_TASKS = 60
+"""``worker_task`` occurrences drawn from (the single math-verify worker's checks; round 0 alone has more)."""
+
+
 def trial(index: int, rng: random.Random, work: Path, m0: Path, problems: Path, reference: Path,
-          reference_events: list, ceiling: Counter, window: tuple[float, float], max_kills: int) -> tuple[int, int, list[str], list[str]]:
-    """One killed-and-resumed run; returns (processes, kills, where the kills landed, problems)."""
+          reference_events: list, ceiling: Counter, window: tuple[float, float], max_kills: int,
+          extra: list[str], kinds: tuple[str, ...], stop_within: float, counts: Counter) -> tuple[int, int, list[str], list[str]]:
+    """One interrupted-and-resumed run; returns (processes, interruptions, where they landed, problems)."""
     cwd = work / f"trial_{index:03d}"
     shutil.rmtree(cwd, ignore_errors=True)
     cwd.mkdir(parents=True)
     trace = cwd / "trace.jsonl"
-    args = run_args(cwd / "run", m0, problems)
+    args = run_args(cwd / "run", m0, problems, *extra)
     processes, kills, where, problems_found = 0, 0, [], []
     while True:
-        fault, kill_after = None, None
+        kind, options, label = None, {}, ""
         if kills < max_kills and (kills == 0 or rng.random() < 0.5):
-            if rng.random() < 0.5:
-                point = rng.choice(sorted(POINTS))
-                fault = f"{point}@{rng.randrange(ceiling[point])}"
+            kind = rng.choice(kinds)
+            point = rng.choice(sorted(POINTS))
+            at = f"{point}@{rng.randrange(ceiling[point])}"
+            delay = rng.uniform(*window)
+            group = "group" in kind
+            if kind == "kill-point":
+                options, label = {"fault": at}, at
+            elif kind == "kill-delay":
+                options, label = {"kill_after_s": delay}, f"SIGKILL after {delay:.1f} s"
+            elif kind.endswith("-point"):
+                spec = f"{at}:SIGTERM" + (":group" if group else "")
+                options, label = {"send": spec}, spec
+            elif kind.endswith("-delay"):
+                options = {"signal_after_s": delay, "group": group}
+                label = f"SIGTERM to the {'group' if group else 'main process'} after {delay:.1f} s"
             else:
-                kill_after = rng.uniform(*window)
+                spec = f"worker_task@{rng.randrange(WORKER_TASKS)}:SIGTERM:group"
+                options, label = {"send": spec}, spec
         n_events = len(read_trace(trace)) if trace.is_file() else 0
-        rc = run(args if processes == 0 else [*args, "--ckpt_path=last"], cwd, fault=fault, trace=trace,
-                 kill_after_s=kill_after)
+        started = time.monotonic()
+        try:
+            rc = run(args if processes == 0 else [*args, "--ckpt_path=last"], cwd, trace=trace, **options)
+        except AssertionError as err:  # processes left behind, or no end in sight
+            problems_found.append(f"process {processes + 1} ({label or 'no interruption'}): {err}")
+            return processes + 1, kills, where, problems_found
+        seconds = time.monotonic() - started
         processes += 1
         if rc == 0:
+            if kind is not None:  # it ended before the interruption could land: the run is complete
+                where.append(f"{label} -> finished first")
             break
-        if rc != KILLED:
-            problems_found.append(f"process {processes} failed with exit status {rc}: {log_tail(cwd, 800)}")
+        sigkill = kind is not None and kind.startswith("kill")
+        expected = {KILLED} if sigkill else {STOPPED, -signal.SIGTERM}
+        if kind is None or rc not in expected:
+            problems_found.append(f"process {processes} ({label or 'no interruption'}) ended with exit status {rc}: "
+                                  f"{log_tail(cwd, 800)}")
             return processes, kills, where, problems_found
         kills += 1
-        where.append(f"{fault or f'SIGKILL after {kill_after:.1f} s'} -> {landed(trace, n_events)}")
-        problems_found += [f"after kill {kills}: {p}" for p in half_written_rounds(cwd / "run")]
+        counts[kind] += 1
+        stop = ""
+        if "signal_after_s" in options:
+            latency = seconds - options["signal_after_s"]
+            counts["stop latency max (s)"] = max(counts["stop latency max (s)"], round(latency, 1))
+            stop = f", stopped {latency:.1f} s after the signal"
+            if latency > stop_within:
+                problems_found.append(f"process {processes} stopped {latency:.1f} s after SIGTERM (limit {stop_within} s)")
+        where.append(f"{label} -> {landed(trace, n_events)} (exit {rc}{stop})")
+        problems_found += [f"after interruption {kills}: {p}" for p in half_written_rounds(cwd / "run")]
     events = read_trace(trace)
     problems_found += compare_runs(reference, cwd / "run")
     problems_found += redone_work(events) + missing_work(reference_events, events)
@@ -100,7 +163,17 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/hs-star-soak"))
     parser.add_argument("--m0", type=Path, help="a step-wise initialised tiny M_0 (HF folder)")
     parser.add_argument("--problems", type=Path, help="the problem pool that goes with --m0")
+    parser.add_argument("--verifier", choices=("math-verify", "exact"), default="math-verify",
+                        help="math-verify (one worker process, so signals to the group meet it) or exact match")
+    parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=None,
+                        help="interruptions to draw from (default all): " + "; ".join(f"{k}: {v}" for k, v in KINDS.items()))
+    parser.add_argument("--stop-within", type=float, default=30.0,
+                        help="seconds a timed SIGTERM may take to stop the run (a scheduler's grace period)")
     opts = parser.parse_args()
+    extra = MATH_VERIFY if opts.verifier == "math-verify" else []
+    kinds = tuple(opts.kinds or KINDS)
+    if opts.verifier == "exact":  # no worker processes
+        kinds = tuple(k for k in kinds if k != "term-group-check")
     opts.work.mkdir(parents=True, exist_ok=True)
     if opts.m0 is None or opts.problems is None:
         m0_root = opts.work / "m0"
@@ -115,32 +188,37 @@ def main() -> int:
     shutil.rmtree(ref_cwd, ignore_errors=True)
     ref_cwd.mkdir()
     started, wall_start = time.monotonic(), time.time()
-    rc = run(run_args(ref_cwd / "run", m0_dir, problems), ref_cwd, trace=ref_cwd / "trace.jsonl")
+    rc = run(run_args(ref_cwd / "run", m0_dir, problems, *extra), ref_cwd, trace=ref_cwd / "trace.jsonl")
     duration = time.monotonic() - started
     if rc != 0:
         print(f"the uninterrupted run failed (exit status {rc}):\n{log_tail(ref_cwd)}")
         return 1
     reference_events = read_trace(ref_cwd / "trace.jsonl")
     ceiling = Counter(e["point"] for e in reference_events if e["event"] == "reach")
-    # timed kills fall between the first fault point (imports and model loading are over) and the end
-    window = (min(e["t"] for e in reference_events) - wall_start, duration)
-    print(f"uninterrupted run: {duration:.1f} s, first fault point after {window[0]:.1f} s; fault points "
-          f"reached: {dict(sorted(ceiling.items()))}", flush=True)
+    # timed interruptions fall between the first fault point (imports and model loading are over)
+    # and 90% of the uninterrupted run's time (a resumed process has less to do)
+    window = (min(e["t"] for e in reference_events) - wall_start, 0.9 * duration)
+    print(f"uninterrupted run ({opts.verifier}): {duration:.1f} s, first fault point after {window[0]:.1f} s; fault "
+          f"points reached: {dict(sorted(ceiling.items()))}", flush=True)
 
     rng = random.Random(opts.seed)
-    totals = Counter()
+    totals, counts = Counter(), Counter()
     for i in range(opts.trials):
         t0 = time.monotonic()
         processes, kills, where, problems_found = trial(i, rng, opts.work, m0_dir, problems, ref_cwd / "run",
-                                                        reference_events, ceiling, window, opts.max_kills)
+                                                        reference_events, ceiling, window, opts.max_kills,
+                                                        extra, kinds, opts.stop_within, counts)
         totals.update(runs=processes, kills=kills, mismatches=len(problems_found), bad_trials=bool(problems_found))
         status = "OK" if not problems_found else "MISMATCH"
-        print(f"trial {i:3d}: {status:8s} {processes} runs, {kills} kills, {time.monotonic() - t0:5.1f} s", flush=True)
+        print(f"trial {i:3d}: {status:8s} {processes} runs, {kills} interruptions, {time.monotonic() - t0:5.1f} s",
+              flush=True)
         for w in where:
-            print(f"    kill: {w}", flush=True)
+            print(f"    {w}", flush=True)
         for p in problems_found:
             print(f"    !! {p}", flush=True)
-    print(f"soak: {opts.trials} trials, runs: {totals['runs']}, kills: {totals['kills']}, "
+    latency = counts.pop("stop latency max (s)", None)
+    print(f"soak: {opts.trials} trials, runs: {totals['runs']}, interruptions: {totals['kills']} "
+          f"({', '.join(f'{k} {counts[k]}' for k in kinds)}), slowest stop after a timed SIGTERM: {latency} s, "
           f"mismatches: {totals['mismatches']} (in {totals['bad_trials']} trials)", flush=True)
     return 1 if totals["mismatches"] else 0
 

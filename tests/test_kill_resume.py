@@ -11,7 +11,9 @@ About 25 s per case on 2 cores.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -19,8 +21,10 @@ import pytest
 
 from hs_star_pl.artifacts import DONE, completed_rounds, round_dir
 from hs_star_pl.faults import POINTS, read_trace
+from hs_star_pl.preemption import exit_status
 from tests.helpers.kill_resume import (
     KILLED,
+    STOPPED,
     compare_runs,
     half_written_rounds,
     leftover_temporaries,
@@ -131,6 +135,111 @@ def test_resuming_a_finished_run_changes_nothing(reference, tiny_m0, tmp_path):
     assert run([*run_args(run_dir, m0, problems), "--ckpt_path=last"], tmp_path, trace=trace) == 0, log_tail(tmp_path)
     assert compare_runs(ref_run, run_dir) == []
     assert not trace.exists(), "the resumed run reached a fault point: it did work again"
+
+
+# -- stop signals: SIGTERM (to the main process or its whole group) and SLURM's requeue signal ------
+
+# point@k:SIGNAL[:group] (HS_STAR_SIGNAL): the signal is sent when the run reaches the point;
+# ":group" sends it to the whole process group, as SLURM, Kubernetes and docker stop do.
+SIGNAL_CASES = {
+    "resample@0:SIGTERM:group": "round 0's re-samples generated: the round stops there, unsaved",
+    "prm@2:SIGTERM": "round 1's pre-samples scored (only the main process is signalled)",
+    "training_step@0:SIGTERM:group": "the first optimizer step of iteration 0, not the last of its epoch",
+    "checkpoint@0:SIGTERM": "iteration 0's checkpoint being written: it finishes, round 1 never starts",
+}
+
+
+def _stops_at(trace, point: str, k: int) -> None:
+    """The stopped process reached ``point`` for the k-th time and then began no other unit of work."""
+    events = read_trace(trace)
+    reached = [e for e in events if e["event"] == "reach"]
+    assert (reached[-1]["point"], reached[-1]["k"]) == (point, k), f"work went on after the stop signal: {reached[-1]}"
+
+
+@pytest.mark.parametrize("case", list(SIGNAL_CASES), ids=list(SIGNAL_CASES))
+def test_a_stop_signal_stops_the_run_at_once_and_it_resumes_to_the_uninterrupted_result(case, reference, tiny_m0, tmp_path):
+    """SIGTERM is a stop, not a suggestion: the run ends at the next safe point with exit status
+    143 (before: sampling ran to the end of the round, then a training step, then exit 0), leaves
+    nothing half-written and no process behind, and resumes byte for byte."""
+    ref_run, ref_trace = reference
+    m0, problems = tiny_m0
+    run_dir, trace = tmp_path / "run", tmp_path / "trace.jsonl"
+    args = run_args(run_dir, m0, problems)
+    point, k = case.split(":")[0].split("@")
+
+    assert run(args, tmp_path, send=case, trace=trace) == STOPPED, log_tail(tmp_path)
+    _stops_at(trace, point, int(k))
+    assert "hs-star: stopped by SIGTERM" in log_tail(tmp_path)
+    assert half_written_rounds(run_dir) == []
+    assert not (run_dir / "hs-star.lock").exists()
+
+    assert run([*args, "--ckpt_path=last"], tmp_path, trace=trace) == 0, log_tail(tmp_path)
+    assert compare_runs(ref_run, run_dir) == []
+    events = read_trace(trace)
+    assert redone_work(events) == []
+    assert missing_work(ref_trace, events) == []
+    assert leftover_temporaries(run_dir) == []
+
+
+MATH_VERIFY = ["--self_training.verifier.class_path=hs_star_pl.verifiers.MathVerifyVerifier",
+               "--self_training.verifier.init_args.n_workers=1"]
+
+
+@pytest.fixture(scope="module")
+def reference_math_verify(tiny_m0, tmp_path_factory):
+    m0, problems = tiny_m0
+    cwd = tmp_path_factory.mktemp("uninterrupted_math_verify")
+    assert run(run_args(cwd / "run", m0, problems, *MATH_VERIFY), cwd) == 0, log_tail(cwd)
+    return cwd / "run"
+
+
+@pytest.mark.parametrize("check", [3, 60])
+def test_sigterm_to_the_group_mid_answer_check_is_not_a_verdict(check, reference_math_verify, tiny_m0, tmp_path):
+    """SIGTERM to the process group kills the math-verify worker in the middle of a check. That
+    check used to be stored as *ungradeable* and the round went on and was saved, so the resumed
+    run's scores, difficulty and ``round/presample_accuracy`` differed from an uninterrupted run.
+    A check cut short by a stop is not a verdict: the run stops, and the resumed run grades it."""
+    m0, problems = tiny_m0
+    run_dir = tmp_path / "run"
+    args = run_args(run_dir, m0, problems, *MATH_VERIFY)
+    assert run(args, tmp_path, send=f"worker_task@{check}:SIGTERM:group") == STOPPED, log_tail(tmp_path)
+    assert half_written_rounds(run_dir) == []
+    assert run([*args, "--ckpt_path=last"], tmp_path) == 0, log_tail(tmp_path)
+    assert compare_runs(reference_math_verify, run_dir) == []
+
+
+SLURM_ENV = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "hs-star-test",
+             "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+             "SLURM_NODELIST": "localhost"}
+
+
+@pytest.mark.parametrize("case", ["resample@0:SIGUSR1", "training_step@0:SIGUSR1"])
+def test_slurm_requeue_signal_stops_requeues_and_resumes(case, reference, tiny_m0, tmp_path, monkeypatch):
+    """Under SLURM (Lightning's ``SLURMEnvironment``, ``auto_requeue`` on by default) SIGUSR1 is
+    Lightning's requeue signal. The run stops at its next safe point (not mid-round from inside the
+    handler, as Lightning's own handler saves an "hpc" checkpoint), exits 138, runs
+    ``scontrol requeue <job>``, and the requeued job resumes to the uninterrupted result."""
+    ref_run, _ = reference
+    m0, problems = tiny_m0
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol.log"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    for key, value in SLURM_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    run_dir, trace = tmp_path / "run", tmp_path / "trace.jsonl"
+    args = run_args(run_dir, m0, problems)
+
+    assert run(args, tmp_path, send=case, trace=trace) == exit_status(signal.SIGUSR1), log_tail(tmp_path)
+    point, k = case.split(":")[0].split("@")
+    _stops_at(trace, point, int(k))
+    assert calls.read_text().split() == ["requeue", "4242"]
+    assert not list(run_dir.rglob("hpc_ckpt_*.ckpt"))
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert run([*args, "--ckpt_path=last"], tmp_path, trace=trace) == 0, log_tail(tmp_path)
+    assert compare_runs(ref_run, run_dir) == []
+    assert calls.read_text().split() == ["requeue", "4242"]  # a finished run is not requeued
 
 
 def test_the_soak_script_starts():

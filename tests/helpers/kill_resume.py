@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -30,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from hs_star_pl.artifacts import DONE, read_jsonl, round_dir
-from hs_star_pl.faults import FAULT_ENV, TRACE_ENV
+from hs_star_pl.faults import FAULT_ENV, SIGNAL_ENV, TRACE_ENV
+from hs_star_pl.preemption import exit_status
 from tests.helpers.self_training import env, self_training_args
 
 N_ITERATIONS = 2
@@ -42,43 +44,94 @@ ROUND_POINTS = {"presample", "prm", "resample", "reference_logps", "round_write"
 COMPARED_METRICS = ("train/loss_epoch", "train/reward_accuracy_epoch", "train/margin_epoch", "round/n_pairs",
                     "round/n_boundary", "round/samples_total", "round/presample_accuracy")
 KILLED = -signal.SIGKILL
+STOPPED = exit_status(signal.SIGTERM)
+"""A run stopped by SIGTERM at a safe point (128 + 15)."""
 
 
 def run_args(run: Path, m0: Path, problems: Path, *extra: str) -> list[str]:
     return self_training_args(run, m0, problems, *extra)
 
 
-def start(args: Sequence[str], cwd: Path, *, fault: str | None = None, trace: Path | None = None) -> subprocess.Popen:
-    """Start ``hs-star`` with an optional ``HS_STAR_FAULT`` and ``HS_STAR_TRACE``; output to ``cwd/run.log``."""
+def start(args: Sequence[str], cwd: Path, *, fault: str | None = None, trace: Path | None = None,
+          send: str | None = None) -> subprocess.Popen:
+    """Start ``hs-star`` with an optional ``HS_STAR_FAULT``, ``HS_STAR_SIGNAL`` and ``HS_STAR_TRACE``;
+    output to ``cwd/run.log``. It leads its own process group (as a scheduler's job does), so
+    a signal to that group reaches it and its helper processes and nothing else."""
     extra = {}
     if fault:
         extra[FAULT_ENV] = fault
+    if send:
+        extra[SIGNAL_ENV] = send
     if trace:
         extra[TRACE_ENV] = str(trace)
     log = open(cwd / "run.log", "ab")
     try:
         return subprocess.Popen([sys.executable, "-m", "hs_star_pl", *args], cwd=cwd, env=env(**extra),
-                                stdout=log, stderr=subprocess.STDOUT)
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     finally:
         log.close()
 
 
 def run(args: Sequence[str], cwd: Path, *, fault: str | None = None, trace: Path | None = None,
-        kill_after_s: float | None = None, timeout: float = 900) -> int:
-    """Run ``hs-star`` to its end, or SIGKILL it after ``kill_after_s``; returns the exit status."""
-    proc = start(args, cwd, fault=fault, trace=trace)
+        kill_after_s: float | None = None, send: str | None = None, signal_after_s: float | None = None,
+        signum: int = signal.SIGTERM, group: bool = False, timeout: float = 900) -> int:
+    """Run ``hs-star`` to its end; returns the exit status.
+
+    ``kill_after_s``: SIGKILL it then. ``signal_after_s``: send it ``signum`` then, to the main
+    process or with ``group`` to its whole process group (workers and children included).
+    ``send``: an ``HS_STAR_SIGNAL`` spec (a signal at a named point). Whatever is left of the
+    process group when the main process ends is SIGKILLed (a test must not leak processes).
+    """
+    proc = start(args, cwd, fault=fault, trace=trace, send=send)
     deadline = time.monotonic() + timeout
     kill_at = time.monotonic() + kill_after_s if kill_after_s is not None else None
-    while proc.poll() is None:
-        now = time.monotonic()
-        if kill_at is not None and now >= kill_at:
-            proc.kill()
-        elif now > deadline:
-            proc.kill()
-            proc.wait()
-            raise AssertionError(f"hs-star did not finish within {timeout} s (log: {cwd / 'run.log'})")
-        time.sleep(0.02)
+    signal_at = time.monotonic() + signal_after_s if signal_after_s is not None else None
+    try:
+        while proc.poll() is None:
+            now = time.monotonic()
+            if kill_at is not None and now >= kill_at:
+                proc.kill()
+            elif signal_at is not None and now >= signal_at:
+                signal_at = None
+                if group:
+                    os.killpg(proc.pid, signum)
+                else:
+                    proc.send_signal(signum)
+            elif now > deadline:
+                proc.kill()
+                proc.wait()
+                raise AssertionError(f"hs-star did not finish within {timeout} s (log: {cwd / 'run.log'})")
+            time.sleep(0.02)
+    finally:
+        left = leftover_group(proc.pid)
+        grace = time.monotonic() + 10.0
+        while left and time.monotonic() < grace:  # helper processes notice their parent is gone
+            time.sleep(0.1)
+            left = leftover_group(proc.pid)
+        leftover_group(proc.pid, kill=True)
+    if left:
+        raise AssertionError(f"processes of the run outlived it by 10 s: {left} (log: {cwd / 'run.log'})")
     return proc.returncode
+
+
+def leftover_group(pgid: int, kill: bool = False) -> list[int]:
+    """The processes still in process group ``pgid`` (Linux ``/proc``); SIGKILL them if ``kill``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rfind(")") + 2 :].split()
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+            found.append(int(stat.parent.name))
+    if kill:
+        for pid in found:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return found
 
 
 def log_tail(cwd: Path, n: int = 3000) -> str:

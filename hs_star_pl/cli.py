@@ -102,7 +102,6 @@ class HSStarCLI(LightningCLI):
             return
         bootstrap_stepwise_init(configs, Path(model_path))
 
-
     def _lock_run_dir(self, config: Namespace) -> None:
         """Refuse to run into a folder another live ``hs-star`` is using (``hs_star_pl.run_lock``);
         before anything is written there, M_0's bootstrap included. Only when a command runs."""
@@ -271,7 +270,8 @@ def main(args: list[str] | None = None) -> None:
     except preemption.Preempted as stop:
         _stopped(stop.signum, stop.where)
     except SIGTERMException:  # Lightning's stop after a training batch or at an epoch's end
-        _stopped(preemption.requested() or signal.SIGTERM, "in training (after the last finished batch)")
+        _stopped(preemption.requested() or signal.SIGTERM,
+                 "during training (what it trained since the last epoch-end checkpoint is redone)")
     except HSStarError as err:
         if os.environ.get("HS_STAR_DEBUG"):
             raise

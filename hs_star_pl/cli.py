@@ -298,7 +298,8 @@ def main(args: list[str] | None = None) -> None:
     except preemption.Preempted as stop:
         _stopped(stop.signum, stop.where)
     except SIGTERMException:  # Lightning's stop after a training batch or at an epoch's end
-        _stopped(preemption.requested() or signal.SIGTERM, "in training (after the last finished batch)")
+        _stopped(preemption.requested() or signal.SIGTERM,
+                 "during training (what it trained since the last epoch-end checkpoint is redone)")
     except HSStarError as err:
         if os.environ.get("HS_STAR_DEBUG"):
             raise

@@ -6,15 +6,16 @@ process, a step-wise initialisation child), then SIGKILL after a grace period (3
 default for SLURM and Kubernetes, 10 s for Docker). What this module guarantees:
 
 * **A stop request is recorded, never ignored.** :func:`install` (called by ``hs-star``
-  before anything else) turns SIGTERM into a request; ``SelfTrainingCallback`` and the CLI
-  act on it at the next safe point, and the process exits with :func:`exit_status`
-  (``128 + signal``: 143 for SIGTERM, what a shell reports for a process that signal ended).
-* **Where it stops.** Work that is dropped anyway when a run is killed (start-up, sampling,
-  answer checks, PRM scoring, reference log-probs: everything inside :func:`interruptible`, and
-  start-up until :func:`end_startup`) is cut short at once by raising :class:`Preempted` from
-  the signal handler; every unit already
-  finished is on disk (phase files are written atomically), so a resume with
-  ``--ckpt_path last`` reuses it. Elsewhere the request waits for a safe point: Lightning
+  before anything else) turns SIGTERM into a request; ``SelfTrainingCallback``,
+  ``StopRequestCallback`` and the CLI act on it at the next safe point, and the process exits
+  with :func:`exit_status` (``128 + signal``: 143 for SIGTERM, what a shell reports for a
+  process that signal ended).
+* **Where it stops.** Work that is dropped anyway when a run is killed (sampling, answer
+  checks, PRM scoring, reference log-probs: everything inside :func:`interruptible`; and
+  start-up, from :func:`begin_startup` to :func:`end_startup`) is cut short at once by raising
+  :class:`Preempted` from the signal handler; every unit already finished is on disk (phase
+  files are written atomically), so a resume with ``--ckpt_path last`` reuses it, exactly as
+  after a SIGKILL at that moment. Elsewhere the request waits for a safe point: Lightning
   stops training after the current batch (its own SIGTERM flag, which :func:`attach` also
   sets for the other stop signals), and an epoch's end-of-epoch work (export, evaluation,
   checkpoint) finishes before the stop.
@@ -51,6 +52,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 STOP_SIGNALS: tuple[int, ...] = (signal.SIGTERM,)
@@ -94,15 +96,16 @@ def exit_status(signum: int) -> int:
 # ---------------------------------------------------------------------------------------
 
 
+@dataclass
 class _State:
     signum: int | None = None  # the first stop signal received
     requeue: bool = False  # it was the SLURM requeue signal under auto_requeue
-    raised: bool = False  # Preempted was raised by the handler already
-    where: list[str] = []  # labels of the interruptible() blocks the main thread is in
+    raised: bool = False  # Preempted was raised already
+    where: list[str] = field(default_factory=list)  # labels of the interruptible() blocks the main thread is in
     starting: bool = False  # between the command's start and its training (or testing) loop
-    installed: set[int] = set()
-    requeue_signals: set[int] = set()
-    previous: dict[int, Any] = {}
+    installed: set[int] = field(default_factory=set)  # signals whose handler is ours
+    requeue_signals: set[int] = field(default_factory=set)
+    previous: dict[int, Any] = field(default_factory=dict)  # the handlers ours replaced
     trainer: Any = None  # weakref to the attached Trainer
 
 

@@ -208,6 +208,25 @@ def test_sigterm_to_the_group_mid_answer_check_is_not_a_verdict(check, reference
     assert compare_runs(reference_math_verify, run_dir) == []
 
 
+@pytest.mark.vllm
+def test_sigterm_to_the_group_stops_the_vllm_engine_process_with_the_run(tiny_m0, tmp_path):
+    """vLLM's engine core is a process of its own: a SIGTERM to the group reaches it too. The run
+    still stops as stopped (143, not an engine error), no process outlives it (``run`` checks),
+    and the resumed run reuses round 0's finished pre-samples and completes."""
+    pytest.importorskip("vllm")
+    m0, problems = tiny_m0
+    run_dir, trace = tmp_path / "run", tmp_path / "trace.jsonl"
+    args = run_args(run_dir, m0, problems, "-c", str(REPO / "configs" / "engine" / "vllm.yaml"),
+                    "--self_training.engine.init_args.dtype=float32",
+                    "--self_training.engine.init_args.enable_sleep_mode=false")
+    assert run(args, tmp_path, send="resample@0:SIGTERM:group", trace=trace) == STOPPED, log_tail(tmp_path)
+    _stops_at(trace, "resample", 0)
+    presamples = round_dir(run_dir, 0) / "presample_scored.jsonl"
+    before = presamples.stat().st_mtime_ns
+    assert run([*args, "--ckpt_path=last"], tmp_path, trace=trace) == 0, log_tail(tmp_path)
+    assert completed_rounds(run_dir) == [0, 1] and presamples.stat().st_mtime_ns == before
+
+
 SLURM_ENV = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "hs-star-test",
              "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
              "SLURM_NODELIST": "localhost"}

@@ -206,7 +206,7 @@ def test_a_truncated_checkpoint_is_one_message_naming_it(finished, tiny_m0, tmp_
 needs_namespaces = pytest.mark.skipif(not small_disk.available(), reason="needs unshare -Urm (user namespaces) for a tmpfs")
 # The free space is measured when the message is made: the run lock, released by then, may
 # have given back one block of the filled disk.
-FULL = r"the disk is full \(No space left on device\) writing {where}; (0|4096) bytes free there now\. Files hs-star finished"
+FULL = r"the disk is full \(No space left on device\) writing {where}; (0 bytes|4096 bytes|4.0 KiB) free there now\. Files hs-star finished"
 RESUME = "free some space, then run the same command with --ckpt_path last to resume"
 
 

@@ -122,6 +122,8 @@ class HSStarCLI(LightningCLI):
         root = config.get("trainer", {}).get("default_root_dir")
         if self.subcommand is None or root is None or not is_launching_process():
             return
+        if "://" not in str(root):  # the lock is the first file written: refuse a read-only folder by its key
+            check_writable(root, "trainer.default_root_dir")
         RunLock(root).acquire()
 
     def _run_subcommand(self, subcommand: str) -> None:

@@ -142,12 +142,12 @@ def check_writable(path: str | os.PathLike, key: str) -> None:
         ConfigError: naming ``key``, the folder, and why (read-only file system or permission).
     """
     existing = _existing(Path(path))
-    if os.access(existing, os.W_OK | os.X_OK):
-        return
-    try:
+    try:  # asked first: under some sandboxes (gVisor) access() grants root writes a read-only mount refuses
         read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
     except (OSError, AttributeError):
         read_only = False
+    if not read_only and os.access(existing, os.W_OK | os.X_OK):
+        return
     reason = "is on a read-only file system" if read_only else "is not writable by this user (permission denied)"
     shown = f"{path}" if existing == Path(path).absolute() else f"{path} (its parent {existing})"
     raise ConfigError(f"{key}={shown} {reason}: the run writes its rounds, checkpoints and logs there; "

@@ -185,6 +185,15 @@ class KillablePool:
         child_conn.close()
         return _Worker(process, parent_conn)
 
+    def _imports_work_here(self) -> bool:
+        """Whether the workers' imports succeed in this process, which has no memory limit."""
+        try:
+            for name in self.warm_imports:
+                importlib.import_module(name)
+        except ImportError:
+            return False
+        return self.memory_limit_mb > 0
+
     def _replace(self, worker: _Worker) -> None:
         worker.process.kill()
         worker.process.join(timeout=5.0)
@@ -286,6 +295,12 @@ class KillablePool:
                     self._start_failures = 0
                 elif msg[0] == "import_error":
                     self.close()
+                    if self._imports_work_here():  # the worker's memory limit broke an import midway
+                        raise RuntimeError(
+                            f"{self.config_key} worker processes could not import their modules although "
+                            f"this process can ({msg[1]}); {self.config_key}.memory_limit_mb="
+                            f"{self.memory_limit_mb} is likely too low for their imports"
+                        )
                     raise ImportError(msg[1])
                 else:
                     task_id, (status, value) = msg

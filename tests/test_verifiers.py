@@ -319,6 +319,37 @@ def test_workers_that_cannot_start_raise_instead_of_respawning_forever():
     v.close()
 
 
+LIMITED_IMPORT = """
+import resource
+if resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY:
+    raise ImportError("Unsupported ANTLR version , only 4.9.3 runtime versions are supported.")
+"""
+
+
+def test_an_import_broken_only_by_the_memory_limit_names_the_limit(tmp_path, monkeypatch):
+    """Under a tight RLIMIT_AS some packages fail their import with a misleading ImportError
+    (antlr4 reports an empty version) instead of a MemoryError; the pool must still blame the limit."""
+    from hs_star_pl.workers import KillablePool
+
+    (tmp_path / "limited_import_probe.py").write_text(LIMITED_IMPORT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pool = KillablePool(_echo_task, n_workers=1, timeout_s=30, memory_limit_mb=4000,
+                        warm_imports=("limited_import_probe",), import_hint="probe needs a package",
+                        config_key="verifier")
+    with pytest.raises(RuntimeError, match=r"verifier\.memory_limit_mb=4000 is likely too low"):
+        pool.run([("echo", 1)])
+    pool.close()
+    missing = KillablePool(_echo_task, n_workers=1, timeout_s=30, memory_limit_mb=4000,
+                           warm_imports=("no_such_module_anywhere",), import_hint="install it")
+    with pytest.raises(ImportError, match="install it"):
+        missing.run([("echo", 1)])
+    missing.close()
+
+
+def _echo_task(kind, payload):
+    return payload
+
+
 def test_bad_gold_is_ungradeable_even_without_a_response_answer(mv):
     with pytest.warns(UserWarning, match="ungradeable"):
         assert mv.verify(["no final answer", "no final answer"], ["$$", "4"]) == [None, False]

@@ -60,7 +60,7 @@ from hs_star_pl.errors import ConfigError, EmptyRoundError
 from hs_star_pl.export import HFExportCallback
 from hs_star_pl.fingerprint import SettingsRecord, mismatch_message, read_record, recorded_rounds, settings_of, write_record
 from hs_star_pl.problems import FieldMap, ProblemPool, load_problems
-from hs_star_pl.protocols import AnswerVerifier, ProcessRewardModel, RolloutEngine, SamplingParams
+from hs_star_pl.protocols import AnswerVerifier, ProcessRewardModel, RolloutEngine, SamplingParams, lifecycle_of
 from hs_star_pl.records import PreferencePair, Problem
 from hs_star_pl.rounds import RoundConfig, RoundResult, explain_no_examples, run_round
 from hs_star_pl.selection import SelectionConfig
@@ -215,7 +215,7 @@ class SelfTrainingCallback(L.Callback):
                 check_step_delimiter(datamodule.template, self.round_config.step_delimiter)
             except ValueError as err:
                 errors.append(str(err))
-        if getattr(self.engine, "sync_from", "weights") == "export" and _exporter(trainer) is None:
+        if lifecycle_of(self.engine).sync_from == "export" and _exporter(trainer) is None:
             errors.append("self_training.engine.init_args.sync_from=export reloads the HF export of each "
                           "iteration: set export.enabled: true, or use sync_from: weights")
         if errors:
@@ -361,8 +361,7 @@ class SelfTrainingCallback(L.Callback):
             gather=lambda mine: all_gather_objects(trainer.world_size, mine),
             broadcast=lambda value: trainer.strategy.broadcast(value, src=0),
         )
-        if hasattr(self.engine, "sleep"):
-            self.engine.sleep()
+        lifecycle_of(self.engine).sleep()
         extra: dict[str, Any] = {"world_size": trainer.world_size, "seconds_engine_sync": seconds_sync}
         if canary is not None:  # the engine's log-probs vs the trainer's after the weight sync
             extra["canary_mean_abs_logprob_diff"] = canary.mean_abs_diff
@@ -385,30 +384,28 @@ class SelfTrainingCallback(L.Callback):
     def _prepare_engine(self, trainer: L.Trainer, module: L.LightningModule, iteration: int) -> Any:
         """Point the engine at the current policy M_t (once per iteration); returns the canary report, if any.
 
-        In-process engines (``bind``) sample from the policy itself. Engines with their own
-        copy get M_t in one of two ways. ``sync_from: weights`` (``sync_weights``): the state
-        dict is streamed, gathered one parameter at a time under ZeRO-3 (every rank gathers,
-        every rank's engine receives); an engine that has not started yet starts on it.
-        ``sync_from: export`` (``load_from_dir``): the engine reloads the HF export of M_t
-        that the run already wrote (``policy_export``), so no extra copy of the weights is
-        made; without one (M_0 built from ``model.tiny``) the weights are streamed instead.
-        Either way the engine compares its log-probs with ``module.model``'s afterwards.
+        The contract is ``protocols.EngineLifecycle``. In-process engines (``bind``) sample
+        from the policy itself. Engines with their own copy get M_t in one of two ways.
+        ``sync_from: weights`` (``sync_weights``): the state dict is streamed, gathered one
+        parameter at a time under ZeRO-3 (every rank gathers, every rank's engine receives);
+        an engine that has not started yet starts on it. ``sync_from: export``
+        (``load_from_dir``): the engine reloads the HF export of M_t that the run already
+        wrote (``policy_export``), so no extra copy of the weights is made; without one (M_0
+        built from ``model.tiny``) the weights are streamed instead. Either way the engine
+        compares its log-probs with ``module.model``'s afterwards.
         """
-        engine = self.engine
-        if hasattr(engine, "wake_up"):
-            engine.wake_up()
-        if hasattr(engine, "bind"):
+        engine = lifecycle_of(self.engine)
+        engine.wake_up()
+        if engine.in_process:
             engine.bind(module.model, module.tokenizer)
             return None
-        if getattr(engine, "sync_from", "weights") == "export":
+        if engine.sync_from == "export":
             path = self.policy_export(trainer, module, iteration)
             if path is not None:
                 rank_zero_info(f"round {iteration}: the engine reloads M_{iteration} from {path}")
                 return engine.load_from_dir(path, reference_model=module.model)
             rank_zero_info(f"round {iteration}: no HF export of M_{iteration} (model.tiny): streaming the weights")
-        if hasattr(engine, "sync_weights"):
-            return engine.sync_weights(module.model, weights=iter_full_state_dict(module.model), tokenizer=module.tokenizer)
-        return None
+        return engine.sync_weights(module.model, weights=iter_full_state_dict(module.model), tokenizer=module.tokenizer)
 
     @staticmethod
     def policy_export(trainer: L.Trainer, module: L.LightningModule, iteration: int) -> Path | None:

@@ -3,6 +3,11 @@
 One iteration = one round (``rounds.run_round``: pre-sample, score, classify, reallocate,
 re-sample, select) + reference log-probs + ``epochs_per_iteration`` training epochs.
 
+The callback serves rounds and keeps their state; the rest lives with its owner: the checks
+across trainer, model and data in ``config_checks``, the engine's lifecycle in
+``protocols.EngineLifecycle``, each iteration's schedule restart and optimizer reset in
+``schedules.start_iteration``, and the plots in ``plots``.
+
 How it meets Lightning's hook order: Lightning builds the train dataloader *before*
 ``on_train_epoch_start`` (and ``configure_optimizers`` may build it even earlier), so instead
 of pushing data at a hook, the callback gives the ``MathDataModule`` an *example source*.
@@ -31,10 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
-import math
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,21 +56,23 @@ from hs_star_pl.artifacts import (
     write_round,
 )
 from hs_star_pl.budget import BudgetAllocator, HierarchicalBudget
+from hs_star_pl.config_checks import long_prompts_warning, self_training_errors
 from hs_star_pl.difficulty import DifficultyConfig
 from hs_star_pl.distributed import all_gather_objects
 from hs_star_pl.errors import ConfigError, EmptyRoundError
 from hs_star_pl.export import HFExportCallback
 from hs_star_pl.fingerprint import SettingsRecord, mismatch_message, read_record, recorded_rounds, settings_of, write_record
+from hs_star_pl.plots import plot_history, plot_round
 from hs_star_pl.problems import FieldMap, ProblemPool, load_problems
-from hs_star_pl.protocols import AnswerVerifier, ProcessRewardModel, RolloutEngine, SamplingParams
-from hs_star_pl.records import PreferencePair, Problem
+from hs_star_pl.protocols import AnswerVerifier, ProcessRewardModel, RolloutEngine, SamplingParams, lifecycle_of
+from hs_star_pl.records import PreferencePair
 from hs_star_pl.rounds import RoundConfig, RoundResult, explain_no_examples, run_round
+from hs_star_pl.schedules import start_iteration
 from hs_star_pl.selection import SelectionConfig
 from hs_star_pl.steps import DEFAULT_STEP_DELIMITER
-from hs_star_pl.templates import check_step_delimiter, render_prompt
+from hs_star_pl.templates import render_prompt
 from hs_star_pl.zero import iter_full_state_dict
 
-log = logging.getLogger(__name__)
 SCHEMA_VERSION = 3  # 2: the last iteration and each round's ledger totals; 3: the settings record
 
 
@@ -187,37 +191,17 @@ class SelfTrainingCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not self.active or stage != "fit":
             return
-        errors = []
-        if trainer.reload_dataloaders_every_n_epochs != 1:
-            errors.append(
-                "trainer.reload_dataloaders_every_n_epochs must be 1 (each epoch trains on its "
-                f"iteration's data), got {trainer.reload_dataloaders_every_n_epochs}"
-            )
-        expected = self.n_iterations * self.epochs_per_iteration
-        if trainer.max_epochs != expected:
-            errors.append(
-                f"trainer.max_epochs ({trainer.max_epochs}) must equal self_training.n_iterations "
-                f"({self.n_iterations}) x self_training.epochs_per_iteration ({self.epochs_per_iteration}) = {expected}"
-            )
-        objective = getattr(pl_module, "objective", None)
-        if objective != self.round_config.selection.objective:
-            errors.append(
-                f"model.objective ({objective!r}) must match self_training.selection.objective "
-                f"({self.round_config.selection.objective!r})"
-            )
         datamodule = trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "set_example_source"):
-            errors.append("self-training needs MathDataModule as the data module")
-        else:
-            if datamodule.train_file is not None or datamodule.problems_file is not None:
-                errors.append("data.train_file and data.problems_file must be unset: self-training makes its own data")
-            try:
-                check_step_delimiter(datamodule.template, self.round_config.step_delimiter)
-            except ValueError as err:
-                errors.append(str(err))
-        if getattr(self.engine, "sync_from", "weights") == "export" and _exporter(trainer) is None:
-            errors.append("self_training.engine.init_args.sync_from=export reloads the HF export of each "
-                          "iteration: set export.enabled: true, or use sync_from: weights")
+        serves = datamodule is not None and hasattr(datamodule, "set_example_source")
+        errors = self_training_errors(
+            n_iterations=self.n_iterations, epochs_per_iteration=self.epochs_per_iteration,
+            max_epochs=trainer.max_epochs, reload_dataloaders_every_n_epochs=trainer.reload_dataloaders_every_n_epochs,
+            model_objective=getattr(pl_module, "objective", None), selection_objective=self.round_config.selection.objective,
+            data=dict(train_file=datamodule.train_file, problems_file=datamodule.problems_file,
+                      template=datamodule.template) if serves else None,
+            step_delimiter=self.round_config.step_delimiter, engine_sync_from=lifecycle_of(self.engine).sync_from,
+            export_enabled=_exporter(trainer) is not None,
+        )
         if errors:
             raise ConfigError("self-training configuration:\n  - " + "\n  - ".join(errors))
         self._pool = self.load_pool()
@@ -237,8 +221,10 @@ class SelfTrainingCallback(L.Callback):
         message = mismatch_message(f"{root} holds rounds", recorded_rounds(root), self._settings, root)
         if message is not None:
             raise ConfigError(message)
-        warn_long_prompts(problems, pl_module, datamodule.template, self.round_config.sampling.max_new_tokens,
-                          self.problems_file)
+        warning = long_prompts_warning(problems, pl_module, datamodule.template, self.round_config.sampling.max_new_tokens,
+                                       self.problems_file)
+        if warning is not None:
+            rank_zero_warn(warning)
         datamodule.set_example_source(self.examples_for_epoch)
         rank_zero_info(
             f"self-training: {len(problems)} problems, {self.n_iterations} iterations, "
@@ -361,8 +347,7 @@ class SelfTrainingCallback(L.Callback):
             gather=lambda mine: all_gather_objects(trainer.world_size, mine),
             broadcast=lambda value: trainer.strategy.broadcast(value, src=0),
         )
-        if hasattr(self.engine, "sleep"):
-            self.engine.sleep()
+        lifecycle_of(self.engine).sleep()
         extra: dict[str, Any] = {"world_size": trainer.world_size, "seconds_engine_sync": seconds_sync}
         if canary is not None:  # the engine's log-probs vs the trainer's after the weight sync
             extra["canary_mean_abs_logprob_diff"] = canary.mean_abs_diff
@@ -377,7 +362,7 @@ class SelfTrainingCallback(L.Callback):
         if trainer.is_global_zero:
             write_round(directory, result, extra_summary=extra)
             if self.plots:
-                _plot_round(directory, result)
+                plot_round(directory, result)
         trainer.strategy.barrier("hs_star_round_written")
         rank_zero_info(f"round {iteration}: {json.dumps({k: v for k, v in result.summary().items() if k != 'seconds'})}")
         return result
@@ -385,30 +370,28 @@ class SelfTrainingCallback(L.Callback):
     def _prepare_engine(self, trainer: L.Trainer, module: L.LightningModule, iteration: int) -> Any:
         """Point the engine at the current policy M_t (once per iteration); returns the canary report, if any.
 
-        In-process engines (``bind``) sample from the policy itself. Engines with their own
-        copy get M_t in one of two ways. ``sync_from: weights`` (``sync_weights``): the state
-        dict is streamed, gathered one parameter at a time under ZeRO-3 (every rank gathers,
-        every rank's engine receives); an engine that has not started yet starts on it.
-        ``sync_from: export`` (``load_from_dir``): the engine reloads the HF export of M_t
-        that the run already wrote (``policy_export``), so no extra copy of the weights is
-        made; without one (M_0 built from ``model.tiny``) the weights are streamed instead.
-        Either way the engine compares its log-probs with ``module.model``'s afterwards.
+        The contract is ``protocols.EngineLifecycle``. In-process engines (``bind``) sample
+        from the policy itself. Engines with their own copy get M_t in one of two ways.
+        ``sync_from: weights`` (``sync_weights``): the state dict is streamed, gathered one
+        parameter at a time under ZeRO-3 (every rank gathers, every rank's engine receives);
+        an engine that has not started yet starts on it. ``sync_from: export``
+        (``load_from_dir``): the engine reloads the HF export of M_t that the run already
+        wrote (``policy_export``), so no extra copy of the weights is made; without one (M_0
+        built from ``model.tiny``) the weights are streamed instead. Either way the engine
+        compares its log-probs with ``module.model``'s afterwards.
         """
-        engine = self.engine
-        if hasattr(engine, "wake_up"):
-            engine.wake_up()
-        if hasattr(engine, "bind"):
+        engine = lifecycle_of(self.engine)
+        engine.wake_up()
+        if engine.in_process:
             engine.bind(module.model, module.tokenizer)
             return None
-        if getattr(engine, "sync_from", "weights") == "export":
+        if engine.sync_from == "export":
             path = self.policy_export(trainer, module, iteration)
             if path is not None:
                 rank_zero_info(f"round {iteration}: the engine reloads M_{iteration} from {path}")
                 return engine.load_from_dir(path, reference_model=module.model)
             rank_zero_info(f"round {iteration}: no HF export of M_{iteration} (model.tiny): streaming the weights")
-        if hasattr(engine, "sync_weights"):
-            return engine.sync_weights(module.model, weights=iter_full_state_dict(module.model), tokenizer=module.tokenizer)
-        return None
+        return engine.sync_weights(module.model, weights=iter_full_state_dict(module.model), tokenizer=module.tokenizer)
 
     @staticmethod
     def policy_export(trainer: L.Trainer, module: L.LightningModule, iteration: int) -> Path | None:
@@ -482,29 +465,13 @@ class SelfTrainingCallback(L.Callback):
         if not self.active or trainer.current_epoch % self.epochs_per_iteration:
             return
         iteration = trainer.current_epoch // self.epochs_per_iteration
-        self._start_optimisation(trainer, iteration)
+        for steps in start_iteration(trainer, self.epochs_per_iteration, restart_lr_schedule=self.restart_lr_schedule,
+                                     reset_optimizer_state=self.reset_optimizer_state, iteration=iteration):
+            rank_zero_info(f"self-training: iteration {iteration} learning-rate schedule over {steps} optimizer steps")
         metrics = self._unlogged.pop(iteration, None)
         if metrics is not None and trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
-
-    def _start_optimisation(self, trainer: L.Trainer, iteration: int) -> None:
-        """An iteration's optimisation starts like a new run: its own schedule, optionally a
-        fresh optimizer. Runs when the iteration's dataloader exists (its length is known)
-        and before its first step; a resume from the end of the previous epoch repeats it
-        identically, and a schedule already restarted is restored from the checkpoint."""
-        if self.reset_optimizer_state and iteration > 0:
-            for optimizer in trainer.optimizers:
-                clear_optimizer_state(optimizer)
-        if not self.restart_lr_schedule:
-            return
-        steps = math.ceil(trainer.num_training_batches / max(1, trainer.accumulate_grad_batches))
-        steps *= self.epochs_per_iteration
-        for config in trainer.lr_scheduler_configs:
-            restart = getattr(config.scheduler, "restart", None)
-            if restart is not None and steps > 0 and config.interval == "step":
-                restart(steps)
-                rank_zero_info(f"self-training: iteration {iteration} learning-rate schedule over {steps} optimizer steps")
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -512,7 +479,7 @@ class SelfTrainingCallback(L.Callback):
             # From disk: a resumed process has served only the rounds since the resume.
             root = self.rounds_root(trainer)
             summaries = [read_json(round_dir(root, t) / "summary.json") for t in completed_rounds(root)]
-            _plot_history(root / "rounds", summaries)
+            plot_history(root / "rounds", summaries)
 
     # -- checkpoint state (small, plain, versioned; the disk stays the truth) ----------------
 
@@ -587,116 +554,6 @@ _ROUND_STATE_KEYS = ("iteration", "directory", "n_problems", "samples_presample"
 _ROUND_CHECK_KEYS = tuple(k for k in _ROUND_STATE_KEYS if k not in ("iteration", "directory"))
 
 
-def warn_long_prompts(problems: Sequence[Problem], pl_module: Any, template: str, max_new_tokens: int,
-                      problems_file: str | None) -> int:
-    """Warn when prompts leave no room in the policy's context for ``max_new_tokens``; returns how many.
-
-    The context is the policy's ``max_position_embeddings``. Such a problem cannot be read
-    whole and answered, yet is sampled like any other; usually the wrong field was taken as
-    the question, or the model is not the intended one. Only prompts whose UTF-8 length
-    could exceed the room are tokenized (a token covers at least one byte).
-    """
-    tokenizer = getattr(pl_module, "tokenizer", None)
-    context = getattr(getattr(getattr(pl_module, "model", None), "config", None), "max_position_embeddings", None)
-    if tokenizer is None or not isinstance(context, int):
-        return 0
-    room = context - max_new_tokens
-    prompts = {p.id: render_prompt(template, p.question) for p in problems}
-    maybe = [pid for pid, text in prompts.items() if len(text.encode("utf-8")) + 8 > room]
-    if not maybe:
-        return 0
-    lengths = dict(zip(maybe, (len(ids) for ids in tokenizer([prompts[pid] for pid in maybe])["input_ids"])))
-    over = {pid: n for pid, n in lengths.items() if n > room}
-    if over:
-        worst = max(over, key=over.get)
-        rank_zero_warn(
-            f"{len(over)} of the {len(problems)} problems in self_training.problems_file={problems_file} have prompts "
-            f"longer than the policy's context ({context} tokens, max_position_embeddings) leaves for "
-            f"self_training.sampling.max_new_tokens ({max_new_tokens}); the longest, problem {worst!r}, is "
-            f"{over[worst]} tokens. They cannot be read whole and answered: check the question field "
-            f"(self_training.problem_fields.question_key) and the model"
-        )
-    return len(over)
-
-
 def _exporter(trainer: L.Trainer) -> HFExportCallback | None:
     """The run's enabled HF export callback, if any."""
     return next((c for c in trainer.callbacks if isinstance(c, HFExportCallback) and c.enabled), None)
-
-
-def clear_optimizer_state(optimizer: Any) -> None:
-    """Forget an optimizer's per-parameter state (moments, step counts), keeping its settings.
-
-    Torch's optimizers (and DeepSpeed's, which wrap one as ``.optimizer``) rebuild an empty
-    state on their next step, exactly as a new optimizer would. Every wrapped level is cleared.
-    """
-    seen = set()
-    while optimizer is not None and id(optimizer) not in seen:
-        seen.add(id(optimizer))
-        state = getattr(optimizer, "state", None)
-        if isinstance(state, dict):
-            state.clear()
-        optimizer = getattr(optimizer, "optimizer", None)
-
-
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.info("matplotlib not installed: no plots (pip install hs-star-pl[plots])")
-        return None
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    tmp.replace(path)
-
-
-def _plot_history(directory: Path, history: list[dict[str, Any]]) -> None:
-    """``rounds/accuracy.png``: pre-sample accuracy and class counts by iteration."""
-    plt = _pyplot()
-    if plt is None or not history:
-        return
-    rows = sorted(history, key=lambda h: h["iteration"])
-    its = [h["iteration"] for h in rows]
-    fig, (ax_acc, ax_cls) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_acc.plot(its, [h["presample_accuracy"] for h in rows], marker="o")
-    ax_acc.set(xlabel="iteration", ylabel="pre-sample accuracy", title="policy M_t on its round's problems", ylim=(0, 1))
-    for cls, color in (("inlier", "tab:green"), ("boundary", "tab:orange"), ("outlier", "tab:red")):
-        ax_cls.plot(its, [h[f"n_{cls}"] for h in rows], marker="o", color=color, label=cls)
-    ax_cls.set(xlabel="iteration", ylabel="problems", title="difficulty classes")
-    ax_cls.legend(fontsize=8)
-    for ax in (ax_acc, ax_cls):
-        ax.set_xticks(its)
-    fig.tight_layout()
-    _save(fig, directory / "accuracy.png")
-    plt.close(fig)
-
-
-def _plot_round(directory: Path, result: RoundResult) -> None:
-    """``difficulty.png``: phi_a and phi_r of every problem, coloured by class."""
-    plt = _pyplot()
-    if plt is None:
-        return
-    colors = {"inlier": "tab:green", "boundary": "tab:orange", "outlier": "tab:red"}
-    fig, (ax_scatter, ax_hist) = plt.subplots(1, 2, figsize=(10, 4))
-    for cls, color in colors.items():
-        pts = [d for d in result.difficulties.values() if d.difficulty.value == cls]
-        xs = [d.phi_a for d in pts if d.phi_a is not None and d.phi_r is not None]
-        ys = [d.phi_r for d in pts if d.phi_a is not None and d.phi_r is not None]
-        ax_scatter.scatter(xs, ys, s=12, alpha=0.6, color=color, label=f"{cls} ({len(pts)})")
-        ax_hist.hist([d.phi_r for d in pts if d.phi_r is not None], bins=20, range=(0, 1), alpha=0.6, color=color, label=cls)
-    for tau in (result.thresholds.tau_low, result.thresholds.tau_high):
-        ax_scatter.axhline(tau, color="grey", lw=0.8, ls="--")
-        ax_hist.axvline(tau, color="grey", lw=0.8, ls="--")
-    ax_scatter.set(xlabel="phi_a (pre-sample accuracy)", ylabel="phi_r (mean min-step PRM score)", title=f"round {result.iteration}")
-    ax_hist.set(xlabel="phi_r", ylabel="problems", title="phi_r by class")
-    ax_scatter.legend(fontsize=8)
-    fig.tight_layout()
-    _save(fig, directory / "difficulty.png")
-    plt.close(fig)

@@ -11,17 +11,22 @@ Constructors validate their own arguments, but a few mistakes slip between them:
 * keys that are copies of another (``export.epochs_per_iteration`` follows
   ``self_training.epochs_per_iteration``): an error about the copy names the key the user set.
 
-Stdlib only.
+``self_training_errors`` checks the keys that must agree across the trainer, the model, the
+data and the self-training loop once they are built (``SelfTrainingCallback.setup``).
+
+No torch or lightning.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from hs_star_pl.errors import ConfigError
+from hs_star_pl.records import Problem
+from hs_star_pl.templates import check_step_delimiter, render_prompt
 
 # target -> source of the CLI's ``link_arguments``: the user sets the source only.
 LINKS: dict[str, str] = {
@@ -71,3 +76,93 @@ def name_link_sources(message: str) -> str:
     for target, source in LINKS.items():
         message = re.sub(rf"(?<![\w.]){re.escape(target)}(?![\w])", source, message)
     return message
+
+
+def self_training_errors(
+    *,
+    n_iterations: int,
+    epochs_per_iteration: int,
+    max_epochs: int | None,
+    reload_dataloaders_every_n_epochs: int,
+    model_objective: str | None,
+    selection_objective: str,
+    data: Mapping[str, Any] | None,
+    step_delimiter: str,
+    engine_sync_from: str,
+    export_enabled: bool,
+) -> list[str]:
+    """What stops a self-training fit from starting, one message per problem, naming the keys.
+
+    Checked when the fit is set up, from the built trainer, module and data module.
+    ``data`` holds the data module's ``train_file``, ``problems_file`` and ``template``, or is
+    ``None`` when the data module cannot take examples from the loop (not ``MathDataModule``).
+
+    >>> self_training_errors(n_iterations=2, epochs_per_iteration=1, max_epochs=3, reload_dataloaders_every_n_epochs=1,
+    ...     model_objective="dpo", selection_objective="dpo", data=None, step_delimiter="\\n\\n",
+    ...     engine_sync_from="weights", export_enabled=False)  # doctest: +NORMALIZE_WHITESPACE
+    ['trainer.max_epochs (3) must equal self_training.n_iterations (2) x self_training.epochs_per_iteration (1) = 2',
+     'self-training needs MathDataModule as the data module']
+    """
+    errors = []
+    if reload_dataloaders_every_n_epochs != 1:
+        errors.append(
+            "trainer.reload_dataloaders_every_n_epochs must be 1 (each epoch trains on its "
+            f"iteration's data), got {reload_dataloaders_every_n_epochs}"
+        )
+    expected = n_iterations * epochs_per_iteration
+    if max_epochs != expected:
+        errors.append(
+            f"trainer.max_epochs ({max_epochs}) must equal self_training.n_iterations "
+            f"({n_iterations}) x self_training.epochs_per_iteration ({epochs_per_iteration}) = {expected}"
+        )
+    if model_objective != selection_objective:
+        errors.append(
+            f"model.objective ({model_objective!r}) must match self_training.selection.objective "
+            f"({selection_objective!r})"
+        )
+    if data is None:
+        errors.append("self-training needs MathDataModule as the data module")
+    else:
+        if data["train_file"] is not None or data["problems_file"] is not None:
+            errors.append("data.train_file and data.problems_file must be unset: self-training makes its own data")
+        try:
+            check_step_delimiter(data["template"], step_delimiter)
+        except ValueError as err:
+            errors.append(str(err))
+    if engine_sync_from == "export" and not export_enabled:
+        errors.append("self_training.engine.init_args.sync_from=export reloads the HF export of each "
+                      "iteration: set export.enabled: true, or use sync_from: weights")
+    return errors
+
+
+def long_prompts_warning(problems: Sequence[Problem], policy: Any, template: str, max_new_tokens: int,
+                         problems_file: str | None) -> str | None:
+    """A warning when prompts leave no room in the policy's context for ``max_new_tokens``.
+
+    The context is ``policy.model.config.max_position_embeddings``, the tokenizer
+    ``policy.tokenizer``; without either there is nothing to check. Such a problem cannot be
+    read whole and answered, yet is sampled like any other; usually the wrong field was taken
+    as the question, or the model is not the intended one. Only prompts whose UTF-8 length
+    could exceed the room are tokenized (a token covers at least one byte).
+    """
+    tokenizer = getattr(policy, "tokenizer", None)
+    context = getattr(getattr(getattr(policy, "model", None), "config", None), "max_position_embeddings", None)
+    if tokenizer is None or not isinstance(context, int):
+        return None
+    room = context - max_new_tokens
+    prompts = {p.id: render_prompt(template, p.question) for p in problems}
+    maybe = [pid for pid, text in prompts.items() if len(text.encode("utf-8")) + 8 > room]
+    if not maybe:
+        return None
+    lengths = dict(zip(maybe, (len(ids) for ids in tokenizer([prompts[pid] for pid in maybe])["input_ids"])))
+    over = {pid: n for pid, n in lengths.items() if n > room}
+    if not over:
+        return None
+    worst = max(over, key=over.get)
+    return (
+        f"{len(over)} of the {len(problems)} problems in self_training.problems_file={problems_file} have prompts "
+        f"longer than the policy's context ({context} tokens, max_position_embeddings) leaves for "
+        f"self_training.sampling.max_new_tokens ({max_new_tokens}); the longest, problem {worst!r}, is "
+        f"{over[worst]} tokens. They cannot be read whole and answered: check the question field "
+        f"(self_training.problem_fields.question_key) and the model"
+    )

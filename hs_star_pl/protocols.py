@@ -1,16 +1,21 @@
 """The three interfaces a round talks to: a rollout engine, an answer verifier and a PRM.
 
 Each is a one- or two-method ``typing.Protocol``; implementations are chosen in YAML with
-``class_path`` and share no base class. They deal in plain strings and records: the engines
-get their model from the caller, and nothing here knows about Lightning or DeepSpeed.
+``class_path``. They deal in plain strings and records: the engines get their model from the
+caller, and nothing here knows about Lightning or DeepSpeed.
+
+Between rounds the self-training loop also hands an engine the current policy M_t and lets it
+free memory during training: that contract is :class:`EngineLifecycle`, a base class whose
+defaults do nothing, so an engine that only implements ``generate`` needs none of it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,10 @@ class Completion:
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """Generates responses. Counts differ per prompt: that is what reallocation means."""
+    """Generates responses. Counts differ per prompt: that is what reallocation means.
+
+    Engines that take the policy from the training loop also subclass :class:`EngineLifecycle`.
+    """
 
     def generate(
         self, requests: Sequence[GenerationRequest], params: SamplingParams
@@ -74,6 +82,63 @@ class RolloutEngine(Protocol):
         omitted from the result.
         """
         ...
+
+
+class EngineLifecycle:
+    """What the self-training loop does with an engine around each round, with no-op defaults.
+
+    Once per iteration, before round t samples, the loop calls :meth:`wake_up` and then hands
+    the engine the policy M_t in one of three ways, chosen by the engine:
+
+    - ``in_process = True`` (``HFEngine``): :meth:`bind` gives it the trainer's model and
+      tokenizer by reference; nothing is copied.
+    - ``sync_from == "export"`` (an engine with its own copy, e.g. ``VLLMEngine``):
+      :meth:`load_from_dir` on the HF folder holding M_t (``model.model_path`` for t=0, the
+      run's export of iteration t-1 after that); when there is none (t=0 with
+      ``model.tiny``), :meth:`sync_weights` instead.
+    - otherwise (``sync_from == "weights"``): :meth:`sync_weights` with the full weights,
+      streamed one parameter at a time (under ZeRO-3 every rank calls it, in lockstep).
+
+    After the round's sampling it calls :meth:`sleep`, so training gets the memory back.
+    ``load_from_dir`` and ``sync_weights`` return the engine's log-prob check against the
+    trainer's model (anything with ``mean_abs_diff`` and ``max_abs_diff``, recorded in the
+    round's summary) or ``None``.
+
+    Subclass it and override what your engine needs; an engine that does not subclass it is
+    treated as having none of it (see :func:`lifecycle_of`). Nothing here imports torch.
+    """
+
+    in_process: ClassVar[bool] = False
+    sync_from: Literal["weights", "export"] = "weights"
+
+    def bind(self, model: Any, tokenizer: Any) -> Any:
+        """Sample from ``model`` itself (kept by reference); called when ``in_process``."""
+
+    def load_from_dir(self, path: str | Path, reference_model: Any = None) -> Any:
+        """Serve the HF export in ``path``; compare log-probs with ``reference_model`` when given."""
+        return None
+
+    def sync_weights(self, model: Any, *, weights: Iterable[tuple[str, Any]] | None = None,
+                     tokenizer: Any = None) -> Any:
+        """Take ``weights`` (``(name, full tensor)`` pairs, consumed once) of ``model`` into the engine."""
+        return None
+
+    def wake_up(self) -> None:
+        """Get ready to sample (undo :meth:`sleep`)."""
+
+    def sleep(self) -> None:
+        """Give memory back for training until the next :meth:`wake_up`."""
+
+
+def lifecycle_of(engine: object) -> EngineLifecycle:
+    """``engine`` itself when it declares a lifecycle, else the do-nothing one.
+
+    >>> class Fixed:  # samples from whatever it was built with
+    ...     def generate(self, requests, params): return {}
+    >>> lifecycle_of(Fixed()).sync_weights(model=None) is None
+    True
+    """
+    return engine if isinstance(engine, EngineLifecycle) else EngineLifecycle()
 
 
 @runtime_checkable

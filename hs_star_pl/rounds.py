@@ -29,7 +29,8 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -182,11 +183,12 @@ class RoundResult:
         }
 
 
-def _timed(seconds: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
+@contextmanager
+def timed(seconds: dict[str, float], name: str) -> Iterator[None]:
+    """Add the seconds the block takes to ``seconds[name]`` (when it finishes without an error)."""
     start = time.perf_counter()
-    value = fn()
+    yield
     seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
-    return value
 
 
 def generate_rollouts(
@@ -242,11 +244,8 @@ def score_rollouts(
     seconds = seconds if seconds is not None else {}
     if not rollouts:
         return []
-    verdicts = _timed(
-        seconds,
-        f"{prefix}verify",
-        lambda: verifier.verify([r.text for r in rollouts], [problems[r.problem_id].answer for r in rollouts]),
-    )
+    with timed(seconds, f"{prefix}verify"):
+        verdicts = verifier.verify([r.text for r in rollouts], [problems[r.problem_id].answer for r in rollouts])
     if len(verdicts) != len(rollouts):
         raise RuntimeError(f"{type(verifier).__name__} returned {len(verdicts)} verdicts for {len(rollouts)} responses")
     requests = [
@@ -258,7 +257,8 @@ def score_rollouts(
         )
         for r, v in zip(rollouts, verdicts)
     ]
-    step_scores = _timed(seconds, f"{prefix}prm", lambda: prm.score(requests))
+    with timed(seconds, f"{prefix}prm"):
+        step_scores = prm.score(requests)
     if len(step_scores) != len(requests):
         raise RuntimeError(f"{type(prm).__name__} returned {len(step_scores)} score lists for {len(requests)} responses")
     scored = []
@@ -295,11 +295,8 @@ def sample_and_score(
     if raw is not None:
         rollouts = [ScoredRollout.from_dict(row).rollout for row in raw]
     else:
-        rollouts = _timed(
-            seconds,
-            f"{name}_generate",
-            lambda: generate_rollouts(problems, counts, start_index, phase, engine, render_prompt, sampling),
-        )
+        with timed(seconds, f"{name}_generate"):
+            rollouts = generate_rollouts(problems, counts, start_index, phase, engine, render_prompt, sampling)
         if store is not None:
             with faults.persisting(name):
                 store.save(f"{name}_generated", [ScoredRollout(r, RolloutScore(None)).to_dict() for r in rollouts])
@@ -362,9 +359,14 @@ def run_round(
         raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
     if world_size > 1 and gather is None:
         raise ValueError("run_round with world_size > 1 needs a gather function")
+    # ``share``: rank 0's value of a decision (every rank computes it, one rank decides)
     share: Broadcast = broadcast if world_size > 1 and broadcast is not None else (lambda value: value)
     seconds: dict[str, float] = {}
-    problems, dropped = share(_timed(seconds, "check_golds", lambda: drop_ungradeable(problems, verifier)))
+
+    # 1. Drop the problems whose gold answer the verifier cannot parse.
+    with timed(seconds, "check_golds"):
+        gradeable = drop_ungradeable(problems, verifier)
+    problems, dropped = share(gradeable)
     ids = [p.id for p in problems]
     local = problems[rank::world_size]
     common = dict(
@@ -381,42 +383,33 @@ def run_round(
         merged = [r for part in gather(mine) for r in part] if world_size > 1 else mine
         return _canonical(merged, problems)
 
+    # 2. Pre-sample n_p responses per problem; verify and PRM-score them (this rank's shard).
     presample_params = dataclasses.replace(config.sampling, seed=derive_seed(seed, iteration, "presample"))
-    presamples = everyone(
-        sample_and_score(
-            local,
-            {pid: allocator.n_presample for pid in ids},
-            {},
-            Phase.PRESAMPLE,
-            sampling=presample_params,
-            **common,
-        )
+    mine = sample_and_score(
+        local, {pid: allocator.n_presample for pid in ids}, {}, Phase.PRESAMPLE, sampling=presample_params, **common
     )
-    difficulties, thresholds = share(_timed(
-        seconds, "difficulty", lambda: estimate_difficulty(presamples, config.difficulty, ids)
-    ))
-    ledger = share(_timed(
-        seconds,
-        "allocate",
-        lambda: allocator.allocate(
-            difficulties, derive_seed(seed, iteration, "budget"), config.selection.train_classes
-        ),
-    ))
+    presamples = everyone(mine)
+
+    # 3. Estimate each problem's difficulty from its pre-samples (phi_a, phi_r) and classify it.
+    with timed(seconds, "difficulty"):
+        estimated = estimate_difficulty(presamples, config.difficulty, ids)
+    difficulties, thresholds = share(estimated)
+
+    # 4. Reallocate the rest of the budget to the classes that train (the boundary, for HS-STaR).
+    with timed(seconds, "allocate"):
+        allocated = allocator.allocate(difficulties, derive_seed(seed, iteration, "budget"), config.selection.train_classes)
+    ledger = share(allocated)
+
+    # 5. Re-sample those problems; verify and PRM-score the new responses.
     resample_params = dataclasses.replace(config.sampling, seed=derive_seed(seed, iteration, "resample"))
-    resamples = everyone(
-        sample_and_score(
-            local,
-            ledger.resample,
-            ledger.presample,
-            Phase.RESAMPLE,
-            sampling=resample_params,
-            **common,
-        )
+    mine = sample_and_score(
+        local, ledger.resample, ledger.presample, Phase.RESAMPLE, sampling=resample_params, **common
     )
-    examples = share(_timed(
-        seconds,
-        "select",
-        lambda: select_training_data(
+    resamples = everyone(mine)
+
+    # 6. Select the training data (DPO pairs or SFT examples) from all of the round's responses.
+    with timed(seconds, "select"):
+        selected = select_training_data(
             problems,
             presamples + resamples,
             difficulties,
@@ -424,8 +417,9 @@ def run_round(
             render_prompt,
             derive_seed(seed, iteration, "selection"),
             config.step_delimiter,
-        ),
-    ))
+        )
+    examples = share(selected)
+
     return RoundResult(
         iteration=iteration,
         problems=list(problems),

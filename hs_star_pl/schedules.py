@@ -1,14 +1,18 @@
-"""Learning-rate schedules (torch only).
+"""Learning-rate schedules and the per-iteration restart of the optimisation (torch only).
 
 ``WarmupCosineLR`` is the paper's schedule (linear warmup, then cosine decay), as an
 ``LRScheduler`` class so LightningCLI can inject it with ``class_path``. Its length may be left
 unset and filled in by ``HSStarModule.configure_optimizers`` from the trainer, because the
 number of optimizer steps is known only once the data are.
+
+``start_iteration`` gives each self-training iteration the whole schedule and, optionally, a
+fresh optimizer (``self_training.restart_lr_schedule``, ``self_training.reset_optimizer_state``).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -92,3 +96,52 @@ class WarmupCosineLR(LRScheduler):
         for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
             group["lr"] = lr
         self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+
+# -- each self-training iteration starts its optimisation like a new run ------------------
+
+
+def start_iteration(trainer: Any, epochs_per_iteration: int, *, restart_lr_schedule: bool,
+                    reset_optimizer_state: bool, iteration: int) -> list[int]:
+    """Give a self-training iteration its own schedule and, optionally, a fresh optimizer.
+
+    Called when the iteration's dataloader exists (its length is known) and before its first
+    step. With ``reset_optimizer_state``, iterations after the first clear every optimizer's
+    moments (:func:`clear_optimizer_state`). With ``restart_lr_schedule``, every step-interval
+    scheduler that can ``restart`` (``WarmupCosineLR``) is restarted over the iteration's
+    optimizer steps: ``ceil(batches / accumulate_grad_batches) x epochs_per_iteration``. A
+    resume from the end of the previous epoch repeats this identically, and a schedule
+    already restarted is restored from the checkpoint.
+
+    Returns:
+        The length in steps of each schedule restarted (empty when none was).
+    """
+    if reset_optimizer_state and iteration > 0:
+        for optimizer in trainer.optimizers:
+            clear_optimizer_state(optimizer)
+    if not restart_lr_schedule:
+        return []
+    steps = math.ceil(trainer.num_training_batches / max(1, trainer.accumulate_grad_batches))
+    steps *= epochs_per_iteration
+    restarted = []
+    for config in trainer.lr_scheduler_configs:
+        restart = getattr(config.scheduler, "restart", None)
+        if restart is not None and steps > 0 and config.interval == "step":
+            restart(steps)
+            restarted.append(steps)
+    return restarted
+
+
+def clear_optimizer_state(optimizer: Any) -> None:
+    """Forget an optimizer's per-parameter state (moments, step counts), keeping its settings.
+
+    Torch's optimizers (and DeepSpeed's, which wrap one as ``.optimizer``) rebuild an empty
+    state on their next step, exactly as a new optimizer would. Every wrapped level is cleared.
+    """
+    seen = set()
+    while optimizer is not None and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        state = getattr(optimizer, "state", None)
+        if isinstance(state, dict):
+            state.clear()
+        optimizer = getattr(optimizer, "optimizer", None)

@@ -14,9 +14,6 @@ from tests.helpers.tiny_setup import REPO
 CONFIGS = REPO / "configs"
 YAMLS = sorted(CONFIGS.rglob("*.yaml"))
 BASE = CONFIGS / "base.yaml"
-# Fragments for CLI groups that arrive with the self-training callback (issue 5). strict=True:
-# once the CLI accepts them this xfail turns into a failure, and the marker must go.
-PENDING_GROUPS: set[str] = set()
 # Configs whose M_0 is trained on first use: parsed with the session's tiny M_0 instead.
 NEEDS_M0 = {"tiny/hs_star.yaml", *(f"tiny/methods/{p.name}" for p in (CONFIGS / "tiny" / "methods").glob("*.yaml"))}
 # Fragments that only add a component: parsed on top of these (most specific key wins).
@@ -83,9 +80,7 @@ def tiny_prm_dirs(tmp_path_factory):
 
 
 def cli_param(path: Path):
-    group = path.relative_to(CONFIGS).parts[0]
-    marks = [pytest.mark.xfail(strict=True, reason=f"the '{group}' group arrives with the self-training callback")] if group in PENDING_GROUPS else []
-    return pytest.param(path, marks=marks, id=path.relative_to(CONFIGS).as_posix())
+    return pytest.param(path, id=path.relative_to(CONFIGS).as_posix())
 
 
 def test_there_are_configs():

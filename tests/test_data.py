@@ -14,6 +14,7 @@ from hs_star_pl.records import PreferencePair, SftExample
 from hs_star_pl.templates import render_prompt
 from hs_star_pl.tiny import build_byte_tokenizer
 from tests.helpers.tiny_setup import PAIRS_FILE, STEPWISE_FILE, tiny_module
+from tests.helpers.trainers import cpu_trainer
 
 EOS = 256  # build_byte_tokenizer: bytes are ids 0..255, <|endoftext|> is 256 (and the pad)
 
@@ -163,8 +164,7 @@ def test_truncation_is_counted_warned_and_logged(tmp_path):
     that do have their solutions cut; the counts are warned about and logged as data/*."""
     module = tiny_module("sft")
     dm = MathDataModule(problems_file=str(STEPWISE_FILE), template="plain", max_length=60, batch_size=4)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = cpu_trainer(tmp_path, max_epochs=1)
     with pytest.warns(UserWarning, match=r"train: 3 responses cut to data.max_length=60, 17 examples dropped"):
         trainer.fit(module, dm)
     assert dm.last_stats == {"n_examples": 3, "n_truncated": 3, "n_dropped": 17}
@@ -185,9 +185,7 @@ def test_the_train_dataloader_is_rebuilt_every_epoch_before_on_train_epoch_start
     pairs = [PreferencePair(f"p{i}", render_prompt("plain", f"Q{i}"), "right", "wrong", "c", "r") for i in range(2)]
     dm = MathDataModule(template="plain", batch_size=2)
     dm.set_example_source(lambda epoch: events.append(("train_dataloader", epoch)) or list(pairs))
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=3, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, reload_dataloaders_every_n_epochs=1,
-                        default_root_dir=tmp_path, callbacks=[EpochStart()])
+    trainer = cpu_trainer(tmp_path, max_epochs=3, reload_dataloaders_every_n_epochs=1, callbacks=[EpochStart()])
     trainer.fit(tiny_module(), dm)
     assert events == [(name, e) for e in range(3) for name in ("train_dataloader", "on_train_epoch_start")]
 
@@ -242,8 +240,7 @@ def test_global_batch_size_drives_optimizer_steps_in_a_real_fit(tmp_path):
     and the epoch's last (10): 3 optimizer steps."""
     module = tiny_module()
     dm = MathDataModule(train_file=str(PAIRS_FILE), template="plain", max_length=256, batch_size=2, global_batch_size=8)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = cpu_trainer(tmp_path, max_epochs=1)
     trainer.fit(module, dm)
     assert trainer.accumulate_grad_batches == 4 and trainer.global_step == 3
     assert trainer.callback_metrics["data/n_examples"] == 20 and trainer.callback_metrics["data/n_truncated"] == 0

@@ -93,7 +93,7 @@ def test_hs_star_test_on_a_checkpoint_and_an_export_equals_the_in_training_evalu
 
 @pytest.mark.slow
 def test_a_few_hundred_problems_agree_with_the_in_training_evaluation(tiny_m0, tmp_path, monkeypatch):
-    """The issue's check at its size: 300 problems greedy, plus 24 x 4 samples (minutes on 2 cores)."""
+    """At full size: 300 problems greedy, plus 24 x 4 samples (minutes on 2 cores)."""
     check_test_matches_training(tiny_m0, tmp_path, monkeypatch, n_greedy=None, n_problems=300, n_sampled=24)
 
 

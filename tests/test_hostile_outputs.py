@@ -60,7 +60,7 @@ def canaries(sandbox) -> list:
     return sorted(p.name for p in sandbox.rglob("*CANARY*"))
 
 
-def test_the_corpus_covers_the_issue():
+def test_the_corpus_covers_every_kind_of_hostile_output():
     names = set(CASES)
     assert len(names) == len(ROWS) >= 30
     for kind in ("tower", "factorial", "nested", "megabyte", "unclosed_boxed", "surrogate", "cyrillic", "eval", "exec"):

@@ -20,6 +20,7 @@ from hs_star_pl.cli import main
 from hs_star_pl.data import MathDataModule
 from hs_star_pl.errors import NonFiniteLossError
 from tests.helpers.tiny_setup import PAIRS_FILE, REPO, tiny_module
+from tests.helpers.trainers import cpu_trainer
 
 POISONED_ROW = 7  # 0-based row of the pairs file whose reference log-prob overflows float32
 N_PAIRS, BATCH = 20, 4
@@ -78,11 +79,7 @@ def fit(tmp_path, train_file, nonfinite_loss: str, *, epochs: int = 2, prepare=N
     if prepare is not None:
         prepare(module)
     watch = ParameterWatch()
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, reload_dataloaders_every_n_epochs=1,
-        default_root_dir=tmp_path, callbacks=[watch],
-    )
+    trainer = cpu_trainer(tmp_path, max_epochs=epochs, reload_dataloaders_every_n_epochs=1, callbacks=[watch])
     trainer.fit(module, MathDataModule(train_file=str(train_file), template="plain", max_length=256, batch_size=BATCH))
     return module, watch, trainer
 

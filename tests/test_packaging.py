@@ -44,10 +44,7 @@ def test_distribution_script_and_extras():
     assert meta["tool"]["setuptools"]["packages"]["find"]["include"] == ["hs_star_pl*"]
 
 
-def test_layout_exists():
-    for folder in ("hs_star_pl", "configs", "tests", "checkpoints"):
-        assert (REPO / folder).is_dir(), folder
-    assert (REPO / "checkpoints" / "README.md").is_file()
+def test_ci_script_is_executable():
     assert os.access(CI_RUN, os.X_OK), ".ci/run must be executable"
 
 

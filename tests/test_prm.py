@@ -97,10 +97,22 @@ def test_shard_partitions_requests():
         shard(items, 3, 3)
 
 
-def test_class_paths_resolve():
+def test_class_paths_build_the_named_scorers(tiny_dirs):
+    """What a YAML's ``class_path: hs_star_pl.prm.<Name>`` builds scores every step in [0, 1]:
+    the rule-based PRM by the arithmetic (a wrong sum scores 0 though the answer is marked
+    right), the outcome PRM by the answer check alone, the HF PRMs from their folders."""
+    wrong_sum = StepScoringRequest("Start with 2. Add 3.", ("Step 1: 2 + 3 = 6", "The answer is \\boxed{6}."), True)
+    wrong_answer = StepScoringRequest("Start with 2. Add 3.", ("Step 1: 2 + 3 = 5", "The answer is \\boxed{5}."), False)
+    built = {}
     for name in ("ArithmeticPRM", "OutcomePRM", "SkyworkPRM", "QwenMathPRM"):
         module, _, attr = f"hs_star_pl.prm.{name}".rpartition(".")
-        assert getattr(importlib.import_module(module), attr).__name__ == name
+        cls = getattr(importlib.import_module(module), attr)
+        kind = {"SkyworkPRM": "skywork", "QwenMathPRM": "qwen"}.get(name)
+        prm = cls() if kind is None else cls(str(tiny_dirs[kind]), device="cpu", progress=False)
+        built[name] = prm.score([wrong_sum, wrong_answer])
+        assert [len(s) for s in built[name]] == [2, 2] and all(0.0 <= x <= 1.0 for s in built[name] for x in s), name
+    assert built["ArithmeticPRM"] == [[0.0, 0.0], [1.0, 1.0]]
+    assert built["OutcomePRM"] == [[1.0, 1.0], [0.0, 0.0]]
 
 
 # ---------------------------------------------------------------- HF formats on tiny models

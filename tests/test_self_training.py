@@ -15,7 +15,7 @@ from hs_star_pl.cli import HSStarCLI
 from tests.helpers.self_training import CONFIGS, cli, env, self_training_args
 
 
-SUMMARY_KEYS = {  # the minimum for summary.json, plus what the loop adds
+SUMMARY_KEYS = {  # what every round's summary.json holds
     "iteration", "n_problems", "n_inlier", "n_boundary", "n_outlier", "samples_presample", "samples_resample",
     "samples_total", "budget_total", "n_pairs", "seconds", "samples_per_class", "presample_accuracy",
     "mean_response_tokens", "seconds_reference_logps", "seconds_engine_sync", "seconds_round", "world_size",

@@ -109,7 +109,7 @@ def test_optimizer_state_reset_reaches_deepspeeds_wrapped_optimizer(stage):
     3 steps, not 6, and training goes on (the state is rebuilt on the next step)."""
     import lightning as L
 
-    from hs_star_pl.callback import clear_optimizer_state
+    from hs_star_pl.schedules import clear_optimizer_state
     from hs_star_pl.strategies import DeepSpeedStrategy
 
     class Linear(L.LightningModule):

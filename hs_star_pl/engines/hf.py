@@ -34,11 +34,11 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from hs_star_pl.engines.common import check_requests, find_stop, request_seed
-from hs_star_pl.protocols import Completion, GenerationRequest, SamplingParams
+from hs_star_pl.protocols import Completion, EngineLifecycle, GenerationRequest, SamplingParams
 from hs_star_pl.zero import max_over_ranks, needs_lockstep
 
 
-class HFEngine:
+class HFEngine(EngineLifecycle):
     """Rollout engine on a ``transformers`` causal LM, with no copy of the model.
 
     Args:
@@ -78,6 +78,8 @@ class HFEngine:
 
     # ------------------------------------------------------------------ lifecycle
 
+    in_process = True  # the self-training loop binds the policy; there is nothing to sync, wake or put to sleep
+
     def bind(self, model: torch.nn.Module, tokenizer: Any) -> HFEngine:
         """Use ``model`` (kept by reference: training updates are seen at once) and ``tokenizer``."""
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
@@ -85,12 +87,6 @@ class HFEngine:
         self.model = model
         self.tokenizer = tokenizer
         return self
-
-    def sleep(self) -> None:
-        """No-op: the HF engine holds no memory of its own between rollouts."""
-
-    def wake_up(self) -> None:
-        """No-op, see :meth:`sleep`."""
 
     def close(self) -> None:
         """Drop the references to model and tokenizer."""

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from hs_star_pl.engines.common import check_requests, request_seed
-from hs_star_pl.protocols import Completion, GenerationRequest, SamplingParams
+from hs_star_pl.protocols import Completion, EngineLifecycle, GenerationRequest, SamplingParams
 
 WORKER_EXTENSION = "hs_star_pl.engines.vllm_worker.WeightSyncExtension"
 DEFAULT_CANARY_PROMPTS = ("Question: 12 + 7 = ?\nAnswer:", "Compute 3 * 4 - 5.", "x")
@@ -50,7 +50,7 @@ def _import_vllm() -> Any:
     return vllm
 
 
-class VLLMEngine:
+class VLLMEngine(EngineLifecycle):
     """Rollout engine on a colocated ``vllm.LLM``.
 
     Args:

@@ -20,7 +20,7 @@ import lightning as L
 import torch
 
 from hs_star_pl.engines import HFEngine
-from hs_star_pl.protocols import Completion, GenerationRequest, SamplingParams
+from hs_star_pl.protocols import Completion, EngineLifecycle, GenerationRequest, SamplingParams
 
 
 class ServedExamples(L.Callback):
@@ -34,7 +34,7 @@ class ServedExamples(L.Callback):
         self.served[trainer.current_epoch] = [(p.chosen_key, p.rejected_key) for p in examples]
 
 
-class CopyEngine:
+class CopyEngine(EngineLifecycle):
     """An engine with its own copy of the policy (see the module docstring).
 
     Args:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_M0 = REPO / "checkpoints" / "tiny" / "m0"
+DEMO_M0 = REPO / "data" / "tiny" / "m0"  # shipped; trained by DEMO_M0_CONFIGS when missing
 DEMO_M0_CONFIGS = [str(REPO / "configs" / "base.yaml"), str(REPO / "configs" / "tiny" / "stepwise_init.yaml")]
 
 
@@ -114,8 +114,8 @@ def median(values: Sequence[float]) -> float:
 def ensure_demo_m0(model_path: str | None) -> Path:
     """The policy the round benchmarks sample from.
 
-    ``model_path`` when given; otherwise the tiny demo's M_0 (``checkpoints/tiny/m0``), trained
-    first with the demo's own step-wise initialisation (about 4.5 minutes, once) when missing,
+    ``model_path`` when given; otherwise the tiny demo's shipped M_0 (``data/tiny/m0``), trained
+    first with the demo's own step-wise initialisation (about 5 minutes, once) if it is missing,
     exactly as ``hs-star fit -c configs/tiny/hs_star.yaml`` does.
     """
     if model_path is not None:
@@ -172,7 +172,7 @@ def demo_problems(n: int, problems_file: str | None = None):
 
 def add_round_args(parser: argparse.ArgumentParser) -> None:
     """Options of the scripts that run rounds on the tiny demo."""
-    parser.add_argument("--model-path", help="M_0 as a Hugging Face folder (default: the demo's checkpoints/tiny/m0)")
+    parser.add_argument("--model-path", help="M_0 as a Hugging Face folder (default: the demo's shipped data/tiny/m0)")
     parser.add_argument("--problems-file", help="problems JSONL (default: the demo's data/tiny/pool.jsonl)")
     parser.add_argument("--max-new-tokens", type=int, help="sampling cap per response (default 200, the demo's; 16 with --quick)")
     parser.add_argument("--batch-size", type=int, default=128, help="HFEngine batch size (default 128, the demo's)")

@@ -10,7 +10,7 @@ exact-match answers, ``ArithmeticPRM``, thresholds 0.25/0.75, T=0.7, top_p 0.95:
 * ``UniformBudget``: K samples per problem (plain iterative DPO at equal budget);
 * ``ProportionalBudget``: the rest in proportion to the failure rate (DART-Math style).
 
-M_0 is ``--model-path``, else the demo's ``checkpoints/tiny/m0`` (trained first, about 4.5
+M_0 is ``--model-path``, else the demo's shipped ``data/tiny/m0`` (trained first, about 4.5
 minutes once, when missing). ``--draws`` repeats the comparison on disjoint problem draws and
 sums the counts. A problem's class is what its own allocator saw: from the n_p pre-samples
 for the two-phase allocators, from all K for the uniform one.

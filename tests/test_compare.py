@@ -8,7 +8,15 @@ import sys
 
 import pytest
 
-from hs_star_pl.experiments.compare import STUDIES, RunResult, method_paths, paired_t_interval, report
+from hs_star_pl.experiments.compare import (
+    STUDIES,
+    RunResult,
+    changes_m0_evaluation,
+    method_paths,
+    paired_t_interval,
+    report,
+    share_m0_evaluation,
+)
 from tests.helpers.self_training import CONFIGS, env
 
 
@@ -30,13 +38,18 @@ def test_two_methods_from_one_m0_at_equal_budget_then_a_rerun_reuses_them(tiny_m
         "--self_training.sampling.max_new_tokens=48",
         f"--evaluation.problems_file={problems.with_name('test.jsonl')}", "--evaluation.max_new_tokens=48",
     ]
-    compare(args, tmp_path)
+    first = compare(args, tmp_path)
     runs = {r["method"]: r for r in json.loads((out / "comparison_custom.json").read_text())}
     assert set(runs) == {"hs_star", "uniform"}
     hs, uniform = runs["hs_star"], runs["uniform"]
     # one M_0 and greedy evaluation: both methods start from the same measured accuracy
     assert len(hs["accuracy"]) == len(uniform["accuracy"]) == 2
     assert hs["accuracy"][0] == uniform["accuracy"][0]
+    # ... which the second run copied from the first instead of evaluating it again (an
+    # evaluation of its own would record its own timing)
+    m0_results = [(out / m / "seed_0" / "eval" / "test" / "policy_000.json").read_bytes() for m in ("hs_star", "uniform")]
+    assert m0_results[0] == m0_results[1]
+    assert "uniform seed 0: M_0's evaluation copied" in first.stdout
     # equal budget, K * N samples each; hierarchical spends only n_p = 3 on non-boundary problems
     assert hs["samples"] == uniform["samples"] == [24 * 8]
     per_class = hs["samples_per_class"]
@@ -97,3 +110,23 @@ def test_paired_t_interval_by_hand():
 def test_studies_name_existing_overlays():
     for study, names in STUDIES.items():
         assert set(method_paths(CONFIGS / "tiny" / "methods", list(names))) == set(names), study
+
+
+def test_m0_evaluation_is_shared_only_between_runs_whose_overlay_leaves_m0_and_its_evaluation_alone(tmp_path):
+    methods = CONFIGS / "tiny" / "methods"
+    assert changes_m0_evaluation(None) is None
+    assert changes_m0_evaluation(methods / "uniform.yaml") is None
+    assert "['model']" in changes_m0_evaluation(methods / "paper_dpo.yaml")
+
+    out = tmp_path / "cmp"
+    first = out / "hs_star" / "seed_0"
+    (first / "eval" / "test").mkdir(parents=True)
+    (first / "eval" / "test" / "policy_000.json").write_text('{"summary": {"accuracy": 0.25}}')
+    assert share_m0_evaluation(out, first) is None  # never onto itself
+    fresh = out / "uniform" / "seed_3"
+    copied = share_m0_evaluation(out, fresh)
+    assert copied == fresh / "eval" / "test" / "policy_000.json"
+    assert copied.read_text() == '{"summary": {"accuracy": 0.25}}'
+    (copied).write_text('{"summary": {"accuracy": 0.5}}')
+    assert share_m0_evaluation(out, fresh) is None  # a run with its own M_0 result keeps it
+    assert json.loads(copied.read_text())["summary"]["accuracy"] == 0.5

@@ -17,6 +17,13 @@ seed. All runs share the base config's ``model.model_path`` (M_0 is trained once
 run if missing). A run whose last evaluation is on disk is not run again, so a killed
 comparison resumes where it stopped (an unfinished run continues from ``--ckpt_path last``).
 
+M_0 is one model evaluated greedily, so its evaluation is the same in every run: a new run
+starts with a copy of the first finished M_0 result under ``--out``
+(``eval/<name>/policy_000.json``, which the evaluation reads instead of evaluating again),
+unless its method's overlay sets ``model``, ``data`` or ``evaluation``, or
+``--evaluate-m0-every-run`` is given. (Like the finished runs it reuses, this assumes one
+``--out`` holds one comparison's settings.)
+
 Studies (``--study``), each against HS-STaR (the base config, the boundary split) at equal
 budget:
 
@@ -144,14 +151,52 @@ def fit_command(
     return cmd
 
 
+def changes_m0_evaluation(overlay: Path | None) -> str | None:
+    """What in a method's overlay makes its M_0 evaluation differ from the base config's.
+
+    ``None`` when nothing does. ``--dotted.key`` arguments go to every run of a comparison
+    alike, so only the overlay can set one run apart.
+    """
+    if overlay is not None:
+        with open(overlay) as f:
+            keys = set(yaml.safe_load(f) or {})
+        touched = sorted(keys & {"model", "evaluation", "data"})
+        if touched:
+            return f"{overlay} sets {touched}"
+    return None
+
+
+def share_m0_evaluation(out: Path, directory: Path) -> Path | None:
+    """Copy a finished M_0 result of another run under ``out`` into the fresh run ``directory``.
+
+    Returns the copied file's new path, or ``None`` when ``directory`` already has an
+    evaluation or no other run has finished one.
+    """
+    if any(directory.glob("eval/*/policy_000.json")):
+        return None
+    for source in sorted(out.glob("*/seed_*/eval/*/policy_000.json")):
+        if source.parents[2] == directory:
+            continue
+        target = directory / "eval" / source.parent.name / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(source.read_bytes())
+        return target
+    return None
+
+
 def run_one(
-    base: Path, overlay: Path | None, seed: int, directory: Path, expected: int, method: str, fit_args: Sequence[str] = ()
+    base: Path, overlay: Path | None, seed: int, directory: Path, expected: int, method: str, fit_args: Sequence[str] = (),
+    share_m0_from: Path | None = None,
 ) -> RunResult:
     done = collect(directory, method, seed)
     if done is not None and len(done.accuracy) == expected + 1:
         print(f"[compare] {method} seed {seed}: done already ({directory})", flush=True)
         return done
     resume = (directory / "checkpoints" / "last.ckpt").exists()
+    if share_m0_from is not None and not resume:
+        copied = share_m0_evaluation(share_m0_from, directory)
+        if copied is not None:
+            print(f"[compare] {method} seed {seed}: M_0's evaluation copied to {copied}", flush=True)
     cmd = fit_command(base, overlay, seed, directory, resume, fit_args)
     directory.mkdir(parents=True, exist_ok=True)
     print(f"[compare] {method} seed {seed}: {' '.join(cmd)}", flush=True)
@@ -301,6 +346,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", type=Path, default=Path("checkpoints/tiny/compare"))
     parser.add_argument("--report-only", action="store_true", help="only tabulate runs already on disk")
+    parser.add_argument("--evaluate-m0-every-run", action="store_true",
+                        help="evaluate M_0 in every run instead of copying the first run's M_0 result")
     args, fit_args = parser.parse_known_args(argv)
     bad = [a for a in fit_args if not (a.startswith("--") and "=" in a)]
     if bad:
@@ -319,7 +366,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 if found is not None:
                     results.append(found)
                 continue
-            results.append(run_one(args.base, overlay, seed, directory, expected, method, fit_args))
+            why_not = "--evaluate-m0-every-run" if args.evaluate_m0_every_run else changes_m0_evaluation(overlay)
+            results.append(run_one(args.base, overlay, seed, directory, expected, method, fit_args,
+                                   share_m0_from=None if why_not else args.out))
     results.sort(key=lambda r: (list(methods).index(r.method), r.seed))
     if not results:
         raise SystemExit(f"no finished runs under {args.out}")

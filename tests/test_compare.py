@@ -8,12 +8,14 @@ import sys
 
 import pytest
 
+from hs_star_pl.artifacts import read_jsonl
 from hs_star_pl.experiments.compare import (
     STUDIES,
     RunResult,
     changes_m0_evaluation,
     method_paths,
     paired_t_interval,
+    details,
     report,
     share_m0_evaluation,
 )
@@ -57,9 +59,20 @@ def test_two_methods_from_one_m0_at_equal_budget_then_a_rerun_reuses_them(tiny_m
     round0 = json.loads((out / "hs_star" / "seed_0" / "rounds" / "round_000" / "summary.json").read_text())
     assert per_class["inlier"] == 3 * round0["n_inlier"] and per_class["outlier"] == 3 * round0["n_outlier"]
     assert hs["pairs_per_1000"] == pytest.approx(1000 * round0["n_pairs"] / (24 * 8))
+    # where the pairs came from: HS-STaR trains on boundary problems only, uniform on any class
+    pairs = read_jsonl(out / "hs_star" / "seed_0" / "rounds" / "round_000" / "pairs.jsonl")
+    assert sum(hs["pairs_per_class"].values()) == round0["n_pairs"] == len(pairs)
+    assert hs["pairs_per_class"]["inlier"] == hs["pairs_per_class"]["outlier"] == 0
+    assert hs["problems_with_pairs"] == [len({p["problem_id"] for p in pairs})]
+    # the final policy's accuracy by chain length adds up to its accuracy
+    by_steps = uniform["final_by_group"]
+    n_test = sum(total for _, total in by_steps.values())
+    assert n_test == len(read_jsonl(problems.with_name("test.jsonl")))
+    assert sum(correct for correct, _ in by_steps.values()) / n_test == pytest.approx(uniform["accuracy"][-1])
     table = (out / "comparison_custom.md").read_text().splitlines()
     assert table[0].startswith("| method | seeds | M_0 | M_1 |")
-    assert [row.split("|")[1].strip() for row in table[2:]] == ["hs_star", "uniform"]
+    assert [row.split("|")[1].strip() for row in table[2:4]] == ["hs_star", "uniform"]
+    assert table[5].startswith("| method | problems with a pair / round |")
     assert (out / "comparison_custom.png").stat().st_size > 0
 
     # the same command again finds both runs finished and only re-tabulates
@@ -130,3 +143,15 @@ def test_m0_evaluation_is_shared_only_between_runs_whose_overlay_leaves_m0_and_i
     (copied).write_text('{"summary": {"accuracy": 0.5}}')
     assert share_m0_evaluation(out, fresh) is None  # a run with its own M_0 result keeps it
     assert json.loads(copied.read_text())["summary"]["accuracy"] == 0.5
+
+
+def test_details_by_hand():
+    a = RunResult("hs_star", 0, [0.2, 0.3], [3], [24], pairs_per_class={"inlier": 0, "boundary": 3, "outlier": 0},
+                  problems_with_pairs=[2], final_by_group={"2": [3, 4], "3": [1, 4]})
+    b = RunResult("hs_star", 1, [0.2, 0.4], [5], [24], pairs_per_class={"inlier": 0, "boundary": 4, "outlier": 1},
+                  problems_with_pairs=[4], final_by_group={"2": [4, 4], "3": [2, 4]})
+    lines = details([a, b]).splitlines()
+    assert lines[0] == ("| method | problems with a pair / round | pairs per such problem | % pairs from inlier | "
+                        "% pairs from boundary | % pairs from outlier | final acc., n_steps=2 | final acc., n_steps=3 |")
+    # 6 problems over 2 rounds, 8 pairs; 7 of 8 pairs from boundary problems; per-seed group accuracies 0.75/1.0, 0.25/0.5
+    assert lines[2] == "| hs_star | 3.0 | 1.33 | 0.0 | 87.5 | 12.5 | 0.875 ± 0.177 | 0.375 ± 0.177 |"

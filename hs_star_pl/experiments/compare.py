@@ -54,6 +54,9 @@ from pathlib import Path
 
 import yaml
 
+from hs_star_pl.problems import load_problems
+from hs_star_pl.artifacts import read_jsonl
+
 BASE_CONFIG = Path("configs/tiny/hs_star.yaml")
 METHODS_DIR = Path("configs/tiny/methods")
 CLASSES = ("inlier", "boundary", "outlier")
@@ -76,6 +79,9 @@ class RunResult:
     samples: list[int]  # rollouts spent per round
     samples_per_class: dict[str, int] = field(default_factory=dict)  # summed over rounds
     seconds: float | None = None
+    pairs_per_class: dict[str, int] = field(default_factory=dict)  # by the problem's class, summed over rounds
+    problems_with_pairs: list[int] = field(default_factory=list)  # per round
+    final_by_group: dict[str, list[int]] = field(default_factory=dict)  # final policy: {group: [correct, total]}
 
     @property
     def pairs_per_1000(self) -> float:
@@ -122,15 +128,46 @@ def collect(directory: Path, method: str, seed: int) -> RunResult | None:
         raise SystemExit(f"{directory}/eval holds several evaluation sets {names}; compare needs one")
     accuracy = [json.loads(p.read_text())["summary"]["accuracy"] for p in evals]
     pairs, samples, per_class = [], [], dict.fromkeys(CLASSES, 0)
+    pairs_per_class, with_pairs = dict.fromkeys(CLASSES, 0), []
     for summary_path in sorted(directory.glob("rounds/round_*/summary.json")):
         s = json.loads(summary_path.read_text())
         pairs.append(int(s["n_pairs"]) + int(s.get("n_sft_examples") or 0))
         samples.append(int(s["samples_total"]))
         for c in CLASSES:
             per_class[c] += int(s["samples_per_class"].get(c, 0))
+        class_of = {row["problem_id"]: row["difficulty"] for row in read_jsonl(summary_path.with_name("difficulty.jsonl"))}
+        paired = [row["problem_id"] for row in read_jsonl(summary_path.with_name("pairs.jsonl"))]
+        for problem_id in paired:
+            pairs_per_class[class_of[problem_id]] += 1
+        with_pairs.append(len(set(paired)))
     timing = directory / "compare_seconds.txt"
     seconds = float(timing.read_text()) if timing.exists() else None
-    return RunResult(method, seed, accuracy, pairs, samples, per_class, seconds)
+    return RunResult(method, seed, accuracy, pairs, samples, per_class, seconds, pairs_per_class, with_pairs,
+                     accuracy_by_group(evals[-1]))
+
+
+GROUP_FIELD = "n_steps"
+
+
+def accuracy_by_group(result: Path, field_name: str = GROUP_FIELD) -> dict[str, list[int]]:
+    """``{value: [correct, total]}`` of one evaluation, grouped by a metadata field of its problems.
+
+    Empty when the evaluated problem file is gone or its problems lack the field.
+    """
+    data = json.loads(result.read_text())
+    source = Path(data.get("problems_file") or "")
+    if not source.is_file():
+        return {}
+    group = {p.id: p.metadata.get(field_name) for p in load_problems(source)}
+    out: dict[str, list[int]] = {}
+    for row in data["rows"]:
+        value = group.get(row["problem_id"])
+        if value is None:
+            return {}
+        counts = out.setdefault(str(value), [0, 0])
+        counts[0] += int(row["n_correct"])
+        counts[1] += len(row["correct"])
+    return dict(sorted(out.items(), key=lambda kv: (len(kv[0]), kv[0])))
 
 
 def fit_command(
@@ -287,6 +324,34 @@ def report(results: Sequence[RunResult], expected: int, baseline: str = BASELINE
     return "\n".join(lines) + "\n"
 
 
+def details(results: Sequence[RunResult]) -> str:
+    """Where each method's training signal came from, and where its final policy gained.
+
+    Means over seeds: problems with at least one pair per round, pairs per such problem,
+    the share of pairs by the problem's difficulty class, and the final policy's accuracy
+    per ``GROUP_FIELD`` value of the evaluation problems (chain length on the tiny task).
+    """
+    by_method: dict[str, list[RunResult]] = {}
+    for r in results:
+        by_method.setdefault(r.method, []).append(r)
+    groups = sorted({g for r in results for g in r.final_by_group}, key=lambda g: (len(g), g))
+    head = ["method", "problems with a pair / round", "pairs per such problem"]
+    head += [f"% pairs from {c}" for c in CLASSES]
+    head += [f"final acc., {GROUP_FIELD}={g}" for g in groups]
+    lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
+    for method, runs in by_method.items():
+        rounds = [n for r in runs for n in r.problems_with_pairs]
+        n_pairs = sum(sum(r.pairs_per_class.values()) for r in runs)
+        row = [method, f"{statistics.fmean(rounds):.1f}" if rounds else "",
+               f"{n_pairs / max(sum(rounds), 1):.2f}"]
+        row += [f"{100.0 * sum(r.pairs_per_class.get(c, 0) for r in runs) / max(n_pairs, 1):.1f}" for c in CLASSES]
+        for g in groups:
+            accs = [r.final_by_group[g][0] / r.final_by_group[g][1] for r in runs if g in r.final_by_group]
+            row.append(_mean_sd(accs))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(results: Sequence[RunResult], expected: int, path: Path) -> bool:
     """Accuracy per iteration (mean and range over seeds), pairs per 1000 rollouts, samples per class."""
     try:
@@ -374,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"no finished runs under {args.out}")
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"comparison_{'custom' if args.methods else args.study}"
-    table = report(results, expected)
+    table = report(results, expected) + "\n" + details(results)
     stem.with_suffix(".md").write_text(table)
     stem.with_suffix(".json").write_text(
         json.dumps([{**r.__dict__, "pairs_per_1000": r.pairs_per_1000} for r in results], indent=2) + "\n"

@@ -1,10 +1,16 @@
-"""``MathDataModule``: the problem pool and the current iteration's training examples.
+"""``MathDataModule``: the current iteration's training examples, and the evaluation problem sets.
 
 Examples are ``PreferencePair`` (DPO) or ``SftExample`` (SFT) records. They come from one of:
 
 * ``train_file``: JSONL of pairs (``chosen`` + ``rejected``) or SFT rows (``response``);
 * ``problems_file``: problems with a ``solution`` (step-wise initialisation, SFT);
-* ``set_train_examples``: what the self-training callback hands over between epochs.
+* an *example source* (``set_example_source``): a callable that ``train_dataloader`` asks
+  for the examples of the epoch it is building. The self-training callback registers one in
+  its ``setup``; it returns iteration ``epoch // epochs_per_iteration``'s round, running the
+  round first when it is not on disk. The self-training problem pool is the callback's, not
+  this module's;
+* ``set_train_examples``: examples set directly (the benchmarks and tests use it); the next
+  ``train_dataloader`` call uses them.
 
 ``test_dataloader`` serves the problem sets ``set_eval_sets`` was given (by the evaluation
 callback, for ``hs-star test``), sharded over ranks without repeats.
@@ -14,13 +20,16 @@ was conditioned on when the response was sampled. File rows may give ``prompt`` 
 verbatim) or ``question`` (rendered here with ``data.template``). Every rendering goes through
 ``hs_star_pl.templates.render_prompt``.
 
-``train_dataloader`` re-encodes the current examples on every call; with
-``reload_dataloaders_every_n_epochs: 1`` Lightning calls it at the start of every epoch
-(*before* ``on_train_epoch_start``, docs/findings), so examples must be set by the end of the
-previous epoch. Pairs without reference log-probs get them here, from the policy as it is
-when the dataloader is built (the start of the iteration), cached under
-``<default_root_dir>/reference_logps/`` for file-sourced pairs so a resume does not recompute
-them with already-trained weights.
+``train_dataloader`` is where the data are taken: with ``reload_dataloaders_every_n_epochs: 1``
+Lightning calls it at the start of every epoch, *before* ``on_train_epoch_start`` (and
+``configure_optimizers`` may call it even earlier), so the examples are pulled from the
+source at that call rather than pushed at a hook, and the policy is then exactly M_t. A
+source that returns the same object again keeps the encoded examples; one that returns no
+examples gets one placeholder batch (``SKIP_BATCH``, which ``HSStarModule`` skips), since an
+epoch with zero batches would end training. Pairs without reference log-probs get them here,
+from the policy as it is when the dataloader is built (the start of the iteration), cached
+under ``<default_root_dir>/reference_logps/`` for file-sourced pairs so a resume does not
+recompute them with already-trained weights.
 """
 
 from __future__ import annotations
@@ -173,7 +182,7 @@ class EvalSet:
 
 
 class MathDataModule(L.LightningDataModule):
-    """Training data for one self-training iteration: DPO pairs or SFT examples.
+    """Training data for one run or one self-training iteration: DPO pairs or SFT examples.
 
     Args:
         train_file: JSONL of preference pairs or SFT examples (see ``load_examples``).

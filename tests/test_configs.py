@@ -132,7 +132,7 @@ def test_yaml_parses_through_the_cli(path: Path, tmp_path, monkeypatch, request)
 
 
 def test_paper_configs_hold_the_papers_settings():
-    """The numbers the paper-scale recipe promises (README, docs/scale.md) are the ones set."""
+    """The numbers the paper-scale recipe promises (docs/scale.md, the configs' headers) are the ones set."""
     paper = CONFIGS / "paper"
     strategy = CONFIGS / "strategy" / "deepspeed_zero2.yaml"
     sft = merged([BASE, strategy, paper / "stepwise_init.yaml"])

@@ -28,7 +28,7 @@ from typing import Any
 
 from hs_star_pl.protocols import AnswerVerifier, Completion, GenerationRequest, RolloutEngine, SamplingParams
 from hs_star_pl.records import Problem, utf8_safe
-from hs_star_pl.verifiers import extract_answer
+from hs_star_pl.core.answers import extract_answer
 
 SUM_KEYS = ("problems", "samples", "correct", "ungradeable", "truncated", "tokens", "accuracy")
 """What each row adds up to (besides one ``pass@k`` per reported k)."""
@@ -102,7 +102,7 @@ def grade(batch: EvalBatch, outputs: Mapping[str, Sequence[Completion]], verifie
 
     ``answers`` are what the verifier graded: its own ``extract_answer`` method when it has
     one (both built-in verifiers do, by their ``extraction`` mode), else the strict
-    :func:`~hs_star_pl.verifiers.extract_answer`.
+    :func:`~hs_star_pl.core.answers.extract_answer`.
 
     Raises:
         RuntimeError: the engine returned a different number of completions than asked for.

@@ -12,12 +12,8 @@ import time
 import pytest
 import yaml
 
-from hs_star_pl.verifiers import (
-    ExactMatchVerifier,
-    MathVerifyVerifier,
-    extract_answer,
-    extract_answer_harness,
-)
+from hs_star_pl.core.answers import extract_answer, extract_answer_harness
+from hs_star_pl.verifiers import ExactMatchVerifier, MathVerifyVerifier
 from tests.helpers.tiny_setup import REPO
 
 CONFIGS = REPO / "configs"

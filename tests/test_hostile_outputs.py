@@ -25,7 +25,8 @@ from hs_star_pl.records import Phase, Problem, RolloutScore, ScoredRollout, utf8
 from hs_star_pl.rounds import generate_rollouts
 from hs_star_pl.steps import split_steps
 from hs_star_pl.tiny import build_byte_tokenizer
-from hs_star_pl.verifiers import ExactMatchVerifier, MathVerifyVerifier, extract_answer
+from hs_star_pl.core.answers import extract_answer
+from hs_star_pl.verifiers import ExactMatchVerifier, MathVerifyVerifier
 from tests.helpers.tiny_setup import REPO
 
 ROWS = [json.loads(line) for line in (REPO / "tests" / "corpus" / "hostile_outputs.jsonl").read_text().splitlines()[1:]]

@@ -17,14 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hs_star_pl.protocols import AnswerVerifier
-from hs_star_pl.verifiers import (
-    ExactMatchVerifier,
-    MathVerifyVerifier,
-    extract_answer,
-    is_correct,
-    normalize_answer,
-    normalize_gold,
-)
+from hs_star_pl.core.answers import extract_answer, normalize_answer, normalize_gold
+from hs_star_pl.verifiers import ExactMatchVerifier, MathVerifyVerifier, is_correct
 
 TOWER = "\\boxed{" + "9^{" * 12 + "9" + "}" * 12 + "}"
 

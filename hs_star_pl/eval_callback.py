@@ -35,14 +35,14 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from hs_star_pl.artifacts import atomic_write_text, round_dir, write_json
 from hs_star_pl.benchmarks import BenchmarkConfig, load_benchmark
+from hs_star_pl.core.artifacts import atomic_write_text, round_dir, write_json
+from hs_star_pl.core.protocols import AnswerVerifier, SamplingParams
+from hs_star_pl.core.records import Problem
+from hs_star_pl.core.templates import render_prompt
 from hs_star_pl.distributed import all_gather_objects
 from hs_star_pl.eval_metrics import BenchmarkMetric
 from hs_star_pl.evaluation import EvalBatch, grade, make_batch, policy_entry, results_table
-from hs_star_pl.protocols import AnswerVerifier, SamplingParams
-from hs_star_pl.records import Problem
-from hs_star_pl.templates import render_prompt
 
 
 class _BenchmarkRun:

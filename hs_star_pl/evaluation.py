@@ -26,9 +26,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hs_star_pl.protocols import AnswerVerifier, Completion, GenerationRequest, RolloutEngine, SamplingParams
-from hs_star_pl.records import Problem, utf8_safe
 from hs_star_pl.core.answers import extract_answer
+from hs_star_pl.core.protocols import AnswerVerifier, Completion, GenerationRequest, RolloutEngine, SamplingParams
+from hs_star_pl.core.records import Problem, utf8_safe
 
 SUM_KEYS = ("problems", "samples", "correct", "ungradeable", "truncated", "tokens", "accuracy")
 """What each row adds up to (besides one ``pass@k`` per reported k)."""

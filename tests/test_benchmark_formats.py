@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hs_star_pl.benchmarks import FORMATS, BenchmarkConfig, load_benchmark
-from hs_star_pl.problems import ProblemFileError
+from hs_star_pl.core.problems import ProblemFileError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
 

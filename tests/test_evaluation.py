@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 
+from hs_star_pl.core.protocols import Completion, SamplingParams
+from hs_star_pl.core.records import Problem
 from hs_star_pl.evaluation import (
     SUM_KEYS, EvalResult, add_sums, evaluate, grade, make_batch, pass_at_k, policy_entry, results_table, summarize,
 )
-from hs_star_pl.protocols import Completion, SamplingParams
-from hs_star_pl.records import Problem
 from hs_star_pl.verifiers import ExactMatchVerifier
 
 

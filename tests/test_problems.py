@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hs_star_pl.problems import ProblemFileError, ProblemPool, content_id, load_problems, normalize_gold, write_problems
-from hs_star_pl.records import Problem
+from hs_star_pl.core.problems import ProblemFileError, ProblemPool, content_id, load_problems, normalize_gold, write_problems
+from hs_star_pl.core.records import Problem
 
 
 def write_lines(path, lines):

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from hs_star_pl.errors import InputFileError
-from hs_star_pl.jsonl import LineError, parse_json_line, why_not_a_file
-from hs_star_pl.records import GoldText, Problem
 from hs_star_pl.core.answers import last_boxed
 from hs_star_pl.core.answers import normalize_gold as gold_alternatives
+from hs_star_pl.core.records import GoldText, Problem
+from hs_star_pl.errors import InputFileError
+from hs_star_pl.jsonl import LineError, parse_json_line, why_not_a_file
 
 QUESTION_KEYS = ("question", "problem", "query", "prompt")
 ANSWER_KEYS = ("answer", "final_answer", "gold", "expected_answer")

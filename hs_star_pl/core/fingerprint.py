@@ -49,8 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hs_star_pl.artifacts import read_json, write_json
-from hs_star_pl.records import Problem
+from hs_star_pl.core.artifacts import read_json, write_json
+from hs_star_pl.core.records import Problem
 
 SETTINGS_FILE = "settings.json"
 VERSION = 1
@@ -149,7 +149,7 @@ class SettingsRecord:
 def settings_of(config: Mapping[str, Any], problems: Sequence[Problem], problems_file: str | None) -> SettingsRecord:
     """The record of a parsed config (nested, as ``--print_config`` shows it) and its loaded pool.
 
-    >>> from hs_star_pl.records import Problem
+    >>> from hs_star_pl.core.records import Problem
     >>> r = settings_of({"self_training": {"seed": 5, "plots": True}, "trainer": {"max_epochs": 2}},
     ...                 [Problem("p1", "1+1?", "2")], "pool.jsonl")
     >>> sorted(r.settings), r.settings["self_training.seed"]

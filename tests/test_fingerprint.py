@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import pytest
 
-from hs_star_pl.core.fingerprint import SettingsRecord, counts, differences, mismatch_message, recorded_rounds, settings_of, write_record
+from hs_star_pl.core.fingerprint import (
+    SettingsRecord,
+    counts,
+    differences,
+    mismatch_message,
+    read_record,
+    recorded_rounds,
+    settings_of,
+    write_record,
+)
 from hs_star_pl.core.records import Problem
 from hs_star_pl.errors import ConfigError
 
@@ -109,6 +118,21 @@ def test_a_record_of_another_format_version_is_compared_on_the_keys_both_hold():
     old = SettingsRecord({"self_training.seed": 0, "some.key.this.version.dropped": 1}, version=0)
     assert differences(old, record()) == {}
     assert differences(SettingsRecord({"self_training.seed": 3}, version=0), record()) == {"self_training.seed": (3, 0)}
+
+
+def test_a_record_naming_a_class_by_its_old_module_matches_the_class_where_it_lives_now(tmp_path):
+    """Run folders made before the budget allocators moved to ``hs_star_pl.core.budget``
+    record ``hs_star_pl.budget.<name>``: read back, rounds and checkpoint agree with today's
+    config; another allocator under the old name still differs."""
+    write_record(tmp_path, record())
+    stored = (tmp_path / "settings.json").read_text()
+    (tmp_path / "settings.json").write_text(stored.replace("hs_star_pl.core.budget.", "hs_star_pl.budget."))
+    assert '"hs_star_pl.budget.HierarchicalBudget"' in (tmp_path / "settings.json").read_text()
+    assert differences(read_record(tmp_path), record()) == {}
+    from_checkpoint = SettingsRecord.from_dict({**record().to_dict(), "settings": {
+        **record().settings, "self_training.budget.class_path": "hs_star_pl.budget.UniformBudget"}})
+    assert differences(from_checkpoint, record())["self_training.budget.class_path"] == (
+        "hs_star_pl.core.budget.UniformBudget", "hs_star_pl.core.budget.HierarchicalBudget")
 
 
 def test_the_refusal_lists_every_key_with_its_values_per_round_and_both_ways_out(tmp_path):

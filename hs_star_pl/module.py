@@ -39,7 +39,7 @@ from hs_star_pl.core.protocols import Completion
 from hs_star_pl.core.records import PreferencePair
 from hs_star_pl.data import SKIP_BATCH
 from hs_star_pl.errors import ConfigError, NonFiniteLossError
-from hs_star_pl.evaluation import EvalBatch
+from hs_star_pl.evaluation.protocol import EvalBatch
 from hs_star_pl.losses import chosen_nll, dpo_loss, get_dpo_loss, sequence_logps, sft_nll
 from hs_star_pl.schedules import WarmupCosineLR
 from hs_star_pl.zero import max_over_ranks, needs_lockstep

@@ -20,7 +20,7 @@ from hs_star_pl.callback import SelfTrainingCallback
 from hs_star_pl.cli import HSStarCLI
 from hs_star_pl.core.templates import render_prompt
 from hs_star_pl.data import MathDataModule
-from hs_star_pl.eval_callback import EvaluationCallback
+from hs_star_pl.evaluation.callback import EvaluationCallback
 from hs_star_pl.export import HFExportCallback
 from hs_star_pl.module import HSStarModule, TinyModelConfig
 from hs_star_pl.schedules import WarmupCosineLR

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-PURE = ["errors", "faults", "jsonl", "storage", "config_checks", "core.fingerprint", "core.records", "core.problems", "benchmarks", "evaluation", "core.protocols", "core.steps", "core.difficulty", "core.budget", "core.selection", "core.rounds", "core.artifacts", "tasks.arithmetic"]
+PURE = ["errors", "faults", "jsonl", "storage", "config_checks", "core.fingerprint", "core.records", "core.problems", "evaluation.datasets", "evaluation.protocol", "core.protocols", "core.steps", "core.difficulty", "core.budget", "core.selection", "core.rounds", "core.artifacts", "tasks.arithmetic"]
 
 
 def test_pure_modules_do_not_import_torch_or_lightning():

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
+
 from hs_star_pl.core.problems import FieldMap, ProblemFileError, load_problems
 from hs_star_pl.core.records import Problem
 

@@ -140,9 +140,9 @@ def ensure_demo_m0(model_path: str | None) -> Path:
 
 def demo_round_config(max_new_tokens: int = 200):
     """The tiny demo's round settings (configs/tiny/hs_star.yaml): T=0.7, top_p 0.95, tau 0.25/0.75."""
-    from hs_star_pl.difficulty import DifficultyConfig
-    from hs_star_pl.protocols import SamplingParams
-    from hs_star_pl.rounds import RoundConfig
+    from hs_star_pl.core.difficulty import DifficultyConfig
+    from hs_star_pl.core.protocols import SamplingParams
+    from hs_star_pl.core.rounds import RoundConfig
 
     return RoundConfig(
         sampling=SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=max_new_tokens),
@@ -156,7 +156,7 @@ def demo_problems(n: int, problems_file: str | None = None):
     Past the demo pool's 1,200 problems it is extended with freshly generated problems of the
     same task mix (distinct questions), so the scaling benchmark can go beyond it.
     """
-    from hs_star_pl.problems import ProblemPool, load_problems
+    from hs_star_pl.core.problems import ProblemPool, load_problems
 
     path = problems_file or REPO / "data" / "tiny" / "pool.jsonl"
     pool = tuple(load_problems(path))
@@ -206,6 +206,6 @@ def load_policy(model_path: Path | None, quick: bool):
 
 
 def render_plain(problem) -> str:
-    from hs_star_pl.templates import render_prompt
+    from hs_star_pl.core.templates import render_prompt
 
     return render_prompt("plain", problem.question)

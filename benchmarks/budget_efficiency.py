@@ -38,7 +38,7 @@ CLASSES = ("inlier", "boundary", "outlier")
 
 
 def allocators(samples_per_problem: int, n_presample: int) -> dict:
-    from hs_star_pl.budget import HierarchicalBudget, ProportionalBudget, UniformBudget
+    from hs_star_pl.core.budget import HierarchicalBudget, ProportionalBudget, UniformBudget
 
     return {
         "hierarchical (HS-STaR)": HierarchicalBudget(samples_per_problem=samples_per_problem, n_presample=n_presample),
@@ -58,9 +58,9 @@ def main() -> None:
     setup_torch(args.threads)
     warnings.filterwarnings("ignore", message=".*no boundary.*")
 
+    from hs_star_pl.core.rounds import run_round
     from hs_star_pl.engines import HFEngine
     from hs_star_pl.prm import ArithmeticPRM
-    from hs_star_pl.rounds import run_round
     from hs_star_pl.verifiers import ExactMatchVerifier
 
     n_problems = args.problems or (8 if args.quick else 300)

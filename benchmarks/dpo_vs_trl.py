@@ -50,8 +50,8 @@ MAX_LENGTH = 384
 
 def make_pairs(n: int):
     """``n`` preference pairs from the shipped task data: right solution vs a wrong last step."""
-    from hs_star_pl.records import PreferencePair
-    from hs_star_pl.templates import render_prompt
+    from hs_star_pl.core.records import PreferencePair
+    from hs_star_pl.core.templates import render_prompt
 
     pairs = []
     with open(REPO / "data" / "tiny" / "pool.jsonl", encoding="utf-8") as fh:

@@ -107,9 +107,9 @@ class Probe(L.Callback):
             self.tokens += int(batch["attention_mask"].sum())
 
     def on_train_end(self, trainer, module):
+        from hs_star_pl.core.records import PreferencePair
         from hs_star_pl.distributed import all_gather_objects
         from hs_star_pl.export import export_hf
-        from hs_star_pl.records import PreferencePair
 
         device = module.device
         seconds = sum(self.times)

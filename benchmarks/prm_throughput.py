@@ -47,11 +47,11 @@ def main() -> None:
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
     setup_torch(args.threads)
+    from hs_star_pl.core.protocols import StepScoringRequest
+    from hs_star_pl.core.records import Phase, Problem, Rollout
+    from hs_star_pl.core.rounds import score_rollouts
     from hs_star_pl.prm import ArithmeticPRM, QwenMathPRM, SkyworkPRM
     from hs_star_pl.prm.hf import build_tiny_prm_dir
-    from hs_star_pl.protocols import StepScoringRequest
-    from hs_star_pl.records import Phase, Problem, Rollout
-    from hs_star_pl.rounds import score_rollouts
     from hs_star_pl.verifiers import ExactMatchVerifier
 
     n = 16 if args.quick else 256

@@ -51,7 +51,7 @@ N_PRESAMPLE, K = 3, 8
 
 def workload(n_prompts: int, problems_file: str | None):
     """The two calls of a round: (pre-sample requests, re-sample requests)."""
-    from hs_star_pl.protocols import GenerationRequest
+    from hs_star_pl.core.protocols import GenerationRequest
 
     problems = demo_problems(n_prompts, problems_file)
     pre = [GenerationRequest(p.id, render_plain(p), N_PRESAMPLE) for p in problems]
@@ -85,7 +85,7 @@ class NaiveLoop:
         import torch
         from transformers import GenerationConfig
 
-        from hs_star_pl.protocols import Completion
+        from hs_star_pl.core.protocols import Completion
 
         config = GenerationConfig(
             do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0,
@@ -147,9 +147,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print a cProfile of HFEngine.generate and exit")
     args = parser.parse_args()
     setup_torch(args.threads)
+    from hs_star_pl.core.protocols import SamplingParams
     from hs_star_pl.engines import HFEngine
     from hs_star_pl.module import HSStarModule
-    from hs_star_pl.protocols import SamplingParams
 
     n_prompts = args.prompts or (4 if args.quick else 64)
     repeats = args.repeats or (1 if args.quick else 2)

@@ -40,11 +40,11 @@ def one_iteration(args, model_path, n_problems: int, k: int, out_dir: str) -> di
     """Seconds per phase of one iteration from M_0, plus the counts behind them."""
     import lightning as L
 
-    from hs_star_pl.budget import HierarchicalBudget
+    from hs_star_pl.core.budget import HierarchicalBudget
+    from hs_star_pl.core.rounds import run_round
     from hs_star_pl.data import MathDataModule
     from hs_star_pl.engines import HFEngine
     from hs_star_pl.prm import ArithmeticPRM
-    from hs_star_pl.rounds import run_round
     from hs_star_pl.verifiers import ExactMatchVerifier
 
     module = load_policy(model_path, args.quick)

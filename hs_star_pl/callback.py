@@ -45,7 +45,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from hs_star_pl import faults, preemption
-from hs_star_pl.artifacts import (
+from hs_star_pl.config_checks import long_prompts_warning, self_training_errors
+from hs_star_pl.core.artifacts import (
     RoundStore,
     completed_rounds,
     is_complete,
@@ -55,22 +56,21 @@ from hs_star_pl.artifacts import (
     round_dir,
     write_round,
 )
-from hs_star_pl.budget import BudgetAllocator, HierarchicalBudget
-from hs_star_pl.config_checks import long_prompts_warning, self_training_errors
-from hs_star_pl.difficulty import DifficultyConfig
+from hs_star_pl.core.budget import BudgetAllocator, HierarchicalBudget
+from hs_star_pl.core.difficulty import DifficultyConfig
+from hs_star_pl.core.fingerprint import SettingsRecord, mismatch_message, read_record, recorded_rounds, settings_of, write_record
+from hs_star_pl.core.problems import FieldMap, ProblemPool, load_problems
+from hs_star_pl.core.protocols import AnswerVerifier, ProcessRewardModel, RolloutEngine, SamplingParams, lifecycle_of
+from hs_star_pl.core.records import PreferencePair
+from hs_star_pl.core.rounds import RoundConfig, RoundResult, explain_no_examples, run_round
+from hs_star_pl.core.selection import SelectionConfig
+from hs_star_pl.core.steps import DEFAULT_STEP_DELIMITER
+from hs_star_pl.core.templates import render_prompt
 from hs_star_pl.distributed import all_gather_objects
 from hs_star_pl.errors import ConfigError, EmptyRoundError
 from hs_star_pl.export import HFExportCallback
-from hs_star_pl.fingerprint import SettingsRecord, mismatch_message, read_record, recorded_rounds, settings_of, write_record
 from hs_star_pl.plots import plot_history, plot_round
-from hs_star_pl.problems import FieldMap, ProblemPool, load_problems
-from hs_star_pl.protocols import AnswerVerifier, ProcessRewardModel, RolloutEngine, SamplingParams, lifecycle_of
-from hs_star_pl.records import PreferencePair
-from hs_star_pl.rounds import RoundConfig, RoundResult, explain_no_examples, run_round
 from hs_star_pl.schedules import start_iteration
-from hs_star_pl.selection import SelectionConfig
-from hs_star_pl.steps import DEFAULT_STEP_DELIMITER
-from hs_star_pl.templates import render_prompt
 from hs_star_pl.zero import iter_full_state_dict
 
 SCHEMA_VERSION = 3  # 2: the last iteration and each round's ledger totals; 3: the settings record

@@ -30,7 +30,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from hs_star_pl import faults
-from hs_star_pl.artifacts import fsync_dir
+from hs_star_pl.core.artifacts import fsync_dir
 from hs_star_pl.errors import InputFileError
 from hs_star_pl.storage import storage_error
 

@@ -52,7 +52,7 @@ from hs_star_pl.checkpoint_io import AtomicCheckpointIO
 from hs_star_pl.config_checks import LINKS, check_config, name_link_sources
 from hs_star_pl.data import MathDataModule
 from hs_star_pl.errors import ConfigError, HSStarError
-from hs_star_pl.eval_callback import EvaluationCallback
+from hs_star_pl.evaluation.callback import EvaluationCallback
 from hs_star_pl.export import HFExportCallback
 from hs_star_pl.module import HSStarModule
 from hs_star_pl.run_lock import RunLock, is_launching_process, release_all

@@ -55,7 +55,7 @@ def encode_example(
 
     Args:
         tokenizer: a Hugging Face tokenizer with an ``eos_token_id``.
-        prompt: the rendered prompt (see ``hs_star_pl.templates``).
+        prompt: the rendered prompt (see ``hs_star_pl.core.templates``).
         response: the response text, without EOS.
         max_length: the longest allowed sequence in tokens.
         eos: append EOS. ``False`` for a response that is a prefix (a rejected response cut

@@ -24,9 +24,9 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from hs_star_pl.core.records import Problem
+from hs_star_pl.core.templates import check_step_delimiter, render_prompt
 from hs_star_pl.errors import ConfigError
-from hs_star_pl.records import Problem
-from hs_star_pl.templates import check_step_delimiter, render_prompt
 
 # target -> source of the CLI's ``link_arguments``: the user sets the source only.
 LINKS: dict[str, str] = {

@@ -18,7 +18,7 @@ callback, for ``hs-star test``), sharded over ranks without repeats.
 Prompt contract: a record's ``prompt`` is the *rendered* prompt, the exact text the policy
 was conditioned on when the response was sampled. File rows may give ``prompt`` (used
 verbatim) or ``question`` (rendered here with ``data.template``). Every rendering goes through
-``hs_star_pl.templates.render_prompt``.
+``hs_star_pl.core.templates.render_prompt``.
 
 ``train_dataloader`` is where the data are taken: with ``reload_dataloaders_every_n_epochs: 1``
 Lightning calls it at the start of every epoch, *before* ``on_train_epoch_start`` (and
@@ -56,11 +56,11 @@ from hs_star_pl.collate import (
     encode_example,
     encode_pair,
 )
+from hs_star_pl.core.problems import MAX_LINE_BYTES, FieldMap, load_problems
+from hs_star_pl.core.records import PreferencePair, SftExample
+from hs_star_pl.core.templates import get_template, render_prompt
 from hs_star_pl.errors import InputFileError
 from hs_star_pl.jsonl import LineError, parse_json_line, why_not_a_file
-from hs_star_pl.problems import MAX_LINE_BYTES, FieldMap, load_problems
-from hs_star_pl.records import PreferencePair, SftExample
-from hs_star_pl.templates import get_template, render_prompt
 
 Examples = Sequence[PreferencePair] | Sequence[SftExample]
 
@@ -193,7 +193,7 @@ class MathDataModule(L.LightningDataModule):
             and solution (e.g. ``solution_key: steps``); see ``problems.FieldMap``.
         val_file: optional JSONL of the same kind as the training data, for ``validate``
             and the validation loop.
-        template: prompt template name (``hs_star_pl.templates``) used to render questions.
+        template: prompt template name (``hs_star_pl.core.templates``) used to render questions.
         max_length: longest sequence in tokens; longer responses are cut from the right and
             counted, prompts that do not fit are dropped and counted.
         batch_size: examples (pairs, for DPO) per device per step.

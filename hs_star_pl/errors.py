@@ -6,7 +6,7 @@ status 2 (bad config or input) or 1 (a run stopped), without a traceback; anythi
 bug and keeps its traceback. All of them subclass the builtin a Python caller would expect
 (``ValueError``, ``RuntimeError``, ``FloatingPointError``), so ``except ValueError`` still works.
 
-Stdlib only: the pure modules (``problems``, ``artifacts``) raise these too.
+Stdlib only: the pure core (``core.problems``, ``core.artifacts``) raises these too.
 """
 
 from __future__ import annotations

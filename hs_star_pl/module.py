@@ -35,12 +35,12 @@ from torchmetrics import MeanMetric
 
 from hs_star_pl import faults
 from hs_star_pl.collate import collate_pairs, encode_example, encode_pair, position_ids_from_mask
-from hs_star_pl.evaluation import EvalBatch
+from hs_star_pl.core.protocols import Completion
+from hs_star_pl.core.records import PreferencePair
 from hs_star_pl.data import SKIP_BATCH
 from hs_star_pl.errors import ConfigError, NonFiniteLossError
+from hs_star_pl.evaluation.protocol import EvalBatch
 from hs_star_pl.losses import chosen_nll, dpo_loss, get_dpo_loss, sequence_logps, sft_nll
-from hs_star_pl.protocols import Completion
-from hs_star_pl.records import PreferencePair
 from hs_star_pl.schedules import WarmupCosineLR
 from hs_star_pl.zero import max_over_ranks, needs_lockstep
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hs_star_pl.rounds import RoundResult
+from hs_star_pl.core.rounds import RoundResult
 
 log = logging.getLogger(__name__)
 CLASS_COLORS = {"inlier": "tab:green", "boundary": "tab:orange", "outlier": "tab:red"}

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from hs_star_pl.artifacts import (
+from hs_star_pl.core.artifacts import (
     RoundStore,
     atomic_write_text,
     completed_rounds,

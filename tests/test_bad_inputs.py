@@ -16,8 +16,8 @@ import sys
 import pytest
 
 from hs_star_pl.cli import main
+from hs_star_pl.core.problems import MAX_LINE_BYTES, ProblemFileError, load_problems
 from hs_star_pl.data import ExampleFileError, load_examples
-from hs_star_pl.problems import MAX_LINE_BYTES, ProblemFileError, load_problems
 from tests.helpers.tiny_setup import REPO
 
 CORPUS = REPO / "tests" / "corpus" / "bad_inputs"
@@ -113,7 +113,7 @@ CONFIG_CASES = {
 # Rejected by jsonargparse while parsing: its own "error: ..." block names the key.
 PARSE_CASES = {
     "unknown_budget_class": ('Parser key "self_training.budget"',
-                             "module 'hs_star_pl.budget' has no attribute 'NoSuchBudget'"),
+                             "module 'hs_star_pl.core.budget' has no attribute 'NoSuchBudget'"),
     "unknown_prm_module": ('Parser key "self_training.prm"', "module 'hs_star_pl' has no attribute 'prm_v2'"),
     "misspelled_key": ("Subcommand 'fit' does not accept option 'self_training.n_iteration'",),
     "nonfinite_loss_unknown": ('Parser key "model.nonfinite_loss"', "Got value: ignore"),

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hs_star_pl.benchmarks import FORMATS, BenchmarkConfig, load_benchmark
-from hs_star_pl.problems import ProblemFileError
+from hs_star_pl.core.problems import ProblemFileError
+from hs_star_pl.evaluation.datasets import FORMATS, BenchmarkConfig, load_benchmark
 
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hs_star_pl.budget import (
+from hs_star_pl.core.budget import (
     BudgetLedger,
     HierarchicalBudget,
     ProportionalBudget,
@@ -17,7 +17,7 @@ from hs_star_pl.budget import (
     split_evenly,
     split_proportionally,
 )
-from hs_star_pl.records import Difficulty, ProblemDifficulty
+from hs_star_pl.core.records import Difficulty, ProblemDifficulty
 
 ALL = ["inlier", "boundary", "outlier"]
 

@@ -18,12 +18,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hs_star_pl.callback import SelfTrainingCallback
 from hs_star_pl.cli import HSStarCLI
+from hs_star_pl.core.templates import render_prompt
 from hs_star_pl.data import MathDataModule
-from hs_star_pl.eval_callback import EvaluationCallback
+from hs_star_pl.evaluation.callback import EvaluationCallback
 from hs_star_pl.export import HFExportCallback
 from hs_star_pl.module import HSStarModule, TinyModelConfig
 from hs_star_pl.schedules import WarmupCosineLR
-from hs_star_pl.templates import render_prompt
 from tests.helpers.tiny_setup import REPO
 
 BASE = str(REPO / "configs" / "base.yaml")

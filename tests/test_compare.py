@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from hs_star_pl.artifacts import read_jsonl
+from hs_star_pl.core.artifacts import read_jsonl
 from hs_star_pl.experiments.compare import (
     STUDIES,
     RunResult,

@@ -6,9 +6,9 @@ import pytest
 import yaml
 from jsonargparse import ArgumentParser
 
-from hs_star_pl.budget import BudgetAllocator, HierarchicalBudget, ProportionalBudget, UniformBudget
-from hs_star_pl.difficulty import DifficultyConfig
-from hs_star_pl.selection import SelectionConfig
+from hs_star_pl.core.budget import BudgetAllocator, HierarchicalBudget, ProportionalBudget, UniformBudget
+from hs_star_pl.core.difficulty import DifficultyConfig
+from hs_star_pl.core.selection import SelectionConfig
 
 
 def parser() -> ArgumentParser:
@@ -27,9 +27,9 @@ def build(config: dict):
 @pytest.mark.parametrize(
     "class_path, init_args, expected",
     [
-        ("hs_star_pl.budget.HierarchicalBudget", {"samples_per_problem": 8, "n_presample": 3}, HierarchicalBudget(8, 3)),
-        ("hs_star_pl.budget.UniformBudget", {"samples_per_problem": 8}, UniformBudget(8)),
-        ("hs_star_pl.budget.ProportionalBudget", {"no_boundary": "uniform"}, ProportionalBudget(no_boundary="uniform")),
+        ("hs_star_pl.core.budget.HierarchicalBudget", {"samples_per_problem": 8, "n_presample": 3}, HierarchicalBudget(8, 3)),
+        ("hs_star_pl.core.budget.UniformBudget", {"samples_per_problem": 8}, UniformBudget(8)),
+        ("hs_star_pl.core.budget.ProportionalBudget", {"no_boundary": "uniform"}, ProportionalBudget(no_boundary="uniform")),
     ],
 )
 def test_allocators_are_chosen_by_class_path(class_path, init_args, expected):
@@ -40,7 +40,7 @@ def test_allocators_are_chosen_by_class_path(class_path, init_args, expected):
 def test_difficulty_and_selection_groups_parse_with_ablation_values():
     cfg = build(
         {
-            "budget": {"class_path": "hs_star_pl.budget.HierarchicalBudget"},
+            "budget": {"class_path": "hs_star_pl.core.budget.HierarchicalBudget"},
             "difficulty": {"mode": "reward_only", "tau_low": 0.15, "tau_high": 0.65, "calibration": [0.2, 0.8]},
             "selection": {"train_classes": ["inlier", "boundary"], "objective": "sft"},
         }
@@ -51,11 +51,11 @@ def test_difficulty_and_selection_groups_parse_with_ablation_values():
 
 def test_contradictory_values_fail_with_the_key():
     with pytest.raises(ValueError, match=r"budget.n_presample \(3\) must be <= budget.samples_per_problem \(2\)"):
-        build({"budget": {"class_path": "hs_star_pl.budget.HierarchicalBudget", "init_args": {"samples_per_problem": 2}}})
+        build({"budget": {"class_path": "hs_star_pl.core.budget.HierarchicalBudget", "init_args": {"samples_per_problem": 2}}})
     with pytest.raises(Exception, match="has no attribute 'Nope'"):
-        build({"budget": {"class_path": "hs_star_pl.budget.Nope"}})
+        build({"budget": {"class_path": "hs_star_pl.core.budget.Nope"}})
     with pytest.raises(Exception, match="difficulty.mode"):
-        build({"budget": {"class_path": "hs_star_pl.budget.UniformBudget"}, "difficulty": {"mode": "vibes"}})
+        build({"budget": {"class_path": "hs_star_pl.core.budget.UniformBudget"}, "difficulty": {"mode": "vibes"}})
 
 
 def test_problem_field_mapping_reaches_the_pool_from_the_cli(tmp_path, monkeypatch):
@@ -65,7 +65,7 @@ def test_problem_field_mapping_reaches_the_pool_from_the_cli(tmp_path, monkeypat
 
     from hs_star_pl.callback import SelfTrainingCallback
     from hs_star_pl.cli import HSStarCLI
-    from hs_star_pl.problems import ProblemFileError
+    from hs_star_pl.core.problems import ProblemFileError
     from tests.helpers.tiny_setup import REPO
 
     monkeypatch.chdir(REPO)
@@ -93,7 +93,7 @@ def test_problem_field_mapping_reaches_the_pool_from_the_cli(tmp_path, monkeypat
 def test_a_non_finite_temperature_is_refused_by_the_sampling_settings_themselves(temperature):
     """Built in Python, without the CLI's check of every float: ``nan < 0`` is false, and a NaN
     temperature used to pass and make sampling greedy."""
-    from hs_star_pl.protocols import SamplingParams
+    from hs_star_pl.core.protocols import SamplingParams
 
     with pytest.raises(ValueError, match=f"sampling.temperature must be a finite number, got {temperature}"):
         SamplingParams(temperature=temperature)

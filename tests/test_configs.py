@@ -167,7 +167,7 @@ def test_pilot_study_overlays_spend_exactly_k_times_n_on_their_split(base, folde
     re-samples its split only and spends exactly K * N on a round holding every class."""
     import importlib
 
-    from hs_star_pl.records import Difficulty, ProblemDifficulty
+    from hs_star_pl.core.records import Difficulty, ProblemDifficulty
 
     d = {f"p{i}": ProblemDifficulty(f"p{i}", None, None, c, 3, 3) for i, c in enumerate([*Difficulty] * 5)}
     for name, split in SPLITS.items():

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from hs_star_pl.collate import collate_pairs, collate_sequences, encode_example, position_ids_from_mask
+from hs_star_pl.core.records import PreferencePair, SftExample
+from hs_star_pl.core.templates import render_prompt
 from hs_star_pl.data import ExampleFileError, MathDataModule, load_examples
-from hs_star_pl.records import PreferencePair, SftExample
-from hs_star_pl.templates import render_prompt
 from hs_star_pl.tiny import build_byte_tokenizer
 from tests.helpers.tiny_setup import PAIRS_FILE, STEPWISE_FILE, tiny_module
 from tests.helpers.trainers import cpu_trainer
@@ -140,7 +140,7 @@ def test_problems_file_fields_are_mapped_for_stepwise_init(tmp_path):
     the mapping the error names the file, the missing field and the key to set."""
     import json
 
-    from hs_star_pl.problems import FieldMap
+    from hs_star_pl.core.problems import FieldMap
 
     rows = [json.loads(line) for line in STEPWISE_FILE.read_text().splitlines()]
     renamed = tmp_path / "renamed.jsonl"

@@ -15,14 +15,14 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from hs_star_pl.artifacts import DONE, completed_rounds, round_dir
-from hs_star_pl.budget import HierarchicalBudget
 from hs_star_pl.cli import HSStarCLI, main
-from hs_star_pl.difficulty import DifficultyConfig
-from hs_star_pl.protocols import Completion
-from hs_star_pl.records import Problem
-from hs_star_pl.rounds import RoundConfig, explain_no_examples, run_round
-from hs_star_pl.selection import SelectionConfig
+from hs_star_pl.core.artifacts import DONE, completed_rounds, round_dir
+from hs_star_pl.core.budget import HierarchicalBudget
+from hs_star_pl.core.difficulty import DifficultyConfig
+from hs_star_pl.core.protocols import Completion
+from hs_star_pl.core.records import Problem
+from hs_star_pl.core.rounds import RoundConfig, explain_no_examples, run_round
+from hs_star_pl.core.selection import SelectionConfig
 from tests.helpers.round_fakes import BoxedNumberVerifier, KeywordPRM, ScriptedEngine
 from tests.helpers.tiny_setup import REPO
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hs_star_pl.difficulty import (
+from hs_star_pl.core.difficulty import (
     DifficultyConfig,
     DifficultyThresholds,
     calibrate_thresholds,
@@ -12,7 +12,7 @@ from hs_star_pl.difficulty import (
     estimate_difficulty,
     quantile,
 )
-from hs_star_pl.records import Difficulty, Phase, Rollout, RolloutScore, ScoredRollout
+from hs_star_pl.core.records import Difficulty, Phase, Rollout, RolloutScore, ScoredRollout
 
 T = DifficultyThresholds(tau_low=0.2, tau_high=0.6)
 I, B, O = Difficulty.INLIER, Difficulty.BOUNDARY, Difficulty.OUTLIER

@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
+from hs_star_pl.core.protocols import EngineLifecycle, GenerationRequest, RolloutEngine, SamplingParams
 from hs_star_pl.engines import HFEngine, LogprobMismatchError, compare_logprobs, sequence_token_logprobs
-from hs_star_pl.protocols import EngineLifecycle, GenerationRequest, RolloutEngine, SamplingParams
 from hs_star_pl.tiny import build_byte_tokenizer, build_tiny_causal_lm
 
 from tests.helpers.engine_requests import PARAMS, REQUESTS  # noqa: E402
@@ -244,8 +244,8 @@ def test_tied_weights_are_sent_once(model):
 
 def test_plugs_into_generate_rollouts(engine):
     """The round's own caller gets exactly the reallocated counts, indexed from start_index."""
-    from hs_star_pl.records import Phase, Problem
-    from hs_star_pl.rounds import generate_rollouts
+    from hs_star_pl.core.records import Phase, Problem
+    from hs_star_pl.core.rounds import generate_rollouts
 
     problems = [Problem(id=f"p{i}", question=f"{i}+1=", answer=str(i + 1)) for i in range(3)]
     rollouts = generate_rollouts(
@@ -431,7 +431,7 @@ def test_vllm_engine_names_the_extra_when_vllm_is_missing():
     code = (
         "import sys; sys.modules['vllm'] = None\n"
         "from hs_star_pl.engines import VLLMEngine\n"
-        "from hs_star_pl.protocols import GenerationRequest, SamplingParams\n"
+        "from hs_star_pl.core.protocols import GenerationRequest, SamplingParams\n"
         "engine = VLLMEngine(model_path='unused')\n"
         "assert engine.generate([GenerationRequest('a', '1', 0)], SamplingParams()) == {'a': []}\n"
         "try:\n"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hs_star_pl.cli import HSStarCLI
-from hs_star_pl.evaluation import EvalResult
+from hs_star_pl.evaluation.protocol import EvalResult
 from hs_star_pl.tasks.arithmetic import write_split
 from tests.helpers.self_training import CONFIGS, EASY, env
 from tests.helpers.tiny_setup import REPO

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 
-from hs_star_pl.evaluation import (
+from hs_star_pl.core.protocols import Completion, SamplingParams
+from hs_star_pl.core.records import Problem
+from hs_star_pl.evaluation.protocol import (
     SUM_KEYS, EvalResult, add_sums, evaluate, grade, make_batch, pass_at_k, policy_entry, results_table, summarize,
 )
-from hs_star_pl.protocols import Completion, SamplingParams
-from hs_star_pl.records import Problem
 from hs_star_pl.verifiers import ExactMatchVerifier
 
 
@@ -161,7 +161,7 @@ def test_bad_sample_count_names_the_key():
 
 def test_the_torchmetrics_totals_give_the_same_summary_as_the_rows():
     """BenchmarkMetric adds the same per-row sums (here in two updates, as two chunks would)."""
-    from hs_star_pl.eval_metrics import BenchmarkMetric
+    from hs_star_pl.evaluation.metrics import BenchmarkMetric
 
     result, _ = run(4, pass_k=(1, 2, 4))
     metric = BenchmarkMetric(4, (1, 2, 4))

@@ -1,4 +1,4 @@
-"""The settings record of a run folder (``hs_star_pl.fingerprint``): what counts, how records compare, the refusal.
+"""The settings record of a run folder (``hs_star_pl.core.fingerprint``): what counts, how records compare, the refusal.
 
 Pure and fast; the same through the real CLI (re-runs and resumes of a run folder with
 edited settings) is in ``test_run_folders.py``.
@@ -8,9 +8,18 @@ from __future__ import annotations
 
 import pytest
 
+from hs_star_pl.core.fingerprint import (
+    SettingsRecord,
+    counts,
+    differences,
+    mismatch_message,
+    read_record,
+    recorded_rounds,
+    settings_of,
+    write_record,
+)
+from hs_star_pl.core.records import Problem
 from hs_star_pl.errors import ConfigError
-from hs_star_pl.fingerprint import SettingsRecord, counts, differences, mismatch_message, recorded_rounds, settings_of, write_record
-from hs_star_pl.records import Problem
 
 K = "self_training.budget.init_args.samples_per_problem"
 POOL = [Problem("p1", "Start with 2. Add 3. What is the result?", "5"), Problem("p2", "Start with 4. Add 1.", "5")]
@@ -27,7 +36,7 @@ def config(**overrides):
         "data": {"template": "plain", "max_length": 192, "batch_size": 8, "num_workers": 0, "ref_batch_size": 16},
         "self_training": {
             "problems_file": "pool.jsonl", "problem_fields": {"question_key": None},
-            "budget": {"class_path": "hs_star_pl.budget.HierarchicalBudget", "init_args": {"samples_per_problem": 4, "n_presample": 2}},
+            "budget": {"class_path": "hs_star_pl.core.budget.HierarchicalBudget", "init_args": {"samples_per_problem": 4, "n_presample": 2}},
             "difficulty": {"tau_low": 0.25, "tau_high": 0.75}, "selection": {"train_classes": ["boundary"]},
             "sampling": {"temperature": 0.7, "top_p": 0.95, "stop": []}, "seed": 0, "n_iterations": 2, "plots": True,
             "engine": {"class_path": "hs_star_pl.engines.HFEngine", "init_args": {"batch_size": 64, "progress": False}},
@@ -98,10 +107,10 @@ def test_differences_name_each_changed_key_with_both_values():
 
 
 def test_a_component_swapped_for_another_differs_in_its_class_and_its_arguments():
-    swapped = record(**{"self_training.budget": {"class_path": "hs_star_pl.budget.UniformBudget",
+    swapped = record(**{"self_training.budget": {"class_path": "hs_star_pl.core.budget.UniformBudget",
                                                  "init_args": {"samples_per_problem": 4}}})
     diff = differences(record(), swapped)
-    assert diff["self_training.budget.class_path"] == ("hs_star_pl.budget.HierarchicalBudget", "hs_star_pl.budget.UniformBudget")
+    assert diff["self_training.budget.class_path"] == ("hs_star_pl.core.budget.HierarchicalBudget", "hs_star_pl.core.budget.UniformBudget")
     assert "self_training.budget.init_args.n_presample" in diff  # recorded, not set now
 
 
@@ -109,6 +118,21 @@ def test_a_record_of_another_format_version_is_compared_on_the_keys_both_hold():
     old = SettingsRecord({"self_training.seed": 0, "some.key.this.version.dropped": 1}, version=0)
     assert differences(old, record()) == {}
     assert differences(SettingsRecord({"self_training.seed": 3}, version=0), record()) == {"self_training.seed": (3, 0)}
+
+
+def test_a_record_naming_a_class_by_its_old_module_matches_the_class_where_it_lives_now(tmp_path):
+    """Run folders made before the budget allocators moved to ``hs_star_pl.core.budget``
+    record ``hs_star_pl.budget.<name>``: read back, rounds and checkpoint agree with today's
+    config; another allocator under the old name still differs."""
+    write_record(tmp_path, record())
+    stored = (tmp_path / "settings.json").read_text()
+    (tmp_path / "settings.json").write_text(stored.replace("hs_star_pl.core.budget.", "hs_star_pl.budget."))
+    assert '"hs_star_pl.budget.HierarchicalBudget"' in (tmp_path / "settings.json").read_text()
+    assert differences(read_record(tmp_path), record()) == {}
+    from_checkpoint = SettingsRecord.from_dict({**record().to_dict(), "settings": {
+        **record().settings, "self_training.budget.class_path": "hs_star_pl.budget.UniformBudget"}})
+    assert differences(from_checkpoint, record())["self_training.budget.class_path"] == (
+        "hs_star_pl.core.budget.UniformBudget", "hs_star_pl.core.budget.HierarchicalBudget")
 
 
 def test_the_refusal_lists_every_key_with_its_values_per_round_and_both_ways_out(tmp_path):

@@ -12,12 +12,8 @@ import time
 import pytest
 import yaml
 
-from hs_star_pl.verifiers import (
-    ExactMatchVerifier,
-    MathVerifyVerifier,
-    extract_answer,
-    extract_answer_harness,
-)
+from hs_star_pl.core.answers import extract_answer, extract_answer_harness
+from hs_star_pl.verifiers import ExactMatchVerifier, MathVerifyVerifier
 from tests.helpers.tiny_setup import REPO
 
 CONFIGS = REPO / "configs"
@@ -185,7 +181,7 @@ def evaluation_cli(tmp_path, monkeypatch, *extra: str):
 
 
 def test_hs_star_test_with_the_paper_config_grades_with_harness_extraction(tmp_path, monkeypatch):
-    from hs_star_pl.eval_callback import EvaluationCallback
+    from hs_star_pl.evaluation.callback import EvaluationCallback
 
     cli = evaluation_cli(tmp_path, monkeypatch)
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, EvaluationCallback)]

@@ -17,15 +17,16 @@ import time
 
 import pytest
 
-from hs_star_pl.artifacts import RoundStore
 from hs_star_pl.collate import encode_example
+from hs_star_pl.core.answers import extract_answer
+from hs_star_pl.core.artifacts import RoundStore
+from hs_star_pl.core.protocols import Completion, SamplingParams, StepScoringRequest
+from hs_star_pl.core.records import Phase, Problem, RolloutScore, ScoredRollout, utf8_safe
+from hs_star_pl.core.rounds import generate_rollouts
+from hs_star_pl.core.steps import split_steps
 from hs_star_pl.prm.rules import ArithmeticPRM, OutcomePRM
-from hs_star_pl.protocols import Completion, SamplingParams, StepScoringRequest
-from hs_star_pl.records import Phase, Problem, RolloutScore, ScoredRollout, utf8_safe
-from hs_star_pl.rounds import generate_rollouts
-from hs_star_pl.steps import split_steps
 from hs_star_pl.tiny import build_byte_tokenizer
-from hs_star_pl.verifiers import ExactMatchVerifier, MathVerifyVerifier, extract_answer
+from hs_star_pl.verifiers import ExactMatchVerifier, MathVerifyVerifier
 from tests.helpers.tiny_setup import REPO
 
 ROWS = [json.loads(line) for line in (REPO / "tests" / "corpus" / "hostile_outputs.jsonl").read_text().splitlines()[1:]]

@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from hs_star_pl.artifacts import DONE, completed_rounds, round_dir
+from hs_star_pl.core.artifacts import DONE, completed_rounds, round_dir
 from hs_star_pl.faults import POINTS, read_trace
 from hs_star_pl.preemption import exit_status
 from tests.helpers.kill_resume import (

@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from hs_star_pl.core.records import PreferencePair
+from hs_star_pl.core.templates import render_prompt
 from hs_star_pl.data import MathDataModule
 from hs_star_pl.export import export_hf
 from hs_star_pl.module import HSStarModule, TinyModelConfig
-from hs_star_pl.records import PreferencePair
 from hs_star_pl.schedules import WarmupCosineLR
-from hs_star_pl.templates import render_prompt
 from hs_star_pl.tiny import save_checkpoint_dir
 from tests.helpers.tiny_setup import PAIRS_FILE, STEPWISE_FILE, tiny_module
 from tests.helpers.trainers import cpu_trainer

@@ -6,9 +6,9 @@ import json
 import subprocess
 import sys
 
-from hs_star_pl.difficulty import DifficultyConfig
+from hs_star_pl.core.difficulty import DifficultyConfig
+from hs_star_pl.core.records import Phase, Problem, Rollout, RolloutScore, ScoredRollout
 from hs_star_pl.experiments.pool_difficulty import markdown, profile
-from hs_star_pl.records import Phase, Problem, Rollout, RolloutScore, ScoredRollout
 from tests.helpers.self_training import env
 
 

@@ -12,10 +12,10 @@ import importlib
 import pytest
 import torch
 
+from hs_star_pl.core.protocols import ProcessRewardModel, StepScoringRequest
+from hs_star_pl.core.steps import split_steps
 from hs_star_pl.prm import ArithmeticPRM, OutcomePRM, QwenMathPRM, SkyworkPRM, shard
 from hs_star_pl.prm.hf import build_tiny_prm_dir, fit_to_length
-from hs_star_pl.protocols import ProcessRewardModel, StepScoringRequest
-from hs_star_pl.steps import split_steps
 
 # These requests hold steps only (no raw response), which SkyworkPRM's reference mode scores
 # step by step and says so once per instance; that warning is tested where it is the subject
@@ -248,7 +248,7 @@ def test_tokenizer_round_trips_through_autotokenizer(kind, tiny_dirs):
 def test_yaml_class_paths_parse_and_instantiate(tiny_dirs):
     """The ``class_path``/``init_args`` form used in configs, through jsonargparse."""
     jsonargparse = pytest.importorskip("jsonargparse")
-    from hs_star_pl.protocols import AnswerVerifier
+    from hs_star_pl.core.protocols import AnswerVerifier
 
     parser = jsonargparse.ArgumentParser()
     parser.add_argument("--prm", type=ProcessRewardModel)
@@ -486,9 +486,9 @@ def test_auto_dtype_is_bf16_on_cuda_and_fp32_on_cpu():
 def test_one_delimiter_for_the_template_the_task_data_and_the_prm():
     """The paper's template asks for steps separated by the package's delimiter, the synthetic
     task's solutions are written with it, and the PRM scores exactly the steps it yields."""
-    from hs_star_pl.steps import DEFAULT_STEP_DELIMITER
+    from hs_star_pl.core.steps import DEFAULT_STEP_DELIMITER
+    from hs_star_pl.core.templates import get_template
     from hs_star_pl.tasks.arithmetic import make_problem
-    from hs_star_pl.templates import get_template
 
     assert DEFAULT_STEP_DELIMITER == "\n\n"
     assert f"separating each step with '{DEFAULT_STEP_DELIMITER}'" in get_template("qwen25-step-cot").prefix
@@ -502,7 +502,7 @@ class _LineEngine:
     """Answers every problem with the same three lines, one computation per line."""
 
     def generate(self, requests, params):
-        from hs_star_pl.protocols import Completion
+        from hs_star_pl.core.protocols import Completion
 
         return {r.key: [Completion("12 + 7 = 19\n19 * 3 = 57\n\\boxed{57}")] * r.n for r in requests}
 
@@ -510,10 +510,10 @@ class _LineEngine:
 @pytest.mark.parametrize(("delimiter", "n_steps"), [("\n", 3), ("\n\n", 1)])
 def test_the_configured_delimiter_is_what_the_round_hands_the_prm(delimiter, n_steps):
     """``self_training.step_delimiter`` -> ``RoundConfig`` -> the steps each PRM request holds."""
-    from hs_star_pl.budget import HierarchicalBudget
     from hs_star_pl.callback import SelfTrainingCallback
-    from hs_star_pl.records import Problem
-    from hs_star_pl.rounds import RoundConfig, run_round
+    from hs_star_pl.core.budget import HierarchicalBudget
+    from hs_star_pl.core.records import Problem
+    from hs_star_pl.core.rounds import RoundConfig, run_round
     from hs_star_pl.verifiers import ExactMatchVerifier
 
     assert SelfTrainingCallback(step_delimiter=delimiter).round_config.step_delimiter == delimiter

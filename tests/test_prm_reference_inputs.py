@@ -23,10 +23,10 @@ import yaml
 from transformers import AutoConfig, Qwen2Model, Qwen2Tokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from hs_star_pl.core.protocols import ProcessRewardModel, StepScoringRequest
+from hs_star_pl.core.steps import split_steps
 from hs_star_pl.prm import SkyworkPRM
 from hs_star_pl.prm.hf import build_tiny_prm_dir, fit_to_length
-from hs_star_pl.protocols import ProcessRewardModel, StepScoringRequest
-from hs_star_pl.steps import split_steps
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "configs" / "paper"
@@ -243,8 +243,8 @@ def test_a_round_hands_the_prm_the_raw_response(prm, folder):
     reward is the reference's minimum over all its pieces, and no steps-only fallback warns."""
     import warnings
 
-    from hs_star_pl.records import Phase, Problem, Rollout
-    from hs_star_pl.rounds import score_rollouts
+    from hs_star_pl.core.records import Phase, Problem, Rollout
+    from hs_star_pl.core.rounds import score_rollouts
 
     class AllRight:
         def verify(self, responses, golds):

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hs_star_pl.problems import ProblemFileError, ProblemPool, content_id, load_problems, normalize_gold, write_problems
-from hs_star_pl.records import Problem
+from hs_star_pl.core.problems import ProblemFileError, ProblemPool, content_id, load_problems, normalize_gold, write_problems
+from hs_star_pl.core.records import Problem
 
 
 def write_lines(path, lines):
@@ -60,7 +60,7 @@ def test_write_then_load_round_trips(tmp_path):
 
 
 def test_a_gold_list_means_alternatives_in_the_file_and_in_the_verifier(tmp_path):
-    """One rule for lists (``verifiers.normalize_gold``): a one-element list is unwrapped, a
+    """One rule for lists (``core.answers.normalize_gold``): a one-element list is unwrapped, a
     longer one is a tuple of acceptable answers that survives a write/load round trip and
     that the verifier accepts any member of."""
     from hs_star_pl.verifiers import ExactMatchVerifier

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from hs_star_pl.records import (
+from hs_star_pl.core.records import (
     Difficulty,
     Phase,
     PreferencePair,
@@ -15,7 +15,7 @@ from hs_star_pl.records import (
     ScoredRollout,
     SftExample,
 )
-from hs_star_pl.steps import split_steps
+from hs_star_pl.core.steps import split_steps
 
 
 def through_json(obj):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from hs_star_pl.budget import HierarchicalBudget, ProportionalBudget, UniformBudget
-from hs_star_pl.difficulty import DifficultyConfig
-from hs_star_pl.protocols import Completion
-from hs_star_pl.records import Phase, Problem
-from hs_star_pl.rounds import MemoryStore, RoundConfig, derive_seed, run_round
-from hs_star_pl.selection import SelectionConfig
+from hs_star_pl.core.budget import HierarchicalBudget, ProportionalBudget, UniformBudget
+from hs_star_pl.core.difficulty import DifficultyConfig
+from hs_star_pl.core.protocols import Completion
+from hs_star_pl.core.records import Phase, Problem
+from hs_star_pl.core.rounds import MemoryStore, RoundConfig, derive_seed, run_round
+from hs_star_pl.core.selection import SelectionConfig
 from tests.helpers.round_fakes import P_RIGHT, BoxedNumberVerifier, KeywordPRM, ScriptedEngine, problems, run
 
 

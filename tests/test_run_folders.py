@@ -1,7 +1,7 @@
 """A run folder reused or damaged, through the real CLI: each case ends in one message, exit status 2.
 
 * Reused with edited settings: every round folder (and the checkpoint) records the settings
-  that decide its content (``hs_star_pl.fingerprint``); re-running a finished folder, or
+  that decide its content (``hs_star_pl.core.fingerprint``); re-running a finished folder, or
   resuming a killed one, with any of them changed is refused naming each key with both values,
   and the folder is left as it was. Settings that cannot change a round do not count.
 * Damaged: a round file deleted, truncated, or cut inside a UTF-8 character, a truncated
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from hs_star_pl.artifacts import completed_rounds, read_jsonl, round_dir
-from hs_star_pl.fingerprint import SETTINGS_FILE
+from hs_star_pl.core.artifacts import completed_rounds, read_jsonl, round_dir
+from hs_star_pl.core.fingerprint import SETTINGS_FILE
 from hs_star_pl.run_lock import LOCK_NAME
 from tests.helpers import small_disk
 from tests.helpers.kill_resume import KILLED, leftover_temporaries, log_tail, run, run_args

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
+from hs_star_pl.core.protocols import StepScoringRequest
 from hs_star_pl.prm import QwenMathPRM, SkyworkPRM
 from hs_star_pl.prm.hf import build_tiny_prm_dir
-from hs_star_pl.protocols import StepScoringRequest
 
 REQUESTS = [StepScoringRequest(f"Start with {i}. Add 2.", (f"{i} + 2 = {i + 2}", f"The answer is {i + 2}.")) for i in range(8)]
 

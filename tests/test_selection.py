@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hs_star_pl.records import Difficulty, Phase, PreferencePair, Problem, ProblemDifficulty, Rollout, RolloutScore, ScoredRollout
-from hs_star_pl.selection import SelectionConfig, build_pairs_for_problem, build_sft_for_problem, select_training_data
+from hs_star_pl.core.records import Difficulty, Phase, PreferencePair, Problem, ProblemDifficulty, Rollout, RolloutScore, ScoredRollout
+from hs_star_pl.core.selection import SelectionConfig, build_pairs_for_problem, build_sft_for_problem, select_training_data
 
 
 def r(pid, i, correct, score, text=None):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hs_star_pl.artifacts import completed_rounds, read_jsonl, round_dir
 from hs_star_pl.cli import HSStarCLI
+from hs_star_pl.core.artifacts import completed_rounds, read_jsonl, round_dir
 from tests.helpers.self_training import CONFIGS, cli, env, self_training_args
 
 

@@ -9,8 +9,8 @@ import re
 import pytest
 import yaml
 
-from hs_star_pl.problems import load_problems
-from hs_star_pl.templates import render_prompt
+from hs_star_pl.core.problems import load_problems
+from hs_star_pl.core.templates import render_prompt
 from hs_star_pl.verifiers import ExactMatchVerifier
 from tests.helpers.tiny_setup import REPO
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from hs_star_pl.problems import load_problems
-from hs_star_pl.steps import split_steps
+from hs_star_pl.core.problems import load_problems
+from hs_star_pl.core.steps import split_steps
 from hs_star_pl.tasks.arithmetic import (
     ArithmeticTaskConfig,
     apply,

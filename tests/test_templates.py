@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hs_star_pl.templates import TEMPLATES, check_step_delimiter, get_template, render_prompt
+from hs_star_pl.core.templates import TEMPLATES, check_step_delimiter, get_template, render_prompt
 
 
 def test_paper_template_renders_single_braces_and_real_newlines():
@@ -47,8 +47,8 @@ def test_sampling_training_and_evaluation_see_the_same_prompt(tmp_path, monkeypa
     ``render_prompt(data.template, question)``, with ``\\boxed{}`` written once everywhere."""
     from hs_star_pl.callback import SelfTrainingCallback
     from hs_star_pl.cli import HSStarCLI
+    from hs_star_pl.core.problems import load_problems
     from hs_star_pl.module import HSStarModule
-    from hs_star_pl.problems import load_problems
     from tests.helpers.tiny_setup import REPO, STEPWISE_FILE
 
     evaluated: list[tuple[str, str]] = []

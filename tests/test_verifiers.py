@@ -16,15 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hs_star_pl.protocols import AnswerVerifier
-from hs_star_pl.verifiers import (
-    ExactMatchVerifier,
-    MathVerifyVerifier,
-    extract_answer,
-    is_correct,
-    normalize_answer,
-    normalize_gold,
-)
+from hs_star_pl.core.answers import extract_answer, normalize_answer, normalize_gold
+from hs_star_pl.core.protocols import AnswerVerifier
+from hs_star_pl.verifiers import ExactMatchVerifier, MathVerifyVerifier, is_correct
 
 TOWER = "\\boxed{" + "9^{" * 12 + "9" + "}" * 12 + "}"
 
@@ -392,13 +386,13 @@ def test_a_gold_whose_parse_hangs_is_ungradeable_within_its_timeout():
 def test_a_round_drops_problems_with_unparseable_golds_and_names_them(verifier_cls, caplog):
     """What ``run_round`` calls first: the problem is dropped with a warning naming it, so it is
     never silently right or wrong."""
-    from hs_star_pl.records import Problem
-    from hs_star_pl.rounds import drop_ungradeable
+    from hs_star_pl.core.records import Problem
+    from hs_star_pl.core.rounds import drop_ungradeable
 
     problems = [Problem("ok", "q", "42"), Problem("gsm-17", "q", "$$"), Problem("empty", "q", "  ")]
     verifier = verifier_cls() if verifier_cls is ExactMatchVerifier else verifier_cls(n_workers=1)
     try:
-        with caplog.at_level("WARNING", logger="hs_star_pl.rounds"):
+        with caplog.at_level("WARNING", logger="hs_star_pl.core.rounds"):
             kept, dropped = drop_ungradeable(problems, verifier)
     finally:
         getattr(verifier, "close", lambda: None)()

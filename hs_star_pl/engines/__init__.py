@@ -1,4 +1,4 @@
-"""Rollout engines: implementations of :class:`hs_star_pl.protocols.RolloutEngine`.
+"""Rollout engines: implementations of :class:`hs_star_pl.core.protocols.RolloutEngine`.
 
 - :class:`HFEngine` samples with ``transformers``' ``generate`` on the policy already in memory.
 - :class:`VLLMEngine` samples with a colocated ``vllm.LLM`` (extra ``[vllm]``; on CPU machines

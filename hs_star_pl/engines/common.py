@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
-from hs_star_pl.protocols import GenerationRequest
+from hs_star_pl.core.protocols import GenerationRequest
 
 
 def check_requests(requests: Sequence[GenerationRequest]) -> None:

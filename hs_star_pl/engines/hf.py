@@ -33,8 +33,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from hs_star_pl.core.protocols import Completion, EngineLifecycle, GenerationRequest, SamplingParams
 from hs_star_pl.engines.common import check_requests, find_stop, request_seed
-from hs_star_pl.protocols import Completion, EngineLifecycle, GenerationRequest, SamplingParams
 from hs_star_pl.zero import max_over_ranks, needs_lockstep
 
 

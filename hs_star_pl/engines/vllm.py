@@ -32,8 +32,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hs_star_pl.core.protocols import Completion, EngineLifecycle, GenerationRequest, SamplingParams
 from hs_star_pl.engines.common import check_requests, request_seed
-from hs_star_pl.protocols import Completion, EngineLifecycle, GenerationRequest, SamplingParams
 
 WORKER_EXTENSION = "hs_star_pl.engines.vllm_worker.WeightSyncExtension"
 DEFAULT_CANARY_PROMPTS = ("Question: 12 + 7 = ?\nAnswer:", "Compute 3 * 4 - 5.", "x")

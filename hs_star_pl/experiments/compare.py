@@ -54,8 +54,8 @@ from pathlib import Path
 
 import yaml
 
-from hs_star_pl.problems import load_problems
-from hs_star_pl.artifacts import read_jsonl
+from hs_star_pl.core.artifacts import read_jsonl
+from hs_star_pl.core.problems import load_problems
 
 BASE_CONFIG = Path("configs/tiny/hs_star.yaml")
 METHODS_DIR = Path("configs/tiny/methods")

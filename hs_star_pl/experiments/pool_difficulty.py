@@ -26,8 +26,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hs_star_pl.difficulty import DifficultyConfig, count_by_class, estimate_difficulty
-from hs_star_pl.records import Problem, ScoredRollout
+from hs_star_pl.core.difficulty import DifficultyConfig, count_by_class, estimate_difficulty
+from hs_star_pl.core.records import Problem, ScoredRollout
 
 CLASSES = ("inlier", "boundary", "outlier")
 
@@ -105,13 +105,13 @@ def markdown(report: Mapping[str, Any]) -> str:
 def sample_and_score_pool(args: argparse.Namespace, problems: Sequence[Problem]) -> list[ScoredRollout]:
     import torch
 
+    from hs_star_pl.core.protocols import SamplingParams
+    from hs_star_pl.core.records import Phase
+    from hs_star_pl.core.rounds import sample_and_score
+    from hs_star_pl.core.templates import render_prompt
     from hs_star_pl.engines import HFEngine
     from hs_star_pl.module import HSStarModule
     from hs_star_pl.prm import ArithmeticPRM
-    from hs_star_pl.protocols import SamplingParams
-    from hs_star_pl.records import Phase
-    from hs_star_pl.rounds import sample_and_score
-    from hs_star_pl.templates import render_prompt
     from hs_star_pl.verifiers import ExactMatchVerifier
 
     torch.manual_seed(args.seed)
@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not 1 <= args.n_presample <= args.samples:
         parser.error(f"--n-presample must be in 1..--samples ({args.samples}), got {args.n_presample}")
 
-    from hs_star_pl.problems import load_problems
+    from hs_star_pl.core.problems import load_problems
 
     problems = load_problems(args.problems)[: args.limit]
     scored = sample_and_score_pool(args, problems)

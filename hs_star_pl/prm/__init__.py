@@ -1,6 +1,6 @@
 """Process reward models: one score in [0, 1] per step of a response.
 
-All implement ``hs_star_pl.protocols.ProcessRewardModel`` and are chosen in YAML by
+All implement ``hs_star_pl.core.protocols.ProcessRewardModel`` and are chosen in YAML by
 ``class_path``:
 
 * ``hs_star_pl.prm.ArithmeticPRM``: exact rule-based checker for the synthetic task;

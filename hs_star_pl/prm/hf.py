@@ -59,7 +59,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, Qwen2Model
 
-from hs_star_pl.protocols import StepScoringRequest
+from hs_star_pl.core.protocols import StepScoringRequest
 
 _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SKYWORK_INPUT_MODES = ("reference", "steps")

@@ -9,7 +9,7 @@ import re
 from collections.abc import Sequence
 from fractions import Fraction
 
-from hs_star_pl.protocols import StepScoringRequest
+from hs_star_pl.core.protocols import StepScoringRequest
 
 _NUM = r"-?\d{1,40}(?:\.\d{1,40})?"  # bounded: untrusted text, no runaway backtracking; ASCII digits (re.ASCII)
 _EQUATION = re.compile(rf"(?<![\d.])({_NUM})\s*([-+*/×÷xX·])\s*({_NUM})\s*=\s*({_NUM})", re.ASCII)

@@ -33,8 +33,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hs_star_pl.problems import write_problems
-from hs_star_pl.records import Problem
+from hs_star_pl.core.problems import write_problems
+from hs_star_pl.core.records import Problem
 
 OPERATIONS = ("add", "subtract", "multiply", "divide")
 _SYMBOL = {"add": "+", "subtract": "-", "multiply": "*", "divide": "/"}

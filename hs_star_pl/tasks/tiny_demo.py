@@ -35,8 +35,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from hs_star_pl.problems import write_problems
-from hs_star_pl.records import Problem
+from hs_star_pl.core.problems import write_problems
+from hs_star_pl.core.records import Problem
 from hs_star_pl.tasks.arithmetic import ArithmeticTaskConfig, generate_problems
 
 # Measured (docs/results-tiny.md): with chains up to 99 and multipliers up to 5 the tiny M_0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hs_star_pl.protocols import GenerationRequest, SamplingParams
+from hs_star_pl.core.protocols import GenerationRequest, SamplingParams
 
 REQUESTS = [
     GenerationRequest("a", "12+7=", 3),

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hs_star_pl.artifacts import DONE, read_jsonl, round_dir
+from hs_star_pl.core.artifacts import DONE, read_jsonl, round_dir
 from hs_star_pl.faults import FAULT_ENV, SIGNAL_ENV, TRACE_ENV
 from hs_star_pl.preemption import exit_status
 from tests.helpers.self_training import env, self_training_args

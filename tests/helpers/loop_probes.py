@@ -19,8 +19,8 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
+from hs_star_pl.core.protocols import Completion, EngineLifecycle, GenerationRequest, SamplingParams
 from hs_star_pl.engines import HFEngine
-from hs_star_pl.protocols import Completion, EngineLifecycle, GenerationRequest, SamplingParams
 
 
 class ServedExamples(L.Callback):

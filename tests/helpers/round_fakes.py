@@ -10,11 +10,11 @@ from __future__ import annotations
 import random
 import re
 
-from hs_star_pl.budget import HierarchicalBudget
-from hs_star_pl.difficulty import DifficultyConfig
-from hs_star_pl.protocols import Completion
-from hs_star_pl.records import Problem
-from hs_star_pl.rounds import RoundConfig, run_round
+from hs_star_pl.core.budget import HierarchicalBudget
+from hs_star_pl.core.difficulty import DifficultyConfig
+from hs_star_pl.core.protocols import Completion
+from hs_star_pl.core.records import Problem
+from hs_star_pl.core.rounds import RoundConfig, run_round
 
 P_RIGHT = {"easy": 1.0, "mid1": 0.5, "mid2": 0.5, "hard": 0.0, "hard2": 0.0}
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hs_star_pl.problems import load_problems
-from hs_star_pl.protocols import Completion, GenerationRequest, SamplingParams
+from hs_star_pl.core.problems import load_problems
+from hs_star_pl.core.protocols import Completion, GenerationRequest, SamplingParams
 
 
 class SolutionEngine:

@@ -31,10 +31,10 @@ def main(out: Path, device_type: str) -> None:
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from safetensors.torch import load
 
+    from hs_star_pl.core.protocols import GenerationRequest, SamplingParams
+    from hs_star_pl.core.records import PreferencePair
     from hs_star_pl.engines import HFEngine
     from hs_star_pl.engines.vllm import _chunks, _dedupe_shared
-    from hs_star_pl.protocols import GenerationRequest, SamplingParams
-    from hs_star_pl.records import PreferencePair
     from hs_star_pl.zero import full_state_dict, is_zero3_partitioned, iter_full_state_dict
     from tests.helpers.tiny_setup import tiny_module
 

@@ -11,7 +11,7 @@ Covered here:
   computed per problem, then averaged over problems), unbiased pass@k (Chen et al., 2021,
   "Evaluating Large Language Models Trained on Code", eq. 1), mean response length. Rows
   reduce to *sums* (:func:`row_sums`) so that ranks can add theirs (torchmetrics does, in
-  ``hs_star_pl.eval_metrics``) and :func:`summarize` turns sums into the reported numbers;
+  ``hs_star_pl.evaluation.metrics``) and :func:`summarize` turns sums into the reported numbers;
 * one results entry per evaluated policy (the unweighted average over benchmarks, as the
   paper reports) and the markdown table with one row per policy.
 
@@ -26,9 +26,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hs_star_pl.protocols import AnswerVerifier, Completion, GenerationRequest, RolloutEngine, SamplingParams
-from hs_star_pl.records import Problem, utf8_safe
-from hs_star_pl.verifiers import extract_answer
+from hs_star_pl.core.answers import extract_answer
+from hs_star_pl.core.protocols import AnswerVerifier, Completion, GenerationRequest, RolloutEngine, SamplingParams
+from hs_star_pl.core.records import Problem, utf8_safe
 
 SUM_KEYS = ("problems", "samples", "correct", "ungradeable", "truncated", "tokens", "accuracy")
 """What each row adds up to (besides one ``pass@k`` per reported k)."""
@@ -102,7 +102,7 @@ def grade(batch: EvalBatch, outputs: Mapping[str, Sequence[Completion]], verifie
 
     ``answers`` are what the verifier graded: its own ``extract_answer`` method when it has
     one (both built-in verifiers do, by their ``extraction`` mode), else the strict
-    :func:`~hs_star_pl.verifiers.extract_answer`.
+    :func:`~hs_star_pl.core.answers.extract_answer`.
 
     Raises:
         RuntimeError: the engine returned a different number of completions than asked for.

@@ -34,8 +34,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from hs_star_pl.records import Difficulty, PreferencePair, Problem, ProblemDifficulty, ScoredRollout, SftExample
-from hs_star_pl.steps import DEFAULT_STEP_DELIMITER
+from hs_star_pl.core.records import Difficulty, PreferencePair, Problem, ProblemDifficulty, ScoredRollout, SftExample
+from hs_star_pl.core.steps import DEFAULT_STEP_DELIMITER
 
 Objective = Literal["dpo", "sft"]
 CLASS_NAMES: tuple[str, ...] = tuple(d.value for d in Difficulty)
@@ -108,9 +108,9 @@ def cut_after_first_failure(
 
     ``None`` when no step fails or the failing step is the last one (nothing to cut). The
     steps are the non-empty ``delimiter``-separated blocks the PRM scored
-    (``hs_star_pl.steps.split_steps``); the text before the cut is kept verbatim.
+    (``hs_star_pl.core.steps.split_steps``); the text before the cut is kept verbatim.
 
-    >>> from hs_star_pl.records import Rollout, RolloutScore, Phase
+    >>> from hs_star_pl.core.records import Rollout, RolloutScore, Phase
     >>> r = ScoredRollout(Rollout("p", 0, Phase.PRESAMPLE, "a\\n\\nb\\n\\n\\n\\nc\\n\\nd"), RolloutScore(False, (1, 1, 0, 0)))
     >>> cut_after_first_failure(r, 0.5)
     'a\\n\\nb\\n\\n\\n\\nc'
@@ -136,7 +136,7 @@ def build_pairs_for_problem(
 ) -> list[PreferencePair]:
     """The DPO pairs of one problem (rule in the module docstring).
 
-    >>> from hs_star_pl.records import Rollout, RolloutScore, Phase
+    >>> from hs_star_pl.core.records import Rollout, RolloutScore, Phase
     >>> def r(i, ok, s): return ScoredRollout(Rollout("p", i, Phase.PRESAMPLE, f"t{i}"), RolloutScore(ok, (s,)))
     >>> pairs = build_pairs_for_problem("Q", [r(0, True, .9), r(1, True, .2), r(2, False, .7), r(3, None, .8)], random.Random(0))
     >>> [(p.chosen, p.rejected) for p in pairs]

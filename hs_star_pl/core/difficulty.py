@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from hs_star_pl.records import Difficulty, ProblemDifficulty, ScoredRollout, mean_or_none
+from hs_star_pl.core.records import Difficulty, ProblemDifficulty, ScoredRollout, mean_or_none
 
 DifficultyMode = Literal["reward_guided", "accuracy_only", "reward_only"]
 MODES: tuple[str, ...] = ("reward_guided", "accuracy_only", "reward_only")

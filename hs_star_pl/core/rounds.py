@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from hs_star_pl import faults
-from hs_star_pl.budget import BudgetAllocator, BudgetLedger
-from hs_star_pl.difficulty import DifficultyConfig, DifficultyThresholds, count_by_class, estimate_difficulty
-from hs_star_pl.protocols import (
+from hs_star_pl.core.budget import BudgetAllocator, BudgetLedger
+from hs_star_pl.core.difficulty import DifficultyConfig, DifficultyThresholds, count_by_class, estimate_difficulty
+from hs_star_pl.core.protocols import (
     AnswerVerifier,
     GenerationRequest,
     ProcessRewardModel,
@@ -45,7 +45,7 @@ from hs_star_pl.protocols import (
     SamplingParams,
     StepScoringRequest,
 )
-from hs_star_pl.records import (
+from hs_star_pl.core.records import (
     Phase,
     PreferencePair,
     Problem,
@@ -57,8 +57,8 @@ from hs_star_pl.records import (
     mean_or_none,
     utf8_safe,
 )
-from hs_star_pl.selection import SelectionConfig, select_training_data
-from hs_star_pl.steps import DEFAULT_STEP_DELIMITER, split_steps
+from hs_star_pl.core.selection import SelectionConfig, select_training_data
+from hs_star_pl.core.steps import DEFAULT_STEP_DELIMITER, split_steps
 
 log = logging.getLogger(__name__)
 

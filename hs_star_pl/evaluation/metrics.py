@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
-from hs_star_pl.evaluation import SUM_KEYS, row_sums, summarize
+from hs_star_pl.evaluation.protocol import SUM_KEYS, row_sums, summarize
 
 
 class BenchmarkMetric(Metric):

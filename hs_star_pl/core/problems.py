@@ -3,7 +3,7 @@
 Covered: one JSON object per line, with the question under ``question``/``problem``/``query``
 (or a configured key) and the gold under ``answer``/``final_answer``/``gold`` (or a
 configured key). Gold fields are normalised by the one rule the verifiers use
-(``verifiers.normalize_gold``): GSM8K's ``"... #### 1,234"`` becomes ``"1234"``, ``"$...$"``
+(``core.answers.normalize_gold``): GSM8K's ``"... #### 1,234"`` becomes ``"1234"``, ``"$...$"``
 and ``\\boxed{...}`` wrappers are removed, integral floats (AMC's ``27.0``) become ``"27"``,
 and a list holds *acceptable alternatives*: a one-element list (OlympiadBench) is unwrapped,
 a longer one is kept as a tuple of alternatives (any of them counts as right). A gold can
@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from hs_star_pl.core.answers import last_boxed
+from hs_star_pl.core.answers import normalize_gold as gold_alternatives
+from hs_star_pl.core.records import GoldText, Problem
 from hs_star_pl.errors import InputFileError
 from hs_star_pl.jsonl import LineError, parse_json_line, why_not_a_file
-from hs_star_pl.records import GoldText, Problem
-from hs_star_pl.verifiers import last_boxed
-from hs_star_pl.verifiers import normalize_gold as gold_alternatives
 
 QUESTION_KEYS = ("question", "problem", "query", "prompt")
 ANSWER_KEYS = ("answer", "final_answer", "gold", "expected_answer")
@@ -73,7 +73,7 @@ def _check_gold_type(value: Any, inside_list: bool = False) -> None:
 def normalize_gold(value: Any) -> GoldText:
     """Turn a gold-answer field into text (or a tuple of alternatives), or raise.
 
-    The rule is ``verifiers.normalize_gold``, so what is stored is what gets graded; this
+    The rule is ``core.answers.normalize_gold``, so what is stored is what gets graded; this
     adds the type checks a data file needs. A list means acceptable alternatives.
 
     >>> normalize_gold("Janet has 3 ... #### 1,234")

@@ -18,7 +18,7 @@ Covered:
   amc23          ``question``, ``answer`` stored as a float (``27.0``)               id
   ============== =================================================================== =========
 
-  plus ``auto``: any file :func:`hs_star_pl.problems.load_problems` reads with its default
+  plus ``auto``: any file :func:`hs_star_pl.core.problems.load_problems` reads with its default
   field detection (the embedded task's files);
 * :class:`BenchmarkConfig`: which file, how many problems, and the protocol: greedy decoding
   (``n_samples: 1``, ``temperature: 0``), or ``n_samples`` responses at a temperature/top_p
@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from hs_star_pl.problems import FieldMap, ProblemFileError, load_problems
-from hs_star_pl.records import Problem
+
+from hs_star_pl.core.problems import FieldMap, ProblemFileError, load_problems
+from hs_star_pl.core.records import Problem
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 

@@ -34,7 +34,9 @@ settings, devices and strategy), even where batching can change floating-point r
 ``HFEngine``'s ``batch_size`` does count: with ``seed_scope: batch`` it decides which random
 stream each sample gets.
 
-Records made by another version of this format are compared on the keys both hold.
+Records made by another version of this format are compared on the keys both hold. A record
+read back names each class by the module it lives in today (``MOVED``), so a run folder made
+before a module moved resumes as it was.
 
 Stdlib only.
 """
@@ -49,8 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hs_star_pl.artifacts import read_json, write_json
-from hs_star_pl.records import Problem
+from hs_star_pl.core.artifacts import read_json, write_json
+from hs_star_pl.core.records import Problem
 
 SETTINGS_FILE = "settings.json"
 VERSION = 1
@@ -85,6 +87,8 @@ IGNORED = re.compile(
     r"|model\.(?:nonfinite_loss|gradient_checkpointing))$"
 )
 POOL_KEY = "self_training.problems_file"
+MOVED = {"hs_star_pl.budget.": "hs_star_pl.core.budget."}
+"""Module prefixes a recorded ``class_path`` may still carry -> where those classes live now."""
 
 
 def counts(key: str) -> bool:
@@ -143,13 +147,27 @@ class SettingsRecord:
 
     @classmethod
     def from_dict(cls, value: Mapping[str, Any]) -> SettingsRecord:
-        return cls(dict(value.get("settings", {})), dict(value.get("notes", {})), int(value.get("version", 0)))
+        """The record of ``to_dict``'s output; a ``class_path`` of a moved module is read as today's."""
+        settings = {k: _moved(v) if k.endswith("class_path") else v for k, v in value.get("settings", {}).items()}
+        return cls(settings, dict(value.get("notes", {})), int(value.get("version", 0)))
+
+
+def _moved(class_path: Any) -> Any:
+    """``class_path`` with a module prefix of ``MOVED`` replaced by today's.
+
+    >>> _moved("hs_star_pl.budget.UniformBudget"), _moved("hs_star_pl.prm.OutcomePRM")
+    ('hs_star_pl.core.budget.UniformBudget', 'hs_star_pl.prm.OutcomePRM')
+    """
+    for old, new in MOVED.items():
+        if isinstance(class_path, str) and class_path.startswith(old):
+            return new + class_path[len(old):]
+    return class_path
 
 
 def settings_of(config: Mapping[str, Any], problems: Sequence[Problem], problems_file: str | None) -> SettingsRecord:
     """The record of a parsed config (nested, as ``--print_config`` shows it) and its loaded pool.
 
-    >>> from hs_star_pl.records import Problem
+    >>> from hs_star_pl.core.records import Problem
     >>> r = settings_of({"self_training": {"seed": 5, "plots": True}, "trainer": {"max_epochs": 2}},
     ...                 [Problem("p1", "1+1?", "2")], "pool.jsonl")
     >>> sorted(r.settings), r.settings["self_training.seed"]

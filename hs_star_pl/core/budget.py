@@ -37,7 +37,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from hs_star_pl.records import Difficulty, ProblemDifficulty
+from hs_star_pl.core.records import Difficulty, ProblemDifficulty
 
 NoBoundaryPolicy = Literal["skip", "uniform"]
 DEFAULT_SPLIT: tuple[str, ...] = (Difficulty.BOUNDARY.value,)

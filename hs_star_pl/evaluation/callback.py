@@ -5,7 +5,7 @@ One group, ``evaluation``, configures both uses:
 * **``hs-star test``** (Lightning's test loop): ``setup`` loads every benchmark and hands the
   data module one problem set per benchmark; ``HSStarModule.test_step`` generates for each
   chunk; this callback grades the chunk (``on_test_batch_end``), adds it to the benchmark's
-  :class:`~hs_star_pl.eval_metrics.BenchmarkMetric` and keeps the per-problem rows; at the end
+  :class:`~hs_star_pl.evaluation.metrics.BenchmarkMetric` and keeps the per-problem rows; at the end
   the metrics are reduced across ranks and the results written. Works on an HF directory
   (``--model.model_path``) or a Lightning checkpoint (``--ckpt_path``).
 * **During training**: M_0 when training starts and M_{t+1} at the end of iteration t's last
@@ -35,14 +35,14 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from hs_star_pl.artifacts import atomic_write_text, round_dir, write_json
-from hs_star_pl.benchmarks import BenchmarkConfig, load_benchmark
+from hs_star_pl.core.artifacts import atomic_write_text, round_dir, write_json
+from hs_star_pl.core.protocols import AnswerVerifier, SamplingParams
+from hs_star_pl.core.records import Problem
+from hs_star_pl.core.templates import render_prompt
 from hs_star_pl.distributed import all_gather_objects
-from hs_star_pl.eval_metrics import BenchmarkMetric
-from hs_star_pl.evaluation import EvalBatch, grade, make_batch, policy_entry, results_table
-from hs_star_pl.protocols import AnswerVerifier, SamplingParams
-from hs_star_pl.records import Problem
-from hs_star_pl.templates import render_prompt
+from hs_star_pl.evaluation.datasets import BenchmarkConfig, load_benchmark
+from hs_star_pl.evaluation.metrics import BenchmarkMetric
+from hs_star_pl.evaluation.protocol import EvalBatch, grade, make_batch, policy_entry, results_table
 
 
 class _BenchmarkRun:

@@ -38,11 +38,11 @@ from pathlib import Path
 from typing import Any
 
 from hs_star_pl import faults
-from hs_star_pl.budget import BudgetLedger
+from hs_star_pl.core.budget import BudgetLedger
+from hs_star_pl.core.records import PreferencePair, Problem, ProblemDifficulty, ScoredRollout, SftExample
+from hs_star_pl.core.rounds import RoundResult
 from hs_star_pl.errors import InputFileError
 from hs_star_pl.jsonl import LineError, parse_json_line
-from hs_star_pl.records import PreferencePair, Problem, ProblemDifficulty, ScoredRollout, SftExample
-from hs_star_pl.rounds import RoundResult
 from hs_star_pl.storage import storage_error
 
 DONE = "DONE"
@@ -220,7 +220,7 @@ def read_round(directory: str | Path) -> RoundResult:
     try:
         rollouts = [ScoredRollout.from_dict(r) for r in read_jsonl(directory / "rollouts.jsonl")]
         difficulties = [ProblemDifficulty.from_dict(r) for r in read_jsonl(directory / "difficulty.jsonl")]
-        from hs_star_pl.difficulty import DifficultyThresholds
+        from hs_star_pl.core.difficulty import DifficultyThresholds
 
         return RoundResult(
             iteration=int(summary["iteration"]),

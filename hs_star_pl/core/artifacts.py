@@ -243,14 +243,15 @@ def read_round(directory: str | Path) -> RoundResult:
         ) from None
 
 
-def completed_rounds(run_dir: str | Path) -> list[int]:
-    """Iterations whose round folder under ``<run_dir>/rounds`` is complete, ascending."""
+def round_folders(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(iteration, folder)`` of every ``round_NNN`` folder under ``<run_dir>/rounds``, ascending."""
     root = Path(run_dir) / "rounds"
     if not root.is_dir():
         return []
-    found = []
-    for child in root.iterdir():
-        m = _ROUND_NAME.match(child.name)
-        if m and is_complete(child):
-            found.append(int(m.group(1)))
-    return sorted(found)
+    found = [(int(m.group(1)), child) for child in root.iterdir() if (m := _ROUND_NAME.match(child.name)) and child.is_dir()]
+    return sorted(found, key=lambda item: item[0])
+
+
+def completed_rounds(run_dir: str | Path) -> list[int]:
+    """Iterations whose round folder under ``<run_dir>/rounds`` is complete, ascending."""
+    return [iteration for iteration, folder in round_folders(run_dir) if is_complete(folder)]

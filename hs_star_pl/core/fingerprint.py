@@ -51,12 +51,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hs_star_pl.core.artifacts import read_json, write_json
+from hs_star_pl.core.artifacts import read_json, round_folders, write_json
 from hs_star_pl.core.records import Problem
 
 SETTINGS_FILE = "settings.json"
 VERSION = 1
-_ROUND_NAME = re.compile(r"^round_(\d{3,})$")
 
 COUNTED = (
     "self_training.",
@@ -260,12 +259,5 @@ def read_record(directory: str | Path) -> SettingsRecord | None:
 
 def recorded_rounds(run_dir: str | Path) -> list[tuple[int, SettingsRecord]]:
     """``(iteration, record)`` of every round folder under ``<run_dir>/rounds`` that holds one, ascending."""
-    root = Path(run_dir) / "rounds"
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        m = _ROUND_NAME.match(child.name)
-        if m and child.is_dir() and (record := read_record(child)) is not None:
-            found.append((int(m.group(1)), record))
-    return sorted(found, key=lambda item: item[0])
+    records = ((iteration, read_record(folder)) for iteration, folder in round_folders(run_dir))
+    return [(iteration, record) for iteration, record in records if record is not None]

@@ -253,6 +253,14 @@ def run_one(
     return result
 
 
+def group_by_method(results: Sequence[RunResult]) -> dict[str, list[RunResult]]:
+    """``{method: its runs}`` in the order the methods first appear."""
+    by_method: dict[str, list[RunResult]] = {}
+    for r in results:
+        by_method.setdefault(r.method, []).append(r)
+    return by_method
+
+
 def paired_t_interval(differences: Sequence[float], level: float = 0.95) -> tuple[float, float, float] | None:
     """``(mean, low, high)``: the paired t interval for the mean of per-seed differences.
 
@@ -294,9 +302,7 @@ def report(results: Sequence[RunResult], expected: int, baseline: str = BASELINE
     (a seed fixes the problems drawn each iteration, so the difference is paired): the mean
     difference and its 95% paired t interval over seeds.
     """
-    by_method: dict[str, list[RunResult]] = {}
-    for r in results:
-        by_method.setdefault(r.method, []).append(r)
+    by_method = group_by_method(results)
     final = {
         (r.method, r.seed): r.accuracy[-1] for r in results if len(r.accuracy) == expected + 1
     }
@@ -331,9 +337,7 @@ def details(results: Sequence[RunResult]) -> str:
     the share of pairs by the problem's difficulty class, and the final policy's accuracy
     per ``GROUP_FIELD`` value of the evaluation problems (chain length on the tiny task).
     """
-    by_method: dict[str, list[RunResult]] = {}
-    for r in results:
-        by_method.setdefault(r.method, []).append(r)
+    by_method = group_by_method(results)
     groups = sorted({g for r in results for g in r.final_by_group}, key=lambda g: (len(g), g))
     head = ["method", "problems with a pair / round", "pairs per such problem"]
     head += [f"% pairs from {c}" for c in CLASSES]
@@ -362,9 +366,7 @@ def plot(results: Sequence[RunResult], expected: int, path: Path) -> bool:
     except ImportError:
         print("[compare] matplotlib is not installed: no PNG (pip install 'hs-star-pl[plots]')", flush=True)
         return False
-    by_method: dict[str, list[RunResult]] = {}
-    for r in results:
-        by_method.setdefault(r.method, []).append(r)
+    by_method = group_by_method(results)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     xs = list(range(expected + 1))
     for method, runs in by_method.items():
@@ -422,6 +424,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"--base: {args.base} does not exist")
     methods = method_paths(args.methods_dir, args.methods or list(STUDIES[args.study]))
     expected = n_iterations(args.base, fit_args)
+    own_m0 = {method: "--evaluate-m0-every-run" if args.evaluate_m0_every_run else changes_m0_evaluation(overlay)
+              for method, overlay in methods.items()}
+    for method, why in own_m0.items():
+        if why and not args.report_only:
+            print(f"[compare] {method}: every run evaluates M_0 itself ({why})", flush=True)
     results: list[RunResult] = []
     for seed in args.seeds:  # seed-major: a partial comparison already covers every method
         for method, overlay in methods.items():
@@ -431,9 +438,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 if found is not None:
                     results.append(found)
                 continue
-            why_not = "--evaluate-m0-every-run" if args.evaluate_m0_every_run else changes_m0_evaluation(overlay)
             results.append(run_one(args.base, overlay, seed, directory, expected, method, fit_args,
-                                   share_m0_from=None if why_not else args.out))
+                                   share_m0_from=None if own_m0[method] else args.out))
     results.sort(key=lambda r: (list(methods).index(r.method), r.seed))
     if not results:
         raise SystemExit(f"no finished runs under {args.out}")

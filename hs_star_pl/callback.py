@@ -70,6 +70,7 @@ from hs_star_pl.distributed import all_gather_objects
 from hs_star_pl.errors import ConfigError, EmptyRoundError
 from hs_star_pl.export import HFExportCallback
 from hs_star_pl.plots import plot_history, plot_round
+from hs_star_pl.reference import with_reference_logps
 from hs_star_pl.schedules import start_iteration
 from hs_star_pl.zero import iter_full_state_dict
 
@@ -354,7 +355,11 @@ class SelfTrainingCallback(L.Callback):
             extra["canary_max_abs_logprob_diff"] = canary.max_abs_diff
         if result.examples and isinstance(result.examples[0], PreferencePair):
             ref_started = time.perf_counter()
-            result.examples = self._reference_logps(trainer, module, datamodule, result.examples, store)
+            # A resumed round reads them back from its phase file: M_t is then the same policy.
+            result.examples = with_reference_logps(
+                trainer, result.examples, max_length=datamodule.max_length, batch_size=datamodule.ref_batch_size,
+                cache=directory / "reference_logps.jsonl",
+            )
             extra["seconds_reference_logps"] = time.perf_counter() - ref_started
         if not result.examples:
             extra["empty_reason"] = explain_no_examples(result, self.round_config.selection)
@@ -415,31 +420,6 @@ class SelfTrainingCallback(L.Callback):
                 f"{iteration - 1}. Was it deleted? Use sync_from: weights to stream the policy instead."
             )
         return path
-
-    def _reference_logps(self, trainer, module, datamodule, pairs: list[PreferencePair], store: RoundStore) -> list[PreferencePair]:
-        """Reference log-probs under M_t, computed shard-wise and gathered; kept as a phase file.
-
-        A resumed round reads them back when the saved pairs are this round's pairs (same
-        chosen and rejected keys in the same order): M_t is then the same policy.
-        """
-        saved = store.load("reference_logps")
-        if saved is not None:
-            restored = [PreferencePair.from_dict(row) for row in saved]
-            if [(p.chosen_key, p.rejected_key) for p in restored] == [(p.chosen_key, p.rejected_key) for p in pairs]:
-                return restored
-            rank_zero_warn(f"{store.directory}/reference_logps.jsonl does not match this round's pairs; recomputing")
-        rank, world = trainer.global_rank, trainer.world_size
-        mine = module.compute_reference_logps(
-            pairs[rank::world], max_length=datamodule.max_length, batch_size=datamodule.ref_batch_size
-        )
-        parts = all_gather_objects(trainer.world_size, mine)
-        out = list(pairs)
-        for r, part in enumerate(parts):
-            out[r::world] = part
-        with faults.persisting("reference_logps"):
-            if trainer.is_global_zero:
-                store.save("reference_logps", [p.to_dict() for p in out])
-        return out
 
     # -- observability -------------------------------------------------------------------
 

@@ -149,6 +149,11 @@ class HSStarCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
+        # data.global_batch_size belongs to the data; the trainer's gradient accumulation follows
+        # from it here, the one place that knows both it and the device count.
+        if isinstance(self.datamodule, MathDataModule):
+            trainer.accumulate_grad_batches = self.datamodule.accumulate_grad_batches(
+                trainer.world_size, trainer.accumulate_grad_batches)
         # SIGTERM / SLURM requeue (hs_star_pl.preemption); first, so a pending stop comes before
         # other callbacks' on_train_start work (evaluating M_0)
         trainer.callbacks.insert(0, StopRequestCallback())

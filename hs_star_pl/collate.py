@@ -15,6 +15,11 @@ Conventions:
 * Padding uses the tokenizer's pad id but masks come from lengths only: for Qwen2.5 base
   models (and ``hs_star_pl.tiny``) pad == EOS, so comparing ids with the pad id would mask out
   the trained EOS.
+
+Batches are SFT batches (``collate_sequences``), DPO batches (``collate_pairs``) or the one
+placeholder of an iteration without examples (``empty_iteration_batch``): Lightning ends
+training on an epoch with zero batches, so such an iteration serves this batch and the module
+trains on nothing.
 """
 
 from __future__ import annotations
@@ -131,3 +136,16 @@ def collate_pairs(
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens only, so left padding does not shift them."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+EMPTY_ITERATION = "empty_iteration"
+"""The key of ``empty_iteration_batch``'s one entry."""
+
+
+def empty_iteration_batch() -> dict[str, torch.Tensor]:
+    """The placeholder batch of an iteration without examples (the module skips it)."""
+    return {EMPTY_ITERATION: torch.ones(1)}
+
+
+def is_empty_iteration(batch: dict[str, torch.Tensor]) -> bool:
+    return EMPTY_ITERATION in batch

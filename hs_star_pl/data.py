@@ -25,18 +25,24 @@ Lightning calls it at the start of every epoch, *before* ``on_train_epoch_start`
 ``configure_optimizers`` may call it even earlier), so the examples are pulled from the
 source at that call rather than pushed at a hook, and the policy is then exactly M_t. A
 source that returns the same object again keeps the encoded examples; one that returns no
-examples gets one placeholder batch (``SKIP_BATCH``, which ``HSStarModule`` skips), since an
-epoch with zero batches would end training. Pairs without reference log-probs get them here,
-from the policy as it is when the dataloader is built (the start of the iteration), cached
-under ``<default_root_dir>/reference_logps/`` for file-sourced pairs so a resume does not
-recompute them with already-trained weights.
+examples gets one placeholder batch (``collate.empty_iteration_batch``, which ``HSStarModule``
+skips), since an epoch with zero batches would end training. Pairs without reference log-probs
+get them here (``reference.with_reference_logps``), from the policy as it is when the
+dataloader is built (the start of the iteration), cached under
+``<default_root_dir>/reference_logps/`` for file-sourced pairs so a resume does not recompute
+them with already-trained weights.
+
+The data module talks to the rest in one direction: it asks the attached module for its
+tokenizer and for reference log-probs, and reports its example counts (``data/*``) to the
+trainer's loggers itself; nothing calls back into it. ``global_batch_size`` is declared here
+and turned into the trainer's gradient accumulation by whoever builds the trainer
+(``accumulate_grad_batches``; ``HSStarCLI`` does it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -53,6 +59,7 @@ from hs_star_pl.collate import (
     PaddingSide,
     collate_pairs,
     collate_sequences,
+    empty_iteration_batch,
     encode_example,
     encode_pair,
 )
@@ -61,13 +68,9 @@ from hs_star_pl.core.records import PreferencePair, SftExample
 from hs_star_pl.core.templates import get_template, render_prompt
 from hs_star_pl.errors import InputFileError
 from hs_star_pl.jsonl import LineError, parse_json_line, why_not_a_file
+from hs_star_pl.reference import missing_reference, with_reference_logps
 
 Examples = Sequence[PreferencePair] | Sequence[SftExample]
-
-
-SKIP_BATCH = "skip_iteration"
-"""Key of the one placeholder batch served for an iteration without examples (``HSStarModule``
-skips it): Lightning ends training on an epoch with zero batches."""
 
 
 class ExampleFileError(InputFileError):
@@ -159,14 +162,6 @@ def _check_examples(examples: Examples) -> type:
     return kinds.pop() if kinds else type(None)
 
 
-def _missing_reference(pairs: Sequence[PreferencePair]) -> bool:
-    return any(p.ref_chosen_logp is None or p.ref_rejected_logp is None for p in pairs)
-
-
-def _skip_batch(items: list) -> dict[str, torch.Tensor]:
-    return {SKIP_BATCH: torch.ones(len(items))}
-
-
 def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -198,8 +193,9 @@ class MathDataModule(L.LightningDataModule):
             counted, prompts that do not fit are dropped and counted.
         batch_size: examples (pairs, for DPO) per device per step.
         global_batch_size: examples per optimizer step over all devices. When set, it
-            must be a multiple of ``batch_size * world_size`` and sets the trainer's
-            gradient accumulation; leave unset to use ``trainer.accumulate_grad_batches``.
+            must be a multiple of ``batch_size * world_size``, and the trainer's gradient
+            accumulation must be ``accumulate_grad_batches(world_size)`` (``hs-star`` sets it;
+            a trainer built by hand passes it); leave unset to use the trainer's.
         padding_side: ``right`` or ``left`` padding of training batches.
         shuffle: shuffle training examples, seeded by ``seed`` and the epoch.
         seed: shuffling seed.
@@ -256,8 +252,9 @@ class MathDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.train_examples: tuple = ()
         self.val_examples: tuple = ()
-        self.last_stats: dict[str, int] = {}
+        self.last_stats: dict[str, int] = {}  # the counts of the last encoded split (logged as data/*)
         self._ref_cache_key: str | None = None
+        self._val_reference_from_model = False  # ``validate`` scored the val pairs with model.*
         self._example_source: Callable[[int], Examples] | None = None
         self._source_examples: Examples | None = None
         self.eval_sets: tuple[EvalSet, ...] = ()
@@ -325,7 +322,14 @@ class MathDataModule(L.LightningDataModule):
                 self.train_examples = tuple(self.load_train_examples())
                 if self.train_file is not None and self.objective == "dpo":
                     self._ref_cache_key = self._file_cache_key(self.train_file, module)
-            self._configure_accumulation()
+            if trainer is not None and self.global_batch_size is not None:
+                wanted = self.accumulate_grad_batches(trainer.world_size)
+                if trainer.accumulate_grad_batches != wanted:
+                    raise ValueError(
+                        f"data.global_batch_size ({self.global_batch_size}) needs gradient accumulation {wanted} "
+                        f"(data.batch_size {self.batch_size} x devices {trainer.world_size}), but the trainer "
+                        f"accumulates {trainer.accumulate_grad_batches}: build it with accumulate_grad_batches={wanted}"
+                    )
             if module is not None and self.objective is not None and getattr(module, "objective", None) != self.objective:
                 raise ValueError(
                     f"model.objective is {module.objective!r} but the training data are "
@@ -334,26 +338,35 @@ class MathDataModule(L.LightningDataModule):
                 )
         if self.val_file is not None and not self.val_examples:
             self.val_examples = tuple(load_examples(self.val_file, self.template))
+        if stage == "validate":
+            self._reference_val_pairs_before_restore()
 
-    def _configure_accumulation(self) -> None:
-        if self.global_batch_size is None or self.trainer is None:
-            return
-        per_step = self.batch_size * self.trainer.world_size
+    def accumulate_grad_batches(self, world_size: int, configured: int = 1) -> int:
+        """The gradient accumulation that makes ``global_batch_size`` examples per optimizer step.
+
+        ``configured`` is the trainer's own setting: without ``global_batch_size`` it is kept,
+        with one it must be 1 (unset) or agree.
+
+        Raises:
+            ValueError: ``global_batch_size`` is not a multiple of ``batch_size x world_size``,
+                or ``configured`` contradicts it (naming the keys).
+        """
+        if self.global_batch_size is None:
+            return configured
+        per_step = self.batch_size * world_size
         if self.global_batch_size % per_step:
             raise ValueError(
                 f"data.global_batch_size ({self.global_batch_size}) must be a multiple of data.batch_size "
-                f"({self.batch_size}) x devices ({self.trainer.world_size})"
+                f"({self.batch_size}) x devices ({world_size})"
             )
         accumulate = self.global_batch_size // per_step
-        current = self.trainer.accumulate_grad_batches
-        if current not in (1, accumulate):
+        if configured not in (1, accumulate):
             raise ValueError(
-                f"trainer.accumulate_grad_batches ({current}) contradicts data.global_batch_size "
+                f"trainer.accumulate_grad_batches ({configured}) contradicts data.global_batch_size "
                 f"({self.global_batch_size}) / (data.batch_size x devices = {per_step}) = {accumulate}; "
                 f"set only one of them"
             )
-        # The fit loop reads this attribute at every step, so setting it in setup is enough.
-        self.trainer.accumulate_grad_batches = accumulate
+        return accumulate
 
     def train_dataloader(self) -> DataLoader:
         if self._example_source is not None:
@@ -362,9 +375,9 @@ class MathDataModule(L.LightningDataModule):
             if not examples:
                 # An iteration without examples (the source warned why). Zero batches would end
                 # training, so one placeholder batch keeps the epoch; HSStarModule skips it.
-                self.last_stats = {"n_examples": 0, "n_truncated": 0, "n_dropped": 0}
+                self._report({"n_examples": 0, "n_truncated": 0, "n_dropped": 0})
                 self._source_examples = examples
-                return DataLoader([None], batch_size=1, collate_fn=_skip_batch)
+                return DataLoader([None], batch_size=1, collate_fn=lambda items: empty_iteration_batch())
             if examples is not self._source_examples:
                 self.set_train_examples(examples)
                 self._source_examples = examples
@@ -426,6 +439,14 @@ class MathDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_examples:
             return []
+        trainer = self.trainer
+        if self._val_reference_from_model and trainer is not None and trainer.ckpt_path is None:
+            rank_zero_warn(
+                "validate: the val pairs have no reference log-probs and no --ckpt_path was given, so the "
+                "policy is its own reference and val/loss is log 2 by construction. Pass --ckpt_path (the "
+                "checkpoint is scored against the model that model.* names) or put "
+                "ref_chosen_logp/ref_rejected_logp in data.val_file"
+            )
         items = self._encode(self.val_examples, "val")
         return DataLoader(items, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers, collate_fn=self.collate)
 
@@ -453,7 +474,11 @@ class MathDataModule(L.LightningDataModule):
                 n_truncated += int(s.truncated)
                 encoded.append(s)
             kept.append(ex)
-        self.last_stats = {"n_examples": len(kept), "n_truncated": n_truncated, "n_dropped": n_dropped}
+        stats = {"n_examples": len(kept), "n_truncated": n_truncated, "n_dropped": n_dropped}
+        if split == "train":
+            self._report(stats)
+        else:
+            self.last_stats = stats
         if n_truncated or n_dropped:
             rank_zero_warn(
                 f"{split}: {n_truncated} responses cut to data.max_length={self.max_length}, "
@@ -465,6 +490,15 @@ class MathDataModule(L.LightningDataModule):
             kept = self._with_reference_logps(kept, split)
             return [(c, r, (p.ref_chosen_logp, p.ref_rejected_logp)) for (c, r), p in zip(encoded, kept, strict=True)]
         return encoded
+
+    def _report(self, stats: dict[str, int]) -> None:
+        """Keep the training split's counts and log them as ``data/*`` (rank 0, at the current step)."""
+        self.last_stats = stats
+        trainer = self.trainer
+        if trainer is None or not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics({f"data/{k}": float(v) for k, v in stats.items()}, step=trainer.global_step)
 
     def collate(self, items: list) -> dict[str, torch.Tensor]:
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -482,64 +516,45 @@ class MathDataModule(L.LightningDataModule):
     def _cache_path(self) -> Path | None:
         if self._ref_cache_key is None or self.trainer is None:
             return None
-        return Path(self.trainer.default_root_dir) / "reference_logps" / f"{self._ref_cache_key}.json"
+        return Path(self.trainer.default_root_dir) / "reference_logps" / f"{self._ref_cache_key}.jsonl"
 
-    def reference_val_pairs_before_restore(self, module) -> None:
+    def _reference_val_pairs_before_restore(self) -> None:
         """``hs-star validate --ckpt_path``: score the val pairs' reference with the configured model.
 
-        Called by ``HSStarModule.on_load_checkpoint``, i.e. while the module still holds the
-        weights that ``model.model_path``/``model.tiny`` name and before the checkpoint's
-        replace them. The reference of a DPO validation is then the configured model and the
-        policy is the checkpoint; computed after the restore, they would be the same model
-        and ``val/loss`` would be log 2 whatever was trained. The module is moved to the
-        strategy's device first (Lightning restores before moving it there). Pairs that
-        already carry reference log-probs (from ``data.val_file``) are left alone.
+        ``setup`` runs while the module still holds the weights that ``model.model_path``/
+        ``model.tiny`` name, before a checkpoint's replace them. The reference of a DPO
+        validation is then the configured model and the policy is the checkpoint; computed
+        after the restore, they would be the same model and ``val/loss`` would be log 2 whatever
+        was trained. The module is moved to the strategy's device first (Lightning moves it
+        only after restoring). Pairs that already carry reference log-probs (from
+        ``data.val_file``) are left alone.
 
-        Under strategies that load checkpoint weights before this hook (DeepSpeed), the
-        reference cannot be taken from the configured model; a warning says so.
+        Under strategies that load checkpoint weights only after setting up (DeepSpeed), a
+        warning says that a checkpoint will be scored against itself.
         """
         trainer = self.trainer
         pairs = [p for p in self.val_examples if isinstance(p, PreferencePair)]
-        if trainer is None or not pairs or not _missing_reference(pairs):
+        if trainer is None or not pairs or not missing_reference(pairs):
             return
         if trainer.strategy.restore_checkpoint_after_setup:
             rank_zero_warn(
-                "validate: this strategy loads the checkpoint's weights before the val pairs' reference "
-                "log-probs can be computed, so the checkpoint is scored against itself (val/loss = log 2); "
+                "validate: this strategy loads a checkpoint's weights before the val pairs' reference "
+                "log-probs can be computed, so a checkpoint is scored against itself (val/loss = log 2); "
                 "put ref_chosen_logp/ref_rejected_logp in data.val_file to validate a DPO checkpoint here"
             )
             return
-        module.to(trainer.strategy.root_device)
+        trainer.lightning_module.to(trainer.strategy.root_device)
         self._with_reference_logps(pairs, "val")
+        self._val_reference_from_model = True
 
     def _with_reference_logps(self, pairs: list[PreferencePair], split: str) -> list[PreferencePair]:
-        if not _missing_reference(pairs):
+        if not missing_reference(pairs):
             return pairs
         trainer = self.trainer
-        if split == "val" and trainer is not None and trainer.state.fn == "validate":
-            rank_zero_warn(
-                "validate: the val pairs have no reference log-probs and no --ckpt_path was given, so the "
-                "policy is its own reference and val/loss is log 2 by construction. Pass --ckpt_path (the "
-                "checkpoint is scored against the model that model.* names) or put "
-                "ref_chosen_logp/ref_rejected_logp in data.val_file"
-            )
-        cache = self._cache_path() if split == "train" else None
-        if cache is not None and cache.is_file():
-            values = json.loads(cache.read_text())
-            if len(values) == len(pairs):
-                rank_zero_info(f"reference log-probs read from {cache}")
-                pairs = [dataclasses.replace(p, ref_chosen_logp=c, ref_rejected_logp=r) for p, (c, r) in zip(pairs, values)]
-                self._store(pairs, split)
-                return pairs
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        if module is None or not hasattr(module, "compute_reference_logps"):
+        if trainer is None or trainer.lightning_module is None:
             raise RuntimeError("pairs have no reference log-probs and no HSStarModule is attached to compute them")
-        pairs = module.compute_reference_logps(pairs, max_length=self.max_length, batch_size=self.ref_batch_size)
-        if cache is not None and self.trainer.is_global_zero:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            tmp.write_text(json.dumps([[p.ref_chosen_logp, p.ref_rejected_logp] for p in pairs]))
-            tmp.replace(cache)
+        pairs = with_reference_logps(trainer, pairs, max_length=self.max_length, batch_size=self.ref_batch_size,
+                                     cache=self._cache_path() if split == "train" else None)
         self._store(pairs, split)
         return pairs
 

@@ -6,9 +6,10 @@ memory: the reference for iteration ``t`` is the policy at the start of ``t``, a
 log-probs are computed once per iteration by ``compute_reference_logps`` (eval mode, no grad)
 and carried in the batches as ``ref_chosen_logps``/``ref_rejected_logps``.
 
-Batches come from ``MathDataModule``: ``input_ids``/``attention_mask``/``response_mask``
-``(B, T)`` for SFT, and the same with ``2B`` rows (chosen first, then rejected) plus ``(B,)``
-reference log-probs for DPO.
+Batches come from ``MathDataModule`` (the formats are ``collate``'s): ``input_ids``/
+``attention_mask``/``response_mask`` ``(B, T)`` for SFT, and the same with ``2B`` rows (chosen
+first, then rejected) plus ``(B,)`` reference log-probs for DPO. The module knows nothing of
+the data module: the data module asks it for its tokenizer and reference log-probs.
 
 Evaluation (``hs-star test``) feeds ``test_step`` ``EvalBatch`` chunks of a benchmark; it
 generates with ``generate_for_eval`` and the evaluation callback grades and aggregates.
@@ -34,10 +35,9 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from hs_star_pl import faults
-from hs_star_pl.collate import collate_pairs, encode_example, encode_pair, position_ids_from_mask
+from hs_star_pl.collate import collate_pairs, encode_example, encode_pair, is_empty_iteration, position_ids_from_mask
 from hs_star_pl.core.protocols import Completion
 from hs_star_pl.core.records import PreferencePair
-from hs_star_pl.data import SKIP_BATCH
 from hs_star_pl.errors import ConfigError, NonFiniteLossError
 from hs_star_pl.evaluation.protocol import EvalBatch
 from hs_star_pl.losses import chosen_nll, dpo_loss, get_dpo_loss, sequence_logps, sft_nll
@@ -307,7 +307,7 @@ class HSStarModule(L.LightningModule):
         return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        if SKIP_BATCH in batch:  # an iteration whose round gave no examples (see MathDataModule)
+        if is_empty_iteration(batch):  # an iteration whose round gave no examples
             return None
         self._batch_idx = batch_idx
         return self.model_step(batch, "train")
@@ -383,28 +383,12 @@ class HSStarModule(L.LightningModule):
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # `hs-star validate --ckpt_path`: the module still holds the configured weights here,
-        # the last moment they can serve as the DPO reference of the checkpoint's val pairs.
-        trainer = self._trainer
-        if trainer is not None and trainer.state.fn == "validate":
-            prepare = getattr(trainer.datamodule, "reference_val_pairs_before_restore", None)
-            if prepare is not None:
-                prepare(self)
-
-    def on_train_epoch_start(self) -> None:
-        # The DataModule counted this epoch's examples when Lightning built the dataloader
-        # (which happens before this hook); put the counts next to the losses.
-        stats = getattr(self.trainer.datamodule, "last_stats", None) or {}
-        for name, value in stats.items():
-            self.log(f"data/{name}", float(value), on_step=False, on_epoch=True, batch_size=1)
-
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._batch_started = time.perf_counter()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         faults.reach("training_step", epoch=self.current_epoch, batch=batch_idx)
-        if self._batch_started is None or SKIP_BATCH in batch:
+        if self._batch_started is None or is_empty_iteration(batch):
             return
         seconds = max(time.perf_counter() - self._batch_started, 1e-9)
         n_tokens = float(batch["attention_mask"].sum())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import inspect
+import json
 import math
 import re
 import subprocess
@@ -73,9 +74,9 @@ def test_fit_trains_saves_config_and_exports_each_iteration(tmp_path):
     torch.testing.assert_close(model(ids).logits, cli.model.model(ids).logits)
 
     # the same command again into the same folder works (config overwrite) and reuses the reference cache
-    assert len(list((tmp_path / "reference_logps").glob("*.json"))) == 1
+    assert len(list((tmp_path / "reference_logps").glob("*.jsonl"))) == 1
     HSStarCLI(args=["fit", *_run_args(tmp_path), "--trainer.max_epochs=1"])
-    assert len(list((tmp_path / "reference_logps").glob("*.json"))) == 1
+    assert len(list((tmp_path / "reference_logps").glob("*.jsonl"))) == 1
 
 
 def _help_options(text: str) -> dict[str, str]:
@@ -173,11 +174,12 @@ def test_python_dash_m_entry_point_prints_config(tmp_path):
 
 def test_resume_from_last_ckpt_continues_without_recomputing_references(tmp_path):
     HSStarCLI(args=["fit", *_run_args(tmp_path), "--trainer.max_epochs=1"])
-    (cache,) = (tmp_path / "reference_logps").glob("*.json")
-    cached = cache.read_text()
+    (cache,) = (tmp_path / "reference_logps").glob("*.jsonl")
+    rows = [json.loads(line) for line in cache.read_text().splitlines()]
     # one folder per run, not per logger version: `last` must resolve in the next run
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
-    cache.write_text(cached.replace("-", "-1000", 1))  # poison one value: a reread shows up in the loss
+    rows[0]["ref_chosen_logp"] -= 1000  # poison one value: a reread shows up in the examples
+    cache.write_text("".join(json.dumps(row) + "\n" for row in rows))
     cli = HSStarCLI(args=["fit", *_run_args(tmp_path), "--trainer.max_epochs=2", "--ckpt_path=last"])
     assert cli.trainer.global_step == 10  # 5 restored + 5 new optimizer steps
     assert cli.datamodule.train_examples[0].ref_chosen_logp < -900  # read from the cache, not recomputed

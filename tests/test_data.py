@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import lightning as L
+from lightning.pytorch.loggers import CSVLogger
 import pytest
 import torch
 
 from hs_star_pl.collate import collate_pairs, collate_sequences, encode_example, position_ids_from_mask
 from hs_star_pl.core.records import PreferencePair, SftExample
 from hs_star_pl.core.templates import render_prompt
+from hs_star_pl.cli import HSStarCLI
 from hs_star_pl.data import ExampleFileError, MathDataModule, load_examples
 from hs_star_pl.tiny import build_byte_tokenizer
-from tests.helpers.tiny_setup import PAIRS_FILE, STEPWISE_FILE, tiny_module
+from tests.helpers.tiny_setup import PAIRS_FILE, REPO, STEPWISE_FILE, tiny_module
 from tests.helpers.trainers import cpu_trainer
 
 EOS = 256  # build_byte_tokenizer: bytes are ids 0..255, <|endoftext|> is 256 (and the pad)
@@ -164,12 +167,13 @@ def test_truncation_is_counted_warned_and_logged(tmp_path):
     that do have their solutions cut; the counts are warned about and logged as data/*."""
     module = tiny_module("sft")
     dm = MathDataModule(problems_file=str(STEPWISE_FILE), template="plain", max_length=60, batch_size=4)
-    trainer = cpu_trainer(tmp_path, max_epochs=1)
+    trainer = cpu_trainer(tmp_path, max_epochs=1, logger=CSVLogger(tmp_path))
     with pytest.warns(UserWarning, match=r"train: 3 responses cut to data.max_length=60, 17 examples dropped"):
         trainer.fit(module, dm)
     assert dm.last_stats == {"n_examples": 3, "n_truncated": 3, "n_dropped": 17}
-    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("data/")}
-    assert logged == {"data/n_examples": 3.0, "data/n_truncated": 3.0, "data/n_dropped": 17.0}
+    (metrics,) = tmp_path.rglob("metrics.csv")
+    logged = [{k: float(v) for k, v in row.items() if k.startswith("data/") and v} for row in csv.DictReader(metrics.open())]
+    assert [row for row in logged if row] == [{"data/n_examples": 3.0, "data/n_truncated": 3.0, "data/n_dropped": 17.0}]
 
 
 def test_the_train_dataloader_is_rebuilt_every_epoch_before_on_train_epoch_start(tmp_path):
@@ -198,15 +202,15 @@ def test_objective_mismatch_names_the_key(tmp_path):
         dm.setup("fit")
 
 
-def test_global_batch_sets_accumulation_and_rejects_contradiction(tmp_path):
+def test_global_batch_size_gives_the_accumulation_and_a_trainer_that_disagrees_is_refused(tmp_path):
     dm = MathDataModule(train_file=str(PAIRS_FILE), template="plain", batch_size=2, global_batch_size=8)
-    trainer = _attach(dm, tiny_module(), tmp_path)
-    dm.setup("fit")
-    assert trainer.accumulate_grad_batches == 4
-    dm2 = MathDataModule(train_file=str(PAIRS_FILE), template="plain", batch_size=2, global_batch_size=8)
-    _attach(dm2, tiny_module(), tmp_path, accumulate_grad_batches=2)
+    assert dm.accumulate_grad_batches(world_size=1) == 4 and dm.accumulate_grad_batches(world_size=2) == 2
     with pytest.raises(ValueError, match=r"trainer.accumulate_grad_batches \(2\) contradicts data.global_batch_size"):
-        dm2.setup("fit")
+        dm.accumulate_grad_batches(world_size=1, configured=2)
+    assert MathDataModule(batch_size=2).accumulate_grad_batches(world_size=4, configured=3) == 3
+    _attach(dm, tiny_module(), tmp_path, accumulate_grad_batches=2)
+    with pytest.raises(ValueError, match=r"needs gradient accumulation 4 .* build it with accumulate_grad_batches=4"):
+        dm.setup("fit")
 
 
 def test_injected_examples_are_used_and_missing_refs_filled(tmp_path):
@@ -236,14 +240,19 @@ def test_val_pairs_get_the_reference_of_the_iteration_start(tmp_path):
 
 
 def test_global_batch_size_drives_optimizer_steps_in_a_real_fit(tmp_path):
-    """20 pairs, 2 per batch -> 10 batches; global 8 -> accumulate 4 -> steps after batches 4, 8
-    and the epoch's last (10): 3 optimizer steps."""
-    module = tiny_module()
-    dm = MathDataModule(train_file=str(PAIRS_FILE), template="plain", max_length=256, batch_size=2, global_batch_size=8)
-    trainer = cpu_trainer(tmp_path, max_epochs=1)
-    trainer.fit(module, dm)
-    assert trainer.accumulate_grad_batches == 4 and trainer.global_step == 3
-    assert trainer.callback_metrics["data/n_examples"] == 20 and trainer.callback_metrics["data/n_truncated"] == 0
+    """``hs-star fit`` with 20 pairs, 2 per batch -> 10 batches; global 8 -> accumulate 4 ->
+    steps after batches 4, 8 and the epoch's last (10): 3 optimizer steps. The counts of the
+    epoch's examples reach the logger as data/*."""
+    cli = HSStarCLI(args=[
+        "fit", "-c", str(REPO / "configs" / "base.yaml"), "-c", str(REPO / "configs" / "debug" / "tiny_cpu.yaml"),
+        f"--data.train_file={PAIRS_FILE}", "--data.batch_size=2", "--data.global_batch_size=8",
+        "--data.max_length=256", "--trainer.max_epochs=1", "--export.enabled=false", f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+    ])
+    assert cli.trainer.accumulate_grad_batches == 4 and cli.trainer.global_step == 3
+    (metrics,) = tmp_path.rglob("metrics.csv")
+    rows = list(csv.DictReader(metrics.open()))
+    assert [(float(r["data/n_examples"]), float(r["data/n_truncated"])) for r in rows if r.get("data/n_examples")] == [(20, 0)]
 
 
 @pytest.mark.parametrize(("devices", "nodes", "accumulate"), [(1, 1, 64), (8, 1, 8), (8, 2, 4)])
@@ -252,13 +261,12 @@ def test_global_batch_256_whatever_the_number_of_devices(devices, nodes, accumul
     shape; a shape that does not divide fails at start naming the keys and the device count."""
     from lightning import Trainer
 
-    def fit_on(devices: int, nodes: int = 1) -> Trainer:
+    def fit_on(devices: int, nodes: int = 1) -> int:
         dm = MathDataModule(template="plain", batch_size=4, global_batch_size=256)
-        dm.trainer = Trainer(accelerator="cpu", devices=devices, num_nodes=nodes, strategy="ddp", logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False)
-        dm._configure_accumulation()
-        return dm.trainer
+        trainer = Trainer(accelerator="cpu", devices=devices, num_nodes=nodes, strategy="ddp", logger=False,
+                          enable_checkpointing=False, enable_progress_bar=False)
+        return dm.accumulate_grad_batches(trainer.world_size, trainer.accumulate_grad_batches)
 
-    assert fit_on(devices, nodes).accumulate_grad_batches == accumulate
+    assert fit_on(devices, nodes) == accumulate
     with pytest.raises(ValueError, match=r"data.global_batch_size \(256\) must be a multiple of data.batch_size \(4\) x devices \(3\)"):
         fit_on(3)

@@ -138,7 +138,7 @@ def test_compute_reference_logps_leaves_unfittable_pairs_unchanged():
 def test_reference_cache_is_reused_on_resume(tmp_path):
     """A second fit into the same run dir reads the cached values instead of recomputing."""
     module, _, _, trainer = _fit_on_one_fixed_batch(tmp_path, "dpo", {"train_file": str(PAIRS_FILE)}, steps=1, lr=1e-2)
-    cache = list((tmp_path / "reference_logps").glob("*.json"))
+    cache = list((tmp_path / "reference_logps").glob("*.jsonl"))
     assert len(cache) == 1
     dm = MathDataModule(train_file=str(PAIRS_FILE), template="plain", max_length=256)
     dm.trainer = trainer

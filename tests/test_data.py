@@ -115,7 +115,7 @@ def test_constructor_errors_name_the_yaml_key():
 
 
 def _attach(dm: MathDataModule, module, tmp_path, **trainer_kwargs) -> L.Trainer:
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path, **trainer_kwargs)
+    trainer = cpu_trainer(tmp_path, **trainer_kwargs)
     trainer.strategy.connect(module)
     module.trainer = trainer
     dm.trainer = trainer
@@ -259,12 +259,10 @@ def test_global_batch_size_drives_optimizer_steps_in_a_real_fit(tmp_path):
 def test_global_batch_256_whatever_the_number_of_devices(devices, nodes, accumulate):
     """configs/strategy/*.yaml: data.batch_size 4 x GPUs x accumulation = 256 on any cluster
     shape; a shape that does not divide fails at start naming the keys and the device count."""
-    from lightning import Trainer
 
     def fit_on(devices: int, nodes: int = 1) -> int:
         dm = MathDataModule(template="plain", batch_size=4, global_batch_size=256)
-        trainer = Trainer(accelerator="cpu", devices=devices, num_nodes=nodes, strategy="ddp", logger=False,
-                          enable_checkpointing=False, enable_progress_bar=False)
+        trainer = cpu_trainer(None, devices=devices, num_nodes=nodes, strategy="ddp")
         return dm.accumulate_grad_batches(trainer.world_size, trainer.accumulate_grad_batches)
 
     assert fit_on(devices, nodes) == accumulate

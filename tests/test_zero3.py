@@ -19,6 +19,7 @@ import torch
 
 from tests.helpers.self_training import env
 from tests.helpers.tiny_setup import REPO
+from tests.helpers.trainers import cpu_trainer
 
 pytest.importorskip("deepspeed", reason="deepspeed is not installed (extra [deepspeed])")
 pytestmark = pytest.mark.deepspeed
@@ -52,19 +53,18 @@ def test_zero3_paths_that_touch_the_whole_model(tmp_path):
     assert r1["samples"] == {}
 
 
-def test_batches_keep_fp32_reference_logps_under_deepspeed_bf16():
+def test_batches_keep_fp32_reference_logps_under_deepspeed_bf16(tmp_path):
     """Lightning's DeepSpeed precision casts every float in a batch to bf16 (-150.3 -> -150.0),
     which would swamp DPO's policy/reference gap; ours passes batches through."""
-    from lightning import Trainer
     from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
 
     from hs_star_pl.strategies import BatchKeepingDeepSpeedPrecision, DeepSpeedStrategy
 
     batch = {"input_ids": torch.tensor([[1, 2]]), "ref_chosen_logps": torch.tensor([-150.3])}
-    kwargs = dict(accelerator="cpu", devices=1, precision="bf16-mixed", logger=False, enable_checkpointing=False)
-    theirs = Trainer(strategy=LightningDeepSpeedStrategy(stage=2), **kwargs).precision_plugin.convert_input(batch)
+    theirs = cpu_trainer(tmp_path, strategy=LightningDeepSpeedStrategy(stage=2), precision="bf16-mixed")
+    theirs = theirs.precision_plugin.convert_input(batch)
     assert theirs["ref_chosen_logps"].dtype == torch.bfloat16 and float(theirs["ref_chosen_logps"]) == -150.0
-    trainer = Trainer(strategy=DeepSpeedStrategy(stage=2), **kwargs)
+    trainer = cpu_trainer(tmp_path, strategy=DeepSpeedStrategy(stage=2), precision="bf16-mixed")
     assert isinstance(trainer.precision_plugin, BatchKeepingDeepSpeedPrecision)
     assert trainer.precision_plugin.precision == "bf16-mixed"
     ours = trainer.precision_plugin.convert_input(batch)
@@ -103,7 +103,7 @@ def test_gpu_validation_script_runs_on_cuda(stage, tmp_path):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_optimizer_state_reset_reaches_deepspeeds_wrapped_optimizer(stage):
+def test_optimizer_state_reset_reaches_deepspeeds_wrapped_optimizer(stage, tmp_path):
     """``self_training.reset_optimizer_state`` clears the torch AdamW that DeepSpeed's ZeRO
     optimizer wraps: after clearing at the second epoch's start, its step count is that epoch's
     3 steps, not 6, and training goes on (the state is rebuilt on the next step)."""
@@ -138,9 +138,7 @@ def test_optimizer_state_reset_reaches_deepspeeds_wrapped_optimizer(stage):
         def on_train_end(self, trainer, module):
             seen["after"] = [int(s["step"]) for s in trainer.optimizers[0].optimizer.state.values()]
 
-    trainer = L.Trainer(strategy=DeepSpeedStrategy(stage=stage), accelerator="cpu", devices=1, max_epochs=2,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[ResetAtSecondEpoch()])
+    trainer = cpu_trainer(tmp_path, strategy=DeepSpeedStrategy(stage=stage), max_epochs=2, callbacks=[ResetAtSecondEpoch()])
     trainer.fit(Linear())
     assert type(trainer.optimizers[0].optimizer) is torch.optim.AdamW  # really wrapped by ZeRO
     assert seen == {"before": [3], "cleared": 0, "after": [3]}

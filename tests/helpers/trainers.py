@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 
 
-def cpu_trainer(root: Path, **settings: Any) -> L.Trainer:
+def cpu_trainer(root: Path | None, **settings: Any) -> L.Trainer:
     """One CPU process writing under ``root``, with no logger, checkpoints, progress bar or
     model summary; ``settings`` add to these or override them (``max_epochs``, ``callbacks``...)."""
     quiet = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,

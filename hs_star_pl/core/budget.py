@@ -228,7 +228,20 @@ def _ledger(k: int, n_presample: int, difficulties: Mapping[str, ProblemDifficul
 
 
 @dataclass(frozen=True)
-class HierarchicalBudget:
+class _TwoPhaseBudget:
+    """The settings of an allocator that pre-samples, then re-samples what it decides."""
+
+    samples_per_problem: int = 8
+    n_presample: int = 3
+    no_boundary: NoBoundaryPolicy = "skip"
+
+    def __post_init__(self) -> None:
+        _check_counts(self.samples_per_problem, self.n_presample)
+        _check_no_boundary(self.no_boundary)
+
+
+@dataclass(frozen=True)
+class HierarchicalBudget(_TwoPhaseBudget):
     """The paper's allocation: the rest of the budget to the split's problems only.
 
     The split (``allocate``'s ``classes``, from ``selection.train_classes``) is the boundary
@@ -241,14 +254,6 @@ class HierarchicalBudget:
             none on the boundary): ``"skip"`` spends nothing more (total < K*N, logged in
             the ledger's note), ``"uniform"`` spreads the rest over all problems.
     """
-
-    samples_per_problem: int = 8
-    n_presample: int = 3
-    no_boundary: NoBoundaryPolicy = "skip"
-
-    def __post_init__(self) -> None:
-        _check_counts(self.samples_per_problem, self.n_presample)
-        _check_no_boundary(self.no_boundary)
 
     def allocate(
         self, difficulties: Mapping[str, ProblemDifficulty], seed: int, classes: Collection[str] = DEFAULT_SPLIT
@@ -286,7 +291,7 @@ class UniformBudget:
 
 
 @dataclass(frozen=True)
-class ProportionalBudget:
+class ProportionalBudget(_TwoPhaseBudget):
     """DART-Math-style "prop2diff": the rest of the budget in proportion to failure rate.
 
     Only the split's problems (``allocate``'s ``classes``) are weighted; the shipped
@@ -299,14 +304,6 @@ class ProportionalBudget:
             split is empty (all weights zero): ``"skip"`` or ``"uniform"``, as in
             ``HierarchicalBudget``.
     """
-
-    samples_per_problem: int = 8
-    n_presample: int = 3
-    no_boundary: NoBoundaryPolicy = "skip"
-
-    def __post_init__(self) -> None:
-        _check_counts(self.samples_per_problem, self.n_presample)
-        _check_no_boundary(self.no_boundary)
 
     def allocate(
         self, difficulties: Mapping[str, ProblemDifficulty], seed: int, classes: Collection[str] = DEFAULT_SPLIT

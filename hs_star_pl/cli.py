@@ -68,12 +68,46 @@ COMPONENT_GROUPS: dict[str, type] = {
 }
 
 
+def fill_logger_save_dirs(config: Namespace) -> None:
+    """Point every configured logger without a ``save_dir`` at ``trainer.default_root_dir``.
+
+    The run folder is one key: a logger's ``save_dir`` set on purpose is kept; one left unset
+    (``None``: ``CSVLogger`` and ``TensorBoardLogger`` require it) follows the run folder,
+    whether the logger came from a YAML file or ``--trainer.logger=CSVLogger``.
+    """
+    if config.get("subcommand"):
+        config = config.get(config["subcommand"])
+    trainer = config.get("trainer") if isinstance(config, Namespace) else None
+    root = trainer.get("default_root_dir") if isinstance(trainer, Namespace) else None
+    if root is None:
+        return
+    loggers = trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init = logger.get("init_args") if isinstance(logger, Namespace) else None
+        if isinstance(init, Namespace) and "save_dir" in init and init["save_dir"] is None:
+            init["save_dir"] = root
+
+
+class HSStarArgumentParser(LightningArgumentParser):
+    """The CLI's parser: a logger's ``save_dir`` follows ``trainer.default_root_dir`` when unset.
+
+    Filled in just before the parsed config is validated (where jsonargparse would otherwise
+    refuse a logger missing its required ``save_dir``), so the run's saved ``config.yaml``
+    names the folder the logs went to.
+    """
+
+    def validate(self, namespace: Namespace, *args, **kwargs) -> None:
+        fill_logger_save_dirs(namespace)
+        super().validate(namespace, *args, **kwargs)
+
+
 class HSStarCLI(LightningCLI):
     """LightningCLI with the HS-STaR module and data, and the HF export callback forced on."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"default_env": False})
+        kwargs.setdefault("parser_class", HSStarArgumentParser)
         # The optimizer and scheduler are HSStarModule arguments (model.optimizer,
         # model.lr_scheduler), so the top-level groups LightningCLI would add are left out.
         kwargs.setdefault("auto_configure_optimizers", False)
@@ -191,7 +225,7 @@ def bootstrap_stepwise_init(configs: list[str], model_path: Path) -> Path:
     args = [sys.executable, "-m", "hs_star_pl", "fit"]
     for c in configs:
         args += ["-c", c]
-    args += [f"--trainer.default_root_dir={run_dir}", f"--trainer.logger.init_args.save_dir={run_dir}"]
+    args += [f"--trainer.default_root_dir={run_dir}"]
     print(f"stepwise_init: training M_0 ({' '.join(configs)}) into {model_path}", flush=True)
     returncode = preemption.run_child(args)  # a stop reaches the child; it dies with this process
     if returncode != 0:

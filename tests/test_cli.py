@@ -34,7 +34,6 @@ def _run_args(tmp_path) -> list[str]:
     return [
         "-c", BASE, "-c", TINY,
         f"--trainer.default_root_dir={tmp_path}",
-        f"--trainer.logger.init_args.save_dir={tmp_path}",
         f"--data.train_file={REPO / 'configs' / 'data' / 'arith_pairs.jsonl'}",
         "--trainer.enable_progress_bar=false",
     ]
@@ -114,6 +113,29 @@ def _help(capsys, *args: str) -> tuple[dict[str, str], str]:
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     return _help_options(text), text
+
+
+def test_the_run_folder_is_one_key_the_logs_follow(tmp_path):
+    """Only ``--trainer.default_root_dir`` is given: the CSV logs (metrics.csv) and the saved
+    config land under it. A logger named by class alone, or a list of them, follows it too;
+    a ``save_dir`` set on purpose is kept."""
+    run = tmp_path / "run"
+    args = ["-c", BASE, "-c", TINY, f"--data.train_file={REPO / 'configs' / 'data' / 'arith_pairs.jsonl'}",
+            f"--trainer.default_root_dir={run}", "--trainer.enable_progress_bar=false"]
+    HSStarCLI(args=["fit", *args, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--export.enabled=false"])
+    assert (run / "logs" / "version_0" / "metrics.csv").is_file()
+    saved = yaml.safe_load((run / "logs" / "version_0" / "config.yaml").read_text())
+    assert saved["trainer"]["logger"]["init_args"]["save_dir"] == str(run)  # the saved config re-runs as it ran
+
+    by_class = HSStarCLI(args=[*args, "--trainer.logger=CSVLogger", "--trainer.logger.init_args.name=other"], run=False)
+    assert by_class.trainer.logger.log_dir == str(run / "other" / "version_0")
+    two = tmp_path / "two_loggers.yaml"
+    two.write_text(yaml.safe_dump({"trainer": {"logger": [
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"name": "a"}},
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"name": "b", "save_dir": str(tmp_path / "mine")}},
+    ]}}))
+    listed = HSStarCLI(args=[*args, "-c", str(two)], run=False)
+    assert [logger.save_dir for logger in listed.trainer.loggers] == [str(run), str(tmp_path / "mine")]
 
 
 def test_help_lists_every_option_with_its_docstring(capsys):
@@ -212,7 +234,7 @@ def test_shipped_stepwise_init_config_trains_m0_with_adamw_and_warmup_cosine(tmp
     cli = HSStarCLI(args=[
         "fit", "-c", BASE, "-c", str(REPO / "configs" / "sft" / "stepwise_init.yaml"),
         "--data.problems_file", str(REPO / "configs" / "data" / "arith_stepwise.jsonl"),
-        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--trainer.default_root_dir={tmp_path}",
         "--trainer.enable_progress_bar=false",
     ])
     assert cli.model.objective == "sft" and cli.trainer.global_step == 15

@@ -125,7 +125,7 @@ def test_yaml_parses_through_the_cli(path: Path, tmp_path, monkeypatch, request)
             args += [f"--self_training.prm.init_args.model_path={prm_dir}"]
     if merged(files).get("trainer", {}).get("accelerator") == "gpu" and not torch.cuda.is_available():
         args += ["--trainer.accelerator=cpu", "--trainer.devices=1"]
-    args += [f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    args += [f"--trainer.default_root_dir={tmp_path}"]
     cli = HSStarCLI(args=args, run=False)
     assert cli.trainer.reload_dataloaders_every_n_epochs == 1
     assert cli.model.objective in ("dpo", "sft")

@@ -67,7 +67,7 @@ def test_sampling_training_and_evaluation_see_the_same_prompt(tmp_path, monkeypa
         "--self_training.engine=tests.helpers.solution_engine.SolutionEngine",
         f"--self_training.engine.init_args.problems_file={STEPWISE_FILE}",
         f"--evaluation.problems_file={STEPWISE_FILE}", "--evaluation.max_problems=3", "--evaluation.max_new_tokens=4",
-        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--trainer.default_root_dir={tmp_path}",
         "--trainer.enable_progress_bar=false",
     ])
     questions = {p.id: p.question for p in load_problems(STEPWISE_FILE)}

@@ -180,6 +180,7 @@ class HSStarCLI(LightningCLI):
         for callback in self.trainer.callbacks:
             if isinstance(callback, SelfTrainingCallback):
                 callback.run_config = config.as_dict()
+        share_default_verifier(self.trainer.callbacks)
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -212,6 +213,20 @@ class HSStarCLI(LightningCLI):
                 # every epoch end and still resolves as --ckpt_path last.
                 callback.save_top_k, callback.filename, callback.save_last = 1, callback.CHECKPOINT_NAME_LAST, False
         return trainer
+
+
+def share_default_verifier(callbacks: list) -> None:
+    """Self-training and evaluation both active without a verifier: one ``MathVerifyVerifier``
+    (the default of each) checks answers for both, so one worker pool starts, not two. A
+    verifier set for either callback stays that callback's own."""
+    unset = [c for c in callbacks if isinstance(c, (SelfTrainingCallback, EvaluationCallback))
+             and c.active and c.verifier is None]
+    if len(unset) > 1:
+        from hs_star_pl.verifiers import MathVerifyVerifier
+
+        shared = MathVerifyVerifier()
+        for callback in unset:
+            callback.verifier = shared
 
 
 def bootstrap_stepwise_init(configs: list[str], model_path: Path) -> Path:

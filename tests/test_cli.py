@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import inspect
 import math
+import multiprocessing
 import re
 import subprocess
 import sys
@@ -136,6 +137,34 @@ def test_the_run_folder_is_one_key_the_logs_follow(tmp_path):
     ]}}))
     listed = HSStarCLI(args=[*args, "-c", str(two)], run=False)
     assert [logger.save_dir for logger in listed.trainer.loggers] == [str(run), str(tmp_path / "mine")]
+
+
+def test_self_training_and_evaluation_share_one_default_verifier(tmp_path):
+    """Both callbacks active, no verifier set: one MathVerifyVerifier checks the round's and the
+    evaluation's answers, and one worker pool (its n_workers processes) is all that starts.
+    A verifier set for one callback stays that callback's."""
+    from hs_star_pl.verifiers import ExactMatchVerifier, MathVerifyVerifier
+
+    stepwise = REPO / "configs" / "data" / "arith_stepwise.jsonl"
+    args = ["-c", BASE, "-c", str(REPO / "configs" / "debug" / "tiny_self_training.yaml"),
+            f"--self_training.problems_file={stepwise}", f"--evaluation.problems_file={stepwise}",
+            f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false", "--self_training.verifier=null"]
+    before = {p.pid for p in multiprocessing.active_children()}
+    cli = HSStarCLI(args=["fit", *args, "--self_training.n_iterations=1", "--trainer.max_epochs=1",
+                          "--self_training.problems_per_iteration=4", "--self_training.sampling.max_new_tokens=8",
+                          "--evaluation.max_problems=4", "--evaluation.max_new_tokens=8", "--export.enabled=false"])
+    (st,) = [c for c in cli.trainer.callbacks if isinstance(c, SelfTrainingCallback)]
+    (ev,) = [c for c in cli.trainer.callbacks if isinstance(c, EvaluationCallback)]
+    assert isinstance(st.verifier, MathVerifyVerifier) and st.verifier is ev.verifier
+    assert (tmp_path / "rounds" / "round_000").is_dir() and list((tmp_path / "eval").rglob("*.json"))
+    workers = [p for p in multiprocessing.active_children() if p.pid not in before and p.name == "hs-star-worker"]
+    assert len(workers) == st.verifier._pool.n_workers  # both callbacks' checks ran on one pool
+    st.verifier.close()
+
+    own = HSStarCLI(args=[*args, "--evaluation.verifier=hs_star_pl.verifiers.ExactMatchVerifier"], run=False)
+    (st,) = [c for c in own.trainer.callbacks if isinstance(c, SelfTrainingCallback)]
+    (ev,) = [c for c in own.trainer.callbacks if isinstance(c, EvaluationCallback)]
+    assert isinstance(ev.verifier, ExactMatchVerifier) and st.verifier is None  # the default is built in its setup
 
 
 def test_help_lists_every_option_with_its_docstring(capsys):

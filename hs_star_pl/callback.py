@@ -64,8 +64,7 @@ from hs_star_pl.core.protocols import AnswerVerifier, ProcessRewardModel, Rollou
 from hs_star_pl.core.records import PreferencePair
 from hs_star_pl.core.rounds import RoundConfig, RoundResult, explain_no_examples, run_round
 from hs_star_pl.core.selection import SelectionConfig
-from hs_star_pl.core.steps import DEFAULT_STEP_DELIMITER
-from hs_star_pl.core.templates import render_prompt
+from hs_star_pl.core.templates import render_prompt, step_delimiter_for
 from hs_star_pl.distributed import all_gather_objects
 from hs_star_pl.errors import ConfigError, EmptyRoundError
 from hs_star_pl.export import HFExportCallback
@@ -103,7 +102,10 @@ class SelfTrainingCallback(L.Callback):
         problems_per_iteration: problems drawn per iteration, without replacement across
             iterations (paper: 7500); unset uses the whole pool every iteration.
         on_exhausted: ``error`` or ``reshuffle`` when the pool runs out (see ``ProblemPool``).
-        step_delimiter: splits responses into steps for the PRM (paper: a blank line).
+        step_delimiter: splits responses into steps for the PRM (paper: a blank line); unset,
+            the delimiter ``data.template`` asks for (a blank line for ``qwen25-step-cot``), or
+            a blank line when the template names none. A set value the template contradicts
+            is refused.
         seed: fixes every random choice of every round (draws, sampling, budget, pairs).
         plots: write ``difficulty.png`` per round (needs matplotlib; skipped without it).
         restart_lr_schedule: give each iteration's training the whole learning-rate schedule
@@ -135,7 +137,7 @@ class SelfTrainingCallback(L.Callback):
         epochs_per_iteration: int = 1,
         problems_per_iteration: int | None = None,
         on_exhausted: Literal["error", "reshuffle"] = "error",
-        step_delimiter: str = DEFAULT_STEP_DELIMITER,
+        step_delimiter: str | None = None,
         seed: int = 0,
         plots: bool = True,
         restart_lr_schedule: bool = True,
@@ -152,7 +154,7 @@ class SelfTrainingCallback(L.Callback):
             raise ValueError(f"self_training.problems_per_iteration must be >= 1, got {problems_per_iteration}")
         if on_empty_round not in ("skip", "error"):
             raise ValueError(f"self_training.on_empty_round must be 'skip' or 'error', got {on_empty_round!r}")
-        if not isinstance(step_delimiter, str) or not step_delimiter:
+        if step_delimiter is not None and (not isinstance(step_delimiter, str) or not step_delimiter):
             raise ValueError(f"self_training.step_delimiter must be a non-empty string, got {step_delimiter!r}")
         self.problems_file = problems_file
         self.problem_fields = problem_fields
@@ -160,7 +162,8 @@ class SelfTrainingCallback(L.Callback):
         self.engine = engine
         self.verifier = verifier
         self.budget = budget if budget is not None else HierarchicalBudget()
-        self.round_config = RoundConfig(sampling, difficulty, selection, step_delimiter)
+        self.step_delimiter = step_delimiter  # as configured; the round's is resolved with the template in setup
+        self.round_config = RoundConfig(sampling, difficulty, selection, step_delimiter_for(None, step_delimiter))
         self.n_iterations = n_iterations
         self.epochs_per_iteration = epochs_per_iteration
         self.problems_per_iteration = problems_per_iteration
@@ -199,11 +202,13 @@ class SelfTrainingCallback(L.Callback):
             model_objective=getattr(pl_module, "objective", None), selection_objective=self.round_config.selection.objective,
             data=dict(train_file=datamodule.train_file, problems_file=datamodule.problems_file,
                       template=datamodule.template) if serves else None,
-            step_delimiter=self.round_config.step_delimiter, engine_sync_from=lifecycle_of(self.engine).sync_from,
+            step_delimiter=self.step_delimiter, engine_sync_from=lifecycle_of(self.engine).sync_from,
             export_enabled=_exporter(trainer) is not None,
         )
         if errors:
             raise ConfigError("self-training configuration:\n  - " + "\n  - ".join(errors))
+        self.round_config = dataclasses.replace(
+            self.round_config, step_delimiter=step_delimiter_for(datamodule.template, self.step_delimiter))
         self._pool = self.load_pool()
         problems = self._pool.problems
         if self.engine is None:
@@ -216,6 +221,10 @@ class SelfTrainingCallback(L.Callback):
             self.verifier = MathVerifyVerifier()
         self._trainer = trainer
         config = self.run_config if self.run_config is not None else self._own_config(pl_module, datamodule)
+        # the delimiter the rounds split on, not the key's unset value: a round recorded when it
+        # was set by hand (or before the template was its source) matches the same delimiter
+        config = {**config, "self_training": {**config.get("self_training", {}),
+                                              "step_delimiter": self.round_config.step_delimiter}}
         self._settings = settings_of(config, problems, self.problems_file)
         root = self.rounds_root(trainer)
         message = mismatch_message(f"{root} holds rounds", recorded_rounds(root), self._settings, root)

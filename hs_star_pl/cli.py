@@ -9,7 +9,10 @@ the run (``overwrite`` so a run can be repeated into the same folder, docs/findi
 the policy is exported to ``<default_root_dir>/hf/iteration_NNN/`` after every iteration) and a
 ``self_training`` group (``SelfTrainingCallback``: HS-STaR rounds between epochs; inactive until
 ``self_training.problems_file`` is set). ``export.epochs_per_iteration`` follows
-``self_training.epochs_per_iteration``.
+``self_training.epochs_per_iteration``. Values kept in one place: the run folder is
+``trainer.default_root_dir`` (a logger's unset ``save_dir`` follows it), and an unset
+``trainer.max_epochs`` is derived (``n_iterations x epochs_per_iteration`` with self-training,
+else 1).
 
 Errors a user can fix (``hs_star_pl.errors``: a bad config value, a broken input file, a run
 stopped on purpose) are printed as ``hs-star: error: <message>`` naming the full config key or
@@ -50,6 +53,7 @@ from hs_star_pl import preemption
 from hs_star_pl.callback import SelfTrainingCallback
 from hs_star_pl.checkpoint_io import AtomicCheckpointIO
 from hs_star_pl.config_checks import LINKS, check_config, name_link_sources
+from hs_star_pl.core.iterations import IterationClock
 from hs_star_pl.data import MathDataModule
 from hs_star_pl.errors import ConfigError, HSStarError
 from hs_star_pl.evaluation.callback import EvaluationCallback
@@ -86,6 +90,20 @@ def fill_logger_save_dirs(config: Namespace) -> None:
         init = logger.get("init_args") if isinstance(logger, Namespace) else None
         if isinstance(init, Namespace) and "save_dir" in init and init["save_dir"] is None:
             init["save_dir"] = root
+
+
+def derive_max_epochs(config: Namespace) -> None:
+    """Set an unset ``trainer.max_epochs``: ``n_iterations x epochs_per_iteration`` epochs when
+    self-training is active (``IterationClock.max_epochs``), else 1. A value set on purpose is
+    kept; one that contradicts the iterations is refused when the fit is set up, naming both."""
+    trainer, st = config.get("trainer"), config.get("self_training")
+    if not isinstance(trainer, Namespace) or trainer.get("max_epochs") is not None:
+        return
+    trainer["max_epochs"] = 1
+    if isinstance(st, Namespace) and st.get("problems_file") is not None:
+        n, k = st.get("n_iterations"), st.get("epochs_per_iteration")
+        if isinstance(n, int) and isinstance(k, int) and n >= 1 and k >= 1:  # else the callback names the bad key
+            trainer["max_epochs"] = IterationClock(k).max_epochs(n)
 
 
 class HSStarArgumentParser(LightningArgumentParser):
@@ -143,6 +161,7 @@ class HSStarCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        derive_max_epochs(config)
         self._lock_run_dir(config)
         configs = config.get("stepwise_init")
         model_path = config.get("model", {}).get("model_path")

@@ -24,6 +24,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from hs_star_pl.core.iterations import IterationClock
 from hs_star_pl.core.records import Problem
 from hs_star_pl.core.templates import render_prompt, step_delimiter_for
 from hs_star_pl.errors import ConfigError
@@ -109,7 +110,7 @@ def self_training_errors(
             "trainer.reload_dataloaders_every_n_epochs must be 1 (each epoch trains on its "
             f"iteration's data), got {reload_dataloaders_every_n_epochs}"
         )
-    expected = n_iterations * epochs_per_iteration
+    expected = IterationClock(epochs_per_iteration).max_epochs(n_iterations)
     if max_epochs != expected:
         errors.append(
             f"trainer.max_epochs ({max_epochs}) must equal self_training.n_iterations "

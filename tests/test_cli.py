@@ -167,6 +167,28 @@ def test_self_training_and_evaluation_share_one_default_verifier(tmp_path):
     assert isinstance(ev.verifier, ExactMatchVerifier) and st.verifier is None  # the default is built in its setup
 
 
+def test_max_epochs_is_derived_from_the_iterations_unless_set(tmp_path):
+    """``trainer.max_epochs`` unset: n_iterations x epochs_per_iteration with self-training,
+    1 without; a value set to match is kept (older configs), one that contradicts is refused
+    naming both keys."""
+    from hs_star_pl.errors import ConfigError
+
+    st = ["-c", BASE, "-c", str(REPO / "configs" / "debug" / "tiny_self_training.yaml"),
+          f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
+
+    def max_epochs(*args):
+        return HSStarCLI(args=list(args), run=False).trainer.max_epochs
+
+    assert max_epochs(*st) == 2  # 2 iterations x 1 epoch
+    assert max_epochs(*st, "--self_training.n_iterations=3", "--self_training.epochs_per_iteration=2") == 6
+    assert max_epochs(*st, "--trainer.max_epochs=2") == 2
+    assert max_epochs(*_run_args(tmp_path)) == 2  # set by tiny_cpu.yaml, no self-training
+    assert max_epochs(*_run_args(tmp_path), "--trainer.max_epochs=null") == 1  # base.yaml's former default
+    with pytest.raises(ConfigError, match=r"trainer.max_epochs \(5\) must equal self_training.n_iterations \(2\) x "
+                                          r"self_training.epochs_per_iteration \(1\) = 2"):
+        HSStarCLI(args=["fit", *st, "--trainer.max_epochs=5"])
+
+
 def test_help_lists_every_option_with_its_docstring(capsys):
     """Every option of ``hs-star fit --help`` (Lightning's included) has a description, and for our
     classes it is the parameter's own docstring entry, nested dataclass groups included."""

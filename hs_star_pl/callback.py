@@ -59,13 +59,13 @@ from hs_star_pl.core.artifacts import (
 from hs_star_pl.core.budget import BudgetAllocator, HierarchicalBudget
 from hs_star_pl.core.difficulty import DifficultyConfig
 from hs_star_pl.core.fingerprint import SettingsRecord, mismatch_message, read_record, recorded_rounds, settings_of, write_record
+from hs_star_pl.core.iterations import IterationClock
 from hs_star_pl.core.problems import FieldMap, ProblemPool, load_problems
 from hs_star_pl.core.protocols import AnswerVerifier, ProcessRewardModel, RolloutEngine, SamplingParams, lifecycle_of
 from hs_star_pl.core.records import PreferencePair
 from hs_star_pl.core.rounds import RoundConfig, RoundResult, explain_no_examples, run_round
 from hs_star_pl.core.selection import SelectionConfig
-from hs_star_pl.core.steps import DEFAULT_STEP_DELIMITER
-from hs_star_pl.core.templates import render_prompt
+from hs_star_pl.core.templates import render_prompt, step_delimiter_for
 from hs_star_pl.distributed import all_gather_objects
 from hs_star_pl.errors import ConfigError, EmptyRoundError
 from hs_star_pl.export import HFExportCallback
@@ -99,12 +99,15 @@ class SelfTrainingCallback(L.Callback):
         selection: which difficulty classes train, and ``dpo`` pairs or ``sft`` examples.
         sampling: temperature, top_p, max_new_tokens, stop strings (paper: 0.7, 0.95).
         n_iterations: self-training iterations; ``trainer.max_epochs`` must equal
-            ``n_iterations * epochs_per_iteration``.
+            ``n_iterations * epochs_per_iteration`` (the CLI derives it when unset).
         epochs_per_iteration: training epochs per iteration (paper: 1).
         problems_per_iteration: problems drawn per iteration, without replacement across
             iterations (paper: 7500); unset uses the whole pool every iteration.
         on_exhausted: ``error`` or ``reshuffle`` when the pool runs out (see ``ProblemPool``).
-        step_delimiter: splits responses into steps for the PRM (paper: a blank line).
+        step_delimiter: splits responses into steps for the PRM (paper: a blank line); unset,
+            the delimiter ``data.template`` asks for (a blank line for ``qwen25-step-cot``), or
+            a blank line when the template names none. A set value the template contradicts
+            is refused.
         seed: fixes every random choice of every round (draws, sampling, budget, pairs).
         plots: write ``difficulty.png`` per round (needs matplotlib; skipped without it).
         restart_lr_schedule: give each iteration's training the whole learning-rate schedule
@@ -136,7 +139,7 @@ class SelfTrainingCallback(L.Callback):
         epochs_per_iteration: int = 1,
         problems_per_iteration: int | None = None,
         on_exhausted: Literal["error", "reshuffle"] = "error",
-        step_delimiter: str = DEFAULT_STEP_DELIMITER,
+        step_delimiter: str | None = None,
         seed: int = 0,
         plots: bool = True,
         restart_lr_schedule: bool = True,
@@ -145,15 +148,13 @@ class SelfTrainingCallback(L.Callback):
     ) -> None:
         if n_iterations < 1:
             raise ValueError(f"self_training.n_iterations must be >= 1, got {n_iterations}")
-        if epochs_per_iteration < 1:
-            raise ValueError(f"self_training.epochs_per_iteration must be >= 1, got {epochs_per_iteration}")
         if problems_file is not None and prm is None:
             raise ValueError("self_training.prm is required when self_training.problems_file is set")
         if problems_per_iteration is not None and problems_per_iteration < 1:
             raise ValueError(f"self_training.problems_per_iteration must be >= 1, got {problems_per_iteration}")
         if on_empty_round not in ("skip", "error"):
             raise ValueError(f"self_training.on_empty_round must be 'skip' or 'error', got {on_empty_round!r}")
-        if not isinstance(step_delimiter, str) or not step_delimiter:
+        if step_delimiter is not None and (not isinstance(step_delimiter, str) or not step_delimiter):
             raise ValueError(f"self_training.step_delimiter must be a non-empty string, got {step_delimiter!r}")
         self.problems_file = problems_file
         self.problem_fields = problem_fields
@@ -161,9 +162,10 @@ class SelfTrainingCallback(L.Callback):
         self.engine = engine
         self.verifier = verifier
         self.budget = budget if budget is not None else HierarchicalBudget()
-        self.round_config = RoundConfig(sampling, difficulty, selection, step_delimiter)
+        self.step_delimiter = step_delimiter  # as configured; the round's is resolved with the template in setup
+        self.round_config = RoundConfig(sampling, difficulty, selection, step_delimiter_for(None, step_delimiter))
         self.n_iterations = n_iterations
-        self.epochs_per_iteration = epochs_per_iteration
+        self.clock = IterationClock(epochs_per_iteration)  # epochs -> iterations (validates it)
         self.problems_per_iteration = problems_per_iteration
         self.on_exhausted = on_exhausted
         self.seed = seed
@@ -195,16 +197,18 @@ class SelfTrainingCallback(L.Callback):
         datamodule = trainer.datamodule
         serves = datamodule is not None and hasattr(datamodule, "set_example_source")
         errors = self_training_errors(
-            n_iterations=self.n_iterations, epochs_per_iteration=self.epochs_per_iteration,
+            n_iterations=self.n_iterations, epochs_per_iteration=self.clock.epochs_per_iteration,
             max_epochs=trainer.max_epochs, reload_dataloaders_every_n_epochs=trainer.reload_dataloaders_every_n_epochs,
             model_objective=getattr(pl_module, "objective", None), selection_objective=self.round_config.selection.objective,
             data=dict(train_file=datamodule.train_file, problems_file=datamodule.problems_file,
                       template=datamodule.template) if serves else None,
-            step_delimiter=self.round_config.step_delimiter, engine_sync_from=lifecycle_of(self.engine).sync_from,
+            step_delimiter=self.step_delimiter, engine_sync_from=lifecycle_of(self.engine).sync_from,
             export_enabled=_exporter(trainer) is not None,
         )
         if errors:
             raise ConfigError("self-training configuration:\n  - " + "\n  - ".join(errors))
+        self.round_config = dataclasses.replace(
+            self.round_config, step_delimiter=step_delimiter_for(datamodule.template, self.step_delimiter))
         self._pool = self.load_pool()
         problems = self._pool.problems
         if self.engine is None:
@@ -217,6 +221,10 @@ class SelfTrainingCallback(L.Callback):
             self.verifier = MathVerifyVerifier()
         self._trainer = trainer
         config = self.run_config if self.run_config is not None else self._own_config(pl_module, datamodule)
+        # the delimiter the rounds split on, not the key's unset value: a round recorded when it
+        # was set by hand (or before the template was its source) matches the same delimiter
+        config = {**config, "self_training": {**config.get("self_training", {}),
+                                              "step_delimiter": self.round_config.step_delimiter}}
         self._settings = settings_of(config, problems, self.problems_file)
         root = self.rounds_root(trainer)
         message = mismatch_message(f"{root} holds rounds", recorded_rounds(root), self._settings, root)
@@ -269,7 +277,7 @@ class SelfTrainingCallback(L.Callback):
                 "selection": dataclasses.asdict(config.selection), "sampling": dataclasses.asdict(config.sampling),
                 "step_delimiter": config.step_delimiter, "seed": self.seed,
                 "problems_per_iteration": self.problems_per_iteration, "on_exhausted": self.on_exhausted,
-                "epochs_per_iteration": self.epochs_per_iteration, "restart_lr_schedule": self.restart_lr_schedule,
+                "epochs_per_iteration": self.clock.epochs_per_iteration, "restart_lr_schedule": self.restart_lr_schedule,
                 "reset_optimizer_state": self.reset_optimizer_state,
             },
             "model": {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in hparams.items()},
@@ -284,7 +292,7 @@ class SelfTrainingCallback(L.Callback):
 
     def examples_for_epoch(self, epoch: int) -> list:
         """The training examples of ``epoch``: its iteration's round, run or read back."""
-        iteration = epoch // self.epochs_per_iteration
+        iteration = self.clock.iteration_of(epoch)
         if iteration not in self._served:
             self._served = {iteration: self._ensure_round(iteration)}
         return self._served[iteration]
@@ -442,10 +450,10 @@ class SelfTrainingCallback(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Not when the round is served: a fit resumed from an epoch-end checkpoint first builds
         # the dataloader of the epoch it already trained, which would log that round again.
-        if not self.active or trainer.current_epoch % self.epochs_per_iteration:
+        if not self.active or not self.clock.starts_iteration(trainer.current_epoch):
             return
-        iteration = trainer.current_epoch // self.epochs_per_iteration
-        for steps in start_iteration(trainer, self.epochs_per_iteration, restart_lr_schedule=self.restart_lr_schedule,
+        iteration = self.clock.iteration_of(trainer.current_epoch)
+        for steps in start_iteration(trainer, self.clock.epochs_per_iteration, restart_lr_schedule=self.restart_lr_schedule,
                                      reset_optimizer_state=self.reset_optimizer_state, iteration=iteration):
             rank_zero_info(f"self-training: iteration {iteration} learning-rate schedule over {steps} optimizer steps")
         metrics = self._unlogged.pop(iteration, None)

@@ -9,7 +9,10 @@ the run (``overwrite`` so a run can be repeated into the same folder, docs/findi
 the policy is exported to ``<default_root_dir>/hf/iteration_NNN/`` after every iteration) and a
 ``self_training`` group (``SelfTrainingCallback``: HS-STaR rounds between epochs; inactive until
 ``self_training.problems_file`` is set). ``export.epochs_per_iteration`` follows
-``self_training.epochs_per_iteration``.
+``self_training.epochs_per_iteration``. Values kept in one place: the run folder is
+``trainer.default_root_dir`` (a logger's unset ``save_dir`` follows it), and an unset
+``trainer.max_epochs`` is derived (``n_iterations x epochs_per_iteration`` with self-training,
+else 1).
 
 Errors a user can fix (``hs_star_pl.errors``: a bad config value, a broken input file, a run
 stopped on purpose) are printed as ``hs-star: error: <message>`` naming the full config key or
@@ -50,6 +53,7 @@ from hs_star_pl import preemption
 from hs_star_pl.callback import SelfTrainingCallback
 from hs_star_pl.checkpoint_io import AtomicCheckpointIO
 from hs_star_pl.config_checks import LINKS, check_config, name_link_sources
+from hs_star_pl.core.iterations import IterationClock
 from hs_star_pl.data import MathDataModule
 from hs_star_pl.errors import ConfigError, HSStarError
 from hs_star_pl.evaluation.callback import EvaluationCallback
@@ -68,12 +72,60 @@ COMPONENT_GROUPS: dict[str, type] = {
 }
 
 
+def fill_logger_save_dirs(config: Namespace) -> None:
+    """Point every configured logger without a ``save_dir`` at ``trainer.default_root_dir``.
+
+    The run folder is one key: a logger's ``save_dir`` set on purpose is kept; one left unset
+    (``None``: ``CSVLogger`` and ``TensorBoardLogger`` require it) follows the run folder,
+    whether the logger came from a YAML file or ``--trainer.logger=CSVLogger``.
+    """
+    if config.get("subcommand"):
+        config = config.get(config["subcommand"])
+    trainer = config.get("trainer") if isinstance(config, Namespace) else None
+    root = trainer.get("default_root_dir") if isinstance(trainer, Namespace) else None
+    if root is None:
+        return
+    loggers = trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init = logger.get("init_args") if isinstance(logger, Namespace) else None
+        if isinstance(init, Namespace) and "save_dir" in init and init["save_dir"] is None:
+            init["save_dir"] = root
+
+
+def derive_max_epochs(config: Namespace) -> None:
+    """Set an unset ``trainer.max_epochs``: ``n_iterations x epochs_per_iteration`` epochs when
+    self-training is active (``IterationClock.max_epochs``), else 1. A value set on purpose is
+    kept; one that contradicts the iterations is refused when the fit is set up, naming both."""
+    trainer, st = config.get("trainer"), config.get("self_training")
+    if not isinstance(trainer, Namespace) or trainer.get("max_epochs") is not None:
+        return
+    trainer["max_epochs"] = 1
+    if isinstance(st, Namespace) and st.get("problems_file") is not None:
+        n, k = st.get("n_iterations"), st.get("epochs_per_iteration")
+        if isinstance(n, int) and isinstance(k, int) and n >= 1 and k >= 1:  # else the callback names the bad key
+            trainer["max_epochs"] = IterationClock(k).max_epochs(n)
+
+
+class HSStarArgumentParser(LightningArgumentParser):
+    """The CLI's parser: a logger's ``save_dir`` follows ``trainer.default_root_dir`` when unset.
+
+    Filled in just before the parsed config is validated (where jsonargparse would otherwise
+    refuse a logger missing its required ``save_dir``), so the run's saved ``config.yaml``
+    names the folder the logs went to.
+    """
+
+    def validate(self, namespace: Namespace, *args, **kwargs) -> None:
+        fill_logger_save_dirs(namespace)
+        super().validate(namespace, *args, **kwargs)
+
+
 class HSStarCLI(LightningCLI):
     """LightningCLI with the HS-STaR module and data, and the HF export callback forced on."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"default_env": False})
+        kwargs.setdefault("parser_class", HSStarArgumentParser)
         # The optimizer and scheduler are HSStarModule arguments (model.optimizer,
         # model.lr_scheduler), so the top-level groups LightningCLI would add are left out.
         kwargs.setdefault("auto_configure_optimizers", False)
@@ -109,6 +161,7 @@ class HSStarCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        derive_max_epochs(config)
         self._lock_run_dir(config)
         configs = config.get("stepwise_init")
         model_path = config.get("model", {}).get("model_path")
@@ -146,6 +199,7 @@ class HSStarCLI(LightningCLI):
         for callback in self.trainer.callbacks:
             if isinstance(callback, SelfTrainingCallback):
                 callback.run_config = config.as_dict()
+        share_default_verifier(self.trainer.callbacks)
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -185,6 +239,20 @@ class HSStarCLI(LightningCLI):
         return trainer
 
 
+def share_default_verifier(callbacks: list) -> None:
+    """Self-training and evaluation both active without a verifier: one ``MathVerifyVerifier``
+    (the default of each) checks answers for both, so one worker pool starts, not two. A
+    verifier set for either callback stays that callback's own."""
+    unset = [c for c in callbacks if isinstance(c, (SelfTrainingCallback, EvaluationCallback))
+             and c.active and c.verifier is None]
+    if len(unset) > 1:
+        from hs_star_pl.verifiers import MathVerifyVerifier
+
+        shared = MathVerifyVerifier()
+        for callback in unset:
+            callback.verifier = shared
+
+
 def bootstrap_stepwise_init(configs: list[str], model_path: Path) -> Path:
     """Train M_0 with ``hs-star fit -c <configs...>`` and install its last export at ``model_path``.
 
@@ -196,7 +264,7 @@ def bootstrap_stepwise_init(configs: list[str], model_path: Path) -> Path:
     args = [sys.executable, "-m", "hs_star_pl", "fit"]
     for c in configs:
         args += ["-c", c]
-    args += [f"--trainer.default_root_dir={run_dir}", f"--trainer.logger.init_args.save_dir={run_dir}"]
+    args += [f"--trainer.default_root_dir={run_dir}"]
     print(f"stepwise_init: training M_0 ({' '.join(configs)}) into {model_path}", flush=True)
     returncode = preemption.run_child(args)  # a stop reaches the child; it dies with this process
     if returncode != 0:

@@ -24,8 +24,9 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from hs_star_pl.core.iterations import IterationClock
 from hs_star_pl.core.records import Problem
-from hs_star_pl.core.templates import check_step_delimiter, render_prompt
+from hs_star_pl.core.templates import render_prompt, step_delimiter_for
 from hs_star_pl.errors import ConfigError
 
 # target -> source of the CLI's ``link_arguments``: the user sets the source only.
@@ -87,7 +88,7 @@ def self_training_errors(
     model_objective: str | None,
     selection_objective: str,
     data: Mapping[str, Any] | None,
-    step_delimiter: str,
+    step_delimiter: str | None,
     engine_sync_from: str,
     export_enabled: bool,
 ) -> list[str]:
@@ -109,7 +110,7 @@ def self_training_errors(
             "trainer.reload_dataloaders_every_n_epochs must be 1 (each epoch trains on its "
             f"iteration's data), got {reload_dataloaders_every_n_epochs}"
         )
-    expected = n_iterations * epochs_per_iteration
+    expected = IterationClock(epochs_per_iteration).max_epochs(n_iterations)
     if max_epochs != expected:
         errors.append(
             f"trainer.max_epochs ({max_epochs}) must equal self_training.n_iterations "
@@ -126,7 +127,7 @@ def self_training_errors(
         if data["train_file"] is not None or data["problems_file"] is not None:
             errors.append("data.train_file and data.problems_file must be unset: self-training makes its own data")
         try:
-            check_step_delimiter(data["template"], step_delimiter)
+            step_delimiter_for(data["template"], step_delimiter)
         except ValueError as err:
             errors.append(str(err))
     if engine_sync_from == "export" and not export_enabled:

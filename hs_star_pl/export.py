@@ -16,6 +16,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from hs_star_pl import faults
+from hs_star_pl.core.iterations import IterationClock
 from hs_star_pl.storage import storage_error
 from hs_star_pl.zero import full_state_dict, is_zero3_partitioned
 
@@ -68,9 +69,7 @@ class HFExportCallback(L.Callback):
     """
 
     def __init__(self, epochs_per_iteration: int = 1, dirname: str = "hf", enabled: bool = True) -> None:
-        if epochs_per_iteration < 1:
-            raise ValueError(f"export.epochs_per_iteration must be >= 1, got {epochs_per_iteration}")
-        self.epochs_per_iteration = epochs_per_iteration
+        self.clock = IterationClock(epochs_per_iteration)
         self.dirname = dirname
         self.enabled = enabled
 
@@ -80,6 +79,5 @@ class HFExportCallback(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled or trainer.sanity_checking:
             return
-        epochs_done = trainer.current_epoch + 1
-        if epochs_done % self.epochs_per_iteration == 0:
-            export_hf(pl_module, self.iteration_dir(trainer, epochs_done // self.epochs_per_iteration - 1))
+        if self.clock.ends_iteration(trainer.current_epoch):
+            export_hf(pl_module, self.iteration_dir(trainer, self.clock.iteration_of(trainer.current_epoch)))

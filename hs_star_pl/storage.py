@@ -129,7 +129,7 @@ def storage_error(err: BaseException, path: str | os.PathLike | None = None,
     return _error(
         code,
         f"cannot write {where}: {reason}. Point trainer.default_root_dir (and "
-        f"trainer.logger.init_args.save_dir) at a folder this user can write",
+        f"trainer.logger.init_args.save_dir, if set) at a folder this user can write",
     )
 
 

@@ -193,7 +193,7 @@ def run_main(case: str, tmp_path, capsys, monkeypatch) -> tuple[int, str]:
     monkeypatch.setattr(sys, "argv", ["hs-star"])  # the CLI reads only ``args``
     base = "configs/debug/tiny_cpu.yaml" if case.startswith("train_file") else "configs/debug/tiny_self_training.yaml"
     args = ["fit", "-c", "configs/base.yaml", "-c", base, "-c", f"tests/corpus/bad_inputs/configs/{case}.yaml",
-            f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+            f"--trainer.default_root_dir={tmp_path}",
             "--trainer.enable_progress_bar=false"]
     with pytest.raises(SystemExit) as info:
         main(args)
@@ -244,7 +244,7 @@ def test_questions_longer_than_the_models_context_are_warned_about_at_setup(tmp_
     pool = tmp_path / "pool.jsonl"
     pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = ["fit", "-c", "configs/base.yaml", "-c", "configs/debug/tiny_self_training.yaml",
-            f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+            f"--trainer.default_root_dir={tmp_path}",
             "--trainer.enable_progress_bar=false", f"--self_training.problems_file={pool}",
             "--self_training.problems_per_iteration=null", "--self_training.n_iterations=1", "--trainer.max_epochs=1",
             "--model.tiny.max_position_embeddings=256", "--self_training.sampling.max_new_tokens=8",

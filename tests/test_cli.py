@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 import json
 import math
+import multiprocessing
 import re
 import subprocess
 import sys
@@ -35,7 +36,6 @@ def _run_args(tmp_path) -> list[str]:
     return [
         "-c", BASE, "-c", TINY,
         f"--trainer.default_root_dir={tmp_path}",
-        f"--trainer.logger.init_args.save_dir={tmp_path}",
         f"--data.train_file={REPO / 'configs' / 'data' / 'arith_pairs.jsonl'}",
         "--trainer.enable_progress_bar=false",
     ]
@@ -115,6 +115,79 @@ def _help(capsys, *args: str) -> tuple[dict[str, str], str]:
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     return _help_options(text), text
+
+
+def test_the_run_folder_is_one_key_the_logs_follow(tmp_path):
+    """Only ``--trainer.default_root_dir`` is given: the CSV logs (metrics.csv) and the saved
+    config land under it. A logger named by class alone, or a list of them, follows it too;
+    a ``save_dir`` set on purpose is kept."""
+    run = tmp_path / "run"
+    args = ["-c", BASE, "-c", TINY, f"--data.train_file={REPO / 'configs' / 'data' / 'arith_pairs.jsonl'}",
+            f"--trainer.default_root_dir={run}", "--trainer.enable_progress_bar=false"]
+    HSStarCLI(args=["fit", *args, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--export.enabled=false"])
+    assert (run / "logs" / "version_0" / "metrics.csv").is_file()
+    saved = yaml.safe_load((run / "logs" / "version_0" / "config.yaml").read_text())
+    assert saved["trainer"]["logger"]["init_args"]["save_dir"] == str(run)  # the saved config re-runs as it ran
+
+    by_class = HSStarCLI(args=[*args, "--trainer.logger=CSVLogger", "--trainer.logger.init_args.name=other"], run=False)
+    assert by_class.trainer.logger.log_dir == str(run / "other" / "version_0")
+    two = tmp_path / "two_loggers.yaml"
+    two.write_text(yaml.safe_dump({"trainer": {"logger": [
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"name": "a"}},
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"name": "b", "save_dir": str(tmp_path / "mine")}},
+    ]}}))
+    listed = HSStarCLI(args=[*args, "-c", str(two)], run=False)
+    assert [logger.save_dir for logger in listed.trainer.loggers] == [str(run), str(tmp_path / "mine")]
+
+
+def test_self_training_and_evaluation_share_one_default_verifier(tmp_path):
+    """Both callbacks active, no verifier set: one MathVerifyVerifier checks the round's and the
+    evaluation's answers, and one worker pool (its n_workers processes) is all that starts.
+    A verifier set for one callback stays that callback's."""
+    from hs_star_pl.verifiers import ExactMatchVerifier, MathVerifyVerifier
+
+    stepwise = REPO / "configs" / "data" / "arith_stepwise.jsonl"
+    args = ["-c", BASE, "-c", str(REPO / "configs" / "debug" / "tiny_self_training.yaml"),
+            f"--self_training.problems_file={stepwise}", f"--evaluation.problems_file={stepwise}",
+            f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false", "--self_training.verifier=null"]
+    before = {p.pid for p in multiprocessing.active_children()}
+    cli = HSStarCLI(args=["fit", *args, "--self_training.n_iterations=1", "--trainer.max_epochs=1",
+                          "--self_training.problems_per_iteration=4", "--self_training.sampling.max_new_tokens=8",
+                          "--evaluation.max_problems=4", "--evaluation.max_new_tokens=8", "--export.enabled=false"])
+    (st,) = [c for c in cli.trainer.callbacks if isinstance(c, SelfTrainingCallback)]
+    (ev,) = [c for c in cli.trainer.callbacks if isinstance(c, EvaluationCallback)]
+    assert isinstance(st.verifier, MathVerifyVerifier) and st.verifier is ev.verifier
+    assert (tmp_path / "rounds" / "round_000").is_dir() and list((tmp_path / "eval").rglob("*.json"))
+    workers = [p for p in multiprocessing.active_children() if p.pid not in before and p.name == "hs-star-worker"]
+    assert len(workers) == st.verifier._pool.n_workers  # both callbacks' checks ran on one pool
+    st.verifier.close()
+
+    own = HSStarCLI(args=[*args, "--evaluation.verifier=hs_star_pl.verifiers.ExactMatchVerifier"], run=False)
+    (st,) = [c for c in own.trainer.callbacks if isinstance(c, SelfTrainingCallback)]
+    (ev,) = [c for c in own.trainer.callbacks if isinstance(c, EvaluationCallback)]
+    assert isinstance(ev.verifier, ExactMatchVerifier) and st.verifier is None  # the default is built in its setup
+
+
+def test_max_epochs_is_derived_from_the_iterations_unless_set(tmp_path):
+    """``trainer.max_epochs`` unset: n_iterations x epochs_per_iteration with self-training,
+    1 without; a value set to match is kept (older configs), one that contradicts is refused
+    naming both keys."""
+    from hs_star_pl.errors import ConfigError
+
+    st = ["-c", BASE, "-c", str(REPO / "configs" / "debug" / "tiny_self_training.yaml"),
+          f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
+
+    def max_epochs(*args):
+        return HSStarCLI(args=list(args), run=False).trainer.max_epochs
+
+    assert max_epochs(*st) == 2  # 2 iterations x 1 epoch
+    assert max_epochs(*st, "--self_training.n_iterations=3", "--self_training.epochs_per_iteration=2") == 6
+    assert max_epochs(*st, "--trainer.max_epochs=2") == 2
+    assert max_epochs(*_run_args(tmp_path)) == 2  # set by tiny_cpu.yaml, no self-training
+    assert max_epochs(*_run_args(tmp_path), "--trainer.max_epochs=null") == 1  # base.yaml's former default
+    with pytest.raises(ConfigError, match=r"trainer.max_epochs \(5\) must equal self_training.n_iterations \(2\) x "
+                                          r"self_training.epochs_per_iteration \(1\) = 2"):
+        HSStarCLI(args=["fit", *st, "--trainer.max_epochs=5"])
 
 
 def test_help_lists_every_option_with_its_docstring(capsys):
@@ -214,7 +287,7 @@ def test_shipped_stepwise_init_config_trains_m0_with_adamw_and_warmup_cosine(tmp
     cli = HSStarCLI(args=[
         "fit", "-c", BASE, "-c", str(REPO / "configs" / "sft" / "stepwise_init.yaml"),
         "--data.problems_file", str(REPO / "configs" / "data" / "arith_stepwise.jsonl"),
-        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--trainer.default_root_dir={tmp_path}",
         "--trainer.enable_progress_bar=false",
     ])
     assert cli.model.objective == "sft" and cli.trainer.global_step == 15

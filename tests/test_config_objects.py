@@ -75,8 +75,7 @@ def test_problem_field_mapping_reaches_the_pool_from_the_cli(tmp_path, monkeypat
 
     def callback(*extra):
         args = ["-c", "configs/base.yaml", "-c", "configs/debug/tiny_self_training.yaml",
-                f"--self_training.problems_file={pool_file}", f"--trainer.default_root_dir={tmp_path}",
-                f"--trainer.logger.init_args.save_dir={tmp_path}", *extra]
+                f"--self_training.problems_file={pool_file}", f"--trainer.default_root_dir={tmp_path}", *extra]
         cli = HSStarCLI(args=args, run=False)
         return next(c for c in cli.trainer.callbacks if isinstance(c, SelfTrainingCallback))
 

@@ -210,7 +210,7 @@ def test_shipped_engine_configs_build_through_the_cli(name, tmp_path):
     cli = HSStarCLI(
         args=["-c", str(configs / "base.yaml"), "-c", str(configs / "debug" / "tiny_cpu.yaml"),
               "-c", str(configs / "engine" / f"{name}.yaml"),
-              f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"],
+              f"--trainer.default_root_dir={tmp_path}"],
         run=False,
     )
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, SelfTrainingCallback)]

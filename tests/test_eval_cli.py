@@ -38,7 +38,7 @@ def eval_config(path: Path, problems: Path, n_greedy: int | None, n_sampled: int
 
 
 def run_args(root: Path, *extra: str) -> list[str]:
-    return [f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
+    return [f"--trainer.default_root_dir={root}",
             "--trainer.enable_progress_bar=false", "--data.template=plain", *extra]
 
 

@@ -176,8 +176,7 @@ def evaluation_cli(tmp_path, monkeypatch, *extra: str):
 
     monkeypatch.chdir(REPO)
     return HSStarCLI(args=["-c", str(CONFIGS / "base.yaml"), "-c", str(CONFIGS / "debug" / "tiny_cpu.yaml"),
-                           "-c", str(CONFIGS / "eval" / "paper.yaml"), f"--trainer.default_root_dir={tmp_path}",
-                           f"--trainer.logger.init_args.save_dir={tmp_path}", *extra], run=False)
+                           "-c", str(CONFIGS / "eval" / "paper.yaml"), f"--trainer.default_root_dir={tmp_path}", *extra], run=False)
 
 
 def test_hs_star_test_with_the_paper_config_grades_with_harness_extraction(tmp_path, monkeypatch):

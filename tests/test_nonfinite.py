@@ -48,8 +48,7 @@ def test_raise_stops_at_the_step_and_writes_nothing(poisoned_pairs, tmp_path, ca
     run = tmp_path / "run"
     with pytest.raises(SystemExit) as info:
         main(["fit", "-c", str(REPO / "configs" / "base.yaml"), "-c", str(REPO / "configs" / "debug" / "tiny_cpu.yaml"),
-              f"--data.train_file={poisoned_pairs}", f"--trainer.default_root_dir={run}",
-              f"--trainer.logger.init_args.save_dir={run}", "--trainer.enable_progress_bar=false"])
+              f"--data.train_file={poisoned_pairs}", f"--trainer.default_root_dir={run}", "--trainer.enable_progress_bar=false"])
     err = capsys.readouterr().err
     step = poisoned_step(0)
     assert info.value.code == 1 and "Traceback" not in err

@@ -188,7 +188,7 @@ def _bootstrap_command(tmp_path) -> list[str]:
     return [sys.executable, "-m", "hs_star_pl", "fit", "-c", str(REPO / "configs" / "base.yaml"),
             "-c", str(REPO / "configs" / "debug" / "tiny_cpu.yaml"), "--model.tiny=null",
             f"--model.model_path={tmp_path / 'm0'}", f"--stepwise_init=[{', '.join(configs)}]",
-            f"--trainer.default_root_dir={tmp_path / 'run'}", f"--trainer.logger.init_args.save_dir={tmp_path / 'run'}",
+            f"--trainer.default_root_dir={tmp_path / 'run'}",
             f"--data.train_file={REPO / 'configs' / 'data' / 'arith_pairs.jsonl'}", "--trainer.enable_progress_bar=false"]
 
 
@@ -262,7 +262,7 @@ def test_a_sigterm_while_the_command_starts_stops_it_at_once(tmp_path):
     command = [sys.executable, "-m", "hs_star_pl", "fit", "-c", str(REPO / "configs" / "base.yaml"),
                "-c", str(REPO / "configs" / "debug" / "tiny_cpu.yaml"),
                f"--data.train_file={REPO / 'configs' / 'data' / 'arith_pairs.jsonl'}",
-               f"--trainer.default_root_dir={tmp_path / 'run'}", f"--trainer.logger.init_args.save_dir={tmp_path / 'run'}"]
+               f"--trainer.default_root_dir={tmp_path / 'run'}"]
     proc = _start(command, tmp_path, "run")
     try:
         time.sleep(3.0)

@@ -35,7 +35,7 @@ def test_shipped_stepwise_init_config_prints_whole_progress_lines_into_a_file(tm
         "-c", str(CONFIGS / "base.yaml"), "-c", str(CONFIGS / "tiny" / "stepwise_init.yaml"),
         f"--data.problems_file={problems}", "--data.batch_size=4", "--trainer.max_epochs=2",
         "--model.tiny.hidden_size=64", "--model.tiny.num_hidden_layers=1", "--model.tiny.num_attention_heads=2",
-        f"--trainer.default_root_dir={tmp_path / 'run'}", f"--trainer.logger.init_args.save_dir={tmp_path / 'run'}",
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
     ]
     with log.open("w") as out:
         done = subprocess.run(args, cwd=tmp_path, env=env(), stdout=out, stderr=subprocess.STDOUT, timeout=600)

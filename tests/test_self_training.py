@@ -375,7 +375,7 @@ def test_the_demo_command_bootstraps_m0_then_self_trains_and_evaluates(tmp_path)
         f"--self_training.problems_file={train}", "--self_training.problems_per_iteration=24",
         "--self_training.sampling.max_new_tokens=64",
         f"--evaluation.problems_file={test}", "--evaluation.max_new_tokens=64",
-        f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={run}",
+        f"--trainer.default_root_dir={run}",
     ]
     complete(args, tmp_path)
     assert (m0 / "model.safetensors").is_file() and (m0 / "tokenizer.json").is_file()
@@ -390,7 +390,7 @@ def test_the_demo_command_bootstraps_m0_then_self_trains_and_evaluates(tmp_path)
     assert table[head + 6] == ""  # one row per policy
     # a second run reuses the installed M_0 instead of training it again
     mtime = (m0 / "model.safetensors").stat().st_mtime_ns
-    complete(args[:-2] + [f"--trainer.default_root_dir={tmp_path / 'again'}", f"--trainer.logger.init_args.save_dir={tmp_path / 'again'}",
+    complete(args[:-1] + [f"--trainer.default_root_dir={tmp_path / 'again'}",
                           "--self_training.n_iterations=1", "--trainer.max_epochs=1"], tmp_path)
     assert (m0 / "model.safetensors").stat().st_mtime_ns == mtime
 

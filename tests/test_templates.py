@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from hs_star_pl.core.templates import TEMPLATES, check_step_delimiter, get_template, render_prompt
+from hs_star_pl.core.templates import (
+    TEMPLATES,
+    PromptTemplate,
+    check_step_delimiter,
+    get_template,
+    render_prompt,
+    step_delimiter_for,
+)
+
+# A template whose wording asks for one step per line (none of the shipped ones does).
+LINES = PromptTemplate("lines", "Reason step by step, separating each step with '\n'.\nQuestion: ", "\nAnswer:\n", "\n")
 
 
 def test_paper_template_renders_single_braces_and_real_newlines():
@@ -33,6 +43,63 @@ def test_a_template_names_the_delimiter_its_wording_asks_for():
     check_step_delimiter("plain", "\n")  # its wording names no delimiter
     with pytest.raises(ValueError, match=r"data.template 'qwen25-step-cot'.*self_training.step_delimiter is '\\n'"):
         check_step_delimiter("qwen25-step-cot", "\n")
+
+
+def test_the_step_delimiter_follows_the_template_unless_set(monkeypatch):
+    monkeypatch.setitem(TEMPLATES, "lines", LINES)
+    assert step_delimiter_for("lines", None) == "\n"  # the template is the source
+    assert step_delimiter_for("qwen25-step-cot", None) == "\n\n"
+    assert step_delimiter_for("plain", None) == "\n\n"  # names none: the default
+    assert step_delimiter_for(None, None) == "\n\n"  # no template known
+    assert step_delimiter_for("plain", "\n") == "\n" and step_delimiter_for("lines", "\n") == "\n"
+    with pytest.raises(ValueError, match=r"data.template 'lines' asks the model to separate steps with '\\n', "
+                                         r"but self_training.step_delimiter is '\\n\\n'"):
+        step_delimiter_for("lines", "\n\n")
+
+
+def _self_training_args(tmp_path, template: str, *extra: str) -> list[str]:
+    from tests.helpers.tiny_setup import REPO, STEPWISE_FILE
+
+    configs = REPO / "configs"
+    return ["fit", "-c", str(configs / "base.yaml"), "-c", str(configs / "debug" / "tiny_self_training.yaml"),
+            "--model.tiny.hidden_size=32", f"--data.template={template}", "--data.max_length=512",
+            f"--self_training.problems_file={STEPWISE_FILE}", "--self_training.n_iterations=1", "--trainer.max_epochs=1",
+            "--self_training.engine=tests.helpers.solution_engine.SolutionEngine",
+            f"--self_training.engine.init_args.problems_file={STEPWISE_FILE}", "--export.enabled=false",
+            f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false", *extra]
+
+
+def test_a_round_splits_on_the_delimiter_its_template_asks_for(tmp_path, monkeypatch):
+    """``self_training.step_delimiter`` unset: the round and its settings record take the
+    template's delimiter; one set against the template is refused naming both keys."""
+    import json
+
+    from hs_star_pl.callback import SelfTrainingCallback
+    from hs_star_pl.cli import HSStarCLI
+
+    monkeypatch.setitem(TEMPLATES, "lines", LINES)
+    cli = HSStarCLI(args=_self_training_args(tmp_path / "run", "lines"))
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, SelfTrainingCallback)]
+    assert callback.step_delimiter is None and callback.round_config.step_delimiter == "\n"
+    recorded = json.loads((tmp_path / "run" / "rounds" / "round_000" / "settings.json").read_text())["settings"]
+    assert recorded["self_training.step_delimiter"] == "\n"
+    with pytest.raises(ValueError, match=r"data.template 'lines' asks the model to separate steps with '\\n', "
+                                         r"but self_training.step_delimiter is '\\n\\n'"):
+        HSStarCLI(args=_self_training_args(tmp_path / "other", "lines", "--self_training.step_delimiter=\n\n"))
+
+
+def test_a_round_recorded_with_the_delimiter_set_by_hand_matches_the_template_default(tmp_path):
+    """A run folder whose rounds were made with ``step_delimiter: "\\n\\n"`` written out (every
+    config before the template became its source) is reused by the same run without it."""
+    import json
+
+    from hs_star_pl.cli import HSStarCLI
+
+    HSStarCLI(args=_self_training_args(tmp_path, "qwen25-step-cot", "--self_training.step_delimiter=\n\n"))
+    recorded = json.loads((tmp_path / "rounds" / "round_000" / "settings.json").read_text())["settings"]
+    assert recorded["self_training.step_delimiter"] == "\n\n"
+    HSStarCLI(args=_self_training_args(tmp_path, "qwen25-step-cot"))  # refused on a settings mismatch otherwise
+    assert json.loads((tmp_path / "rounds" / "round_000" / "settings.json").read_text())["settings"] == recorded
 
 
 def test_unknown_template_lists_valid_names():
@@ -67,7 +134,7 @@ def test_sampling_training_and_evaluation_see_the_same_prompt(tmp_path, monkeypa
         "--self_training.engine=tests.helpers.solution_engine.SolutionEngine",
         f"--self_training.engine.init_args.problems_file={STEPWISE_FILE}",
         f"--evaluation.problems_file={STEPWISE_FILE}", "--evaluation.max_problems=3", "--evaluation.max_new_tokens=4",
-        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--trainer.default_root_dir={tmp_path}",
         "--trainer.enable_progress_bar=false",
     ])
     questions = {p.id: p.question for p in load_problems(STEPWISE_FILE)}

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hs_star_pl.core.steps import DEFAULT_STEP_DELIMITER
+
 
 @dataclass(frozen=True)
 class PromptTemplate:
@@ -31,8 +33,9 @@ class PromptTemplate:
         prefix: text before the question.
         suffix: text after the question, ending where the response begins.
         step_delimiter: the step separator the prompt's wording asks the model for, or
-            ``None`` when the wording names none; a run whose ``self_training.step_delimiter``
-            differs is refused (``check_step_delimiter``).
+            ``None`` when the wording names none. A run's rounds split responses on it
+            unless ``self_training.step_delimiter`` is set; a set value that differs is
+            refused (``step_delimiter_for``).
     """
 
     name: str
@@ -101,3 +104,25 @@ def check_step_delimiter(template_name: str, step_delimiter: str) -> None:
             f"but self_training.step_delimiter is {step_delimiter!r}; use the same delimiter "
             "in both (or a template whose wording names none, such as 'plain')"
         )
+
+
+def step_delimiter_for(template_name: str | None, step_delimiter: str | None) -> str:
+    """The delimiter a run splits responses into steps on; the template is its source.
+
+    ``step_delimiter`` (``self_training.step_delimiter``) unset (``None``): the delimiter the
+    template's wording asks for, or ``DEFAULT_STEP_DELIMITER`` when it names none or no
+    template is known. Set: kept, unless the template's wording asks for another one.
+
+    >>> step_delimiter_for("qwen25-step-cot", None), step_delimiter_for("plain", None), step_delimiter_for("plain", "\\n")
+    ('\\n\\n', '\\n\\n', '\\n')
+
+    Raises:
+        ValueError: a set delimiter the template contradicts (``check_step_delimiter``), or
+            an unknown template.
+    """
+    if step_delimiter is not None:
+        if template_name is not None:
+            check_step_delimiter(template_name, step_delimiter)
+        return step_delimiter
+    asked = None if template_name is None else get_template(template_name).step_delimiter
+    return DEFAULT_STEP_DELIMITER if asked is None else asked

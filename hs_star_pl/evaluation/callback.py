@@ -36,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from hs_star_pl.core.artifacts import atomic_write_text, round_dir, write_json
+from hs_star_pl.core.iterations import IterationClock
 from hs_star_pl.core.protocols import AnswerVerifier, SamplingParams
 from hs_star_pl.core.records import Problem
 from hs_star_pl.core.templates import render_prompt
@@ -140,8 +141,10 @@ class EvaluationCallback(L.Callback):
                            ("iteration_max_samples", iteration_max_samples)):
             if value is not None and value < 1:
                 errors.append(f"evaluation.{key} must be >= 1 (or null), got {value}")
-        if epochs_per_iteration < 1:
-            errors.append(f"evaluation.epochs_per_iteration must be >= 1, got {epochs_per_iteration}")
+        try:
+            clock = IterationClock(epochs_per_iteration)
+        except ValueError as err:
+            errors.append(str(err))
         if max_new_tokens < 1:
             errors.append(f"evaluation.max_new_tokens must be >= 1, got {max_new_tokens}")
         if batch_size < 1:
@@ -171,7 +174,7 @@ class EvaluationCallback(L.Callback):
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.label = label
-        self.epochs_per_iteration = epochs_per_iteration
+        self.clock = clock
         self._fit_plan: list[tuple[BenchmarkConfig, list[Problem]]] = []
         self._test_runs: list[_BenchmarkRun] = []
         self._test_started: float | None = None
@@ -231,12 +234,12 @@ class EvaluationCallback(L.Callback):
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._fit_plan:
-            self.evaluate_policy(trainer, pl_module, trainer.current_epoch // self.epochs_per_iteration)
+            self.evaluate_policy(trainer, pl_module, self.clock.iteration_of(trainer.current_epoch))
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._fit_plan and (trainer.current_epoch + 1) % self.epochs_per_iteration == 0:
-            self.evaluate_policy(trainer, pl_module, (trainer.current_epoch + 1) // self.epochs_per_iteration)
+        if self._fit_plan and self.clock.ends_iteration(trainer.current_epoch):
+            self.evaluate_policy(trainer, pl_module, self.clock.iteration_of(trainer.current_epoch) + 1)
 
     def evaluate_policy(self, trainer: L.Trainer, pl_module: L.LightningModule, policy: int) -> dict[str, Any]:
         """Evaluate the current policy as ``M_policy`` on the training-time benchmarks.

@@ -180,7 +180,6 @@ def fit_command(
         f"--seed_everything={seed}",
         f"--self_training.seed={seed}",
         f"--trainer.default_root_dir={directory}",
-        f"--trainer.logger.init_args.save_dir={directory}",
         *fit_args,
     ]
     if resume:

@@ -93,7 +93,6 @@ def fit_command(recipe: Path, seed: int, directory: Path, dev: Path, dev_limit: 
         f"--model.tiny.seed={seed}",  # the weight initialisation
         f"--data.seed={seed}",  # the order of the SFT examples
         f"--trainer.default_root_dir={directory}",
-        f"--trainer.logger.init_args.save_dir={directory}",
         f"--evaluation.problems_file={dev}",
         f"--evaluation.iteration_max_problems={dev_limit}",
         "--evaluation.verifier=hs_star_pl.verifiers.ExactMatchVerifier",

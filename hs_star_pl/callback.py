@@ -66,9 +66,11 @@ from hs_star_pl.core.records import PreferencePair
 from hs_star_pl.core.rounds import RoundConfig, RoundResult, explain_no_examples, run_round
 from hs_star_pl.core.selection import SelectionConfig
 from hs_star_pl.core.templates import render_prompt, step_delimiter_for
+from hs_star_pl.data import MathDataModule
 from hs_star_pl.distributed import all_gather_objects
 from hs_star_pl.errors import ConfigError, EmptyRoundError
 from hs_star_pl.export import HFExportCallback
+from hs_star_pl.module import HSStarModule
 from hs_star_pl.plots import plot_history, plot_round
 from hs_star_pl.reference import with_reference_logps
 from hs_star_pl.schedules import start_iteration
@@ -194,12 +196,14 @@ class SelfTrainingCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not self.active or stage != "fit":
             return
+        if not isinstance(pl_module, HSStarModule):
+            raise ConfigError(f"self-training trains an HSStarModule (the model.* group), got {type(pl_module).__name__}")
         datamodule = trainer.datamodule
-        serves = datamodule is not None and hasattr(datamodule, "set_example_source")
+        serves = isinstance(datamodule, MathDataModule)  # the data module the rounds are served through
         errors = self_training_errors(
             n_iterations=self.n_iterations, epochs_per_iteration=self.clock.epochs_per_iteration,
             max_epochs=trainer.max_epochs, reload_dataloaders_every_n_epochs=trainer.reload_dataloaders_every_n_epochs,
-            model_objective=getattr(pl_module, "objective", None), selection_objective=self.round_config.selection.objective,
+            model_objective=pl_module.objective, selection_objective=self.round_config.selection.objective,
             data=dict(train_file=datamodule.train_file, problems_file=datamodule.problems_file,
                       template=datamodule.template) if serves else None,
             step_delimiter=self.step_delimiter, engine_sync_from=lifecycle_of(self.engine).sync_from,
@@ -269,7 +273,7 @@ class SelfTrainingCallback(L.Callback):
             return {"class_path": f"{type(obj).__module__}.{type(obj).__qualname__}", "init_args": fields}
 
         config = self.round_config
-        hparams = dict(getattr(pl_module, "hparams", {}) or {})
+        hparams = dict(pl_module.hparams)
         return {
             "self_training": {
                 "prm": component(self.prm), "engine": component(self.engine), "verifier": component(self.verifier),
@@ -281,7 +285,7 @@ class SelfTrainingCallback(L.Callback):
                 "reset_optimizer_state": self.reset_optimizer_state,
             },
             "model": {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in hparams.items()},
-            "data": {k: getattr(datamodule, k, None) for k in ("template", "max_length", "batch_size")},
+            "data": {"template": datamodule.template, "max_length": datamodule.max_length, "batch_size": datamodule.batch_size},
         }
 
     @staticmethod
@@ -415,7 +419,7 @@ class SelfTrainingCallback(L.Callback):
         round t) is built.
         """
         if iteration == 0:
-            path = getattr(module, "model_path", None)
+            path = module.model_path
             return Path(path) if path is not None and Path(path).is_dir() else None
         exporter = _exporter(trainer)
         if exporter is None:
@@ -517,7 +521,7 @@ class SelfTrainingCallback(L.Callback):
                 )
         trainer = self._trainer
         root = self.rounds_root(trainer) if trainer is not None else Path(".")
-        checkpoint = getattr(trainer, "ckpt_path", None) or "resumed"
+        checkpoint = (trainer.ckpt_path if trainer is not None else None) or "resumed"
         message = mismatch_message(f"the checkpoint {checkpoint} was", [("the checkpoint", record)], self._settings, root)
         if message is not None:
             raise ConfigError(message)

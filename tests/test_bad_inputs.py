@@ -16,6 +16,7 @@ import sys
 import pytest
 
 from hs_star_pl.cli import main
+from hs_star_pl.core.problem_sources import NOT_A_SAVED_FOLDER
 from hs_star_pl.core.problems import MAX_LINE_BYTES, ProblemFileError, load_problems
 from hs_star_pl.data import ExampleFileError, load_examples
 from tests.helpers.tiny_setup import REPO
@@ -30,7 +31,7 @@ PROBLEM_CASES = {
     "truncated_last_line": "2: invalid JSON: Unterminated string starting at (column 26)",
     "not_an_object": "1: expected a JSON object, got list",
     "missing_question": "2: no question field ('question' or 'problem' or 'query' or 'prompt'); row has ['answer', 'id']",
-    "missing_answer": "1: no answer field ('answer' or 'final_answer' or 'gold' or 'expected_answer'); row has "
+    "missing_answer": "1: no answer field ('answer' or 'final_answer' or 'gold' or 'expected_answer' or 'reward_model.ground_truth'); row has "
                       "['id', 'question', 'solution']",
     "question_not_a_string": "1: field 'question' must be a non-empty string, got 34",
     "empty_question": "1: field 'question' must be a non-empty string, got '   '",
@@ -104,7 +105,7 @@ CONFIG_CASES = {
     "beta_nan": "model.beta must be a finite number, got nan",
     "template_misspelled": "data.template: unknown prompt template 'plian'; valid names are ['plain', 'qwen25-step-cot']",
     "epochs_per_iteration_zero": "self_training.epochs_per_iteration must be >= 1, got 0",
-    "problems_file_directory": f"{PROBLEMS}: is a directory, not a problem file (a JSONL file is expected)",
+    "problems_file_directory": f"{PROBLEMS}: {NOT_A_SAVED_FOLDER}",
     "samples_per_problem_huge": f"{K}.samples_per_problem (1000000000) is over the limit of 4096: a round holds every "
                                 "response (K x problems) in memory, so a K this large would run out of memory after "
                                 "pre-sampling (the paper uses K=8)",
@@ -183,7 +184,8 @@ def test_a_path_that_is_not_a_file_is_named_for_what_it_is(kind, tmp_path):
         why = f"is a symbolic link to {tmp_path / 'gone.jsonl'}, which does not exist"
     with pytest.raises(ProblemFileError) as info:
         load_problems(path)
-    assert str(info.value) == f"{path}: " + why.format("problem file")
+    # a folder may be a Dataset.save_to_disk folder, so the message for one names those too
+    assert str(info.value) == f"{path}: " + (NOT_A_SAVED_FOLDER if kind == "directory" else why.format("problem file"))
     with pytest.raises(ExampleFileError) as info:
         load_examples(path, "plain")
     assert str(info.value) == f"{path}: " + why.format("example file")

@@ -1,8 +1,15 @@
-"""Problem sets: loading JSONL in the common math-dataset shapes, and per-iteration draws.
+"""Problem sets: loading rows in the common math-dataset shapes, and per-iteration draws.
 
-Covered: one JSON object per line, with the question under ``question``/``problem``/``query``
-(or a configured key) and the gold under ``answer``/``final_answer``/``gold`` (or a
-configured key). Gold fields are normalised by the one rule the verifiers use
+Covered sources: a JSONL file (one JSON object per line), a parquet file, a folder written by
+``datasets.Dataset.save_to_disk`` (or ``DatasetDict.save_to_disk``, one ``split`` of it), and
+``hub:<owner>/<name>``, a data set on the Hugging Face Hub (``dataset_config``, ``split``,
+``data_files``); the last three are read by the ``datasets`` library (``problem_sources``),
+imported only when such a source is named. Each row has the question under
+``question``/``problem``/``query``/``prompt`` (or a configured key) and the gold under
+``answer``/``final_answer``/``gold`` (or a configured key). A key may be a dotted path into
+nested fields (verl's ``reward_model.ground_truth``, ``extra_info.index``), and a question
+given as chat messages (a list of ``{role, content}``) is the content of its last ``user``
+message. Rows can be kept by equality ``filters`` and cut to the first ``max_rows``. Gold fields are normalised by the one rule the verifiers use
 (``core.answers.normalize_gold``): GSM8K's ``"... #### 1,234"`` becomes ``"1234"``, ``"$...$"``
 and ``\\boxed{...}`` wrappers are removed, integral floats (AMC's ``27.0``) become ``"27"``,
 and a list holds *acceptable alternatives*: a one-element list (OlympiadBench) is unwrapped,
@@ -11,7 +18,8 @@ also be taken from the last ``\\boxed{}`` of a solution field (Minerva Math). No
 here: deciding whether an answer is *parseable* (that is the verifier's job, see
 ``verifiers``).
 
-Every malformed row raises ``ProblemFileError`` naming the file and the 1-based line.
+Every malformed row raises ``ProblemFileError`` naming the file and the 1-based line (JSONL)
+or the 0-based row index (parquet, arrow, hub).
 """
 
 from __future__ import annotations
@@ -26,26 +34,36 @@ from typing import Any, Literal
 
 from hs_star_pl.core.answers import last_boxed
 from hs_star_pl.core.answers import normalize_gold as gold_alternatives
+from hs_star_pl.core.problem_sources import HUB_PREFIX, dataset_rows
 from hs_star_pl.core.records import GoldText, Problem
 from hs_star_pl.errors import InputFileError
 from hs_star_pl.jsonl import LineError, parse_json_line, why_not_a_file
 
 QUESTION_KEYS = ("question", "problem", "query", "prompt")
-ANSWER_KEYS = ("answer", "final_answer", "gold", "expected_answer")
-ID_KEYS = ("id", "unique_id", "idx", "problem_id")
+ANSWER_KEYS = ("answer", "final_answer", "gold", "expected_answer", "reward_model.ground_truth")
+ID_KEYS = ("id", "unique_id", "idx", "problem_id", "extra_info.index")
 SOLUTION_KEYS = ("solution", "reference_solution")
 MAX_LINE_BYTES = 4 * 1024 * 1024
 
 
 class ProblemFileError(InputFileError):
-    """A problem file (or one of its rows) cannot be used; the message names file and line."""
+    """A problem source (or one of its rows) cannot be used; the message names it and the row.
 
-    def __init__(self, path: str | Path, line: int | None, message: str) -> None:
-        where = f"{path}:{line}" if line is not None else str(path)
+    ``line`` is the 1-based line of a JSONL file; ``row`` the 0-based row index of a parquet
+    file, arrow folder or hub data set (as ``dataset[row]`` reads it).
+    """
+
+    def __init__(self, path: str | Path, line: int | None, message: str, *, row: int | None = None) -> None:
+        where = f"{path}:{line}" if line is not None else f"{path}, row {row}" if row is not None else str(path)
         super().__init__(f"{where}: {message}")
         self.path = str(path)
         self.line = line
+        self.row = row
         self.message = message
+
+
+class _RowError(ValueError):
+    """A row cannot be used; the caller adds where it is."""
 
 
 def content_id(question: str, answer: GoldText) -> str:
@@ -92,10 +110,55 @@ def normalize_gold(value: Any) -> GoldText:
     return alternatives[0] if len(alternatives) == 1 else alternatives
 
 
+_MISSING = object()
+
+
+def field_value(row: Mapping[str, Any], key: str) -> Any:
+    """The value at ``key`` in ``row``: a field name, or a dotted path into nested fields.
+
+    A key present as written wins over a dotted reading of it; ``_MISSING`` when absent.
+
+    >>> field_value({"reward_model": {"ground_truth": "7"}}, "reward_model.ground_truth")
+    '7'
+    >>> field_value({"a.b": 1, "a": {"b": 2}}, "a.b"), field_value({"a": 1}, "a.c") is _MISSING
+    (1, True)
+    """
+    if key in row:
+        return row[key]
+    value: Any = row
+    for part in key.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
+
+
 def _pick(row: Mapping[str, Any], configured: str | None, candidates: Sequence[str]) -> str | None:
     if configured is not None:
-        return configured if configured in row else None
-    return next((k for k in candidates if k in row), None)
+        return configured if field_value(row, configured) is not _MISSING else None
+    return next((k for k in candidates if field_value(row, k) is not _MISSING), None)
+
+
+def question_text(value: Any) -> str:
+    """The question of a question field: its text, or the last user message of a chat.
+
+    >>> question_text([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"}])
+    '1+1?'
+
+    Raises:
+        ValueError: not a non-empty string, not a list of ``{role, content}`` messages, or a
+            chat with no (non-empty) user message.
+    """
+    if isinstance(value, list):
+        if not value or not all(isinstance(m, Mapping) and "role" in m and "content" in m for m in value):
+            raise ValueError(f"must be a non-empty string or a list of {{role, content}} chat messages, got {value!r:.80}")
+        users = [m["content"] for m in value if m["role"] == "user"]
+        if not users:
+            raise ValueError(f"is a chat with no user message (roles: {[m['role'] for m in value]})")
+        value = users[-1]
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"must be a non-empty string, got {value!r:.60}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -110,8 +173,19 @@ class FieldMap:
         answer_from: ``field``: the gold is the answer field itself; ``boxed``: the last
             ``\\boxed{}`` in it (a worked solution, as Minerva Math stores its answers).
         default_id: id of a row with no id field: ``content`` (a hash of question and
-            answer, the same wherever the problem appears) or ``line`` (``line-<n>``, for
-            benchmarks that hold repeated questions and no ids).
+            answer, the same wherever the problem appears) or ``line`` (``line-<n>`` in a
+            JSONL file, ``row-<i>`` in a data set, for benchmarks that hold repeated
+            questions and no ids).
+        split: the split to read from a ``DatasetDict`` folder or a ``hub:`` data set
+            (may be left unset when there is only one).
+        dataset_config: the configuration (subset) of a ``hub:`` data set.
+        data_files: the files of a ``hub:`` data set to read (a path/glob, a list of them,
+            or a ``{split: files}`` mapping), as ``datasets.load_dataset`` takes them.
+        filters: keep only rows whose field (a name or dotted path) equals the value, or
+            is one of the values when a list is given; every filter must hold.
+        max_rows: keep only the first ``max_rows`` rows that pass the filters.
+
+    Every key names a field or a dotted path into nested fields (``reward_model.ground_truth``).
     """
 
     question_key: str | None = None
@@ -120,6 +194,11 @@ class FieldMap:
     solution_key: str | None = None
     answer_from: Literal["field", "boxed"] = "field"
     default_id: Literal["content", "line"] = "content"
+    split: str | None = None
+    dataset_config: str | None = None
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None
+    filters: dict[str, Any] | None = None
+    max_rows: int | None = None
 
 
 def load_problems(
@@ -131,43 +210,109 @@ def load_problems(
     solution_key: str | None = None,
     answer_from: Literal["field", "boxed"] = "field",
     default_id: Literal["content", "line"] = "content",
+    split: str | None = None,
+    dataset_config: str | None = None,
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None,
+    filters: Mapping[str, Any] | None = None,
+    max_rows: int | None = None,
     max_line_bytes: int = MAX_LINE_BYTES,
 ) -> list[Problem]:
-    """Load problems from a JSONL file.
+    """Load problems from a JSONL or parquet file, a ``save_to_disk`` folder or ``hub:<name>``.
 
     Args:
-        path: the ``.jsonl`` file.
+        path: a ``.jsonl`` file (any name not ending ``.parquet``), a ``.parquet`` file, a
+            folder written by ``Dataset.save_to_disk``/``DatasetDict.save_to_disk``, or
+            ``hub:<owner>/<name>`` (downloaded by ``datasets.load_dataset``, needs a network
+            the first time).
         question_key: field holding the question; by default the first of
-            ``question, problem, query, prompt`` present in the row.
+            ``question, problem, query, prompt`` present in the row. A list of
+            ``{role, content}`` messages counts as its last user message.
         answer_key: field holding the gold; by default ``answer, final_answer, gold,
-            expected_answer``.
-        id_key: field holding a stable id; by default ``id, unique_id, idx, problem_id``,
-            and ``default_id`` when none is present.
+            expected_answer, reward_model.ground_truth``.
+        id_key: field holding a stable id; by default ``id, unique_id, idx, problem_id,
+            extra_info.index``, and ``default_id`` when none is present.
         solution_key: optional reference-solution field (``solution`` by default; for
             GSM8K the whole ``answer`` text is kept as the solution; of a list of
             alternative solutions, as OlympiadBench has, the first is kept).
         answer_from: ``field`` (the gold is the answer field) or ``boxed`` (the last
             ``\\boxed{}`` of the answer field; a row without one is an error).
-        default_id: ``content`` (hash of question and answer) or ``line`` (``line-<n>``).
-        max_line_bytes: longer lines are rejected rather than parsed.
+        default_id: ``content`` (hash of question and answer) or ``line`` (``line-<n>``
+            in a JSONL file, ``row-<i>`` in a data set).
+        split, dataset_config, data_files: which part of a data set (see ``FieldMap``).
+        filters: ``{field: value}`` (or ``{field: [values]}``) a row must match to be kept.
+        max_rows: keep the first ``max_rows`` rows that pass the filters.
+        max_line_bytes: longer JSONL lines are rejected rather than parsed.
+
+    Every key may be a dotted path into nested fields.
 
     Raises:
-        ProblemFileError: missing or empty file (or a directory, a broken or looping
-            link), a line that is not UTF-8 or not a JSON object (see ``jsonl``: a lone
-            surrogate or a 4,300-digit number is refused too; a byte-order mark is skipped),
-            a missing/ill-typed question or answer, an over-long line, or a duplicate id
-            (naming both lines).
+        ProblemFileError: missing or empty file (or a directory that ``save_to_disk`` did
+            not write, a broken or looping link), a line that is not UTF-8 or not a JSON
+            object (see ``jsonl``: a lone surrogate or a 4,300-digit number is refused too; a
+            byte-order mark is skipped), a data set that ``datasets`` cannot read (or an
+            unreachable hub), a missing/ill-typed question or answer, a row without a
+            filtered field, no row left after the filters, an over-long line, or a duplicate
+            id (naming both lines or rows).
+        ValueError: an option out of range (``answer_from``, ``default_id``, ``max_rows``,
+            ``filters``).
     """
     fields = FieldMap(question_key, answer_key, id_key, solution_key, answer_from, default_id)
     if answer_from not in ("field", "boxed"):
         raise ValueError(f"answer_from must be 'field' or 'boxed', got {answer_from!r}")
     if default_id not in ("content", "line"):
         raise ValueError(f"default_id must be 'content' or 'line', got {default_id!r}")
-    path = Path(path)
-    if not path.is_file():
-        raise ProblemFileError(path, None, why_not_a_file(path, "problem file"))
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+        raise ValueError(f"max_rows must be an integer >= 1 (or null for all rows), got {max_rows!r}")
+    if filters is not None and (not isinstance(filters, Mapping) or not all(isinstance(k, str) and k for k in filters)):
+        raise ValueError(f"filters must map field names to a value or a list of values, got {filters!r}")
+    source = str(path)
+    is_hub = source.startswith(HUB_PREFIX)
+    where = "line" if not is_hub and Path(path).suffix != ".parquet" and not Path(path).is_dir() else "row"
+    if where == "line":
+        extra = [k for k, v in (("split", split), ("dataset_config", dataset_config), ("data_files", data_files)) if v is not None]
+        if extra:
+            raise ProblemFileError(path, None, f"{', '.join(extra)} applies to a data set (a save_to_disk folder or "
+                                               f"{HUB_PREFIX}<name>), not to a JSONL file; unset it")
+        rows: Iterable[tuple[int, Any]] = _jsonl_rows(Path(path), max_line_bytes)
+    else:
+        rows = dataset_rows(source, split=split, dataset_config=dataset_config, data_files=data_files)
+
+    def fail(at: int, message: str) -> ProblemFileError:
+        return ProblemFileError(path, at, message) if where == "line" else ProblemFileError(path, None, message, row=at)
+
     problems: list[Problem] = []
     seen: dict[str, int] = {}
+    n_read = 0
+    for at, row in rows:
+        if not isinstance(row, dict):
+            raise fail(at, f"expected a JSON object, got {type(row).__name__}")
+        n_read += 1
+        try:
+            if filters and not _passes(row, filters):
+                continue
+            problem = _row_to_problem(row, fields, f"{where}-{at}")
+        except _RowError as err:
+            raise fail(at, str(err)) from None
+        if problem.id in seen:
+            raise fail(at, f"duplicate problem id {problem.id!r} (first seen on {where} {seen[problem.id]})")
+        seen[problem.id] = at
+        problems.append(problem)
+        if max_rows is not None and len(problems) >= max_rows:
+            break
+    if not problems:
+        if filters and n_read:
+            hint = ("; YAML reads an unquoted Yes/No/true/false as a boolean: quote a text value (\"Yes\")"
+                    if any(isinstance(v, bool) for vs in filters.values() for v in (vs if isinstance(vs, list) else [vs]))
+                    else "")
+            raise ProblemFileError(path, None, f"none of its {n_read} rows matches the filters {dict(filters)}{hint}")
+        raise ProblemFileError(path, None, "the file holds no problems" if where == "line" else "the data set holds no rows")
+    return problems
+
+
+def _jsonl_rows(path: Path, max_line_bytes: int) -> Iterable[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of a JSONL file."""
+    if not path.is_file():
+        raise ProblemFileError(path, None, why_not_a_file(path, "problem file"))
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             if len(raw) > max_line_bytes:
@@ -178,20 +323,22 @@ def load_problems(
                 row = parse_json_line(raw, lineno)
             except LineError as err:
                 raise ProblemFileError(path, lineno, str(err)) from None
-            if row is None:
-                continue
-            if not isinstance(row, dict):
-                raise ProblemFileError(path, lineno, f"expected a JSON object, got {type(row).__name__}")
-            problem = _row_to_problem(path, lineno, row, fields)
-            if problem.id in seen:
-                raise ProblemFileError(
-                    path, lineno, f"duplicate problem id {problem.id!r} (first seen on line {seen[problem.id]})"
-                )
-            seen[problem.id] = lineno
-            problems.append(problem)
-    if not problems:
-        raise ProblemFileError(path, None, "the file holds no problems")
-    return problems
+            if row is not None:
+                yield lineno, row
+
+
+def _passes(row: Mapping[str, Any], filters: Mapping[str, Any]) -> bool:
+    """Whether ``row`` matches every filter (equality, or membership for a list value)."""
+    for key, wanted in filters.items():
+        value = field_value(row, key)
+        if value is _MISSING:
+            raise _RowError(f"no field {key!r} for the filter on it; row has {sorted(row)}")
+        if isinstance(wanted, list):
+            if value not in wanted:
+                return False
+        elif value != wanted:
+            return False
+    return True
 
 
 def _gold_of(value: Any, answer_from: str) -> GoldText:
@@ -205,40 +352,43 @@ def _gold_of(value: Any, answer_from: str) -> GoldText:
     return normalize_gold(value)
 
 
-def _row_to_problem(path: Path, lineno: int, row: dict[str, Any], fields: FieldMap) -> Problem:
+def _row_to_problem(row: dict[str, Any], fields: FieldMap, position_id: str) -> Problem:
+    """The problem of one row (``position_id``: its id under ``default_id: line``)."""
     qk = _pick(row, fields.question_key, QUESTION_KEYS)
     if qk is None:
         wanted = repr(fields.question_key) if fields.question_key else " or ".join(map(repr, QUESTION_KEYS))
-        raise ProblemFileError(path, lineno, f"no question field ({wanted}); row has {sorted(row)}")
-    question = row[qk]
-    if not isinstance(question, str) or not question.strip():
-        raise ProblemFileError(path, lineno, f"field {qk!r} must be a non-empty string, got {question!r:.60}")
+        raise _RowError(f"no question field ({wanted}); row has {sorted(row)}")
+    try:
+        question = question_text(field_value(row, qk))
+    except ValueError as err:
+        raise _RowError(f"field {qk!r} {err}") from None
     ak = _pick(row, fields.answer_key, ANSWER_KEYS)
     if ak is None:
         wanted = repr(fields.answer_key) if fields.answer_key else " or ".join(map(repr, ANSWER_KEYS))
-        raise ProblemFileError(path, lineno, f"no answer field ({wanted}); row has {sorted(row)}")
+        raise _RowError(f"no answer field ({wanted}); row has {sorted(row)}")
+    raw_answer = field_value(row, ak)
     try:
-        answer = _gold_of(row[ak], fields.answer_from)
+        answer = _gold_of(raw_answer, fields.answer_from)
     except (TypeError, ValueError) as err:
-        raise ProblemFileError(path, lineno, f"field {ak!r}: {err}") from None
+        raise _RowError(f"field {ak!r}: {err}") from None
     sk = _pick(row, fields.solution_key, SOLUTION_KEYS)
-    solution = row.get(sk) if sk else None
-    if solution is None and isinstance(row[ak], str) and "####" in row[ak]:
-        solution = row[ak]  # GSM8K keeps its worked solution in the answer field
+    solution = field_value(row, sk) if sk else None
+    if solution is None and isinstance(raw_answer, str) and "####" in raw_answer:
+        solution = raw_answer  # GSM8K keeps its worked solution in the answer field
     if isinstance(solution, list) and solution and all(isinstance(x, str) for x in solution):
         solution = solution[0]  # OlympiadBench lists alternative complete solutions
     if solution is not None and not isinstance(solution, str):
-        raise ProblemFileError(path, lineno, f"field {sk!r} must be a string (or a list of strings), got {type(solution).__name__}")
+        raise _RowError(f"field {sk!r} must be a string (or a list of strings), got {type(solution).__name__}")
     ik = _pick(row, fields.id_key, ID_KEYS)
     if fields.id_key is not None and ik is None:
-        raise ProblemFileError(path, lineno, f"no id field {fields.id_key!r}")
+        raise _RowError(f"no id field {fields.id_key!r}")
     if ik is not None:
-        raw_id = row[ik]
+        raw_id = field_value(row, ik)
         if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or str(raw_id) == "":
-            raise ProblemFileError(path, lineno, f"field {ik!r} must be a non-empty string or integer")
+            raise _RowError(f"field {ik!r} must be a non-empty string or integer")
         pid = str(raw_id)
     elif fields.default_id == "line":
-        pid = f"line-{lineno}"
+        pid = position_id
     else:
         pid = content_id(question, answer)
     used = {qk, ak, ik, sk}

@@ -1,0 +1,143 @@
+"""Rows of problem sources that the ``datasets`` library reads: parquet, ``save_to_disk``, the Hub.
+
+``problems.load_problems`` reads JSONL itself and hands every other source here:
+
+* a ``.parquet`` file, streamed (rows are read as they are used, nothing is converted into
+  the ``datasets`` cache);
+* a folder written by ``Dataset.save_to_disk`` (``state.json``) or ``DatasetDict.save_to_disk``
+  (``dataset_dict.json``, one subfolder per split), memory-mapped by ``load_from_disk``;
+* ``hub:<owner>/<name>``: ``load_dataset(name, dataset_config, split=..., data_files=...)``,
+  downloaded into the ``datasets`` cache the first time (later runs can be offline with
+  ``HF_DATASETS_OFFLINE=1``).
+
+Rows come back as ``(index, row)`` with the 0-based index ``dataset[index]`` would use, and
+values made plain JSON (a date or other non-JSON value becomes its text) so a problem's
+metadata can be written into round artifacts. ``datasets`` is imported here, on first use
+only; it does not pull torch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from hs_star_pl.jsonl import why_not_a_file
+
+HUB_PREFIX = "hub:"
+"""``problems_file: hub:<owner>/<name>`` names a data set on the Hugging Face Hub."""
+SAVED_MARKERS = ("state.json", "dataset_dict.json")
+NOT_A_SAVED_FOLDER = ("is a directory, not a problem file (a JSONL or parquet file, or a folder written by "
+                      "Dataset.save_to_disk, with state.json or dataset_dict.json, is expected)")
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON-ready data: containers kept, other non-JSON values as text."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (datetime.date, datetime.time, datetime.datetime)):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    return str(value)
+
+
+def _one_split(data: Any, split: str | None) -> Any:
+    """The split ``split`` of a ``DatasetDict`` (or the only one when unset); a ``Dataset`` as is."""
+    if not isinstance(data, Mapping):  # a Dataset / IterableDataset
+        if split is not None:
+            raise _SourceError(f"holds one data set, not splits; unset split (got {split!r})")
+        return data
+    names = list(data)
+    if split is None:
+        if len(names) == 1:
+            return data[names[0]]
+        raise _SourceError(f"holds the splits {names}; set split to one of them")
+    if split not in data:
+        raise _SourceError(f"has no split {split!r}; its splits are {names}")
+    return data[split]
+
+
+class _SourceError(ValueError):
+    pass
+
+
+def dataset_rows(
+    source: str,
+    *,
+    split: str | None = None,
+    dataset_config: str | None = None,
+    data_files: Any = None,
+) -> Iterator[tuple[int, Any]]:
+    """``(index, row)`` of each row of a parquet file, a ``save_to_disk`` folder or ``hub:<name>``.
+
+    Raises:
+        ProblemFileError: the source is missing, is not one of the three, cannot be read by
+            ``datasets`` (a corrupt file, an unreachable hub), or names a split it lacks.
+    """
+    from hs_star_pl.core.problems import ProblemFileError
+
+    try:
+        data = _open(source, split, dataset_config, data_files)
+    except _SourceError as err:
+        raise ProblemFileError(source, None, str(err)) from None
+    iterator = iter(data)
+    index = 0
+    while True:
+        try:
+            row = next(iterator)
+        except StopIteration:
+            return
+        except Exception as err:  # a corrupt file can fail at any batch, not only the first
+            raise ProblemFileError(source, None, f"cannot read row {index}: {type(err).__name__}: {err}",
+                                   row=index) from None
+        yield index, _plain(row) if isinstance(row, Mapping) else row
+        index += 1
+
+
+def _open(source: str, split: str | None, dataset_config: str | None, data_files: Any) -> Any:
+    import datasets
+
+    if source.startswith(HUB_PREFIX):
+        name = source[len(HUB_PREFIX):]
+        if not name:
+            raise _SourceError(f"names no data set; write {HUB_PREFIX}<owner>/<name>")
+        try:
+            data = datasets.load_dataset(name, dataset_config, split=split, data_files=data_files)
+        except (ConnectionError, OSError) as err:
+            raise _SourceError(
+                f"cannot load {name!r} from the Hugging Face Hub ({type(err).__name__}: {err}); the machine may be "
+                f"offline: download it where there is a network and save it with Dataset.save_to_disk (or as "
+                f"parquet), then point the problems_file key at that folder or file"
+            ) from None
+        except Exception as err:  # datasets raises many types for a bad name, config, split or data_files
+            raise _SourceError(
+                f"datasets.load_dataset({name!r}, dataset_config={dataset_config!r}, split={split!r}, "
+                f"data_files={data_files!r}) failed: {type(err).__name__}: {err}"
+            ) from None
+        return _one_split(data, None)  # with split set, load_dataset gave that split
+    if dataset_config is not None or data_files is not None:
+        raise _SourceError(f"dataset_config and data_files apply to a {HUB_PREFIX}<name> data set; unset them")
+    path = Path(source)
+    if path.is_dir():
+        if not any((path / m).is_file() for m in SAVED_MARKERS):
+            raise _SourceError(NOT_A_SAVED_FOLDER)
+        try:
+            data = datasets.load_from_disk(str(path))
+        except Exception as err:
+            raise _SourceError(f"datasets.load_from_disk cannot read it: {type(err).__name__}: {err}") from None
+        return _one_split(data, split)
+    if not path.is_file():
+        raise _SourceError(why_not_a_file(path, "parquet file"))
+    if split is not None:
+        raise _SourceError(f"is one parquet file, not a data set with splits; unset split (got {split!r})")
+    try:
+        return datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
+    except Exception as err:
+        raise _SourceError(f"datasets cannot read it as parquet: {type(err).__name__}: {err}") from None

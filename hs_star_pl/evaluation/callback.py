@@ -102,9 +102,11 @@ class EvaluationCallback(L.Callback):
     Args:
         benchmarks: the benchmarks and their protocols (``BenchmarkConfig`` items: ``name``,
             ``path``, ``format``, ``limit``, ``n_samples``, ``temperature``, ``top_p``,
-            ``pass_k``, ``max_new_tokens``, ``seed``); see configs/eval/paper.yaml.
+            ``pass_k``, ``max_new_tokens``, ``seed``; for a data set ``split``,
+            ``dataset_config``, ``data_files``, ``filters``); see configs/eval/paper.yaml.
         problems_file: a single problem file evaluated greedily as the benchmark ``name``
-            (``load_problems`` format), before ``benchmarks``.
+            (``load_problems`` format: JSONL, parquet, a ``save_to_disk`` folder or
+            ``hub:<name>``), before ``benchmarks``.
         name: the benchmark name of ``problems_file``.
         max_problems: evaluate at most this many problems of every benchmark.
         iteration_benchmarks: names of the benchmarks evaluated during training (M_0 and

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from hs_star_pl.core.problems import FieldMap, ProblemFileError, load_problems
 from hs_star_pl.core.records import Problem
@@ -98,10 +99,11 @@ class BenchmarkConfig:
 
     Attributes:
         name: label of the benchmark: folder under ``eval/``, table column, metric keys.
-        path: the JSONL file, in ``format``'s shape.
+        path: the problems in ``format``'s shape: a JSONL or parquet file, a folder written
+            by ``Dataset.save_to_disk`` or ``hub:<owner>/<name>`` (see ``core.problems``).
         format: a key of :data:`FORMATS` (``gsm8k``, ``math500``, ``minerva``,
             ``olympiadbench``, ``college_math``, ``aime24``, ``amc23``) or ``auto``.
-        limit: evaluate only the first ``limit`` problems of the file.
+        limit: evaluate only the first ``limit`` problems of the file (after ``filters``).
         n_samples: responses per problem. 1 with ``temperature: 0`` is greedy decoding
             (the paper's protocol for GSM8K, MATH500, Minerva, OlympiadBench, College Math);
             the paper samples 32 at T=0.6, top_p=0.95 for AIME24 and AMC23.
@@ -113,6 +115,11 @@ class BenchmarkConfig:
             ``evaluation.max_new_tokens``.
         seed: sampling seed; each problem's samples are seeded from it and the problem id,
             so they do not depend on batching or on the number of processes.
+        split: the split of a ``DatasetDict`` folder or a ``hub:`` data set.
+        dataset_config: the configuration (subset) of a ``hub:`` data set.
+        data_files: the files of a ``hub:`` data set to read.
+        filters: ``{field: value}`` (or ``{field: [values]}``) a row must match to be
+            evaluated; fields may be dotted paths.
     """
 
     name: str
@@ -125,6 +132,10 @@ class BenchmarkConfig:
     pass_k: tuple[int, ...] = field(default_factory=tuple)
     max_new_tokens: int | None = None
     seed: int = 0
+    split: str | None = None
+    dataset_config: str | None = None
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None
+    filters: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pass_k", tuple(self.pass_k))
@@ -174,6 +185,8 @@ class BenchmarkConfig:
             "name": self.name, "path": self.path, "format": self.format, "limit": self.limit,
             "n_samples": self.n_samples, "temperature": self.temperature, "top_p": self.top_p,
             "pass_k": list(self.pass_k), "max_new_tokens": self.max_new_tokens, "seed": self.seed,
+            "split": self.split, "dataset_config": self.dataset_config, "data_files": self.data_files,
+            "filters": self.filters,
         }
 
 
@@ -186,16 +199,19 @@ def load_benchmark(config: BenchmarkConfig, max_problems: int | None = None) -> 
     """
     fmt = get_format(config.format)
     f = fmt.fields
+    caps = [n for n in (config.limit, max_problems) if n is not None]
+    where = f"evaluation.benchmarks[{config.name!r}]"
     try:
-        problems = load_problems(
+        return load_problems(
             config.path, question_key=f.question_key, answer_key=f.answer_key, id_key=f.id_key,
             solution_key=f.solution_key, answer_from=f.answer_from, default_id=f.default_id,
+            split=config.split, dataset_config=config.dataset_config, data_files=config.data_files,
+            filters=config.filters, max_rows=min(caps) if caps else None,
         )
     except ProblemFileError as err:
-        where = f"evaluation.benchmarks[{config.name!r}]"
-        hint = (f" ({where}.path)" if err.line is None
+        hint = (f" ({where}.path)" if err.line is None and err.row is None
                 else f" ({where} has format {config.format!r}; its rows look like {fmt.example})")
-        raise ProblemFileError(err.path, err.line, err.message + hint) from None
-    caps = [n for n in (config.limit, max_problems) if n is not None]
-    return problems[: min(caps)] if caps else problems
+        raise ProblemFileError(err.path, err.line, err.message + hint, row=err.row) from None
+    except ValueError as err:  # an option out of range (filters)
+        raise ValueError(f"{where}: {err}") from None
 

@@ -60,7 +60,7 @@ from hs_star_pl.core.budget import BudgetAllocator, HierarchicalBudget
 from hs_star_pl.core.difficulty import DifficultyConfig
 from hs_star_pl.core.fingerprint import SettingsRecord, mismatch_message, read_record, recorded_rounds, settings_of, write_record
 from hs_star_pl.core.iterations import IterationClock
-from hs_star_pl.core.problems import FieldMap, ProblemPool, load_problems
+from hs_star_pl.core.problems import FieldMap, ProblemFileError, ProblemPool, load_problems
 from hs_star_pl.core.protocols import AnswerVerifier, ProcessRewardModel, RolloutEngine, SamplingParams, lifecycle_of
 from hs_star_pl.core.records import PreferencePair
 from hs_star_pl.core.rounds import RoundConfig, RoundResult, explain_no_examples, run_round
@@ -86,10 +86,13 @@ class SelfTrainingCallback(L.Callback):
     DPO runs.
 
     Args:
-        problems_file: the problem pool (JSONL, ``problems.load_problems`` format).
+        problems_file: the problem pool (``problems.load_problems``): a JSONL or parquet
+            file, a folder written by ``Dataset.save_to_disk``, or ``hub:<owner>/<name>``.
         problem_fields: which row fields hold the question, gold answer, id and solution
             (``question_key``, ``answer_key``, ``id_key``, ``solution_key``, ``answer_from``,
-            ``default_id``; see ``problems.FieldMap``). Unset keys are detected from the
+            ``default_id``; dotted paths reach nested fields), which part of a data set
+            (``split``, ``dataset_config``, ``data_files``) and which rows (``filters``,
+            ``max_rows``); see ``problems.FieldMap``. Unset keys are detected from the
             usual names (``question``/``problem``/``query``/``prompt``, ``answer``/
             ``final_answer``/``gold``/``expected_answer``, ``id``/``unique_id``/...).
         prm: process reward model (``class_path``); required when active.
@@ -248,10 +251,19 @@ class SelfTrainingCallback(L.Callback):
         """The problem pool from ``problems_file``, checked to last ``n_iterations`` draws.
 
         Raises:
-            ProblemFileError: a malformed row (``file:line``).
+            ProblemFileError: a malformed row (``file:line``, or ``file, row <i>`` in a data
+                set), or a source that cannot be read (naming ``self_training.problems_file``).
             ConfigError: the pool cannot serve every iteration (naming the keys to change).
         """
-        problems = tuple(load_problems(self.problems_file, **dataclasses.asdict(self.problem_fields)))
+        try:
+            problems = tuple(load_problems(self.problems_file, **dataclasses.asdict(self.problem_fields)))
+        except ProblemFileError as err:
+            if err.line is not None or err.row is not None:
+                raise
+            # the source itself (missing, unreadable, an offline hub): name the key that chose it
+            raise ProblemFileError(err.path, None, f"{err.message} (self_training.problems_file)") from None
+        except ValueError as err:  # an option out of range
+            raise ConfigError(f"self_training.problem_fields: {err}") from None
         try:
             pool = ProblemPool(problems, self.problems_per_iteration, self.seed, self.on_exhausted)
             pool.draw(self.n_iterations - 1)  # fail now, not after days of training

@@ -105,7 +105,7 @@ CONFIG_CASES = {
     "beta_nan": "model.beta must be a finite number, got nan",
     "template_misspelled": "data.template: unknown prompt template 'plian'; valid names are ['plain', 'qwen25-step-cot']",
     "epochs_per_iteration_zero": "self_training.epochs_per_iteration must be >= 1, got 0",
-    "problems_file_directory": f"{PROBLEMS}: {NOT_A_SAVED_FOLDER}",
+    "problems_file_directory": f"{PROBLEMS}: {NOT_A_SAVED_FOLDER} (self_training.problems_file)",
     "samples_per_problem_huge": f"{K}.samples_per_problem (1000000000) is over the limit of 4096: a round holds every "
                                 "response (K x problems) in memory, so a K this large would run out of memory after "
                                 "pre-sampling (the paper uses K=8)",

@@ -28,6 +28,7 @@ FRAGMENT_BASE = {
     "paper/prm": [CONFIGS / "strategy" / "deepspeed_zero2.yaml", CONFIGS / "paper" / "hs_star.yaml"],
     "paper/baselines": [CONFIGS / "strategy" / "deepspeed_zero2.yaml", CONFIGS / "paper" / "hs_star.yaml"],
     "paper/ablations": [CONFIGS / "strategy" / "deepspeed_zero2.yaml", CONFIGS / "paper" / "hs_star.yaml"],
+    "paper/pools": [CONFIGS / "strategy" / "deepspeed_zero2.yaml", CONFIGS / "paper" / "hs_star.yaml"],
 }
 # Paper-scale configs name local 7B models that do not exist here: parsed with a tiny random
 # policy and tiny random PRMs in the same layouts (hs_star_pl.prm.hf.build_tiny_prm_dir).

@@ -206,3 +206,62 @@ def test_a_benchmark_reads_a_parquet_split_with_filters_and_limit(tmp_path):
     assert [(p.id, p.answer, p.solution) for p in problems] == [("u0", "0", "... so \\boxed{0}"), ("u4", "4", "... so \\boxed{4}"),
                                                                 ("u5", "5", "... so \\boxed{5}")]
     assert load_benchmark(BenchmarkConfig(name="numina", path=str(tmp_path / "bench.parquet"), format="math500"), max_problems=2)[-1].id == "u1"
+
+
+def numina_pool(n: int) -> list[dict]:
+    """n NuminaMath-1.5-shaped rows, about half of them valid word problems (the others: proofs,
+    multiple choice, invalid statements)."""
+    kinds = [("math-word-problem", "Yes"), ("proof", "Yes"), ("math-word-problem", "No"), ("MCQ", "Yes")]
+    return [{"problem": f"What is {i} + 1?", "solution": f"{i} + 1 = {i + 1}.\n\nSo \\boxed{{{i + 1}}}",
+             "answer": str(i + 1), "question_type": kinds[i % 4][0] if i % 2 else "math-word-problem",
+             "problem_is_valid": kinds[i % 4][1] if i % 2 else "Yes", "source": "olympiads"} for i in range(n)]
+
+
+def test_the_shipped_numina_overlay_reads_a_parquet_pool_through_the_cli(tmp_path, monkeypatch):
+    """configs/paper/pools/numinamath15.yaml, as the CLI parses it on the tiny self-training config,
+    loads exactly the valid word problems of a parquet pool (its quoted "Yes" matters)."""
+    from hs_star_pl.callback import SelfTrainingCallback
+    from hs_star_pl.cli import HSStarCLI
+
+    monkeypatch.chdir(REPO)
+    rows = numina_pool(60)
+    pool = write_parquet(tmp_path / "numina.parquet", rows)
+    cli = HSStarCLI(args=["-c", "configs/base.yaml", "-c", "configs/debug/tiny_self_training.yaml",
+                          "-c", "configs/paper/pools/numinamath15.yaml", f"--self_training.problems_file={pool}",
+                          f"--trainer.default_root_dir={tmp_path / 'run'}"], run=False)
+    fields = cli.config["self_training"]["problem_fields"]
+    assert (fields.filters, fields.max_rows) == ({"question_type": "math-word-problem", "problem_is_valid": "Yes"}, 22500)
+    callback = next(c for c in cli.trainer.callbacks if isinstance(c, SelfTrainingCallback))
+    kept = [r for r in rows if (r["question_type"], r["problem_is_valid"]) == ("math-word-problem", "Yes")]
+    assert 20 <= len(kept) < len(rows)
+    pool_problems = callback.load_pool().problems
+    assert [(p.question, p.answer) for p in pool_problems] == [(r["problem"], r["answer"]) for r in kept]
+    assert all(p.solution.endswith(f"\\boxed{{{p.answer}}}") for p in pool_problems)
+
+
+def test_hs_star_test_on_a_parquet_benchmark_evaluates_the_filtered_rows_as_their_jsonl_copy(tmp_path, monkeypatch):
+    """One real ``hs-star test`` (tiny random policy): a parquet benchmark with filters and a limit
+    gives, problem by problem, the responses and verdicts of a JSONL file holding those rows."""
+    from hs_star_pl.cli import HSStarCLI
+
+    rows = [dict(r, id=f"n{i}") for i, r in enumerate(numina_pool(16))]
+    parquet = write_parquet(tmp_path / "bench.parquet", rows)
+    kept = [r for r in rows if r["question_type"] == "math-word-problem" and r["problem_is_valid"] == "Yes"][:5]
+    jsonl = tmp_path / "bench.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    config = tmp_path / "eval.json"
+    bench = [{"name": "as_jsonl", "path": str(jsonl)},
+             {"name": "as_parquet", "path": parquet, "limit": 5,
+              "filters": {"question_type": "math-word-problem", "problem_is_valid": "Yes"}}]
+    config.write_text(json.dumps({"evaluation": {
+        "verifier": {"class_path": "hs_star_pl.verifiers.ExactMatchVerifier"}, "max_new_tokens": 8, "benchmarks": bench}}))
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    HSStarCLI(args=["test", "-c", str(REPO / "configs" / "base.yaml"), "-c", str(REPO / "configs" / "debug" / "tiny_cpu.yaml"),
+                    "-c", str(config), f"--trainer.default_root_dir={run}", "--trainer.enable_progress_bar=false",
+                    "--data.template=plain"])
+    results = {name: json.loads(next((run / "eval" / name).glob("*.json")).read_text()) for name in ("as_jsonl", "as_parquet")}
+    assert [r["problem_id"] for r in results["as_parquet"]["rows"]] == [r["id"] for r in kept]
+    assert [(r["problem_id"], r["responses"], r["correct"]) for r in results["as_parquet"]["rows"]] == \
+           [(r["problem_id"], r["responses"], r["correct"]) for r in results["as_jsonl"]["rows"]]
+    assert results["as_parquet"]["benchmark"]["filters"] == {"question_type": "math-word-problem", "problem_is_valid": "Yes"}

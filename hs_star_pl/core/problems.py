@@ -111,6 +111,9 @@ def normalize_gold(value: Any) -> GoldText:
 
 
 _MISSING = object()
+FilterValue = str | int | float | bool | list[str | int | float | bool]
+"""A filter's value: one value, or a list meaning "any of these". Typed (not ``Any``) so that the
+CLI keeps a quoted YAML ``"Yes"`` as text; a bare ``Yes`` is still YAML's ``true``."""
 
 
 def field_value(row: Mapping[str, Any], key: str) -> Any:
@@ -197,7 +200,7 @@ class FieldMap:
     split: str | None = None
     dataset_config: str | None = None
     data_files: str | list[str] | dict[str, str | list[str]] | None = None
-    filters: dict[str, Any] | None = None
+    filters: dict[str, FilterValue] | None = None
     max_rows: int | None = None
 
 

@@ -32,9 +32,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any
 
-from hs_star_pl.core.problems import FieldMap, ProblemFileError, load_problems
+from hs_star_pl.core.problems import FieldMap, FilterValue, ProblemFileError, load_problems
 from hs_star_pl.core.records import Problem
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -135,7 +134,7 @@ class BenchmarkConfig:
     split: str | None = None
     dataset_config: str | None = None
     data_files: str | list[str] | dict[str, str | list[str]] | None = None
-    filters: dict[str, Any] | None = None
+    filters: dict[str, FilterValue] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pass_k", tuple(self.pass_k))

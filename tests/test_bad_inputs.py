@@ -93,7 +93,7 @@ CONFIG_CASES = {
     "temperature_negative": "self_training.sampling.temperature must be >= 0, got -0.5",
     "verifier_timeout_zero": "self_training.verifier.init_args.timeout_s must be > 0, got 0.0",
     "problems_file_bad_row": f"{PROBLEMS}/bad_json.jsonl:2: invalid JSON: Expecting ',' delimiter (column 69)",
-    "problems_file_missing": "data/no-such-pool.jsonl: no such problem file",
+    "problems_file_missing": "data/no-such-pool.jsonl: no such problem file (self_training.problems_file)",
     "train_file_bad_row": f"{EXAMPLES}/chosen_not_a_string.jsonl:1: field 'chosen' must be a string, got int",
     "yaml_syntax_error": "tests/corpus/bad_inputs/configs/yaml_syntax_error.yaml:5: invalid YAML: expected ',' or ']', "
                          "but got '<stream end>' (while parsing a flow sequence on line 4)",

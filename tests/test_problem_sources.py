@@ -13,7 +13,7 @@ import sys
 import pytest
 from datasets import Dataset, DatasetDict
 
-from hs_star_pl.core.problems import ProblemFileError, load_problems, write_problems
+from hs_star_pl.core.problems import FieldMap, ProblemFileError, load_problems, write_problems
 from hs_star_pl.evaluation.datasets import BenchmarkConfig, load_benchmark
 from tests.helpers.tiny_setup import REPO
 
@@ -265,3 +265,18 @@ def test_hs_star_test_on_a_parquet_benchmark_evaluates_the_filtered_rows_as_thei
     assert [(r["problem_id"], r["responses"], r["correct"]) for r in results["as_parquet"]["rows"]] == \
            [(r["problem_id"], r["responses"], r["correct"]) for r in results["as_jsonl"]["rows"]]
     assert results["as_parquet"]["benchmark"]["filters"] == {"question_type": "math-word-problem", "problem_is_valid": "Yes"}
+
+
+def test_step_wise_initialisation_reads_its_solutions_from_a_filtered_parquet_pool(tmp_path):
+    """data.problems_file with data.problem_fields: the SFT examples are the kept rows' solutions."""
+    from hs_star_pl.data import MathDataModule
+
+    rows = numina_pool(12)
+    path = write_parquet(tmp_path / "numina.parquet", rows)
+    fields = FieldMap(question_key="problem", filters={"question_type": "math-word-problem", "problem_is_valid": "Yes"},
+                      max_rows=4)
+    examples = MathDataModule(problems_file=path, problem_fields=fields, template="plain").load_train_examples()
+    kept = [r for r in rows if (r["question_type"], r["problem_is_valid"]) == ("math-word-problem", "Yes")][:4]
+    assert len(kept) == 4 and len(kept) < len(rows)
+    assert [e.response for e in examples] == [r["solution"] for r in kept]
+    assert all(r["problem"] in e.prompt for e, r in zip(examples, kept))

@@ -270,7 +270,7 @@ def load_problems(
         raise ValueError(f"filters must map field names to a value or a list of values, got {filters!r}")
     source = str(path)
     is_hub = source.startswith(HUB_PREFIX)
-    where = "line" if not is_hub and Path(path).suffix != ".parquet" and not Path(path).is_dir() else "row"
+    where = "line" if not is_hub and Path(path).suffix.lower() != ".parquet" and not Path(path).is_dir() else "row"
     if where == "line":
         extra = [k for k, v in (("split", split), ("dataset_config", dataset_config), ("data_files", data_files)) if v is not None]
         if extra:

@@ -29,6 +29,7 @@ from hs_star_pl.jsonl import why_not_a_file
 HUB_PREFIX = "hub:"
 """``problems_file: hub:<owner>/<name>`` names a data set on the Hugging Face Hub."""
 SAVED_MARKERS = ("state.json", "dataset_dict.json")
+BATCH_ROWS = 1024
 NOT_A_SAVED_FOLDER = ("is a directory, not a problem file (a JSONL or parquet file, or a folder written by "
                       "Dataset.save_to_disk, with state.json or dataset_dict.json, is expected)")
 
@@ -87,7 +88,7 @@ def dataset_rows(
         data = _open(source, split, dataset_config, data_files)
     except _SourceError as err:
         raise ProblemFileError(source, None, str(err)) from None
-    iterator = iter(data)
+    iterator = _rows_of(data)
     index = 0
     while True:
         try:
@@ -99,6 +100,15 @@ def dataset_rows(
                                    row=index) from None
         yield index, _plain(row) if isinstance(row, Mapping) else row
         index += 1
+
+
+def _rows_of(data: Any) -> Iterator[Any]:
+    """The rows of a ``Dataset``/``IterableDataset`` as dicts, read in batches (iterating a data set
+    row by row formats each row on its own: about 20x slower on a 200,000-row pool)."""
+    for batch in data.iter(batch_size=BATCH_ROWS):
+        columns = list(batch)
+        for i in range(len(batch[columns[0]]) if columns else 0):
+            yield {c: batch[c][i] for c in columns}
 
 
 def _open(source: str, split: str | None, dataset_config: str | None, data_files: Any) -> Any:

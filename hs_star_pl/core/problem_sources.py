@@ -96,7 +96,7 @@ def dataset_rows(
         except StopIteration:
             return
         except Exception as err:  # a corrupt file can fail at any batch, not only the first
-            raise ProblemFileError(source, None, f"cannot read row {index}: {type(err).__name__}: {err}",
+            raise ProblemFileError(source, None, f"datasets cannot read it from here on: {type(err).__name__}: {err}",
                                    row=index) from None
         yield index, _plain(row) if isinstance(row, Mapping) else row
         index += 1

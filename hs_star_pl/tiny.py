@@ -57,8 +57,12 @@ def tiny_qwen2_config(
     intermediate_size: int | None = None,
     max_position_embeddings: int = 2048,
     eos_token_id: int = 256,
+    attn_implementation: str | None = None,
 ) -> Qwen2Config:
-    """A Qwen2 architecture config small enough for CPU tests (defaults: ~0.1M params)."""
+    """A Qwen2 architecture config small enough for CPU tests (defaults: ~0.1M params).
+
+    ``attn_implementation`` ``None`` keeps transformers' default (``sdpa``).
+    """
     return Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -71,10 +75,13 @@ def tiny_qwen2_config(
         eos_token_id=eos_token_id,
         bos_token_id=eos_token_id,
         tie_word_embeddings=True,
+        attn_implementation=attn_implementation,
     )
 
 
-def build_tiny_causal_lm(tokenizer: PreTrainedTokenizerBase, *, seed: int = 0, **config_kwargs: int) -> Qwen2ForCausalLM:
+def build_tiny_causal_lm(
+    tokenizer: PreTrainedTokenizerBase, *, seed: int = 0, **config_kwargs: int | str | None
+) -> Qwen2ForCausalLM:
     """A randomly initialised ``Qwen2ForCausalLM`` whose vocabulary matches ``tokenizer``."""
     import torch
 

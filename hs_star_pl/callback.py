@@ -65,7 +65,7 @@ from hs_star_pl.core.protocols import AnswerVerifier, ProcessRewardModel, Rollou
 from hs_star_pl.core.records import PreferencePair
 from hs_star_pl.core.rounds import RoundConfig, RoundResult, explain_no_examples, run_round
 from hs_star_pl.core.selection import SelectionConfig
-from hs_star_pl.core.templates import render_prompt, step_delimiter_for
+from hs_star_pl.core.templates import step_delimiter_for
 from hs_star_pl.data import MathDataModule
 from hs_star_pl.distributed import all_gather_objects
 from hs_star_pl.errors import ConfigError, EmptyRoundError
@@ -237,7 +237,7 @@ class SelfTrainingCallback(L.Callback):
         message = mismatch_message(f"{root} holds rounds", recorded_rounds(root), self._settings, root)
         if message is not None:
             raise ConfigError(message)
-        warning = long_prompts_warning(problems, pl_module, datamodule.template, self.round_config.sampling.max_new_tokens,
+        warning = long_prompts_warning(problems, pl_module, datamodule.render_prompt, self.round_config.sampling.max_new_tokens,
                                        self.problems_file)
         if warning is not None:
             rank_zero_warn(warning)
@@ -297,7 +297,8 @@ class SelfTrainingCallback(L.Callback):
                 "reset_optimizer_state": self.reset_optimizer_state,
             },
             "model": {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in hparams.items()},
-            "data": {"template": datamodule.template, "max_length": datamodule.max_length, "batch_size": datamodule.batch_size},
+            "data": {"template": datamodule.template, "system_prompt": datamodule.system_prompt,
+                     "max_length": datamodule.max_length, "batch_size": datamodule.batch_size},
         }
 
     @staticmethod
@@ -356,7 +357,6 @@ class SelfTrainingCallback(L.Callback):
         started = time.perf_counter()
         canary = self._prepare_engine(trainer, module, iteration)
         seconds_sync = time.perf_counter() - started
-        template = datamodule.template
         result = run_round(
             self._pool.draw(iteration),
             engine=self.engine,
@@ -364,7 +364,7 @@ class SelfTrainingCallback(L.Callback):
             prm=self.prm,
             allocator=self.budget,
             config=self.round_config,
-            render_prompt=lambda p: render_prompt(template, p.question),
+            render_prompt=lambda p: datamodule.render_prompt(p.question),
             iteration=iteration,
             seed=self.seed,
             store=store,

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from hs_star_pl.core.iterations import IterationClock
 from hs_star_pl.core.records import Problem
-from hs_star_pl.core.templates import render_prompt, step_delimiter_for
+from hs_star_pl.core.templates import step_delimiter_for
 from hs_star_pl.errors import ConfigError
 
 # target -> source of the CLI's ``link_arguments``: the user sets the source only.
@@ -136,9 +136,11 @@ def self_training_errors(
     return errors
 
 
-def long_prompts_warning(problems: Sequence[Problem], policy: Any, template: str, max_new_tokens: int,
+def long_prompts_warning(problems: Sequence[Problem], policy: Any, render: Callable[[str], str], max_new_tokens: int,
                          problems_file: str | None) -> str | None:
     """A warning when prompts leave no room in the policy's context for ``max_new_tokens``.
+
+    ``render`` turns a question into its prompt (``MathDataModule.render_prompt``).
 
     The context is ``policy.model.config.max_position_embeddings``, the tokenizer
     ``policy.tokenizer``; without either there is nothing to check. Such a problem cannot be
@@ -151,7 +153,7 @@ def long_prompts_warning(problems: Sequence[Problem], policy: Any, template: str
     if tokenizer is None or not isinstance(context, int):
         return None
     room = context - max_new_tokens
-    prompts = {p.id: render_prompt(template, p.question) for p in problems}
+    prompts = {p.id: render(p.question) for p in problems}
     maybe = [pid for pid, text in prompts.items() if len(text.encode("utf-8")) + 8 > room]
     if not maybe:
         return None

@@ -18,7 +18,9 @@ callback, for ``hs-star test``), sharded over ranks without repeats.
 Prompt contract: a record's ``prompt`` is the *rendered* prompt, the exact text the policy
 was conditioned on when the response was sampled. File rows may give ``prompt`` (used
 verbatim) or ``question`` (rendered here with ``data.template``). Every rendering goes through
-``hs_star_pl.core.templates.render_prompt``.
+``MathDataModule.render_prompt`` (the self-training round and evaluation call it too), which
+calls ``hs_star_pl.core.templates.render_prompt`` with the template, ``data.system_prompt`` and,
+for ``data.template: chat``, the policy tokenizer's chat template.
 
 ``train_dataloader`` is where the data are taken: with ``reload_dataloaders_every_n_epochs: 1``
 Lightning calls it at the start of every epoch, *before* ``on_train_epoch_start`` (and
@@ -65,7 +67,8 @@ from hs_star_pl.collate import (
 )
 from hs_star_pl.core.problems import MAX_LINE_BYTES, FieldMap, load_problems
 from hs_star_pl.core.records import PreferencePair, SftExample
-from hs_star_pl.core.templates import get_template, render_prompt
+from hs_star_pl.chat import tokenizer_chat_renderer
+from hs_star_pl.core.templates import ChatRenderer, get_template, render_prompt
 from hs_star_pl.errors import InputFileError
 from hs_star_pl.jsonl import LineError, parse_json_line, why_not_a_file
 from hs_star_pl.reference import missing_reference, with_reference_logps
@@ -91,16 +94,19 @@ def _check_row_fields(row: dict[str, Any], kind: str, where: str) -> None:
             raise ExampleFileError(f"{where}: field {key!r} must be a finite number or null, got {value!r}")
 
 
-def _prompt_of(row: dict[str, Any], template: str, where: str) -> str:
+def _prompt_of(row: dict[str, Any], render: Callable[[str], str], where: str) -> str:
     if isinstance(row.get("prompt"), str):
         return row["prompt"]
     if isinstance(row.get("question"), str):
-        return render_prompt(template, row["question"])
+        return render(row["question"])
     raise ExampleFileError(f"{where}: needs a 'prompt' (rendered) or 'question' string")
 
 
-def load_examples(path: str | Path, template: str) -> list[PreferencePair] | list[SftExample]:
+def load_examples(path: str | Path, template: str | Callable[[str], str]) -> list[PreferencePair] | list[SftExample]:
     """Read pairs or SFT examples from JSONL (all rows must be of one kind).
+
+    ``template`` renders the rows that give a ``question``: a template name, or a function
+    from question to prompt (``MathDataModule.render_prompt``, needed for chat templates).
 
     Pair rows: ``prompt`` or ``question``, ``chosen``, ``rejected``, optional ``problem_id``,
     ``ref_chosen_logp``/``ref_rejected_logp`` and the other ``PreferencePair`` fields. SFT rows:
@@ -114,6 +120,7 @@ def load_examples(path: str | Path, template: str) -> list[PreferencePair] | lis
     path = Path(path)
     if not path.is_file():
         raise ExampleFileError(f"{path}: {why_not_a_file(path, 'example file')}")
+    render = template if callable(template) else lambda question: render_prompt(template, question)
     out: list[Any] = []
     kind = None
     with path.open("rb") as fh:
@@ -136,7 +143,7 @@ def load_examples(path: str | Path, template: str) -> list[PreferencePair] | lis
                 raise ExampleFileError(f"{where}: {row_kind} row in a file of {kind} rows")
             kind = row_kind
             _check_row_fields(row, kind, where)
-            prompt = _prompt_of(row, template, where)
+            prompt = _prompt_of(row, render, where)
             pid = str(row.get("problem_id", row.get("id", lineno)))
             if kind == "pair":
                 fields = {k: row.get(k) for k in PreferencePair.__dataclass_fields__}
@@ -188,7 +195,11 @@ class MathDataModule(L.LightningDataModule):
             and solution (e.g. ``solution_key: steps``); see ``problems.FieldMap``.
         val_file: optional JSONL of the same kind as the training data, for ``validate``
             and the validation loop.
-        template: prompt template name (``hs_star_pl.core.templates``) used to render questions.
+        template: prompt template name (``hs_star_pl.core.templates``) used to render questions;
+            ``chat`` renders them with the policy tokenizer's chat template.
+        system_prompt: the system message of ``chat`` prompts; unset is
+            ``core.templates.DEFAULT_CHAT_SYSTEM_PROMPT``, ``""`` sends none. Only with
+            ``template: chat``.
         max_length: longest sequence in tokens; longer responses are cut from the right and
             counted, prompts that do not fit are dropped and counted.
         batch_size: examples (pairs, for DPO) per device per step.
@@ -210,6 +221,7 @@ class MathDataModule(L.LightningDataModule):
         problem_fields: FieldMap = FieldMap(),
         val_file: str | None = None,
         template: str = "qwen25-step-cot",
+        system_prompt: str | None = None,
         max_length: int = 1024,
         batch_size: int = 8,
         global_batch_size: int | None = None,
@@ -221,9 +233,11 @@ class MathDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         try:
-            get_template(template)
+            chat = get_template(template).chat
         except ValueError as err:
             raise ValueError(f"data.template: {err}") from None
+        if system_prompt is not None and not chat:
+            raise ValueError(f"data.system_prompt is used only with data.template: chat, but data.template is {template!r}")
         if train_file is not None and problems_file is not None:
             raise ValueError("data.train_file and data.problems_file are exclusive; set one")
         if max_length < 2:
@@ -241,6 +255,8 @@ class MathDataModule(L.LightningDataModule):
         self.problem_fields = problem_fields
         self.val_file = val_file
         self.template = template
+        self.system_prompt = system_prompt
+        self._chat: ChatRenderer | None = None  # the tokenizer's chat template, set in setup (chat templates)
         self.max_length = max_length
         self.batch_size = batch_size
         self.global_batch_size = global_batch_size
@@ -288,7 +304,7 @@ class MathDataModule(L.LightningDataModule):
     def load_train_examples(self) -> list:
         """Read the configured ``train_file`` or ``problems_file`` (empty when neither is set)."""
         if self.train_file is not None:
-            return load_examples(self.train_file, self.template)
+            return load_examples(self.train_file, self.render_prompt)
         if self.problems_file is not None:
             problems = load_problems(self.problems_file, **dataclasses.asdict(self.problem_fields))
             missing = [p.id for p in problems if not p.solution]
@@ -299,8 +315,18 @@ class MathDataModule(L.LightningDataModule):
                     f"(first: {missing[0]!r}); step-wise initialisation needs one per problem "
                     "(data.problem_fields.solution_key names another field)"
                 )
-            return [SftExample(p.id, render_prompt(self.template, p.question), p.solution) for p in problems]
+            return [SftExample(p.id, self.render_prompt(p.question), p.solution) for p in problems]
         return []
+
+    def render_prompt(self, question: str) -> str:
+        """``question`` as the prompt the policy sees, for training, sampling and evaluation alike.
+
+        Raises:
+            RuntimeError: a chat template before ``setup`` has taken the policy's tokenizer.
+        """
+        if get_template(self.template).chat and self._chat is None:
+            raise RuntimeError("data.template: chat needs the policy's tokenizer: render prompts after MathDataModule.setup")
+        return render_prompt(self.template, question, chat=self._chat, system_prompt=self.system_prompt)
 
     @property
     def objective(self) -> str | None:
@@ -317,6 +343,9 @@ class MathDataModule(L.LightningDataModule):
             if module is None or getattr(module, "tokenizer", None) is None:
                 raise RuntimeError("MathDataModule needs the module's tokenizer: use it with HSStarModule")
             self.tokenizer = module.tokenizer
+        if get_template(self.template).chat and self._chat is None:
+            # a tokenizer without a chat template fails here (naming data.template), before any work
+            self._chat = tokenizer_chat_renderer(self.tokenizer)
         if stage == "fit":
             if not self.train_examples:
                 self.train_examples = tuple(self.load_train_examples())
@@ -337,7 +366,7 @@ class MathDataModule(L.LightningDataModule):
                     f"set model.objective: {self.objective}"
                 )
         if self.val_file is not None and not self.val_examples:
-            self.val_examples = tuple(load_examples(self.val_file, self.template))
+            self.val_examples = tuple(load_examples(self.val_file, self.render_prompt))
         if stage == "validate":
             self._reference_val_pairs_before_restore()
 
@@ -511,6 +540,8 @@ class MathDataModule(L.LightningDataModule):
     def _file_cache_key(self, path: str, module) -> str:
         tag = module.model_source_tag() if module is not None and hasattr(module, "model_source_tag") else ""
         text = f"{file_sha256(path)}|{self.template}|{self.max_length}|{tag}"
+        if self.system_prompt is not None:  # chat prompts only; other keys stay as they were
+            text += f"|{self.system_prompt}"
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
     def _cache_path(self) -> Path | None:

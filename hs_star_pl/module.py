@@ -37,6 +37,7 @@ from torchmetrics import MeanMetric
 from hs_star_pl import faults
 from hs_star_pl.collate import collate_pairs, encode_example, encode_pair, is_empty_iteration, position_ids_from_mask
 from hs_star_pl.core.protocols import Completion
+from hs_star_pl.attention import check_attn_implementation
 from hs_star_pl.core.records import PreferencePair
 from hs_star_pl.errors import ConfigError, NonFiniteLossError
 from hs_star_pl.evaluation.protocol import EvalBatch
@@ -93,6 +94,10 @@ class HSStarModule(L.LightningModule):
             ``bf16-true`` or ``bf16-mixed`` to halve memory).
         gradient_checkpointing: recompute activations in the backward pass (less memory,
             about a third more compute).
+        attn_implementation: the attention kernel transformers runs (``eager``, ``sdpa``,
+            ``flash_attention_2``, ``flash_attention_3``, ``flex_attention``; see
+            ``hs_star_pl.attention``), for ``model_path`` and ``tiny`` alike; ``None`` keeps
+            transformers' default (``sdpa``). Checked when the config is parsed.
         optimizer: optimizer factory (LightningCLI ``class_path``); AdamW by default.
         lr_scheduler: scheduler factory, stepped every optimizer step; a
             ``WarmupCosineLR`` without ``total_steps`` gets it from the trainer.
@@ -112,6 +117,7 @@ class HSStarModule(L.LightningModule):
         sft_weight: float = 0.0,
         dtype: Literal["float32", "bfloat16"] = "float32",
         gradient_checkpointing: bool = False,
+        attn_implementation: str | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         nonfinite_loss: Literal["raise", "skip"] = "raise",
@@ -136,6 +142,7 @@ class HSStarModule(L.LightningModule):
             raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {dtype!r}")
         if nonfinite_loss not in ("raise", "skip"):
             raise ValueError(f"model.nonfinite_loss must be 'raise' or 'skip', got {nonfinite_loss!r}")
+        check_attn_implementation(attn_implementation, "model.attn_implementation")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model_path = model_path
         self.tiny = tiny
@@ -148,7 +155,7 @@ class HSStarModule(L.LightningModule):
         self.nonfinite_loss = nonfinite_loss
         self.n_nonfinite_skipped = 0
         self._batch_idx = 0
-        self.tokenizer, self.model = self._load(model_path, tiny, DTYPES[dtype])
+        self.tokenizer, self.model = self._load(model_path, tiny, DTYPES[dtype], attn_implementation)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
             self.model.config.use_cache = False
@@ -159,7 +166,7 @@ class HSStarModule(L.LightningModule):
         self._batch_started: float | None = None
 
     @staticmethod
-    def _load(model_path, tiny, dtype):
+    def _load(model_path, tiny, dtype, attn_implementation=None):
         if model_path is not None:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -171,7 +178,7 @@ class HSStarModule(L.LightningModule):
                 )
 
             tokenizer = AutoTokenizer.from_pretrained(model_path)
-            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn_implementation)
             # from_pretrained returns eval mode and Lightning 2.6 keeps a module's mode:
             # without this a loaded policy would train with dropout switched off.
             model.train()
@@ -180,7 +187,7 @@ class HSStarModule(L.LightningModule):
 
             tokenizer = build_byte_tokenizer()
             kwargs = {k: v for k, v in dataclasses.asdict(tiny).items() if v is not None}
-            model = build_tiny_causal_lm(tokenizer, **kwargs).to(dtype)
+            model = build_tiny_causal_lm(tokenizer, attn_implementation=attn_implementation, **kwargs).to(dtype)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token  # masks are built from lengths, see collate
         return tokenizer, model

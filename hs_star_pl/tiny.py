@@ -23,6 +23,13 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 EOS = "<|endoftext|>"
 
+#: Qwen's ChatML markup, so ``data.template: chat`` runs on the tiny models. The markers are
+#: not special tokens here: the byte-level tokenizer spells them out byte by byte.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 
 def build_byte_tokenizer(extra_special_tokens: Sequence[str] = ()) -> Qwen2Tokenizer:
     """A Qwen2-format tokenizer with one token per byte (ids 0..255), then specials.
@@ -31,7 +38,8 @@ def build_byte_tokenizer(extra_special_tokens: Sequence[str] = ()) -> Qwen2Token
         extra_special_tokens: atomic tokens added after ``<|endoftext|>`` (id 256), e.g.
             ``"<extra_0>"`` for the Qwen2.5-Math-PRM format.
 
-    ``decode(encode(text)) == text`` for any text, through every loader.
+    ``decode(encode(text)) == text`` for any text, through every loader. Its chat template
+    is ``CHAT_TEMPLATE``.
     """
     byte_to_symbol = bytes_to_unicode()
     vocab = {byte_to_symbol[b]: b for b in range(256)}
@@ -44,6 +52,7 @@ def build_byte_tokenizer(extra_special_tokens: Sequence[str] = ()) -> Qwen2Token
         extra_special_tokens=list(extra_special_tokens),
         clean_up_tokenization_spaces=False,
     )
+    tok.chat_template = CHAT_TEMPLATE
     return tok
 
 
@@ -57,8 +66,12 @@ def tiny_qwen2_config(
     intermediate_size: int | None = None,
     max_position_embeddings: int = 2048,
     eos_token_id: int = 256,
+    attn_implementation: str | None = None,
 ) -> Qwen2Config:
-    """A Qwen2 architecture config small enough for CPU tests (defaults: ~0.1M params)."""
+    """A Qwen2 architecture config small enough for CPU tests (defaults: ~0.1M params).
+
+    ``attn_implementation`` ``None`` keeps transformers' default (``sdpa``).
+    """
     return Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -71,10 +84,13 @@ def tiny_qwen2_config(
         eos_token_id=eos_token_id,
         bos_token_id=eos_token_id,
         tie_word_embeddings=True,
+        attn_implementation=attn_implementation,
     )
 
 
-def build_tiny_causal_lm(tokenizer: PreTrainedTokenizerBase, *, seed: int = 0, **config_kwargs: int) -> Qwen2ForCausalLM:
+def build_tiny_causal_lm(
+    tokenizer: PreTrainedTokenizerBase, *, seed: int = 0, **config_kwargs: int | str | None
+) -> Qwen2ForCausalLM:
     """A randomly initialised ``Qwen2ForCausalLM`` whose vocabulary matches ``tokenizer``."""
     import torch
 

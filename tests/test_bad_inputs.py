@@ -103,7 +103,7 @@ CONFIG_CASES = {
     "temperature_nan": "self_training.sampling.temperature must be a finite number, got nan",
     "temperature_inf": "self_training.sampling.temperature must be a finite number, got inf",
     "beta_nan": "model.beta must be a finite number, got nan",
-    "template_misspelled": "data.template: unknown prompt template 'plian'; valid names are ['plain', 'qwen25-step-cot']",
+    "template_misspelled": "data.template: unknown prompt template 'plian'; valid names are ['chat', 'plain', 'qwen25-step-cot']",
     "epochs_per_iteration_zero": "self_training.epochs_per_iteration must be >= 1, got 0",
     "problems_file_directory": f"{PROBLEMS}: {NOT_A_SAVED_FOLDER} (self_training.problems_file)",
     "samples_per_problem_huge": f"{K}.samples_per_problem (1000000000) is over the limit of 4096: a round holds every "

@@ -450,15 +450,66 @@ def test_vllm_gpu_settings_reach_the_llm_only_off_cpu():
 
     engine = VLLMEngine(model_path="m", gpu_memory_utilization=0.3, tensor_parallel_size=2, enable_sleep_mode=True,
                         distributed_executor_backend="external_launcher", max_model_len=512)
-    gpu = engine.llm_kwargs(on_cpu=False)
+    gpu = engine.build_llm_kwargs(on_cpu=False)
     assert {k: gpu[k] for k in ("gpu_memory_utilization", "tensor_parallel_size", "enable_sleep_mode",
                                 "distributed_executor_backend", "max_model_len", "model")} == {
         "gpu_memory_utilization": 0.3, "tensor_parallel_size": 2, "enable_sleep_mode": True,
         "distributed_executor_backend": "external_launcher", "max_model_len": 512, "model": "m"}
     assert gpu["worker_extension_cls"] == "hs_star_pl.engines.vllm_worker.WeightSyncExtension"
-    cpu = engine.llm_kwargs(on_cpu=True)
+    cpu = engine.build_llm_kwargs(on_cpu=True)
     assert not {"gpu_memory_utilization", "tensor_parallel_size", "enable_sleep_mode", "distributed_executor_backend"} & set(cpu)
     assert cpu["enable_chunked_prefill"] is False
+
+
+def test_vllm_llm_kwargs_from_yaml_reach_the_llm_arguments(tmp_path):
+    """``engine.init_args.llm_kwargs`` in YAML: parsed by the CLI, added to what ``start``
+    passes to ``vllm.LLM`` on GPU and on CPU, next to the engine's own arguments."""
+    import pathlib
+
+    from hs_star_pl.callback import SelfTrainingCallback
+    from hs_star_pl.cli import HSStarCLI
+
+    configs = pathlib.Path(__file__).parents[1] / "configs"
+    extra = tmp_path / "llm_kwargs.yaml"
+    extra.write_text(
+        "self_training:\n  engine:\n    init_args:\n"
+        "      llm_kwargs: {enable_prefix_caching: true, max_num_seqs: 256}\n"
+    )
+    cli = HSStarCLI(
+        args=["-c", str(configs / "base.yaml"), "-c", str(configs / "debug" / "tiny_cpu.yaml"),
+              "-c", str(configs / "engine" / "vllm.yaml"), "-c", str(extra),
+              f"--trainer.default_root_dir={tmp_path}"],
+        run=False,
+    )
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, SelfTrainingCallback)]
+    for on_cpu in (False, True):
+        kwargs = callback.engine.build_llm_kwargs(on_cpu=on_cpu)
+        assert kwargs["enable_prefix_caching"] is True and kwargs["max_num_seqs"] == 256
+        assert kwargs["dtype"] == "bfloat16"  # the engine's own argument, still there
+
+
+@pytest.mark.parametrize("key, hint", [
+    ("model", "model_path"), ("tokenizer", "folder"), ("worker_extension_cls", "weight sync"),
+    ("dtype", "engine.init_args.dtype"), ("gpu_memory_utilization", "engine.init_args.gpu_memory_utilization"),
+    ("max_model_len", "engine.init_args.max_model_len"),
+])
+def test_vllm_llm_kwargs_refuse_keys_the_engine_sets(key, hint):
+    from hs_star_pl.engines import VLLMEngine
+
+    with pytest.raises(ValueError, match=f"engine.init_args.llm_kwargs.{key} is not allowed") as err:
+        VLLMEngine(llm_kwargs={"enable_prefix_caching": True, key: "x"})
+    assert hint in str(err.value)
+
+
+def test_vllm_llm_kwargs_cannot_turn_chunked_prefill_on_on_cpu():
+    from hs_star_pl.engines import VLLMEngine
+
+    engine = VLLMEngine(model_path="m", llm_kwargs={"enable_chunked_prefill": True})
+    assert engine.build_llm_kwargs(on_cpu=False)["enable_chunked_prefill"] is True
+    with pytest.raises(ValueError, match="llm_kwargs.enable_chunked_prefill"):
+        engine.build_llm_kwargs(on_cpu=True)
+    assert VLLMEngine(model_path="m", llm_kwargs={"enable_chunked_prefill": False}).build_llm_kwargs(
+        on_cpu=True)["enable_chunked_prefill"] is False
 
 
 class _LLMCalls:

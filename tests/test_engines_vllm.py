@@ -48,7 +48,8 @@ def dir_a(tmp_path_factory, model_a, tokenizer):
 
 @pytest.fixture(scope="module")
 def engine(dir_a, model_a):
-    eng = VLLMEngine(dtype="float32", max_model_len=256, enforce_eager=True, canary_tolerance=1e-3)
+    eng = VLLMEngine(dtype="float32", max_model_len=256, enforce_eager=True, canary_tolerance=1e-3,
+                     llm_kwargs={"max_num_seqs": 96})  # vLLM's default is 128: see the test below
     report = eng.load_from_dir(dir_a, reference_model=model_a)
     # same weights, fp32: vLLM's token log-probs equal HF's to float rounding
     assert report.ok and report.n_tokens == eng.canary_samples * eng.canary_max_tokens
@@ -66,6 +67,11 @@ def on_a(engine, dir_a, model_a):
 
 def texts(result):
     return {k: [c.text for c in v] for k, v in result.items()}
+
+
+def test_llm_kwargs_reach_the_running_engine(engine):
+    """``llm_kwargs`` is passed to ``vllm.LLM`` (and again on a restart: the next test)."""
+    assert engine.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs == 96
 
 
 def test_counts_order_seeds(engine):
@@ -143,6 +149,7 @@ def test_sync_weights_moves_to_the_new_model(on_a, model_a, model_b):
     with pytest.raises(LogprobMismatchError):
         engine.check_canary(model_a)
     assert texts(engine.generate(REQUESTS, PARAMS)) != texts(before)
+    assert engine.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs == 96  # a restart keeps llm_kwargs
 
 
 def test_inplace_sync_is_correct_or_caught(on_a, model_b):

@@ -65,7 +65,8 @@ def record(problems=POOL, problems_file="pool.jsonl", **overrides) -> SettingsRe
     "self_training.selection.train_classes", "self_training.difficulty.tau_low", "self_training.sampling.temperature",
     "self_training.seed", "self_training.engine.init_args.batch_size", "self_training.verifier.init_args.timeout_s",
     "self_training.prm.init_args.model_path", "model.model_path", "model.optimizer.init_args.lr", "model.beta",
-    "seed_everything", "data.template", "data.batch_size", "trainer.accumulate_grad_batches",
+    "seed_everything", "data.template", "data.system_prompt", "data.batch_size", "trainer.accumulate_grad_batches",
+    "self_training.engine.init_args.llm_kwargs.quantization",  # some vllm.LLM arguments change the samples
 ])
 def test_a_setting_that_decides_a_round_counts(key):
     assert counts(key)
@@ -77,6 +78,7 @@ def test_a_setting_that_decides_a_round_counts(key):
     "self_training.verifier.init_args.n_workers", "self_training.prm.init_args.batch_size", "self_training.prm.init_args.device",
     "self_training.engine.init_args.gpu_memory_utilization", "data.num_workers", "data.ref_batch_size",
     "model.nonfinite_loss", "export.dirname", "evaluation.benchmarks",
+    "model.attn_implementation", "self_training.prm.init_args.attn_implementation",  # same math, another kernel
 ])
 def test_logging_progress_bars_paths_and_resources_do_not_count(key):
     assert not counts(key)

@@ -167,6 +167,33 @@ def test_constructor_errors_name_the_yaml_key(kwargs, match):
         HSStarModule(tiny=TinyModelConfig(hidden_size=32), **kwargs)
 
 
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_attn_implementation_reaches_the_tiny_and_the_loaded_model(attn_implementation, tmp_path):
+    """``model.attn_implementation`` from the CLI reaches the tiny model's config and a
+    ``model_path`` checkpoint's (through ``from_pretrained``); the kernels agree."""
+    from hs_star_pl.cli import HSStarCLI
+
+    source = tiny_module()
+    save_checkpoint_dir(tmp_path / "m0", source.model, source.tokenizer)
+    tiny = HSStarCLI(args=["--model.tiny.hidden_size=32", f"--model.attn_implementation={attn_implementation}",
+                           f"--trainer.default_root_dir={tmp_path}"], run=False).model
+    loaded = HSStarModule(model_path=str(tmp_path / "m0"), attn_implementation=attn_implementation)
+    for module in (tiny, loaded):
+        assert module.model.config._attn_implementation == attn_implementation
+        assert all(layer.self_attn.config._attn_implementation == attn_implementation
+                   for layer in module.model.model.layers)
+    ids = torch.tensor([source.tokenizer.encode("Start with 3.")])
+    torch.testing.assert_close(loaded.model(ids).logits, source.model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_attn_implementation_is_checked_before_any_weights_are_read(tmp_path):
+    with pytest.raises(ValueError, match=r"model.attn_implementation must be one of \['eager', 'sdpa'.*got 'fast'"):
+        HSStarModule(model_path=str(tmp_path / "never_read"), attn_implementation="fast")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="model.attn_implementation='flash_attention_2' needs the flash-attn package"):
+            HSStarModule(tiny=TinyModelConfig(hidden_size=32), attn_implementation="flash_attention_2")
+
+
 def test_tiny_config_validates_heads():
     with pytest.raises(ValueError, match=r"model.tiny.hidden_size \(30\) must be a multiple of model.tiny.num_attention_heads"):
         TinyModelConfig(hidden_size=30, num_attention_heads=4)

@@ -239,6 +239,17 @@ def test_wrong_layout_and_bad_arguments_are_rejected(tiny_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_attn_implementation_reaches_the_prm_body_and_scores_agree(kind, tiny_dirs):
+    eager = make(kind, tiny_dirs, attn_implementation="eager")
+    assert eager.model.model.config._attn_implementation == "eager"
+    assert make(kind, tiny_dirs).model.model.config._attn_implementation == "sdpa"  # transformers' default
+    for got, want in zip(eager.score(REQUESTS), make(kind, tiny_dirs, attn_implementation="sdpa").score(REQUESTS)):
+        assert got == pytest.approx(want, abs=1e-5)
+    with pytest.raises(ValueError, match=r"prm\.init_args\.attn_implementation must be one of .*got 'flash'"):
+        make(kind, tiny_dirs, attn_implementation="flash")
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_tokenizer_round_trips_through_autotokenizer(kind, tiny_dirs):
     prm = make(kind, tiny_dirs)
     text = "Step 1:  12 + 7 = 19\n\n  ünïcode ✓\n"

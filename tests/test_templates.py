@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from hs_star_pl.chat import tokenizer_chat_renderer
 from hs_star_pl.core.templates import (
+    DEFAULT_CHAT_SYSTEM_PROMPT,
     TEMPLATES,
     PromptTemplate,
     check_step_delimiter,
@@ -12,6 +14,7 @@ from hs_star_pl.core.templates import (
     render_prompt,
     step_delimiter_for,
 )
+from hs_star_pl.tiny import build_byte_tokenizer
 
 # A template whose wording asks for one step per line (none of the shipped ones does).
 LINES = PromptTemplate("lines", "Reason step by step, separating each step with '\n'.\nQuestion: ", "\nAnswer:\n", "\n")
@@ -31,8 +34,47 @@ def test_question_braces_are_not_formatted():
 
 
 def test_every_template_contains_the_question_once():
+    chat = tokenizer_chat_renderer(build_byte_tokenizer())
     for name in TEMPLATES:
-        assert render_prompt(name, "QQQ").count("QQQ") == 1
+        assert render_prompt(name, "QQQ", chat=chat if get_template(name).chat else None).count("QQQ") == 1
+
+
+def chatml(system: str | None, question: str) -> str:
+    """The tiny tokenizer's chat template (Qwen's ChatML), written out by hand."""
+    turns = ([("system", system)] if system else []) + [("user", question)]
+    return "".join(f"<|im_start|>{role}\n{text}<|im_end|>\n" for role, text in turns) + "<|im_start|>assistant\n"
+
+
+def test_chat_renders_the_system_prompt_and_question_with_the_tokenizers_template():
+    chat = tokenizer_chat_renderer(build_byte_tokenizer())
+    assert render_prompt("chat", "Is {x} 2?", chat=chat) == chatml(DEFAULT_CHAT_SYSTEM_PROMPT, "Is {x} 2?")
+    assert render_prompt("chat", "Q", chat=chat, system_prompt="Be brief.") == chatml("Be brief.", "Q")
+    assert render_prompt("chat", "Q", chat=chat, system_prompt="") == chatml(None, "Q")  # no system turn
+
+
+def test_chat_needs_a_chat_template_and_a_system_prompt_needs_chat():
+    with pytest.raises(ValueError, match=r"data.template 'chat' renders prompts with the policy tokenizer's chat template"):
+        render_prompt("chat", "Q")
+    bare = build_byte_tokenizer()
+    bare.chat_template = None
+    with pytest.raises(ValueError, match=r"data.template: chat .* has none"):
+        tokenizer_chat_renderer(bare)
+    with pytest.raises(ValueError, match=r"data.system_prompt is used only with data.template: chat"):
+        render_prompt("plain", "Q", system_prompt="Be brief.")
+    from hs_star_pl.data import MathDataModule
+
+    with pytest.raises(ValueError, match=r"data.system_prompt is used only with data.template: chat, "
+                                         r"but data.template is 'qwen25-step-cot'"):
+        MathDataModule(system_prompt="Be brief.")
+
+
+def test_chat_rounds_split_on_the_default_delimiter_its_default_system_prompt_asks_for():
+    """The chat template's wording is ``data.system_prompt`` (the user's): it names no
+    delimiter, so the default one, which the default system prompt asks for, is taken and a
+    set one is kept."""
+    assert step_delimiter_for("chat", None) == "\n\n"
+    assert "separating each step with a blank line" in DEFAULT_CHAT_SYSTEM_PROMPT
+    assert step_delimiter_for("chat", "\n") == "\n"
 
 
 def test_a_template_names_the_delimiter_its_wording_asks_for():
@@ -103,15 +145,22 @@ def test_a_round_recorded_with_the_delimiter_set_by_hand_matches_the_template_de
 
 
 def test_unknown_template_lists_valid_names():
-    with pytest.raises(ValueError, match=r"'chatml'.*\['plain', 'qwen25-step-cot'\]"):
+    with pytest.raises(ValueError, match=r"'chatml'.*\['chat', 'plain', 'qwen25-step-cot'\]"):
         get_template("chatml")
 
 
-def test_sampling_training_and_evaluation_see_the_same_prompt(tmp_path, monkeypatch):
-    """One self-training iteration and its evaluations through the real CLI with the paper's
-    template: the prompt the rollout engine continues, the prompt of every training pair and
-    the prompt the evaluation generates from are one string per question,
-    ``render_prompt(data.template, question)``, with ``\\boxed{}`` written once everywhere."""
+SYSTEM = "You are a careful solver. Use \\boxed{}."
+
+
+@pytest.mark.parametrize("template", ["qwen25-step-cot", "chat"])
+def test_sampling_training_and_evaluation_see_the_same_prompt(template, tmp_path, monkeypatch):
+    """One self-training iteration and its evaluations through the real CLI: the prompt the
+    rollout engine continues, the prompt of every pair in the round's file and in training,
+    and the prompt the evaluation generates from are one string per question, with
+    ``\\boxed{}`` written once everywhere. The paper's template: ``render_prompt``; ``chat``:
+    the tiny tokenizer's ChatML around ``data.system_prompt`` and the question."""
+    import json
+
     from hs_star_pl.callback import SelfTrainingCallback
     from hs_star_pl.cli import HSStarCLI
     from hs_star_pl.core.problems import load_problems
@@ -129,7 +178,8 @@ def test_sampling_training_and_evaluation_see_the_same_prompt(tmp_path, monkeypa
     configs = REPO / "configs"
     cli = HSStarCLI(args=[
         "fit", "-c", str(configs / "base.yaml"), "-c", str(configs / "debug" / "tiny_self_training.yaml"),
-        "--model.tiny.hidden_size=32", "--data.template=qwen25-step-cot", "--data.max_length=512",
+        "--model.tiny.hidden_size=32", f"--data.template={template}", "--data.max_length=512",
+        *([f"--data.system_prompt={SYSTEM}"] if template == "chat" else []),
         f"--self_training.problems_file={STEPWISE_FILE}", "--self_training.n_iterations=1", "--trainer.max_epochs=1",
         "--self_training.engine=tests.helpers.solution_engine.SolutionEngine",
         f"--self_training.engine.init_args.problems_file={STEPWISE_FILE}",
@@ -138,12 +188,34 @@ def test_sampling_training_and_evaluation_see_the_same_prompt(tmp_path, monkeypa
         "--trainer.enable_progress_bar=false",
     ])
     questions = {p.id: p.question for p in load_problems(STEPWISE_FILE)}
-    expected = {pid: render_prompt("qwen25-step-cot", q) for pid, q in questions.items()}
+    if template == "chat":
+        expected = {pid: chatml(SYSTEM, q) for pid, q in questions.items()}
+    else:
+        expected = {pid: render_prompt(template, q) for pid, q in questions.items()}
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, SelfTrainingCallback)]
     sampled = callback.engine.prompts
     trained = [(p.problem_id, p.prompt) for p in cli.datamodule.train_examples]
+    round_file = [(r["problem_id"], r["prompt"])
+                  for r in map(json.loads, (tmp_path / "rounds" / "round_000" / "pairs.jsonl").read_text().splitlines())]
     assert len({pid for pid, _ in sampled}) == 10 and trained and len(evaluated) == 6  # 3 problems, M_0 and M_1
+    assert sorted(round_file) == sorted(trained)
     for where, seen in (("sampling", sampled), ("training", trained), ("evaluation", evaluated)):
         for pid, prompt in seen:
             assert prompt == expected[pid], where
             assert "\\boxed{}" in prompt and "{{" not in prompt, where
+
+
+def test_a_policy_tokenizer_without_a_chat_template_is_refused_naming_data_template(tmp_path):
+    """A base model's tokenizer usually has no chat template: ``data.template: chat`` stops
+    the run when the data module takes the policy's tokenizer, before any round or step."""
+    from hs_star_pl.cli import HSStarCLI
+    from hs_star_pl.tiny import build_tiny_causal_lm, save_checkpoint_dir
+
+    tokenizer = build_byte_tokenizer()
+    tokenizer.chat_template = None
+    model_dir = save_checkpoint_dir(tmp_path / "base_model", build_tiny_causal_lm(tokenizer, hidden_size=32), tokenizer)
+    args = [a for a in _self_training_args(tmp_path / "run", "chat") if not a.startswith("--model.tiny")]
+    with pytest.raises(ValueError, match=r"data.template: chat renders prompts with the policy tokenizer's chat "
+                                         r"template, but the tokenizer '.*base_model' has none"):
+        HSStarCLI(args=[*args, "--model.tiny=null", f"--model.model_path={model_dir}"])
+    assert not (tmp_path / "run" / "rounds").exists()

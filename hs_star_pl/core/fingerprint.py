@@ -21,7 +21,7 @@ policy that samples it was trained with:
   the seed, and the engine, verifier and PRM with their settings;
 * the policy: ``model.*`` (the initial model ``model.model_path``, by path, or
   ``model.tiny``; the objective, beta, optimizer and schedule), ``seed_everything``, and the
-  training settings that shape M_t: ``data.template``/``max_length``/``batch_size``/
+  training settings that shape M_t: ``data.template``/``system_prompt``/``max_length``/``batch_size``/
   ``global_batch_size``/``shuffle``/``seed`` and ``trainer.accumulate_grad_batches``/
   ``gradient_clip_val``/``gradient_clip_algorithm``/``precision``/``limit_train_batches``.
 
@@ -29,6 +29,7 @@ What does not count (``IGNORED``): logging, progress bars and plots; paths of ou
 ``self_training.n_iterations`` and ``trainer.max_epochs`` (a finished run may be extended);
 what to do on failures (``on_empty_round``, ``model.nonfinite_loss``); and resource knobs
 that change how fast or in how much memory the same work is done (worker counts, caches, the
+attention kernel ``attn_implementation`` of the policy and the PRM, the
 PRM's batch size, ``data.ref_batch_size``, vLLM's memory, sleep, canary and weight-sync
 settings, devices and strategy), even where batching can change floating-point rounding.
 ``HFEngine``'s ``batch_size`` does count: with ``seed_scope: batch`` it decides which random
@@ -62,6 +63,7 @@ COUNTED = (
     "model.",
     "seed_everything",
     "data.template",
+    "data.system_prompt",
     "data.max_length",
     "data.batch_size",
     "data.global_batch_size",
@@ -77,13 +79,13 @@ _RESOURCE_ARGS = (
     "progress", "n_workers", "cache_size", "device", "gpu_memory_utilization", "tensor_parallel_size",
     "enable_sleep_mode", "sleep_level", "cpu_kv_cache_space_gib", "enforce_eager", "canary_samples",
     "canary_max_tokens", "canary_tolerance", "sync_mode", "sync_chunk_mb", "distributed_executor_backend",
-    "sync_from",
+    "sync_from", "attn_implementation",
 )
 IGNORED = re.compile(
     r"^(?:self_training\.(?:plots|n_iterations|on_empty_round|problem_fields\..*)"
     r"|self_training\.(?:engine|prm|verifier)\.init_args\.(?:" + "|".join(_RESOURCE_ARGS) + r")"
     r"|self_training\.prm\.init_args\.batch_size"
-    r"|model\.(?:nonfinite_loss|gradient_checkpointing))$"
+    r"|model\.(?:nonfinite_loss|gradient_checkpointing|attn_implementation))$"
 )
 POOL_KEY = "self_training.problems_file"
 MOVED = {"hs_star_pl.budget.": "hs_star_pl.core.budget."}

@@ -13,15 +13,35 @@ identically everywhere and questions containing braces are safe. The reference s
 is a non-raw Python string, so its ``'\\n\\n'`` is two real newlines; we keep that, because it
 is what the paper's models saw.
 
-Covered: rendering a question to a prompt. Not covered: chat templates of instruct models
-(none of the paper's base-model settings use one).
+``chat`` is for instruct models: the question becomes a conversation (``chat_messages``: an
+optional system message, ``data.system_prompt``, then the question as the user's turn) and
+the policy tokenizer's own chat template renders it, ending with the assistant's turn opened
+(``add_generation_prompt``). This module has no tokenizer: the caller passes a
+``ChatRenderer`` (``hs_star_pl.chat.tokenizer_chat_renderer`` builds one from a tokenizer), so
+the core stays free of transformers while every caller still goes through ``render_prompt``.
+
+Covered: rendering a question to a prompt. Not covered: multi-turn or few-shot
+conversations.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from hs_star_pl.core.steps import DEFAULT_STEP_DELIMITER
+
+ChatRenderer = Callable[[Sequence[Mapping[str, str]]], str]
+"""Chat messages (``{"role": ..., "content": ...}``) -> the prompt text, ending where the
+assistant's reply begins."""
+
+#: The system message of ``chat`` prompts when ``data.system_prompt`` is unset. It asks for
+#: steps separated by a blank line, ``DEFAULT_STEP_DELIMITER``, which is what ``chat`` rounds
+#: split on unless ``self_training.step_delimiter`` says otherwise.
+DEFAULT_CHAT_SYSTEM_PROMPT = (
+    "Please reason step by step, separating each step with a blank line, "
+    "and put your final answer within \\boxed{}."
+)
 
 
 @dataclass(frozen=True)
@@ -36,15 +56,20 @@ class PromptTemplate:
             ``None`` when the wording names none. A run's rounds split responses on it
             unless ``self_training.step_delimiter`` is set; a set value that differs is
             refused (``step_delimiter_for``).
+        chat: rendered by a tokenizer's chat template (``render_prompt``'s ``chat``) instead
+            of ``prefix``/``suffix``.
     """
 
     name: str
     prefix: str
     suffix: str
     step_delimiter: str | None = None
+    chat: bool = False
 
     def render(self, question: str) -> str:
         """The prompt for ``question``, verbatim (no formatting, so braces are untouched)."""
+        if self.chat:
+            raise ValueError(f"prompt template {self.name!r} renders with a chat template: use render_prompt(chat=...)")
         return f"{self.prefix}{question}{self.suffix}"
 
 
@@ -62,6 +87,8 @@ TEMPLATES: dict[str, PromptTemplate] = {
         ),
         # Short on purpose: the tiny models and the synthetic task pay for every prompt byte.
         PromptTemplate(name="plain", prefix="Question: ", suffix="\nAnswer:\n"),
+        # The wording is data.system_prompt, the user's: it names no delimiter here.
+        PromptTemplate(name="chat", prefix="", suffix="", chat=True),
     )
 }
 
@@ -78,13 +105,54 @@ def get_template(name: str) -> PromptTemplate:
         raise ValueError(f"unknown prompt template {name!r}; valid names are {sorted(TEMPLATES)}") from None
 
 
-def render_prompt(template_name: str, question: str) -> str:
+def chat_messages(question: str, system_prompt: str | None = None) -> list[dict[str, str]]:
+    """The conversation a ``chat`` prompt renders: the system message, then the question.
+
+    ``system_prompt`` ``None`` is ``DEFAULT_CHAT_SYSTEM_PROMPT``; ``""`` leaves the system
+    message out (the chat template may then write its own default).
+
+    >>> chat_messages("What is 2 + 2?", "Be brief.")
+    [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'What is 2 + 2?'}]
+    """
+    system = DEFAULT_CHAT_SYSTEM_PROMPT if system_prompt is None else system_prompt
+    user = {"role": "user", "content": question}
+    return [{"role": "system", "content": system}, user] if system else [user]
+
+
+def render_prompt(
+    template_name: str, question: str, chat: ChatRenderer | None = None, system_prompt: str | None = None
+) -> str:
     """Render ``question`` with the template called ``template_name``.
+
+    Args:
+        template_name: a key of ``TEMPLATES`` (``data.template``).
+        question: the problem text.
+        chat: renders ``chat_messages(question, system_prompt)`` for a chat template (the
+            policy tokenizer's); required by those, unused by the others.
+        system_prompt: ``data.system_prompt``; chat templates only.
 
     >>> render_prompt("plain", "What is 2 + 2?")
     'Question: What is 2 + 2?\\nAnswer:\\n'
+    >>> render_prompt("chat", "2 + 2?", chat=lambda ms: "|".join(m["content"] for m in ms), system_prompt="Be brief.")
+    'Be brief.|2 + 2?'
+
+    Raises:
+        ValueError: an unknown template; a chat template without ``chat``; a system prompt
+            for a template that is not a chat template.
     """
-    return get_template(template_name).render(question)
+    template = get_template(template_name)
+    if not template.chat:
+        if system_prompt is not None:
+            raise ValueError(
+                f"data.system_prompt is used only with data.template: chat, but data.template is {template_name!r}"
+            )
+        return template.render(question)
+    if chat is None:
+        raise ValueError(
+            f"data.template {template_name!r} renders prompts with the policy tokenizer's chat template, "
+            "and none was given"
+        )
+    return chat(chat_messages(question, system_prompt))
 
 
 def check_step_delimiter(template_name: str, step_delimiter: str) -> None:

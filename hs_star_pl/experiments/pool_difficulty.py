@@ -108,7 +108,8 @@ def sample_and_score_pool(args: argparse.Namespace, problems: Sequence[Problem])
     from hs_star_pl.core.protocols import SamplingParams
     from hs_star_pl.core.records import Phase
     from hs_star_pl.core.rounds import sample_and_score
-    from hs_star_pl.core.templates import render_prompt
+    from hs_star_pl.chat import tokenizer_chat_renderer
+    from hs_star_pl.core.templates import get_template, render_prompt
     from hs_star_pl.engines import HFEngine
     from hs_star_pl.module import HSStarModule
     from hs_star_pl.prm import ArithmeticPRM
@@ -117,6 +118,7 @@ def sample_and_score_pool(args: argparse.Namespace, problems: Sequence[Problem])
     torch.manual_seed(args.seed)
     tokenizer, model = HSStarModule._load(args.model, None, torch.float32)
     engine = HFEngine(batch_size=args.batch_size).bind(model, tokenizer)
+    chat = tokenizer_chat_renderer(tokenizer) if get_template(args.template).chat else None
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
     return sample_and_score(
         problems,
@@ -126,7 +128,7 @@ def sample_and_score_pool(args: argparse.Namespace, problems: Sequence[Problem])
         engine=engine,
         verifier=ExactMatchVerifier(),
         prm=ArithmeticPRM(),
-        render_prompt=lambda p: render_prompt(args.template, p.question),
+        render_prompt=lambda p: render_prompt(args.template, p.question, chat=chat),
         sampling=params,
     )
 
@@ -143,7 +145,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--template", default="plain")
+    parser.add_argument("--template", default="plain", help="a data.template name; chat uses the model's chat template "
+                        "and the default system prompt (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--by", default=None, help="a metadata field to break the classes down by (e.g. n_steps)")

@@ -59,6 +59,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, Qwen2Model
 
+from hs_star_pl.attention import check_attn_implementation
 from hs_star_pl.core.protocols import StepScoringRequest
 
 _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -130,14 +131,20 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     )
 
 
-def load_prm_model(cls: type[nn.Module], path: str | Path, device: torch.device, dtype: torch.dtype):
+def load_prm_model(cls: type[nn.Module], path: str | Path, device: torch.device, dtype: torch.dtype,
+                   attn_implementation: str | None = None):
     """Build ``cls`` from ``path/config.json`` on ``device`` in ``dtype`` and load its weights.
+
+    ``attn_implementation`` (checked by the caller) sets the body's attention kernel; ``None``
+    keeps transformers' default.
 
     Raises:
         ValueError: when tensors the layout needs are missing, or unknown ones are present.
     """
     path = Path(path)
     config = AutoConfig.from_pretrained(str(path))
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation  # what from_pretrained(attn_implementation=) sets
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -266,8 +273,13 @@ class _StepScorer:
         return out
 
 
-def _check_common(model_path: str, max_length: int, batch_size: int, device: str, dtype: str) -> None:
+def _check_common(model_path: str, max_length: int, batch_size: int, device: str, dtype: str,
+                  attn_implementation: str | None) -> None:
     errors = []
+    try:
+        check_attn_implementation(attn_implementation, "prm.init_args.attn_implementation")
+    except ValueError as err:
+        errors.append(str(err))
     if not Path(model_path).is_dir():
         errors.append(f"prm.init_args.model_path={model_path!r} is not a local folder (no hub downloads)")
     if max_length < 8:
@@ -303,6 +315,9 @@ class SkyworkPRM:
         device: ``"auto"`` (this process's GPU, ``cuda:LOCAL_RANK``, when CUDA is available, else
             CPU), ``"cpu"`` or ``"cuda[:N]"``.
         dtype: ``"auto"`` (bf16 on CUDA, fp32 on CPU), ``"float32"``, ``"bfloat16"``, ``"float16"``.
+        attn_implementation: the body's attention kernel (``eager``, ``sdpa``,
+            ``flash_attention_2``, ...; see ``hs_star_pl.attention``); ``None`` keeps
+            transformers' default (``sdpa``).
         step_separator: text whose last token ends every scored piece. In ``"reference"`` mode
             the response is also split on it, so it must equal ``self_training.step_delimiter``;
             the HS-STaR reference uses ``"\\n\\n"`` (Skywork's own examples ``"\\n"``).
@@ -315,8 +330,9 @@ class SkyworkPRM:
 
     def __init__(self, model_path: str, max_length: int = 4096, batch_size: int = 8,
                  device: str = "auto", dtype: str = "auto", step_separator: str = "\n\n",
-                 input_mode: str = "reference", progress: bool = True) -> None:
-        _check_common(model_path, max_length, batch_size, device, dtype)
+                 input_mode: str = "reference", progress: bool = True,
+                 attn_implementation: str | None = None) -> None:
+        _check_common(model_path, max_length, batch_size, device, dtype, attn_implementation)
         if not step_separator:
             raise ValueError("prm.init_args.step_separator must be a non-empty string")
         if input_mode not in SKYWORK_INPUT_MODES:
@@ -338,7 +354,7 @@ class SkyworkPRM:
         self.separator_id = sep[-1]
         self._warned_no_response = False
         dev = resolve_device(device)
-        self.model = load_prm_model(Qwen2ValueHeadModel, model_path, dev, resolve_dtype(dtype, dev))
+        self.model = load_prm_model(Qwen2ValueHeadModel, model_path, dev, resolve_dtype(dtype, dev), attn_implementation)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.separator_id
         self._scorer = _StepScorer(self.model, pad, batch_size, max_length, dev, progress, "SkyworkPRM")
 
@@ -430,6 +446,9 @@ class QwenMathPRM:
         device: ``"auto"`` (this process's GPU, ``cuda:LOCAL_RANK``, when CUDA is available, else
             CPU), ``"cpu"`` or ``"cuda[:N]"``.
         dtype: ``"auto"`` (bf16 on CUDA, fp32 on CPU), ``"float32"``, ``"bfloat16"``, ``"float16"``.
+        attn_implementation: the body's attention kernel (``eager``, ``sdpa``,
+            ``flash_attention_2``, ...; see ``hs_star_pl.attention``); ``None`` keeps
+            transformers' default (``sdpa``).
         step_separator: the separator token, ``"<extra_0>"`` for the released models.
         system_prompt: system message of the chat template (the model card's by default).
         progress: show a progress bar when a call has 8 batches or more.
@@ -437,8 +456,9 @@ class QwenMathPRM:
 
     def __init__(self, model_path: str, max_length: int = 4096, batch_size: int = 8,
                  device: str = "auto", dtype: str = "auto", step_separator: str = "<extra_0>",
-                 system_prompt: str = QWEN_PRM_SYSTEM_PROMPT, progress: bool = True) -> None:
-        _check_common(model_path, max_length, batch_size, device, dtype)
+                 system_prompt: str = QWEN_PRM_SYSTEM_PROMPT, progress: bool = True,
+                 attn_implementation: str | None = None) -> None:
+        _check_common(model_path, max_length, batch_size, device, dtype, attn_implementation)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         sep = self.tokenizer(step_separator, add_special_tokens=False)["input_ids"]
         if len(sep) != 1:
@@ -449,7 +469,7 @@ class QwenMathPRM:
         self.separator_id = sep[0]
         self.system_prompt = system_prompt
         dev = resolve_device(device)
-        self.model = load_prm_model(Qwen2TwoClassPRMModel, model_path, dev, resolve_dtype(dtype, dev))
+        self.model = load_prm_model(Qwen2TwoClassPRMModel, model_path, dev, resolve_dtype(dtype, dev), attn_implementation)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._scorer = _StepScorer(self.model, pad, batch_size, max_length, dev, progress, "QwenMathPRM")
 

@@ -29,6 +29,7 @@ def compare(args: list[str], cwd) -> subprocess.CompletedProcess:
     return out
 
 
+@pytest.mark.integration
 def test_two_methods_from_one_m0_at_equal_budget_then_a_rerun_reuses_them(tiny_m0, tmp_path):
     m0, problems = tiny_m0
     out = tmp_path / "cmp"

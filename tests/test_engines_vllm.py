@@ -19,7 +19,7 @@ from hs_star_pl.core.protocols import GenerationRequest, RolloutEngine, Sampling
 from hs_star_pl.engines import HFEngine, LogprobMismatchError, VLLMEngine  # noqa: E402
 from hs_star_pl.tiny import build_byte_tokenizer, build_tiny_causal_lm, save_checkpoint_dir  # noqa: E402
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.integration]
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from tests.helpers.engine_requests import PARAMS, REQUESTS  # noqa: E402

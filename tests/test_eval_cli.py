@@ -97,6 +97,7 @@ def test_a_few_hundred_problems_agree_with_the_in_training_evaluation(tiny_m0, t
     check_test_matches_training(tiny_m0, tmp_path, monkeypatch, n_greedy=None, n_problems=300, n_sampled=24)
 
 
+@pytest.mark.integration
 def test_two_ddp_processes_aggregate_like_one(tiny_m0, tmp_path):
     """DDP over gloo, 2 CPU processes: an odd number of problems (11; Lightning's default
     sampler would pad to 12 and count one twice) split unevenly over ranks and batches. Both

@@ -18,7 +18,7 @@ from hs_star_pl.engines import VLLMEngine  # noqa: E402
 from hs_star_pl.export import export_hf  # noqa: E402
 from hs_star_pl.module import HSStarModule, TinyModelConfig  # noqa: E402
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.integration]
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 

@@ -49,6 +49,8 @@ CASES = {
     "checkpoint@0": "iteration 0's checkpoint written to its temporary file",
     "export@1": "iteration 1's HF export written to its temporary folder",
 }
+DEFAULT_TIER_CASE = "checkpoint@0"
+"""The one fault case in the default tier (about a minute); the others are integration tests."""
 
 
 def test_every_fault_point_is_covered():
@@ -68,7 +70,9 @@ def reference(tiny_m0, tmp_path_factory):
     return cwd / "run", read_trace(trace)
 
 
-@pytest.mark.parametrize("fault", list(CASES), ids=list(CASES))
+@pytest.mark.parametrize("fault", [
+    pytest.param(f, id=f, marks=() if f == DEFAULT_TIER_CASE else pytest.mark.integration) for f in CASES
+])
 def test_a_run_killed_at_a_fault_point_resumes_to_the_uninterrupted_result(fault, reference, tiny_m0, tmp_path):
     ref_run, ref_trace = reference
     m0, problems = tiny_m0
@@ -95,6 +99,7 @@ def test_a_run_killed_at_a_fault_point_resumes_to_the_uninterrupted_result(fault
     assert all((round_dir(run_dir, t) / DONE).is_file() for t in (0, 1))
 
 
+@pytest.mark.integration
 def test_killed_during_round_1_rollouts_and_again_during_training(reference, tiny_m0, tmp_path):
     """One run SIGKILLed twice: while round 1 samples (its pre-samples generated, not saved),
     then, resumed, in the middle of iteration 1's training; resumed again, it ends with the
@@ -156,6 +161,7 @@ def _stops_at(trace, point: str, k: int) -> None:
     assert (reached[-1]["point"], reached[-1]["k"]) == (point, k), f"work went on after the stop signal: {reached[-1]}"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", list(SIGNAL_CASES), ids=list(SIGNAL_CASES))
 def test_a_stop_signal_stops_the_run_at_once_and_it_resumes_to_the_uninterrupted_result(case, reference, tiny_m0, tmp_path):
     """SIGTERM is a stop, not a suggestion: the run ends at the next safe point with exit status
@@ -193,6 +199,7 @@ def reference_math_verify(tiny_m0, tmp_path_factory):
     return cwd / "run"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("check", [3, 60])
 def test_sigterm_to_the_group_mid_answer_check_is_not_a_verdict(check, reference_math_verify, tiny_m0, tmp_path):
     """SIGTERM to the process group kills the math-verify worker in the middle of a check. That
@@ -208,6 +215,7 @@ def test_sigterm_to_the_group_mid_answer_check_is_not_a_verdict(check, reference
     assert compare_runs(reference_math_verify, run_dir) == []
 
 
+@pytest.mark.integration
 @pytest.mark.vllm
 def test_sigterm_to_the_group_stops_the_vllm_engine_process_with_the_run(tiny_m0, tmp_path):
     """vLLM's engine core is a process of its own: a SIGTERM to the group reaches it too. The run
@@ -232,6 +240,7 @@ SLURM_ENV = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME"
              "SLURM_NODELIST": "localhost"}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", ["resample@0:SIGUSR1", "training_step@0:SIGUSR1"])
 def test_slurm_requeue_signal_stops_requeues_and_resumes(case, reference, tiny_m0, tmp_path, monkeypatch):
     """Under SLURM (Lightning's ``SLURMEnvironment``, ``auto_requeue`` on by default) SIGUSR1 is

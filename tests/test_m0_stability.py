@@ -10,6 +10,7 @@ from tests.helpers.self_training import env
 from tests.helpers.tiny_setup import REPO
 
 
+@pytest.mark.integration
 def test_one_seed_on_both_float_paths_gives_curves_digests_and_a_summary(tmp_path):
     """The demo's M_0 recipe shrunk to a few batches, seed 0, natively and held to AVX2: each run
     leaves a dev curve (random init + 1 epoch), the digest of its exported weights and its time;

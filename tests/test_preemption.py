@@ -211,6 +211,7 @@ def _training_m0(tmp_path) -> bool:
     return (tmp_path / "m0.run" / "checkpoints" / "last.ckpt").exists()
 
 
+@pytest.mark.integration
 def test_the_m0_child_dies_with_its_parent(tmp_path):
     """``hs-star fit`` SIGKILLed while its child trains M_0: the child used to train on as an
     orphan. Now it gets SIGTERM from the kernel, stops at a safe point and releases its folder."""
@@ -227,6 +228,7 @@ def test_the_m0_child_dies_with_its_parent(tmp_path):
         leftover_group(parent.pid, kill=True)
 
 
+@pytest.mark.integration
 def test_a_second_run_into_a_folder_in_use_is_refused_and_a_stop_reaches_the_m0_child(tmp_path):
     """A re-run while the first run trains M_0 used to start a second M_0 training into the same
     folder; now it is refused (exit 2) naming the first run. SIGTERM to the first run alone (not
@@ -255,6 +257,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_a_stop_reaches_the_m0_
             leftover_group(second.pid, kill=True)
 
 
+@pytest.mark.integration
 def test_a_sigterm_while_the_command_starts_stops_it_at_once(tmp_path):
     """Start-up (imports, parsing, model loading) writes nothing a resume needs: a SIGTERM there
     ends the command with 143 and one line (before: it died of the signal during the imports,

@@ -87,6 +87,7 @@ def error_of(output: str) -> str:
 # -- reused with edited settings ------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_settings_that_cannot_change_a_round_do_not_stop_a_resume_and_every_round_records_the_same(finished):
     import torch
 
@@ -99,6 +100,7 @@ def test_settings_that_cannot_change_a_round_do_not_stop_a_resume_and_every_roun
     assert state["settings"]["fingerprint"] == records[0]["fingerprint"]
 
 
+@pytest.mark.integration
 def test_a_finished_folder_run_again_after_editing_the_config_is_refused(finished, tiny_m0, tmp_path):
     """K 4 -> 6 and seed 0 -> 5, no --ckpt_path: both rounds used to read back as complete on disk."""
     m0, problems = tiny_m0
@@ -115,6 +117,7 @@ def test_a_finished_folder_run_again_after_editing_the_config_is_refused(finishe
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("change", ["n_presample", "K", "seed", "problems_file"])
 def test_resuming_a_killed_round_with_other_settings_is_refused(change, killed, tiny_m0, tmp_path):
     """Killed while re-sampling round 0, resumed with a changed budget, seed or pool: it used to
@@ -143,6 +146,7 @@ def test_resuming_a_killed_round_with_other_settings_is_refused(change, killed, 
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.integration
 def test_a_checkpoint_made_with_other_settings_is_refused(finished, tiny_m0, tmp_path):
     """A new folder, a checkpoint of another run, another seed: the checkpoint's own record refuses it."""
     m0, problems = tiny_m0
@@ -217,6 +221,7 @@ RESUME = "free some space, then run the same command with --ckpt_path last to re
     ("export@0", "checkpoints/last.ckpt"),  # torch's checkpoint writer
     ("training_step@0", None),  # Lightning's CSV logs
 ])
+@pytest.mark.integration
 def test_a_full_disk_is_one_message_and_the_run_resumes_once_space_is_freed(fill_at, where, tiny_m0, tmp_path):
     m0, problems = tiny_m0
     disk = tmp_path / "disk"
@@ -260,6 +265,7 @@ except StorageError as err:
 """
 
 
+@pytest.mark.integration
 @needs_namespaces
 def test_an_hf_export_on_a_full_disk_names_its_folder_and_leaves_no_half_export(tmp_path):
     """safetensors reports a full disk as its own error type, without an errno."""
@@ -274,6 +280,7 @@ def test_an_hf_export_on_a_full_disk_names_its_folder_and_leaves_no_half_export(
     assert listing.strip() == ""  # the temporary folder was removed, nothing under the final name
 
 
+@pytest.mark.integration
 @needs_namespaces
 def test_a_read_only_run_folder_is_one_message_naming_the_key_and_nothing_is_written(finished, tiny_m0, tmp_path):
     m0, problems = tiny_m0

@@ -125,6 +125,7 @@ def hf_run(tiny_m0, tmp_path_factory):
     return root / "run"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sync_from", ["weights", "export"])
 def test_an_engine_with_its_own_copy_gets_m_t_once_per_iteration(sync_from, hf_run, tiny_m0, tmp_path, monkeypatch):
     """The callback's part of a vLLM-like engine, through the CLI (``CopyEngine`` holds its own
@@ -250,6 +251,7 @@ def ddp_run(tiny_m0, tmp_path_factory):
     return run_then_resume(tmp_path_factory.mktemp("ddp"), m0, problems, "-c", str(CONFIGS / "strategy" / "ddp_cpu.yaml"))
 
 
+@pytest.mark.integration
 def test_a_round_sharded_over_two_ddp_processes_matches_one_process(tiny_m0, ddp_run, tmp_path):
     """DDP over gloo on 2 CPU processes: each rank samples half the problems; the gathered
     round (ledger, rollouts, difficulty, pairs) is the one-process round, byte for byte."""
@@ -300,6 +302,7 @@ def max_weight_gap(a: Path, b: Path) -> float:
     return max(float((x[k].float() - y[k].float()).abs().max()) for k in x)
 
 
+@pytest.mark.integration
 @pytest.mark.deepspeed
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_on_cpu_matches_ddp_through_checkpoint_and_resume(stage, tiny_m0, ddp_run, tmp_path):
@@ -330,6 +333,7 @@ def test_deepspeed_on_cpu_matches_ddp_through_checkpoint_and_resume(stage, tiny_
         assert gap < 1e-6 < trained / 100, (t, gap, trained)
 
 
+@pytest.mark.integration
 @pytest.mark.vllm
 @pytest.mark.parametrize("sync_from", ["weights", pytest.param("export", marks=pytest.mark.slow)])
 def test_two_iterations_with_the_vllm_engine(sync_from, tiny_m0, tmp_path):
@@ -353,6 +357,7 @@ def test_two_iterations_with_the_vllm_engine(sync_from, tiny_m0, tmp_path):
     assert all((line in out.stdout + out.stderr) == (sync_from == "export") for line in reloads)
 
 
+@pytest.mark.integration
 def test_the_demo_command_bootstraps_m0_then_self_trains_and_evaluates(tmp_path):
     """``hs-star fit -c configs/tiny/hs_star.yaml`` shrunk to under a minute: M_0 is trained by
     the step-wise init fit it names (here on easy chains, a smaller model), installed, then 3

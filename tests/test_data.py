@@ -247,7 +247,6 @@ def test_global_batch_size_drives_optimizer_steps_in_a_real_fit(tmp_path):
         "fit", "-c", str(REPO / "configs" / "base.yaml"), "-c", str(REPO / "configs" / "debug" / "tiny_cpu.yaml"),
         f"--data.train_file={PAIRS_FILE}", "--data.batch_size=2", "--data.global_batch_size=8",
         "--data.max_length=256", "--trainer.max_epochs=1", "--export.enabled=false", f"--trainer.default_root_dir={tmp_path}",
-        f"--trainer.logger.init_args.save_dir={tmp_path}",
     ])
     assert cli.trainer.accumulate_grad_batches == 4 and cli.trainer.global_step == 3
     (metrics,) = tmp_path.rglob("metrics.csv")

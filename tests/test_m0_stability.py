@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers.self_training import env
 from tests.helpers.tiny_setup import REPO
 

@@ -69,11 +69,13 @@ def commands(script: str) -> list[str]:
 
 
 def test_ci_runs_the_readmes_test_command_after_installing_torch_first():
-    """The README names ``python -m pytest`` as the test command; ``.ci/run`` ends with it, and
-    installs torch 2.13.0 before the package, as the README's CPU instructions do."""
+    """The README names ``python -m pytest`` as the test command and ``-m integration`` as the
+    second tier; ``.ci/run`` ends with the two, and installs torch 2.13.0 before the package,
+    as the README's CPU instructions do."""
     assert re.search(r"the test command alone is `python -m pytest`", README)
+    assert "`python -m pytest -m integration`" in README
     lines = commands(CI_RUN.read_text(encoding="utf-8"))
-    assert lines[-1] == "python -m pytest"
+    assert lines[-2:] == ["python -m pytest", "python -m pytest -m integration"]
     torch_at = next(i for i, line in enumerate(lines) if "torch==2.13.0" in line)
     package_at = next(i for i, line in enumerate(lines) if '-e ".[dev]"' in line)
     assert torch_at < package_at

@@ -74,6 +74,7 @@ from hs_star_pl.module import HSStarModule
 from hs_star_pl.plots import plot_history, plot_round
 from hs_star_pl.reference import with_reference_logps
 from hs_star_pl.schedules import start_iteration
+from hs_star_pl.tracking import log_image_file, log_pairs_table, log_to_loggers, pair_rows
 from hs_star_pl.zero import iter_full_state_dict
 
 SCHEMA_VERSION = 3  # 2: the last iteration and each round's ledger totals; 3: the settings record
@@ -114,7 +115,9 @@ class SelfTrainingCallback(L.Callback):
             a blank line when the template names none. A set value the template contradicts
             is refused.
         seed: fixes every random choice of every round (draws, sampling, budget, pairs).
-        plots: write ``difficulty.png`` per round (needs matplotlib; skipped without it).
+        plots: write ``difficulty.png`` per round and ``rounds/accuracy.png`` at the end (needs
+            matplotlib; skipped without it); a TensorBoard or W&B logger also gets them as
+            images (``round/difficulty``, ``rounds/accuracy``; ``hs_star_pl.tracking``).
         restart_lr_schedule: give each iteration's training the whole learning-rate schedule
             (a ``WarmupCosineLR``'s warmup and decay span that iteration's optimizer steps,
             counted once its round is known), as the paper trains each iteration as a new run.
@@ -182,7 +185,7 @@ class SelfTrainingCallback(L.Callback):
         self._trainer: L.Trainer | None = None
         self._served: dict[int, list] = {}
         self._restored: dict[int, dict[str, Any]] = {}
-        self._unlogged: dict[int, dict[str, float]] = {}
+        self._unlogged: dict[int, _RoundLog] = {}
         self.history: list[dict[str, Any]] = []
         # The whole parsed config (``HSStarCLI`` sets it), from which the settings that decide a
         # round are recorded (``fingerprint``); without it, this callback's own settings are.
@@ -457,7 +460,10 @@ class SelfTrainingCallback(L.Callback):
             metrics[f"round/samples_{cls}"] = float(n)
         for phase, seconds in summary["seconds"].items():
             metrics[f"round/seconds_{phase}"] = float(seconds)
-        self._unlogged[result.iteration] = metrics  # logged when the iteration's training starts
+        questions = {p.id: p.question for p in result.problems}
+        pairs = [e for e in result.examples if isinstance(e, PreferencePair)]
+        # logged when the iteration's training starts
+        self._unlogged[result.iteration] = _RoundLog(metrics, directory, pair_rows(pairs, questions))
         entry = {"iteration": result.iteration, "directory": str(directory), **summary}
         self._check_against_checkpoint(entry)
         self.history = [h for h in self.history if h["iteration"] != result.iteration] + [entry]
@@ -472,10 +478,11 @@ class SelfTrainingCallback(L.Callback):
         for steps in start_iteration(trainer, self.clock.epochs_per_iteration, restart_lr_schedule=self.restart_lr_schedule,
                                      reset_optimizer_state=self.reset_optimizer_state, iteration=iteration):
             rank_zero_info(f"self-training: iteration {iteration} learning-rate schedule over {steps} optimizer steps")
-        metrics = self._unlogged.pop(iteration, None)
-        if metrics is not None and trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+        logged = self._unlogged.pop(iteration, None)
+        if logged is not None and trainer.is_global_zero:
+            log_to_loggers(trainer, logged.metrics)
+            log_image_file(trainer, "round/difficulty", logged.directory / "difficulty.png")
+            log_pairs_table(trainer, "round/pairs", logged.pair_rows)
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -484,6 +491,7 @@ class SelfTrainingCallback(L.Callback):
             root = self.rounds_root(trainer)
             summaries = [read_json(round_dir(root, t) / "summary.json") for t in completed_rounds(root)]
             plot_history(root / "rounds", summaries)
+            log_image_file(trainer, "rounds/accuracy", root / "rounds" / "accuracy.png")
 
     # -- checkpoint state (small, plain, versioned; the disk stays the truth) ----------------
 
@@ -550,6 +558,15 @@ class SelfTrainingCallback(L.Callback):
                 f"round {entry['iteration']} in {entry['directory']} differs from the checkpoint's record ({shown}); "
                 "the round on disk is used. Was the run folder replaced or a round redone by hand?"
             )
+
+
+@dataclasses.dataclass(frozen=True)
+class _RoundLog:
+    """What the loggers get of a round when its iteration's training starts."""
+
+    metrics: dict[str, float]  # round/*
+    directory: Path  # its difficulty.png, when plots are on
+    pair_rows: list[dict[str, Any]]  # a few of its pairs (tracking.pair_rows)
 
 
 # What the checkpoint keeps of each round (its ledger totals) and what a resume compares.

@@ -72,6 +72,7 @@ from hs_star_pl.core.templates import ChatRenderer, get_template, render_prompt
 from hs_star_pl.errors import InputFileError
 from hs_star_pl.jsonl import LineError, parse_json_line, why_not_a_file
 from hs_star_pl.reference import missing_reference, with_reference_logps
+from hs_star_pl.tracking import log_to_loggers
 
 Examples = Sequence[PreferencePair] | Sequence[SftExample]
 
@@ -523,11 +524,8 @@ class MathDataModule(L.LightningDataModule):
     def _report(self, stats: dict[str, int]) -> None:
         """Keep the training split's counts and log them as ``data/*`` (rank 0, at the current step)."""
         self.last_stats = stats
-        trainer = self.trainer
-        if trainer is None or not trainer.is_global_zero:
-            return
-        for logger in trainer.loggers:
-            logger.log_metrics({f"data/{k}": float(v) for k, v in stats.items()}, step=trainer.global_step)
+        if self.trainer is not None:
+            log_to_loggers(self.trainer, {f"data/{k}": float(v) for k, v in stats.items()})
 
     def collate(self, items: list) -> dict[str, torch.Tensor]:
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id

@@ -42,12 +42,15 @@ from hs_star_pl.core.records import PreferencePair
 from hs_star_pl.errors import ConfigError, NonFiniteLossError
 from hs_star_pl.evaluation.protocol import EvalBatch
 from hs_star_pl.losses import chosen_nll, dpo_loss, get_dpo_loss, sequence_logps, sft_nll
+from hs_star_pl.progress import phase_bar
 from hs_star_pl.schedules import WarmupCosineLR
 from hs_star_pl.zero import max_over_ranks, needs_lockstep
 
 OBJECTIVES = ("dpo", "sft")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-DPO_METRICS = ("loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward")
+DPO_METRICS = ("loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward", "chosen_logps", "rejected_logps")
+"""Logged as ``train/<name>`` and ``val/<name>``; ``chosen_logps``/``rejected_logps`` are the policy's
+summed response log-probs, averaged over the batch's pairs."""
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,7 @@ class HSStarModule(L.LightningModule):
         max_length: int,
         batch_size: int = 16,
         sort_by_length: bool = True,
+        progress: bool = False,
     ) -> list[PreferencePair]:
         """Reference log-probs of every pair under the policy as it is now.
 
@@ -235,6 +239,8 @@ class HSStarModule(L.LightningModule):
                 In input order the tiny demo's pairs were batched with 25% more tokens than
                 they hold and the pass was ~1.3x slower (``benchmarks/dpo_vs_trl.py``);
                 ``False`` keeps that order.
+            progress: show a progress bar over the pairs (``progress.phase_bar``: rank 0, with
+                ``trainer.enable_progress_bar``).
 
         Returns:
             Copies of ``pairs`` in order with ``ref_chosen_logp``/``ref_rejected_logp`` set;
@@ -258,7 +264,8 @@ class HSStarModule(L.LightningModule):
                 n_padding = max_over_ranks(n_batches, self.device) - n_batches
             else:
                 n_padding = 0
-            with precision:
+            bar = phase_bar(self._trainer if progress else None, len(encoded), "reference log-probs", "pair")
+            with precision, bar:
                 for start in range(0, len(encoded), batch_size):
                     chunk = encoded[start : start + batch_size]
                     batch = collate_pairs([(c, r) for _, c, r in chunk], pad_id)
@@ -270,6 +277,7 @@ class HSStarModule(L.LightningModule):
                         out[i] = dataclasses.replace(
                             out[i], ref_chosen_logp=float(logps[j]), ref_rejected_logp=float(logps[n + j])
                         )
+                    bar.update(n)
                 if n_padding:
                     filler = encode_example(self.tokenizer, "x", "x", max_length)
                     batch = {k: v.to(self.device) for k, v in collate_pairs([(filler, filler)], pad_id).items()}
@@ -307,6 +315,8 @@ class HSStarModule(L.LightningModule):
             metrics["margin"](chosen_rewards - rejected_rewards)
             metrics["chosen_reward"](chosen_rewards)
             metrics["rejected_reward"](rejected_rewards)
+            metrics["chosen_logps"](chosen.detach())
+            metrics["rejected_logps"](rejected.detach())
         batch_size = batch["input_ids"].shape[0]
         for name, metric in metrics.items():
             self.log(f"{split}/{name}", metric, on_step=split == "train", on_epoch=True, prog_bar=name == "loss",
@@ -356,6 +366,10 @@ class HSStarModule(L.LightningModule):
         if self._nonfinite(norm, "gradient norm"):
             for p in self.model.parameters():
                 p.grad = None  # optimizers skip parameters without a gradient: no update at all
+            return
+        # Before clipping (Lightning clips after this hook), so a norm above
+        # trainer.gradient_clip_val shows; a skipped non-finite one is counted above instead.
+        self.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self.model_step(batch, "val")

@@ -37,6 +37,18 @@ def format_seconds(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+def phase_bar(trainer: L.Trainer | None, total: int, desc: str, unit: str):
+    """A tqdm bar for work the trainer does between training steps (reference log-probs, evaluation).
+
+    Shown like Lightning's own bar: on rank 0, when ``trainer.enable_progress_bar`` is on
+    (no trainer: off). It is cleared when done (``leave=False``), as the engines' and PRMs' are.
+    """
+    from tqdm.auto import tqdm
+
+    shown = trainer is not None and trainer.is_global_zero and trainer.progress_bar_callback is not None
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not shown)
+
+
 def _loss_value(outputs: Any) -> float | None:
     loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
     if loss is None or not hasattr(loss, "detach"):

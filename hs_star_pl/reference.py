@@ -77,7 +77,8 @@ def with_reference_logps(
             return cached
     module = trainer.lightning_module
     rank, world = trainer.global_rank, trainer.world_size
-    mine = module.compute_reference_logps(list(pairs[rank::world]), max_length=max_length, batch_size=batch_size)
+    mine = module.compute_reference_logps(list(pairs[rank::world]), max_length=max_length, batch_size=batch_size,
+                                          progress=True)
     out = list(pairs)
     for r, part in enumerate(all_gather_objects(world, mine)):
         out[r::world] = part

@@ -43,6 +43,8 @@ from hs_star_pl.distributed import all_gather_objects
 from hs_star_pl.evaluation.datasets import BenchmarkConfig, load_benchmark
 from hs_star_pl.evaluation.metrics import BenchmarkMetric
 from hs_star_pl.evaluation.protocol import EvalBatch, grade, make_batch, policy_entry, results_table
+from hs_star_pl.progress import phase_bar
+from hs_star_pl.tracking import log_to_loggers
 
 
 class _BenchmarkRun:
@@ -259,10 +261,13 @@ class EvaluationCallback(L.Callback):
                 continue
             run = _BenchmarkRun(config, problems, trainer.datamodule.render_prompt, self.max_new_tokens, self.batch_size)
             run.metric = run.metric.to(pl_module.device)
-            for batch in run.batches(problems[rank::world]):
-                started = time.perf_counter()
-                run.record(batch, pl_module.generate_for_eval(batch), self.verifier)
-                run.seconds += time.perf_counter() - started
+            mine = problems[rank::world]
+            with phase_bar(trainer, len(mine), f"eval M_{policy} {config.name}", "problem") as bar:
+                for batch in run.batches(mine):
+                    started = time.perf_counter()
+                    run.record(batch, pl_module.generate_for_eval(batch), self.verifier)
+                    run.seconds += time.perf_counter() - started
+                    bar.update(len(batch.problems))
             summaries[config.name], rows = run.finish(world)
             written[config.name] = (config, summaries[config.name], rows)
         entry = policy_entry(label, summaries, policy=policy, kind="iteration")
@@ -276,8 +281,7 @@ class EvaluationCallback(L.Callback):
                 metrics.update({f"eval/{name}_{k}": v for k, v in s["pass_at_k"].items()})
             if entry["average"] is not None:
                 metrics["eval/average_accuracy"] = entry["average"]
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+            log_to_loggers(trainer, metrics)
         trainer.strategy.barrier("hs_star_eval_written")
         rank_zero_info(f"eval: M_{policy} " + ", ".join(f"{n} {s['metric']} {100 * s['accuracy']:.1f}%" for n, s in summaries.items()))
         return entry

@@ -45,8 +45,9 @@ from typing import Any
 from jsonargparse import Namespace
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from hs_star_pl import preemption
@@ -72,12 +73,18 @@ COMPONENT_GROUPS: dict[str, type] = {
 }
 
 
+# Loggers whose ``save_dir`` has a default that is not "unset": W&B's "." (the current folder).
+# Left at it (and W&B's ``dir`` unset too), it follows the run folder like an unset one.
+_DEFAULT_SAVE_DIRS = {"lightning.pytorch.loggers.WandbLogger": ".", "lightning.pytorch.loggers.wandb.WandbLogger": "."}
+
+
 def fill_logger_save_dirs(config: Namespace) -> None:
     """Point every configured logger without a ``save_dir`` at ``trainer.default_root_dir``.
 
     The run folder is one key: a logger's ``save_dir`` set on purpose is kept; one left unset
-    (``None``: ``CSVLogger`` and ``TensorBoardLogger`` require it) follows the run folder,
-    whether the logger came from a YAML file or ``--trainer.logger=CSVLogger``.
+    (``None``: ``CSVLogger`` and ``TensorBoardLogger`` require it; W&B's default ``.`` with its
+    ``dir`` unset) follows the run folder, whether the logger came from a YAML file,
+    ``--trainer.logger=CSVLogger`` or a list of loggers. ``trainer.logger: false`` has none.
     """
     if config.get("subcommand"):
         config = config.get(config["subcommand"])
@@ -88,7 +95,10 @@ def fill_logger_save_dirs(config: Namespace) -> None:
     loggers = trainer.get("logger")
     for logger in loggers if isinstance(loggers, list) else [loggers]:
         init = logger.get("init_args") if isinstance(logger, Namespace) else None
-        if isinstance(init, Namespace) and "save_dir" in init and init["save_dir"] is None:
+        if not isinstance(init, Namespace) or "save_dir" not in init:
+            continue
+        default = _DEFAULT_SAVE_DIRS.get(logger.get("class_path"))
+        if init["save_dir"] is None or (default is not None and init["save_dir"] == default and init.get("dir") is None):
             init["save_dir"] = root
 
 
@@ -219,6 +229,13 @@ class HSStarCLI(LightningCLI):
             save_dir = getattr(logger, "save_dir", None)
             if isinstance(save_dir, (str, os.PathLike)) and "://" not in str(save_dir):
                 check_writable(save_dir, "trainer.logger.init_args.save_dir")
+        if not trainer.loggers:
+            # trainer.logger: false: Lightning's LearningRateMonitor (configs/base.yaml) refuses
+            # to start without a logger; with nowhere to log it has nothing to do.
+            monitors = [c for c in trainer.callbacks if isinstance(c, LearningRateMonitor)]
+            if monitors:
+                rank_zero_info("trainer.logger is false: the LearningRateMonitor callback is left out (no logger to log to)")
+                trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]
         # Checkpoints written next to their final name and renamed (docs/reliability.md);
         # DeepSpeed and other strategies with their own checkpoint IO keep it.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:

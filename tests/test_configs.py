@@ -22,6 +22,7 @@ FRAGMENT_BASE = {
     "strategy": [CONFIGS / "debug" / "tiny_cpu.yaml"],
     # evaluation configs take the model from the command line (--model.model_path or --ckpt_path)
     "eval": [CONFIGS / "debug" / "tiny_cpu.yaml"],
+    "logger": [CONFIGS / "debug" / "tiny_cpu.yaml"],  # extra loggers (TensorBoard, W&B)
     "tiny/methods": [CONFIGS / "tiny" / "hs_star.yaml"],  # baseline and ablation overlays
     "strategy/deepspeed_offload.yaml": [CONFIGS / "debug" / "tiny_cpu.yaml", CONFIGS / "strategy" / "deepspeed_zero2_cpu.yaml"],
     "paper": [CONFIGS / "strategy" / "deepspeed_zero2.yaml"],
@@ -112,6 +113,9 @@ def test_yaml_parses_through_the_cli(path: Path, tmp_path, monkeypatch, request)
     files = [BASE, *fragment_base(rel)] + ([path] if path != BASE else [])
     if needs_deepspeed(files):
         pytest.importorskip("deepspeed", reason="deepspeed is not installed (extra [deepspeed])")
+    for logger, package in (("TensorBoardLogger", "tensorboard"), ("WandbLogger", "wandb")):
+        if any(logger in f.read_text() for f in files):
+            pytest.importorskip(package, reason=f"{package} is not installed (extra [trackers])")
     args = [a for f in files for a in ("-c", str(f))]
     if path == BASE:
         args += ["--model.tiny.hidden_size=32", f"--data.train_file={CONFIGS / 'data' / 'arith_pairs.jsonl'}"]

@@ -160,15 +160,17 @@ def test_the_reference_pass_and_the_evaluation_show_progress_bars(tensorboard_ru
 
 
 @pytest.fixture
-def offline_wandb(monkeypatch):
-    """W&B offline and quiet; the run this test starts is finished (its files flushed) at the end."""
+def offline_wandb(monkeypatch, tmp_path):
+    """W&B offline and quiet, its caches, staging and settings under ``tmp_path`` (not the home
+    folder); whatever the test left open is finished at the end."""
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    for name in ("CACHE", "DATA", "CONFIG", "ARTIFACT"):
+        monkeypatch.setenv(f"WANDB_{name}_DIR", str(tmp_path / "wandb_home" / name.lower()))
     yield wandb
-    if wandb.run is not None:
-        wandb.finish()
+    wandb.teardown()  # finishes a run left open and stops W&B's service, which holds these settings
 
 
 def test_wandb_offline_gets_the_numbers_the_plots_and_a_pairs_table(offline_wandb, tmp_path):
@@ -178,7 +180,9 @@ def test_wandb_offline_gets_the_numbers_the_plots_and_a_pairs_table(offline_wand
     cli = HSStarCLI(args=_round_args(run, "-c", _loggers_file(tmp_path / "loggers.yaml", WANDB),
                                      "--trainer.enable_progress_bar=false"))
     assert cli.trainer.logger.save_dir == str(run)  # W&B's default "." follows the run folder
-    offline_wandb.finish()  # what a process exit does: the run file is complete
+    # What a process exit does (atexit): finish the run and wait until W&B's service has written
+    # all of it; run.finish() alone returned before the history was in the run file.
+    offline_wandb.teardown()
     (wandb_dir,) = run_dirs(run)
     rows = history(wandb_dir)
     summary = json.loads((round_dir(run, 0) / "summary.json").read_text())

@@ -74,7 +74,8 @@ COMPONENT_GROUPS: dict[str, type] = {
 
 
 # Loggers whose ``save_dir`` has a default that is not "unset": W&B's "." (the current folder).
-# Left at it (and W&B's ``dir`` unset too), it follows the run folder like an unset one.
+# Left at it, it follows the run folder like an unset one, or W&B's other key ``dir`` when that
+# is set (Lightning's WandbLogger would let the default "." win over ``dir``).
 _DEFAULT_SAVE_DIRS = {"lightning.pytorch.loggers.WandbLogger": ".", "lightning.pytorch.loggers.wandb.WandbLogger": "."}
 
 
@@ -82,8 +83,8 @@ def fill_logger_save_dirs(config: Namespace) -> None:
     """Point every configured logger without a ``save_dir`` at ``trainer.default_root_dir``.
 
     The run folder is one key: a logger's ``save_dir`` set on purpose is kept; one left unset
-    (``None``: ``CSVLogger`` and ``TensorBoardLogger`` require it; W&B's default ``.`` with its
-    ``dir`` unset) follows the run folder, whether the logger came from a YAML file,
+    (``None``: ``CSVLogger`` and ``TensorBoardLogger`` require it; W&B's default ``.``, unless its
+    ``dir`` is set) follows the run folder, whether the logger came from a YAML file,
     ``--trainer.logger=CSVLogger`` or a list of loggers. ``trainer.logger: false`` has none.
     """
     if config.get("subcommand"):
@@ -98,8 +99,10 @@ def fill_logger_save_dirs(config: Namespace) -> None:
         if not isinstance(init, Namespace) or "save_dir" not in init:
             continue
         default = _DEFAULT_SAVE_DIRS.get(logger.get("class_path"))
-        if init["save_dir"] is None or (default is not None and init["save_dir"] == default and init.get("dir") is None):
+        if init["save_dir"] is None:
             init["save_dir"] = root
+        elif default is not None and init["save_dir"] == default:
+            init["save_dir"] = init.get("dir") or root
 
 
 def derive_max_epochs(config: Namespace) -> None:

@@ -208,9 +208,10 @@ def test_a_list_of_loggers_follows_the_run_folder_unless_one_sets_its_own(offlin
     run, mine = tmp_path / "run", tmp_path / "mine"
     loggers = _loggers_file(tmp_path / "loggers.yaml", TENSORBOARD, WANDB,
                             {**CSV, "init_args": {"name": "logs", "save_dir": str(mine)}},
-                            {**WANDB, "init_args": {**WANDB["init_args"], "save_dir": str(mine / "wb")}})
+                            {**WANDB, "init_args": {**WANDB["init_args"], "save_dir": str(mine / "wb")}},
+                            {**WANDB, "init_args": {**WANDB["init_args"], "dir": str(mine / "wb_dir")}})
     cli = HSStarCLI(args=_round_args(run, "-c", loggers)[1:], run=False)  # no subcommand: built, not run
-    assert [lg.save_dir for lg in cli.trainer.loggers] == [str(run), str(run), str(mine), str(mine / "wb")]
+    assert [lg.save_dir for lg in cli.trainer.loggers] == [str(run), str(run), str(mine), str(mine / "wb"), str(mine / "wb_dir")]
 
 
 def test_no_logger_at_all_still_trains_into_the_run_folder(tmp_path, capsys):

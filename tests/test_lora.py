@@ -221,3 +221,43 @@ def test_bad_lora_settings_name_the_key(kwargs, match):
 def test_settings_the_model_cannot_take_name_the_key(kwargs, match):
     with pytest.raises(ValueError, match=match):
         lora_module(peft=LoraSettings(**kwargs))
+
+
+# -- through the CLI -------------------------------------------------------------------------
+
+def _cli_args(tmp_path) -> list[str]:
+    from tests.helpers.tiny_setup import REPO
+
+    return ["-c", str(REPO / "configs" / "base.yaml"), "-c", str(REPO / "configs" / "debug" / "tiny_cpu.yaml"),
+            f"--trainer.default_root_dir={tmp_path}", f"--data.train_file={PAIRS_FILE}",
+            "--trainer.enable_progress_bar=false", "--model.peft.r=4", "--model.peft.target_modules=[q_proj,v_proj]",
+            "--export.adapter=true"]
+
+
+def test_cli_trains_lora_and_resumes_its_adapters_from_last(tmp_path):
+    from hs_star_pl.cli import HSStarCLI
+
+    first = HSStarCLI(args=["fit", *_cli_args(tmp_path), "--trainer.max_epochs=1"])
+    assert first.model.peft_model.peft_config["default"].target_modules == {"q_proj", "v_proj"}
+    adapters = {k: v.clone() for k, v in first.model.state_dict().items() if "lora_" in k}
+    assert adapters and all(k.endswith(("q_proj.lora_A.default.weight", "q_proj.lora_B.default.weight",
+                                        "v_proj.lora_A.default.weight", "v_proj.lora_B.default.weight"))
+                            for k in adapters)
+    export = tmp_path / "hf" / "iteration_000"
+    assert (export / "model.safetensors").is_file() and (export / "adapter" / "adapter_config.json").is_file()
+
+    # resumed where it ended: nothing left to train, the adapters are the checkpoint's
+    restored = HSStarCLI(args=["fit", *_cli_args(tmp_path), "--trainer.max_epochs=1", "--ckpt_path=last"])
+    assert restored.trainer.global_step == 5
+    state = restored.model.state_dict()
+    assert all(torch.equal(state[k], adapters[k]) for k in adapters)
+    resumed = HSStarCLI(args=["fit", *_cli_args(tmp_path), "--trainer.max_epochs=2", "--ckpt_path=last"])
+    assert resumed.trainer.global_step == 10  # 5 restored + 5 new optimizer steps
+    assert (tmp_path / "hf" / "iteration_001" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_cli_reports_a_bad_lora_value_with_its_key(tmp_path):
+    from hs_star_pl.cli import HSStarCLI
+
+    with pytest.raises(ValueError, match=r"model\.peft\.r must be an integer > 0, got -1"):
+        HSStarCLI(args=[*_cli_args(tmp_path), "--model.peft.r=-1"], run=False)

@@ -134,3 +134,24 @@ def test_vllm_serves_the_merged_export_and_the_streamed_merged_weights(tmp_path)
         report = engine.sync_weights(module.model, weights=iter_policy_weights(module.model),
                                      tokenizer=module.tokenizer)
         assert report.ok and report.max_abs_diff < 1e-3, report
+
+
+def test_self_training_with_lora_then_a_resume_with_another_rank_is_refused(tiny_m0, tmp_path):
+    """Two HS-STaR iterations on the tiny M_0 with LoRA (rounds sampled by the adapted policy,
+    M_t's reference log-probs, merged exports); resuming with another rank names the key."""
+    from hs_star_pl.core.artifacts import completed_rounds
+    from tests.helpers.self_training import self_training_args
+
+    m0, problems = tiny_m0
+    run = tmp_path / "run"
+    lora = ["--model.peft.r=4", "--model.peft.target_modules=all-linear", "--export.adapter=true"]
+    cli(self_training_args(run, m0, problems, *lora), tmp_path)
+    assert completed_rounds(run) == [0, 1]
+    for t in (0, 1):
+        assert not (run / "hf" / f"iteration_{t:03d}" / "adapter_config.json").exists()
+        assert (run / "hf" / f"iteration_{t:03d}" / "adapter" / "adapter_config.json").is_file()
+    out = subprocess.run([sys.executable, "-m", "hs_star_pl",
+                          *self_training_args(run, m0, problems, *lora, "--model.peft.r=8", "--ckpt_path=last")],
+                         cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0
+    assert "model.peft.r: 4 in" in out.stderr and "; 8 now" in out.stderr, out.stderr[-2000:]

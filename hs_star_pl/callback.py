@@ -75,7 +75,7 @@ from hs_star_pl.plots import plot_history, plot_round
 from hs_star_pl.reference import with_reference_logps
 from hs_star_pl.schedules import start_iteration
 from hs_star_pl.tracking import log_image_file, log_pairs_table, log_to_loggers, pair_rows
-from hs_star_pl.zero import iter_full_state_dict
+from hs_star_pl.lora import iter_policy_weights
 
 SCHEMA_VERSION = 3  # 2: the last iteration and each round's ledger totals; 3: the settings record
 
@@ -423,7 +423,8 @@ class SelfTrainingCallback(L.Callback):
                 rank_zero_info(f"round {iteration}: the engine reloads M_{iteration} from {path}")
                 return engine.load_from_dir(path, reference_model=module.model)
             rank_zero_info(f"round {iteration}: no HF export of M_{iteration} (model.tiny): streaming the weights")
-        return engine.sync_weights(module.model, weights=iter_full_state_dict(module.model), tokenizer=module.tokenizer)
+        # plain HF names, LoRA merged (iter_full_state_dict when there is no LoRA)
+        return engine.sync_weights(module.model, weights=iter_policy_weights(module.model), tokenizer=module.tokenizer)
 
     @staticmethod
     def policy_export(trainer: L.Trainer, module: L.LightningModule, iteration: int) -> Path | None:

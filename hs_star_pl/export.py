@@ -5,6 +5,15 @@
 DeepSpeed ZeRO-3 the parameters are gathered one at a time (``zero.full_state_dict``: every
 rank takes part, rank 0 keeps a CPU copy) and rank 0 writes them; the folder is the same as
 from an unsharded run.
+
+A LoRA policy (``model.peft``) is exported merged: the folder is a plain HF model that loads
+without peft (vLLM, ``hs-star test --model.model_path``, stepwise init), its weights
+``base + delta`` computed layer by layer into new tensors (``lora.iter_policy_weights``) so
+the training state is left bit for bit as it was. ``adapter=True`` also saves the adapter
+alone in ``iteration_NNN/adapter/`` (``adapter_model.safetensors``, ``adapter_config.json``;
+load it with ``peft.PeftModel.from_pretrained`` on the base). It is a sub-folder, not files
+beside ``config.json``: transformers would take an ``adapter_config.json`` at the top of the
+folder as an adapter to load onto the base it names.
 """
 
 from __future__ import annotations
@@ -17,32 +26,46 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from hs_star_pl import faults
 from hs_star_pl.core.iterations import IterationClock
+from hs_star_pl.errors import ConfigError
+from hs_star_pl.lora import ADAPTER_DIRNAME, has_lora, policy_state_dict
 from hs_star_pl.storage import storage_error
 from hs_star_pl.zero import full_state_dict, is_zero3_partitioned
 
 
-def export_hf(module: L.LightningModule, directory: str | Path) -> Path:
-    """Save ``module.model`` and ``module.tokenizer`` to ``directory`` (rank 0 writes).
+def export_hf(module: L.LightningModule, directory: str | Path, *, adapter: bool = False) -> Path:
+    """Save ``module.model`` and ``module.tokenizer`` to ``directory`` (rank 0 writes); LoRA merged.
 
     Written to a temporary sibling first and renamed, so a crash never leaves a half
     checkpoint under the final name; an existing export of the same name is replaced. All
     ranks wait for the write when a trainer is attached. Under ZeRO-3 every rank must call
     this (the parameters are gathered collectively); rank 0 holds the full weights on CPU.
 
+    Args:
+        module: holds ``model`` and ``tokenizer`` (and ``peft_model`` with LoRA).
+        directory: the export folder.
+        adapter: also save the LoRA adapter alone in ``<directory>/adapter/``.
+
     Returns:
         ``directory`` as a ``Path``.
     """
     directory = Path(directory)
     trainer = module._trainer
+    writes = trainer is None or trainer.is_global_zero
+    lora = has_lora(module.model)
     # None: save_pretrained takes the model's own state dict (no partitioned parameters).
-    state_dict = full_state_dict(module.model) if is_zero3_partitioned(module.model) else None
-    if trainer is None or trainer.is_global_zero:
+    if lora:
+        state_dict = policy_state_dict(module.model) if writes else None
+    else:
+        state_dict = full_state_dict(module.model) if is_zero3_partitioned(module.model) else None
+    if writes:
         tmp = directory.with_name(directory.name + ".tmp")
         try:
             if tmp.exists():
                 shutil.rmtree(tmp)
             module.model.save_pretrained(tmp, state_dict=state_dict)
             module.tokenizer.save_pretrained(tmp)
+            if adapter and lora:
+                module.peft_model.save_pretrained(tmp / ADAPTER_DIRNAME)
         except Exception as err:  # safetensors reports a full disk as its own error type
             shutil.rmtree(tmp, ignore_errors=True)
             if (failed := storage_error(err, tmp)) is not None:
@@ -66,12 +89,20 @@ class HFExportCallback(L.Callback):
             export happens after the last epoch of each.
         dirname: sub-folder of the run directory.
         enabled: turn exporting off.
+        adapter: with a LoRA policy (``model.peft``), also save the adapter alone in
+            ``iteration_NNN/adapter/``; the export itself is always the merged model.
     """
 
-    def __init__(self, epochs_per_iteration: int = 1, dirname: str = "hf", enabled: bool = True) -> None:
+    def __init__(self, epochs_per_iteration: int = 1, dirname: str = "hf", enabled: bool = True,
+                 adapter: bool = False) -> None:
         self.clock = IterationClock(epochs_per_iteration)
         self.dirname = dirname
         self.enabled = enabled
+        self.adapter = adapter
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.enabled and self.adapter and getattr(pl_module, "peft_model", None) is None:
+            raise ConfigError("export.adapter: true saves a LoRA adapter, but the policy has none (set model.peft)")
 
     def iteration_dir(self, trainer: L.Trainer, iteration: int) -> Path:
         return Path(trainer.default_root_dir) / self.dirname / f"iteration_{iteration:03d}"
@@ -80,4 +111,5 @@ class HFExportCallback(L.Callback):
         if not self.enabled or trainer.sanity_checking:
             return
         if self.clock.ends_iteration(trainer.current_epoch):
-            export_hf(pl_module, self.iteration_dir(trainer, self.clock.iteration_of(trainer.current_epoch)))
+            export_hf(pl_module, self.iteration_dir(trainer, self.clock.iteration_of(trainer.current_epoch)),
+                      adapter=self.adapter)

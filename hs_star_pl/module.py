@@ -41,6 +41,7 @@ from hs_star_pl.attention import check_attn_implementation
 from hs_star_pl.core.records import PreferencePair
 from hs_star_pl.errors import ConfigError, NonFiniteLossError
 from hs_star_pl.evaluation.protocol import EvalBatch
+from hs_star_pl.lora import LoraSettings, apply_lora
 from hs_star_pl.losses import chosen_nll, dpo_loss, get_dpo_loss, sequence_logps, sft_nll
 from hs_star_pl.progress import phase_bar
 from hs_star_pl.schedules import WarmupCosineLR
@@ -81,6 +82,11 @@ class TinyModelConfig:
             )
 
 
+# The checkpoint's hyper-parameters hold these settings objects; torch.load's weights-only
+# unpickler (Lightning's default on resume) refuses classes it has not been told are plain data.
+torch.serialization.add_safe_globals([TinyModelConfig, LoraSettings])
+
+
 class HSStarModule(L.LightningModule):
     """The policy LM and its training objective.
 
@@ -101,6 +107,13 @@ class HSStarModule(L.LightningModule):
             ``flash_attention_2``, ``flash_attention_3``, ``flex_attention``; see
             ``hs_star_pl.attention``), for ``model_path`` and ``tiny`` alike; ``None`` keeps
             transformers' default (``sdpa``). Checked when the config is parsed.
+        peft: train LoRA adapters instead of every weight (``hs_star_pl.lora.LoraSettings``,
+            the ``peft`` extra); ``None`` trains the whole model. The base weights are frozen
+            and left out of Lightning checkpoints (the adapters and the optimizer state are
+            saved; the base is reloaded from ``model_path``/``tiny`` on resume). The DPO
+            reference stays M_t, the policy with its adapters at the start of iteration t,
+            scored once per iteration as without LoRA; disabling the adapters would give M_0
+            instead from iteration 2 on. HF exports hold the merged model (docs/lora.md).
         optimizer: optimizer factory (LightningCLI ``class_path``); AdamW by default.
         lr_scheduler: scheduler factory, stepped every optimizer step; a
             ``WarmupCosineLR`` without ``total_steps`` gets it from the trainer.
@@ -121,6 +134,7 @@ class HSStarModule(L.LightningModule):
         dtype: Literal["float32", "bfloat16"] = "float32",
         gradient_checkpointing: bool = False,
         attn_implementation: str | None = None,
+        peft: LoraSettings | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         nonfinite_loss: Literal["raise", "skip"] = "raise",
@@ -159,9 +173,17 @@ class HSStarModule(L.LightningModule):
         self.n_nonfinite_skipped = 0
         self._batch_idx = 0
         self.tokenizer, self.model = self._load(model_path, tiny, DTYPES[dtype], attn_implementation)
+        # With LoRA, ``self.model`` stays the transformers model, adapted in place by peft (its
+        # forward and generate are the policy's); the PeftModel wrapper is kept outside the
+        # module tree (``__dict__``) so that its parameters are not registered twice.
+        self.__dict__["peft_model"] = apply_lora(self.model, peft) if peft is not None else None
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
             self.model.config.use_cache = False
+            if peft is not None:
+                # the frozen embeddings' output needs grad, or a reentrant checkpoint of the
+                # first layer would cut the adapters off from the loss (peft's usual requirement)
+                self.model.enable_input_require_grads()
         names = DPO_METRICS if objective == "dpo" else ("loss",)
         self.metrics = nn.ModuleDict(
             {f"{split}_": nn.ModuleDict({n: MeanMetric() for n in names}) for split in ("train", "val")}
@@ -194,6 +216,52 @@ class HSStarModule(L.LightningModule):
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token  # masks are built from lengths, see collate
         return tokenizer, model
+
+    # -- LoRA: the frozen base stays out of checkpoints -------------------------------------
+
+    def setup(self, stage: str) -> None:
+        if self.peft_model is not None and getattr(self._trainer.strategy, "zero_stage_3", False):
+            raise ConfigError(
+                "model.peft (LoRA) does not run under DeepSpeed ZeRO-3 here (the merged export and weight sync "
+                "need whole layers); use ZeRO-2 (configs/strategy/deepspeed_zero2.yaml) or DDP: with the base "
+                "frozen, its optimizer state is only the adapters'"
+            )
+
+    def _frozen_keys(self) -> list[str]:
+        """State-dict keys of the frozen base weights (none without LoRA)."""
+        if self.peft_model is None:
+            return []
+        return [k for k, v in self.state_dict(keep_vars=True).items()
+                if isinstance(v, nn.Parameter) and not v.requires_grad]
+
+    def _base_source(self) -> str:
+        return str(Path(self.model_path).resolve()) if self.model_path is not None else repr(self.tiny)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The base is what model_path / tiny loads, unchanged by training: a 7B checkpoint
+        # would otherwise carry 15 GB of weights it can reload from there.
+        frozen = self._frozen_keys()
+        if frozen and "state_dict" in checkpoint:
+            state = checkpoint["state_dict"]
+            for key in frozen:
+                state.pop(key, None)
+            checkpoint["lora_base"] = {"omitted": frozen, "source": self._base_source()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        base = checkpoint.get("lora_base")
+        if base is None or "state_dict" not in checkpoint:
+            return
+        if base["source"] != self._base_source():
+            raise ConfigError(
+                f"the checkpoint holds LoRA adapters trained on the base {base['source']}, but model.model_path/"
+                f"model.tiny is {self._base_source()} now: the frozen base is not in the checkpoint, resume with "
+                f"the base it was trained on"
+            )
+        own = self.state_dict()
+        state = checkpoint["state_dict"]
+        for key in base["omitted"]:
+            if key in own:  # a key the model no longer has is left for the strict load to report
+                state.setdefault(key, own[key])
 
     def model_source_tag(self) -> str:
         """A short id of where the initial weights came from (keys the reference-log-prob cache)."""
@@ -418,7 +486,8 @@ class HSStarModule(L.LightningModule):
     # -- optimisation ----------------------------------------------------------------------
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.model.parameters())
+        # with LoRA the frozen base weights stay out of the optimizer (and out of its state)
+        optimizer = self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)

@@ -15,7 +15,7 @@ CONFIGS = REPO / "configs"
 YAMLS = sorted(CONFIGS.rglob("*.yaml"))
 BASE = CONFIGS / "base.yaml"
 # Configs whose M_0 is trained on first use: parsed with the session's tiny M_0 instead.
-NEEDS_M0 = {"tiny/hs_star.yaml", *(f"tiny/methods/{p.name}" for p in (CONFIGS / "tiny" / "methods").glob("*.yaml"))}
+NEEDS_M0 = {"tiny/hs_star.yaml", "tiny/lora.yaml", *(f"tiny/methods/{p.name}" for p in (CONFIGS / "tiny" / "methods").glob("*.yaml"))}
 # Fragments that only add a component: parsed on top of these (most specific key wins).
 FRAGMENT_BASE = {
     "engine": [CONFIGS / "debug" / "tiny_cpu.yaml"],
@@ -24,12 +24,14 @@ FRAGMENT_BASE = {
     "eval": [CONFIGS / "debug" / "tiny_cpu.yaml"],
     "logger": [CONFIGS / "debug" / "tiny_cpu.yaml"],  # extra loggers (TensorBoard, W&B)
     "tiny/methods": [CONFIGS / "tiny" / "hs_star.yaml"],  # baseline and ablation overlays
+    "tiny/lora.yaml": [CONFIGS / "tiny" / "hs_star.yaml"],
     "strategy/deepspeed_offload.yaml": [CONFIGS / "debug" / "tiny_cpu.yaml", CONFIGS / "strategy" / "deepspeed_zero2_cpu.yaml"],
     "paper": [CONFIGS / "strategy" / "deepspeed_zero2.yaml"],
     "paper/prm": [CONFIGS / "strategy" / "deepspeed_zero2.yaml", CONFIGS / "paper" / "hs_star.yaml"],
     "paper/baselines": [CONFIGS / "strategy" / "deepspeed_zero2.yaml", CONFIGS / "paper" / "hs_star.yaml"],
     "paper/ablations": [CONFIGS / "strategy" / "deepspeed_zero2.yaml", CONFIGS / "paper" / "hs_star.yaml"],
     "paper/pools": [CONFIGS / "strategy" / "deepspeed_zero2.yaml", CONFIGS / "paper" / "hs_star.yaml"],
+    "paper/lora.yaml": [CONFIGS / "strategy" / "deepspeed_zero2.yaml", CONFIGS / "paper" / "hs_star.yaml"],
 }
 # Paper-scale configs name local 7B models that do not exist here: parsed with a tiny random
 # policy and tiny random PRMs in the same layouts (hs_star_pl.prm.hf.build_tiny_prm_dir).

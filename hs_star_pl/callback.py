@@ -67,6 +67,7 @@ from hs_star_pl.core.rounds import RoundConfig, RoundResult, explain_no_examples
 from hs_star_pl.core.selection import SelectionConfig
 from hs_star_pl.core.templates import step_delimiter_for
 from hs_star_pl.data import MathDataModule
+from hs_star_pl.engines.sync import point_engine_at
 from hs_star_pl.distributed import all_gather_objects
 from hs_star_pl.errors import ConfigError, EmptyRoundError
 from hs_star_pl.export import HFExportCallback
@@ -75,7 +76,6 @@ from hs_star_pl.plots import plot_history, plot_round
 from hs_star_pl.reference import with_reference_logps
 from hs_star_pl.schedules import start_iteration
 from hs_star_pl.tracking import log_image_file, log_pairs_table, log_to_loggers, pair_rows
-from hs_star_pl.lora import iter_policy_weights
 
 SCHEMA_VERSION = 3  # 2: the last iteration and each round's ledger totals; 3: the settings record
 
@@ -413,18 +413,14 @@ class SelfTrainingCallback(L.Callback):
         compares its log-probs with ``module.model``'s afterwards.
         """
         engine = lifecycle_of(self.engine)
-        engine.wake_up()
-        if engine.in_process:
-            engine.bind(module.model, module.tokenizer)
-            return None
-        if engine.sync_from == "export":
+        path = None
+        if not engine.in_process and engine.sync_from == "export":
             path = self.policy_export(trainer, module, iteration)
             if path is not None:
                 rank_zero_info(f"round {iteration}: the engine reloads M_{iteration} from {path}")
-                return engine.load_from_dir(path, reference_model=module.model)
-            rank_zero_info(f"round {iteration}: no HF export of M_{iteration} (model.tiny): streaming the weights")
-        # plain HF names, LoRA merged (iter_full_state_dict when there is no LoRA)
-        return engine.sync_weights(module.model, weights=iter_policy_weights(module.model), tokenizer=module.tokenizer)
+            else:
+                rank_zero_info(f"round {iteration}: no HF export of M_{iteration} (model.tiny): streaming the weights")
+        return point_engine_at(self.engine, module.model, module.tokenizer, export_dir=path)
 
     @staticmethod
     def policy_export(trainer: L.Trainer, module: L.LightningModule, iteration: int) -> Path | None:

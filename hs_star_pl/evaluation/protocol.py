@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hs_star_pl.core.answers import extract_answer
@@ -61,6 +61,9 @@ class EvalBatch:
         n_samples: responses per problem.
         params: sampling settings (temperature 0: greedy).
         batch_size: sequences per engine call.
+        engine: the engine that generates this batch, already pointed at the policy being
+            evaluated (``evaluation.engine``); ``None``: the policy in memory, through
+            ``HFEngine`` (``HSStarModule.generate_for_eval``).
     """
 
     benchmark: str
@@ -69,6 +72,7 @@ class EvalBatch:
     n_samples: int
     params: SamplingParams
     batch_size: int
+    engine: Any = field(default=None, compare=False, repr=False)
 
     @property
     def seed_scope(self) -> str:
@@ -89,11 +93,13 @@ def make_batch(
     params: SamplingParams,
     n_samples: int = 1,
     batch_size: int = 128,
+    engine: Any = None,
 ) -> EvalBatch:
     """An :class:`EvalBatch` of ``problems`` (prompts rendered here)."""
     if n_samples < 1:
         raise ValueError(f"evaluation.n_samples must be >= 1, got {n_samples}")
-    return EvalBatch(benchmark, tuple(problems), tuple(render_prompt(p) for p in problems), n_samples, params, batch_size)
+    return EvalBatch(benchmark, tuple(problems), tuple(render_prompt(p) for p in problems), n_samples, params,
+                     batch_size, engine)
 
 
 def grade(batch: EvalBatch, outputs: Mapping[str, Sequence[Completion]], verifier: AnswerVerifier,

@@ -160,6 +160,10 @@ class HSStarCLI(LightningCLI):
         # Always present, inactive until self_training.problems_file is set.
         parser.add_lightning_class_args(SelfTrainingCallback, "self_training")
         parser.add_lightning_class_args(EvaluationCallback, "evaluation")
+        # CSV whatever is installed: Lightning's own default is TensorBoard when tensorboard
+        # (the trackers extra) is importable and CSV otherwise (configs/base.yaml says the same)
+        parser.set_defaults({"trainer.logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                                "init_args": {"name": "logs"}}})
         for target, source in LINKS.items():
             parser.link_arguments(source, target, apply_on="parse")
         parser.add_argument(

@@ -223,3 +223,12 @@ def test_no_logger_at_all_still_trains_into_the_run_folder(tmp_path, capsys):
     assert cli.trainer.loggers == []
     assert (run / "checkpoints" / "last.ckpt").is_file() and (round_dir(run, 0) / "summary.json").is_file()
     assert not (run / "logs").exists() and not (run / "lightning_logs").exists()
+
+
+def test_a_config_without_a_logger_logs_csv_even_with_tensorboard_installed(tmp_path):
+    """Lightning's own default would be TensorBoard once the trackers extra is installed; ours
+    stays CSV, under the run folder, for a config that does not name a logger (the tiny demo's)."""
+    pytest.importorskip("tensorboard")
+    cli = HSStarCLI(args=["-c", str(REPO / "configs" / "debug" / "tiny_cpu.yaml"),
+                          f"--trainer.default_root_dir={tmp_path / 'run'}"], run=False)
+    assert [(type(l).__name__, l.log_dir) for l in cli.trainer.loggers] == [("CSVLogger", str(tmp_path / "run" / "logs" / "version_0"))]

@@ -10,6 +10,9 @@ exact-match answers, ``ArithmeticPRM``, thresholds 0.25/0.75, T=0.7, top_p 0.95:
 * ``UniformBudget``: K samples per problem (plain iterative DPO at equal budget);
 * ``ProportionalBudget``: the rest in proportion to the failure rate (DART-Math style).
 
+Each response is in at most one pair, so 500 pairs per 1000 rollouts is the ceiling of any
+allocator; "% of ceiling" is an allocator's pairs per 1000 rollouts as a share of it.
+
 M_0 is ``--model-path``, else the demo's shipped ``data/tiny/m0`` (trained first, about 4.5
 minutes once, when missing). ``--draws`` repeats the comparison on disjoint problem draws and
 sums the counts. A problem's class is what its own allocator saw: from the n_p pre-samples
@@ -97,7 +100,8 @@ def main() -> None:
     for name, t in totals.items():
         n = max(t["rollouts"], 1)
         rows.append((
-            name, t["rollouts"], t["budget"], t["pairs"], 1000.0 * t["pairs"] / n, t["with_pairs"],
+            name, t["rollouts"], t["budget"], t["pairs"], 1000.0 * t["pairs"] / n, 100.0 * t["pairs"] / (n / 2),
+            t["with_pairs"],
             *(f"{100.0 * t[f'samples_{c}'] / n:.0f}% ({t[f'problems_{c}']})" for c in CLASSES),
             t["correct"] / n, t["seconds"],
         ))
@@ -111,7 +115,8 @@ def main() -> None:
         ratio = (hier["pairs"] / max(hier["rollouts"], 1)) / (base["pairs"] / max(base["rollouts"], 1))
         notes.append(f"hierarchical / uniform, pairs per rollout: {ratio:.2f}x")
     emit("Budget efficiency: pairs per 1000 rollouts at equal budget", notes,
-         ["allocator", "rollouts", "budget K*N", "pairs", "pairs / 1000 rollouts", "problems with pairs",
+         ["allocator", "rollouts", "budget K*N", "pairs", "pairs / 1000 rollouts", "% of ceiling (500 / 1000)",
+          "problems with pairs",
           "samples on inlier (problems)", "on boundary", "on outlier", "rollout accuracy", "round s"],
          rows, args.json)
 

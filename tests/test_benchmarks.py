@@ -81,6 +81,9 @@ def test_budget_efficiency(tmp_path):
     assert set(rows) == {"hierarchical (HS-STaR)", "uniform", "proportional"}
     assert all(r["rollouts"] <= r["budget K*N"] for r in rows.values())
     assert rows["uniform"]["rollouts"] == rows["uniform"]["budget K*N"]
+    for row in rows.values():  # a response is in at most one pair: 500 per 1000 rollouts at most
+        share = row["% of ceiling (500 / 1000)"]
+        assert share == pytest.approx(row["pairs / 1000 rollouts"] / 5) and 0 <= share <= 100
 
 
 def test_round_scaling_trains_on_a_trained_m0(tiny_m0, tmp_path):

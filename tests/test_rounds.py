@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from hs_star_pl.core.budget import HierarchicalBudget, ProportionalBudget, UniformBudget
 from hs_star_pl.core.difficulty import DifficultyConfig
-from hs_star_pl.core.protocols import Completion
+from hs_star_pl.core.protocols import Completion, StepScoringRequest
 from hs_star_pl.core.records import Phase, Problem
 from hs_star_pl.core.rounds import MemoryStore, RoundConfig, derive_seed, run_round
 from hs_star_pl.core.selection import SelectionConfig
@@ -276,3 +278,55 @@ def test_pairs_pool_pre_and_resamples():
     assert len(result.examples) == 1
     (pair,) = result.examples
     assert "call 1 try 0" in pair.chosen and "boxed{8}" in pair.rejected
+
+
+class _FewTexts:
+    """Every sample is one of two texts per problem, so most of a round's responses repeat."""
+
+    def generate(self, requests, params):
+        out = {}
+        for req in requests:
+            rng = random.Random(f"{params.seed}:{req.key}")
+            out[req.key] = [Completion(f"Step 1: {req.key}\n\nso \\boxed{{{rng.choice((7, 8))}}}", "stop", 9)
+                            for _ in range(req.n)]
+        return out
+
+
+class _CountingVerifier(BoxedNumberVerifier):
+    def __init__(self):
+        self.seen = []
+
+    def verify(self, responses, golds):
+        self.seen.extend(responses)
+        return super().verify(responses, golds)
+
+
+class _CountingPRM(KeywordPRM):
+    def __init__(self):
+        self.seen = []
+
+    def score(self, requests):
+        self.seen.extend((r.question, r.response) for r in requests)
+        return super().score(requests)
+
+
+def test_a_repeated_response_is_verified_and_scored_once_per_problem():
+    """Within a round (pre-samples and re-samples together) a problem's identical texts share
+    one verifier call and one PRM score; every rollout still gets the verdict and the step
+    scores it would get alone."""
+    verifier, prm = _CountingVerifier(), _CountingPRM()
+    result = run_round(problems(), engine=_FewTexts(), verifier=verifier, prm=prm,
+                       allocator=HierarchicalBudget(samples_per_problem=8, n_presample=3),
+                       config=RoundConfig(difficulty=DifficultyConfig(tau_low=0.3, tau_high=0.6)), seed=1)
+    distinct = {(r.problem_id, r.text) for r in result.rollouts}
+    assert len(result.rollouts) > 2 * len(distinct)  # the workload does repeat itself
+    assert len(prm.seen) == len(set(prm.seen)) == len(verifier.seen) == len(distinct)
+    assert result.summary()["distinct_responses"] == len(distinct)
+    assert any(r.problem_id == r2.problem_id and r.text == r2.text
+               for r in result.presamples for r2 in result.resamples)  # re-samples reuse pre-sample scores
+    by_id = {p.id: p for p in problems()}
+    for r in result.rollouts:
+        alone = BoxedNumberVerifier().verify([r.text], [by_id[r.problem_id].answer])[0]
+        assert r.correct == alone
+        request = StepScoringRequest(by_id[r.problem_id].question, tuple(r.text.split("\n\n")), alone, r.text)
+        assert list(r.score.step_scores) == KeywordPRM().score([request])[0]

@@ -177,6 +177,8 @@ class RoundResult:
             "ungradeable_responses": sum(r.correct is None for r in rollouts),
             "mean_response_tokens": mean_or_none([float(r.rollout.n_tokens) for r in rollouts]),
             "truncated_responses": sum(r.rollout.finish_reason == "length" for r in rollouts),
+            # texts verified and PRM-scored: a text repeated within a problem is scored once
+            "distinct_responses": len({(r.problem_id, r.text) for r in rollouts}),
             "tau_low": self.thresholds.tau_low,
             "tau_high": self.thresholds.tau_high,
             "seconds": dict(self.seconds),
@@ -239,15 +241,31 @@ def score_rollouts(
     step_delimiter: str = DEFAULT_STEP_DELIMITER,
     seconds: dict[str, float] | None = None,
     prefix: str = "",
+    known: Mapping[tuple[str, str], RolloutScore] | None = None,
 ) -> list[ScoredRollout]:
-    """Answer check, then PRM step scores, for every rollout (verdicts go to the PRM too)."""
+    """Answer check, then PRM step scores, for every rollout (verdicts go to the PRM too).
+
+    A response text is checked and scored once per problem: rollouts of one problem with the
+    same text share the first one's verdict and step scores, and so does a text already in
+    ``known`` (``(problem id, text)`` -> score, e.g. the pre-samples' when scoring the
+    re-samples). Verifiers and PRMs are deterministic for a given text (a PRM in eval mode,
+    up to float noise from how a batch is padded), so only the time changes: with the tiny
+    demo's M_0, about a fifth of a round's re-samples repeat a sibling's text.
+    """
     seconds = seconds if seconds is not None else {}
     if not rollouts:
         return []
+    scores: dict[tuple[str, str], RolloutScore] = dict(known or {})
+    todo: dict[tuple[str, str], Rollout] = {}
+    for r in rollouts:
+        key = (r.problem_id, r.text)
+        if key not in scores:
+            todo.setdefault(key, r)
+    unique = list(todo.values())
     with timed(seconds, f"{prefix}verify"):
-        verdicts = verifier.verify([r.text for r in rollouts], [problems[r.problem_id].answer for r in rollouts])
-    if len(verdicts) != len(rollouts):
-        raise RuntimeError(f"{type(verifier).__name__} returned {len(verdicts)} verdicts for {len(rollouts)} responses")
+        verdicts = verifier.verify([r.text for r in unique], [problems[r.problem_id].answer for r in unique]) if unique else []
+    if len(verdicts) != len(unique):
+        raise RuntimeError(f"{type(verifier).__name__} returned {len(verdicts)} verdicts for {len(unique)} responses")
     requests = [
         StepScoringRequest(
             question=problems[r.problem_id].question,
@@ -255,20 +273,19 @@ def score_rollouts(
             correct=v,
             response=r.text,
         )
-        for r, v in zip(rollouts, verdicts)
+        for r, v in zip(unique, verdicts)
     ]
     with timed(seconds, f"{prefix}prm"):
-        step_scores = prm.score(requests)
+        step_scores = prm.score(requests) if requests else []
     if len(step_scores) != len(requests):
         raise RuntimeError(f"{type(prm).__name__} returned {len(step_scores)} score lists for {len(requests)} responses")
-    scored = []
-    for r, v, req, scores in zip(rollouts, verdicts, requests, step_scores):
-        if len(scores) != len(req.steps):
+    for (key, r), v, req, got in zip(todo.items(), verdicts, requests, step_scores):
+        if len(got) != len(req.steps):
             raise RuntimeError(
-                f"{type(prm).__name__} returned {len(scores)} step scores for {r.key}, which has {len(req.steps)} steps"
+                f"{type(prm).__name__} returned {len(got)} step scores for {r.key}, which has {len(req.steps)} steps"
             )
-        scored.append(ScoredRollout(r, RolloutScore(correct=v, step_scores=tuple(float(s) for s in scores))))
-    return scored
+        scores[key] = RolloutScore(correct=v, step_scores=tuple(float(x) for x in got))
+    return [ScoredRollout(r, scores[(r.problem_id, r.text)]) for r in rollouts]
 
 
 def sample_and_score(
@@ -285,8 +302,13 @@ def sample_and_score(
     step_delimiter: str = DEFAULT_STEP_DELIMITER,
     store: PhaseStore | None = None,
     seconds: dict[str, float] | None = None,
+    known: Sequence[ScoredRollout] = (),
 ) -> list[ScoredRollout]:
-    """Generate then score one phase, reading either half back from ``store`` if finished."""
+    """Generate then score one phase, reading either half back from ``store`` if finished.
+
+    ``known``: responses scored before (the pre-samples, for the re-sample phase); a new
+    response with the same text for the same problem takes their score.
+    """
     seconds = seconds if seconds is not None else {}
     name = phase.value
     if store is not None and (done := store.load(f"{name}_scored")) is not None:
@@ -301,7 +323,8 @@ def sample_and_score(
             with faults.persisting(name):
                 store.save(f"{name}_generated", [ScoredRollout(r, RolloutScore(None)).to_dict() for r in rollouts])
     by_id = {p.id: p for p in problems}
-    scored = score_rollouts(rollouts, by_id, verifier, prm, step_delimiter, seconds, prefix=f"{name}_")
+    scored = score_rollouts(rollouts, by_id, verifier, prm, step_delimiter, seconds, prefix=f"{name}_",
+                            known={(r.problem_id, r.text): r.score for r in known})
     if store is not None:
         with faults.persisting("prm", phase=name):
             store.save(f"{name}_scored", [r.to_dict() for r in scored])
@@ -403,7 +426,7 @@ def run_round(
     # 5. Re-sample those problems; verify and PRM-score the new responses.
     resample_params = dataclasses.replace(config.sampling, seed=derive_seed(seed, iteration, "resample"))
     mine = sample_and_score(
-        local, ledger.resample, ledger.presample, Phase.RESAMPLE, sampling=resample_params, **common
+        local, ledger.resample, ledger.presample, Phase.RESAMPLE, sampling=resample_params, known=mine, **common
     )
     resamples = everyone(mine)
 

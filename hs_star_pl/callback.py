@@ -67,8 +67,8 @@ from hs_star_pl.core.rounds import RoundConfig, RoundResult, explain_no_examples
 from hs_star_pl.core.selection import SelectionConfig
 from hs_star_pl.core.templates import step_delimiter_for
 from hs_star_pl.data import MathDataModule
-from hs_star_pl.engines.sync import point_engine_at
 from hs_star_pl.distributed import all_gather_objects
+from hs_star_pl.engines.sync import point_engine_at
 from hs_star_pl.errors import ConfigError, EmptyRoundError
 from hs_star_pl.export import HFExportCallback
 from hs_star_pl.module import HSStarModule

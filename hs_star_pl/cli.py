@@ -54,8 +54,8 @@ from hs_star_pl import preemption
 from hs_star_pl.callback import SelfTrainingCallback
 from hs_star_pl.checkpoint_io import AtomicCheckpointIO
 from hs_star_pl.config_checks import LINKS, check_config, name_link_sources
-from hs_star_pl.core.protocols import lifecycle_of
 from hs_star_pl.core.iterations import IterationClock
+from hs_star_pl.core.protocols import lifecycle_of
 from hs_star_pl.data import MathDataModule
 from hs_star_pl.errors import ConfigError, HSStarError
 from hs_star_pl.evaluation.callback import EvaluationCallback

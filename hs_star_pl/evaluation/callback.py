@@ -276,15 +276,15 @@ class EvaluationCallback(L.Callback):
         rank, world = trainer.global_rank, trainer.world_size
         summaries: dict[str, dict[str, Any]] = {}
         written: dict[str, tuple[BenchmarkConfig, dict, list]] = {}
-        todo = [(c, p) for c, p in self._fit_plan if not self.result_path(trainer, c.name, label).is_file()]
-        if todo and self.engine is not None:
+        stored = {c.name: path for c, _ in self._fit_plan if (path := self.result_path(trainer, c.name, label)).is_file()}
+        generates = self.engine is not None and len(stored) < len(self._fit_plan)
+        if generates:
             # the weights are streamed: after a resume the policy in memory is whatever the
             # checkpoint holds, which no folder on disk is guaranteed to match
             self._point_engine(pl_module, None, f"M_{policy}")
         for config, problems in self._fit_plan:
-            path = self.result_path(trainer, config.name, label)
-            if path.is_file():
-                summaries[config.name] = json.loads(path.read_text())["summary"]
+            if config.name in stored:
+                summaries[config.name] = json.loads(stored[config.name].read_text())["summary"]
                 continue
             run = _BenchmarkRun(config, problems, trainer.datamodule.render_prompt, self.max_new_tokens, self.batch_size,
                                 self.engine)
@@ -298,7 +298,7 @@ class EvaluationCallback(L.Callback):
                     bar.update(len(batch.problems))
             summaries[config.name], rows = run.finish(world)
             written[config.name] = (config, summaries[config.name], rows)
-        if todo and self.engine is not None:
+        if generates:
             lifecycle_of(self.engine).sleep()
         entry = policy_entry(label, summaries, policy=policy, kind="iteration")
         if trainer.is_global_zero:

@@ -16,6 +16,8 @@ from hs_star_pl.experiments.compare import (
     method_paths,
     paired_t_interval,
     details,
+    fit_command,
+    n_iterations,
     report,
     share_m0_evaluation,
 )
@@ -89,6 +91,23 @@ def test_unknown_method_and_stray_arguments_are_refused_with_the_choices(tmp_pat
     bad = subprocess.run([sys.executable, "-m", "hs_star_pl.experiments.compare", "stray", "--seeds", "0"],
                          cwd=tmp_path, env=env(), capture_output=True, text=True)
     assert bad.returncode == 2 and "--dotted.key=value" in bad.stderr
+
+
+def test_several_base_configs_apply_in_order_and_the_last_to_set_the_iteration_count_wins(tmp_path):
+    demo, overlay, silent = tmp_path / "demo.yaml", tmp_path / "study.yaml", tmp_path / "silent.yaml"
+    demo.write_text("self_training:\n  n_iterations: 3\n")
+    overlay.write_text("self_training:\n  n_iterations: 2\n  problems_file: pool.jsonl\n")
+    silent.write_text("model:\n  beta: 0.2\n")
+    assert n_iterations([demo], []) == 3
+    assert n_iterations([demo, overlay], []) == 2
+    assert n_iterations([demo, overlay, silent], []) == 2
+    assert n_iterations([demo, overlay], ["--self_training.n_iterations=1"]) == 1
+    with pytest.raises(SystemExit, match="n_iterations is required"):
+        n_iterations([silent], [])
+    cmd = fit_command([demo, overlay], tmp_path / "m.yaml", 4, tmp_path / "run", resume=False)
+    configs = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-c"]
+    assert configs == [str(demo), str(overlay), str(tmp_path / "m.yaml")]
+    assert "--seed_everything=4" in cmd
 
 
 def test_report_gives_mean_and_sd_over_seeds_per_iteration():

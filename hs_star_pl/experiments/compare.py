@@ -105,17 +105,18 @@ def run_dir(out: Path, method: str, seed: int) -> Path:
     return out / method / f"seed_{seed}"
 
 
-def n_iterations(config: Path, fit_args: Sequence[str]) -> int:
-    """Iterations per run: the last ``--self_training.n_iterations=`` in ``fit_args``, else the base config's."""
+def n_iterations(configs: Sequence[Path], fit_args: Sequence[str]) -> int:
+    """Iterations per run: the last ``--self_training.n_iterations=`` in ``fit_args``, else the last base config's that sets it."""
     for arg in reversed(fit_args):
         if arg.startswith("--self_training.n_iterations="):
             return int(arg.split("=", 1)[1])
-    with open(config) as f:
-        cfg = yaml.safe_load(f)
-    try:
-        return int(cfg["self_training"]["n_iterations"])
-    except (KeyError, TypeError) as err:
-        raise SystemExit(f"{config}: self_training.n_iterations is required for a comparison") from err
+    for config in reversed(configs):
+        with open(config) as f:
+            cfg = yaml.safe_load(f) or {}
+        value = (cfg.get("self_training") or {}).get("n_iterations") if isinstance(cfg, dict) else None
+        if value is not None:
+            return int(value)
+    raise SystemExit(f"{', '.join(map(str, configs))}: self_training.n_iterations is required for a comparison")
 
 
 def collect(directory: Path, method: str, seed: int) -> RunResult | None:
@@ -171,9 +172,11 @@ def accuracy_by_group(result: Path, field_name: str = GROUP_FIELD) -> dict[str, 
 
 
 def fit_command(
-    base: Path, overlay: Path | None, seed: int, directory: Path, resume: bool, fit_args: Sequence[str] = ()
+    base: Sequence[Path], overlay: Path | None, seed: int, directory: Path, resume: bool, fit_args: Sequence[str] = ()
 ) -> list[str]:
-    cmd = [sys.executable, "-m", "hs_star_pl", "fit", "-c", str(base)]
+    cmd = [sys.executable, "-m", "hs_star_pl", "fit"]
+    for config in base:
+        cmd += ["-c", str(config)]
     if overlay is not None:
         cmd += ["-c", str(overlay)]
     cmd += [
@@ -221,7 +224,7 @@ def share_m0_evaluation(out: Path, directory: Path) -> Path | None:
 
 
 def run_one(
-    base: Path, overlay: Path | None, seed: int, directory: Path, expected: int, method: str, fit_args: Sequence[str] = (),
+    base: Sequence[Path], overlay: Path | None, seed: int, directory: Path, expected: int, method: str, fit_args: Sequence[str] = (),
     share_m0_from: Path | None = None,
 ) -> RunResult:
     done = collect(directory, method, seed)
@@ -403,7 +406,9 @@ def plot(results: Sequence[RunResult], expected: int, path: Path) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", type=Path, default=BASE_CONFIG, help="the base run config (default: %(default)s)")
+    parser.add_argument("--base", type=Path, nargs="+", default=[BASE_CONFIG],
+                        help="the base run config, or several applied in order (e.g. the demo config and a "
+                             "study's overlay); each method's overlay comes after them (default: %(default)s)")
     parser.add_argument("--methods-dir", type=Path, default=METHODS_DIR, help="overlay folder (default: %(default)s)")
     parser.add_argument("--study", choices=sorted(STUDIES), default="main",
                         help="which methods to run: main (the paper's main table), pilot (the difficulty splits) "
@@ -419,8 +424,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if bad:
         parser.error(f"unrecognized arguments {bad}: options for hs-star fit are passed as --dotted.key=value")
 
-    if not args.base.exists():
-        raise SystemExit(f"--base: {args.base} does not exist")
+    missing = [str(p) for p in args.base if not p.exists()]
+    if missing:
+        raise SystemExit(f"--base: {', '.join(missing)} does not exist")
     methods = method_paths(args.methods_dir, args.methods or list(STUDIES[args.study]))
     expected = n_iterations(args.base, fit_args)
     own_m0 = {method: "--evaluate-m0-every-run" if args.evaluate_m0_every_run else changes_m0_evaluation(overlay)

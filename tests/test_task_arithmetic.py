@@ -103,3 +103,43 @@ def test_demo_splits_are_disjoint_and_avoid_the_first_test_set():
     first_test = {p.question for p in tiny_demo.first_draws()[2]}
     assert len(first_test) == tiny_demo.FIRST_TEST_SIZE
     assert not first_test & (questions["dev"] | questions["test"])
+
+
+def test_shipped_study_data_is_what_the_generator_writes(tmp_path):
+    """data/tiny/spread/*.jsonl: python -m hs_star_pl.tasks.tiny_demo --study, byte for byte."""
+    from pathlib import Path
+
+    from hs_star_pl.tasks import tiny_demo
+
+    shipped = Path(__file__).parents[1] / "data" / "tiny" / "spread"
+    written = tiny_demo.write(tmp_path, study=True)
+    assert set(written) == {"sft_stage2", "pool", "dev", "test"}
+    for name, path in written.items():
+        assert (shipped / f"{name}.jsonl").read_bytes() == path.read_bytes(), name
+        assert len(load_problems(path)) == tiny_demo.STUDY_SIZES[name], name
+
+
+def test_study_files_are_disjoint_from_each_other_and_from_every_demo_file():
+    import re
+
+    from hs_star_pl.tasks import tiny_demo
+    from hs_star_pl.tasks.arithmetic import parse_question
+
+    study = tiny_demo.build_study()
+    demo = tiny_demo.build()
+    demo_questions = {p.question for problems in demo.values() for p in problems}
+    demo_questions |= {p.question for p in tiny_demo.first_draws()[2]}
+    names = list(study)
+    for i, a in enumerate(names):
+        qa = {p.question for p in study[a]}
+        assert not qa & demo_questions, a
+        for b in names[i + 1 :]:
+            assert not qa & {p.question for p in study[b]}, (a, b)
+    # pool, dev and test are one mixture: about a fifth of each reaches past 60 or uses +/- above 10
+    for name in ("pool", "dev", "test"):
+        beyond = 0
+        for p in study[name]:
+            start, steps = parse_question(p.question)
+            values = [start] + [int(v) for v in re.findall(r"= (\d+)", p.solution)]
+            beyond += max(values) > 60 or any(op in ("add", "subtract") and n > 10 for op, n in steps)
+        assert 0.1 < beyond / len(study[name]) <= tiny_demo.STUDY_BEYOND_SHARE + 0.05, (name, beyond)

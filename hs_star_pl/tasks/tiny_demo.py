@@ -27,11 +27,27 @@ Seeds and draw order (each draw excludes every question drawn before it):
 (another size or mix) keeps them unchanged, and must be drawn with ``exclude`` covering
 ``sft``, ``dev`` and ``test`` to stay disjoint from them. M_0 is trained on ``sft`` alone, so
 it does not depend on the pool either.
+
+The study task (``--study``, into ``data/tiny/spread``) is where the paper's pilot study and
+main comparison run: a pool whose difficulty is spread for its M_0 the way a real pool's is for
+a 7B model (about a fifth of the problems always solved, a third never, the rest between), which
+the demo's pool is not (docs/results-tiny.md, "The study task"). Its M_0 knows the demo's range
+(values to 40) and is still learning values to 60; values to 99 are out of its reach:
+
+* ``sft_stage2.jsonl``: seed 6, 2,000 chains of 1-6 steps with values up to 60, the second stage of
+  the study's step-wise initialisation (``data/tiny/m0_spread/README.md``);
+* ``pool.jsonl`` (seed 7, 1,200), ``dev.jsonl`` (seed 8, 1,000), ``test.jsonl`` (seed 9, 1,000): each
+  80% chains of 2-6 steps with values up to 60 and 20% chains of 2-4 steps with values up to 99
+  (+/- up to 20), drawn with the seed's ``random.Random`` deciding each problem's family.
+
+Every study file excludes every demo file (and the first test set) and the study files drawn
+before it, so all eight are disjoint by question.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -68,10 +84,42 @@ def build() -> dict[str, list[Problem]]:
     return {"sft": sft, "pool": pool, "dev": dev, "test": test}
 
 
-def write(directory: str | Path) -> dict[str, Path]:
+# The study task (module docstring).
+STUDY_SFT = ArithmeticTaskConfig(min_steps=1, max_steps=6, max_start=20, max_addend=10, max_multiplier=3, max_value=60)
+STUDY_REACH = ArithmeticTaskConfig(min_steps=2, max_steps=6, max_start=20, max_addend=10, max_multiplier=3, max_value=60)
+STUDY_BEYOND = ArithmeticTaskConfig(min_steps=2, max_steps=4, max_start=30, max_addend=20, max_multiplier=3, max_value=99)
+STUDY_BEYOND_SHARE = 0.2
+STUDY_SIZES = {"sft_stage2": 2000, "pool": 1200, "dev": 1000, "test": 1000}
+STUDY_SEEDS = {"sft_stage2": 6, "pool": 7, "dev": 8, "test": 9}
+
+
+def _mixture(n: int, seed: int, exclude: list[Problem]) -> list[Problem]:
+    """``n`` problems, each from ``STUDY_BEYOND`` with probability ``STUDY_BEYOND_SHARE``, else ``STUDY_REACH``."""
+    rng = random.Random(f"tiny-study-mixture:{seed}")
+    n_beyond = sum(rng.random() < STUDY_BEYOND_SHARE for _ in range(n))
+    reach = generate_problems(n - n_beyond, seed, STUDY_REACH, exclude=exclude)
+    beyond = generate_problems(n_beyond, seed, STUDY_BEYOND, exclude=exclude + reach)
+    order = reach + beyond
+    rng.shuffle(order)
+    return order
+
+
+def build_study() -> dict[str, list[Problem]]:
+    """The study task's four problem lists, disjoint by question from each other and from the demo's."""
+    demo = build()
+    seen = [p for problems in demo.values() for p in problems] + first_draws()[2]
+    out = {"sft_stage2": generate_problems(STUDY_SIZES["sft_stage2"], STUDY_SEEDS["sft_stage2"], STUDY_SFT, exclude=seen)}
+    seen += out["sft_stage2"]
+    for name in ("pool", "dev", "test"):
+        out[name] = _mixture(STUDY_SIZES[name], STUDY_SEEDS[name], seen)
+        seen += out[name]
+    return out
+
+
+def write(directory: str | Path, study: bool = False) -> dict[str, Path]:
     directory = Path(directory)
     paths = {}
-    for name, problems in build().items():
+    for name, problems in (build_study() if study else build()).items():
         paths[name] = directory / f"{name}.jsonl"
         write_problems(paths[name], problems)
     return paths
@@ -79,9 +127,11 @@ def write(directory: str | Path) -> dict[str, Path]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write the tiny demo's problem files.")
-    parser.add_argument("--out", default="data/tiny")
+    parser.add_argument("--out", default=None, help="folder (default: data/tiny, or data/tiny/spread with --study)")
+    parser.add_argument("--study", action="store_true", help="write the study task's files instead of the demo's")
     args = parser.parse_args(argv)
-    for name, path in write(args.out).items():
+    out = args.out or ("data/tiny/spread" if args.study else "data/tiny")
+    for name, path in write(out, study=args.study).items():
         print(f"{name}: {path}")
 
 

@@ -15,7 +15,7 @@ CONFIGS = REPO / "configs"
 YAMLS = sorted(CONFIGS.rglob("*.yaml"))
 BASE = CONFIGS / "base.yaml"
 # Configs whose M_0 is trained on first use: parsed with the session's tiny M_0 instead.
-NEEDS_M0 = {"tiny/hs_star.yaml", "tiny/lora.yaml", *(f"tiny/methods/{p.name}" for p in (CONFIGS / "tiny" / "methods").glob("*.yaml"))}
+NEEDS_M0 = {"tiny/hs_star.yaml", "tiny/lora.yaml", "tiny/spread/m0_stage2.yaml", *(f"tiny/methods/{p.name}" for p in (CONFIGS / "tiny" / "methods").glob("*.yaml"))}
 # Fragments that only add a component: parsed on top of these (most specific key wins).
 FRAGMENT_BASE = {
     "engine": [CONFIGS / "debug" / "tiny_cpu.yaml"],
@@ -25,6 +25,8 @@ FRAGMENT_BASE = {
     "logger": [CONFIGS / "debug" / "tiny_cpu.yaml"],  # extra loggers (TensorBoard, W&B)
     "tiny/methods": [CONFIGS / "tiny" / "hs_star.yaml"],  # baseline and ablation overlays
     "tiny/lora.yaml": [CONFIGS / "tiny" / "hs_star.yaml"],
+    "tiny/spread/study.yaml": [CONFIGS / "tiny" / "hs_star.yaml"],  # the study task, on the demo
+    "tiny/spread/m0_stage2.yaml": [CONFIGS / "tiny" / "stepwise_init.yaml"],  # its M_0's second stage
     "strategy/deepspeed_offload.yaml": [CONFIGS / "debug" / "tiny_cpu.yaml", CONFIGS / "strategy" / "deepspeed_zero2_cpu.yaml"],
     "paper": [CONFIGS / "strategy" / "deepspeed_zero2.yaml"],
     "paper/prm": [CONFIGS / "strategy" / "deepspeed_zero2.yaml", CONFIGS / "paper" / "hs_star.yaml"],

@@ -77,11 +77,16 @@ def first_draws() -> tuple[list[Problem], list[Problem], list[Problem]]:
 
 def build() -> dict[str, list[Problem]]:
     """The four shipped problem lists, disjoint by question."""
+    return _all_demo_draws()[0]
+
+
+def _all_demo_draws() -> tuple[dict[str, list[Problem]], list[Problem]]:
+    """The four shipped lists and the first test set, each drawn once."""
     sft, pool, first_test = first_draws()
     seen = sft + pool + first_test
     dev = generate_problems(SIZES["dev"], SEEDS["dev"], POOL, exclude=seen)
     test = generate_problems(SIZES["test"], SEEDS["test"], POOL, exclude=seen + dev)
-    return {"sft": sft, "pool": pool, "dev": dev, "test": test}
+    return {"sft": sft, "pool": pool, "dev": dev, "test": test}, first_test
 
 
 # The study task (module docstring).
@@ -106,8 +111,8 @@ def _mixture(n: int, seed: int, exclude: list[Problem]) -> list[Problem]:
 
 def build_study() -> dict[str, list[Problem]]:
     """The study task's four problem lists, disjoint by question from each other and from the demo's."""
-    demo = build()
-    seen = [p for problems in demo.values() for p in problems] + first_draws()[2]
+    demo, first_test = _all_demo_draws()
+    seen = [p for problems in demo.values() for p in problems] + first_test
     out = {"sft_stage2": generate_problems(STUDY_SIZES["sft_stage2"], STUDY_SEEDS["sft_stage2"], STUDY_SFT, exclude=seen)}
     seen += out["sft_stage2"]
     for name in ("pool", "dev", "test"):

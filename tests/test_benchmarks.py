@@ -62,7 +62,9 @@ def test_rollout_throughput(tmp_path):
     report = run_script("rollout_throughput.py", tmp_path=tmp_path)
     engines = first_column(report)
     assert "naive loop (generate per prompt)" in engines
-    assert any("no pruning (before)" in e for e in engines)
+    assert any(e.endswith("no pruning") for e in engines)
+    assert any(e.endswith(", kv_cache dynamic (before)") and "request" not in e for e in engines)
+    assert sum("in-place KV cache" in note for note in report["notes"]) == 2
     assert all(row["tokens"] > 0 for row in report["rows"])
 
 

@@ -352,17 +352,26 @@ def _record_forward_inputs(model):
     return calls, handle
 
 
-def test_sampling_decodes_one_token_per_step_with_the_kv_cache(model, tokenizer):
-    """After the prompt's forward pass every step feeds one new token per row and the cache."""
-    engine = HFEngine(batch_size=8, progress=False, prune_every_tokens=0).bind(model, tokenizer)
+@pytest.mark.parametrize("kv_cache", ["in_place", "dynamic"])
+def test_sampling_decodes_one_token_per_step_with_the_kv_cache(model, tokenizer, kv_cache):
+    """After the prompt's forward pass every step feeds one new token per row and the cache.
+
+    ``in_place`` runs the prompt once for its 3 samples (all but its last token, which the
+    first step feeds for each copy); ``dynamic`` runs it once per sample."""
+    engine = HFEngine(batch_size=8, progress=False, prune_every_tokens=0, kv_cache=kv_cache).bind(model, tokenizer)
     calls, handle = _record_forward_inputs(model)
     try:
-        with eos_logit(model, tokenizer, -1e4):  # every row runs to the cap: 6 forward passes
+        with eos_logit(model, tokenizer, -1e4):  # every row runs to the cap: 6 steps
             engine.generate([GenerationRequest("k", "Start with 12. Add 7.", 3)], SamplingParams(max_new_tokens=6, seed=0))
     finally:
         handle.remove()
     prompt_len = len(tokenizer("Start with 12. Add 7.").input_ids)
-    assert calls[0][0] == (3, prompt_len)
+    if kv_cache == "in_place":
+        assert calls[0] == ((1, prompt_len - 1), True)
+        calls = calls[1:]
+        assert calls[0] == ((3, 1), True)
+    else:
+        assert calls[0][0] == (3, prompt_len)
     assert calls[1:] and all(shape == (3, 1) and cached for shape, cached in calls[1:])
     assert len(calls) == 6
 
@@ -380,7 +389,8 @@ def test_left_padding_gives_each_prompt_its_unpadded_result(model, tokenizer):
         engine.generate([short, long], params)
     finally:
         handle.remove()
-    assert calls[0][0] == (2, len(tokenizer(long.prompt).input_ids))  # one batch, padded to the long prompt
+    # one batch, padded to the long prompt (the shared prompt pass holds all but the last token)
+    assert calls[0][0] == (2, len(tokenizer(long.prompt).input_ids) - 1)
 
 
 def test_batches_are_cut_from_prompts_sorted_by_length(model, tokenizer):
@@ -393,9 +403,9 @@ def test_batches_are_cut_from_prompts_sorted_by_length(model, tokenizer):
         engine.generate(requests, SamplingParams(max_new_tokens=1, seed=0))
     finally:
         handle.remove()
-    prompt_passes = [shape for shape, _ in calls]  # max_new_tokens=1: one forward pass per batch
+    prompt_passes = [shape for shape, _ in calls if shape[1] > 1]  # the shared prompt passes, one per batch
     bos = len(tokenizer("x").input_ids) - 1  # tokens the tokenizer adds besides the text
-    assert prompt_passes == [(2, 4 + bos), (2, 17 + bos), (2, 31 + bos)]
+    assert prompt_passes == [(2, 3 + bos), (2, 16 + bos), (2, 30 + bos)]  # all but the last token
 
 
 def test_top_p_is_honoured(engine):
@@ -413,6 +423,157 @@ def test_progress_bar_counts_the_sequences(model, tokenizer, capsys):
     assert "HFEngine:" in err and "0/9 [" in err and "seq/s" in err  # 3 + 0 + 5 + 1 sequences (refreshes are throttled)
     HFEngine(batch_size=4, progress=False).bind(model, tokenizer).generate(REQUESTS, PARAMS)
     assert "HFEngine" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the in-place KV cache (kv_cache: in_place)
+
+
+def _plain_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
+    """One prompt alone through ``model.generate`` (no padding, generate's own cache), EOS cut."""
+    ids = torch.tensor([tokenizer(prompt).input_ids])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, top_k=None, top_p=None,
+                         max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+    return out[: out.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in out else out
+
+
+@pytest.mark.parametrize("prune_every_tokens", [0, 4])
+def test_in_place_greedy_equals_a_plain_generate_loop(model, tokenizer, prune_every_tokens):
+    """Prompts of several lengths (so left padding), n > 1 (so a shared prompt pass), rows that
+    end at different steps: every greedy completion is what ``generate`` gives the prompt alone."""
+    requests = [GenerationRequest(f"p{i}", f"Q{i}: {7 * i}+{i}=", 1 + i % 3) for i in range(12)]
+    params = SamplingParams(temperature=0.0, max_new_tokens=40)
+    engine = HFEngine(batch_size=5, progress=False, prune_every_tokens=prune_every_tokens).bind(model, tokenizer)
+    with eos_when_a_beats_b(model, tokenizer):
+        out = engine.generate(requests, params)
+        expected = {r.key: tokenizer.decode(_plain_greedy(model, tokenizer, r.prompt, 40)) for r in requests}
+    assert {k: [c.text for c in v] for k, v in out.items()} == {r.key: [expected[r.key]] * r.n for r in requests}
+    lengths = {c.n_tokens for v in out.values() for c in v}
+    assert min(lengths) < 40 and {c.finish_reason for v in out.values() for c in v} == {"stop", "length"}
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=23, seed=2),  # pruned: 5 chunks of 5 (last of 3)
+    SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=23, seed=7, stop=("a",)),  # stop strings: one call
+])
+def test_in_place_samples_what_the_dynamic_cache_samples(model, tokenizer, params):
+    """Same seeds, same batches, same tokens: the in-place cache and the shared prompt pass change
+    where the keys and values live, not what they are (on this model; in general equal up to
+    float rounding, which could flip a draw that falls on a boundary)."""
+    def run(kv_cache, requests):
+        engine = HFEngine(batch_size=4, progress=False, prune_every_tokens=5, kv_cache=kv_cache).bind(model, tokenizer)
+        return engine.generate(requests, params)
+
+    with eos_when_a_beats_b(model, tokenizer, boost=6.0):
+        in_place = run("in_place", REQUESTS)
+        assert in_place == run("dynamic", REQUESTS)
+        assert in_place == run("in_place", list(reversed(REQUESTS)))  # seeded, independent of request order
+    assert {len(v) for v in in_place.values()} == {0, 1, 3, 5}  # n = 0 gives []
+    assert any(c.finish_reason == "stop" for v in in_place.values() for c in v)
+
+
+def test_in_place_request_scope_is_independent_of_the_other_prompts(model, tokenizer):
+    engine = HFEngine(batch_size=4, progress=False, seed_scope="request").bind(model, tokenizer)
+    params = SamplingParams(temperature=1.0, max_new_tokens=10, seed=5)
+    together = engine.generate(REQUESTS, params)
+    for request in REQUESTS:
+        assert engine.generate([request], params)[request.key] == together[request.key]
+    assert engine.generate([REQUESTS[2], REQUESTS[0]], params) == {k: together[k] for k in ("c", "a")}
+
+
+def test_no_samples_asked_no_forward_pass(engine, model):
+    calls, handle = _record_forward_inputs(model)
+    try:
+        out = engine.generate([GenerationRequest("a", "1+1=", 0), GenerationRequest("b", "2+2=", 0)], PARAMS)
+    finally:
+        handle.remove()
+    assert out == {"a": [], "b": []} and calls == []
+
+
+def test_kv_cache_is_checked_and_set_from_yaml():
+    jsonargparse = pytest.importorskip("jsonargparse")
+    with pytest.raises(ValueError, match="engine.init_args.kv_cache must be 'in_place' or 'dynamic', got 'static'"):
+        HFEngine(kv_cache="static")
+    parser = jsonargparse.ArgumentParser()
+    parser.add_argument("--engine", type=RolloutEngine)
+    cfg = parser.parse_args(["--engine", '{"class_path": "hs_star_pl.engines.HFEngine", "init_args": {"kv_cache": "dynamic"}}'])
+    assert parser.instantiate(cfg).engine.kv_cache == "dynamic"
+    assert HFEngine().kv_cache == "in_place"
+
+
+def test_in_place_layer_writes_in_place_and_grows_in_blocks():
+    """The keys and values equal a DynamicLayer's; a step writes into the same buffer (no copy of
+    the past) until ``block`` positions are used up; row selection may repeat rows."""
+    from transformers.cache_utils import DynamicLayer
+
+    from hs_star_pl.engines.kv_cache import InPlaceLayer
+
+    gen = torch.Generator().manual_seed(0)
+    layer, reference = InPlaceLayer(block=4), DynamicLayer()
+    buffers = set()
+    for n_new in (5, 1, 1, 1, 1, 1, 3, 1, 1):
+        k, v = torch.randn(3, 2, n_new, 8, generator=gen), torch.randn(3, 2, n_new, 8, generator=gen)
+        got, want = layer.update(k, v), reference.update(k, v)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        buffers.add(got[0].untyped_storage().data_ptr())
+        assert layer.get_seq_length() == reference.get_seq_length() == got[0].shape[-2]
+    # 15 positions, grown by 4 when full: buffers of 9 (5 + 4), 14 (10 + 4) and 19 (15 + 4) positions
+    assert len(buffers) == 3 and layer._keys.shape[-2] == 19
+    rows = torch.tensor([2, 0, 0])
+    layer.batch_select_indices(rows)
+    reference.batch_select_indices(rows)
+    assert torch.equal(layer.keys, reference.keys) and torch.equal(layer.values, reference.values)
+    with pytest.raises(ValueError, match="block must be >= 1"):
+        InPlaceLayer(block=0)
+
+
+def test_in_place_cache_keeps_sliding_window_layers():
+    """Only plain full-attention layers are replaced; a sliding-window layer keeps transformers'
+    own kind, and greedy output still equals a plain generate loop."""
+    from transformers import Qwen2ForCausalLM
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    from hs_star_pl.engines.kv_cache import InPlaceLayer, in_place_cache
+    from hs_star_pl.tiny import tiny_qwen2_config
+
+    tokenizer = build_byte_tokenizer()
+    config = tiny_qwen2_config(len(tokenizer), hidden_size=32, num_hidden_layers=2)
+    config.layer_types, config.sliding_window, config.use_sliding_window = ["sliding_attention", "full_attention"], 4, True
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(config)
+    assert [type(layer) for layer in in_place_cache(model).layers] == [DynamicSlidingWindowLayer, InPlaceLayer]
+    requests = [GenerationRequest("s", "7+8=", 2), GenerationRequest("l", "a much longer prompt: 12*3-4=", 3)]
+    out = HFEngine(batch_size=8, progress=False).bind(model, tokenizer).generate(
+        requests, SamplingParams(temperature=0.0, max_new_tokens=12))
+    for r in requests:
+        assert [c.text for c in out[r.key]] == [tokenizer.decode(_plain_greedy(model, tokenizer, r.prompt, 12))] * r.n
+
+
+def test_shared_prompt_pass_tells_a_prompt_from_its_padded_twin(model, tokenizer):
+    """Rows are told apart by tokens *and* mask: ``[pad, x]`` and ``x`` padded to ``[pad, x]``
+    are two prompts, each run once, and each sample's cache row is its own prompt's."""
+    from transformers.cache_utils import DynamicCache
+
+    from hs_star_pl.engines.kv_cache import in_place_cache, prefill_prompts_once
+
+    pad, x, y = tokenizer.pad_token_id, 65, 66
+    input_ids = torch.tensor([[pad, x, y], [pad, x, y], [pad, x, y], [pad, x, y]])
+    attention_mask = torch.tensor([[1, 1, 1], [0, 1, 1], [1, 1, 1], [0, 1, 1]])
+    calls, handle = _record_forward_inputs(model)
+    try:
+        cache = in_place_cache(model)
+        prefill_prompts_once(model, input_ids, attention_mask, cache)
+    finally:
+        handle.remove()
+    assert calls == [((2, 2), True)]
+    reference = DynamicCache(config=model.config)
+    positions = (attention_mask[:, :-1].cumsum(-1) - 1).clamp(min=0)
+    model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions,
+          past_key_values=reference, use_cache=True)
+    for ours, theirs in zip(cache.layers, reference.layers):
+        torch.testing.assert_close(ours.keys, theirs.keys)
+        torch.testing.assert_close(ours.values, theirs.values)
 
 
 def test_vllm_engine_module_imports_and_builds_without_importing_vllm():

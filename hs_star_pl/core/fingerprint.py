@@ -29,7 +29,8 @@ What does not count (``IGNORED``): logging, progress bars and plots; paths of ou
 ``self_training.n_iterations`` and ``trainer.max_epochs`` (a finished run may be extended);
 what to do on failures (``on_empty_round``, ``model.nonfinite_loss``); and resource knobs
 that change how fast or in how much memory the same work is done (worker counts, caches, the
-attention kernel ``attn_implementation`` of the policy and the PRM, the
+attention kernel ``attn_implementation`` of the policy and the PRM, ``HFEngine``'s
+``kv_cache`` (where the keys and values live), the
 PRM's batch size, ``data.ref_batch_size``, vLLM's memory, sleep, canary and weight-sync
 settings, devices and strategy), even where batching can change floating-point rounding.
 ``HFEngine``'s ``batch_size`` does count: with ``seed_scope: batch`` it decides which random
@@ -79,7 +80,7 @@ _RESOURCE_ARGS = (
     "progress", "n_workers", "cache_size", "device", "gpu_memory_utilization", "tensor_parallel_size",
     "enable_sleep_mode", "sleep_level", "cpu_kv_cache_space_gib", "enforce_eager", "canary_samples",
     "canary_max_tokens", "canary_tolerance", "sync_mode", "sync_chunk_mb", "distributed_executor_backend",
-    "sync_from", "attn_implementation",
+    "sync_from", "attn_implementation", "kv_cache",
 )
 IGNORED = re.compile(
     r"^(?:self_training\.(?:plots|n_iterations|on_empty_round|problem_fields\..*)"

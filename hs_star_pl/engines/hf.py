@@ -8,6 +8,9 @@ What it does:
 - one ``generate`` call per batch, with the KV cache, left padding, EOS and stop strings
   (``stop_strings`` stops a sequence early; the text is then cut at the stop string, which
   is excluded, as vLLM does);
+- with ``kv_cache: in_place`` (the default) runs each distinct prompt of a batch through the
+  model once and copies its KV cache to the prompt's samples, and writes the cache in place
+  (``hs_star_pl.engines.kv_cache``) instead of concatenating it at every token;
 - seeds each batch from ``(params.seed, batch index)`` inside ``torch.random.fork_rng``, so
   a fixed seed gives the same samples and the caller's global RNG is untouched;
 - puts the model in eval mode while sampling and restores every module's mode afterwards.
@@ -15,7 +18,10 @@ What it does:
 Under DeepSpeed ZeRO-3 on several ranks (parameters partitioned, ``hs_star_pl.zero``) it samples
 in lockstep: every rank makes as many ``generate`` calls as the busiest one and each runs with
 ``synced_gpus``, because each forward pass gathers the layers' parameters collectively. That is
-correct but slow (an all-gather per layer per token); at scale use ``VLLMEngine``.
+correct but slow (an all-gather per layer per token); at scale use ``VLLMEngine``. There each
+copy of a prompt runs its own prompt pass inside the synced call (the shared pass would be
+one more forward that the ranks' dummy batches would have to match); the cache is still
+written in place.
 
 Sampling follows the protocol's settings only: a fresh ``GenerationConfig`` is built and the
 model's own is hidden during the call (``generate`` would fill unset fields from it), so a
@@ -35,6 +41,7 @@ from transformers import GenerationConfig
 
 from hs_star_pl.core.protocols import Completion, EngineLifecycle, GenerationRequest, SamplingParams
 from hs_star_pl.engines.common import check_requests, find_stop, request_seed
+from hs_star_pl.engines.kv_cache import in_place_cache, prefill_prompts_once
 from hs_star_pl.zero import max_over_ranks, needs_lockstep
 
 
@@ -54,6 +61,12 @@ class HFEngine(EngineLifecycle):
             that ended (EOS) from the batch between chunks, so finished rows stop costing
             compute; 0 runs each batch in one ``generate`` call. Responses with stop strings
             always take one call.
+        kv_cache: ``in_place`` (fastest): each distinct prompt of a batch is run once and its
+            KV cache copied to its samples, and the cache is written in place, grown in
+            blocks (``hs_star_pl.engines.kv_cache``). ``dynamic``: ``generate``'s own
+            ``DynamicCache``, which runs each sample's prompt and concatenates the whole
+            cache at every token (the engine as it was; kept for comparison). Greedy tokens
+            are the same with both; sampled tokens too, up to float rounding.
     """
 
     def __init__(
@@ -62,6 +75,7 @@ class HFEngine(EngineLifecycle):
         progress: bool = True,
         seed_scope: Literal["batch", "request"] = "batch",
         prune_every_tokens: int = 16,
+        kv_cache: Literal["in_place", "dynamic"] = "in_place",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"engine.init_args.batch_size must be >= 1, got {batch_size}")
@@ -69,10 +83,13 @@ class HFEngine(EngineLifecycle):
             raise ValueError(f"engine.init_args.prune_every_tokens must be >= 0, got {prune_every_tokens}")
         if seed_scope not in ("batch", "request"):
             raise ValueError(f"engine.init_args.seed_scope must be 'batch' or 'request', got {seed_scope!r}")
+        if kv_cache not in ("in_place", "dynamic"):
+            raise ValueError(f"engine.init_args.kv_cache must be 'in_place' or 'dynamic', got {kv_cache!r}")
         self.batch_size = batch_size
         self.progress = progress
         self.seed_scope = seed_scope
         self.prune_every_tokens = prune_every_tokens
+        self.kv_cache = kv_cache
         self.model: Any = None
         self.tokenizer: Any = None
 
@@ -168,7 +185,9 @@ class HFEngine(EngineLifecycle):
                         device: torch.device, params: SamplingParams, synced: bool) -> torch.Tensor:
         """Sample one left-padded batch; returns the new tokens ``(B, T_new)`` on CPU.
 
-        Rows are padded with ``pad_id`` after they end. With ``prune_every_tokens`` (and no
+        Rows are padded with ``pad_id`` after they end. With ``kv_cache: in_place`` the call
+        starts from a cache that holds each distinct prompt (all but its last token; not in
+        lockstep, see the module docstring). With ``prune_every_tokens`` (and no
         stop strings, and not in ZeRO-3 lockstep) the batch is generated in chunks of that many
         tokens, and rows that produced an EOS leave the batch, with their rows of the KV cache,
         between chunks. In lockstep every rank must make the same number of ``generate`` calls,
@@ -183,21 +202,25 @@ class HFEngine(EngineLifecycle):
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         chunk = self.prune_every_tokens
         devices = [device] if device.type == "cuda" else []
+        cache = in_place_cache(self.model) if self.kv_cache == "in_place" else None
+        if cache is not None and not synced and width > 1:
+            prefill_prompts_once(self.model, input_ids, attention_mask, cache)
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             if params.stop or synced or not chunk or chunk >= config.max_new_tokens:
                 out = self.model.generate(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
+                    past_key_values=cache,
                     generation_config=config,
                     tokenizer=self.tokenizer if params.stop else None,
                     synced_gpus=synced,
                 )
                 return out[:, width:].cpu()
-            return self._generate_pruned(input_ids, attention_mask, config, pad_id, chunk)
+            return self._generate_pruned(input_ids, attention_mask, config, pad_id, chunk, cache)
 
     def _generate_pruned(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig,
-                         pad_id: int, chunk: int) -> torch.Tensor:
+                         pad_id: int, chunk: int, cache: Any = None) -> torch.Tensor:
         """``generate`` in chunks of ``chunk`` new tokens, dropping finished rows in between.
 
         One ``generate`` call runs every row until the *last* one ends; on the tiny demo's M_0
@@ -208,6 +231,7 @@ class HFEngine(EngineLifecycle):
         others from the cache (only the last sampled token is new to it). Greedy decoding gives
         the same tokens as one call; sampled tokens differ (fewer rows draw from the RNG) but
         stay seeded. Only EOS ends a row here, which is why stop strings take the one-call path.
+        ``cache`` is the cache the first call starts from (``None``: ``generate`` builds one).
         """
         n_rows, max_new = input_ids.shape[0], config.max_new_tokens
         eos = torch.tensor(config.eos_token_id, device=input_ids.device)
@@ -215,7 +239,7 @@ class HFEngine(EngineLifecycle):
         alive = torch.arange(n_rows)  # rows of `generated` still in the batch
         step_config = deepcopy(config)
         step_config.return_dict_in_generate = True
-        cache, n_new = None, 0
+        n_new = 0
         while n_new < max_new:
             step_config.max_new_tokens = min(chunk, max_new - n_new)
             out = self.model.generate(

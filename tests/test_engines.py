@@ -306,25 +306,26 @@ def eos_when_a_beats_b(model, tokenizer, boost: float = 1.0):
         handle.remove()
 
 
-def test_pruning_finished_rows_keeps_greedy_tokens(model, tokenizer):
-    """Rows that ended leave the batch between chunks; greedy output equals one generate call."""
+@pytest.mark.parametrize("kv_cache", ["in_place", "dynamic"])
+def test_pruning_finished_rows_keeps_greedy_tokens(model, tokenizer, kv_cache):
+    """Rows that ended leave the batch every few tokens (dynamic: between generate calls);
+    greedy output equals one generate call with generate's own cache."""
     requests = [GenerationRequest(f"p{i}", f"Q{i}: {7 * i}+{i}=", 1 + i % 3) for i in range(12)]
     params = SamplingParams(temperature=0.0, max_new_tokens=40)
-    rows_per_call = []
-    generate = model.generate
-
-    def recording_generate(*args, **kwargs):
-        rows_per_call.append(kwargs["input_ids"].shape[0])
-        return generate(*args, **kwargs)
-
+    pruned_engine = HFEngine(batch_size=8, progress=False, prune_every_tokens=4, kv_cache=kv_cache).bind(model, tokenizer)
     with eos_when_a_beats_b(model, tokenizer):
-        whole = HFEngine(batch_size=8, progress=False, prune_every_tokens=0).bind(model, tokenizer).generate(requests, params)
-        model.generate = recording_generate
-        pruned = HFEngine(batch_size=8, progress=False, prune_every_tokens=4).bind(model, tokenizer).generate(requests, params)
+        whole = HFEngine(batch_size=8, progress=False, prune_every_tokens=0, kv_cache="dynamic").bind(
+            model, tokenizer).generate(requests, params)
+        calls, handle = _record_forward_inputs(model)
+        try:
+            pruned = pruned_engine.generate(requests, params)
+        finally:
+            handle.remove()
     lengths = sorted(c.n_tokens for v in whole.values() for c in v)
     assert lengths[0] < lengths[-1] == 40  # some rows ended early, some ran to the cap
     assert pruned == whole
-    assert rows_per_call[0] == 8 and min(rows_per_call) < 8  # the first batch shrank as rows ended
+    rows_per_step = [shape[0] for shape, _ in calls if shape[1] == 1]
+    assert rows_per_step[0] == 8 and min(rows_per_step) < 8  # the first batch shrank as rows ended
 
 
 def test_pruned_sampling_is_seeded_and_respects_the_cap(model, tokenizer):

@@ -511,15 +511,17 @@ def test_in_place_layer_writes_in_place_and_grows_in_blocks():
 
     gen = torch.Generator().manual_seed(0)
     layer, reference = InPlaceLayer(block=4), DynamicLayer()
-    buffers = set()
+    pointers = []
     for n_new in (5, 1, 1, 1, 1, 1, 3, 1, 1):
         k, v = torch.randn(3, 2, n_new, 8, generator=gen), torch.randn(3, 2, n_new, 8, generator=gen)
         got, want = layer.update(k, v), reference.update(k, v)
         assert all(torch.equal(a, b) for a, b in zip(got, want))
-        buffers.add(got[0].untyped_storage().data_ptr())
+        pointers.append(got[0].untyped_storage().data_ptr())
         assert layer.get_seq_length() == reference.get_seq_length() == got[0].shape[-2]
-    # 15 positions, grown by 4 when full: buffers of 9 (5 + 4), 14 (10 + 4) and 19 (15 + 4) positions
-    assert len(buffers) == 3 and layer._keys.shape[-2] == 19
+    # 15 positions, grown by 4 when full: buffers of 9 (5 + 4), 14 (10 + 4) and 19 (15 + 4) positions,
+    # so the buffer moves twice (a freed buffer's address may come back later: count moves, not addresses)
+    moves = sum(a != b for a, b in zip(pointers, pointers[1:]))
+    assert moves == 2 and layer._keys.shape[-2] == 19
     rows = torch.tensor([2, 0, 0])
     layer.batch_select_indices(rows)
     reference.batch_select_indices(rows)

@@ -7,7 +7,8 @@ end instead, several per row, each with ``position_ids`` restarting at 0, and sa
 response token's log-prob is read from. Two layouts:
 
 * **packed** (every attention kernel): each sequence whole. Rows go to the model with
-  ``attention_mask=None``; transformers then finds the sequence boundaries from the
+  ``attention_mask=None`` and ``use_cache=False`` (with a KV cache transformers does not look
+  for packed rows, and sequences would attend to each other); transformers then finds the sequence boundaries from the
   ``position_ids`` (``masking_utils.find_packed_sequence_indices``) and builds a block-diagonal
   causal mask for ``eager``/``sdpa``, or runs the varlen kernels of ``flash_attention_2``/``3``.
 * **shared prompts** (``eager``/``sdpa`` only): a DPO pair's chosen and rejected sequences start

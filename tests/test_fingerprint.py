@@ -79,6 +79,7 @@ def test_a_setting_that_decides_a_round_counts(key):
     "self_training.engine.init_args.gpu_memory_utilization", "data.num_workers", "data.ref_batch_size",
     "model.nonfinite_loss", "export.dirname", "evaluation.benchmarks",
     "model.attn_implementation", "self_training.prm.init_args.attn_implementation",  # same math, another kernel
+    "model.packing",  # the same sequences, laid out without padding
 ])
 def test_logging_progress_bars_paths_and_resources_do_not_count(key):
     assert not counts(key)

@@ -291,7 +291,7 @@ class HSStarModule(L.LightningModule):
             n_pairs: a DPO batch of this many pairs (chosen rows first): with packing, their
                 shared prompts are laid down once where the attention kernel allows it.
         """
-        if self._packing_usable():
+        if self.packing_active():
             kernel = self.model.config._attn_implementation
             share = n_pairs is not None and kernel in SHARED_PROMPT_KERNELS
             packed = pack_batch(
@@ -313,8 +313,10 @@ class HSStarModule(L.LightningModule):
         ).logits
         return sequence_logps(logits, batch["input_ids"], batch["response_mask"])
 
-    def _packing_usable(self) -> bool:
-        """``model.packing``, once a small probe has shown that this model keeps packed sequences apart."""
+    def packing_active(self) -> bool:
+        """Whether forward passes are packed: ``model.packing``, once a small check (run on the first
+        call, three forward passes of two short pairs) has shown that this model keeps packed
+        sequences apart."""
         if not self.packing:
             return False
         if self._packing_checked is None:

@@ -197,7 +197,7 @@ def test_training_with_gradient_accumulation_ends_at_the_same_weights_packed_or_
         data = MathDataModule(train_file=str(PAIRS_FILE), batch_size=4, shuffle=False, template="plain")
         trainer = cpu_trainer(tmp_path / str(packing), max_steps=2, accumulate_grad_batches=2, num_sanity_val_steps=0)
         trainer.fit(module, datamodule=data)
-        assert trainer.global_step == 2 and module._packing_checked is (True if packing else None)
+        assert trainer.global_step == 2 and module.packing_active() is packing
         weights[packing] = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     for name, value in weights[False].items():
         torch.testing.assert_close(weights[True][name], value, rtol=1e-4, atol=1e-5, msg=name)
@@ -221,7 +221,7 @@ def test_a_model_whose_attention_ignores_packed_sequences_falls_back_to_padding_
     batch = _dpo_batch(module)
     with pytest.warns(UserWarning, match=r"model\.packing: .*'causal_only_test'.* every batch is padded instead"):
         fallen_back = module.response_logps(batch, n_pairs=5)
-    assert module._packing_checked is False
+    assert module.packing_active() is False
     module.packing = False
     padded = module.response_logps(batch, n_pairs=5)
     torch.testing.assert_close(fallen_back, padded, rtol=0, atol=0)

@@ -5,13 +5,13 @@ trl``, the ``bench`` extra).
 
 The trainers, timed alternately in one process (``--repeats`` rounds, medians reported):
 
-* **ours, packed**: ``Trainer.fit`` with ``HSStarModule`` (``packing: true``, the default) +
-  ``MathDataModule``; the reference log-probs are computed once, by the policy itself, when
-  the dataloader is built; every forward pass (reference and training) lays the batch's
-  sequences end to end, and each pair's shared prompt once (``hs_star_pl.packing``);
-* **ours, packed, prompts not shared**: the same with every sequence packed whole (the layout
-  flash-attention gets), to show what sharing the prompt adds;
-* **ours, padded (before)**: ``packing: false``, every batch padded to its longest sequence,
+* **ours, packing sequences**: ``Trainer.fit`` with ``HSStarModule`` (``model.packing:
+  sequences``, the default) + ``MathDataModule``; the reference log-probs are computed once,
+  by the policy itself, when the dataloader is built; every forward pass (reference and
+  training) lays the batch's sequences end to end (``hs_star_pl.packing``);
+* **ours, packing shared_prompts**: the same with each pair's prompt laid down once for both
+  responses;
+* **ours, padded (before)**: ``packing: off``, every batch padded to its longest sequence,
   as before packing existed;
 * **TRL**: ``DPOTrainer(...).train()`` with a reference model that runs a forward pass at
   every step (TRL's default);
@@ -68,6 +68,8 @@ PAPER_PROMPT = (40, 100)
 """Prompt lengths of ``--lengths paper``, tokens (uniform)."""
 PAPER_RESPONSE = dict(median=120, sigma=0.9, low=12, high=600)
 """Response lengths of ``--lengths paper``: log-normal, cut to [low, high] tokens."""
+LAYOUTS = ("sequences", "shared_prompts", "off")
+"""``model.packing``'s layouts, each checked against TRL's loss."""
 MAX_LENGTH = DEFAULTS["tiny"]["max_length"]  # set from --lengths in main()
 
 
@@ -147,7 +149,7 @@ def tiny_config(size: dict):
     return TinyModelConfig(hidden_size=size["hidden_size"], num_hidden_layers=size["num_hidden_layers"], num_attention_heads=4)
 
 
-def ours_module(size: dict, lr: float, beta: float, packing: bool = True):
+def ours_module(size: dict, lr: float, beta: float, packing: str = "sequences"):
     import torch
 
     from hs_star_pl.module import HSStarModule
@@ -237,7 +239,7 @@ def loss_check(pairs, size: dict, beta: float, dtype: str = "float32") -> dict:
                         ("ref_rejected_logps", [p.ref_rejected_logp for p in with_ref])):
         ours_batch[key] = torch.tensor(values, dtype=torch.float64)  # not collate's float32
     losses = {}
-    for packing in (True, False):
+    for packing in LAYOUTS:
         policy.packing = packing
         with torch.no_grad():
             logps = policy.response_logps(ours_batch, n_pairs=n)
@@ -256,7 +258,7 @@ def loss_check(pairs, size: dict, beta: float, dtype: str = "float32") -> dict:
     same_ids = torch.equal(trl_batch["input_ids"], ours_batch["input_ids"]) and torch.equal(
         trl_batch["completion_mask"], ours_batch["response_mask"]
     )
-    return {"ours": float(losses[True]), "ours_padded": float(losses[False]), "trl": float(trl_loss),
+    return {"ours": {layout: float(loss) for layout, loss in losses.items()}, "trl": float(trl_loss),
             "same_tokens": same_ids, "n_pairs": n}
 
 
@@ -272,16 +274,13 @@ def trl_keeps_padding_free(pairs, size: dict) -> bool:
 # ---------------------------------------------------------------------------- timed runs
 
 
-def run_ours(pairs, size, *, batch_size, n_steps, lr, beta, out_dir, packing: str = "shared") -> dict:
-    """``packing``: ``shared`` (the default layout), ``whole`` (no prompt sharing) or ``off`` (padded)."""
+def run_ours(pairs, size, *, batch_size, n_steps, lr, beta, out_dir, packing: str = "sequences") -> dict:
+    """``packing``: ``model.packing``'s layout: ``sequences``, ``shared_prompts`` or ``off`` (padded)."""
     import lightning as L
 
-    import hs_star_pl.module
     from hs_star_pl.data import MathDataModule
 
-    module = ours_module(size, lr, beta, packing=packing != "off")
-    if packing == "whole":  # the flash-attention layout: no kernel is offered the shared-prompt mask
-        kernels, hs_star_pl.module.SHARED_PROMPT_KERNELS = hs_star_pl.module.SHARED_PROMPT_KERNELS, ()
+    module = ours_module(size, lr, beta, packing=packing)
     data = MathDataModule(template="plain", max_length=MAX_LENGTH, batch_size=batch_size, ref_batch_size=batch_size)
     data.set_train_examples(pairs)
     steps = _StepClock()
@@ -298,11 +297,7 @@ def run_ours(pairs, size, *, batch_size, n_steps, lr, beta, out_dir, packing: st
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, default_root_dir=out_dir, callbacks=[LightningClock()],
     )
-    try:
-        trainer.fit(module, datamodule=data)
-    finally:
-        if packing == "whole":
-            hs_star_pl.module.SHARED_PROMPT_KERNELS = kernels
+    trainer.fit(module, datamodule=data)
     if trainer.global_step != n_steps:
         raise RuntimeError(f"ours ran {trainer.global_step} steps, expected {n_steps}")
     return {"steps_s": steps.seconds(), "n_steps": trainer.global_step}
@@ -395,15 +390,15 @@ def main() -> None:
 
     check = loss_check(pairs[: size["batch_size"]], size, args.beta)
     check64 = loss_check(pairs[: size["batch_size"]], size, args.beta, "float64")
-    diff = abs(check["ours"] - check["trl"])
-    diff64 = abs(check64["ours"] - check64["trl"])
+    diff = max(abs(loss - check["trl"]) for loss in check["ours"].values())
+    diff64 = max(abs(loss - check64["trl"]) for loss in check64["ours"].values())
     padding_free = trl_keeps_padding_free(pairs, size)
 
     common = dict(batch_size=size["batch_size"], n_steps=size["n_steps"], lr=args.lr, beta=args.beta)
     trainers = {
-        "ours, packed": lambda: run_ours(pairs, size, out_dir=f"{tmp}/ours", **common),
-        "ours, packed, prompts not shared": lambda: run_ours(pairs, size, out_dir=f"{tmp}/ours_whole",
-                                                             packing="whole", **common),
+        "ours, packing sequences": lambda: run_ours(pairs, size, out_dir=f"{tmp}/ours", **common),
+        "ours, packing shared_prompts": lambda: run_ours(pairs, size, out_dir=f"{tmp}/ours_shared",
+                                                         packing="shared_prompts", **common),
         "ours, padded (before)": lambda: run_ours(pairs, size, out_dir=f"{tmp}/ours_padded", packing="off", **common),
         "TRL": lambda: run_trl(pairs, size, precompute=False, out_dir=f"{tmp}/trl", **common),
         "TRL, precomputed": lambda: run_trl(pairs, size, precompute=True, out_dir=f"{tmp}/trl_pre", **common),
@@ -425,11 +420,12 @@ def main() -> None:
         f"({n_params / 1e6:.2f}M parameters, fp32); {n_pairs} pairs ({args.lengths} lengths), batch "
         f"{size['batch_size']}, {size['n_steps']} steps (one epoch), beta {args.beta}; medians of {size['repeats']} "
         f"interleaved runs",
-        f"first-batch loss ({check['n_pairs']} pairs, reference = perturbed policy): ours packed {check['ours']:.7f}, "
-        f"ours padded {check['ours_padded']:.7f}, TRL {check['trl']:.7f}, |packed - TRL| {diff:.1e} "
+        f"first-batch loss ({check['n_pairs']} pairs, reference = perturbed policy): ours "
+        + ", ".join(f"{layout} {loss:.7f}" for layout, loss in check["ours"].items())
+        + f", TRL {check['trl']:.7f}, largest |ours - TRL| {diff:.1e} "
         f"(ln 2 = {math.log(2):.7f}); identical token ids and masks: {'yes' if check['same_tokens'] else 'NO'}; "
-        f"in float64: ours packed {check64['ours']:.9f}, ours padded {check64['ours_padded']:.9f}, "
-        f"TRL {check64['trl']:.9f}, |packed - TRL| {diff64:.1e}",
+        "in float64: ours " + ", ".join(f"{layout} {loss:.9f}" for layout, loss in check64["ours"].items())
+        + f", TRL {check64['trl']:.9f}, largest |ours - TRL| {diff64:.1e}",
         f"tokens per epoch: {tokens['real']:,} in the pairs; padded batches {tokens['padded']:,}, packed rows "
         f"{tokens['packed']:,}, packed rows with shared prompts {tokens['shared']:,}",
         "TRL padding_free=True: " + ("kept on (row above)" if padding_free else

@@ -43,7 +43,7 @@ from hs_star_pl.errors import ConfigError, NonFiniteLossError
 from hs_star_pl.evaluation.protocol import EvalBatch
 from hs_star_pl.lora import LoraSettings, apply_lora
 from hs_star_pl.losses import chosen_nll, dpo_loss, get_dpo_loss, sequence_logps
-from hs_star_pl.packing import SHARED_PROMPT_KERNELS, VARLEN_KERNELS, pack_batch, packing_problem
+from hs_star_pl.packing import PACKING_MODES, SHARED_PROMPT_KERNELS, VARLEN_KERNELS, pack_batch, packing_problem
 from hs_star_pl.packing import sequence_logps as packed_sequence_logps
 from hs_star_pl.progress import phase_bar
 from hs_star_pl.schedules import WarmupCosineLR
@@ -116,14 +116,16 @@ class HSStarModule(L.LightningModule):
             reference stays M_t, the policy with its adapters at the start of iteration t,
             scored once per iteration as without LoRA; disabling the adapters would give M_0
             instead from iteration 2 on. HF exports hold the merged model (docs/lora.md).
-        packing: run each forward pass (training, validation, reference log-probs) on the
-            batch's sequences laid end to end without padding, positions restarting per
-            sequence (``hs_star_pl.packing``); with ``eager``/``sdpa`` attention a DPO pair's
-            shared prompt is laid down once. The same log-probs and losses as padded batches
-            up to float rounding, with less compute when lengths differ. Checked once on a
-            small batch: a model whose attention does not keep packed sequences apart falls
-            back to padded batches with a warning. ``False`` pads every batch to its longest
-            sequence.
+        packing: how each forward pass (training, validation, reference log-probs) lays out
+            its batch (``hs_star_pl.packing``). ``sequences``: the sequences end to end
+            without padding, positions restarting per sequence. ``shared_prompts``: the same,
+            and a DPO pair's prompt laid down once for both responses (``eager``/``sdpa``
+            only, under a 4-D mask; with a varlen flash-attention kernel it packs
+            ``sequences``); it pays where prompts are long against responses (the tiny demo),
+            not where responses are long (wider rows). ``off``: every batch padded to its
+            longest sequence. The same log-probs and losses up to float rounding. Checked once
+            on a small batch: a model whose attention does not keep packed sequences apart
+            falls back to padded batches with a warning.
         optimizer: optimizer factory (LightningCLI ``class_path``); AdamW by default.
         lr_scheduler: scheduler factory, stepped every optimizer step; a
             ``WarmupCosineLR`` without ``total_steps`` gets it from the trainer.
@@ -145,7 +147,7 @@ class HSStarModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         attn_implementation: str | None = None,
         peft: LoraSettings | None = None,
-        packing: bool = True,
+        packing: Literal["sequences", "shared_prompts", "off"] = "sequences",
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         nonfinite_loss: Literal["raise", "skip"] = "raise",
@@ -181,8 +183,10 @@ class HSStarModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.nonfinite_loss = nonfinite_loss
+        if packing not in PACKING_MODES:
+            raise ConfigError(f"model.packing must be one of {', '.join(PACKING_MODES)}, got {packing!r}")
         self.packing = packing
-        self._packing_checked: bool | None = None  # set by the first packed forward pass
+        self._packing_checked: dict[bool, bool] = {}  # by layout (prompts shared or not): the first pass's check
         self.n_nonfinite_skipped = 0
         self._batch_idx = 0
         self.tokenizer, self.model = self._load(model_path, tiny, DTYPES[dtype], attn_implementation)
@@ -293,7 +297,7 @@ class HSStarModule(L.LightningModule):
         """
         if self.packing_active():
             kernel = self.model.config._attn_implementation
-            share = n_pairs is not None and kernel in SHARED_PROMPT_KERNELS
+            share = n_pairs is not None and self._shares_prompts()
             packed = pack_batch(
                 batch["input_ids"], batch["attention_mask"], batch["response_mask"], self.tokenizer.pad_token_id,
                 n_pairs=n_pairs if share else None,
@@ -313,25 +317,29 @@ class HSStarModule(L.LightningModule):
         ).logits
         return sequence_logps(logits, batch["input_ids"], batch["response_mask"])
 
+    def _shares_prompts(self) -> bool:
+        return self.packing == "shared_prompts" and self.model.config._attn_implementation in SHARED_PROMPT_KERNELS
+
     def packing_active(self) -> bool:
-        """Whether forward passes are packed: ``model.packing``, once a small check (run on the first
-        call, three forward passes of two short pairs) has shown that this model keeps packed
-        sequences apart."""
-        if not self.packing:
+        """Whether forward passes are packed: ``model.packing`` is not ``off``, and a small check (run
+        on the first call, three forward passes of two short pairs, in the layout asked for) has
+        shown that this model keeps packed sequences apart."""
+        if self.packing == "off":
             return False
-        if self._packing_checked is None:
+        share = self._shares_prompts()
+        if share not in self._packing_checked:
             kernel = self.model.config._attn_implementation
             problem = packing_problem(
-                self.model, self.tokenizer.pad_token_id, share_prompts=kernel in SHARED_PROMPT_KERNELS,
+                self.model, self.tokenizer.pad_token_id, share_prompts=share,
                 mask_dtype=torch.bool if kernel == "sdpa" else self.model.dtype,
             )
-            self._packing_checked = problem is None
+            self._packing_checked[share] = problem is None
             if problem is not None:
                 rank_zero_warn(
                     f"model.packing: this model's attention ({kernel!r}) cannot run packed rows ({problem}); "
-                    f"every batch is padded instead. Set model.packing: false to silence this"
+                    f"every batch is padded instead. Set model.packing: off to silence this"
                 )
-        return self._packing_checked
+        return self._packing_checked[share]
 
     @torch.no_grad()
     def compute_reference_logps(

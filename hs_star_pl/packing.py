@@ -38,6 +38,8 @@ import torch
 
 from hs_star_pl.losses import at_least_float32
 
+PACKING_MODES = ("sequences", "shared_prompts", "off")
+"""``model.packing``'s choices: whole sequences, prompts shared within a DPO pair, or padded batches."""
 SHARED_PROMPT_KERNELS = ("eager", "sdpa")
 """Attention kernels that take a 4-D mask as given (the shared-prompt layout needs one)."""
 VARLEN_KERNELS = ("flash_attention_2", "flash_attention_3")

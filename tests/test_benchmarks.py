@@ -56,7 +56,7 @@ def test_prm_throughput(tmp_path):
 def test_dpo_vs_trl_losses_agree(tmp_path, lengths):
     # exits non-zero if the losses disagree
     report = run_script("dpo_vs_trl.py", "--lengths", lengths, tmp_path=tmp_path)
-    assert first_column(report)[:5] == ["ours, packed", "ours, packed, prompts not shared", "ours, padded (before)", "TRL",
+    assert first_column(report)[:5] == ["ours, packing sequences", "ours, packing shared_prompts", "ours, padded (before)", "TRL",
                                        "TRL, precomputed"]
     assert "identical token ids and masks: yes" in report["notes"][1]
     assert f"({lengths} lengths)" in report["notes"][0]

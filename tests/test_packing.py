@@ -39,7 +39,7 @@ def _dpo_batch(module, side: str = "right"):
     """A DPO batch whose reference log-probs are the policy's own, moved by a few nats (a loss away from ln 2)."""
     pairs = _pairs(module.tokenizer)
     batch = collate_pairs(pairs, module.tokenizer.pad_token_id, side)
-    packing, module.packing = module.packing, False
+    packing, module.packing = module.packing, "off"
     with torch.no_grad():
         logps = module.response_logps(batch).tolist()
     module.packing = packing
@@ -54,7 +54,7 @@ def _quiet_step(module, batch):
         return module.model_step(batch, "train")
 
 
-def _loss_and_grads(module, batch, packing: bool):
+def _loss_and_grads(module, batch, packing: str):
     module.packing = packing
     module.zero_grad()
     loss = _quiet_step(module, batch)
@@ -115,29 +115,31 @@ def test_packed_and_padded_dpo_give_equal_logps_loss_and_gradients(attn, side):
     module = tiny_module(attn_implementation=attn, sft_weight=0.5)
     batch = _dpo_batch(module, side)
     n_pairs = batch["ref_chosen_logps"].shape[0]
-    module.packing = True
+    module.packing = "shared_prompts"
     shared = module.response_logps(batch, n_pairs=n_pairs)
-    whole = module.response_logps(batch)
-    module.packing = False
+    module.packing = "sequences"
+    whole = module.response_logps(batch, n_pairs=n_pairs)
+    module.packing = "off"
     padded = module.response_logps(batch, n_pairs=n_pairs)
     torch.testing.assert_close(shared, padded, **TOL)
     torch.testing.assert_close(whole, padded, **TOL)
 
-    packed_loss, packed_grads = _loss_and_grads(module, batch, packing=True)
-    padded_loss, padded_grads = _loss_and_grads(module, batch, packing=False)
-    assert abs(float(packed_loss) - float(padded_loss)) < LOSS_TOL
+    padded_loss, padded_grads = _loss_and_grads(module, batch, packing="off")
     assert abs(float(padded_loss) - 0.6931472) > 0.05  # a loss away from ln 2
-    assert packed_grads.keys() == padded_grads.keys() and packed_grads
-    for name, grad in padded_grads.items():
-        torch.testing.assert_close(packed_grads[name], grad, **TOL, msg=name)
+    for layout in ("shared_prompts", "sequences"):
+        packed_loss, packed_grads = _loss_and_grads(module, batch, packing=layout)
+        assert abs(float(packed_loss) - float(padded_loss)) < LOSS_TOL, layout
+        assert packed_grads.keys() == padded_grads.keys() and packed_grads
+        for name, grad in padded_grads.items():
+            torch.testing.assert_close(packed_grads[name], grad, **TOL, msg=f"{layout}: {name}")
 
 
 def test_packed_and_padded_sft_give_equal_loss_and_gradients():
     module = tiny_module(objective="sft")
     sequences = [s for pair in _pairs(module.tokenizer, seed=1) for s in pair]
     batch = collate_sequences(sequences, module.tokenizer.pad_token_id)
-    packed_loss, packed_grads = _loss_and_grads(module, batch, packing=True)
-    padded_loss, padded_grads = _loss_and_grads(module, batch, packing=False)
+    packed_loss, packed_grads = _loss_and_grads(module, batch, packing="sequences")
+    padded_loss, padded_grads = _loss_and_grads(module, batch, packing="off")
     torch.testing.assert_close(packed_loss, padded_loss, **TOL)
     for name, grad in padded_grads.items():
         torch.testing.assert_close(packed_grads[name], grad, **TOL, msg=name)
@@ -157,13 +159,14 @@ def test_packed_and_padded_reference_log_probs_are_equal():
                        rejected="3" * rnd.randint(1, 30), chosen_key=f"{i}c", rejected_key=f"{i}r")
         for i in range(9)
     ]
-    module.packing = True
-    packed = module.compute_reference_logps(pairs, max_length=512, batch_size=4)
-    module.packing = False
+    module.packing = "off"
     padded = module.compute_reference_logps(pairs, max_length=512, batch_size=4)
-    for a, b in zip(packed, padded, strict=True):
-        assert a.ref_chosen_logp == pytest.approx(b.ref_chosen_logp, rel=1e-5)
-        assert a.ref_rejected_logp == pytest.approx(b.ref_rejected_logp, rel=1e-5)
+    for layout in ("sequences", "shared_prompts"):
+        module.packing = layout
+        packed = module.compute_reference_logps(pairs, max_length=512, batch_size=4)
+        for a, b in zip(packed, padded, strict=True):
+            assert a.ref_chosen_logp == pytest.approx(b.ref_chosen_logp, rel=1e-5), layout
+            assert a.ref_rejected_logp == pytest.approx(b.ref_rejected_logp, rel=1e-5), layout
 
 
 def test_packed_lora_gives_the_padded_loss_and_adapter_gradients():
@@ -176,8 +179,8 @@ def test_packed_lora_gives_the_padded_loss_and_adapter_gradients():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
     batch = _dpo_batch(module)
-    packed_loss, packed_grads = _loss_and_grads(module, batch, packing=True)
-    padded_loss, padded_grads = _loss_and_grads(module, batch, packing=False)
+    packed_loss, packed_grads = _loss_and_grads(module, batch, packing="shared_prompts")
+    padded_loss, padded_grads = _loss_and_grads(module, batch, packing="off")
     assert abs(float(packed_loss) - float(padded_loss)) < LOSS_TOL
     assert padded_grads and all("lora" in name for name in padded_grads)
     for name, grad in padded_grads.items():
@@ -190,17 +193,17 @@ def test_training_with_gradient_accumulation_ends_at_the_same_weights_packed_or_
     from hs_star_pl.module import HSStarModule, TinyModelConfig
 
     weights = {}
-    for packing in (True, False):
+    for packing in ("sequences", "off"):
         # SGD: an update proportional to the gradient (Adam's first steps blow rounding in tiny gradients up to lr)
         module = HSStarModule(tiny=TinyModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
                               optimizer=lambda params: torch.optim.SGD(params, lr=0.5), packing=packing)
         data = MathDataModule(train_file=str(PAIRS_FILE), batch_size=4, shuffle=False, template="plain")
         trainer = cpu_trainer(tmp_path / str(packing), max_steps=2, accumulate_grad_batches=2, num_sanity_val_steps=0)
         trainer.fit(module, datamodule=data)
-        assert trainer.global_step == 2 and module.packing_active() is packing
+        assert trainer.global_step == 2 and module.packing_active() is (packing != "off")
         weights[packing] = {n: p.detach().clone() for n, p in module.model.named_parameters()}
-    for name, value in weights[False].items():
-        torch.testing.assert_close(weights[True][name], value, rtol=1e-4, atol=1e-5, msg=name)
+    for name, value in weights["off"].items():
+        torch.testing.assert_close(weights["sequences"][name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def _register_mask_ignoring_attention() -> str:
@@ -215,24 +218,32 @@ def _register_mask_ignoring_attention() -> str:
     return "causal_only_test"
 
 
-def test_a_model_whose_attention_ignores_packed_sequences_falls_back_to_padding_with_a_warning():
-    module = tiny_module()
+@pytest.mark.parametrize("layout", ["sequences", "shared_prompts"])
+def test_a_model_whose_attention_ignores_packed_sequences_falls_back_to_padding_with_a_warning(layout):
+    module = tiny_module(packing=layout)
     module.model.config._attn_implementation = _register_mask_ignoring_attention()
     batch = _dpo_batch(module)
     with pytest.warns(UserWarning, match=r"model\.packing: .*'causal_only_test'.* every batch is padded instead"):
         fallen_back = module.response_logps(batch, n_pairs=5)
     assert module.packing_active() is False
-    module.packing = False
+    module.packing = "off"
     padded = module.response_logps(batch, n_pairs=5)
     torch.testing.assert_close(fallen_back, padded, rtol=0, atol=0)
 
 
-def test_model_packing_is_on_by_default_and_reachable_from_the_cli(tmp_path):
+def test_model_packing_packs_sequences_by_default_and_is_reachable_from_the_cli(tmp_path):
     from hs_star_pl.cli import HSStarCLI
     from tests.test_cli import _run_args
 
-    assert HSStarCLI(args=_run_args(tmp_path), run=False).model.packing is True
-    assert HSStarCLI(args=[*_run_args(tmp_path), "--model.packing=false"], run=False).model.packing is False
-    overlay = tmp_path / "padded.yaml"
-    overlay.write_text("model:\n  packing: false\n")
-    assert HSStarCLI(args=[*_run_args(tmp_path), "-c", str(overlay)], run=False).model.packing is False
+    assert HSStarCLI(args=_run_args(tmp_path), run=False).model.packing == "sequences"
+    assert HSStarCLI(args=[*_run_args(tmp_path), "--model.packing=off"], run=False).model.packing == "off"
+    overlay = tmp_path / "shared.yaml"
+    overlay.write_text("model:\n  packing: shared_prompts\n")
+    assert HSStarCLI(args=[*_run_args(tmp_path), "-c", str(overlay)], run=False).model.packing == "shared_prompts"
+
+
+def test_an_unknown_packing_layout_is_refused_naming_the_key():
+    from hs_star_pl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.packing must be one of sequences, shared_prompts, off"):
+        tiny_module(packing="yes")

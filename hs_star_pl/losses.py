@@ -27,6 +27,11 @@ import torch
 import torch.nn.functional as F
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or as it is when wider (float64 logits stay float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Log-probability of each next token: position ``t`` scores ``input_ids[:, t + 1]``.
 
@@ -35,9 +40,10 @@ def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         input_ids: ``(B, T)``.
 
     Returns:
-        ``(B, T - 1)`` float32 log-probs of tokens ``1..T-1`` given their prefixes.
+        ``(B, T - 1)`` float32 (float64 for float64 logits) log-probs of tokens ``1..T-1`` given
+        their prefixes.
     """
-    logits = logits[:, :-1].float()
+    logits = at_least_float32(logits[:, :-1])
     targets = input_ids[:, 1:].unsqueeze(-1)
     return torch.gather(logits.log_softmax(-1), 2, targets).squeeze(-1)
 

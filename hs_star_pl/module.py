@@ -42,7 +42,9 @@ from hs_star_pl.core.records import PreferencePair
 from hs_star_pl.errors import ConfigError, NonFiniteLossError
 from hs_star_pl.evaluation.protocol import EvalBatch
 from hs_star_pl.lora import LoraSettings, apply_lora
-from hs_star_pl.losses import chosen_nll, dpo_loss, get_dpo_loss, sequence_logps, sft_nll
+from hs_star_pl.losses import chosen_nll, dpo_loss, get_dpo_loss, sequence_logps
+from hs_star_pl.packing import PACKING_MODES, SHARED_PROMPT_KERNELS, VARLEN_KERNELS, pack_batch, packing_problem
+from hs_star_pl.packing import sequence_logps as packed_sequence_logps
 from hs_star_pl.progress import phase_bar
 from hs_star_pl.schedules import WarmupCosineLR
 from hs_star_pl.zero import max_over_ranks, needs_lockstep
@@ -114,6 +116,16 @@ class HSStarModule(L.LightningModule):
             reference stays M_t, the policy with its adapters at the start of iteration t,
             scored once per iteration as without LoRA; disabling the adapters would give M_0
             instead from iteration 2 on. HF exports hold the merged model (docs/lora.md).
+        packing: how each forward pass (training, validation, reference log-probs) lays out
+            its batch (``hs_star_pl.packing``). ``sequences``: the sequences end to end
+            without padding, positions restarting per sequence. ``shared_prompts``: the same,
+            and a DPO pair's prompt laid down once for both responses (``eager``/``sdpa``
+            only, under a 4-D mask; with a varlen flash-attention kernel it packs
+            ``sequences``); it pays where prompts are long against responses (the tiny demo),
+            not where responses are long (wider rows). ``off``: every batch padded to its
+            longest sequence. The same log-probs and losses up to float rounding. Checked once
+            on a small batch: a model whose attention does not keep packed sequences apart
+            falls back to padded batches with a warning.
         optimizer: optimizer factory (LightningCLI ``class_path``); AdamW by default.
         lr_scheduler: scheduler factory, stepped every optimizer step; a
             ``WarmupCosineLR`` without ``total_steps`` gets it from the trainer.
@@ -135,6 +147,7 @@ class HSStarModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         attn_implementation: str | None = None,
         peft: LoraSettings | None = None,
+        packing: Literal["sequences", "shared_prompts", "off"] = "sequences",
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         nonfinite_loss: Literal["raise", "skip"] = "raise",
@@ -170,6 +183,10 @@ class HSStarModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.nonfinite_loss = nonfinite_loss
+        if packing not in PACKING_MODES:
+            raise ConfigError(f"model.packing must be one of {', '.join(PACKING_MODES)}, got {packing!r}")
+        self.packing = packing
+        self._packing_checked: dict[bool, bool] = {}  # by layout (prompts shared or not): the first pass's check
         self.n_nonfinite_skipped = 0
         self._batch_idx = 0
         self.tokenizer, self.model = self._load(model_path, tiny, DTYPES[dtype], attn_implementation)
@@ -270,8 +287,27 @@ class HSStarModule(L.LightningModule):
 
     # -- forward -------------------------------------------------------------------------
 
-    def response_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward pass; returns ``(logits (B, T, V), summed response log-probs (B,))``."""
+    def response_logps(self, batch: dict[str, torch.Tensor], n_pairs: int | None = None) -> torch.Tensor:
+        """Forward pass; the summed response log-probs ``(B,)`` (float32) of the batch's sequences.
+
+        Args:
+            batch: ``input_ids``/``attention_mask``/``response_mask`` ``(B, T)`` (``collate``'s).
+            n_pairs: a DPO batch of this many pairs (chosen rows first): with packing, their
+                shared prompts are laid down once where the attention kernel allows it.
+        """
+        if self.packing_active():
+            kernel = self.model.config._attn_implementation
+            share = n_pairs is not None and self._shares_prompts()
+            packed = pack_batch(
+                batch["input_ids"], batch["attention_mask"], batch["response_mask"], self.tokenizer.pad_token_id,
+                n_pairs=n_pairs if share else None,
+                # varlen kernels attend within sequences only: one row; dense masks: rows of the longest unit
+                row_length=batch["input_ids"].numel() if kernel in VARLEN_KERNELS else None,
+                mask_dtype=torch.bool if kernel == "sdpa" else self.model.dtype,
+            )
+            logits = self.model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                                position_ids=packed.position_ids, use_cache=False).logits
+            return packed_sequence_logps(logits, packed)
         mask = batch["attention_mask"]
         logits = self.model(
             input_ids=batch["input_ids"],
@@ -279,7 +315,31 @@ class HSStarModule(L.LightningModule):
             position_ids=position_ids_from_mask(mask),
             use_cache=False,
         ).logits
-        return logits, sequence_logps(logits, batch["input_ids"], batch["response_mask"])
+        return sequence_logps(logits, batch["input_ids"], batch["response_mask"])
+
+    def _shares_prompts(self) -> bool:
+        return self.packing == "shared_prompts" and self.model.config._attn_implementation in SHARED_PROMPT_KERNELS
+
+    def packing_active(self) -> bool:
+        """Whether forward passes are packed: ``model.packing`` is not ``off``, and a small check (run
+        on the first call, three forward passes of two short pairs, in the layout asked for) has
+        shown that this model keeps packed sequences apart."""
+        if self.packing == "off":
+            return False
+        share = self._shares_prompts()
+        if share not in self._packing_checked:
+            kernel = self.model.config._attn_implementation
+            problem = packing_problem(
+                self.model, self.tokenizer.pad_token_id, share_prompts=share,
+                mask_dtype=torch.bool if kernel == "sdpa" else self.model.dtype,
+            )
+            self._packing_checked[share] = problem is None
+            if problem is not None:
+                rank_zero_warn(
+                    f"model.packing: this model's attention ({kernel!r}) cannot run packed rows ({problem}); "
+                    f"every batch is padded instead. Set model.packing: off to silence this"
+                )
+        return self._packing_checked[share]
 
     @torch.no_grad()
     def compute_reference_logps(
@@ -338,8 +398,7 @@ class HSStarModule(L.LightningModule):
                     chunk = encoded[start : start + batch_size]
                     batch = collate_pairs([(c, r) for _, c, r in chunk], pad_id)
                     batch = {k: v.to(self.device) for k, v in batch.items()}
-                    _, logps = self.response_logps(batch)
-                    logps = logps.float().cpu()
+                    logps = self.response_logps(batch, n_pairs=len(chunk)).float().cpu()
                     n = len(chunk)
                     for j, (i, _, _) in enumerate(chunk):
                         out[i] = dataclasses.replace(
@@ -350,7 +409,7 @@ class HSStarModule(L.LightningModule):
                     filler = encode_example(self.tokenizer, "x", "x", max_length)
                     batch = {k: v.to(self.device) for k, v in collate_pairs([(filler, filler)], pad_id).items()}
                     for _ in range(n_padding):
-                        self.response_logps(batch)
+                        self.response_logps(batch, n_pairs=1)
         finally:
             self.model.train(was_training)
         return out
@@ -358,17 +417,19 @@ class HSStarModule(L.LightningModule):
     # -- steps ---------------------------------------------------------------------------
 
     def model_step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
-        logits, logps = self.response_logps(batch)
+        n_pairs = batch["ref_chosen_logps"].shape[0] if "ref_chosen_logps" in batch else None
+        logps = self.response_logps(batch, n_pairs=n_pairs)
         metrics = self.metrics[f"{split}_"]  # ModuleDict keys may not shadow nn.Module.train
         if self.objective == "sft":
-            loss = sft_nll(logits, batch["input_ids"], batch["response_mask"])
+            # losses.sft_nll: the NLL averaged over every response token of the batch
+            n_tokens = batch["response_mask"][:, 1:].sum().clamp_min(1)
+            loss = -logps.sum() / n_tokens
             if split == "train" and self._nonfinite(loss, "loss"):
                 return None
             metrics["loss"](loss.detach())
         else:
-            if "ref_chosen_logps" not in batch:
+            if n_pairs is None:
                 raise RuntimeError("DPO batch without reference log-probs: compute them before training")
-            n_pairs = batch["ref_chosen_logps"].shape[0]
             chosen, rejected = logps[:n_pairs], logps[n_pairs:]
             loss, chosen_rewards, rejected_rewards = dpo_loss(
                 chosen, rejected, batch["ref_chosen_logps"], batch["ref_rejected_logps"], self.beta, self.loss_type

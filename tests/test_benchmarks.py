@@ -52,10 +52,14 @@ def test_prm_throughput(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="needs trl (the bench extra)")
-def test_dpo_vs_trl_losses_agree(tmp_path):
-    report = run_script("dpo_vs_trl.py", tmp_path=tmp_path)  # exits non-zero if the losses disagree
-    assert first_column(report) == ["ours", "ours, reference pass in input order (before)", "TRL", "TRL, precomputed"]
+@pytest.mark.parametrize("lengths", ["tiny", "paper"])
+def test_dpo_vs_trl_losses_agree(tmp_path, lengths):
+    # exits non-zero if the losses disagree
+    report = run_script("dpo_vs_trl.py", "--lengths", lengths, tmp_path=tmp_path)
+    assert first_column(report)[:5] == ["ours, packing sequences", "ours, packing shared_prompts", "ours, padded (before)", "TRL",
+                                       "TRL, precomputed"]
     assert "identical token ids and masks: yes" in report["notes"][1]
+    assert f"({lengths} lengths)" in report["notes"][0]
 
 
 def test_rollout_throughput(tmp_path):

@@ -294,7 +294,7 @@ def test_dpo_step_metrics_and_nll_term_match_hand_values(sft_weight):
     module = tiny_module(sft_weight=sft_weight)
     batch, encoded = _pair_batch(module)
     with torch.no_grad():
-        _, logps = module.response_logps(batch)
+        logps = module.response_logps(batch, n_pairs=2)
     chosen, rejected = logps[:2], logps[2:]
     batch["ref_chosen_logps"] = chosen - torch.tensor([1.0, -1.0])
     batch["ref_rejected_logps"] = rejected - torch.tensor([-2.0, 0.0])
@@ -313,6 +313,7 @@ def test_dpo_step_metrics_and_nll_term_match_hand_values(sft_weight):
 def test_reference_logps_are_computed_in_eval_mode_without_grad():
     module = tiny_module()
     module.train()
+    module.packing_active()  # the one-time packing check runs its own small forward passes first
     seen: list[tuple[bool, bool]] = []
     hook = module.model.register_forward_pre_hook(lambda m, _: seen.append((m.training, torch.is_grad_enabled())))
     try:
@@ -335,6 +336,7 @@ def test_gradient_checkpointing_recomputes_activations_and_gives_the_same_gradie
     grads = {}
     for name, module in (("plain", plain), ("checkpointed", checkpointed)):
         module.train()
+        module.packing_active()  # the one-time packing check runs its own small forward passes first
         layer = module.model.model.layers[0]
         hook = layer.register_forward_pre_hook(lambda *_, name=name: layer_calls.__setitem__(name, layer_calls[name] + 1))
         loss = module.model_step(batch, "train")

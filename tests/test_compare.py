@@ -16,6 +16,7 @@ from hs_star_pl.experiments.compare import (
     method_paths,
     paired_t_interval,
     details,
+    first_round_overlap,
     fit_command,
     n_iterations,
     report,
@@ -175,3 +176,31 @@ def test_details_by_hand():
                         "% pairs from boundary | % pairs from outlier | final acc., n_steps=2 | final acc., n_steps=3 |")
     # 6 problems over 2 rounds, 8 pairs; 7 of 8 pairs from boundary problems; per-seed group accuracies 0.75/1.0, 0.25/0.5
     assert lines[2] == "| hs_star | 3.0 | 1.33 | 0.0 | 87.5 | 12.5 | 0.875 ± 0.177 | 0.375 ± 0.177 |"
+
+
+def _first_round(out, method, seed, classes=None, paired=()):
+    directory = out / method / f"seed_{seed}" / "rounds" / "round_000"
+    directory.mkdir(parents=True)
+    if classes is not None:
+        (directory / "difficulty.jsonl").write_text(
+            "".join(json.dumps({"problem_id": p, "difficulty": c}) + "\n" for p, c in classes.items()))
+    (directory / "pairs.jsonl").write_text("".join(json.dumps({"problem_id": p}) + "\n" for p in paired))
+
+
+def test_first_round_overlap_labels_every_method_with_the_baselines_classes(tmp_path):
+    """Per seed, each method's paired problems are counted in the class the baseline gave them."""
+    seed0 = {"a": "inlier", "b": "inlier", "c": "boundary", "d": "outlier"}
+    seed1 = {"a": "inlier", "b": "boundary", "c": "boundary", "d": "outlier"}
+    _first_round(tmp_path, "hs_star", 0, seed0, paired=["c", "c"])
+    _first_round(tmp_path, "hs_star", 1, seed1, paired=["b", "c"])
+    _first_round(tmp_path, "uniform", 0, paired=["a", "c", "d", "x"])  # x: not drawn by the baseline
+    _first_round(tmp_path, "uniform", 1, paired=["a"])
+    runs = [RunResult(m, s, [0.1, 0.2], [1], [8]) for m in ("hs_star", "uniform") for s in (0, 1)]
+    lines = first_round_overlap(tmp_path, runs).splitlines()
+    assert lines[0] == ("| method | seeds | inlier: with a pair / in class | boundary: with a pair / in class | "
+                        "outlier: with a pair / in class |")
+    # hs_star: inliers 0/2, 0/1; boundary 1/1, 2/2; outliers 0/1, 0/1
+    assert lines[2] == "| hs_star | 0,1 | 0.0 / 1.5 | 1.5 / 1.5 | 0.0 / 1.0 |"
+    # uniform: inliers 1/2 and 1/1; boundary 1/1 and 0/2; outliers 1/1 and 0/1
+    assert lines[3] == "| uniform | 0,1 | 1.0 / 1.5 | 0.5 / 1.5 | 0.5 / 1.0 |"
+    assert first_round_overlap(tmp_path / "elsewhere", runs) == ""  # no baseline round on disk

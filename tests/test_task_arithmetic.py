@@ -141,5 +141,10 @@ def test_study_files_are_disjoint_from_each_other_and_from_every_demo_file():
         for p in study[name]:
             start, steps = parse_question(p.question)
             values = [start] + [int(v) for v in re.findall(r"= (\d+)", p.solution)]
-            beyond += max(values) > 60 or any(op in ("add", "subtract") and n > 10 for op, n in steps)
+            out_of_reach = max(values) > 60 or any(op in ("add", "subtract") and n > 10 for op, n in steps)
+            beyond += out_of_reach
+            # each problem names the component it came from; only the wider one reaches past it
+            assert p.metadata["family"] in ("reach", "beyond") and not (out_of_reach and p.metadata["family"] == "reach")
         assert 0.1 < beyond / len(study[name]) <= tiny_demo.STUDY_BEYOND_SHARE + 0.05, (name, beyond)
+        tagged = sum(p.metadata["family"] == "beyond" for p in study[name])
+        assert beyond <= tagged <= tiny_demo.STUDY_BEYOND_SHARE * len(study[name]) * 1.15, (name, tagged)

@@ -37,7 +37,9 @@ budget:
 Written to ``<out>/comparison_<study>`` (``comparison_custom`` with ``--methods``): ``.md`` (accuracy per iteration, mean and standard
 deviation over seeds; each method's final accuracy minus HS-STaR's on the same seeds with a
 95% paired t interval over seeds; DPO pairs per 1000 rollouts; the share of samples spent on
-each difficulty class), ``.json`` (every number behind it, per run) and ``.png``.
+each difficulty class; where the pairs came from and the final accuracy split by a problem
+field, ``--group-by``; which problems each method trained on in the first round, by HS-STaR's
+pre-sample class), ``.json`` (every number behind it, per run) and ``.png``.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ BASE_CONFIG = Path("configs/tiny/hs_star.yaml")
 METHODS_DIR = Path("configs/tiny/methods")
 CLASSES = ("inlier", "boundary", "outlier")
 BASELINE = "hs_star"
+GROUP_FIELD = "n_steps"
 STUDIES: dict[str, tuple[str, ...]] = {
     "main": (BASELINE, "uniform", "accuracy_only", "reward_only", "proportional"),
     "pilot": (BASELINE, "split_inlier", "split_outlier", "split_inlier_boundary", "split_boundary_outlier", "split_inlier_outlier"),
@@ -119,8 +122,11 @@ def n_iterations(configs: Sequence[Path], fit_args: Sequence[str]) -> int:
     raise SystemExit(f"{', '.join(map(str, configs))}: self_training.n_iterations is required for a comparison")
 
 
-def collect(directory: Path, method: str, seed: int) -> RunResult | None:
-    """Read a finished or partial run; ``None`` when it has no evaluation yet."""
+def collect(directory: Path, method: str, seed: int, group_by: str = GROUP_FIELD) -> RunResult | None:
+    """Read a finished or partial run; ``None`` when it has no evaluation yet.
+
+    ``group_by``: the problems' metadata field the final policy's accuracy is split by.
+    """
     evals = sorted(directory.glob("eval/*/policy_*.json"))
     if not evals:
         return None
@@ -144,10 +150,7 @@ def collect(directory: Path, method: str, seed: int) -> RunResult | None:
     timing = directory / "compare_seconds.txt"
     seconds = float(timing.read_text()) if timing.exists() else None
     return RunResult(method, seed, accuracy, pairs, samples, per_class, seconds, pairs_per_class, with_pairs,
-                     accuracy_by_group(evals[-1]))
-
-
-GROUP_FIELD = "n_steps"
+                     accuracy_by_group(evals[-1], group_by))
 
 
 def accuracy_by_group(result: Path, field_name: str = GROUP_FIELD) -> dict[str, list[int]]:
@@ -225,9 +228,9 @@ def share_m0_evaluation(out: Path, directory: Path) -> Path | None:
 
 def run_one(
     base: Sequence[Path], overlay: Path | None, seed: int, directory: Path, expected: int, method: str, fit_args: Sequence[str] = (),
-    share_m0_from: Path | None = None,
+    share_m0_from: Path | None = None, group_by: str = GROUP_FIELD,
 ) -> RunResult:
-    done = collect(directory, method, seed)
+    done = collect(directory, method, seed, group_by)
     if done is not None and len(done.accuracy) == expected + 1:
         print(f"[compare] {method} seed {seed}: done already ({directory})", flush=True)
         return done
@@ -249,7 +252,7 @@ def run_one(
         )
     if not resume:
         (directory / "compare_seconds.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
-    result = collect(directory, method, seed)
+    result = collect(directory, method, seed, group_by)
     if result is None or len(result.accuracy) != expected + 1:
         raise SystemExit(f"[compare] {method} seed {seed} finished without {expected + 1} evaluations in {directory}/eval")
     return result
@@ -332,18 +335,18 @@ def report(results: Sequence[RunResult], expected: int, baseline: str = BASELINE
     return "\n".join(lines) + "\n"
 
 
-def details(results: Sequence[RunResult]) -> str:
+def details(results: Sequence[RunResult], group_by: str = GROUP_FIELD) -> str:
     """Where each method's training signal came from, and where its final policy gained.
 
     Means over seeds: problems with at least one pair per round, pairs per such problem,
     the share of pairs by the problem's difficulty class, and the final policy's accuracy
-    per ``GROUP_FIELD`` value of the evaluation problems (chain length on the tiny task).
+    per ``group_by`` value of the evaluation problems (chain length on the tiny task).
     """
     by_method = group_by_method(results)
     groups = sorted({g for r in results for g in r.final_by_group}, key=lambda g: (len(g), g))
     head = ["method", "problems with a pair / round", "pairs per such problem"]
     head += [f"% pairs from {c}" for c in CLASSES]
-    head += [f"final acc., {GROUP_FIELD}={g}" for g in groups]
+    head += [f"final acc., {group_by}={g}" for g in groups]
     lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
     for method, runs in by_method.items():
         rounds = [n for r in runs for n in r.problems_with_pairs]
@@ -354,6 +357,49 @@ def details(results: Sequence[RunResult]) -> str:
         for g in groups:
             accs = [r.final_by_group[g][0] / r.final_by_group[g][1] for r in runs if g in r.final_by_group]
             row.append(_mean_sd(accs))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def first_round_overlap(out: Path, results: Sequence[RunResult], baseline: str = BASELINE) -> str:
+    """Which problems each method trained on in its first round, by the class ``baseline`` gave them.
+
+    In round 0 every method of a seed draws the same problems and samples from the same M_0,
+    so the baseline's pre-sample classes (its ``rounds/round_000/difficulty.jsonl``) label
+    every method's problems: per class, the problems with at least one pair in the method's
+    ``pairs.jsonl`` out of the problems in that class, means over the seeds that both ran.
+    This is where a uniform budget finds pairs on problems that the baseline's first stage
+    set aside. Problems the baseline did not draw are left out (none when only the
+    allocation differs). Empty when the baseline has no first round under ``out``.
+    """
+    seeds_of = {m: sorted(r.seed for r in runs) for m, runs in group_by_method(results).items()}
+    classes: dict[int, dict[str, str]] = {}
+    for seed in seeds_of.get(baseline, []):
+        path = run_dir(out, baseline, seed) / "rounds" / "round_000" / "difficulty.jsonl"
+        if path.is_file():
+            classes[seed] = {row["problem_id"]: row["difficulty"] for row in read_jsonl(path)}
+    if not classes:
+        return ""
+    head = ["method", "seeds", *[f"{c}: with a pair / in class" for c in CLASSES]]
+    lines = ["| " + " | ".join(head) + " |", "| --- | ---: |" + " ---: |" * len(CLASSES)]
+    for method, seeds in seeds_of.items():
+        with_pair = {c: [] for c in CLASSES}
+        in_class = {c: [] for c in CLASSES}
+        used = []
+        for seed in seeds:
+            pairs = run_dir(out, method, seed) / "rounds" / "round_000" / "pairs.jsonl"
+            if seed not in classes or not pairs.is_file():
+                continue
+            paired = {row["problem_id"] for row in read_jsonl(pairs)}
+            used.append(seed)
+            for c in CLASSES:
+                members = [pid for pid, cls in classes[seed].items() if cls == c]
+                in_class[c].append(len(members))
+                with_pair[c].append(sum(pid in paired for pid in members))
+        if not used:
+            continue
+        row = [method, ",".join(map(str, used))]
+        row += [f"{statistics.fmean(with_pair[c]):.1f} / {statistics.fmean(in_class[c]):.1f}" for c in CLASSES]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -417,6 +463,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", type=Path, default=Path("checkpoints/tiny/compare"))
     parser.add_argument("--report-only", action="store_true", help="only tabulate runs already on disk")
+    parser.add_argument("--group-by", default=GROUP_FIELD,
+                        help="problem metadata field the final accuracy is split by (default: %(default)s; "
+                             "the study task's files also have 'family')")
     parser.add_argument("--evaluate-m0-every-run", action="store_true",
                         help="evaluate M_0 in every run instead of copying the first run's M_0 result")
     args, fit_args = parser.parse_known_args(argv)
@@ -439,18 +488,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         for method, overlay in methods.items():
             directory = run_dir(args.out, method, seed)
             if args.report_only:
-                found = collect(directory, method, seed)
+                found = collect(directory, method, seed, args.group_by)
                 if found is not None:
                     results.append(found)
                 continue
             results.append(run_one(args.base, overlay, seed, directory, expected, method, fit_args,
-                                   share_m0_from=None if own_m0[method] else args.out))
+                                   share_m0_from=None if own_m0[method] else args.out, group_by=args.group_by))
     results.sort(key=lambda r: (list(methods).index(r.method), r.seed))
     if not results:
         raise SystemExit(f"no finished runs under {args.out}")
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"comparison_{'custom' if args.methods else args.study}"
-    table = report(results, expected) + "\n" + details(results)
+    table = report(results, expected) + "\n" + details(results, args.group_by)
+    overlap = first_round_overlap(args.out, results)
+    if overlap:
+        table += f"\nProblems with a pair in the first round, by {BASELINE}'s pre-sample class:\n\n" + overlap
     stem.with_suffix(".md").write_text(table)
     stem.with_suffix(".json").write_text(
         json.dumps([{**r.__dict__, "pairs_per_1000": r.pairs_per_1000} for r in results], indent=2) + "\n"

@@ -47,6 +47,7 @@ before it, so all eight are disjoint by question.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -99,14 +100,22 @@ STUDY_SEEDS = {"sft_stage2": 6, "pool": 7, "dev": 8, "test": 9}
 
 
 def _mixture(n: int, seed: int, exclude: list[Problem]) -> list[Problem]:
-    """``n`` problems, each from ``STUDY_BEYOND`` with probability ``STUDY_BEYOND_SHARE``, else ``STUDY_REACH``."""
+    """``n`` problems, each from ``STUDY_BEYOND`` with probability ``STUDY_BEYOND_SHARE``, else ``STUDY_REACH``.
+
+    Each carries the component it was drawn from in ``metadata["family"]`` (``reach`` or
+    ``beyond``), so results can be split by it (``compare --group-by family``).
+    """
     rng = random.Random(f"tiny-study-mixture:{seed}")
     n_beyond = sum(rng.random() < STUDY_BEYOND_SHARE for _ in range(n))
     reach = generate_problems(n - n_beyond, seed, STUDY_REACH, exclude=exclude)
     beyond = generate_problems(n_beyond, seed, STUDY_BEYOND, exclude=exclude + reach)
-    order = reach + beyond
+    order = [_tagged(p, "reach") for p in reach] + [_tagged(p, "beyond") for p in beyond]
     rng.shuffle(order)
     return order
+
+
+def _tagged(problem: Problem, family: str) -> Problem:
+    return dataclasses.replace(problem, metadata={**problem.metadata, "family": family})
 
 
 def build_study() -> dict[str, list[Problem]]:

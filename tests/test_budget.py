@@ -11,9 +11,12 @@ from hypothesis import strategies as st
 
 from hs_star_pl.core.budget import (
     BudgetLedger,
+    ExpectedPairsBudget,
     HierarchicalBudget,
     ProportionalBudget,
     UniformBudget,
+    expected_pairs,
+    fit_beta_prior,
     split_evenly,
     split_proportionally,
 )
@@ -141,11 +144,13 @@ phi_st = st.one_of(st.none(), st.sampled_from([0.0, 0.25, 1 / 3, 0.5, 2 / 3, 1.0
 
 @st.composite
 def allocators(draw):
-    """Any of the three allocators, with any K and any n_p <= K."""
+    """Any of the four allocators, with any K and any n_p <= K."""
     k = draw(st.integers(1, 16))
     n_presample = draw(st.integers(1, k))
     no_boundary = draw(st.sampled_from(["skip", "uniform"]))
-    kind = draw(st.sampled_from(["hierarchical", "uniform", "proportional"]))
+    kind = draw(st.sampled_from(["hierarchical", "uniform", "proportional", "expected_pairs"]))
+    if kind == "expected_pairs":
+        return ExpectedPairsBudget(k, n_presample, no_boundary, pair_cap=draw(st.none() | st.integers(1, 8)))
     if kind == "hierarchical":
         return HierarchicalBudget(k, n_presample, no_boundary)
     if kind == "proportional":
@@ -223,3 +228,76 @@ def test_split_proportionally_invariants(total, weights, seed):
                 assert split[pid] == 0
     else:
         assert sum(split.values()) == 0
+
+
+def test_expected_pairs_by_hand():
+    # no more samples: the pairs already there
+    assert expected_pairs(1, 1, 0, 1.0, 1.0) == pytest.approx(1.0)
+    assert expected_pairs(3, 0, 0, 1.0, 1.0) == 0.0
+    # 3 of 3 correct, one more sample, uniform prior: the posterior Beta(4, 1) predicts a wrong one with 1/5
+    assert expected_pairs(3, 0, 1, 1.0, 1.0) == pytest.approx(0.2)
+    # 1 of 2 correct, one more, Beta(2, 2) posterior: min stays 1 whichever way it falls
+    assert expected_pairs(1, 1, 1, 1.0, 1.0) == pytest.approx(1.0)
+    # 0 of 0, two more, uniform: X in {0, 1, 2} equally likely (beta-binomial(2, 1, 1)); min(X, 2 - X) = 0, 1, 0
+    assert expected_pairs(0, 0, 2, 1.0, 1.0) == pytest.approx(1 / 3)
+
+
+def test_fit_beta_prior_recovers_the_prior_of_simulated_counts():
+    rng = random.Random(0)
+    counts = []
+    for _ in range(20000):
+        p = rng.betavariate(0.6, 0.4)
+        counts.append((sum(rng.random() < p for _ in range(3)), 3))
+    alpha, beta = fit_beta_prior(counts)
+    assert alpha == pytest.approx(0.6, rel=0.15) and beta == pytest.approx(0.4, rel=0.15)
+    # no spread to fit, or too few problems: the uniform prior
+    assert fit_beta_prior([(3, 3)] * 10) == (1.0, 1.0)
+    assert fit_beta_prior([(1, 3)]) == (1.0, 1.0)
+
+
+def _counted(correct: list[int], n: int = 3) -> dict[str, ProblemDifficulty]:
+    cls = {0: Difficulty.OUTLIER, n: Difficulty.INLIER}
+    return {
+        f"p{i:03d}": ProblemDifficulty(f"p{i:03d}", c / n, None, cls.get(c, Difficulty.BOUNDARY), n, n)
+        for i, c in enumerate(correct)
+    }
+
+
+def test_expected_pairs_budget_spends_exactly_the_rest_where_pairs_are_likeliest():
+    # a pool where every class is common: 3/3 problems are often not always solved
+    d = _counted([0] * 30 + [1] * 20 + [2] * 20 + [3] * 30)
+    budget = ExpectedPairsBudget(samples_per_problem=8, n_presample=3)
+    ledger = budget.allocate(d, seed=0, classes=ALL)
+    assert ledger.resample_total == 5 * 100 and ledger.total == 8 * 100
+    per = {c: [ledger.resample[pid] for pid, x in d.items() if round(x.phi_a * 3) == c] for c in range(4)}
+    mean = {c: sum(v) / len(v) for c, v in per.items()}
+    # mixed verdicts are where pairs come from; all-correct and all-wrong ones still get some under this prior
+    assert mean[1] > mean[0] and mean[2] > mean[3] and min(mean[1], mean[2]) > 5
+    assert mean[0] > 0 and mean[3] > 0
+    assert "prior Beta(" in ledger.note and "at most 4 pairs" in ledger.note
+    # the split limits who may be re-sampled; the same seed, the same plan
+    boundary_only = budget.allocate(d, seed=0, classes=["boundary"])
+    assert all(n == 0 for pid, n in boundary_only.resample.items() if d[pid].difficulty != Difficulty.BOUNDARY)
+    assert boundary_only.resample_total == 500
+    assert budget.allocate(d, seed=0, classes=ALL).resample == ledger.resample
+
+
+def test_expected_pairs_budget_follows_the_pool_prior():
+    """In a pool whose 3/3 problems are nearly always solved, they get nothing; where 3/3 often
+    hides failures, they get re-samples."""
+    sure = ExpectedPairsBudget().allocate(_counted([3] * 90 + [1] * 10), seed=0, classes=ALL)
+    unsure = ExpectedPairsBudget().allocate(_counted([3] * 40 + [2] * 30 + [1] * 30), seed=0, classes=ALL)
+    inliers = lambda ledger: sum(n for pid, n in ledger.resample.items() if ledger.classes[pid] == "inlier")
+    assert inliers(unsure) / 40 > inliers(sure) / 90
+
+
+def test_expected_pairs_budget_caps_the_pairs_one_problem_is_worth():
+    """Without a cap, a problem with mixed verdicts would take nearly everything; with one, the
+    budget spreads; a bad cap is refused naming the key."""
+    d = _counted([0] * 30 + [1] * 20 + [2] * 20 + [3] * 30)
+    uncapped = ExpectedPairsBudget(pair_cap=10**6).allocate(d, seed=0, classes=ALL)
+    capped = ExpectedPairsBudget().allocate(d, seed=0, classes=ALL)
+    assert max(uncapped.resample.values()) > 100
+    assert max(capped.resample.values()) <= 8 and uncapped.resample_total == capped.resample_total == 500
+    with pytest.raises(ValueError, match="budget.pair_cap must be a positive integer"):
+        ExpectedPairsBudget(pair_cap=0)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from hs_star_pl.core.budget import HierarchicalBudget, ProportionalBudget, UniformBudget
+from hs_star_pl.core.budget import ExpectedPairsBudget, HierarchicalBudget, ProportionalBudget, UniformBudget
 from hs_star_pl.core.difficulty import DifficultyConfig
 from hs_star_pl.core.protocols import Completion, StepScoringRequest
 from hs_star_pl.core.records import Phase, Problem
@@ -53,8 +53,9 @@ def test_round_classifies_allocates_and_pairs():
         HierarchicalBudget(samples_per_problem=7, n_presample=2, no_boundary="uniform"),
         UniformBudget(samples_per_problem=5),
         ProportionalBudget(samples_per_problem=6, n_presample=2),
+        ExpectedPairsBudget(samples_per_problem=6, n_presample=2),
     ],
-    ids=["hierarchical", "hierarchical-7-2", "uniform", "proportional"],
+    ids=["hierarchical", "hierarchical-7-2", "uniform", "proportional", "expected_pairs"],
 )
 def test_the_engine_is_asked_for_exactly_the_ledgers_counts(allocator):
     """Never over-generate: the pre-sample call asks n_p of every gradeable problem, the

@@ -25,12 +25,25 @@ re-samples and trains on (``selection.train_classes``, passed to ``allocate`` as
   split's problems in proportion to their failure rate ``1 - phi_a`` (largest-remainder
   rounding, seeded tie-breaks). A problem with no gradeable pre-sample counts as failure
   rate 1. Its configs train on all three classes, so it spreads over every problem.
+* ``ExpectedPairsBudget`` (beyond the paper): the remaining budget goes where it is expected
+  to add the most DPO pairs, counting at most ``pair_cap`` per problem (default ``K // 2``,
+  what K samples can give one problem: more pairs from one problem are worth less than
+  pairs from more problems). Each problem's pass rate gets a Beta posterior from its
+  pre-samples, under a Beta prior fitted to the whole round's pre-sample counts (empirical
+  Bayes: a problem solved 3 of 3 times is not taken for always solved when the pool says
+  such problems often fail); with ``m`` more samples its pairs are ``min(correct,
+  incorrect, pair_cap)`` of all its samples, whose expectation under the posterior
+  predictive (beta-binomial) is computed exactly; samples are handed out one at a time to
+  the problem whose expectation rises most (greedy, seeded tie-breaks). It reads
+  correctness only, not the process reward, and ignores pair filters (``selection``'s PRM
+  thresholds).
 
 The returned ``BudgetLedger`` is the single record of what was planned and spent.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 from collections.abc import Collection, Mapping, Sequence
@@ -55,7 +68,8 @@ class BudgetLedger:
         presample: ``{problem_id: n}`` pre-samples.
         resample: ``{problem_id: n}`` re-samples (0 for problems that get none).
         classes: ``{problem_id: "inlier" | "boundary" | "outlier"}``.
-        note: why the plan deviates from the method's default, if it does (a fallback).
+        note: what a reader of the plan should know: why it deviates from the method's default (a
+            fallback), or the prior it fitted (``ExpectedPairsBudget``).
     """
 
     samples_per_problem: int
@@ -323,3 +337,113 @@ class ProportionalBudget(_TwoPhaseBudget):
         else:
             resample, note = _fallback(remaining, difficulties, self.no_boundary, rng, _nothing_in(classes))
         return _ledger(self.samples_per_problem, self.n_presample, difficulties, resample, note)
+
+
+def fit_beta_prior(counts: Sequence[tuple[int, int]]) -> tuple[float, float]:
+    """A Beta(alpha, beta) prior on pass rates from ``(correct, trials)`` counts (method of moments).
+
+    Pools the problems with the most common number of trials (the pre-sample count) and
+    matches the beta-binomial's first two moments. Falls back to the uniform Beta(1, 1) when
+    the moments admit no beta prior (too few problems, no spread, or more spread than a
+    beta-binomial allows).
+    """
+    trials = [n for _, n in counts if n > 0]
+    if len(trials) < 2:
+        return 1.0, 1.0
+    n = max(set(trials), key=trials.count)
+    xs = [c for c, t in counts if t == n]
+    m1 = math.fsum(xs) / len(xs)
+    m2 = math.fsum(x * x for x in xs) / len(xs)
+    if m1 <= 0 or m1 >= n:
+        return 1.0, 1.0
+    denominator = n * (m2 / m1 - m1 - 1) + m1
+    if denominator <= 0:
+        return 1.0, 1.0
+    alpha = (n * m1 - m2) / denominator
+    beta = (n - m1) * (n - m2 / m1) / denominator
+    if not (alpha > 0 and beta > 0 and math.isfinite(alpha) and math.isfinite(beta)):
+        return 1.0, 1.0
+    return alpha, beta
+
+
+def expected_pairs(correct: int, wrong: int, more: int, alpha: float, beta: float, cap: int | None = None) -> float:
+    """E[min(correct + X, wrong + more - X, cap)] for X ~ BetaBinomial(more, alpha + correct, beta + wrong).
+
+    The expected number of disjoint (correct, incorrect) pairs a problem yields after ``more``
+    further samples (at most ``cap``), given ``correct`` and ``wrong`` so far and a
+    Beta(alpha, beta) prior on its pass rate.
+    """
+    cap = math.inf if cap is None else cap
+    a, b = alpha + correct, beta + wrong
+    log_norm = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+    total = 0.0
+    for x in range(more + 1):
+        log_p = (math.lgamma(more + 1) - math.lgamma(x + 1) - math.lgamma(more - x + 1)
+                 + math.lgamma(a + x) + math.lgamma(b + more - x) - math.lgamma(a + b + more) + log_norm)
+        total += math.exp(log_p) * min(correct + x, wrong + more - x, cap)
+    return total
+
+
+@dataclass(frozen=True)
+class ExpectedPairsBudget(_TwoPhaseBudget):
+    """The rest of the budget where it adds the most expected DPO pairs (Beta posterior, greedy).
+
+    Only the split's problems (``allocate``'s ``classes``) may be re-sampled; the shipped
+    config trains on all three classes. See the module docstring for the model.
+
+    Args:
+        samples_per_problem: K.
+        n_presample: pre-samples per problem.
+        no_boundary: what to do when the split is empty: ``"skip"`` or ``"uniform"``, as in
+            ``HierarchicalBudget``.
+        pair_cap: pairs counted per problem at most; ``None``: ``samples_per_problem // 2``.
+            Without a cap, the expectation of a problem with mixed verdicts grows by about
+            ``min(p, 1 - p)`` per sample forever, and the greedy gives it nearly the whole budget.
+    """
+
+    pair_cap: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pair_cap is not None and (isinstance(self.pair_cap, bool) or not isinstance(self.pair_cap, int)
+                                          or self.pair_cap < 1):
+            raise ValueError(f"budget.pair_cap must be a positive integer or null, got {self.pair_cap!r}")
+
+    def allocate(
+        self, difficulties: Mapping[str, ProblemDifficulty], seed: int, classes: Collection[str] = DEFAULT_SPLIT
+    ) -> BudgetLedger:
+        rng = random.Random(f"{seed}:expected_pairs")
+        remaining = (self.samples_per_problem - self.n_presample) * len(difficulties)
+        split = sorted(in_split(difficulties, classes))
+        if not split:
+            resample, note = _fallback(remaining, difficulties, self.no_boundary, rng, _nothing_in(classes))
+            return _ledger(self.samples_per_problem, self.n_presample, difficulties, resample, note)
+        counts = {pid: _correct_and_trials(difficulties[pid]) for pid in difficulties}
+        alpha, beta = fit_beta_prior(list(counts.values()))
+        cap = self.pair_cap if self.pair_cap is not None else max(self.samples_per_problem // 2, 1)
+        value: dict[tuple[int, int, int], float] = {}
+
+        def gain(pid: str, m: int) -> float:
+            c, n = counts[pid]
+            for more in (m, m + 1):
+                if (c, n, more) not in value:
+                    value[(c, n, more)] = expected_pairs(c, n - c, more, alpha, beta, cap)
+            return value[(c, n, m + 1)] - value[(c, n, m)]
+
+        order = {pid: i for i, pid in enumerate(rng.sample(split, len(split)))}  # seeded tie-breaks
+        heap = [(-gain(pid, 0), order[pid], pid) for pid in split]
+        heapq.heapify(heap)
+        resample = dict.fromkeys(split, 0)
+        for _ in range(remaining):
+            _, tie, pid = heapq.heappop(heap)
+            resample[pid] += 1
+            heapq.heappush(heap, (-gain(pid, resample[pid]), tie, pid))
+        note = f"prior Beta({alpha:.3g}, {beta:.3g}) fitted to the pre-samples; at most {cap} pairs counted per problem"
+        return _ledger(self.samples_per_problem, self.n_presample, difficulties, resample, note)
+
+
+def _correct_and_trials(d: ProblemDifficulty) -> tuple[int, int]:
+    """The pre-samples' verdicts as counts: ``(correct, gradeable)``; ``(0, 0)`` with none gradeable."""
+    if d.phi_a is None or not d.n_gradeable:
+        return 0, 0
+    return round(d.phi_a * d.n_gradeable), d.n_gradeable

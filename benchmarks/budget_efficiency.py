@@ -8,7 +8,11 @@ exact-match answers, ``ArithmeticPRM``, thresholds 0.25/0.75, T=0.7, top_p 0.95:
 
 * ``HierarchicalBudget`` (HS-STaR): n_p pre-samples each, the rest to boundary problems only;
 * ``UniformBudget``: K samples per problem (plain iterative DPO at equal budget);
-* ``ProportionalBudget``: the rest in proportion to the failure rate (DART-Math style).
+* ``ProportionalBudget``: the rest in proportion to the failure rate (DART-Math style);
+* ``ExpectedPairsBudget``: the rest where a Beta posterior expects the most new pairs.
+
+The last two re-sample and train on all three classes, as their comparison overlays
+(``configs/tiny/methods/``) do; HS-STaR on the boundary split.
 
 Each response is in at most one pair, so 500 pairs per 1000 rollouts is the ceiling of any
 allocator; "% of ceiling" is an allocator's pairs per 1000 rollouts as a share of it.
@@ -21,6 +25,7 @@ for the two-phase allocators, from all K for the uniform one.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 from bench_common import (
@@ -40,13 +45,19 @@ from bench_common import (
 CLASSES = ("inlier", "boundary", "outlier")
 
 
-def allocators(samples_per_problem: int, n_presample: int) -> dict:
-    from hs_star_pl.core.budget import HierarchicalBudget, ProportionalBudget, UniformBudget
+ALL_CLASSES = ("inlier", "boundary", "outlier")
 
+
+def allocators(samples_per_problem: int, n_presample: int) -> dict:
+    """``{name: (allocator, the split it re-samples and trains on)}``."""
+    from hs_star_pl.core.budget import ExpectedPairsBudget, HierarchicalBudget, ProportionalBudget, UniformBudget
+
+    k, n_p = samples_per_problem, n_presample
     return {
-        "hierarchical (HS-STaR)": HierarchicalBudget(samples_per_problem=samples_per_problem, n_presample=n_presample),
-        "uniform": UniformBudget(samples_per_problem=samples_per_problem),
-        "proportional": ProportionalBudget(samples_per_problem=samples_per_problem, n_presample=n_presample),
+        "hierarchical (HS-STaR)": (HierarchicalBudget(samples_per_problem=k, n_presample=n_p), ("boundary",)),
+        "uniform": (UniformBudget(samples_per_problem=k), ("boundary",)),
+        "proportional": (ProportionalBudget(samples_per_problem=k, n_presample=n_p), ALL_CLASSES),
+        "expected pairs": (ExpectedPairsBudget(samples_per_problem=k, n_presample=n_p), ALL_CLASSES),
     }
 
 
@@ -79,10 +90,11 @@ def main() -> None:
               for name in methods}
     for draw in range(n_draws):
         problems = demo_problems(n_problems * n_draws, args.problems_file)[draw * n_problems : (draw + 1) * n_problems]
-        for name, allocator in methods.items():
+        for name, (allocator, split) in methods.items():
+            split_config = dataclasses.replace(config, selection=dataclasses.replace(config.selection, train_classes=split))
             seconds, result = timed(lambda: run_round(
                 problems, engine=engine, verifier=ExactMatchVerifier(), prm=ArithmeticPRM(), allocator=allocator,
-                config=config, render_prompt=render_plain, iteration=draw, seed=0,
+                config=split_config, render_prompt=render_plain, iteration=draw, seed=0,
             ))
             t = totals[name]
             summary = result.summary()

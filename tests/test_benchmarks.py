@@ -84,7 +84,7 @@ def test_rollout_throughput_with_vllm(tmp_path):
 def test_budget_efficiency(tmp_path):
     report = run_script("budget_efficiency.py", tmp_path=tmp_path)
     rows = {r["allocator"]: r for r in report["rows"]}
-    assert set(rows) == {"hierarchical (HS-STaR)", "uniform", "proportional"}
+    assert set(rows) == {"hierarchical (HS-STaR)", "uniform", "proportional", "expected pairs"}
     assert all(r["rollouts"] <= r["budget K*N"] for r in rows.values())
     assert rows["uniform"]["rollouts"] == rows["uniform"]["budget K*N"]
     for row in rows.values():  # a response is in at most one pair: 500 per 1000 rollouts at most

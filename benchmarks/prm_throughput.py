@@ -8,7 +8,12 @@ responses of 2-8 steps three ways:
 * ``score`` batched (length-sorted, padded, ``--batch-size``);
 * ``score`` one response per forward pass;
 * *through the round*: ``rounds.score_rollouts``, which is what a round calls: the answer
-  check (exact match), splitting each response into steps, then the PRM, batched.
+  check (exact match), splitting each response into steps, then the PRM, batched;
+* *a round with repeated texts*: the same, on a round-shaped workload in which
+  ``--repeat-share`` of the rollouts (default 0.38, the share measured in the tiny demo's
+  HS-STaR rounds, docs/performance.md section 8) repeat a text already sampled for their
+  problem, scored once per distinct text as a round does, against the same rollouts with each
+  copy given its own problem (every rollout scored: the round before texts were shared).
 
 The three ways alternate for ``--repeats`` rounds; medians are reported.
 
@@ -44,6 +49,8 @@ def main() -> None:
     parser = common_parser(__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, help="timed rounds of every variant (default 3)")
+    parser.add_argument("--repeat-share", type=float, default=0.38,
+                        help="share of a round's rollouts that repeat a text of their problem (default 0.38)")
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
     setup_torch(args.threads)
@@ -61,6 +68,14 @@ def main() -> None:
     problems = {f"p{i}": Problem(f"p{i}", q, str(answer)) for i, (q, _, answer) in enumerate(items)}
     rollouts = [Rollout(f"p{i}", 0, Phase.PRESAMPLE, "\n\n".join(steps)) for i, (_, steps, _) in enumerate(items)]
     n_steps = sum(len(r.steps) for r in requests)
+    # a round: n rollouts of which a share repeat an earlier rollout's text for the same problem
+    n_first = round(n * (1 - args.repeat_share))
+    copies = [random.Random(1).randrange(n_first) for _ in range(n - n_first)]
+    round_rollouts = [Rollout(f"p{i}", 0, Phase.PRESAMPLE, "\n\n".join(items[i][1])) for i in range(n_first)]
+    round_rollouts += [Rollout(f"p{i}", 1 + k, Phase.RESAMPLE, round_rollouts[i].text) for k, i in enumerate(copies)]
+    # the same work with nothing shared: each copy is a problem of its own
+    unshared = [Rollout(f"{r.problem_id}#{k}", r.sample_index, r.phase, r.text) for k, r in enumerate(round_rollouts)]
+    unshared_problems = {r.problem_id: problems[r.problem_id.split("#")[0]] for r in unshared}
 
     rows = []
 
@@ -94,8 +109,16 @@ def main() -> None:
             add(name, f"score, batch {args.batch_size}", t["batched"], t["batched"])
             add(name, "score, one at a time", t["one"], t["batched"])
             add(name, "through the round", t["round"], t["batched"])
+            t = timed_medians({
+                "shared": lambda: score_rollouts(round_rollouts, problems, ExactMatchVerifier(), prm),
+                "each": lambda: score_rollouts(unshared, unshared_problems, ExactMatchVerifier(), prm),
+            })
+            add(name, f"a round, {args.repeat_share:.0%} repeated texts, each scored (before)", t["each"], t["each"])
+            add(name, f"a round, {args.repeat_share:.0%} repeated texts, scored once", t["shared"], t["each"])
 
-    emit("PRM scoring throughput", [f"{n} responses, {n_steps} steps; tiny random PRMs; medians of {repeats} interleaved runs"],
+    emit("PRM scoring throughput", [f"{n} responses, {n_steps} steps; tiny random PRMs; medians of {repeats} interleaved runs",
+                                    f"round rows: {n} rollouts, {n_first} distinct texts; their last column is against the "
+                                    f"round that scores every rollout"],
          ["scorer", "how", "seconds", "responses/s", "steps/s", "vs batched score"], rows, args.json)
 
 

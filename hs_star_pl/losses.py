@@ -13,7 +13,8 @@ Covered:
   length-normalised NLL term on the chosen response (Pang et al. 2024, "Iterative Reasoning
   Preference Optimization", Eq. 1).
 * ``sft_nll``: token-averaged negative log-likelihood of the response (step-wise init; the
-  maximum-likelihood objective, written out in its docstring).
+  maximum-likelihood objective, written out in its docstring); ``token_averaged_nll`` is the
+  same from summed log-probs.
 
 Not covered: reference models. Reference log-probs arrive as tensors (precomputed with the
 policy at the start of the iteration, see ``HSStarModule.compute_reference_logps``).
@@ -78,9 +79,19 @@ def sft_nll(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.
     Returns:
         A scalar.
     """
-    mask = response_mask[:, 1:].to(torch.float32)
-    n_tokens = mask.sum().clamp_min(1.0)
-    return -(token_logps(logits, input_ids) * mask).sum() / n_tokens
+    return token_averaged_nll(sequence_logps(logits, input_ids, response_mask), response_mask)
+
+
+def token_averaged_nll(sequence_logps: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """``sft_nll`` from the batch's summed response log-probs ``(B,)`` (padded or packed forward).
+
+    Args:
+        sequence_logps: ``(B,)`` summed response log-probs (``sequence_logps``, or
+            ``packing.sequence_logps``).
+        response_mask: ``(B, T)``, the padded batch's, for the count of response tokens.
+    """
+    n_tokens = response_mask[:, 1:].to(torch.float32).sum().clamp_min(1.0)
+    return -sequence_logps.sum() / n_tokens
 
 
 def _dpo_logits(

@@ -42,7 +42,7 @@ from hs_star_pl.core.records import PreferencePair
 from hs_star_pl.errors import ConfigError, NonFiniteLossError
 from hs_star_pl.evaluation.protocol import EvalBatch
 from hs_star_pl.lora import LoraSettings, apply_lora
-from hs_star_pl.losses import chosen_nll, dpo_loss, get_dpo_loss, sequence_logps
+from hs_star_pl.losses import chosen_nll, dpo_loss, get_dpo_loss, sequence_logps, token_averaged_nll
 from hs_star_pl.packing import PACKING_MODES, SHARED_PROMPT_KERNELS, VARLEN_KERNELS, pack_batch, packing_problem
 from hs_star_pl.packing import sequence_logps as packed_sequence_logps
 from hs_star_pl.progress import phase_bar
@@ -303,7 +303,7 @@ class HSStarModule(L.LightningModule):
                 n_pairs=n_pairs if share else None,
                 # varlen kernels attend within sequences only: one row; dense masks: rows of the longest unit
                 row_length=batch["input_ids"].numel() if kernel in VARLEN_KERNELS else None,
-                mask_dtype=torch.bool if kernel == "sdpa" else self.model.dtype,
+                mask_dtype=self._packing_mask_dtype(),
             )
             logits = self.model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
                                 position_ids=packed.position_ids, use_cache=False).logits
@@ -316,6 +316,10 @@ class HSStarModule(L.LightningModule):
             use_cache=False,
         ).logits
         return sequence_logps(logits, batch["input_ids"], batch["response_mask"])
+
+    def _packing_mask_dtype(self) -> torch.dtype:
+        """The shared-prompt layout's 4-D mask: boolean for ``sdpa``, additive in the model's dtype otherwise."""
+        return torch.bool if self.model.config._attn_implementation == "sdpa" else self.model.dtype
 
     def _shares_prompts(self) -> bool:
         return self.packing == "shared_prompts" and self.model.config._attn_implementation in SHARED_PROMPT_KERNELS
@@ -330,8 +334,7 @@ class HSStarModule(L.LightningModule):
         if share not in self._packing_checked:
             kernel = self.model.config._attn_implementation
             problem = packing_problem(
-                self.model, self.tokenizer.pad_token_id, share_prompts=share,
-                mask_dtype=torch.bool if kernel == "sdpa" else self.model.dtype,
+                self.model, self.tokenizer.pad_token_id, share_prompts=share, mask_dtype=self._packing_mask_dtype(),
             )
             self._packing_checked[share] = problem is None
             if problem is not None:
@@ -421,9 +424,7 @@ class HSStarModule(L.LightningModule):
         logps = self.response_logps(batch, n_pairs=n_pairs)
         metrics = self.metrics[f"{split}_"]  # ModuleDict keys may not shadow nn.Module.train
         if self.objective == "sft":
-            # losses.sft_nll: the NLL averaged over every response token of the batch
-            n_tokens = batch["response_mask"][:, 1:].sum().clamp_min(1)
-            loss = -logps.sum() / n_tokens
+            loss = token_averaged_nll(logps, batch["response_mask"])  # losses.sft_nll's value
             if split == "train" and self._nonfinite(loss, "loss"):
                 return None
             metrics["loss"](loss.detach())

@@ -36,7 +36,9 @@ from dataclasses import dataclass
 
 import torch
 
+from hs_star_pl.collate import position_ids_from_mask
 from hs_star_pl.losses import at_least_float32
+from hs_star_pl.losses import sequence_logps as padded_sequence_logps
 
 PACKING_MODES = ("sequences", "shared_prompts", "off")
 """``model.packing``'s choices: whole sequences, prompts shared within a DPO pair, or padded batches."""
@@ -318,9 +320,8 @@ def packing_problem(model, pad_token_id: int, *, share_prompts: bool, mask_dtype
             packed_logps.append(sequence_logps(logits, packed))
         mask = batch["attention_mask"]
         logits = model(input_ids=batch["input_ids"], attention_mask=mask,
-                       position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=False).logits
-        shifted = logits[:, :-1].float().log_softmax(-1).gather(2, batch["input_ids"][:, 1:, None]).squeeze(-1)
-        padded_logps = (shifted * batch["response_mask"][:, 1:]).sum(-1)
+                       position_ids=position_ids_from_mask(mask), use_cache=False).logits
+        padded_logps = padded_sequence_logps(logits, batch["input_ids"], batch["response_mask"])
     finally:
         model.train(was_training)
     second = [1, 3]  # chosen 2, rejected 2

@@ -373,12 +373,14 @@ def first_round_overlap(out: Path, results: Sequence[RunResult], baseline: str =
     allocation differs). Empty when the baseline has no first round under ``out``.
     """
     seeds_of = {m: sorted(r.seed for r in runs) for m, runs in group_by_method(results).items()}
-    classes: dict[int, dict[str, str]] = {}
+    members: dict[int, dict[str, list[str]]] = {}  # seed -> class -> the baseline's problems in it
     for seed in seeds_of.get(baseline, []):
         path = run_dir(out, baseline, seed) / "rounds" / "round_000" / "difficulty.jsonl"
         if path.is_file():
-            classes[seed] = {row["problem_id"]: row["difficulty"] for row in read_jsonl(path)}
-    if not classes:
+            members[seed] = {c: [] for c in CLASSES}
+            for row in read_jsonl(path):
+                members[seed][row["difficulty"]].append(row["problem_id"])
+    if not members:
         return ""
     head = ["method", "seeds", *[f"{c}: with a pair / in class" for c in CLASSES]]
     lines = ["| " + " | ".join(head) + " |", "| --- | ---: |" + " ---: |" * len(CLASSES)]
@@ -388,14 +390,13 @@ def first_round_overlap(out: Path, results: Sequence[RunResult], baseline: str =
         used = []
         for seed in seeds:
             pairs = run_dir(out, method, seed) / "rounds" / "round_000" / "pairs.jsonl"
-            if seed not in classes or not pairs.is_file():
+            if seed not in members or not pairs.is_file():
                 continue
             paired = {row["problem_id"] for row in read_jsonl(pairs)}
             used.append(seed)
             for c in CLASSES:
-                members = [pid for pid, cls in classes[seed].items() if cls == c]
-                in_class[c].append(len(members))
-                with_pair[c].append(sum(pid in paired for pid in members))
+                in_class[c].append(len(members[seed][c]))
+                with_pair[c].append(sum(pid in paired for pid in members[seed][c]))
         if not used:
             continue
         row = [method, ",".join(map(str, used))]

@@ -204,3 +204,28 @@ def test_first_round_overlap_labels_every_method_with_the_baselines_classes(tmp_
     # uniform: inliers 1/2 and 1/1; boundary 1/1 and 0/2; outliers 1/1 and 0/1
     assert lines[3] == "| uniform | 0,1 | 1.0 / 1.5 | 0.5 / 1.5 | 0.5 / 1.0 |"
     assert first_round_overlap(tmp_path / "elsewhere", runs) == ""  # no baseline round on disk
+
+
+def test_group_by_splits_the_final_accuracy_by_a_problem_field_from_the_cli(tmp_path):
+    """``--group-by family`` reads each evaluated problem's field from the evaluated file; a
+    field the problems lack gives no split."""
+    from hs_star_pl.experiments.compare import accuracy_by_group, main
+
+    problems = tmp_path / "test.jsonl"
+    families = {"a": "reach", "b": "reach", "c": "beyond"}
+    problems.write_text("".join(
+        json.dumps({"id": pid, "question": f"q {pid}", "answer": "1", "family": fam}) + "\n" for pid, fam in families.items()))
+    run = tmp_path / "out" / "hs_star" / "seed_0" / "eval" / "test"
+    run.mkdir(parents=True)
+    for t, correct in enumerate(([1, 0, 0], [1, 1, 0])):
+        rows = [{"problem_id": pid, "n_correct": c, "correct": [bool(c)]} for pid, c in zip(families, correct)]
+        (run / f"policy_{t:03d}.json").write_text(json.dumps(
+            {"summary": {"accuracy": sum(correct) / 3}, "rows": rows, "problems_file": str(problems)}))
+    assert accuracy_by_group(run / "policy_001.json", "family") == {"reach": [2, 2], "beyond": [0, 1]}
+    assert accuracy_by_group(run / "policy_001.json", "n_steps") == {}  # not a field of these problems
+    main(["--base", str(CONFIGS / "tiny" / "hs_star.yaml"), "--methods-dir", str(CONFIGS / "tiny" / "methods"),
+          "--methods", "hs_star", "--seeds", "0",
+          "--out", str(tmp_path / "out"), "--report-only", "--group-by", "family", "--self_training.n_iterations=1"])
+    table = (tmp_path / "out" / "comparison_custom.md").read_text()
+    assert "final acc., family=reach | final acc., family=beyond |" in table
+    assert "| hs_star | " in table and " | 1.000 | 0.000 |" in table

@@ -24,6 +24,14 @@ the attention of 12k x 12k, and on CPU a one-row batch ran 6-11x slower than row
 longest sequence's width. With flash-attention's varlen kernels one row is best; the module
 asks for that there.
 
+For the dense kernels ``pack_batch_groups`` goes one step further: rows of one width pad
+every unit to the longest (on the tiny task, units of 200-440 tokens left a quarter of each
+row's tokens as padding, and attention grows with the width squared), so the units are split
+by length into up to ``ROW_GROUPS`` groups, each packed into rows of its own width and run as
+a forward pass of its own, where a cost estimate (tokens plus attention's (query, key) pairs,
+``width_groups``) says the saving outweighs the extra pass. Each sequence is scored in one
+group, so its log-prob is what one row would give, to float rounding.
+
 Log-probs come out per sequence: ``sequence_logps`` gathers the log-softmax of the logits that
 predict each response token and sums them per sequence with ``index_add``; the same tokens as
 ``losses.sequence_logps`` on the padded batch, so the two agree to float rounding
@@ -32,6 +40,8 @@ predict each response token and sums them per sequence with ``index_add``; the s
 
 from __future__ import annotations
 
+import bisect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +56,12 @@ SHARED_PROMPT_KERNELS = ("eager", "sdpa")
 """Attention kernels that take a 4-D mask as given (the shared-prompt layout needs one)."""
 VARLEN_KERNELS = ("flash_attention_2", "flash_attention_3")
 """Attention kernels that attend within each packed sequence only: the whole batch goes in one row."""
+ROW_GROUPS = 2
+"""Dense-mask kernels: a batch's units go into at most this many groups of rows, one width each
+(``pack_batch_groups``). A third group saved under 1% more on the tiny task and paper-like lengths."""
+GROUP_OVERHEAD = 0.05
+"""What ``width_groups`` charges each extra group (a forward pass of its own), as a share of the
+one-group estimate; on CPU an extra pass of the tiny benchmark model costs a few percent of a step."""
 
 
 @dataclass(frozen=True)
@@ -55,8 +71,8 @@ class PackedBatch:
     Attributes:
         input_ids: ``(R, W)``; row ends are filled with ``pad_token_id``.
         position_ids: ``(R, W)``, restarting at 0 for each sequence (and for each row's padding).
-        attention_mask: ``(R, 1, W, W)`` for the shared-prompt layout (boolean, True where a
-            token may attend, or additive: 0 or the dtype's minimum), ``None`` for the packed one.
+        attention_mask: ``(R, 1, W, W)`` for the shared-prompt layout (additive: 0 or the dtype's
+            minimum, or boolean: True where a token may attend), ``None`` for the packed one.
         source: ``(N,)`` flat indices into ``R * W``: the position whose logits predict each
             scored token.
         target: ``(N,)`` the scored tokens' ids.
@@ -159,12 +175,112 @@ def pack_batch(
             every sequence whole. A pair whose two prompts differ is packed whole.
         row_length: the most tokens per row; ``None`` is the longest unit's length. A unit
             longer than it gets a row of its own.
-        mask_dtype: the shared-prompt layout's mask: ``torch.bool`` (for ``sdpa``) or the
-            model's float dtype (an additive mask, for ``eager``).
+        mask_dtype: the shared-prompt layout's mask: ``torch.bool`` (True where a token may
+            attend), or a float dtype (an additive mask: 0 or the dtype's minimum).
     """
-    device = input_ids.device
     spans = _spans(attention_mask, response_mask)
     units = _units(input_ids, spans, n_pairs)
+    return _assemble(input_ids, spans, units, pad_token_id, row_length, mask_dtype)
+
+
+def pack_batch_groups(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    pad_token_id: int,
+    *,
+    n_pairs: int | None = None,
+    pair_cost: float = 0.0,
+    max_groups: int = ROW_GROUPS,
+    mask_dtype: torch.dtype = torch.float32,
+) -> list[PackedBatch]:
+    """``pack_batch`` for dense-mask kernels: the units split by length into up to ``max_groups``
+    groups, each packed into rows of its own longest unit, one forward pass per group.
+
+    A dense kernel costs every row its full width in tokens and its width squared in
+    attention, so one width for units of 200 and 440 tokens pads the short ones to 440. The
+    split (see ``width_groups``) is taken only where the estimated cost falls by more than an
+    extra forward pass's ``GROUP_OVERHEAD``. Each group's ``sequence`` indexes the whole
+    batch and its ``n_sequences`` is the batch's, so the groups' ``sequence_logps`` add up
+    to the batch's (a sequence's log-prob comes from one group, plus exact zeros).
+
+    Args:
+        pair_cost: multiply-adds of one (query, key) pair of attention relative to one
+            token's through the whole model (``attention_pair_cost``); 0 counts tokens only.
+        max_groups: 1 packs as ``pack_batch``.
+        Others: as ``pack_batch``.
+    """
+    spans = _spans(attention_mask, response_mask)
+    units = _units(input_ids, spans, n_pairs)
+    groups = width_groups([u.length for u in units], pair_cost, max_groups)
+    return [_assemble(input_ids, spans, [units[k] for k in group], pad_token_id, None, mask_dtype) for group in groups]
+
+
+def _row_cost(rows: int, width: int, pair_cost: float) -> float:
+    """Tokens a dense forward pass costs, attention included: every row its width, plus width^2 pairs."""
+    return rows * width * (1.0 + pair_cost * width)
+
+
+def width_groups(lengths: list[int], pair_cost: float, max_groups: int = ROW_GROUPS) -> list[list[int]]:
+    """Indices of ``lengths`` (longest first) in at most ``max_groups`` runs of decreasing length,
+    each packed into rows of its own longest: the split that minimises the estimated cost.
+
+    A run's rows are estimated as the larger of its tokens over its width and the number of
+    its units longer than half the width (no two of those share a row); every run after the
+    first costs ``GROUP_OVERHEAD`` of the one-run estimate (a forward pass of its own).
+
+    Args:
+        lengths: the units' tokens.
+        pair_cost: as ``pack_batch_groups``.
+    """
+    order = sorted(range(len(lengths)), key=lambda k: -lengths[k])
+    sizes = [lengths[k] for k in order]
+    n = len(sizes)
+    prefix = [0]
+    for size in sizes:
+        prefix.append(prefix[-1] + size)
+    negated = [-size for size in sizes]  # ascending, for bisect
+
+    def cost(i: int, j: int) -> float:  # the run sizes[i:j]
+        width = sizes[i]
+        wide = bisect.bisect_left(negated, -width / 2, i, j)  # sizes[i:wide] are over half the width
+        return _row_cost(max(-(-(prefix[j] - prefix[i]) // width), wide - i), width, pair_cost)
+
+    one = cost(0, n)
+    # best[g][j]: the cheapest split of sizes[:j] into g runs, and where its last run starts
+    best = [[(math.inf, 0)] * (n + 1) for _ in range(max(1, max_groups) + 1)]
+    best[0][0] = (0.0, 0)
+    for g in range(1, len(best)):
+        for j in range(g, n + 1):
+            best[g][j] = min((best[g - 1][i][0] + cost(i, j), i) for i in range(g - 1, j))
+    g = min(range(1, len(best)), key=lambda g: best[g][n][0] + (g - 1) * GROUP_OVERHEAD * one)
+    runs, j = [], n
+    while g:
+        i = best[g][j][1]
+        runs.append(order[i:j])
+        j, g = i, g - 1
+    return runs[::-1]
+
+
+def attention_pair_cost(model) -> float:
+    """``pack_batch_groups``'s ``pair_cost`` for a transformers model: attention's multiply-adds
+    per (query, key) pair (2 x layers x heads x head size: scores and weighted values) over a
+    token's (about one per weight); 0 when its config does not say."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    try:
+        heads = int(config.num_attention_heads)
+        head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
+        per_pair = 2 * int(config.num_hidden_layers) * heads * int(head_dim)
+    except (AttributeError, TypeError, ValueError):
+        return 0.0
+    n_weights = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())  # ZeRO-3: the full size
+    return per_pair / n_weights if n_weights else 0.0
+
+
+def _assemble(input_ids: torch.Tensor, spans, units: list[_Unit], pad_token_id: int, row_length: int | None,
+              mask_dtype: torch.dtype) -> PackedBatch:
+    """``units`` placed (first fit, rows of ``row_length`` or their longest) and laid down."""
+    device = input_ids.device
     longest = max(u.length for u in units)
     n_rows, width = _place(units, max(row_length or longest, longest))
 
@@ -237,7 +353,7 @@ def pack_batch(
         causal = idx[None, :] <= idx[:, None]  # (q, k)
         allowed = causal & (unit_id[:, :, None] == unit_id[:, None, :])
         allowed &= ~(rejected_part[:, :, None] & chosen_part[:, None, :])
-        if mask_dtype == torch.bool:  # sdpa takes a boolean mask: a quarter of a float32 one's memory
+        if mask_dtype == torch.bool:
             mask = allowed[:, None]
         else:
             mask = torch.zeros((n_rows, 1, width, width), dtype=mask_dtype, device=device)

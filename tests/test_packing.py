@@ -13,7 +13,7 @@ import torch
 
 from hs_star_pl.collate import collate_pairs, collate_sequences, encode_example
 from hs_star_pl.core.records import PreferencePair
-from hs_star_pl.packing import pack_batch, sequence_logps
+from hs_star_pl.packing import attention_pair_cost, pack_batch, pack_batch_groups, sequence_logps, width_groups
 from tests.helpers.tiny_setup import PAIRS_FILE, tiny_module
 from tests.helpers.trainers import cpu_trainer
 
@@ -89,6 +89,68 @@ def test_shared_prompt_layout_lays_the_prompt_down_once():
     assert packed.source.tolist() == [1, 2, 3, 1]  # its first token is read from the prompt's last
     allowed = packed.attention_mask[0, 0]
     assert allowed[5].tolist() == [True, True, False, False, False, True]  # sees the prompt, not the chosen
+
+
+def test_width_groups_put_short_units_in_narrower_rows_only_where_that_pays():
+    # units of ~420 and ~210 tokens: one width pads the short ones to 420 and squares it in attention
+    lengths = [203, 423, 208, 420, 253, 409, 261, 406]
+    groups = width_groups(lengths, pair_cost=1.5e-3)
+    assert sorted(k for g in groups for k in g) == list(range(len(lengths)))  # every unit once
+    assert [sorted(lengths[k] for k in g) for g in groups] == [[406, 409, 420, 423], [203, 208, 253, 261]]
+    assert width_groups(lengths, pair_cost=1.5e-3, max_groups=1) == [[1, 3, 5, 7, 6, 4, 2, 0]]
+    # lengths within a few tokens of each other: an extra forward pass would not pay
+    assert len(width_groups([300, 305, 310, 298, 302], pair_cost=1.5e-3)) == 1
+    # one long unit and many short ones: counting tokens only, the short ones fill the second row of
+    # one width; counting attention's pairs as well, they are cheaper in rows of their own width
+    assert len(width_groups([500] + [40] * 12, pair_cost=0.0)) == 1
+    assert width_groups([500] + [40] * 12, pair_cost=1.5e-3) == [[0], list(range(1, 13))]
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_row_groups_give_the_log_probs_of_one_group_of_rows(shared):
+    module = tiny_module().eval()
+    batch = collate_pairs(_pairs(module.tokenizer), module.tokenizer.pad_token_id)
+    layout = (batch["input_ids"], batch["attention_mask"], batch["response_mask"], module.tokenizer.pad_token_id)
+    n_pairs = 5 if shared else None
+    groups = pack_batch_groups(*layout, n_pairs=n_pairs, pair_cost=attention_pair_cost(module.model))
+    assert len(groups) == 2 and groups[0].input_ids.shape[1] > groups[1].input_ids.shape[1]
+    # each sequence is scored in exactly one group
+    covered = torch.cat([g.sequence.unique() for g in groups])
+    assert sorted(covered.tolist()) == list(range(10))
+    one = pack_batch(*layout, n_pairs=n_pairs)
+    assert sum(g.n_tokens for g in groups) < one.n_tokens  # less row-end padding
+
+    def logps(packed):
+        logits = module.model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                              position_ids=packed.position_ids, use_cache=False).logits
+        return sequence_logps(logits, packed)
+
+    with torch.no_grad():
+        torch.testing.assert_close(sum(logps(g) for g in groups), logps(one), **TOL)
+
+
+def test_module_runs_one_forward_pass_per_row_group():
+    module = tiny_module(packing="shared_prompts")
+    batch = _dpo_batch(module)
+    module.packing_active()  # the one-time check's forward passes, before counting
+    calls = []
+    module.model.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        module.response_logps(batch, n_pairs=5)
+    assert len(calls) == 2
+
+
+def test_sdpa_gets_an_additive_mask_with_the_boolean_masks_outputs():
+    # torch turns a boolean mask into an additive one inside every sdpa call; one additive mask for all layers
+    module = tiny_module(attn_implementation="sdpa").eval()
+    assert module._packing_mask_dtype() == torch.float32
+    batch = collate_pairs(_pairs(module.tokenizer), module.tokenizer.pad_token_id)
+    layout = (batch["input_ids"], batch["attention_mask"], batch["response_mask"], module.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = [module.model(input_ids=p.input_ids, attention_mask=p.attention_mask, position_ids=p.position_ids,
+                               use_cache=False).logits
+                  for p in (pack_batch(*layout, n_pairs=5, mask_dtype=d) for d in (torch.bool, torch.float32))]
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

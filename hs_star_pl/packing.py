@@ -291,12 +291,13 @@ def _assemble(input_ids: torch.Tensor, spans, units: list[_Unit], pad_token_id: 
     target_at: list[torch.Tensor] = []
     sequence: list[torch.Tensor] = []
     shared = any(len(u.parts) == 2 for u in units)
-    unit_id = torch.full((n_rows, width), -1, dtype=torch.long)
-    rejected_part = torch.zeros((n_rows, width), dtype=torch.bool)
-    chosen_part = torch.zeros((n_rows, width), dtype=torch.bool)
+    blocks: list[tuple[int, int, int]] = []  # (row, first column, end): a unit, attending causally within itself
+    hidden: list[tuple[int, int, int, int, int]] = []  # (row, rejected columns, chosen response columns)
+    row_end = [0] * n_rows
     t_width = input_ids.shape[1]
-    for k, unit in enumerate(units):
+    for unit in units:
         at = unit.row * width + unit.offset
+        unit_start = unit.offset
         first = None
         for part, (i, s0, s1) in enumerate(unit.parts):
             n = s1 - s0
@@ -319,16 +320,12 @@ def _assemble(input_ids: torch.Tensor, spans, units: list[_Unit], pad_token_id: 
                 source.append(before)
                 target_at.append(tokens)
                 sequence.append(torch.full((n,), i))
-            if shared:
-                row, col = unit.row, unit.offset
-                unit_id[row, col : col + n] = k
-                if len(unit.parts) == 2:
-                    if part == 0:
-                        chosen_part[row, col + first[2] : col + n] = True
-                    else:
-                        rejected_part[row, col : col + n] = True
+            if part == 1:  # the rejected response does not see the chosen one
+                hidden.append((unit.row, unit.offset, unit.offset + n, unit_start + first[2], unit.offset))
             at += n
             unit.offset += n
+        blocks.append((unit.row, unit_start, unit.offset))
+        row_end[unit.row] = max(row_end[unit.row], unit.offset)
 
     flat_from_t = torch.cat(flat_from).to(device)
     flat_to_t = torch.cat(flat_to).to(device)
@@ -345,19 +342,21 @@ def _assemble(input_ids: torch.Tensor, spans, units: list[_Unit], pad_token_id: 
 
     mask = None
     if shared:
-        unit_id = unit_id.to(device)
-        # each row's padding is one unit of its own
-        unit_id = torch.where(unit_id < 0, torch.full_like(unit_id, len(units)), unit_id)
-        rejected_part, chosen_part = rejected_part.to(device), chosen_part.to(device)
+        # each row's padding is a unit of its own; everything outside the blocks is hidden
+        blocks += [(row, end, width) for row, end in enumerate(row_end) if end < width]
         idx = torch.arange(width, device=device)
         causal = idx[None, :] <= idx[:, None]  # (q, k)
-        allowed = causal & (unit_id[:, :, None] == unit_id[:, None, :])
-        allowed &= ~(rejected_part[:, :, None] & chosen_part[:, None, :])
         if mask_dtype == torch.bool:
-            mask = allowed[:, None]
+            mask = torch.zeros((n_rows, 1, width, width), dtype=torch.bool, device=device)
+            block, off = causal, False
         else:
-            mask = torch.zeros((n_rows, 1, width, width), dtype=mask_dtype, device=device)
-            mask.masked_fill_(~allowed[:, None], torch.finfo(mask_dtype).min)
+            off = torch.finfo(mask_dtype).min
+            mask = torch.full((n_rows, 1, width, width), off, dtype=mask_dtype, device=device)
+            block = torch.zeros((width, width), dtype=mask_dtype, device=device).masked_fill_(~causal, off)
+        for row, start, end in blocks:
+            mask[row, 0, start:end, start:end] = block[: end - start, : end - start]
+        for row, q0, q1, k0, k1 in hidden:
+            mask[row, 0, q0:q1, k0:k1] = off
 
     target_index = torch.cat(target_at).to(device)
     return PackedBatch(

@@ -427,7 +427,8 @@ def main() -> None:
         "in float64: ours " + ", ".join(f"{layout} {loss:.9f}" for layout, loss in check64["ours"].items())
         + f", TRL {check64['trl']:.9f}, largest |ours - TRL| {diff64:.1e}",
         f"tokens per epoch: {tokens['real']:,} in the pairs; padded batches {tokens['padded']:,}, packed rows "
-        f"{tokens['packed']:,}, packed rows with shared prompts {tokens['shared']:,}",
+        f"{tokens['packed']:,} (in the module's row groups {tokens['packed_groups']:,}), packed rows with shared "
+        f"prompts {tokens['shared']:,} (in row groups {tokens['shared_groups']:,})",
         "TRL padding_free=True: " + ("kept on (row above)" if padding_free else
                                      f"TRL {trl.__version__}'s DPOTrainer turns it off with a warning "
                                      f"(\"temporarily unavailable\") and pads; no row"),
@@ -440,16 +441,17 @@ def main() -> None:
 
 
 def token_counts(pairs, size: dict) -> dict[str, int]:
-    """Tokens one epoch's training batches hold: in the pairs, padded, packed, packed with shared prompts.
+    """Tokens one epoch's training batches hold: in the pairs, padded, packed, packed with shared prompts;
+    the packed ones in rows of one width and in the module's row groups (``packing.pack_batch_groups``).
 
     The batches in input order (training shuffles, so these are a typical draw, not the exact one).
     """
     from hs_star_pl.collate import collate_pairs, encode_pair
-    from hs_star_pl.packing import pack_batch
-    from hs_star_pl.tiny import build_byte_tokenizer
+    from hs_star_pl.packing import attention_pair_cost, pack_batch, pack_batch_groups
 
-    tok = build_byte_tokenizer()
-    counts = dict.fromkeys(("real", "padded", "packed", "shared"), 0)
+    module = ours_module(size, 1e-5, 0.1)
+    tok, pair_cost = module.tokenizer, attention_pair_cost(module.model)
+    counts = dict.fromkeys(("real", "padded", "packed", "shared", "packed_groups", "shared_groups"), 0)
     for start in range(0, len(pairs), size["batch_size"]):
         chunk = [encode_pair(tok, p, MAX_LENGTH) for p in pairs[start : start + size["batch_size"]]]
         batch = collate_pairs(chunk, tok.pad_token_id)
@@ -458,6 +460,9 @@ def token_counts(pairs, size: dict) -> dict[str, int]:
         args = (batch["input_ids"], batch["attention_mask"], batch["response_mask"], tok.pad_token_id)
         counts["packed"] += pack_batch(*args).n_tokens
         counts["shared"] += pack_batch(*args, n_pairs=len(chunk)).n_tokens
+        counts["packed_groups"] += sum(g.n_tokens for g in pack_batch_groups(*args, pair_cost=pair_cost))
+        counts["shared_groups"] += sum(g.n_tokens for g in pack_batch_groups(*args, n_pairs=len(chunk),
+                                                                             pair_cost=pair_cost))
     return counts
 
 

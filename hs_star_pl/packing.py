@@ -58,7 +58,8 @@ VARLEN_KERNELS = ("flash_attention_2", "flash_attention_3")
 """Attention kernels that attend within each packed sequence only: the whole batch goes in one row."""
 ROW_GROUPS = 2
 """Dense-mask kernels: a batch's units go into at most this many groups of rows, one width each
-(``pack_batch_groups``). A third group saved under 1% more on the tiny task and paper-like lengths."""
+(``pack_batch_groups``). A third group gained nothing measurable on the tiny task or paper-like
+lengths (estimated: under 1% more)."""
 GROUP_OVERHEAD = 0.05
 """What ``width_groups`` charges each extra group (a forward pass of its own), as a share of the
 one-group estimate; on CPU an extra pass of the tiny benchmark model costs a few percent of a step."""

@@ -5,8 +5,9 @@ re-sample, select) + reference log-probs + ``epochs_per_iteration`` training epo
 
 The callback serves rounds and keeps their state; the rest lives with its owner: the checks
 across trainer, model and data in ``config_checks``, the engine's lifecycle in
-``protocols.EngineLifecycle``, each iteration's schedule restart and optimizer reset in
-``schedules.start_iteration``, and the plots in ``plots``.
+``protocols.EngineLifecycle`` (a learned PRM's in ``protocols.Offloadable``), each
+iteration's schedule restart and optimizer reset in ``schedules.start_iteration``, and the
+plots in ``plots``.
 
 How it meets Lightning's hook order: Lightning builds the train dataloader *before*
 ``on_train_epoch_start`` (and ``configure_optimizers`` may build it even earlier), so instead
@@ -61,7 +62,7 @@ from hs_star_pl.core.difficulty import DifficultyConfig
 from hs_star_pl.core.fingerprint import SettingsRecord, mismatch_message, read_record, recorded_rounds, settings_of, write_record
 from hs_star_pl.core.iterations import IterationClock
 from hs_star_pl.core.problems import FieldMap, ProblemFileError, ProblemPool, load_problems
-from hs_star_pl.core.protocols import AnswerVerifier, ProcessRewardModel, RolloutEngine, SamplingParams, lifecycle_of
+from hs_star_pl.core.protocols import AnswerVerifier, Offloadable, ProcessRewardModel, RolloutEngine, SamplingParams, lifecycle_of
 from hs_star_pl.core.records import PreferencePair
 from hs_star_pl.core.rounds import RoundConfig, RoundResult, explain_no_examples, run_round
 from hs_star_pl.core.selection import SelectionConfig
@@ -360,6 +361,7 @@ class SelfTrainingCallback(L.Callback):
         started = time.perf_counter()
         canary = self._prepare_engine(trainer, module, iteration)
         seconds_sync = time.perf_counter() - started
+        prm_waking_before = self.prm.seconds_waking if isinstance(self.prm, Offloadable) else 0.0
         result = run_round(
             self._pool.draw(iteration),
             engine=self.engine,
@@ -377,6 +379,11 @@ class SelfTrainingCallback(L.Callback):
         )
         lifecycle_of(self.engine).sleep()
         extra: dict[str, Any] = {"world_size": trainer.world_size, "seconds_engine_sync": seconds_sync}
+        if isinstance(self.prm, Offloadable):  # a learned PRM: off the GPU through training (its offload)
+            prm_sleep_started = time.perf_counter()
+            self.prm.sleep()
+            extra["seconds_prm_sleep"] = time.perf_counter() - prm_sleep_started
+            extra["seconds_prm_wake"] = self.prm.seconds_waking - prm_waking_before
         if canary is not None:  # the engine's log-probs vs the trainer's after the weight sync
             extra["canary_mean_abs_logprob_diff"] = canary.mean_abs_diff
             extra["canary_max_abs_logprob_diff"] = canary.max_abs_diff

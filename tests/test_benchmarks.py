@@ -51,6 +51,14 @@ def test_prm_throughput(tmp_path):
         assert (scorer, "through the round") in hows
 
 
+def test_prm_offload(tmp_path):
+    report = run_script("prm_offload.py", tmp_path=tmp_path)
+    whats = [r["what"] for r in report["rows"]]
+    assert whats[0].startswith("a round's scoring")
+    assert {"offload none", "offload cpu", "offload reload, page cache", "offload reload, from disk", "load",
+            "load, random init (before)"} <= set(whats)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="needs trl (the bench extra)")
 @pytest.mark.parametrize("lengths", ["tiny", "paper"])
 def test_dpo_vs_trl_losses_agree(tmp_path, lengths):

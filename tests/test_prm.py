@@ -7,7 +7,10 @@ padding, truncation and loading. Run: ``PYTHONPATH=$PWD python -m pytest tests/t
 
 from __future__ import annotations
 
+import gc
 import importlib
+import shutil
+import weakref
 
 import pytest
 import torch
@@ -279,6 +282,64 @@ def test_yaml_class_paths_parse_and_instantiate(tiny_dirs):
                                             "init_args": {"n_workers": 1, "timeout_s": 2.0}}})
     verifier = parser.instantiate(cfg).verifier
     assert verifier.timeout_s == 2.0  # not started: workers spawn on first use
+
+
+# ---------------------------------------------------------------- where the weights wait between rounds
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_offload_reload_drops_the_weights_and_reads_them_again(kind, tiny_dirs):
+    prm = make(kind, tiny_dirs, offload="reload")
+    before = prm.score(REQUESTS)
+    first = weakref.ref(prm.model)
+    prm.sleep()
+    gc.collect()
+    assert not prm.resident and first() is None  # nothing holds the weights any more
+    assert prm.seconds_waking == 0.0
+    assert prm.score(REQUESTS) == before  # read again from model_path on the next call
+    assert prm.resident and prm.seconds_waking > 0.0
+    model, waking = prm.model, prm.seconds_waking
+    prm.wake_up()  # already awake: nothing to do
+    assert prm.model is model and prm.seconds_waking == waking
+
+
+@pytest.mark.parametrize("offload", ["none", "cpu"])
+def test_weights_on_the_cpu_stay_where_they_are(offload, tiny_dirs, recwarn):
+    prm = make("skywork", tiny_dirs, offload=offload)
+    model = prm.model
+    prm.sleep()
+    assert prm.resident and prm.model is model and prm.seconds_waking == 0.0
+    warned = [str(w.message) for w in recwarn if "offload" in str(w.message)]
+    assert warned == (["prm.init_args.offload='cpu' does nothing here: SkyworkPRM already runs on the CPU"]
+                      if offload == "cpu" else [])
+
+
+def test_offload_reload_refuses_weights_that_changed_on_disk(tiny_dirs, tmp_path):
+    folder = shutil.copytree(tiny_dirs["qwen"], tmp_path / "qwen")
+    prm = QwenMathPRM(str(folder), device="cpu", progress=False, offload="reload")
+    prm.sleep()
+    build_tiny_prm_dir(tmp_path / "other", "qwen", seed=1)
+    shutil.copy(tmp_path / "other" / "model.safetensors", folder / "model.safetensors")
+    with pytest.raises(RuntimeError, match=r"prm.init_args.model_path=.*changed since this run first read them"):
+        prm.score(REQUESTS)
+
+
+def test_an_unknown_offload_names_the_key(tiny_dirs):
+    with pytest.raises(ValueError, match=r"prm.init_args.offload must be one of \['none', 'cpu', 'reload'\], got 'gpu'"):
+        make("skywork", tiny_dirs, offload="gpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("offload", ["cpu", "reload"])
+def test_offload_gives_the_gpu_memory_back_until_the_next_score(offload, tiny_dirs):
+    prm = SkyworkPRM(str(tiny_dirs["skywork"]), device="cuda", progress=False, offload=offload)
+    before = prm.score(REQUESTS)
+    held = torch.cuda.memory_allocated()
+    prm.sleep()
+    assert torch.cuda.memory_allocated() < held and not prm.resident
+    assert prm.score(REQUESTS) == before
+    assert next(prm.model.parameters()).device.type == "cuda"
 
 
 @pytest.mark.gpu

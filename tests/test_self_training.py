@@ -464,3 +464,37 @@ def test_a_resumed_run_continues_each_iterations_learning_rate_schedule(tiny_m0,
     assert len(first) < len(lrs(resumed))
     assert lrs(resumed) == pytest.approx(lrs(whole), rel=1e-9)
     assert lrs(resumed)[len(first)] == pytest.approx(1e-4)  # iteration 1 starts with its own warmup step
+
+
+def test_a_learned_prm_leaves_between_rounds_and_scores_the_same_when_read_again(tiny_m0, tmp_path, monkeypatch):
+    """``prm.init_args.offload: reload``: after each round the loop drops the PRM's weights,
+    the next round reads them again from ``model_path`` (its summary counts the seconds), and
+    the re-read PRM gives every rollout of that round the scores a PRM loaded once gives."""
+    from hs_star_pl.callback import SelfTrainingCallback
+    from hs_star_pl.core.protocols import StepScoringRequest
+    from hs_star_pl.core.steps import split_steps
+    from hs_star_pl.prm import SkyworkPRM
+    from hs_star_pl.prm.hf import build_tiny_prm_dir
+
+    m0, problems = tiny_m0
+    monkeypatch.chdir(tmp_path)
+    prm_dir = build_tiny_prm_dir(tmp_path / "prm", "skywork")
+    run = tmp_path / "run"
+    cli = HSStarCLI(args=self_training_args(
+        run, m0, problems, "--self_training.problems_per_iteration=8",
+        "--self_training.prm=hs_star_pl.prm.SkyworkPRM", f"--self_training.prm.model_path={prm_dir}",
+        "--self_training.prm.device=cpu", "--self_training.prm.progress=false",
+        "--self_training.prm.offload=reload", "--self_training.on_empty_round=skip",
+    ))
+    prm = callback_of(cli, SelfTrainingCallback).prm
+    assert isinstance(prm, SkyworkPRM) and not prm.resident  # asleep after the last round
+    summaries = [json.loads((round_dir(run, t) / "summary.json").read_text()) for t in (0, 1)]
+    assert summaries[0]["seconds_prm_wake"] == 0.0  # loaded when the config was parsed
+    assert summaries[1]["seconds_prm_wake"] > 0.0 and summaries[1]["seconds_prm_sleep"] >= 0.0
+    rollouts = read_jsonl(round_dir(run, 1) / "rollouts.jsonl")
+    questions = {p["id"]: p["question"] for p in read_jsonl(round_dir(run, 1) / "problems.jsonl")}
+    requests = [StepScoringRequest(questions[r["problem_id"]], tuple(split_steps(r["text"])), response=r["text"]) for r in rollouts]
+    fresh = SkyworkPRM(str(prm_dir), device="cpu", progress=False).score(requests)
+    assert len(rollouts) > 8
+    for row, again in zip(rollouts, fresh):  # batched otherwise: float rounding apart
+        assert row["step_scores"] == pytest.approx(again, abs=1e-6)

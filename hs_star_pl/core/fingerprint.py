@@ -31,7 +31,7 @@ what to do on failures (``on_empty_round``, ``model.nonfinite_loss``); and resou
 that change how fast or in how much memory the same work is done (worker counts, caches, the
 attention kernel ``attn_implementation`` of the policy and the PRM, ``model.packing``, ``HFEngine``'s
 ``kv_cache`` (where the keys and values live), the
-PRM's batch size, ``data.ref_batch_size``, vLLM's memory, sleep, canary and weight-sync
+PRM's batch size and ``offload`` (where its weights wait between rounds), ``data.ref_batch_size``, vLLM's memory, sleep, canary and weight-sync
 settings, devices and strategy), even where batching can change floating-point rounding.
 ``HFEngine``'s ``batch_size`` does count: with ``seed_scope: batch`` it decides which random
 stream each sample gets.
@@ -80,7 +80,7 @@ _RESOURCE_ARGS = (
     "progress", "n_workers", "cache_size", "device", "gpu_memory_utilization", "tensor_parallel_size",
     "enable_sleep_mode", "sleep_level", "cpu_kv_cache_space_gib", "enforce_eager", "canary_samples",
     "canary_max_tokens", "canary_tolerance", "sync_mode", "sync_chunk_mb", "distributed_executor_backend",
-    "sync_from", "attn_implementation", "kv_cache",
+    "sync_from", "attn_implementation", "kv_cache", "offload",
 )
 IGNORED = re.compile(
     r"^(?:self_training\.(?:plots|n_iterations|on_empty_round|problem_fields\..*)"

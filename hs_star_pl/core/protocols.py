@@ -6,7 +6,8 @@ caller, and nothing here knows about Lightning or DeepSpeed.
 
 Between rounds the self-training loop also hands an engine the current policy M_t and lets it
 free memory during training: that contract is :class:`EngineLifecycle`, a base class whose
-defaults do nothing, so an engine that only implements ``generate`` needs none of it.
+defaults do nothing, so an engine that only implements ``generate`` needs none of it. A PRM
+with weights frees its memory the same way by subclassing :class:`Offloadable`.
 """
 
 from __future__ import annotations
@@ -84,7 +85,27 @@ class RolloutEngine(Protocol):
         ...
 
 
-class EngineLifecycle:
+class Offloadable:
+    """A component holding model weights that the loop moves out of the way between rounds.
+
+    After each round's sampling and scoring the self-training loop calls :meth:`sleep` on
+    the engine and on the PRM when they subclass this, so that DPO training gets their
+    accelerator memory back; :meth:`wake_up` undoes it (an engine's is called before the
+    next round samples; a PRM wakes itself on its next ``score`` call, so a resumed round
+    whose scores are on disk never brings it back). The defaults do nothing.
+    ``seconds_waking`` is the time spent waking so far, which the loop records per round.
+    """
+
+    seconds_waking: float = 0.0
+
+    def wake_up(self) -> None:
+        """Get ready to run (undo :meth:`sleep`)."""
+
+    def sleep(self) -> None:
+        """Give memory back for training until the next :meth:`wake_up`."""
+
+
+class EngineLifecycle(Offloadable):
     """What the self-training loop does with an engine around each round, with no-op defaults.
 
     Once per iteration, before round t samples, the loop calls :meth:`wake_up` and then hands
@@ -122,12 +143,6 @@ class EngineLifecycle:
                      tokenizer: Any = None) -> Any:
         """Take ``weights`` (``(name, full tensor)`` pairs, consumed once) of ``model`` into the engine."""
         return None
-
-    def wake_up(self) -> None:
-        """Get ready to sample (undo :meth:`sleep`)."""
-
-    def sleep(self) -> None:
-        """Give memory back for training until the next :meth:`wake_up`."""
 
 
 def lifecycle_of(engine: object) -> EngineLifecycle:
@@ -173,7 +188,11 @@ class StepScoringRequest:
 
 @runtime_checkable
 class ProcessRewardModel(Protocol):
-    """Scores every step of a response."""
+    """Scores every step of a response.
+
+    One that holds model weights may also subclass :class:`Offloadable`: the loop then puts
+    it to sleep after each round, and it wakes on its next ``score`` call.
+    """
 
     def score(self, requests: Sequence[StepScoringRequest]) -> list[list[float]]:
         """One score in [0, 1] per step, ``len(result[i]) == len(requests[i].steps)``."""

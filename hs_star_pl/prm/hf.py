@@ -48,23 +48,35 @@ numbers a real checkpoint produces were not compared with its reference implemen
 
 from __future__ import annotations
 
+import functools
+import gc
 import json
 import math
 import os
+import time
 import warnings
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, Qwen2Model
 
+try:
+    from transformers.initialization import no_init_weights
+except ImportError:  # transformers 4
+    from transformers.modeling_utils import no_init_weights
+
 from hs_star_pl.attention import check_attn_implementation
-from hs_star_pl.core.protocols import StepScoringRequest
+from hs_star_pl.core.protocols import Offloadable, StepScoringRequest
 
 _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SKYWORK_INPUT_MODES = ("reference", "steps")
 QWEN_PRM_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+OFFLOAD_MODES = ("none", "cpu", "reload")
+"""Where a PRM's weights wait between rounds: on its device, in host memory, or nowhere (re-read)."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -111,24 +123,26 @@ class Qwen2TwoClassPRMModel(nn.Module):
         return torch.softmax(self.score(hidden).float(), dim=-1)[..., 1]
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    files = sorted(path.glob("*.safetensors"))
-    if files:
-        from safetensors.torch import load_file
+def weight_files(path: Path) -> list[Path]:
+    """The checkpoint's weight files: ``*.safetensors``, else ``pytorch_model*.bin``."""
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(
+            f"prm.init_args.model_path={str(path)!r} has no *.safetensors or pytorch_model*.bin weights"
+        )
+    return files
 
-        state: dict[str, torch.Tensor] = {}
-        for f in files:
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for f in weight_files(path):
+        if f.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
             state.update(load_file(str(f)))
-        return state
-    files = sorted(path.glob("pytorch_model*.bin"))
-    if files:
-        state = {}
-        for f in files:
+        else:
             state.update(torch.load(f, map_location="cpu", weights_only=True))
-        return state
-    raise FileNotFoundError(
-        f"prm.init_args.model_path={str(path)!r} has no *.safetensors or pytorch_model*.bin weights"
-    )
+    return state
 
 
 def load_prm_model(cls: type[nn.Module], path: str | Path, device: torch.device, dtype: torch.dtype,
@@ -148,7 +162,9 @@ def load_prm_model(cls: type[nn.Module], path: str | Path, device: torch.device,
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        # every tensor is loaded below (a missing one is an error), so skip the random
+        # initialisation: 4-12 s for a 0.36B model on one CPU core, minutes at 7B
+        with torch.device(device), no_init_weights():
             model = cls(config)
     finally:
         torch.set_default_dtype(previous)
@@ -236,13 +252,14 @@ def fit_to_length(
 class _StepScorer:
     """Length-sorted, padded batches through a ``(B, T) -> (B, T)`` score function."""
 
-    def __init__(self, model: nn.Module, pad_id: int, batch_size: int, max_length: int,
+    def __init__(self, pad_id: int, batch_size: int, max_length: int,
                  device: torch.device, progress: bool, name: str) -> None:
-        self.model, self.pad_id, self.batch_size = model, pad_id, batch_size
+        self.pad_id, self.batch_size = pad_id, batch_size
         self.max_length, self.device, self.progress, self.name = max_length, device, progress, name
         self.n_truncated = 0
 
-    def run(self, prefixes: list[list[int]], chunk_lists: list[list[list[int]]]) -> list[list[float]]:
+    def run(self, model: nn.Module, prefixes: list[list[int]],
+            chunk_lists: list[list[list[int]]]) -> list[list[float]]:
         fitted = [fit_to_length(p, c, self.max_length) for p, c in zip(prefixes, chunk_lists)]
         out: list[list[float]] = [[] for _ in fitted]
         order = sorted((i for i, (_, pos) in enumerate(fitted) if pos), key=lambda i: -len(fitted[i][0]))
@@ -260,7 +277,7 @@ class _StepScorer:
                 input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
                 mask[row, : len(ids)] = 1
             with torch.inference_mode():
-                scores = self.model(input_ids.to(self.device), mask.to(self.device)).float().cpu()
+                scores = model(input_ids.to(self.device), mask.to(self.device)).float().cpu()
             for row, i in enumerate(batch):
                 out[i] = scores[row, fitted[i][1]].tolist()
         for i, (chunks, (_, positions)) in enumerate(zip(chunk_lists, fitted)):
@@ -274,8 +291,10 @@ class _StepScorer:
 
 
 def _check_common(model_path: str, max_length: int, batch_size: int, device: str, dtype: str,
-                  attn_implementation: str | None) -> None:
+                  attn_implementation: str | None, offload: str) -> None:
     errors = []
+    if offload not in OFFLOAD_MODES:
+        errors.append(f"prm.init_args.offload must be one of {list(OFFLOAD_MODES)}, got {offload!r}")
     try:
         check_attn_implementation(attn_implementation, "prm.init_args.attn_implementation")
     except ValueError as err:
@@ -303,7 +322,103 @@ def _encode(tokenizer, text: str) -> list[int]:
 # ---------------------------------------------------------------------------------------
 
 
-class SkyworkPRM:
+def _weights_signature(path: Path) -> list[tuple[str, int, int]]:
+    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in weight_files(path)]
+
+
+class _LearnedPRM(Offloadable):
+    """What both learned PRMs share: their model's loading, batching, and where it waits between rounds.
+
+    ``offload`` (see :data:`OFFLOAD_MODES`) decides what :meth:`sleep`, which the
+    self-training loop calls after each round, does with the weights: ``"none"`` leaves
+    them on the scoring device; ``"cpu"`` moves them to host memory (and empties CUDA's
+    cache), so DPO training has the GPU memory; ``"reload"`` drops them, freeing host
+    memory as well, and reads them from ``model_path`` again. The next :meth:`score`
+    brings them back first (:meth:`wake_up`); ``seconds_waking`` adds up what that took.
+    """
+
+    layout: ClassVar[type[nn.Module]]
+
+    def _load(self, model_path: str, device: str, dtype: str, attn_implementation: str | None,
+              offload: str, pad_id: int, batch_size: int, max_length: int, progress: bool) -> None:
+        self.model_path, self.offload = Path(model_path), offload
+        self._device = resolve_device(device)
+        self._load_model = functools.partial(
+            load_prm_model, self.layout, self.model_path, self._device, resolve_dtype(dtype, self._device),
+            attn_implementation,
+        )
+        self._signature = _weights_signature(self.model_path)
+        self._model: nn.Module | None = self._load_model()
+        self._on_device = True
+        self._scorer = _StepScorer(pad_id, batch_size, max_length, self._device, progress, type(self).__name__)
+        if offload == "cpu" and self._device.type == "cpu":
+            warnings.warn(
+                f"prm.init_args.offload='cpu' does nothing here: {type(self).__name__} already runs on the CPU",
+                stacklevel=3,
+            )
+
+    @property
+    def model(self) -> nn.Module:
+        """The scoring model on its device (brought back first when it sleeps)."""
+        self.wake_up()
+        assert self._model is not None
+        return self._model
+
+    @property
+    def resident(self) -> bool:
+        """Whether the weights are on the scoring device now."""
+        return self._model is not None and self._on_device
+
+    @property
+    def n_truncated(self) -> int:
+        """Responses so far whose last steps did not fit in ``max_length``."""
+        return self._scorer.n_truncated
+
+    def wake_up(self) -> None:
+        """Bring the weights back to the scoring device (re-read them under ``offload: reload``).
+
+        Raises:
+            RuntimeError: under ``offload: reload``, when the weight files in ``model_path``
+                changed since they were first read (the run would score with another PRM).
+        """
+        if self.resident:
+            return
+        started = time.perf_counter()
+        if self._model is None:
+            if _weights_signature(self.model_path) != self._signature:
+                raise RuntimeError(
+                    f"the weight files in prm.init_args.model_path={str(self.model_path)!r} changed since this "
+                    f"run first read them; prm.init_args.offload='reload' reads them again each round, so the "
+                    f"run would go on with another PRM. Restore them, or resume with offload: cpu or none"
+                )
+            self._model = self._load_model()
+        else:
+            self._model.to(self._device)
+        self._on_device = True
+        self.seconds_waking += time.perf_counter() - started
+
+    def sleep(self) -> None:
+        """Move the weights off the scoring device as ``offload`` says (nothing for ``"none"``)."""
+        if self.offload == "none" or not self.resident:
+            return
+        if self.offload == "reload":
+            weight = weakref.ref(next(self._model.parameters()))
+            self._model = None
+            if weight() is not None:  # held by a reference cycle: collect it now (a full gc takes ~0.2 s)
+                gc.collect()
+        elif self._device.type != "cpu":
+            self._model.to("cpu")
+        else:
+            return  # offload: cpu on the CPU: already there
+        self._on_device = False
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _score_tokens(self, prefixes: list[list[int]], chunk_lists: list[list[list[int]]]) -> list[list[float]]:
+        return self._scorer.run(self.model, prefixes, chunk_lists)
+
+
+class SkyworkPRM(_LearnedPRM):
     """Skywork-o1-Open-PRM-style scorer: ``sigmoid(value head)`` at each step separator.
 
     Args:
@@ -326,13 +441,18 @@ class SkyworkPRM:
             ``"steps"``: the stripped, non-blank steps the caller gives, each followed by the
             separator token. See ``hs_star_pl.prm.hf``.
         progress: show a progress bar when a call has 8 batches or more.
+        offload: where the weights wait between rounds, so that DPO training has their memory:
+            ``"none"`` (stay on ``device``), ``"cpu"`` (host memory; moved back before the next
+            round's first score), ``"reload"`` (dropped, read again from ``model_path``).
     """
+
+    layout = Qwen2ValueHeadModel
 
     def __init__(self, model_path: str, max_length: int = 4096, batch_size: int = 8,
                  device: str = "auto", dtype: str = "auto", step_separator: str = "\n\n",
                  input_mode: str = "reference", progress: bool = True,
-                 attn_implementation: str | None = None) -> None:
-        _check_common(model_path, max_length, batch_size, device, dtype, attn_implementation)
+                 attn_implementation: str | None = None, offload: str = "none") -> None:
+        _check_common(model_path, max_length, batch_size, device, dtype, attn_implementation, offload)
         if not step_separator:
             raise ValueError("prm.init_args.step_separator must be a non-empty string")
         if input_mode not in SKYWORK_INPUT_MODES:
@@ -353,15 +473,8 @@ class SkyworkPRM:
             raise ValueError(f"prm.init_args.step_separator={step_separator!r} encodes to no token")
         self.separator_id = sep[-1]
         self._warned_no_response = False
-        dev = resolve_device(device)
-        self.model = load_prm_model(Qwen2ValueHeadModel, model_path, dev, resolve_dtype(dtype, dev), attn_implementation)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.separator_id
-        self._scorer = _StepScorer(self.model, pad, batch_size, max_length, dev, progress, "SkyworkPRM")
-
-    @property
-    def n_truncated(self) -> int:
-        """Responses so far whose last steps did not fit in ``max_length``."""
-        return self._scorer.n_truncated
+        self._load(model_path, device, dtype, attn_implementation, offload, pad, batch_size, max_length, progress)
 
     def pieces(self, request: StepScoringRequest) -> tuple[list[str], list[int]]:
         """The texts scored for ``request`` and, for each, the index of the step it scores.
@@ -423,7 +536,7 @@ class SkyworkPRM:
         """One score in [0, 1] per step (the minimum over its pieces); no steps gives ``[]``."""
         layouts = list(map(self.pieces, requests))
         encoded = [self._encode_pieces(r.question, pieces) for r, (pieces, _) in zip(requests, layouts)]
-        piece_scores = self._scorer.run([e[0] for e in encoded], [e[1] for e in encoded])
+        piece_scores = self._score_tokens([e[0] for e in encoded], [e[1] for e in encoded])
         out = []
         for request, scores, (_, owner) in zip(requests, piece_scores, layouts):
             steps: list[float | None] = [None] * len(request.steps)
@@ -433,7 +546,7 @@ class SkyworkPRM:
         return out
 
 
-class QwenMathPRM:
+class QwenMathPRM(_LearnedPRM):
     """Qwen2.5-Math-PRM-style scorer: P(positive) of the 2-class head at each ``<extra_0>``.
 
     Args:
@@ -452,13 +565,18 @@ class QwenMathPRM:
         step_separator: the separator token, ``"<extra_0>"`` for the released models.
         system_prompt: system message of the chat template (the model card's by default).
         progress: show a progress bar when a call has 8 batches or more.
+        offload: where the weights wait between rounds, so that DPO training has their memory:
+            ``"none"`` (stay on ``device``), ``"cpu"`` (host memory; moved back before the next
+            round's first score), ``"reload"`` (dropped, read again from ``model_path``).
     """
+
+    layout = Qwen2TwoClassPRMModel
 
     def __init__(self, model_path: str, max_length: int = 4096, batch_size: int = 8,
                  device: str = "auto", dtype: str = "auto", step_separator: str = "<extra_0>",
                  system_prompt: str = QWEN_PRM_SYSTEM_PROMPT, progress: bool = True,
-                 attn_implementation: str | None = None) -> None:
-        _check_common(model_path, max_length, batch_size, device, dtype, attn_implementation)
+                 attn_implementation: str | None = None, offload: str = "none") -> None:
+        _check_common(model_path, max_length, batch_size, device, dtype, attn_implementation, offload)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         sep = self.tokenizer(step_separator, add_special_tokens=False)["input_ids"]
         if len(sep) != 1:
@@ -468,15 +586,8 @@ class QwenMathPRM:
             )
         self.separator_id = sep[0]
         self.system_prompt = system_prompt
-        dev = resolve_device(device)
-        self.model = load_prm_model(Qwen2TwoClassPRMModel, model_path, dev, resolve_dtype(dtype, dev), attn_implementation)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self._scorer = _StepScorer(self.model, pad, batch_size, max_length, dev, progress, "QwenMathPRM")
-
-    @property
-    def n_truncated(self) -> int:
-        """Responses so far whose last steps did not fit in ``max_length``."""
-        return self._scorer.n_truncated
+        self._load(model_path, device, dtype, attn_implementation, offload, pad, batch_size, max_length, progress)
 
     def prompt_text(self, question: str) -> str:
         """The chat-formatted prompt up to the assistant turn (ChatML when no template)."""
@@ -496,7 +607,7 @@ class QwenMathPRM:
     def score(self, requests: Sequence[StepScoringRequest]) -> list[list[float]]:
         """One score in [0, 1] per step; a request with no steps gets ``[]``."""
         encoded = [self.encode(r) for r in requests]
-        return self._scorer.run([e[0] for e in encoded], [e[1] for e in encoded])
+        return self._score_tokens([e[0] for e in encoded], [e[1] for e in encoded])
 
 
 def build_tiny_prm_dir(path: str | Path, kind: str, *, seed: int = 0, tokenizer=None, **config_kwargs: int) -> Path:

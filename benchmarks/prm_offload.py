@@ -17,8 +17,9 @@ temporary folder (no downloads), and the script times, alternately:
   before reading the weights (the before-row).
 
 On a CPU-only machine ``cpu`` moves nothing (the PRM is already in host memory), so its
-rows are zero; the host-to-GPU copy is measured by ``benchmarks/gpu_validation.py``. Not a
-test: the numbers depend on the machine and disk.
+rows are zero; ``--device cuda`` runs the PRMs on a GPU, where ``cpu`` copies the weights to
+host memory and back, and the table adds the GPU memory each sleep gives back
+(docs/gpu-validation.md). Not a test: the numbers depend on the machine and disk.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def main() -> None:
     parser.add_argument("--rollouts", type=int, default=32, help="responses in a round's scoring (default 32)")
     parser.add_argument("--batch-size", type=int, default=8, help="PRM batch size (default 8, the paper config's)")
     parser.add_argument("--repeats", type=int, help="timed rounds of every variant (default 3)")
+    parser.add_argument("--device", default="cpu", help="where the PRMs score: cpu (default) or cuda[:N]")
     args = parser.parse_args()
     sizes = ["quick"] if args.quick else args.sizes.split(",")
     unknown = sorted(set(sizes) - set(SIZES))
@@ -83,29 +85,40 @@ def main() -> None:
 
     requests = [StepScoringRequest(q, tuple(steps)) for q, steps, _ in make_items(n)]
     cpu = torch.device("cpu")
+    gpu = args.device.startswith("cuda")
+
+    def gpu_bytes() -> int:
+        return torch.cuda.memory_allocated() if gpu else 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
             path = build_tiny_prm_dir(Path(tmp) / size, "skywork", **SIZES[size])
             megabytes = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
-            prms = {mode: SkyworkPRM(str(path), device="cpu", batch_size=args.batch_size, progress=False,
-                                     input_mode="steps", offload=mode) for mode in ("none", "cpu", "reload")}
+            prms = {mode: SkyworkPRM(str(path), device=args.device, dtype="float32", batch_size=args.batch_size,
+                                     progress=False, input_mode="steps", offload=mode)
+                    for mode in ("none", "cpu", "reload")}
             n_params = sum(p.numel() for p in prms["none"].model.parameters())
             label = f"{size} ({n_params / 1e6:,.2f}M params, {megabytes:,.0f} MB)"
             for prm in prms.values():
                 prm.score(requests[:2])  # warm-up
 
             def cycle(mode: str, cold: bool = False):
-                def run() -> tuple[float, float]:
+                def run() -> tuple[float, float, float]:
                     prm = prms[mode]
+                    held = gpu_bytes()
                     started = time.perf_counter()
                     prm.sleep()
+                    if gpu:
+                        torch.cuda.synchronize()
                     slept = time.perf_counter() - started
+                    freed = held - gpu_bytes()
                     if cold:
                         evict(path)
                     before = prm.seconds_waking
                     prm.wake_up()
-                    return slept, prm.seconds_waking - before
+                    if gpu:
+                        torch.cuda.synchronize()
+                    return slept, prm.seconds_waking - before, freed
                 return run
 
             runs = interleaved({
@@ -122,22 +135,26 @@ def main() -> None:
                     loads[what].append(seconds)
                     del model
             round_s = median([t for t, _ in runs["round"]])
-            rows.append((label, f"a round's scoring ({n} responses)", "", "", round_s, "", 1.0))
+            rows.append((label, f"a round's scoring ({n} responses)", "", "", round_s, "", "", 1.0))
             for mode in ("none", "cpu", "reload, page cache", "reload, from disk"):
-                sleep_s = median([s for _, (s, _) in runs[mode]])
-                wake_s = median([w for _, (_, w) in runs[mode]])
-                speed = f"{megabytes / wake_s:,.0f} MB/s" if mode.startswith("reload") else ""
+                sleep_s = median([s for _, (s, _, _) in runs[mode]])
+                wake_s = median([w for _, (_, w, _) in runs[mode]])
+                freed = median([f for _, (_, _, f) in runs[mode]]) / 2**20
+                speed = f"{megabytes / wake_s:,.0f} MB/s" if wake_s > 0 and mode != "none" else ""
                 rows.append((label, f"offload {mode}", sleep_s, wake_s, sleep_s + wake_s, speed,
-                             (sleep_s + wake_s) / round_s))
+                             f"{freed:,.0f}" if gpu else "", (sleep_s + wake_s) / round_s))
             for what, times in loads.items():
                 seconds = median(times)
-                rows.append((label, what, "", "", seconds, f"{megabytes / seconds:,.0f} MB/s", seconds / round_s))
+                rows.append((label, what, "", "", seconds, f"{megabytes / seconds:,.0f} MB/s", "", seconds / round_s))
 
     emit("PRM offload between rounds: what sleep and wake cost",
-         [f"SkyworkPRM layout, random weights in float32, batch {args.batch_size}; medians of {repeats} "
-          f"interleaved runs; the last column is against a round's scoring of {n} responses on this machine",
-          "offload cpu on a CPU-only machine moves nothing (the PRM already runs in host memory)"],
-         ["PRM", "what", "sleep s", "wake s", "seconds", "read speed", "vs a round's scoring"], rows, args.json)
+         [f"SkyworkPRM layout, random weights in float32 on {args.device}, batch {args.batch_size}; medians of "
+          f"{repeats} interleaved runs; the last column is against a round's scoring of {n} responses here; "
+          f"loads are to the CPU",
+          "offload cpu on the CPU moves nothing (the PRM already runs in host memory)" if not gpu else
+          "GPU MiB freed: torch.cuda.memory_allocated before minus after the sleep"],
+         ["PRM", "what", "sleep s", "wake s", "seconds", "speed", "GPU MiB freed", "vs a round's scoring"],
+         rows, args.json)
 
 
 if __name__ == "__main__":

@@ -29,10 +29,11 @@ What does not count (``IGNORED``): logging, progress bars and plots; paths of ou
 ``self_training.n_iterations`` and ``trainer.max_epochs`` (a finished run may be extended);
 what to do on failures (``on_empty_round``, ``model.nonfinite_loss``); and resource knobs
 that change how fast or in how much memory the same work is done (worker counts, caches, the
-attention kernel ``attn_implementation`` of the policy and the PRM, ``model.packing``, ``HFEngine``'s
-``kv_cache`` (where the keys and values live), the
-PRM's batch size and ``offload`` (where its weights wait between rounds), ``data.ref_batch_size``, vLLM's memory, sleep, canary and weight-sync
-settings, devices and strategy), even where batching can change floating-point rounding.
+attention kernel ``attn_implementation`` of the policy and the PRM, ``model.packing``,
+``HFEngine``'s ``kv_cache`` (where the keys and values live), the PRM's batch size and
+``offload`` (where its weights wait between rounds), ``data.ref_batch_size``, vLLM's memory,
+sleep, canary and weight-sync settings, devices and strategy), even where batching can
+change floating-point rounding.
 ``HFEngine``'s ``batch_size`` does count: with ``seed_scope: batch`` it decides which random
 stream each sample gets.
 

@@ -323,7 +323,12 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def _weights_signature(path: Path) -> list[tuple[str, int, int]]:
-    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in weight_files(path)]
+    """Name, size and modification time of each weight file: what ``offload: reload`` checks."""
+    signature = []
+    for f in weight_files(path):
+        stat = f.stat()
+        signature.append((f.name, stat.st_size, stat.st_mtime_ns))
+    return signature
 
 
 class _LearnedPRM(Offloadable):

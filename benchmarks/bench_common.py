@@ -195,7 +195,7 @@ def load_policy(model_path: Path | None, quick: bool):
 
     import torch
 
-    from hs_star_pl.module import HSStarModule, TinyModelConfig
+    from hs_star_pl.training.module import HSStarModule, TinyModelConfig
 
     optimizer = partial(torch.optim.AdamW, lr=1e-5)
     if model_path is None:

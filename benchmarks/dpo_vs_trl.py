@@ -8,7 +8,7 @@ The trainers, timed alternately in one process (``--repeats`` rounds, medians re
 * **ours, packing sequences**: ``Trainer.fit`` with ``HSStarModule`` (``model.packing:
   sequences``, the default) + ``MathDataModule``; the reference log-probs are computed once,
   by the policy itself, when the dataloader is built; every forward pass (reference and
-  training) lays the batch's sequences end to end (``hs_star_pl.packing``);
+  training) lays the batch's sequences end to end (``hs_star_pl.tensors.packing``);
 * **ours, packing shared_prompts**: the same with each pair's prompt laid down once for both
   responses;
 * **ours, padded (before)**: ``packing: off``, every batch padded to its longest sequence,
@@ -144,7 +144,7 @@ def tiny_pairs(n: int):
 
 
 def tiny_config(size: dict):
-    from hs_star_pl.module import TinyModelConfig
+    from hs_star_pl.training.module import TinyModelConfig
 
     return TinyModelConfig(hidden_size=size["hidden_size"], num_hidden_layers=size["num_hidden_layers"], num_attention_heads=4)
 
@@ -152,7 +152,7 @@ def tiny_config(size: dict):
 def ours_module(size: dict, lr: float, beta: float, packing: str = "sequences"):
     import torch
 
-    from hs_star_pl.module import HSStarModule
+    from hs_star_pl.training.module import HSStarModule
 
     return HSStarModule(
         tiny=tiny_config(size), objective="dpo", beta=beta, packing=packing,
@@ -217,8 +217,8 @@ def loss_check(pairs, size: dict, beta: float, dtype: str = "float32") -> dict:
     """
     import torch
 
-    from hs_star_pl.collate import collate_pairs, encode_pair
-    from hs_star_pl.losses import dpo_loss
+    from hs_star_pl.tensors.collate import collate_pairs, encode_pair
+    from hs_star_pl.tensors.losses import dpo_loss
 
     policy = ours_module(size, 1e-5, beta)
     reference = ours_module(size, 1e-5, beta)
@@ -278,7 +278,7 @@ def run_ours(pairs, size, *, batch_size, n_steps, lr, beta, out_dir, packing: st
     """``packing``: ``model.packing``'s layout: ``sequences``, ``shared_prompts`` or ``off`` (padded)."""
     import lightning as L
 
-    from hs_star_pl.data import MathDataModule
+    from hs_star_pl.training.data import MathDataModule
 
     module = ours_module(size, lr, beta, packing=packing)
     data = MathDataModule(template="plain", max_length=MAX_LENGTH, batch_size=batch_size, ref_batch_size=batch_size)
@@ -446,8 +446,8 @@ def token_counts(pairs, size: dict) -> dict[str, int]:
 
     The batches in input order (training shuffles, so these are a typical draw, not the exact one).
     """
-    from hs_star_pl.collate import collate_pairs, encode_pair
-    from hs_star_pl.packing import attention_pair_cost, pack_batch, pack_batch_groups
+    from hs_star_pl.tensors.collate import collate_pairs, encode_pair
+    from hs_star_pl.tensors.packing import attention_pair_cost, pack_batch, pack_batch_groups
 
     module = ours_module(size, 1e-5, 0.1)
     tok, pair_cost = module.tokenizer, attention_pair_cost(module.model)

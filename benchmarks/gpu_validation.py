@@ -9,7 +9,7 @@ Run on a CUDA machine (docs/gpu-validation.md says what to record):
 One process tree per run (Lightning starts a process per GPU). Phases, each printing one JSON
 line prefixed ``RESULT``:
 
-1. ``train``: DPO steps with ``hs_star_pl.strategies.DeepSpeedStrategy`` (bf16, gradient
+1. ``train``: DPO steps with ``hs_star_pl.training.strategies.DeepSpeedStrategy`` (bf16, gradient
    checkpointing) on synthetic pairs whose reference log-probs are computed under the
    strategy first; tokens/s and peak memory per rank.
 2. ``reference_logps``: the lockstep path, uneven pairs per rank, timed.
@@ -58,7 +58,7 @@ def prepare(out: Path, shape: dict, n_pairs: int, length: int) -> tuple[Path, Pa
     """A random-init model folder and a pairs file (written once; other ranks wait for it)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from hs_star_pl.tiny import build_byte_tokenizer
+    from hs_star_pl.tensors.tiny import build_byte_tokenizer
 
     model_dir, pairs = out / "model", out / "pairs.jsonl"
     done = out / "PREPARED"
@@ -108,8 +108,8 @@ class Probe(L.Callback):
 
     def on_train_end(self, trainer, module):
         from hs_star_pl.core.records import PreferencePair
-        from hs_star_pl.distributed import all_gather_objects
-        from hs_star_pl.export import export_hf
+        from hs_star_pl.tensors.distributed import all_gather_objects
+        from hs_star_pl.training.export import export_hf
 
         device = module.device
         seconds = sum(self.times)
@@ -148,9 +148,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, CPU, 1 process: checks the script")
     args = parser.parse_args()
 
-    from hs_star_pl.data import MathDataModule
-    from hs_star_pl.module import HSStarModule
-    from hs_star_pl.strategies import DeepSpeedStrategy
+    from hs_star_pl.training.data import MathDataModule
+    from hs_star_pl.training.module import HSStarModule
+    from hs_star_pl.training.strategies import DeepSpeedStrategy
 
     cuda = torch.cuda.is_available() and not args.quick
     if args.quick:

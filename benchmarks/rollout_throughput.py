@@ -151,7 +151,7 @@ def main() -> None:
     setup_torch(args.threads)
     from hs_star_pl.core.protocols import SamplingParams
     from hs_star_pl.engines import HFEngine
-    from hs_star_pl.module import HSStarModule
+    from hs_star_pl.training.module import HSStarModule
 
     n_prompts = args.prompts or (4 if args.quick else 64)
     repeats = args.repeats or (1 if args.quick else 2)
@@ -204,7 +204,7 @@ def main() -> None:
 
             path = model_path
             if path is None:  # --quick without a model: vLLM needs a folder
-                from hs_star_pl.tiny import save_checkpoint_dir
+                from hs_star_pl.tensors.tiny import save_checkpoint_dir
 
                 path = save_checkpoint_dir(f"{tmp}/policy", model, tok)
             vllm = VLLMEngine(dtype="float32", max_model_len=512, canary_samples=0, cpu_kv_cache_space_gib=2)

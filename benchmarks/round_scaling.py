@@ -42,7 +42,7 @@ def one_iteration(args, model_path, n_problems: int, k: int, out_dir: str) -> di
 
     from hs_star_pl.core.budget import HierarchicalBudget
     from hs_star_pl.core.rounds import run_round
-    from hs_star_pl.data import MathDataModule
+    from hs_star_pl.training.data import MathDataModule
     from hs_star_pl.engines import HFEngine
     from hs_star_pl.prm import ArithmeticPRM
     from hs_star_pl.verifiers import ExactMatchVerifier

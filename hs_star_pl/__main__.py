@@ -6,7 +6,7 @@ processes (answer checks) import this module again and need none of it.
 """
 
 if __name__ == "__main__":
-    from hs_star_pl import preemption
+    from hs_star_pl.infra import preemption
 
     preemption.install()
     from hs_star_pl.cli import main

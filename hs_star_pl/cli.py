@@ -14,7 +14,7 @@ the policy is exported to ``<default_root_dir>/hf/iteration_NNN/`` after every i
 ``trainer.max_epochs`` is derived (``n_iterations x epochs_per_iteration`` with self-training,
 else 1).
 
-Errors a user can fix (``hs_star_pl.errors``: a bad config value, a broken input file, a run
+Errors a user can fix (``hs_star_pl.infra.errors``: a bad config value, a broken input file, a run
 stopped on purpose) are printed as ``hs-star: error: <message>`` naming the full config key or
 ``file:line``, without a traceback (exit status 2, or 1 for a stopped run); set
 ``HS_STAR_DEBUG=1`` to see the traceback anyway. A value rejected while the configured classes
@@ -24,8 +24,8 @@ inf (``config_checks``); before anything is written, an unwritable run folder is
 full disk or an unwritable folder met later is one message naming where (``storage``).
 
 A run asked to stop by SIGTERM (or SLURM's requeue signal) stops at a safe point and exits
-with 128 + the signal's number: 143 for SIGTERM (``hs_star_pl.preemption``). A second
-command into a run folder in use is refused with exit status 2 (``hs_star_pl.run_lock``).
+with 128 + the signal's number: 143 for SIGTERM (``hs_star_pl.infra.preemption``). A second
+command into a run folder in use is refused with exit status 2 (``hs_star_pl.infra.run_lock``).
 """
 
 from __future__ import annotations
@@ -50,20 +50,20 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from hs_star_pl import preemption
-from hs_star_pl.callback import SelfTrainingCallback
-from hs_star_pl.checkpoint_io import AtomicCheckpointIO
-from hs_star_pl.config_checks import LINKS, check_config, name_link_sources
+from hs_star_pl.infra import preemption
+from hs_star_pl.training.self_training import SelfTrainingCallback
+from hs_star_pl.training.checkpoint_io import AtomicCheckpointIO
+from hs_star_pl.training.config_checks import LINKS, check_config, name_link_sources
 from hs_star_pl.core.iterations import IterationClock
 from hs_star_pl.core.protocols import lifecycle_of
-from hs_star_pl.data import MathDataModule
-from hs_star_pl.errors import ConfigError, HSStarError
-from hs_star_pl.evaluation.callback import EvaluationCallback
-from hs_star_pl.export import HFExportCallback
-from hs_star_pl.module import HSStarModule
-from hs_star_pl.run_lock import RunLock, is_launching_process, release_all
-from hs_star_pl.stop_callback import StopRequestCallback
-from hs_star_pl.storage import check_writable, storage_error
+from hs_star_pl.training.data import MathDataModule
+from hs_star_pl.infra.errors import ConfigError, HSStarError
+from hs_star_pl.training.evaluation import EvaluationCallback
+from hs_star_pl.training.export import HFExportCallback
+from hs_star_pl.training.module import HSStarModule
+from hs_star_pl.infra.run_lock import RunLock, is_launching_process, release_all
+from hs_star_pl.training.stop_request import StopRequestCallback
+from hs_star_pl.infra.storage import check_writable, storage_error
 
 # The CLI groups whose components (class_path objects, dataclass groups) are re-built one by
 # one to find the key of a value rejected during instantiation.
@@ -188,7 +188,7 @@ class HSStarCLI(LightningCLI):
         bootstrap_stepwise_init(configs, Path(model_path))
 
     def _lock_run_dir(self, config: Namespace) -> None:
-        """Refuse to run into a folder another live ``hs-star`` is using (``hs_star_pl.run_lock``);
+        """Refuse to run into a folder another live ``hs-star`` is using (``hs_star_pl.infra.run_lock``);
         before anything is written there, M_0's bootstrap included. Only when a command runs."""
         root = config.get("trainer", {}).get("default_root_dir")
         if self.subcommand is None or root is None or not is_launching_process():
@@ -227,7 +227,7 @@ class HSStarCLI(LightningCLI):
         if isinstance(self.datamodule, MathDataModule):
             trainer.accumulate_grad_batches = self.datamodule.accumulate_grad_batches(
                 trainer.world_size, trainer.accumulate_grad_batches)
-        # SIGTERM / SLURM requeue (hs_star_pl.preemption); first, so a pending stop comes before
+        # SIGTERM / SLURM requeue (hs_star_pl.infra.preemption); first, so a pending stop comes before
         # other callbacks' on_train_start work (evaluating M_0)
         trainer.callbacks.insert(0, StopRequestCallback())
         # Before Lightning writes anything (logs, the saved config): a folder that cannot be
@@ -394,7 +394,7 @@ def main(args: list[str] | None = None) -> None:
     Errors the user can fix are printed as one message and end the process with their exit
     status; ``HS_STAR_DEBUG=1`` re-raises them with the traceback. A run stopped by SIGTERM
     (or SLURM's requeue signal) at a safe point exits with 128 + the signal's number (143);
-    see ``hs_star_pl.preemption``.
+    see ``hs_star_pl.infra.preemption``.
     """
     if not preemption.installed():  # ``python -m hs_star_pl`` installs it before importing this module
         preemption.reset()

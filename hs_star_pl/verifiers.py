@@ -18,7 +18,7 @@ Scope:
 
 Safety: model output is untrusted. Nothing here calls ``eval``; text reaches sympy only
 through math-verify's own parser, and only inside a worker *process*
-(:class:`hs_star_pl.workers.KillablePool`) that is killed when a check exceeds ``timeout_s`` (math-verify's ``signal.alarm`` timeouts do not work off the main
+(:class:`hs_star_pl.infra.workers.KillablePool`) that is killed when a check exceeds ``timeout_s`` (math-verify's ``signal.alarm`` timeouts do not work off the main
 thread, and sympy can hang on towers of exponents). A killed check is ungradeable; the
 worker is respawned and the other checks of the batch are kept. Workers also run under an
 address-space limit (``memory_limit_mb``) so a runaway expansion dies with ``MemoryError``
@@ -42,7 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hs_star_pl.core.answers import EXTRACTIONS, GoldAnswer, extraction_error, normalize_answer, normalize_gold
-from hs_star_pl.workers import CRASH, START_METHODS, TIMEOUT, KillablePool
+from hs_star_pl.infra.workers import CRASH, START_METHODS, TIMEOUT, KillablePool
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class ExactMatchVerifier:
 
 
 # ---------------------------------------------------------------------------------------
-# math-verify tasks (run inside the worker processes of hs_star_pl.workers.KillablePool)
+# math-verify tasks (run inside the worker processes of hs_star_pl.infra.workers.KillablePool)
 # ---------------------------------------------------------------------------------------
 
 _parsed_gold_cache: dict[tuple[str, ...], list] = {}

@@ -46,7 +46,7 @@ MATH_VERIFY = ["--self_training.verifier.class_path=hs_star_pl.verifiers.MathVer
                "--self_training.verifier.init_args.n_workers=1"]
 sys.path.insert(0, str(ROOT))
 
-from hs_star_pl.faults import POINTS, read_trace  # noqa: E402
+from hs_star_pl.infra.faults import POINTS, read_trace  # noqa: E402
 from tests.helpers.kill_resume import (  # noqa: E402
     KILLED,
     STOPPED,

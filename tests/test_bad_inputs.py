@@ -18,7 +18,7 @@ import pytest
 from hs_star_pl.cli import main
 from hs_star_pl.core.problem_sources import NOT_A_SAVED_FOLDER
 from hs_star_pl.core.problems import MAX_LINE_BYTES, ProblemFileError, load_problems
-from hs_star_pl.data import ExampleFileError, load_examples
+from hs_star_pl.training.data import ExampleFileError, load_examples
 from tests.helpers.tiny_setup import REPO
 
 CORPUS = REPO / "tests" / "corpus" / "bad_inputs"

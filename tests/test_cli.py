@@ -18,14 +18,14 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hs_star_pl.callback import SelfTrainingCallback
+from hs_star_pl.training.self_training import SelfTrainingCallback
 from hs_star_pl.cli import HSStarCLI
 from hs_star_pl.core.templates import render_prompt
-from hs_star_pl.data import MathDataModule
-from hs_star_pl.evaluation.callback import EvaluationCallback
-from hs_star_pl.export import HFExportCallback
-from hs_star_pl.module import HSStarModule, TinyModelConfig
-from hs_star_pl.schedules import WarmupCosineLR
+from hs_star_pl.training.data import MathDataModule
+from hs_star_pl.training.evaluation import EvaluationCallback
+from hs_star_pl.training.export import HFExportCallback
+from hs_star_pl.training.module import HSStarModule, TinyModelConfig
+from hs_star_pl.tensors.schedules import WarmupCosineLR
 from tests.helpers.tiny_setup import REPO
 
 BASE = str(REPO / "configs" / "base.yaml")
@@ -172,7 +172,7 @@ def test_max_epochs_is_derived_from_the_iterations_unless_set(tmp_path):
     """``trainer.max_epochs`` unset: n_iterations x epochs_per_iteration with self-training,
     1 without; a value set to match is kept (older configs), one that contradicts is refused
     naming both keys."""
-    from hs_star_pl.errors import ConfigError
+    from hs_star_pl.infra.errors import ConfigError
 
     st = ["-c", BASE, "-c", str(REPO / "configs" / "debug" / "tiny_self_training.yaml"),
           f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from hs_star_pl.collate import encode_example, encode_pair
+from hs_star_pl.tensors.collate import encode_example, encode_pair
 from hs_star_pl.core.records import PreferencePair
-from hs_star_pl.tiny import build_byte_tokenizer
+from hs_star_pl.tensors.tiny import build_byte_tokenizer
 
 
 def test_a_cut_rejected_is_encoded_without_eos():

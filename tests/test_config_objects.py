@@ -63,7 +63,7 @@ def test_problem_field_mapping_reaches_the_pool_from_the_cli(tmp_path, monkeypat
     ``uid``) through the real CLI; without the mapping the same file fails at its first line."""
     import json
 
-    from hs_star_pl.callback import SelfTrainingCallback
+    from hs_star_pl.training.self_training import SelfTrainingCallback
     from hs_star_pl.cli import HSStarCLI
     from hs_star_pl.core.problems import ProblemFileError
     from tests.helpers.tiny_setup import REPO

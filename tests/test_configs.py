@@ -70,7 +70,7 @@ def needs_deepspeed(files: list[Path]) -> bool:
 
 @pytest.fixture(scope="session")
 def tiny_policy_dir(tmp_path_factory):
-    from hs_star_pl.tiny import build_byte_tokenizer, build_tiny_causal_lm, save_checkpoint_dir
+    from hs_star_pl.tensors.tiny import build_byte_tokenizer, build_tiny_causal_lm, save_checkpoint_dir
 
     tokenizer = build_byte_tokenizer()
     model = build_tiny_causal_lm(tokenizer, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)

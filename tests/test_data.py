@@ -10,12 +10,12 @@ from lightning.pytorch.loggers import CSVLogger
 import pytest
 import torch
 
-from hs_star_pl.collate import collate_pairs, collate_sequences, encode_example, position_ids_from_mask
+from hs_star_pl.tensors.collate import collate_pairs, collate_sequences, encode_example, position_ids_from_mask
 from hs_star_pl.core.records import PreferencePair, SftExample
 from hs_star_pl.core.templates import render_prompt
 from hs_star_pl.cli import HSStarCLI
-from hs_star_pl.data import ExampleFileError, MathDataModule, load_examples
-from hs_star_pl.tiny import build_byte_tokenizer
+from hs_star_pl.training.data import ExampleFileError, MathDataModule, load_examples
+from hs_star_pl.tensors.tiny import build_byte_tokenizer
 from tests.helpers.tiny_setup import PAIRS_FILE, REPO, STEPWISE_FILE, tiny_module
 from tests.helpers.trainers import cpu_trainer
 

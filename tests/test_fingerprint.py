@@ -6,9 +6,12 @@ edited settings) is in ``test_run_folders.py``.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 
 from hs_star_pl.core.fingerprint import (
+    MOVED,
     SettingsRecord,
     counts,
     differences,
@@ -19,7 +22,7 @@ from hs_star_pl.core.fingerprint import (
     write_record,
 )
 from hs_star_pl.core.records import Problem
-from hs_star_pl.errors import ConfigError
+from hs_star_pl.infra.errors import ConfigError
 
 K = "self_training.budget.init_args.samples_per_problem"
 POOL = [Problem("p1", "Start with 2. Add 3. What is the result?", "5"), Problem("p2", "Start with 4. Add 1.", "5")]
@@ -140,6 +143,28 @@ def test_a_record_naming_a_class_by_its_old_module_matches_the_class_where_it_li
         "hs_star_pl.core.budget.UniformBudget", "hs_star_pl.core.budget.HierarchicalBudget")
 
 
+@pytest.mark.parametrize("old,new", sorted(MOVED.items()))
+def test_each_moved_module_is_gone_from_its_old_path_and_importable_at_its_new_one(old, new):
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module(old.rstrip("."))
+    importlib.import_module(new.rstrip("."))
+
+
+def test_a_record_made_before_the_layer_folders_matches_todays_config(tmp_path):
+    """Run folders written while the schedules and strategies lived in flat modules record
+    ``hs_star_pl.schedules.WarmupCosineLR``; read back, they match the config that names
+    ``hs_star_pl.tensors.schedules.WarmupCosineLR``."""
+    key = "model.lr_scheduler"
+    today = record(**{key: {"class_path": "hs_star_pl.tensors.schedules.WarmupCosineLR"}})
+    write_record(tmp_path, today)
+    stored = (tmp_path / "settings.json").read_text()
+    (tmp_path / "settings.json").write_text(stored.replace("hs_star_pl.tensors.schedules.", "hs_star_pl.schedules."))
+    assert '"hs_star_pl.schedules.WarmupCosineLR"' in (tmp_path / "settings.json").read_text()
+    assert differences(read_record(tmp_path), today) == {}
+    assert differences(read_record(tmp_path), record(**{key: {"class_path": "torch.optim.lr_scheduler.LinearLR"}})) == {
+        f"{key}.class_path": ("hs_star_pl.tensors.schedules.WarmupCosineLR", "torch.optim.lr_scheduler.LinearLR")}
+
+
 def test_the_refusal_lists_every_key_with_its_values_per_round_and_both_ways_out(tmp_path):
     write_record(tmp_path / "rounds" / "round_000", record())
     write_record(tmp_path / "rounds" / "round_001", record(**{"self_training.budget.init_args.n_presample": 3}))
@@ -162,7 +187,7 @@ def test_the_refusal_lists_every_key_with_its_values_per_round_and_both_ways_out
 
 def test_a_checkpoint_without_a_settings_record_still_refuses_another_seed():
     """A checkpoint from before settings were recorded: a changed seed used to be a warning."""
-    from hs_star_pl.callback import SelfTrainingCallback
+    from hs_star_pl.training.self_training import SelfTrainingCallback
 
     callback = SelfTrainingCallback(seed=5)
     callback._settings = record(**{"self_training.seed": 5})  # what setup() records for an active fit

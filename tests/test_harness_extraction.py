@@ -180,7 +180,7 @@ def evaluation_cli(tmp_path, monkeypatch, *extra: str):
 
 
 def test_hs_star_test_with_the_paper_config_grades_with_harness_extraction(tmp_path, monkeypatch):
-    from hs_star_pl.evaluation.callback import EvaluationCallback
+    from hs_star_pl.training.evaluation import EvaluationCallback
 
     cli = evaluation_cli(tmp_path, monkeypatch)
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, EvaluationCallback)]

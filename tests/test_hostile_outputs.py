@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from hs_star_pl.collate import encode_example
+from hs_star_pl.tensors.collate import encode_example
 from hs_star_pl.core.answers import extract_answer
 from hs_star_pl.core.artifacts import RoundStore
 from hs_star_pl.core.protocols import Completion, SamplingParams, StepScoringRequest
@@ -25,7 +25,7 @@ from hs_star_pl.core.records import Phase, Problem, RolloutScore, ScoredRollout,
 from hs_star_pl.core.rounds import generate_rollouts
 from hs_star_pl.core.steps import split_steps
 from hs_star_pl.prm.rules import ArithmeticPRM, OutcomePRM
-from hs_star_pl.tiny import build_byte_tokenizer
+from hs_star_pl.tensors.tiny import build_byte_tokenizer
 from hs_star_pl.verifiers import ExactMatchVerifier, MathVerifyVerifier
 from tests.helpers.tiny_setup import REPO
 

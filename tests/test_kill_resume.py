@@ -1,7 +1,7 @@
 """SIGKILL the self-training loop at each named fault point, resume with ``--ckpt_path last``.
 
 Each case runs the real CLI in a subprocess with ``HS_STAR_FAULT=<point>@<k>`` (see
-``hs_star_pl/faults.py``), checks that the kill landed there and that no round was left
+``hs_star_pl/infra/faults.py``), checks that the kill landed there and that no round was left
 half-written, resumes, and compares everything with one uninterrupted run of the same seeds
 (shared by the module): round artifacts and HF exports byte for byte, summaries, logged
 metrics. The fault trace shows that nothing saved before the kill was computed again.
@@ -20,8 +20,8 @@ import sys
 import pytest
 
 from hs_star_pl.core.artifacts import DONE, completed_rounds, round_dir
-from hs_star_pl.faults import POINTS, read_trace
-from hs_star_pl.preemption import exit_status
+from hs_star_pl.infra.faults import POINTS, read_trace
+from hs_star_pl.infra.preemption import exit_status
 from tests.helpers.kill_resume import (
     KILLED,
     STOPPED,

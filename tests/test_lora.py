@@ -1,4 +1,4 @@
-"""LoRA policies (``model.peft``, ``hs_star_pl.lora``) on the tiny model: what trains, the merged
+"""LoRA policies (``model.peft``, ``hs_star_pl.tensors.lora``) on the tiny model: what trains, the merged
 export, checkpoints and the config errors. Multi-process and vLLM checks: ``test_lora_integration.py``."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from peft import PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from hs_star_pl.core.fingerprint import counts  # noqa: E402
-from hs_star_pl.data import MathDataModule  # noqa: E402
-from hs_star_pl.errors import ConfigError  # noqa: E402
-from hs_star_pl.export import HFExportCallback, export_hf  # noqa: E402
-from hs_star_pl.lora import LoraSettings, apply_lora, has_lora, policy_state_dict  # noqa: E402
-from hs_star_pl.module import HSStarModule, TinyModelConfig  # noqa: E402
-from hs_star_pl.tiny import build_byte_tokenizer, build_tiny_causal_lm  # noqa: E402
+from hs_star_pl.training.data import MathDataModule  # noqa: E402
+from hs_star_pl.infra.errors import ConfigError  # noqa: E402
+from hs_star_pl.training.export import HFExportCallback, export_hf  # noqa: E402
+from hs_star_pl.tensors.lora import LoraSettings, apply_lora, has_lora, policy_state_dict  # noqa: E402
+from hs_star_pl.training.module import HSStarModule, TinyModelConfig  # noqa: E402
+from hs_star_pl.tensors.tiny import build_byte_tokenizer, build_tiny_causal_lm  # noqa: E402
 from tests.helpers.tiny_setup import PAIRS_FILE, STEPWISE_FILE  # noqa: E402
 from tests.helpers.trainers import cpu_trainer  # noqa: E402
 
@@ -136,7 +136,7 @@ def test_merged_export_loads_without_peft_and_gives_the_policys_logprobs(tmp_pat
 
 
 def test_the_adapter_export_needs_a_lora_policy(tmp_path):
-    from hs_star_pl.module import HSStarModule as Plain
+    from hs_star_pl.training.module import HSStarModule as Plain
 
     with pytest.raises(ConfigError, match="export.adapter"):
         HFExportCallback(adapter=True).setup(cpu_trainer(tmp_path), Plain(tiny=TINY), "fit")

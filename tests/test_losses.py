@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hs_star_pl.losses import (
+from hs_star_pl.tensors.losses import (
     DPO_LOSSES,
     chosen_nll,
     dpo_loss,
@@ -138,7 +138,7 @@ def test_tensor_modules_do_not_import_lightning():
     from pathlib import Path
 
     code = (
-        "import sys, hs_star_pl.losses, hs_star_pl.core.templates, hs_star_pl.collate, hs_star_pl.schedules; "
+        "import sys, hs_star_pl.tensors.losses, hs_star_pl.core.templates, hs_star_pl.tensors.collate, hs_star_pl.tensors.schedules; "
         "print('lightning' in sys.modules)"
     )
     repo = Path(__file__).resolve().parents[1]  # cwd first on sys.path: this checkout, not an installed copy

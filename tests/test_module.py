@@ -12,11 +12,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hs_star_pl.core.records import PreferencePair
 from hs_star_pl.core.templates import render_prompt
-from hs_star_pl.data import MathDataModule
-from hs_star_pl.export import export_hf
-from hs_star_pl.module import HSStarModule, TinyModelConfig
-from hs_star_pl.schedules import WarmupCosineLR
-from hs_star_pl.tiny import save_checkpoint_dir
+from hs_star_pl.training.data import MathDataModule
+from hs_star_pl.training.export import export_hf
+from hs_star_pl.training.module import HSStarModule, TinyModelConfig
+from hs_star_pl.tensors.schedules import WarmupCosineLR
+from hs_star_pl.tensors.tiny import save_checkpoint_dir
 from tests.helpers.tiny_setup import PAIRS_FILE, STEPWISE_FILE, tiny_module
 from tests.helpers.trainers import cpu_trainer
 
@@ -276,7 +276,7 @@ def test_defaults_are_adamw_and_a_constant_learning_rate():
 
 def _pair_batch(module: HSStarModule):
     """Two pairs, collated the way MathDataModule does (chosen rows first, then rejected)."""
-    from hs_star_pl.collate import collate_pairs, encode_example
+    from hs_star_pl.tensors.collate import collate_pairs, encode_example
 
     tok = module.tokenizer
     encoded = [(encode_example(tok, p.prompt, p.chosen, 256), encode_example(tok, p.prompt, p.rejected, 256))
@@ -421,7 +421,7 @@ def test_export_after_the_last_epoch_of_each_iteration(tmp_path):
     of epoch 1 (not 0), iteration_001 those at the end of epoch 3, and nothing else is written."""
     from safetensors.torch import load_file
 
-    from hs_star_pl.export import HFExportCallback
+    from hs_star_pl.training.export import HFExportCallback
 
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
 

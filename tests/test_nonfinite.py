@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from hs_star_pl.cli import main
-from hs_star_pl.data import MathDataModule
-from hs_star_pl.errors import NonFiniteLossError
+from hs_star_pl.training.data import MathDataModule
+from hs_star_pl.infra.errors import NonFiniteLossError
 from tests.helpers.tiny_setup import PAIRS_FILE, REPO, tiny_module
 from tests.helpers.trainers import cpu_trainer
 

@@ -11,9 +11,9 @@ import warnings
 import pytest
 import torch
 
-from hs_star_pl.collate import collate_pairs, collate_sequences, encode_example
+from hs_star_pl.tensors.collate import collate_pairs, collate_sequences, encode_example
 from hs_star_pl.core.records import PreferencePair
-from hs_star_pl.packing import attention_pair_cost, pack_batch, pack_batch_groups, sequence_logps, width_groups
+from hs_star_pl.tensors.packing import attention_pair_cost, pack_batch, pack_batch_groups, sequence_logps, width_groups
 from tests.helpers.tiny_setup import PAIRS_FILE, tiny_module
 from tests.helpers.trainers import cpu_trainer
 
@@ -206,7 +206,7 @@ def test_packed_and_padded_sft_give_equal_loss_and_gradients():
     for name, grad in padded_grads.items():
         torch.testing.assert_close(packed_grads[name], grad, **TOL, msg=name)
     # and the padded value is losses.sft_nll, the token-averaged NLL
-    from hs_star_pl.losses import sft_nll
+    from hs_star_pl.tensors.losses import sft_nll
 
     with torch.no_grad():
         logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -233,7 +233,7 @@ def test_packed_and_padded_reference_log_probs_are_equal():
 
 def test_packed_lora_gives_the_padded_loss_and_adapter_gradients():
     pytest.importorskip("peft", reason="peft is not installed (extra [peft])")
-    from hs_star_pl.lora import LoraSettings
+    from hs_star_pl.tensors.lora import LoraSettings
 
     module = tiny_module(peft=LoraSettings(r=4, alpha=8, dropout=0.0))
     with torch.no_grad():  # LoRA's B starts at zero; move it so the adapters change the outputs
@@ -250,9 +250,9 @@ def test_packed_lora_gives_the_padded_loss_and_adapter_gradients():
 
 
 def test_training_with_gradient_accumulation_ends_at_the_same_weights_packed_or_padded(tmp_path):
-    from hs_star_pl.data import MathDataModule
+    from hs_star_pl.training.data import MathDataModule
 
-    from hs_star_pl.module import HSStarModule, TinyModelConfig
+    from hs_star_pl.training.module import HSStarModule, TinyModelConfig
 
     weights = {}
     for packing in ("sequences", "off"):
@@ -305,7 +305,7 @@ def test_model_packing_packs_sequences_by_default_and_is_reachable_from_the_cli(
 
 
 def test_an_unknown_packing_layout_is_refused_naming_the_key():
-    from hs_star_pl.errors import ConfigError
+    from hs_star_pl.infra.errors import ConfigError
 
     with pytest.raises(ConfigError, match="model.packing must be one of sequences, shared_prompts, off"):
         tiny_module(packing="yes")

@@ -19,9 +19,9 @@ import time
 
 import pytest
 
-from hs_star_pl import preemption
-from hs_star_pl.run_lock import LOCK_NAME, RunDirInUseError, RunLock, is_launching_process
-from hs_star_pl.workers import CRASH, KillablePool
+from hs_star_pl.infra import preemption
+from hs_star_pl.infra.run_lock import LOCK_NAME, RunDirInUseError, RunLock, is_launching_process
+from hs_star_pl.infra.workers import CRASH, KillablePool
 from tests.helpers.kill_resume import leftover_group
 from tests.helpers.pool_tasks import echo_after
 from tests.helpers.self_training import env

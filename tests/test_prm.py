@@ -366,7 +366,7 @@ def test_rule_prms_import_without_torch():
     from pathlib import Path
 
     code = (
-        "import sys; from hs_star_pl.prm import ArithmeticPRM, OutcomePRM; import hs_star_pl.workers; "
+        "import sys; from hs_star_pl.prm import ArithmeticPRM, OutcomePRM; import hs_star_pl.infra.workers; "
         "sys.exit(int('torch' in sys.modules or 'lightning' in sys.modules))"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1]).returncode == 0
@@ -582,7 +582,7 @@ class _LineEngine:
 @pytest.mark.parametrize(("delimiter", "n_steps"), [("\n", 3), ("\n\n", 1)])
 def test_the_configured_delimiter_is_what_the_round_hands_the_prm(delimiter, n_steps):
     """``self_training.step_delimiter`` -> ``RoundConfig`` -> the steps each PRM request holds."""
-    from hs_star_pl.callback import SelfTrainingCallback
+    from hs_star_pl.training.self_training import SelfTrainingCallback
     from hs_star_pl.core.budget import HierarchicalBudget
     from hs_star_pl.core.records import Problem
     from hs_star_pl.core.rounds import RoundConfig, run_round

@@ -220,7 +220,7 @@ def numina_pool(n: int) -> list[dict]:
 def test_the_shipped_numina_overlay_reads_a_parquet_pool_through_the_cli(tmp_path, monkeypatch):
     """configs/paper/pools/numinamath15.yaml, as the CLI parses it on the tiny self-training config,
     loads exactly the valid word problems of a parquet pool (its quoted "Yes" matters)."""
-    from hs_star_pl.callback import SelfTrainingCallback
+    from hs_star_pl.training.self_training import SelfTrainingCallback
     from hs_star_pl.cli import HSStarCLI
 
     monkeypatch.chdir(REPO)
@@ -269,7 +269,7 @@ def test_hs_star_test_on_a_parquet_benchmark_evaluates_the_filtered_rows_as_thei
 
 def test_step_wise_initialisation_reads_its_solutions_from_a_filtered_parquet_pool(tmp_path):
     """data.problems_file with data.problem_fields: the SFT examples are the kept rows' solutions."""
-    from hs_star_pl.data import MathDataModule
+    from hs_star_pl.training.data import MathDataModule
 
     rows = numina_pool(12)
     path = write_parquet(tmp_path / "numina.parquet", rows)

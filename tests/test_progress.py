@@ -1,4 +1,4 @@
-"""Plain progress lines (``hs_star_pl.progress.ProgressLog``) when output goes to a file."""
+"""Plain progress lines (``hs_star_pl.training.progress.ProgressLog``) when output goes to a file."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from hs_star_pl.progress import ProgressLog, format_seconds
+from hs_star_pl.infra.progress import format_seconds
+from hs_star_pl.training.progress import ProgressLog
 from tests.helpers.self_training import env
 from tests.helpers.tiny_setup import REPO
 

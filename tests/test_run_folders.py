@@ -27,7 +27,7 @@ import pytest
 
 from hs_star_pl.core.artifacts import completed_rounds, read_jsonl, round_dir
 from hs_star_pl.core.fingerprint import SETTINGS_FILE
-from hs_star_pl.run_lock import LOCK_NAME
+from hs_star_pl.infra.run_lock import LOCK_NAME
 from tests.helpers import small_disk
 from tests.helpers.kill_resume import KILLED, leftover_temporaries, log_tail, run, run_args
 
@@ -251,9 +251,9 @@ def test_a_full_disk_is_one_message_and_the_run_resumes_once_space_is_freed(fill
 EXPORT_ON_A_FULL_DISK = """
 import sys
 from pathlib import Path
-from hs_star_pl.errors import StorageError
-from hs_star_pl.export import export_hf
-from hs_star_pl.module import HSStarModule, TinyModelConfig
+from hs_star_pl.infra.errors import StorageError
+from hs_star_pl.training.export import export_hf
+from hs_star_pl.training.module import HSStarModule, TinyModelConfig
 from tests.helpers.disk_full import fill
 
 module = HSStarModule(tiny=TinyModelConfig())

@@ -34,7 +34,7 @@ def callback_of(cli, cls):
 
 
 def test_two_iterations_end_to_end(tiny_m0, tmp_path, monkeypatch):
-    from hs_star_pl.callback import SelfTrainingCallback
+    from hs_star_pl.training.self_training import SelfTrainingCallback
     from tests.helpers.loop_probes import ServedExamples
 
     m0, problems = tiny_m0
@@ -133,7 +133,7 @@ def test_an_engine_with_its_own_copy_gets_m_t_once_per_iteration(sync_from, hf_r
     of M_t (the trainer's weights at that moment; or with ``sync_from: export`` M_0's folder, then
     ``hf/iteration_000``), the pre- and re-sample calls, then sleep before training. The rounds
     are byte-identical to HFEngine sampling from the policy in memory."""
-    from hs_star_pl.callback import SelfTrainingCallback
+    from hs_star_pl.training.self_training import SelfTrainingCallback
 
     m0, problems = tiny_m0
     monkeypatch.chdir(tmp_path)
@@ -158,8 +158,8 @@ def test_checkpoint_holds_the_loops_state_and_a_newer_schema_is_refused(hf_run, 
     iteration and each round's ledger totals (equal to the summaries on disk)."""
     import torch
 
-    from hs_star_pl.callback import SCHEMA_VERSION, SelfTrainingCallback
-    from hs_star_pl.errors import ConfigError
+    from hs_star_pl.training.self_training import SCHEMA_VERSION, SelfTrainingCallback
+    from hs_star_pl.infra.errors import ConfigError
 
     state = torch.load(hf_run / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]["SelfTrainingCallback"]
     json.dumps(state)
@@ -417,7 +417,7 @@ def test_each_iteration_gets_its_own_learning_rate_schedule_and_optimizer(tiny_m
     run = tmp_path / "run"
     model = HSStarCLI(args=self_training_args(
         run, m0, problems,
-        "--model.lr_scheduler=hs_star_pl.schedules.WarmupCosineLR", "--model.lr_scheduler.warmup_steps=1",
+        "--model.lr_scheduler=hs_star_pl.tensors.schedules.WarmupCosineLR", "--model.lr_scheduler.warmup_steps=1",
         f"--self_training.restart_lr_schedule={str(restart).lower()}", "--self_training.reset_optimizer_state=true",
         "--data.batch_size=2",
     ))
@@ -450,7 +450,7 @@ def test_a_resumed_run_continues_each_iterations_learning_rate_schedule(tiny_m0,
     are repeated at the iteration start after the resume, not carried over or skipped)."""
     monkeypatch.chdir(tmp_path)
     m0, problems = tiny_m0
-    schedule = ["--model.lr_scheduler=hs_star_pl.schedules.WarmupCosineLR", "--model.lr_scheduler.warmup_steps=1",
+    schedule = ["--model.lr_scheduler=hs_star_pl.tensors.schedules.WarmupCosineLR", "--model.lr_scheduler.warmup_steps=1",
                 "--self_training.reset_optimizer_state=true", "--data.batch_size=2"]
 
     def lrs(run: Path) -> list[float]:
@@ -472,7 +472,7 @@ def test_a_learned_prm_leaves_between_rounds_and_scores_the_same_when_read_again
     """``prm.init_args.offload: reload``: after each round the loop drops the PRM's weights,
     the next round reads them again from ``model_path`` (its summary counts the seconds), and
     the re-read PRM gives every rollout of that round the scores a PRM loaded once gives."""
-    from hs_star_pl.callback import SelfTrainingCallback
+    from hs_star_pl.training.self_training import SelfTrainingCallback
     from hs_star_pl.core.protocols import StepScoringRequest
     from hs_star_pl.core.steps import split_steps
     from hs_star_pl.prm import SkyworkPRM

@@ -29,7 +29,7 @@ def test_the_demo_starts_from_it_and_its_shape_is_the_recipes():
     recipe = yaml.safe_load((REPO / "configs" / "tiny" / "stepwise_init.yaml").read_text())["model"]["tiny"]
     from transformers import AutoConfig
 
-    from hs_star_pl.tiny import load_tokenizer
+    from hs_star_pl.tensors.tiny import load_tokenizer
 
     config = AutoConfig.from_pretrained(M0)
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (
@@ -44,7 +44,7 @@ def test_it_writes_one_step_per_block_and_solves_dev_chains(n):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hs_star_pl.tiny import load_tokenizer
+    from hs_star_pl.tensors.tiny import load_tokenizer
 
     problems = load_problems(REPO / "data" / "tiny" / "dev.jsonl")[:n]
     tokenizer = load_tokenizer(M0)

@@ -1,4 +1,4 @@
-"""Failed writes as one message (``hs_star_pl.storage``), from real kernel errors.
+"""Failed writes as one message (``hs_star_pl.infra.storage``), from real kernel errors.
 
 ``/dev/full`` fails every write with ``ENOSPC``, so the full-disk errors here are the ones
 Python and torch really raise; the same through the CLI, on a filled tmpfs, and the
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from hs_star_pl.errors import ConfigError, StorageError
-from hs_star_pl.storage import check_writable, storage_error
+from hs_star_pl.infra.errors import ConfigError, StorageError
+from hs_star_pl.infra.storage import check_writable, storage_error
 
 needs_dev_full = pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 

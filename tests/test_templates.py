@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hs_star_pl.chat import tokenizer_chat_renderer
+from hs_star_pl.tensors.chat import tokenizer_chat_renderer
 from hs_star_pl.core.templates import (
     DEFAULT_CHAT_SYSTEM_PROMPT,
     TEMPLATES,
@@ -14,7 +14,7 @@ from hs_star_pl.core.templates import (
     render_prompt,
     step_delimiter_for,
 )
-from hs_star_pl.tiny import build_byte_tokenizer
+from hs_star_pl.tensors.tiny import build_byte_tokenizer
 
 # A template whose wording asks for one step per line (none of the shipped ones does).
 LINES = PromptTemplate("lines", "Reason step by step, separating each step with '\n'.\nQuestion: ", "\nAnswer:\n", "\n")
@@ -61,7 +61,7 @@ def test_chat_needs_a_chat_template_and_a_system_prompt_needs_chat():
         tokenizer_chat_renderer(bare)
     with pytest.raises(ValueError, match=r"data.system_prompt is used only with data.template: chat"):
         render_prompt("plain", "Q", system_prompt="Be brief.")
-    from hs_star_pl.data import MathDataModule
+    from hs_star_pl.training.data import MathDataModule
 
     with pytest.raises(ValueError, match=r"data.system_prompt is used only with data.template: chat, "
                                          r"but data.template is 'qwen25-step-cot'"):
@@ -116,7 +116,7 @@ def test_a_round_splits_on_the_delimiter_its_template_asks_for(tmp_path, monkeyp
     template's delimiter; one set against the template is refused naming both keys."""
     import json
 
-    from hs_star_pl.callback import SelfTrainingCallback
+    from hs_star_pl.training.self_training import SelfTrainingCallback
     from hs_star_pl.cli import HSStarCLI
 
     monkeypatch.setitem(TEMPLATES, "lines", LINES)
@@ -161,10 +161,10 @@ def test_sampling_training_and_evaluation_see_the_same_prompt(template, tmp_path
     the tiny tokenizer's ChatML around ``data.system_prompt`` and the question."""
     import json
 
-    from hs_star_pl.callback import SelfTrainingCallback
+    from hs_star_pl.training.self_training import SelfTrainingCallback
     from hs_star_pl.cli import HSStarCLI
     from hs_star_pl.core.problems import load_problems
-    from hs_star_pl.module import HSStarModule
+    from hs_star_pl.training.module import HSStarModule
     from tests.helpers.tiny_setup import REPO, STEPWISE_FILE
 
     evaluated: list[tuple[str, str]] = []
@@ -209,7 +209,7 @@ def test_a_policy_tokenizer_without_a_chat_template_is_refused_naming_data_templ
     """A base model's tokenizer usually has no chat template: ``data.template: chat`` stops
     the run when the data module takes the policy's tokenizer, before any round or step."""
     from hs_star_pl.cli import HSStarCLI
-    from hs_star_pl.tiny import build_tiny_causal_lm, save_checkpoint_dir
+    from hs_star_pl.tensors.tiny import build_tiny_causal_lm, save_checkpoint_dir
 
     tokenizer = build_byte_tokenizer()
     tokenizer.chat_template = None

@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast  # noqa: E402
 
-from hs_star_pl.tiny import build_byte_tokenizer, build_tiny_causal_lm, save_checkpoint_dir  # noqa: E402
+from hs_star_pl.tensors.tiny import build_byte_tokenizer, build_tiny_causal_lm, save_checkpoint_dir  # noqa: E402
 
 TEXT = "Start with 12. Add 7.\n\nStep 1: 12 + 7 = 19\n\n  The answer is \\boxed{19}.  é ≥ 2<extra_0>"
 

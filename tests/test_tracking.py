@@ -20,7 +20,7 @@ import yaml
 
 from hs_star_pl.cli import HSStarCLI
 from hs_star_pl.core.artifacts import read_jsonl, round_dir
-from hs_star_pl.tracking import excerpt, markdown_table, pair_rows
+from hs_star_pl.training.tracking import excerpt, markdown_table, pair_rows
 from tests.helpers.tiny_setup import REPO, STEPWISE_FILE
 
 CONFIGS = REPO / "configs"

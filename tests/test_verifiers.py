@@ -323,7 +323,7 @@ if resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY:
 def test_an_import_broken_only_by_the_memory_limit_names_the_limit(tmp_path, monkeypatch):
     """Under a tight RLIMIT_AS some packages fail their import with a misleading ImportError
     (antlr4 reports an empty version) instead of a MemoryError; the pool must still blame the limit."""
-    from hs_star_pl.workers import KillablePool
+    from hs_star_pl.infra.workers import KillablePool
 
     (tmp_path / "limited_import_probe.py").write_text(LIMITED_IMPORT)
     monkeypatch.syspath_prepend(str(tmp_path))

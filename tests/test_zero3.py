@@ -58,7 +58,7 @@ def test_batches_keep_fp32_reference_logps_under_deepspeed_bf16(tmp_path):
     which would swamp DPO's policy/reference gap; ours passes batches through."""
     from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
 
-    from hs_star_pl.strategies import BatchKeepingDeepSpeedPrecision, DeepSpeedStrategy
+    from hs_star_pl.training.strategies import BatchKeepingDeepSpeedPrecision, DeepSpeedStrategy
 
     batch = {"input_ids": torch.tensor([[1, 2]]), "ref_chosen_logps": torch.tensor([-150.3])}
     theirs = cpu_trainer(tmp_path, strategy=LightningDeepSpeedStrategy(stage=2), precision="bf16-mixed")
@@ -109,8 +109,8 @@ def test_optimizer_state_reset_reaches_deepspeeds_wrapped_optimizer(stage, tmp_p
     3 steps, not 6, and training goes on (the state is rebuilt on the next step)."""
     import lightning as L
 
-    from hs_star_pl.schedules import clear_optimizer_state
-    from hs_star_pl.strategies import DeepSpeedStrategy
+    from hs_star_pl.tensors.schedules import clear_optimizer_state
+    from hs_star_pl.training.strategies import DeepSpeedStrategy
 
     class Linear(L.LightningModule):
         def __init__(self):

@@ -37,13 +37,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from hs_star_pl import faults
+from hs_star_pl.infra import faults
 from hs_star_pl.core.budget import BudgetLedger
 from hs_star_pl.core.records import PreferencePair, Problem, ProblemDifficulty, ScoredRollout, SftExample
 from hs_star_pl.core.rounds import RoundResult
-from hs_star_pl.errors import InputFileError
-from hs_star_pl.jsonl import LineError, parse_json_line
-from hs_star_pl.storage import storage_error
+from hs_star_pl.infra.errors import InputFileError
+from hs_star_pl.infra.jsonl import LineError, parse_json_line
+from hs_star_pl.infra.storage import storage_error
 
 DONE = "DONE"
 _ROUND_NAME = re.compile(r"^round_(\d{3,})$")

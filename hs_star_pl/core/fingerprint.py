@@ -90,7 +90,15 @@ IGNORED = re.compile(
     r"|model\.(?:nonfinite_loss|gradient_checkpointing|attn_implementation|packing))$"
 )
 POOL_KEY = "self_training.problems_file"
-MOVED = {"hs_star_pl.budget.": "hs_star_pl.core.budget."}
+MOVED = {
+    "hs_star_pl.budget.": "hs_star_pl.core.budget.",
+    **{f"hs_star_pl.{old}.": f"hs_star_pl.{new}." for old, new in (
+        ("schedules", "tensors.schedules"), ("losses", "tensors.losses"), ("lora", "tensors.lora"),
+        ("module", "training.module"), ("data", "training.data"), ("callback", "training.self_training"),
+        ("strategies", "training.strategies"), ("progress", "training.progress"),
+        ("stop_callback", "training.stop_request"), ("evaluation.callback", "training.evaluation"),
+    )},
+}
 """Module prefixes a recorded ``class_path`` may still carry -> where those classes live now."""
 
 

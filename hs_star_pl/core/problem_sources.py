@@ -24,7 +24,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from hs_star_pl.jsonl import why_not_a_file
+from hs_star_pl.infra.errors import InputFileError
+from hs_star_pl.infra.jsonl import why_not_a_file
 
 HUB_PREFIX = "hub:"
 """``problems_file: hub:<owner>/<name>`` names a data set on the Hugging Face Hub."""
@@ -32,6 +33,22 @@ SAVED_MARKERS = ("state.json", "dataset_dict.json")
 BATCH_ROWS = 1024
 NOT_A_SAVED_FOLDER = ("is a directory, not a problem file (a JSONL or parquet file, or a folder written by "
                       "Dataset.save_to_disk, with state.json or dataset_dict.json, is expected)")
+
+
+class ProblemFileError(InputFileError):
+    """A problem source (or one of its rows) cannot be used; the message names it and the row.
+
+    ``line`` is the 1-based line of a JSONL file; ``row`` the 0-based row index of a parquet
+    file, arrow folder or hub data set (as ``dataset[row]`` reads it).
+    """
+
+    def __init__(self, path: str | Path, line: int | None, message: str, *, row: int | None = None) -> None:
+        where = f"{path}:{line}" if line is not None else f"{path}, row {row}" if row is not None else str(path)
+        super().__init__(f"{where}: {message}")
+        self.path = str(path)
+        self.line = line
+        self.row = row
+        self.message = message
 
 
 def _plain(value: Any) -> Any:
@@ -82,7 +99,6 @@ def dataset_rows(
         ProblemFileError: the source is missing, is not one of the three, cannot be read by
             ``datasets`` (a corrupt file, an unreachable hub), or names a split it lacks.
     """
-    from hs_star_pl.core.problems import ProblemFileError
 
     try:
         data = _open(source, split, dataset_config, data_files)

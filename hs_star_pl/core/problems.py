@@ -34,32 +34,15 @@ from typing import Any, Literal
 
 from hs_star_pl.core.answers import last_boxed
 from hs_star_pl.core.answers import normalize_gold as gold_alternatives
-from hs_star_pl.core.problem_sources import HUB_PREFIX, dataset_rows
+from hs_star_pl.core.problem_sources import HUB_PREFIX, ProblemFileError, dataset_rows
 from hs_star_pl.core.records import GoldText, Problem
-from hs_star_pl.errors import InputFileError
-from hs_star_pl.jsonl import LineError, parse_json_line, why_not_a_file
+from hs_star_pl.infra.jsonl import LineError, parse_json_line, why_not_a_file
 
 QUESTION_KEYS = ("question", "problem", "query", "prompt")
 ANSWER_KEYS = ("answer", "final_answer", "gold", "expected_answer", "reward_model.ground_truth")
 ID_KEYS = ("id", "unique_id", "idx", "problem_id", "extra_info.index")
 SOLUTION_KEYS = ("solution", "reference_solution")
 MAX_LINE_BYTES = 4 * 1024 * 1024
-
-
-class ProblemFileError(InputFileError):
-    """A problem source (or one of its rows) cannot be used; the message names it and the row.
-
-    ``line`` is the 1-based line of a JSONL file; ``row`` the 0-based row index of a parquet
-    file, arrow folder or hub data set (as ``dataset[row]`` reads it).
-    """
-
-    def __init__(self, path: str | Path, line: int | None, message: str, *, row: int | None = None) -> None:
-        where = f"{path}:{line}" if line is not None else f"{path}, row {row}" if row is not None else str(path)
-        super().__init__(f"{where}: {message}")
-        self.path = str(path)
-        self.line = line
-        self.row = row
-        self.message = message
 
 
 class _RowError(ValueError):

@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from hs_star_pl import faults
+from hs_star_pl.infra import faults
 from hs_star_pl.core.budget import BudgetAllocator, BudgetLedger
 from hs_star_pl.core.difficulty import DifficultyConfig, DifficultyThresholds, count_by_class, estimate_difficulty
 from hs_star_pl.core.protocols import (

@@ -17,7 +17,7 @@ is what the paper's models saw.
 optional system message, ``data.system_prompt``, then the question as the user's turn) and
 the policy tokenizer's own chat template renders it, ending with the assistant's turn opened
 (``add_generation_prompt``). This module has no tokenizer: the caller passes a
-``ChatRenderer`` (``hs_star_pl.chat.tokenizer_chat_renderer`` builds one from a tokenizer), so
+``ChatRenderer`` (``hs_star_pl.tensors.chat.tokenizer_chat_renderer`` builds one from a tokenizer), so
 the core stays free of transformers while every caller still goes through ``render_prompt``.
 
 Covered: rendering a question to a prompt. Not covered: multi-turn or few-shot

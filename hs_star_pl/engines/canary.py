@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hs_star_pl.errors import HSStarError
+from hs_star_pl.infra.errors import HSStarError
 
 
 class LogprobMismatchError(HSStarError, RuntimeError):

@@ -17,7 +17,7 @@ What it does:
   a fixed seed gives the same samples and the caller's global RNG is untouched;
 - puts the model in eval mode while sampling and restores every module's mode afterwards.
 
-Under DeepSpeed ZeRO-3 on several ranks (parameters partitioned, ``hs_star_pl.zero``) it samples
+Under DeepSpeed ZeRO-3 on several ranks (parameters partitioned, ``hs_star_pl.tensors.zero``) it samples
 in lockstep: every rank makes as many ``generate`` calls as the busiest one and each runs with
 ``synced_gpus``, because each forward pass gathers the layers' parameters collectively. That is
 correct but slow (an all-gather per layer per token); at scale use ``VLLMEngine``. There each
@@ -45,7 +45,7 @@ from transformers.generation.logits_process import LogitsProcessorList, Temperat
 from hs_star_pl.core.protocols import Completion, EngineLifecycle, GenerationRequest, SamplingParams
 from hs_star_pl.engines.common import check_requests, find_stop, request_seed
 from hs_star_pl.engines.kv_cache import in_place_cache, prefill_prompts_once
-from hs_star_pl.zero import max_over_ranks, needs_lockstep
+from hs_star_pl.tensors.zero import max_over_ranks, needs_lockstep
 
 
 class HFEngine(EngineLifecycle):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hs_star_pl.core.protocols import lifecycle_of
-from hs_star_pl.lora import iter_policy_weights
+from hs_star_pl.tensors.lora import iter_policy_weights
 
 
 def point_engine_at(engine: Any, model: Any, tokenizer: Any, export_dir: str | Path | None = None, *,

@@ -257,7 +257,7 @@ class VLLMEngine(EngineLifecycle):
 
         The weights travel in chunks of about ``sync_chunk_mb`` and are applied in one
         in-place reload once all have arrived, so the sender needs memory for one chunk, not
-        the model: under ZeRO-3 pass ``weights=hs_star_pl.zero.iter_full_state_dict(model)``,
+        the model: under ZeRO-3 pass ``weights=hs_star_pl.tensors.zero.iter_full_state_dict(model)``,
         which gathers one parameter at a time (every rank must then call this, in lockstep).
         In ``restart`` mode, or when the engine has not started and has no ``model_path``, the
         weights are written to a temporary HF folder and the engine (re)starts on it.

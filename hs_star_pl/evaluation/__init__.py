@@ -1,9 +1,9 @@
-"""Benchmark evaluation: ``hs-star test`` and the evaluation after each iteration.
+"""Benchmark evaluation's pure half: ``hs-star test`` and the evaluation after each iteration.
 
-* ``datasets``: the seven benchmarks' files in their published shapes (pure).
-* ``protocol``: generate, extract, verify, aggregate (greedy, avg@k, pass@k), tabulate (pure).
-* ``metrics``: ``BenchmarkMetric``, a benchmark's totals summed across ranks (torchmetrics).
-* ``callback``: ``EvaluationCallback``, the Lightning side (``evaluation.*`` in YAML).
+* ``datasets``: the seven benchmarks' files in their published shapes.
+* ``protocol``: generate, extract, verify, aggregate (greedy, avg@k, pass@k), tabulate.
 
-This file imports nothing, so the pure modules stay importable without torch.
+Its Lightning half lives in the shell: ``hs_star_pl.training.evaluation`` (``EvaluationCallback``,
+``evaluation.*`` in YAML) and ``hs_star_pl.training.benchmark_metric`` (totals summed across
+ranks). Nothing here imports torch.
 """

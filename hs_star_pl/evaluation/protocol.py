@@ -11,7 +11,7 @@ Covered here:
   computed per problem, then averaged over problems), unbiased pass@k (Chen et al., 2021,
   "Evaluating Large Language Models Trained on Code", eq. 1), mean response length. Rows
   reduce to *sums* (:func:`row_sums`) so that ranks can add theirs (torchmetrics does, in
-  ``hs_star_pl.evaluation.metrics``) and :func:`summarize` turns sums into the reported numbers;
+  ``hs_star_pl.training.benchmark_metric``) and :func:`summarize` turns sums into the reported numbers;
 * one results entry per evaluated policy (the unweighted average over benchmarks, as the
   paper reports) and the markdown table with one row per policy.
 

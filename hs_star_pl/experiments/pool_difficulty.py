@@ -108,10 +108,10 @@ def sample_and_score_pool(args: argparse.Namespace, problems: Sequence[Problem])
     from hs_star_pl.core.protocols import SamplingParams
     from hs_star_pl.core.records import Phase
     from hs_star_pl.core.rounds import sample_and_score
-    from hs_star_pl.chat import tokenizer_chat_renderer
+    from hs_star_pl.tensors.chat import tokenizer_chat_renderer
     from hs_star_pl.core.templates import get_template, render_prompt
     from hs_star_pl.engines import HFEngine
-    from hs_star_pl.module import HSStarModule
+    from hs_star_pl.training.module import HSStarModule
     from hs_star_pl.prm import ArithmeticPRM
     from hs_star_pl.verifiers import ExactMatchVerifier
 

@@ -41,7 +41,7 @@ keeping its separator). Steps are then kept whole while they fit; the steps that
 get the score of the last scored step (carried forward, which leaves the minimum over steps
 unchanged) and are counted in ``n_truncated``.
 
-Verified here only on tiny random models built with :mod:`hs_star_pl.tiny` in the same
+Verified here only on tiny random models built with :mod:`hs_star_pl.tensors.tiny` in the same
 layout (plumbing: positions, padding, truncation); no real weights were available, so the
 numbers a real checkpoint produces were not compared with its reference implementation.
 """
@@ -69,7 +69,7 @@ try:
 except ImportError:  # transformers 4
     from transformers.modeling_utils import no_init_weights
 
-from hs_star_pl.attention import check_attn_implementation
+from hs_star_pl.tensors.attention import check_attn_implementation
 from hs_star_pl.core.protocols import Offloadable, StepScoringRequest
 
 _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -436,7 +436,7 @@ class SkyworkPRM(_LearnedPRM):
             CPU), ``"cpu"`` or ``"cuda[:N]"``.
         dtype: ``"auto"`` (bf16 on CUDA, fp32 on CPU), ``"float32"``, ``"bfloat16"``, ``"float16"``.
         attn_implementation: the body's attention kernel (``eager``, ``sdpa``,
-            ``flash_attention_2``, ...; see ``hs_star_pl.attention``); ``None`` keeps
+            ``flash_attention_2``, ...; see ``hs_star_pl.tensors.attention``); ``None`` keeps
             transformers' default (``sdpa``).
         step_separator: text whose last token ends every scored piece. In ``"reference"`` mode
             the response is also split on it, so it must equal ``self_training.step_delimiter``;
@@ -565,7 +565,7 @@ class QwenMathPRM(_LearnedPRM):
             CPU), ``"cpu"`` or ``"cuda[:N]"``.
         dtype: ``"auto"`` (bf16 on CUDA, fp32 on CPU), ``"float32"``, ``"bfloat16"``, ``"float16"``.
         attn_implementation: the body's attention kernel (``eager``, ``sdpa``,
-            ``flash_attention_2``, ...; see ``hs_star_pl.attention``); ``None`` keeps
+            ``flash_attention_2``, ...; see ``hs_star_pl.tensors.attention``); ``None`` keeps
             transformers' default (``sdpa``).
         step_separator: the separator token, ``"<extra_0>"`` for the released models.
         system_prompt: system message of the chat template (the model card's by default).
@@ -623,7 +623,7 @@ def build_tiny_prm_dir(path: str | Path, kind: str, *, seed: int = 0, tokenizer=
     ``tokenizer`` is given, and a randomly initialised model sized to it, written exactly as
     the loaders above expect.
     """
-    from hs_star_pl.tiny import EOS, build_byte_tokenizer, tiny_qwen2_config
+    from hs_star_pl.tensors.tiny import EOS, build_byte_tokenizer, tiny_qwen2_config
 
     if kind not in ("skywork", "qwen"):
         raise ValueError(f"kind must be 'skywork' or 'qwen', got {kind!r}")

@@ -1,6 +1,6 @@
 """``python -m tests.helpers.disk_full <hs-star args>``: hs-star with the disk filled at a fault point.
 
-``HS_STAR_FILL_AT=<point>@<k>`` names a fault point of ``hs_star_pl.faults`` (the same
+``HS_STAR_FILL_AT=<point>@<k>`` names a fault point of ``hs_star_pl.infra.faults`` (the same
 spelling as ``HS_STAR_FAULT``); when the process reaches it for the ``k``-th time, the file
 ``HS_STAR_FILL_FILE`` is written until the file system holding it is full. The writes that
 follow fail as they would on a full disk (``ENOSPC`` from the kernel, through Python, torch
@@ -14,7 +14,7 @@ import errno
 import os
 import sys
 
-from hs_star_pl import faults
+from hs_star_pl.infra import faults
 
 FILL_AT = "HS_STAR_FILL_AT"
 FILL_FILE = "HS_STAR_FILL_FILE"

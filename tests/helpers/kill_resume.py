@@ -11,7 +11,7 @@ What is judged, each returning a list of human-readable problems (empty = fine):
 * ``compare_runs``: round artifacts and plots byte for byte, summaries without timings, the
   HF exports byte for byte, and every metric value the run logged equal to the uninterrupted run's at the
   same step;
-* ``redone_work``: from the fault trace (``hs_star_pl.faults``), work reached again after it
+* ``redone_work``: from the fault trace (``hs_star_pl.infra.faults``), work reached again after it
   was saved: a round phase, or a checkpoint; a training step or an export after its epoch's
   checkpoint was saved;
 * ``leftover_temporaries``: temporary files still present once the run has finished.
@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from hs_star_pl.core.artifacts import DONE, read_jsonl, round_dir
-from hs_star_pl.faults import FAULT_ENV, SIGNAL_ENV, TRACE_ENV
-from hs_star_pl.preemption import exit_status
+from hs_star_pl.infra.faults import FAULT_ENV, SIGNAL_ENV, TRACE_ENV
+from hs_star_pl.infra.preemption import exit_status
 from tests.helpers.self_training import env, self_training_args
 
 N_ITERATIONS = 2

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from hs_star_pl.module import HSStarModule, TinyModelConfig
+from hs_star_pl.training.module import HSStarModule, TinyModelConfig
 
 REPO = Path(__file__).resolve().parents[2]
 PAIRS_FILE = REPO / "configs" / "data" / "arith_pairs.jsonl"

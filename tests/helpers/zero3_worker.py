@@ -22,7 +22,7 @@ def main(out: Path, device_type: str) -> None:
     import torch
 
     if device_type == "cpu":
-        from hs_star_pl.strategies import use_deepspeed_cpu_accelerator
+        from hs_star_pl.training.strategies import use_deepspeed_cpu_accelerator
 
         use_deepspeed_cpu_accelerator()
     else:
@@ -35,7 +35,7 @@ def main(out: Path, device_type: str) -> None:
     from hs_star_pl.core.records import PreferencePair
     from hs_star_pl.engines import HFEngine
     from hs_star_pl.engines.vllm import _chunks, _dedupe_shared
-    from hs_star_pl.zero import full_state_dict, is_zero3_partitioned, iter_full_state_dict
+    from hs_star_pl.tensors.zero import full_state_dict, is_zero3_partitioned, iter_full_state_dict
     from tests.helpers.tiny_setup import tiny_module
 
     deepspeed.init_distributed(dist_backend="gloo" if device_type == "cpu" else "nccl")

@@ -46,9 +46,9 @@ from dataclasses import dataclass
 
 import torch
 
-from hs_star_pl.collate import position_ids_from_mask
-from hs_star_pl.losses import at_least_float32
-from hs_star_pl.losses import sequence_logps as padded_sequence_logps
+from hs_star_pl.tensors.collate import position_ids_from_mask
+from hs_star_pl.tensors.losses import at_least_float32
+from hs_star_pl.tensors.losses import sequence_logps as padded_sequence_logps
 
 PACKING_MODES = ("sequences", "shared_prompts", "off")
 """``model.packing``'s choices: whole sequences, prompts shared within a DPO pair, or padded batches."""

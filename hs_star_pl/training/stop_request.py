@@ -1,4 +1,4 @@
-"""``StopRequestCallback``: a stop request (``hs_star_pl.preemption``) reaches Lightning's loops.
+"""``StopRequestCallback``: a stop request (``hs_star_pl.infra.preemption``) reaches Lightning's loops.
 
 Lightning stops ``fit`` after the current training batch once ``trainer.received_sigterm``
 is set; its SIGTERM handler sets that flag, but only from the moment ``fit`` starts its
@@ -15,7 +15,7 @@ import signal
 import lightning as L
 from typing_extensions import override
 
-from hs_star_pl import preemption
+from hs_star_pl.infra import preemption
 
 
 class StopRequestCallback(L.Callback):

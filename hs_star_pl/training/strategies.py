@@ -4,7 +4,7 @@ Pick it in YAML (``configs/strategy/deepspeed_zero{2,3}.yaml``)::
 
     trainer:
       strategy:
-        class_path: hs_star_pl.strategies.DeepSpeedStrategy
+        class_path: hs_star_pl.training.strategies.DeepSpeedStrategy
         init_args: {stage: 3}
 
 It changes four things of ``lightning.pytorch.strategies.DeepSpeedStrategy`` and adds one

@@ -24,10 +24,10 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from hs_star_pl import faults
+from hs_star_pl.infra import faults
 from hs_star_pl.core.artifacts import read_jsonl, write_jsonl
 from hs_star_pl.core.records import PreferencePair
-from hs_star_pl.distributed import all_gather_objects
+from hs_star_pl.tensors.distributed import all_gather_objects
 
 
 def missing_reference(pairs: Sequence[PreferencePair]) -> bool:

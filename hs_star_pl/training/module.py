@@ -34,16 +34,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
 
-from hs_star_pl import faults
-from hs_star_pl.collate import collate_pairs, encode_example, encode_pair, is_empty_iteration, position_ids_from_mask
+from hs_star_pl.infra import faults
+from hs_star_pl.tensors.collate import collate_pairs, encode_example, encode_pair, is_empty_iteration, position_ids_from_mask
 from hs_star_pl.core.protocols import Completion
-from hs_star_pl.attention import check_attn_implementation
+from hs_star_pl.tensors.attention import check_attn_implementation
 from hs_star_pl.core.records import PreferencePair
-from hs_star_pl.errors import ConfigError, NonFiniteLossError
+from hs_star_pl.infra.errors import ConfigError, NonFiniteLossError
 from hs_star_pl.evaluation.protocol import EvalBatch
-from hs_star_pl.lora import LoraSettings, apply_lora
-from hs_star_pl.losses import chosen_nll, dpo_loss, get_dpo_loss, sequence_logps, token_averaged_nll
-from hs_star_pl.packing import (
+from hs_star_pl.tensors.lora import LoraSettings, apply_lora
+from hs_star_pl.tensors.losses import chosen_nll, dpo_loss, get_dpo_loss, sequence_logps, token_averaged_nll
+from hs_star_pl.tensors.packing import (
     PACKING_MODES,
     ROW_GROUPS,
     SHARED_PROMPT_KERNELS,
@@ -53,10 +53,10 @@ from hs_star_pl.packing import (
     pack_batch_groups,
     packing_problem,
 )
-from hs_star_pl.packing import sequence_logps as packed_sequence_logps
-from hs_star_pl.progress import phase_bar
-from hs_star_pl.schedules import WarmupCosineLR
-from hs_star_pl.zero import max_over_ranks, needs_lockstep
+from hs_star_pl.tensors.packing import sequence_logps as packed_sequence_logps
+from hs_star_pl.infra.progress import phase_bar
+from hs_star_pl.tensors.schedules import WarmupCosineLR
+from hs_star_pl.tensors.zero import max_over_ranks, needs_lockstep
 
 OBJECTIVES = ("dpo", "sft")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -67,7 +67,7 @@ summed response log-probs, averaged over the batch's pairs."""
 
 @dataclass(frozen=True)
 class TinyModelConfig:
-    """A Qwen2-architecture model built from config with the byte-level tokenizer (``hs_star_pl.tiny``).
+    """A Qwen2-architecture model built from config with the byte-level tokenizer (``hs_star_pl.tensors.tiny``).
 
     Attributes:
         hidden_size: width.
@@ -106,7 +106,7 @@ class HSStarModule(L.LightningModule):
             ``AutoTokenizer``). Exclusive with ``tiny``.
         tiny: build a small Qwen2 model from this config instead (tests, CPU runs).
         objective: ``dpo`` (preference pairs) or ``sft`` (supervised responses).
-        loss_type: DPO variant, a key of ``hs_star_pl.losses.DPO_LOSSES`` (``sigmoid``, ``ipo``).
+        loss_type: DPO variant, a key of ``hs_star_pl.tensors.losses.DPO_LOSSES`` (``sigmoid``, ``ipo``).
         beta: DPO KL strength (IPO's tau).
         sft_weight: weight of the length-normalised NLL on the chosen response added to the
             DPO loss (0 turns it off).
@@ -116,9 +116,9 @@ class HSStarModule(L.LightningModule):
             about a third more compute).
         attn_implementation: the attention kernel transformers runs (``eager``, ``sdpa``,
             ``flash_attention_2``, ``flash_attention_3``, ``flex_attention``; see
-            ``hs_star_pl.attention``), for ``model_path`` and ``tiny`` alike; ``None`` keeps
+            ``hs_star_pl.tensors.attention``), for ``model_path`` and ``tiny`` alike; ``None`` keeps
             transformers' default (``sdpa``). Checked when the config is parsed.
-        peft: train LoRA adapters instead of every weight (``hs_star_pl.lora.LoraSettings``,
+        peft: train LoRA adapters instead of every weight (``hs_star_pl.tensors.lora.LoraSettings``,
             the ``peft`` extra); ``None`` trains the whole model. The base weights are frozen
             and left out of Lightning checkpoints (the adapters and the optimizer state are
             saved; the base is reloaded from ``model_path``/``tiny`` on resume). The DPO
@@ -126,7 +126,7 @@ class HSStarModule(L.LightningModule):
             scored once per iteration as without LoRA; disabling the adapters would give M_0
             instead from iteration 2 on. HF exports hold the merged model (docs/lora.md).
         packing: how each forward pass (training, validation, reference log-probs) lays out
-            its batch (``hs_star_pl.packing``). ``sequences``: the sequences end to end
+            its batch (``hs_star_pl.tensors.packing``). ``sequences``: the sequences end to end
             without padding, positions restarting per sequence. ``shared_prompts``: the same,
             and a DPO pair's prompt laid down once for both responses (``eager``/``sdpa``
             only, under a 4-D mask; with a varlen flash-attention kernel it packs
@@ -235,7 +235,7 @@ class HSStarModule(L.LightningModule):
             # without this a loaded policy would train with dropout switched off.
             model.train()
         else:
-            from hs_star_pl.tiny import build_byte_tokenizer, build_tiny_causal_lm
+            from hs_star_pl.tensors.tiny import build_byte_tokenizer, build_tiny_causal_lm
 
             tokenizer = build_byte_tokenizer()
             kwargs = {k: v for k, v in dataclasses.asdict(tiny).items() if v is not None}

@@ -24,12 +24,12 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from hs_star_pl import faults
+from hs_star_pl.infra import faults
 from hs_star_pl.core.iterations import IterationClock
-from hs_star_pl.errors import ConfigError
-from hs_star_pl.lora import ADAPTER_DIRNAME, has_lora, policy_state_dict
-from hs_star_pl.storage import storage_error
-from hs_star_pl.zero import full_state_dict, is_zero3_partitioned
+from hs_star_pl.infra.errors import ConfigError
+from hs_star_pl.tensors.lora import ADAPTER_DIRNAME, has_lora, policy_state_dict
+from hs_star_pl.infra.storage import storage_error
+from hs_star_pl.tensors.zero import full_state_dict, is_zero3_partitioned
 
 
 def export_hf(module: L.LightningModule, directory: str | Path, *, adapter: bool = False) -> Path:

@@ -140,14 +140,14 @@ def has_lora(model: torch.nn.Module) -> bool:
 def iter_policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """``(plain HF name, CPU tensor)`` of the policy's weights, LoRA merged; as a merged model's ``state_dict()``.
 
-    For a model without LoRA layers this is ``hs_star_pl.zero.iter_full_state_dict`` (ZeRO-3
+    For a model without LoRA layers this is ``hs_star_pl.tensors.zero.iter_full_state_dict`` (ZeRO-3
     partitions are gathered one at a time). With LoRA, each adapted layer's weight is
     ``base + get_delta_weight()`` in the base weight's dtype, as peft's ``merge`` computes
     it, made in a new tensor (the model is not modified); adapter tensors and peft's copies of
     ``modules_to_save`` are dropped, the trained copy taking the module's plain name. Tied
     parameters are yielded under each name as the same tensor.
     """
-    from hs_star_pl.zero import is_zero3_partitioned, iter_full_state_dict
+    from hs_star_pl.tensors.zero import is_zero3_partitioned, iter_full_state_dict
 
     if not has_lora(model):
         yield from iter_full_state_dict(model)

@@ -13,7 +13,7 @@ Conventions:
   a cut response never teaches stopping), and the example counts as *truncated*. A prompt that
   leaves no room for one response token is *dropped*.
 * Padding uses the tokenizer's pad id but masks come from lengths only: for Qwen2.5 base
-  models (and ``hs_star_pl.tiny``) pad == EOS, so comparing ids with the pad id would mask out
+  models (and ``hs_star_pl.tensors.tiny``) pad == EOS, so comparing ids with the pad id would mask out
   the trained EOS.
 
 Batches are SFT batches (``collate_sequences``), DPO batches (``collate_pairs``) or the one

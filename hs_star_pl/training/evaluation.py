@@ -5,7 +5,7 @@ One group, ``evaluation``, configures both uses:
 * **``hs-star test``** (Lightning's test loop): ``setup`` loads every benchmark and hands the
   data module one problem set per benchmark; ``HSStarModule.test_step`` generates for each
   chunk; this callback grades the chunk (``on_test_batch_end``), adds it to the benchmark's
-  :class:`~hs_star_pl.evaluation.metrics.BenchmarkMetric` and keeps the per-problem rows; at the end
+  :class:`~hs_star_pl.training.benchmark_metric.BenchmarkMetric` and keeps the per-problem rows; at the end
   the metrics are reduced across ranks and the results written. Works on an HF directory
   (``--model.model_path``) or a Lightning checkpoint (``--ckpt_path``).
 * **During training**: M_0 when training starts and M_{t+1} at the end of iteration t's last
@@ -39,13 +39,13 @@ from hs_star_pl.core.artifacts import atomic_write_text, round_dir, write_json
 from hs_star_pl.core.iterations import IterationClock
 from hs_star_pl.core.protocols import AnswerVerifier, RolloutEngine, SamplingParams, lifecycle_of
 from hs_star_pl.core.records import Problem
-from hs_star_pl.distributed import all_gather_objects
+from hs_star_pl.tensors.distributed import all_gather_objects
 from hs_star_pl.engines.sync import point_engine_at
 from hs_star_pl.evaluation.datasets import BenchmarkConfig, load_benchmark
-from hs_star_pl.evaluation.metrics import BenchmarkMetric
+from hs_star_pl.training.benchmark_metric import BenchmarkMetric
 from hs_star_pl.evaluation.protocol import EvalBatch, grade, make_batch, policy_entry, results_table
-from hs_star_pl.progress import phase_bar
-from hs_star_pl.tracking import log_to_loggers
+from hs_star_pl.infra.progress import phase_bar
+from hs_star_pl.training.tracking import log_to_loggers
 
 
 class _BenchmarkRun:
@@ -250,7 +250,7 @@ class EvaluationCallback(L.Callback):
                                  f"{trainer.world_size} processes; every process needs at least one")
             self._test_runs.append(_BenchmarkRun(config, problems, datamodule.render_prompt, self.max_new_tokens,
                                                  self.batch_size, self.engine))
-        from hs_star_pl.data import EvalSet
+        from hs_star_pl.training.data import EvalSet
 
         datamodule.set_eval_sets([EvalSet(r.config.name, r.problems, r.problems_per_batch, r.collate) for r in self._test_runs])
 

@@ -27,7 +27,7 @@ import os
 import shutil
 from pathlib import Path
 
-from hs_star_pl.errors import ConfigError, StorageError
+from hs_star_pl.infra.errors import ConfigError, StorageError
 
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 NOT_WRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})

@@ -30,7 +30,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from hs_star_pl.errors import HSStarError
+from hs_star_pl.infra.errors import HSStarError
 
 LOCK_NAME = "hs-star.lock"
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")

@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from hs_star_pl import faults
+from hs_star_pl.infra import faults
 from hs_star_pl.core.artifacts import fsync_dir
-from hs_star_pl.errors import InputFileError
-from hs_star_pl.storage import storage_error
+from hs_star_pl.infra.errors import InputFileError
+from hs_star_pl.infra.storage import storage_error
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -26,27 +26,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-
-def format_seconds(seconds: float) -> str:
-    """``75`` -> ``1m15s``; ``3725`` -> ``1h02m05s``; ``9.4`` -> ``9s``."""
-    s = int(round(max(0.0, seconds)))
-    h, rest = divmod(s, 3600)
-    m, s = divmod(rest, 60)
-    if h:
-        return f"{h}h{m:02d}m{s:02d}s"
-    return f"{m}m{s:02d}s" if m else f"{s}s"
-
-
-def phase_bar(trainer: L.Trainer | None, total: int, desc: str, unit: str):
-    """A tqdm bar for work the trainer does between training steps (reference log-probs, evaluation).
-
-    Shown like Lightning's own bar: on rank 0, when ``trainer.enable_progress_bar`` is on
-    (no trainer: off). It is cleared when done (``leave=False``), as the engines' and PRMs' are.
-    """
-    from tqdm.auto import tqdm
-
-    shown = trainer is not None and trainer.is_global_zero and trainer.progress_bar_callback is not None
-    return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not shown)
+from hs_star_pl.infra.progress import format_seconds
+from hs_star_pl.training.self_training import SelfTrainingCallback
 
 
 def _loss_value(outputs: Any) -> float | None:
@@ -87,8 +68,6 @@ class ProgressLog(L.Callback):
 
     @staticmethod
     def _self_training(trainer: L.Trainer) -> bool:
-        from hs_star_pl.callback import SelfTrainingCallback
-
         return any(isinstance(cb, SelfTrainingCallback) and cb.active for cb in trainer.callbacks)
 
     @staticmethod

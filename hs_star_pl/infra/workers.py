@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_connections
 from typing import Any
 
-from hs_star_pl import faults
+from hs_star_pl.infra import faults
 
 TIMEOUT = "timeout"
 """Result of a task killed at its deadline."""

@@ -33,7 +33,7 @@ class InputFileError(HSStarError, ValueError):
 class StorageError(HSStarError, OSError):
     """A write failed because the disk is full or the folder is not writable; the message names where.
 
-    Built by ``hs_star_pl.storage.storage_error`` from the ``OSError`` (or the library error
+    Built by ``hs_star_pl.infra.storage.storage_error`` from the ``OSError`` (or the library error
     that hides one) of the failed write.
     """
 

@@ -17,7 +17,7 @@ When the dataloader of epoch ``e`` is built, the source returns iteration
 At that moment the policy is exactly M_t (the end of the previous iteration's training, or
 the restored checkpoint), which is what both sampling and the DPO reference need.
 
-Disk is the source of truth (STYLE habit 8): each round lives in
+Disk is the source of truth: each round lives in
 ``<default_root_dir>/rounds/round_NNN/`` (see ``artifacts``). A complete round (``DONE``)
 is read back, never regenerated; an incomplete one reuses its finished phase files. That
 makes ``--ckpt_path last`` resume after a kill at any point, and also covers strategies that
@@ -29,7 +29,7 @@ Ranks: every rank samples and scores its share of the problems (``run_round``'s 
 rollouts are all-gathered, rank 0's decisions are broadcast, reference log-probs are
 computed shard-wise and gathered, and rank 0 writes the artifacts behind a barrier. Under
 DeepSpeed ZeRO-3 whatever touches the whole policy works in lockstep on gathered parameters
-(``hs_star_pl.zero``): the engine's weight sync, ``HFEngine`` sampling, reference log-probs
+(``hs_star_pl.tensors.zero``): the engine's weight sync, ``HFEngine`` sampling, reference log-probs
 and the HF export.
 """
 
@@ -45,8 +45,8 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from hs_star_pl import faults, preemption
-from hs_star_pl.config_checks import long_prompts_warning, self_training_errors
+from hs_star_pl.infra import faults, preemption
+from hs_star_pl.training.config_checks import long_prompts_warning, self_training_errors
 from hs_star_pl.core.artifacts import (
     RoundStore,
     completed_rounds,
@@ -67,16 +67,16 @@ from hs_star_pl.core.records import PreferencePair
 from hs_star_pl.core.rounds import RoundConfig, RoundResult, explain_no_examples, run_round
 from hs_star_pl.core.selection import SelectionConfig
 from hs_star_pl.core.templates import step_delimiter_for
-from hs_star_pl.data import MathDataModule
-from hs_star_pl.distributed import all_gather_objects
+from hs_star_pl.training.data import MathDataModule
+from hs_star_pl.tensors.distributed import all_gather_objects
 from hs_star_pl.engines.sync import point_engine_at
-from hs_star_pl.errors import ConfigError, EmptyRoundError
-from hs_star_pl.export import HFExportCallback
-from hs_star_pl.module import HSStarModule
-from hs_star_pl.plots import plot_history, plot_round
-from hs_star_pl.reference import with_reference_logps
-from hs_star_pl.schedules import start_iteration
-from hs_star_pl.tracking import log_image_file, log_pairs_table, log_to_loggers, pair_rows
+from hs_star_pl.infra.errors import ConfigError, EmptyRoundError
+from hs_star_pl.training.export import HFExportCallback
+from hs_star_pl.training.module import HSStarModule
+from hs_star_pl.training.plots import plot_history, plot_round
+from hs_star_pl.training.reference import with_reference_logps
+from hs_star_pl.tensors.schedules import start_iteration
+from hs_star_pl.training.tracking import log_image_file, log_pairs_table, log_to_loggers, pair_rows
 
 SCHEMA_VERSION = 3  # 2: the last iteration and each round's ledger totals; 3: the settings record
 
@@ -118,7 +118,7 @@ class SelfTrainingCallback(L.Callback):
         seed: fixes every random choice of every round (draws, sampling, budget, pairs).
         plots: write ``difficulty.png`` per round and ``rounds/accuracy.png`` at the end (needs
             matplotlib; skipped without it); a TensorBoard or W&B logger also gets them as
-            images (``round/difficulty``, ``rounds/accuracy``; ``hs_star_pl.tracking``).
+            images (``round/difficulty``, ``rounds/accuracy``; ``hs_star_pl.training.tracking``).
         restart_lr_schedule: give each iteration's training the whole learning-rate schedule
             (a ``WarmupCosineLR``'s warmup and decay span that iteration's optimizer steps,
             counted once its round is known), as the paper trains each iteration as a new run.
@@ -345,7 +345,7 @@ class SelfTrainingCallback(L.Callback):
 
     def _run_round(self, trainer: L.Trainer, iteration: int, directory: Path) -> RoundResult:
         # A stop request (SIGTERM) drops the round's unit in progress at once; its finished
-        # phases are on disk and reused on resume (hs_star_pl.preemption).
+        # phases are on disk and reused on resume (hs_star_pl.infra.preemption).
         with faults.scope(iteration=iteration), preemption.interruptible(f"during round {iteration}"):
             return self._run_round_in_scope(trainer, iteration, directory)
 

@@ -20,7 +20,7 @@ default for SLURM and Kubernetes, 10 s for Docker). What this module guarantees:
   sets for the other stop signals), and an epoch's end-of-epoch work (export, evaluation,
   checkpoint) finishes before the stop.
 * **A check cut short is not a verdict.** Verifier workers killed by a signal meant for the
-  run are recognised by ``hs_star_pl.workers.KillablePool`` and their checks redone, never
+  run are recognised by ``hs_star_pl.infra.workers.KillablePool`` and their checks redone, never
   graded (see there).
 * **SLURM requeue, Lightning's convention.** Under ``SLURMEnvironment(auto_requeue=True)``
   (Lightning's default when it detects SLURM) the environment's ``requeue_signal`` (SIGUSR1

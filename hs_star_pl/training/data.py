@@ -56,7 +56,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from hs_star_pl.collate import (
+from hs_star_pl.tensors.collate import (
     EncodedSequence,
     PaddingSide,
     collate_pairs,
@@ -67,12 +67,12 @@ from hs_star_pl.collate import (
 )
 from hs_star_pl.core.problems import MAX_LINE_BYTES, FieldMap, load_problems
 from hs_star_pl.core.records import PreferencePair, SftExample
-from hs_star_pl.chat import tokenizer_chat_renderer
+from hs_star_pl.tensors.chat import tokenizer_chat_renderer
 from hs_star_pl.core.templates import ChatRenderer, get_template, render_prompt
-from hs_star_pl.errors import InputFileError
-from hs_star_pl.jsonl import LineError, parse_json_line, why_not_a_file
-from hs_star_pl.reference import missing_reference, with_reference_logps
-from hs_star_pl.tracking import log_to_loggers
+from hs_star_pl.infra.errors import InputFileError
+from hs_star_pl.infra.jsonl import LineError, parse_json_line, why_not_a_file
+from hs_star_pl.training.reference import missing_reference, with_reference_logps
+from hs_star_pl.training.tracking import log_to_loggers
 
 Examples = Sequence[PreferencePair] | Sequence[SftExample]
 

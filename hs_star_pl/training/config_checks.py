@@ -27,7 +27,7 @@ from typing import Any
 from hs_star_pl.core.iterations import IterationClock
 from hs_star_pl.core.records import Problem
 from hs_star_pl.core.templates import step_delimiter_for
-from hs_star_pl.errors import ConfigError
+from hs_star_pl.infra.errors import ConfigError
 
 # target -> source of the CLI's ``link_arguments``: the user sets the source only.
 LINKS: dict[str, str] = {
@@ -54,7 +54,7 @@ def check_config(config: Mapping[str, Any]) -> None:
     >>> check_config({"model": {"beta": float("nan")}, "self_training": {"sampling": {"temperature": 0.7}}})
     Traceback (most recent call last):
     ...
-    hs_star_pl.errors.ConfigError: model.beta must be a finite number, got nan
+    hs_star_pl.infra.errors.ConfigError: model.beta must be a finite number, got nan
     """
     leaves = dict(walk(config))
     errors = [f"{key} must be a finite number, got {value}" for key, value in leaves.items()

@@ -257,3 +257,18 @@ def test_a_round_hands_the_prm_the_raw_response(prm, folder):
     for r in scored:
         ids, positions = reference_input(prm.tokenizer, QUESTION, r.text)
         assert r.prm_min == pytest.approx(min(reference_values(folder, ids)[positions].tolist()), abs=1e-5)
+
+
+def test_a_separator_other_than_the_runs_delimiter_is_refused_when_the_fit_is_set_up(folder):
+    """The run's delimiter is resolved once, at set-up, and the reference-mode PRM is asked
+    there whether it splits on the same one (before, the first scored response raised)."""
+    from hs_star_pl.training.self_training import SelfTrainingCallback
+
+    prm = SkyworkPRM(str(folder), device="cpu", progress=False, step_separator="\n")
+    delimiter, error = SelfTrainingCallback(problems_file="pool.jsonl", prm=prm)._resolve_step_delimiter("plain")
+    assert delimiter == "\n\n"
+    assert error.startswith("prm.init_args.step_separator ('\\n') must equal the run's step delimiter ('\\n\\n'")
+    agreed = SelfTrainingCallback(problems_file="pool.jsonl", prm=prm, step_delimiter="\n")
+    assert agreed._resolve_step_delimiter("plain") == ("\n", None)
+    steps_mode = SkyworkPRM(str(folder), device="cpu", progress=False, step_separator="\n", input_mode="steps")
+    assert SelfTrainingCallback(problems_file="pool.jsonl", prm=steps_mode)._resolve_step_delimiter("plain") == ("\n\n", None)

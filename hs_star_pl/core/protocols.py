@@ -187,6 +187,20 @@ class StepScoringRequest:
 
 
 @runtime_checkable
+class StepDelimited(Protocol):
+    """A component that splits responses into steps itself, so its delimiter must be the run's.
+
+    The self-training loop resolves the run's delimiter once, when the fit is set up, and asks
+    each such component whether it agrees; a disagreement stops the fit there, naming both keys,
+    instead of at the first scored response.
+    """
+
+    def step_delimiter_error(self, delimiter: str) -> str | None:
+        """``None`` when this component splits on ``delimiter``; else why not, naming its key."""
+        ...
+
+
+@runtime_checkable
 class ProcessRewardModel(Protocol):
     """Scores every step of a response.
 

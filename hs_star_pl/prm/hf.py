@@ -481,6 +481,14 @@ class SkyworkPRM(_LearnedPRM):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.separator_id
         self._load(model_path, device, dtype, attn_implementation, offload, pad, batch_size, max_length, progress)
 
+    def step_delimiter_error(self, delimiter: str) -> str | None:
+        """In ``"reference"`` mode the response is split on ``step_separator``, so it must be the run's delimiter."""
+        if self.input_mode != "reference" or self.step_separator == delimiter:
+            return None
+        return (f"prm.init_args.step_separator ({self.step_separator!r}) must equal the run's step delimiter "
+                f"({delimiter!r}, self_training.step_delimiter or the template's): SkyworkPRM(input_mode='reference') "
+                f"splits each response on it; set both to the same string, or input_mode: steps")
+
     def pieces(self, request: StepScoringRequest) -> tuple[list[str], list[int]]:
         """The texts scored for ``request`` and, for each, the index of the step it scores.
 

@@ -26,7 +26,6 @@ from typing import Any
 
 from hs_star_pl.core.iterations import IterationClock
 from hs_star_pl.core.records import Problem
-from hs_star_pl.core.templates import step_delimiter_for
 from hs_star_pl.infra.errors import ConfigError
 
 # target -> source of the CLI's ``link_arguments``: the user sets the source only.
@@ -88,7 +87,7 @@ def self_training_errors(
     model_objective: str | None,
     selection_objective: str,
     data: Mapping[str, Any] | None,
-    step_delimiter: str | None,
+    step_delimiter_error: str | None,
     engine_sync_from: str,
     export_enabled: bool,
 ) -> list[str]:
@@ -97,9 +96,11 @@ def self_training_errors(
     Checked when the fit is set up, from the built trainer, module and data module.
     ``data`` holds the data module's ``train_file``, ``problems_file`` and ``template``, or is
     ``None`` when the data module cannot take examples from the loop (not ``MathDataModule``).
+    ``step_delimiter_error`` is why the run's step delimiter cannot be resolved, or why a
+    component that splits steps itself disagrees with it (``None``: no problem).
 
     >>> self_training_errors(n_iterations=2, epochs_per_iteration=1, max_epochs=3, reload_dataloaders_every_n_epochs=1,
-    ...     model_objective="dpo", selection_objective="dpo", data=None, step_delimiter="\\n\\n",
+    ...     model_objective="dpo", selection_objective="dpo", data=None, step_delimiter_error=None,
     ...     engine_sync_from="weights", export_enabled=False)  # doctest: +NORMALIZE_WHITESPACE
     ['trainer.max_epochs (3) must equal self_training.n_iterations (2) x self_training.epochs_per_iteration (1) = 2',
      'self-training needs MathDataModule as the data module']
@@ -126,10 +127,8 @@ def self_training_errors(
     else:
         if data["train_file"] is not None or data["problems_file"] is not None:
             errors.append("data.train_file and data.problems_file must be unset: self-training makes its own data")
-        try:
-            step_delimiter_for(data["template"], step_delimiter)
-        except ValueError as err:
-            errors.append(str(err))
+    if step_delimiter_error is not None:
+        errors.append(step_delimiter_error)
     if engine_sync_from == "export" and not export_enabled:
         errors.append("self_training.engine.init_args.sync_from=export reloads the HF export of each "
                       "iteration: set export.enabled: true, or use sync_from: weights")

@@ -62,10 +62,13 @@ from hs_star_pl.core.difficulty import DifficultyConfig
 from hs_star_pl.core.fingerprint import SettingsRecord, mismatch_message, read_record, recorded_rounds, settings_of, write_record
 from hs_star_pl.core.iterations import IterationClock
 from hs_star_pl.core.problems import FieldMap, ProblemFileError, ProblemPool, load_problems
-from hs_star_pl.core.protocols import AnswerVerifier, Offloadable, ProcessRewardModel, RolloutEngine, SamplingParams, lifecycle_of
+from hs_star_pl.core.protocols import (
+    AnswerVerifier, Offloadable, ProcessRewardModel, RolloutEngine, SamplingParams, StepDelimited, lifecycle_of,
+)
 from hs_star_pl.core.records import PreferencePair
 from hs_star_pl.core.rounds import RoundConfig, RoundResult, explain_no_examples, run_round
 from hs_star_pl.core.selection import SelectionConfig
+from hs_star_pl.core.steps import DEFAULT_STEP_DELIMITER
 from hs_star_pl.core.templates import step_delimiter_for
 from hs_star_pl.training.data import MathDataModule
 from hs_star_pl.tensors.distributed import all_gather_objects
@@ -171,8 +174,8 @@ class SelfTrainingCallback(L.Callback):
         self.engine = engine
         self.verifier = verifier
         self.budget = budget if budget is not None else HierarchicalBudget()
-        self.step_delimiter = step_delimiter  # as configured; the round's is resolved with the template in setup
-        self.round_config = RoundConfig(sampling, difficulty, selection, step_delimiter_for(None, step_delimiter))
+        self.step_delimiter = step_delimiter  # as configured; setup resolves the run's with the template
+        self.round_config = RoundConfig(sampling, difficulty, selection)
         self.n_iterations = n_iterations
         self.clock = IterationClock(epochs_per_iteration)  # epochs -> iterations (validates it)
         self.problems_per_iteration = problems_per_iteration
@@ -207,19 +210,19 @@ class SelfTrainingCallback(L.Callback):
             raise ConfigError(f"self-training trains an HSStarModule (the model.* group), got {type(pl_module).__name__}")
         datamodule = trainer.datamodule
         serves = isinstance(datamodule, MathDataModule)  # the data module the rounds are served through
+        delimiter, delimiter_error = self._resolve_step_delimiter(datamodule.template if serves else None)
         errors = self_training_errors(
             n_iterations=self.n_iterations, epochs_per_iteration=self.clock.epochs_per_iteration,
             max_epochs=trainer.max_epochs, reload_dataloaders_every_n_epochs=trainer.reload_dataloaders_every_n_epochs,
             model_objective=pl_module.objective, selection_objective=self.round_config.selection.objective,
             data=dict(train_file=datamodule.train_file, problems_file=datamodule.problems_file,
                       template=datamodule.template) if serves else None,
-            step_delimiter=self.step_delimiter, engine_sync_from=lifecycle_of(self.engine).sync_from,
+            step_delimiter_error=delimiter_error, engine_sync_from=lifecycle_of(self.engine).sync_from,
             export_enabled=_exporter(trainer) is not None,
         )
         if errors:
             raise ConfigError("self-training configuration:\n  - " + "\n  - ".join(errors))
-        self.round_config = dataclasses.replace(
-            self.round_config, step_delimiter=step_delimiter_for(datamodule.template, self.step_delimiter))
+        self.round_config = dataclasses.replace(self.round_config, step_delimiter=delimiter)
         self._pool = self.load_pool()
         problems = self._pool.problems
         if self.engine is None:
@@ -250,6 +253,18 @@ class SelfTrainingCallback(L.Callback):
             f"self-training: {len(problems)} problems, {self.n_iterations} iterations, "
             f"rounds in {self.rounds_root(trainer)}"
         )
+
+    def _resolve_step_delimiter(self, template: str | None) -> tuple[str, str | None]:
+        """The run's step delimiter, resolved once from ``self_training.step_delimiter`` and the
+        template, and why it cannot be used (``None`` when it can): the template contradicts
+        it, or the PRM splits responses on another one."""
+        try:
+            delimiter = step_delimiter_for(template, self.step_delimiter)
+        except ValueError as err:
+            return DEFAULT_STEP_DELIMITER, str(err)
+        if isinstance(self.prm, StepDelimited):
+            return delimiter, self.prm.step_delimiter_error(delimiter)
+        return delimiter, None
 
     def load_pool(self) -> ProblemPool:
         """The problem pool from ``problems_file``, checked to last ``n_iterations`` draws.

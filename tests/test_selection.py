@@ -79,11 +79,17 @@ def test_pair_rule_properties(rows, seed):
     wrong = [x for x in rollouts if x.correct is False]
     k = min(len(correct), len(wrong))
 
-    def ranked(xs):  # best first, a missing score last; ties in sample order
-        return sorted(xs, key=lambda x: (x.prm_min is None, -(x.prm_min or 0.0), x.rollout.sample_index))
+    def beats(a, b) -> bool:  # a scored response beats an unscored one, then the higher score, then the earlier sample
+        if (a.prm_min is None) != (b.prm_min is None):
+            return b.prm_min is None
+        if a.prm_min != b.prm_min:
+            return a.prm_min > b.prm_min
+        return a.rollout.sample_index < b.rollout.sample_index
 
-    top_correct = {x.rollout.key for x in ranked(correct)[:k]}
-    top_wrong = {x.rollout.key for x in ranked(wrong)[:k]}
+    def top(xs):  # a response is among the top k when fewer than k others beat it
+        return {x.rollout.key for x in xs if sum(beats(y, x) for y in xs if y is not x) < k}
+
+    top_correct, top_wrong = top(correct), top(wrong)
     identical = sum(p.chosen.strip() == p.rejected.strip() for p in pairs)
     assert identical == 0
     assert len(pairs) <= k
@@ -94,6 +100,17 @@ def test_pair_rule_properties(rows, seed):
         assert len(pairs) == k
         assert {p.chosen_key for p in pairs} == top_correct and {p.rejected_key for p in pairs} == top_wrong
     assert pairs == build_pairs_for_problem("P", rollouts, random.Random(seed))
+
+
+def test_the_best_scored_of_each_side_are_paired_worked_by_hand():
+    """Correct: #0 (0.9), #1 (no score), #2 (0.5), #3 (0.9); wrong: #4 (0.2), #5 (0.8).
+    k = min(4, 2) = 2. The chosen are the two best correct: #0 and #3 tie at 0.9 and both beat
+    #2 (0.5) and the unscored #1. The rejected are both wrong ones."""
+    rollouts = [r("p", 0, True, .9), r("p", 1, True, None), r("p", 2, True, .5), r("p", 3, True, .9),
+                r("p", 4, False, .2), r("p", 5, False, .8)]
+    pairs = build_pairs_for_problem("P", rollouts, random.Random(0))
+    assert sorted(p.chosen_key for p in pairs) == sorted([rollouts[0].rollout.key, rollouts[3].rollout.key])
+    assert sorted(p.rejected_key for p in pairs) == sorted([rollouts[4].rollout.key, rollouts[5].rollout.key])
 
 
 def test_sft_examples_are_distinct_best_first_and_capped():

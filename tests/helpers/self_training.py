@@ -49,9 +49,12 @@ def env(**extra: str) -> dict[str, str]:
 
     One intra-op thread: on a shared 2-core machine two spinning torch threads per process
     made HF generation of a tiny model 100x slower (docs/reliability.md). ``extra`` adds
-    variables (e.g. ``HS_STAR_FAULT``).
+    variables (e.g. ``HS_STAR_FAULT``). The caller's ``PYTHONPATH`` follows this checkout: on a
+    machine whose missing packages sit in a folder on it (scripts/gpu_check.py) the
+    subprocess finds them too.
     """
-    return {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", **extra}
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false", **extra}
 
 
 def cli(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:

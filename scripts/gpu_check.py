@@ -108,13 +108,12 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def target_environment(extra: str = "") -> dict[str, str]:
-    """Marker values of the GPU machine (CPython 3.12, Linux x86-64)."""
-    return {"python_version": TARGET_PYTHON, "python_full_version": TARGET_PYTHON + ".0", "os_name": "posix",
+def target_environment(python: str = TARGET_PYTHON) -> dict[str, str]:
+    """Marker values of the GPU machine (CPython ``python``, Linux x86-64)."""
+    return {"python_version": python, "python_full_version": python + ".0", "os_name": "posix",
             "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
             "platform_python_implementation": "CPython", "implementation_name": "cpython",
-            "implementation_version": TARGET_PYTHON + ".0", "platform_release": "", "platform_version": "",
-            "extra": extra}
+            "implementation_version": python + ".0", "platform_release": "", "platform_version": ""}
 
 
 def applies(requirement, extras: set[str], environment: dict[str, str] | None) -> bool:
@@ -194,20 +193,20 @@ def pip(*args: str, env: dict[str, str] | None = None) -> None:
     subprocess.run(cmd, check=True, env=env)
 
 
-def fits_target(wheel_name: str) -> bool:
-    """Whether a wheel file name has a tag that CPython 3.12 on manylinux x86-64 installs."""
+def fits_target(wheel_name: str, python: str = TARGET_PYTHON) -> bool:
+    """Whether a wheel file name has a tag that CPython ``python`` on manylinux x86-64 installs."""
     from packaging.tags import compatible_tags, cpython_tags
     from packaging.utils import parse_wheel_filename
 
-    abi = "cp" + TARGET_PYTHON.replace(".", "")
-    version = tuple(int(v) for v in TARGET_PYTHON.split("."))
+    abi = "cp" + python.replace(".", "")
+    version = tuple(int(v) for v in python.split("."))
     platforms = [p for p in PLATFORMS if p != "any"]
     supported = set(cpython_tags(version, abis=[abi], platforms=platforms))
     supported |= set(compatible_tags(version, interpreter=abi, platforms=platforms))
     return bool(parse_wheel_filename(wheel_name)[3] & supported)
 
 
-def build_wheelhouse(dest: Path) -> int:
+def build_wheelhouse(dest: Path, python: str = TARGET_PYTHON) -> int:
     from packaging.requirements import Requirement
 
     dest.mkdir(parents=True, exist_ok=True)
@@ -215,8 +214,8 @@ def build_wheelhouse(dest: Path) -> int:
         old.unlink()
     binaries = [r for r in CARRIED if canonical(Requirement(r).name) not in FROM_SDIST]
     platform_args = [a for p in PLATFORMS for a in ("--platform", p)]
-    pip("download", "--no-deps", "--only-binary=:all:", "--python-version", TARGET_PYTHON, "--implementation", "cp",
-        "--abi", "cp" + TARGET_PYTHON.replace(".", ""), *platform_args, "-d", str(dest), *binaries)
+    pip("download", "--no-deps", "--only-binary=:all:", "--python-version", python, "--implementation", "cp",
+        "--abi", "cp" + python.replace(".", ""), *platform_args, "-d", str(dest), *binaries)
     for req in (r for r in CARRIED if canonical(Requirement(r).name) in FROM_SDIST):
         with tempfile.TemporaryDirectory() as tmp:
             pip("download", "--no-deps", "--no-binary=:all:", "-d", tmp, req)
@@ -227,15 +226,15 @@ def build_wheelhouse(dest: Path) -> int:
 
     problems, available, rows = [], {}, []
     for wheel in sorted(dest.glob("*.whl")):
-        if not fits_target(wheel.name):
-            problems.append(f"{wheel.name}: no tag for CPython {TARGET_PYTHON} on Linux x86-64")
+        if not fits_target(wheel.name, python):
+            problems.append(f"{wheel.name}: no tag for CPython {python} on Linux x86-64")
         meta_name, meta_version, requires = wheel_metadata(wheel)
         available[meta_name] = (meta_version, requires)
         rows.append((wheel.name, wheel.stat().st_size))
     for req in CARRIED:
         if canonical(Requirement(req).name) not in available:
             problems.append(f"{req}: no wheel in {dest}")
-    closure = check_closure(package_roots(), available, MACHINE, target_environment())
+    closure = check_closure(package_roots(), available, MACHINE, target_environment(python))
     problems += [f"unmet: {u}" for u in closure["unmet"]]
     unused = sorted(set(available) - set(closure["reached"]))
     total = sum(size for _, size in rows)
@@ -249,7 +248,7 @@ def build_wheelhouse(dest: Path) -> int:
         print(f"carried but reached by no requirement: {', '.join(unused)}")
     if total > LIMIT_BYTES:
         problems.append(f"{total / 2**20:.1f} MiB is over the {LIMIT_BYTES / 2**20:.0f} MiB the device tool carries")
-    manifest = {"python": TARGET_PYTHON, "platforms": PLATFORMS, "carried": CARRIED, "wheels": dict(rows),
+    manifest = {"python": python, "platforms": PLATFORMS, "carried": CARRIED, "wheels": dict(rows),
                 "total_bytes": total, "from_machine": closure["provided"], "lazy": LAZY, "problems": problems}
     (dest / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     for problem in problems:
@@ -270,31 +269,33 @@ def installed_version(name: str) -> str | None:
 
 
 def install_plan(wheels: list[Path]) -> tuple[list[Path], dict[str, str]]:
-    """The wheels to install and ``{name: reason}`` for those left out.
+    """The wheels to install and ``{name: why}`` for those left out.
 
-    A carried package is installed when this interpreter lacks it, or has a version that a
-    requirement of another carried package or of the package itself refuses (typing-extensions
-    for pydantic, say); otherwise the machine's own copy is kept.
+    A carried package is installed when this interpreter lacks it, or has a version that the
+    package itself or a carried package being installed refuses (typing-extensions for
+    pydantic, say); otherwise the machine's own copy is kept, and the requirements of the
+    carried version are not imposed (a kept pydantic keeps its own pydantic-core).
     """
     from packaging.requirements import Requirement
 
     meta = {path: wheel_metadata(path) for path in wheels}
+    present = {path: installed_version(name) for path, (name, _, _) in meta.items()}
     roots = package_roots()
     extras = {e for r in roots for e in Requirement(r).extras}  # jsonargparse[signatures]
-    wanted: dict[str, list] = {}
-    for line in roots + [r for _, _, requires in meta.values() for r in requires]:
-        req = Requirement(line)
-        if applies(req, extras, None):
-            wanted.setdefault(canonical(req.name), []).append(req.specifier)
-    install, kept = [], {}
-    for path, (name, version, _) in meta.items():
-        present = installed_version(name)
-        refused = [str(s) for s in wanted.get(name, []) if present and not s.contains(present, prereleases=True)]
-        if present is None or refused:
-            install.append(path)
-        else:
-            kept[name] = f"{present} is installed"
-    return install, kept
+    install = {path for path in meta if present[path] is None}
+    while True:  # an installed package may refuse a kept one, whose own version then comes in
+        wanted: dict[str, list] = {}
+        for line in roots + [r for path in install for r in meta[path][2]]:
+            req = Requirement(line)
+            if applies(req, extras, None):
+                wanted.setdefault(canonical(req.name), []).append(req.specifier)
+        refused = {path for path in meta if path not in install
+                   and any(not s.contains(present[path], prereleases=True) for s in wanted.get(meta[path][0], []))}
+        if not refused:
+            break
+        install |= refused
+    kept = {meta[path][0]: f"{present[path]} is installed" for path in meta if path not in install}
+    return sorted(install), kept
 
 
 def child_install(wheelhouse: str | None, target: Path) -> dict:
@@ -655,6 +656,8 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:10]))
     parser.add_argument("--build-wheelhouse", metavar="DIR", help="download and build the carried wheels into DIR, then stop")
+    parser.add_argument("--python-version", default=TARGET_PYTHON,
+                        help=f"the GPU machine's Python, for --build-wheelhouse (default {TARGET_PYTHON})")
     parser.add_argument("--wheelhouse", metavar="DIR", help="install what this machine lacks from DIR (offline) first")
     parser.add_argument("--out", help="the JSON of results (default $OUT/gpu_check.json when OUT is set, "
                                       "else checkpoints/gpu_check.json); step logs go beside it")
@@ -668,7 +671,7 @@ def main() -> int:
     parser.add_argument("--target", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.build_wheelhouse:
-        return build_wheelhouse(Path(args.build_wheelhouse))
+        return build_wheelhouse(Path(args.build_wheelhouse), args.python_version)
     if args.child:
         if args.child == "install":
             result = child_install(args.wheelhouse, Path(args.target))

@@ -110,7 +110,9 @@ def test_install_puts_only_what_is_missing_into_the_target_offline(tmp_path):
     make_wheel(wheelhouse, "gpucheck-needs", "0.1", ["iniconfig>=99"])  # absent here: installed
     make_wheel(wheelhouse, "iniconfig", "99.0")  # the installed one is refused by gpucheck-needs: installed
     pyyaml = importlib.metadata.version("pyyaml")
-    make_wheel(wheelhouse, "pyyaml", pyyaml)  # installed here and refused by nobody: kept
+    make_wheel(wheelhouse, "pyyaml", pyyaml, ["pluggy>=99"])  # installed here and refused by nobody: kept
+    pluggy = importlib.metadata.version("pluggy")
+    make_wheel(wheelhouse, "pluggy", "99.0")  # refused only by the carried pyyaml, which is not installed: kept
     proc, report = run_check(tmp_path, "--wheelhouse", str(wheelhouse), "--steps", "install", timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:]
     step = report["steps"]["install"]
@@ -118,7 +120,7 @@ def test_install_puts_only_what_is_missing_into_the_target_offline(tmp_path):
     result = step["result"]
     assert sorted(result["installed"]) == ["gpucheck_needs-0.1-py3-none-any.whl", "gpucheck_probe-0.1-py3-none-any.whl",
                                            "iniconfig-99.0-py3-none-any.whl"]
-    assert result["kept"] == {"pyyaml": f"{pyyaml} is installed"}
+    assert result["kept"] == {"pyyaml": f"{pyyaml} is installed", "pluggy": f"{pluggy} is installed"}
     assert result["unmet"] == []
     target = Path(result["target"])
     probe = subprocess.run([sys.executable, "-c", "import gpucheck_probe; print(gpucheck_probe.VALUE)"],

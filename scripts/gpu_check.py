@@ -147,7 +147,8 @@ def check_closure(roots: list[str], available: dict[str, tuple[str, list[str]]],
     in ``provided`` is taken as met without a version check (the machine brings it); one in
     ``LAZY`` is listed, not followed. ``environment`` holds the marker values (``None``: this
     interpreter's). ``follow``: the packages whose own requirements are walked (``None``: all;
-    on the GPU machine the carried ones, not the machine's torch and its CUDA libraries). Returns ``{"unmet": [...], "provided": [...], "lazy": [...], "reached": [...]}``.
+    on the GPU machine the carried ones, not the machine's torch and its CUDA libraries).
+    Returns ``{"unmet": [...], "provided": [...], "lazy": [...], "reached": [...]}``.
     """
     from packaging.requirements import Requirement
 
@@ -497,7 +498,8 @@ def parse_fit(log: str, run_dir: Path) -> tuple[bool, dict]:
 
 def parse_pytest(log: str) -> tuple[bool, dict]:
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|deselected|errors?|xfailed)", log)}
-    return counts.get("passed", 0) > 0 and not counts.get("failed") and not counts.get("error") and not counts.get("errors"), counts
+    failed = counts.get("failed", 0) + counts.get("error", 0) + counts.get("errors", 0)
+    return counts.get("passed", 0) > 0 and not failed, counts
 
 
 def parse_prm_offload(path: Path, dry_run: bool) -> tuple[bool, dict]:
@@ -573,7 +575,8 @@ class Check:
 
 def git_commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip() or None
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return done.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -587,8 +590,9 @@ def run_check(args: argparse.Namespace) -> int:
     logs = out.parent / f"{out.stem}_logs"
     logs.mkdir(exist_ok=True)
     target = work / "site"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), str(target), os.environ.get("PYTHONPATH", "")) if p),
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    path = os.pathsep.join(p for p in (str(ROOT), str(target), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if not dry:
         env.setdefault("OMP_NUM_THREADS", "8")
     check = Check(args, out, logs, work, env)
@@ -643,7 +647,10 @@ def run_check(args: argparse.Namespace) -> int:
             file = work / "prm_offload.json"
             file.unlink(missing_ok=True)
             cmd = [sys.executable, "benchmarks/prm_offload.py", "--json", str(file)]
-            cmd += ["--quick", "--threads", "1"] if dry else ["--device", "cuda", "--sizes", "0.36b", "--repeats", "1", "--threads", "8"]
+            if dry:
+                cmd += ["--quick", "--threads", "1"]
+            else:
+                cmd += ["--device", "cuda", "--sizes", "0.36b", "--repeats", "1", "--threads", "8"]
             check.run(step, cmd, timeout, lambda text: parse_prm_offload(file, dry))
     check.write()
     statuses = {name: r["status"] for name, r in check.results.items()}
@@ -655,7 +662,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:10]))
-    parser.add_argument("--build-wheelhouse", metavar="DIR", help="download and build the carried wheels into DIR, then stop")
+    parser.add_argument("--build-wheelhouse", metavar="DIR",
+                        help="download and build the carried wheels into DIR, then stop")
     parser.add_argument("--python-version", default=TARGET_PYTHON,
                         help=f"the GPU machine's Python, for --build-wheelhouse (default {TARGET_PYTHON})")
     parser.add_argument("--wheelhouse", metavar="DIR", help="install what this machine lacks from DIR (offline) first")
@@ -684,7 +692,8 @@ def main() -> int:
     if args.budget is None:
         args.budget = 1800 if args.dry_run else BUDGET_S
     if args.out is None:
-        args.out = str(Path(os.environ["OUT"]) / "gpu_check.json") if os.environ.get("OUT") else str(ROOT / "checkpoints" / "gpu_check.json")
+        out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "checkpoints"
+        args.out = str(out_dir / "gpu_check.json")
     return run_check(args)
 
 

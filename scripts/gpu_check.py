@@ -378,10 +378,10 @@ def child_reference_memory(dry_run: bool) -> dict:
     import torch
     from transformers import Qwen2ForCausalLM
 
-    from hs_star_pl.collate import encode_pair
     from hs_star_pl.core.records import PreferencePair
-    from hs_star_pl.module import HSStarModule
-    from hs_star_pl.tiny import build_byte_tokenizer, save_checkpoint_dir, tiny_qwen2_config
+    from hs_star_pl.tensors.collate import encode_pair
+    from hs_star_pl.tensors.tiny import build_byte_tokenizer, save_checkpoint_dir, tiny_qwen2_config
+    from hs_star_pl.training.module import HSStarModule
 
     vocab, prompt_chars, response_chars = (4096, 40, 120) if dry_run else (152_064, 200, 1_000)
     pairs_per_forward, n_pairs = 2, 4  # 4 sequences (chosen + rejected) per forward, 2 forwards

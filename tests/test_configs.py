@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,15 @@ def test_yaml_opens_with_purpose_and_command(path: Path):
     own = f"configs/{path.relative_to(CONFIGS).as_posix()}"
     # the exact command: it names this very file (a fragment's command also names what it goes on top of)
     assert any(f"-c {own}" in line for line in commands), f"{path}: no command with -c {own}"
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.relative_to(CONFIGS).as_posix())
+def test_config_files_a_yaml_names_exist(path: Path):
+    """A shipped YAML that points the reader to another config (in a command or a comment)
+    points to one that exists."""
+    named = set(re.findall(r"configs/[\w./-]+?\.yaml", path.read_text()))
+    missing = sorted(name for name in named if not (REPO / name).is_file())
+    assert not missing, f"{path} names config files that do not exist: {missing}"
 
 
 @pytest.mark.parametrize("path", [cli_param(p) for p in YAMLS])

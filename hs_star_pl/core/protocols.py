@@ -144,6 +144,9 @@ class EngineLifecycle(Offloadable):
         """Take ``weights`` (``(name, full tensor)`` pairs, consumed once) of ``model`` into the engine."""
         return None
 
+    def check_world(self, world_size: int) -> None:
+        """Raise ``ConfigError`` (at setup) when the engine cannot run in ``world_size`` training processes."""
+
 
 def lifecycle_of(engine: object) -> EngineLifecycle:
     """``engine`` itself when it declares a lifecycle, else the do-nothing one.

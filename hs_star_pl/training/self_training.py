@@ -206,6 +206,7 @@ class SelfTrainingCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not self.active or stage != "fit":
             return
+        lifecycle_of(self.engine).check_world(trainer.world_size)  # e.g. one vLLM engine per rank, each on its GPU
         if not isinstance(pl_module, HSStarModule):
             raise ConfigError(f"self-training trains an HSStarModule (the model.* group), got {type(pl_module).__name__}")
         datamodule = trainer.datamodule

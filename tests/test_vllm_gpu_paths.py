@@ -24,8 +24,8 @@ import pytest
 from hs_star_pl.core.protocols import GenerationRequest, SamplingParams
 from hs_star_pl.engines import LogprobMismatchError, VLLMEngine
 from hs_star_pl.engines.colocation import placement_errors
-from hs_star_pl.errors import ConfigError
-from hs_star_pl.tiny import build_byte_tokenizer, build_tiny_causal_lm, save_checkpoint_dir
+from hs_star_pl.infra.errors import ConfigError
+from hs_star_pl.tensors.tiny import build_byte_tokenizer, build_tiny_causal_lm, save_checkpoint_dir
 from tests.helpers import stand_in_vllm
 from tests.helpers.stand_in_vllm import StandInLLM
 from tests.helpers.tiny_setup import REPO
@@ -125,7 +125,7 @@ def test_one_engine_per_process(stand_in, policy_dir):
 def test_evaluation_refuses_a_second_vllm_engine_at_setup(tmp_path):
     """``evaluation.engine`` a VLLMEngine of its own next to the self-training one: refused when
     the trainer is set up, not when the first evaluation starts the second engine."""
-    from hs_star_pl.evaluation.callback import EvaluationCallback
+    from hs_star_pl.training.evaluation import EvaluationCallback
 
     problems = tmp_path / "p.jsonl"
     problems.write_text('{"question": "1+1", "answer": "2"}\n')
@@ -154,7 +154,7 @@ def test_settings_that_cannot_work_with_several_training_processes_are_refused_a
 
 def test_the_self_training_setup_checks_the_engine_against_the_world_size(tmp_path):
     """The self-training callback's setup asks its engine first (here: 2 DDP ranks)."""
-    from hs_star_pl.callback import SelfTrainingCallback
+    from hs_star_pl.training.self_training import SelfTrainingCallback
     from hs_star_pl.prm import ArithmeticPRM
 
     callback = SelfTrainingCallback(problems_file=str(tmp_path / "p.jsonl"), prm=ArithmeticPRM(),

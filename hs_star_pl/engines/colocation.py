@@ -27,7 +27,7 @@ import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
-from hs_star_pl.errors import ConfigError
+from hs_star_pl.infra.errors import ConfigError
 
 EXTERNAL_LAUNCHER = "external_launcher"
 # What vLLM's external launcher reads from the environment; tests/test_vllm_contract.py checks

@@ -41,7 +41,7 @@ from typing import Any
 from hs_star_pl.core.protocols import Completion, EngineLifecycle, GenerationRequest, SamplingParams
 from hs_star_pl.engines.colocation import EXTERNAL_LAUNCHER, launcher_env, placement_errors, scoped_env, training_world
 from hs_star_pl.engines.common import check_requests, request_seed
-from hs_star_pl.errors import ConfigError
+from hs_star_pl.infra.errors import ConfigError
 
 WORKER_EXTENSION = "hs_star_pl.engines.vllm_worker.WeightSyncExtension"
 DEFAULT_CANARY_PROMPTS = ("Question: 12 + 7 = ?\nAnswer:", "Compute 3 * 4 - 5.", "x")
@@ -375,7 +375,7 @@ class VLLMEngine(EngineLifecycle):
             LogprobMismatchError: the log-probs disagree beyond ``canary_tolerance`` here or
                 on another rank.
         """
-        from hs_star_pl.distributed import all_gather_objects
+        from hs_star_pl.tensors.distributed import all_gather_objects
         from hs_star_pl.engines.canary import agree_on_canary
 
         if self.canary_samples == 0:

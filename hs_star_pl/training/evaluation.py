@@ -41,7 +41,7 @@ from hs_star_pl.core.protocols import AnswerVerifier, RolloutEngine, SamplingPar
 from hs_star_pl.core.records import Problem
 from hs_star_pl.tensors.distributed import all_gather_objects
 from hs_star_pl.engines.sync import point_engine_at
-from hs_star_pl.errors import ConfigError
+from hs_star_pl.infra.errors import ConfigError
 from hs_star_pl.evaluation.datasets import BenchmarkConfig, load_benchmark
 from hs_star_pl.training.benchmark_metric import BenchmarkMetric
 from hs_star_pl.evaluation.protocol import EvalBatch, grade, make_batch, policy_entry, results_table

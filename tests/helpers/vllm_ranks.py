@@ -31,7 +31,7 @@ def main(scenario: str, rank: int, world_size: int, port: int, out: Path) -> int
     import torch.distributed as dist
 
     from hs_star_pl.engines import VLLMEngine
-    from hs_star_pl.tiny import build_byte_tokenizer, build_tiny_causal_lm, save_checkpoint_dir
+    from hs_star_pl.tensors.tiny import build_byte_tokenizer, build_tiny_causal_lm, save_checkpoint_dir
     from tests.helpers import stand_in_vllm
     from tests.helpers.stand_in_vllm import StandInLLM
 

@@ -122,6 +122,29 @@ def test_one_engine_per_process(stand_in, policy_dir):
     assert len(stand_in.created) == 2
 
 
+def test_the_external_launcher_in_a_single_process(stand_in, policy_dir, monkeypatch):
+    """One GPU with ``distributed_executor_backend: external_launcher`` (configs/paper/hs_star.yaml
+    sets it) and no process group: vLLM creates one from RANK 0, WORLD_SIZE 1 and MASTER_*,
+    which the engine sets while it builds the engine (and removes again)."""
+    for key in stand_in_vllm.ENV_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    with gpu_engine(model_path=str(policy_dir), distributed_executor_backend="external_launcher") as engine:
+        env = engine.start().llm.env
+    assert {k: env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")} == {
+        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    assert env["MASTER_PORT"].isdigit()
+    assert not any(key in os.environ for key in stand_in_vllm.ENV_KEYS)
+
+
+def test_no_restart_under_the_external_launcher(stand_in, policy_dir):
+    """Shutting vLLM's in-process engine down destroys the default process group (the
+    trainer's, with several ranks): a sync by restart is refused before the engine starts."""
+    engine = gpu_engine(model_path=str(policy_dir), distributed_executor_backend="external_launcher", sync_mode="restart")
+    with pytest.raises(ConfigError, match="sync_mode: restart with the external launcher"):
+        engine.start()
+    assert stand_in.created == []
+
+
 def test_evaluation_refuses_a_second_vllm_engine_at_setup(tmp_path):
     """``evaluation.engine`` a VLLMEngine of its own next to the self-training one: refused when
     the trainer is set up, not when the first evaluation starts the second engine."""

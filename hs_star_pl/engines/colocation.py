@@ -14,9 +14,17 @@ the engine is built:
   which Lightning sets per rank; it is also right when each process sees one GPU through
   ``CUDA_VISIBLE_DEVICES``); without CUDA, the process's position among the ranks on its host.
 
-``MASTER_ADDR``/``MASTER_PORT`` are not needed: vLLM reads them only to create a process group,
-and here one exists. Two ranks of one host on the same physical GPU (nobody called
-``torch.cuda.set_device``) are refused, since their engines would share it.
+``MASTER_ADDR``/``MASTER_PORT`` are not needed then: vLLM reads them only to create a process
+group, and here one exists. A single process without one (one GPU, ``external_launcher`` set
+in YAML as configs/paper/hs_star.yaml does) gets ``RANK`` 0, ``WORLD_SIZE`` 1 and, unless set,
+``MASTER_ADDR`` 127.0.0.1 and a free ``MASTER_PORT``: vLLM then creates the group itself. Two
+ranks of one host on the same physical GPU (nobody called ``torch.cuda.set_device``) are
+refused, since their engines would share it.
+
+The engine then lives in the training process for good: shutting an in-process vLLM engine
+down destroys the default process group (vLLM 0.32, ``EngineCore.shutdown`` ->
+``cleanup_dist_env_and_memory``), i.e. the trainer's. So no restart under the external
+launcher: ``sync_mode: restart`` is refused with it (``VLLMEngine.start``).
 
 Imports torch lazily; no vLLM and no Lightning.
 """
@@ -77,7 +85,8 @@ def placement_errors(world_size: int, backend: str | None, tensor_parallel_size:
 def launcher_env() -> dict[str, str]:
     """``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` of this process, from the process group.
 
-    A collective: every rank calls it (it gathers each rank's host and device).
+    A collective: every rank calls it (it gathers each rank's host and device). Without a
+    process group: this single process's values, and ``MASTER_ADDR``/``MASTER_PORT``.
 
     Raises:
         ConfigError: two ranks of one host use the same GPU.
@@ -87,11 +96,15 @@ def launcher_env() -> dict[str, str]:
     import torch
     import torch.distributed as dist
 
-    rank, world = dist.get_rank(), dist.get_world_size()
     gpu = None
     if torch.cuda.is_available():
         index = torch.cuda.current_device()
         gpu = (index, str(torch.cuda.get_device_properties(index).uuid))
+    if not dist.is_available() or not dist.is_initialized():  # one process: vLLM creates the group
+        return {"RANK": "0", "LOCAL_RANK": str(gpu[0] if gpu else 0), "WORLD_SIZE": "1",
+                "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                "MASTER_PORT": os.environ.get("MASTER_PORT") or str(_free_port())}
+    rank, world = dist.get_rank(), dist.get_world_size()
     peers: list = [None] * world
     dist.all_gather_object(peers, (socket.gethostname(), gpu))
     host = peers[rank][0]
@@ -109,6 +122,14 @@ def launcher_env() -> dict[str, str]:
             )
         local = gpu[0]
     return {"RANK": str(rank), "LOCAL_RANK": str(local), "WORLD_SIZE": str(world)}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextmanager

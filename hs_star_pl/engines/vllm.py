@@ -229,7 +229,14 @@ class VLLMEngine(EngineLifecycle):
         if not on_cpu:
             self.check_world(world_size)
         kwargs = self.build_llm_kwargs(on_cpu=on_cpu, world_size=world_size)
-        env = launcher_env() if kwargs.get("distributed_executor_backend") == EXTERNAL_LAUNCHER else {}
+        launched = kwargs.get("distributed_executor_backend") == EXTERNAL_LAUNCHER
+        if launched and self._restarts():
+            raise ConfigError(
+                "engine.init_args.sync_mode: restart with the external launcher (several training processes, or "
+                "distributed_executor_backend: external_launcher): shutting vLLM's in-process engine down destroys "
+                "the training process group; use sync_mode: inplace (auto does off CPU)"
+            )
+        env = launcher_env() if launched else {}
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cpu_kv_cache_space_gib))
         with scoped_env(env):
             self.llm = vllm.LLM(**kwargs)
@@ -433,7 +440,11 @@ class VLLMEngine(EngineLifecycle):
         self.asleep = False
 
     def close(self) -> None:
-        """Shut the engine core down and drop the ``LLM``."""
+        """Shut the engine core down and drop the ``LLM``.
+
+        Under the external launcher vLLM's shutdown also destroys the default process group
+        (the trainer's): close such an engine only when training is over.
+        """
         if self.llm is not None:
             self.llm.llm_engine.engine_core.shutdown()
             self.llm = None

@@ -14,8 +14,9 @@ import torch
 pytest.importorskip("peft", reason="peft is not installed (extra [peft])")
 
 from hs_star_pl.tensors.tiny import build_byte_tokenizer, build_tiny_causal_lm  # noqa: E402
-from tests.helpers.self_training import CONFIGS, cli, env  # noqa: E402
+from tests.helpers.self_training import CONFIGS, cli, env, logged_lrs  # noqa: E402
 from tests.helpers.tiny_setup import PAIRS_FILE  # noqa: E402
+from tests.helpers.tolerances import adamw_weight_gaps  # noqa: E402
 
 pytestmark = pytest.mark.integration
 LORA_ARGS = ("--model.peft.r=4", "--model.peft.alpha=8", "--model.peft.dropout=0.0",
@@ -86,13 +87,15 @@ def test_deepspeed_zero2_trains_lora_like_ddp(ddp_lora_run, tmp_path):
 
     run = two_process_run(tmp_path, "deepspeed_zero2_cpu")
     assert (run / "checkpoints" / "last.ckpt").is_dir()
-    check_exports(run)
-    for t in (0, 1):
-        ours = load_file(str(run / "hf" / f"iteration_{t:03d}" / "model.safetensors"))
-        theirs = load_file(str(ddp_lora_run / "hf" / f"iteration_{t:03d}" / "model.safetensors"))
-        assert sorted(ours) == sorted(theirs)
-        gap = max(float((ours[k] - theirs[k]).abs().max()) for k in ours)
-        assert gap < 1e-5, (t, gap)
+    check_exports(run)  # each merged export is base + its adapter: comparing the adapters is enough
+    lrs = logged_lrs(ddp_lora_run)
+    assert len(lrs) == 6  # 3 steps per epoch
+    for t, steps in ((0, 3), (1, 6)):
+        ours = load_file(str(run / "hf" / f"iteration_{t:03d}" / "adapter" / "adapter_model.safetensors"))
+        theirs = load_file(str(ddp_lora_run / "hf" / f"iteration_{t:03d}" / "adapter" / "adapter_model.safetensors"))
+        # the gradients: the global batch's 8 pairs x 2 sequences x up to 256 tokens, reduced in another order
+        gaps = adamw_weight_gaps(ours, theirs, steps=steps, lr_sum=sum(lrs[:steps]), terms_per_gradient=8 * 2 * 256)
+        assert not gaps.problems(), (t, gaps)
 
 
 @pytest.mark.deepspeed

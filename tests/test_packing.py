@@ -15,6 +15,7 @@ from hs_star_pl.tensors.collate import collate_pairs, collate_sequences, encode_
 from hs_star_pl.core.records import PreferencePair
 from hs_star_pl.tensors.packing import attention_pair_cost, pack_batch, pack_batch_groups, sequence_logps, width_groups
 from tests.helpers.tiny_setup import PAIRS_FILE, tiny_module
+from tests.helpers.tolerances import sequence_logp_tolerance
 from tests.helpers.trainers import cpu_trainer
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -226,9 +227,10 @@ def test_packed_and_padded_reference_log_probs_are_equal():
     for layout in ("sequences", "shared_prompts"):
         module.packing = layout
         packed = module.compute_reference_logps(pairs, max_length=512, batch_size=4)
-        for a, b in zip(packed, padded, strict=True):
-            assert a.ref_chosen_logp == pytest.approx(b.ref_chosen_logp, rel=1e-5), layout
-            assert a.ref_rejected_logp == pytest.approx(b.ref_rejected_logp, rel=1e-5), layout
+        for a, b in zip(packed, padded, strict=True):  # other layouts: equal to the rounding of each sum
+            for key in ("ref_chosen_logp", "ref_rejected_logp"):
+                want = getattr(b, key)
+                assert abs(getattr(a, key) - want) <= sequence_logp_tolerance(512, len(module.tokenizer), want), (layout, key)
 
 
 def test_packed_lora_gives_the_padded_loss_and_adapter_gradients():

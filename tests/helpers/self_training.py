@@ -62,3 +62,16 @@ def cli(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.Complete
     if out.returncode != 0:
         raise AssertionError(f"hs-star {' '.join(args[:3])} failed:\n{out.stderr[-3000:]}")
     return out
+
+
+def logged_lrs(run: Path, version: int | None = None) -> list[float]:
+    """The learning rate of every optimizer step of a CLI run, as LearningRateMonitor logged it
+    (``configs/base.yaml``), in step order: from every ``logs/version_*`` (a resume adds one), or one."""
+    import csv
+
+    paths = sorted((run / "logs").glob("version_*/metrics.csv")) if version is None else [run / "logs" / f"version_{version}" / "metrics.csv"]
+    steps: dict[int, float] = {}
+    for path in paths:
+        with open(path) as f:
+            steps.update((int(r["step"]), float(r["lr-AdamW"])) for r in csv.DictReader(f) if r.get("lr-AdamW"))
+    return [lr for _, lr in sorted(steps.items())]

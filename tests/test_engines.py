@@ -5,6 +5,7 @@ Run: ``PYTHONPATH=$PWD python -m pytest tests/test_engines.py``
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import subprocess
 import sys
@@ -240,6 +241,52 @@ def test_tied_weights_are_sent_once(model):
     kept = dict(_dedupe_shared(state.items()))
     assert "model.embed_tokens.weight" in kept and "lm_head.weight" not in kept
     assert len(kept) == len(state) - 1
+
+
+class WorkerStandIn:
+    """``vllm.LLM`` for an in-place sync: ``collective_rpc`` reaches the real worker extension
+    (``WeightSyncExtension``), whose ``reload_weights`` records what it was given."""
+
+    def __init__(self):
+        from hs_star_pl.engines.vllm_worker import WeightSyncExtension
+
+        self.worker = WeightSyncExtension()
+        self.worker.reload_weights = lambda weights_iterator: self.loaded.update(weights_iterator)
+        self.loaded: dict = {}
+
+    def collective_rpc(self, method, args=(), kwargs=None):
+        return [getattr(self.worker, method)(*args, **(kwargs or {}))]
+
+    def reset_prefix_cache(self):
+        pass
+
+
+def test_a_weight_sync_holds_one_chunk_plus_one_tensor_of_host_memory(tokenizer):
+    """The sender of an in-place sync (the policy's weights copied to CPU, gathered one at a
+    time under ZeRO-3, packed in chunks) keeps at most one chunk plus the tensor that fills it
+    alive, and a tied tensor until its last name, not a copy of the whole model (15 GB per
+    rank for a 7B policy). The same under ZeRO-3 on two processes: tests/test_zero3.py."""
+    model = build_tiny_causal_lm(tokenizer, seed=0, hidden_size=32, num_hidden_layers=6)
+    from hs_star_pl.engines import VLLMEngine
+    from hs_star_pl.engines.vllm import _dedupe_shared
+    from hs_star_pl.lora import iter_policy_weights
+    from tests.helpers.host_memory import LiveBytes
+
+    chunk = 8192
+    engine = VLLMEngine(sync_mode="inplace", sync_chunk_mb=chunk / 2**20, canary_samples=0)
+    engine.llm = WorkerStandIn()
+    live = LiveBytes()
+    engine.sync_weights(model, weights=live.watch(iter_policy_weights(model)), canary=False)
+    sent = dict(_dedupe_shared(model.state_dict().items()))  # the tied lm_head once
+    sizes = [t.numel() * t.element_size() for t in sent.values()]
+    names = collections.Counter(id(p) for p in model.state_dict(keep_vars=True).values())
+    tied = sum(p.numel() * p.element_size() for p in model.state_dict(keep_vars=True).values() if names[id(p)] > 1) // 2
+    assert tied > 0  # the tiny Qwen2 ties lm_head to the embedding
+    assert engine.last_sync == {"chunks": engine.last_sync["chunks"], "tensors": len(sent)} and engine.last_sync["chunks"] > 3
+    assert sorted(engine.llm.loaded) == sorted(sent)
+    assert all(torch.equal(engine.llm.loaded[name], t) for name, t in sent.items())
+    assert live.handed_out == len(sent) and live.live == 0
+    assert live.peak <= chunk + max(sizes) + tied < sum(sizes) / 2, (live.peak, chunk, max(sizes), tied, sum(sizes))
 
 
 def test_plugs_into_generate_rollouts(engine):

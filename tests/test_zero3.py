@@ -19,6 +19,7 @@ import torch
 
 from tests.helpers.self_training import env
 from tests.helpers.tiny_setup import REPO
+from tests.helpers.tolerances import sequence_logp_tolerance
 from tests.helpers.trainers import cpu_trainer
 
 pytest.importorskip("deepspeed", reason="deepspeed is not installed (extra [deepspeed])")
@@ -42,12 +43,19 @@ def test_zero3_paths_that_touch_the_whole_model(tmp_path):
         assert r["state_dict_names_match"]
         # the weight sync's chunks reach every rank, whole, tied lm_head sent once
         assert r["sync_keys_match"] and r["sync_chunks"] > 1 and r["sync_max_abs_diff"] == 0.0
+        # ... holding one chunk, one tensor and the tied one at a time, not a copy of the model
+        memory = r["sync_host_memory"]
+        assert memory["live_after"] == 0 and memory["tied"] > 0
+        assert memory["peak"] <= memory["chunk"] + memory["largest"] + memory["tied"] < memory["total"], memory
     # gathered export weights: rank 0 holds the exact unpartitioned values, rank 1 nothing
     assert r0["gathered_keys_match"] and r0["gathered_max_abs_diff"] == 0.0
     assert r1["gathered_is_empty"]
     # reference log-probs: rank 0 scored 5 pairs while rank 1 had none (padding passes)
     assert len(r0["ref"]) == 5 and r1["ref"] == []
-    torch.testing.assert_close(torch.tensor(r0["ref"]), torch.tensor(r0["plain_ref"]), rtol=0, atol=1e-5)
+    # equal to the rounding of a 64-token log-prob over the 257-id vocabulary
+    for ours, plain in zip(r0["ref"], r0["plain_ref"]):
+        for a, b in zip(ours, plain):
+            assert abs(a - b) <= sequence_logp_tolerance(64, 257, b), (ours, plain)
     # HFEngine: rank 0 sampled 8 sequences in 4 batches, rank 1 ran dummy batches alongside
     assert r0["samples"] == r0["plain_samples"] and sum(map(len, r0["samples"].values())) == 8
     assert r1["samples"] == {}

@@ -189,6 +189,11 @@ class VLLMEngine(EngineLifecycle):
     # ------------------------------------------------------------------ lifecycle
 
     @property
+    def started(self) -> bool:
+        """Whether the ``LLM`` runs (the loop starts one that does not on M_t's HF folder)."""
+        return self.llm is not None
+
+    @property
     def on_cpu(self) -> bool:
         return _current_platform().is_cpu()
 
@@ -541,17 +546,22 @@ def _completion(c: Any) -> Completion:
 
 def _dedupe_shared(weights: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
     """Skip tensors that share storage with an earlier one (tied ``lm_head``: vLLM ties it itself)."""
-    seen: set[tuple[int, int]] = set()
+    # keyed by the storage itself, weakly: a streamed tensor is freed once sent, and a later one
+    # may then be allocated at its address
+    seen: weakref.WeakKeyDictionary[Any, set[int]] = weakref.WeakKeyDictionary()
     for name, tensor in weights:
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if key in seen:
-            continue
-        seen.add(key)
-        yield name, tensor
+        offsets = seen.setdefault(tensor.untyped_storage(), set())
+        if tensor.storage_offset() not in offsets:
+            offsets.add(tensor.storage_offset())
+            yield name, tensor
+        del tensor  # not held while the next one is gathered
 
 
 def _chunks(weights: Iterable[tuple[str, Any]], max_bytes: int) -> Iterator[tuple[bytes, int]]:
-    """``(safetensors payload, tensor count)`` of consecutive tensors, each about ``max_bytes``."""
+    """``(safetensors payload, tensor count)`` of consecutive tensors, each about ``max_bytes``.
+
+    Holds one chunk's tensors at a time (at most ``max_bytes`` plus the tensor that fills it).
+    """
     from safetensors.torch import save
 
     chunk: dict[str, Any] = {}
@@ -559,8 +569,10 @@ def _chunks(weights: Iterable[tuple[str, Any]], max_bytes: int) -> Iterator[tupl
     for name, tensor in weights:
         chunk[name] = tensor.detach().to("cpu").contiguous()
         size += tensor.numel() * tensor.element_size()
+        del tensor  # the chunk holds it now
         if size >= max_bytes:
-            yield save(chunk), len(chunk)
+            payload, count = save(chunk), len(chunk)
             chunk, size = {}, 0
+            yield payload, count
     if chunk:
         yield save(chunk), len(chunk)

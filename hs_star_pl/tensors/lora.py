@@ -22,6 +22,7 @@ needs no second copy of itself on the device.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -164,23 +165,28 @@ def iter_policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Ten
             lora_layers[name] = module
         elif isinstance(module, ModulesToSaveWrapper):
             wrappers[name] = module
-    seen: dict[int, torch.Tensor] = {}
+    entries = []  # (tensor, plain name, LoRA layer to merge) of what a merged model has
+    for key, value in model.state_dict(keep_vars=True).items():
+        plain, merged_from = _plain_name(key, lora_layers, wrappers)
+        if plain is not None:
+            entries.append((value, plain, merged_from))
+    names_left = Counter(id(value) for value, _, _ in entries)
+    shared: dict[int, torch.Tensor] = {}  # tied tensors kept until their last name (as zero.iter_full_state_dict)
     with torch.no_grad():
-        for key, value in model.state_dict(keep_vars=True).items():
-            plain, merged_from = _plain_name(key, lora_layers, wrappers)
-            if plain is None:
-                continue
-            if id(value) in seen:
-                yield plain, seen[id(value)]
-                continue
-            if merged_from is not None:
+        for value, plain, merged_from in entries:
+            names_left[id(value)] -= 1
+            if id(value) in shared:
+                tensor = shared.pop(id(value))
+            elif merged_from is not None:
                 delta = merged_from.get_delta_weight(ADAPTER)
                 tensor = (value.detach() + delta.to(value.dtype)).to("cpu")
                 del delta
             else:
                 tensor = value.detach().to("cpu", copy=True)
-            seen[id(value)] = tensor
+            if names_left[id(value)] > 0:
+                shared[id(value)] = tensor
             yield plain, tensor
+            del tensor
 
 
 def _plain_name(key: str, lora_layers: dict[str, Any], wrappers: dict[str, Any]) -> tuple[str | None, Any]:

@@ -36,6 +36,7 @@ def main(out: Path, device_type: str) -> None:
     from hs_star_pl.engines import HFEngine
     from hs_star_pl.engines.vllm import _chunks, _dedupe_shared
     from hs_star_pl.tensors.zero import full_state_dict, is_zero3_partitioned, iter_full_state_dict
+    from tests.helpers.host_memory import LiveBytes
     from tests.helpers.tiny_setup import tiny_module
 
     deepspeed.init_distributed(dist_backend="gloo" if device_type == "cpu" else "nccl")
@@ -89,6 +90,18 @@ def main(out: Path, device_type: str) -> None:
     result["sync_chunks"] = n_chunks
     result["sync_keys_match"] = sorted(received) == sorted(plain_unique) and len(plain_unique) < len(plain_state)
     result["sync_max_abs_diff"] = max(float((received[k] - plain_state[k]).abs().max()) for k in received)
+
+    # 2b. the host memory the sender holds: live bytes of the gathered CPU copies (LiveBytes),
+    # against one chunk, the largest tensor and the tied ones (kept until their last name)
+    live = LiveBytes()
+    for payload, _ in _chunks(_dedupe_shared(live.watch(iter_full_state_dict(module.model))), max_bytes=4096):
+        del payload
+    size = {name: t.numel() * t.element_size() for name, t in plain_state.items()}
+    result["sync_host_memory"] = {
+        "peak": live.peak, "live_after": live.live, "chunk": 4096, "largest": max(size.values()),
+        "tied": sum(n for name, n in size.items() if name not in plain_unique),  # the second names' tensors
+        "total": sum(size[name] for name in plain_unique),
+    }
 
     # 3. reference log-probs: rank 0 scores all pairs, rank 1 none (padding passes keep step)
     mine = pairs if rank == 0 else []

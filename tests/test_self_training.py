@@ -127,26 +127,32 @@ def hf_run(tiny_m0, tmp_path_factory):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("sync_from", ["weights", "export"])
+@pytest.mark.parametrize("sync_from", ["weights", "export", "weights, starts empty"])
 def test_an_engine_with_its_own_copy_gets_m_t_once_per_iteration(sync_from, hf_run, tiny_m0, tmp_path, monkeypatch):
     """The callback's part of a vLLM-like engine, through the CLI (``CopyEngine`` holds its own
     copy of the policy and samples with HFEngine on it). Per iteration: wake_up, exactly one sync
     of M_t (the trainer's weights at that moment; or with ``sync_from: export`` M_0's folder, then
-    ``hf/iteration_000``), the pre- and re-sample calls, then sleep before training. The rounds
-    are byte-identical to HFEngine sampling from the policy in memory."""
+    ``hf/iteration_000``), the pre- and re-sample calls, then sleep before training. An engine
+    that holds no weights yet (VLLMEngine without model_path) starts on M_0's folder, not on a
+    copy of the streamed weights it would have to write first. The rounds are byte-identical
+    to HFEngine sampling from the policy in memory."""
     from hs_star_pl.training.self_training import SelfTrainingCallback
 
     m0, problems = tiny_m0
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
+    starts_empty = sync_from.endswith("starts empty")
     cli = HSStarCLI(args=self_training_args(
         run, m0, problems, "--self_training.engine=tests.helpers.loop_probes.CopyEngine",
-        f"--self_training.engine.init_args.sync_from={sync_from}"))
+        f"--self_training.engine.init_args.sync_from={sync_from.split(',')[0]}",
+        f"--self_training.engine.init_args.starts_empty={str(starts_empty).lower()}"))
     events = callback_of(cli, SelfTrainingCallback).engine.events
     sources = [str(m0), str(run / "hf" / "iteration_000")]
     expected = []
     for t in (0, 1):
         sync = ("sync_weights", True) if sync_from == "weights" else ("load_from_dir", sources[t], True)
+        if starts_empty:
+            sync = ("load_from_dir", sources[0], True) if t == 0 else ("sync_weights", True)
         expected += [("wake_up",), sync, ("generate", 2 * 24), ("generate", 2 * 24), ("sleep",)]
     assert events == expected
     for t in (0, 1):

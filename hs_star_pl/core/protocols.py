@@ -118,7 +118,9 @@ class EngineLifecycle(Offloadable):
       run's export of iteration t-1 after that); when there is none (t=0 with
       ``model.tiny``), :meth:`sync_weights` instead.
     - otherwise (``sync_from == "weights"``): :meth:`sync_weights` with the full weights,
-      streamed one parameter at a time (under ZeRO-3 every rank calls it, in lockstep).
+      streamed one parameter at a time (under ZeRO-3 every rank calls it, in lockstep);
+      except that an engine that has not :attr:`started` starts on M_t's HF folder
+      (:meth:`load_from_dir`) when every rank has one.
 
     After the round's sampling it calls :meth:`sleep`, so training gets the memory back.
     ``load_from_dir`` and ``sync_weights`` return the engine's log-prob check against the
@@ -131,6 +133,14 @@ class EngineLifecycle(Offloadable):
 
     in_process: ClassVar[bool] = False
     sync_from: Literal["weights", "export"] = "weights"
+
+    @property
+    def started(self) -> bool:
+        """Whether the engine serves weights already. One that has not (``VLLMEngine`` with no
+        ``model_path`` before its first round) is started on the HF folder of M_t through
+        :meth:`load_from_dir` when the run has one, whatever ``sync_from`` says: started from
+        streamed weights it would first have to write them to a folder of its own."""
+        return True
 
     def bind(self, model: Any, tokenizer: Any) -> Any:
         """Sample from ``model`` itself (kept by reference); called when ``in_process``."""

@@ -432,7 +432,9 @@ class SelfTrainingCallback(L.Callback):
         an engine that has not started yet starts on it. ``sync_from: export``
         (``load_from_dir``): the engine reloads the HF export of M_t that the run already
         wrote (``policy_export``), so no extra copy of the weights is made; without one (M_0
-        built from ``model.tiny``) the weights are streamed instead. Either way the engine
+        built from ``model.tiny``) the weights are streamed instead. An engine that has not
+        started yet (``started``; e.g. ``VLLMEngine`` without ``model_path``) starts on that HF
+        folder whatever ``sync_from`` says, when every rank has it. Either way the engine
         compares its log-probs with ``module.model``'s afterwards.
         """
         engine = lifecycle_of(self.engine)
@@ -443,15 +445,24 @@ class SelfTrainingCallback(L.Callback):
                 rank_zero_info(f"round {iteration}: the engine reloads M_{iteration} from {path}")
             else:
                 rank_zero_info(f"round {iteration}: no HF export of M_{iteration} (model.tiny): streaming the weights")
+        elif not engine.in_process and not engine.started:
+            # started from streamed weights, the engine would first write them to a folder of
+            # its own: a whole copy of the model per rank (15 GB for a 7B policy). Every rank
+            # decides alike: streaming gathers under ZeRO-3, which all ranks must join.
+            path = self.policy_export(trainer, module, iteration, required=False)
+            if trainer.strategy.reduce_boolean_decision(path is not None, all=True):
+                rank_zero_info(f"round {iteration}: the engine starts on M_{iteration} from {path}")
+                return point_engine_at(self.engine, module.model, module.tokenizer, export_dir=path, reload_export=True)
+            path = None
         return point_engine_at(self.engine, module.model, module.tokenizer, export_dir=path)
 
     @staticmethod
-    def policy_export(trainer: L.Trainer, module: L.LightningModule, iteration: int) -> Path | None:
+    def policy_export(trainer: L.Trainer, module: L.LightningModule, iteration: int, required: bool = True) -> Path | None:
         """The HF folder holding M_t: ``model.model_path`` for t=0, else the export of iteration t-1.
 
-        ``None`` when there is none (t=0 with ``model.tiny``). The export of iteration t-1 is
-        written at the end of its last epoch, before the dataloader of iteration t (and so
-        round t) is built.
+        ``None`` when there is none (t=0 with ``model.tiny``, exports off, or with
+        ``required=False`` a missing export). The export of iteration t-1 is written at the
+        end of its last epoch, before the dataloader of iteration t (and so round t) is built.
         """
         if iteration == 0:
             path = module.model_path
@@ -460,6 +471,8 @@ class SelfTrainingCallback(L.Callback):
         if exporter is None:
             return None
         path = exporter.iteration_dir(trainer, iteration - 1)
+        if not path.is_dir() and not required:
+            return None
         if not path.is_dir():
             raise FileNotFoundError(
                 f"self_training.engine.init_args.sync_from=export: the HF export of M_{iteration} ({path}) "

@@ -41,13 +41,21 @@ class CopyEngine(EngineLifecycle):
         sync_from: ``weights`` (the callback streams the state dict) or ``export`` (it points
             the engine at the HF export of M_t).
         batch_size: the inner ``HFEngine``'s batch size.
+        starts_empty: hold no weights until the first sync (``started`` is false until then),
+            as ``VLLMEngine`` without ``model_path``.
     """
 
-    def __init__(self, sync_from: Literal["weights", "export"] = "weights", batch_size: int = 64) -> None:
+    def __init__(self, sync_from: Literal["weights", "export"] = "weights", batch_size: int = 64,
+                 starts_empty: bool = False) -> None:
         self.sync_from = sync_from
+        self.starts_empty = starts_empty
         self.events: list[tuple[Any, ...]] = []
         self._copy: torch.nn.Module | None = None
         self._inner = HFEngine(batch_size=batch_size, progress=False)
+
+    @property
+    def started(self) -> bool:
+        return self._copy is not None or not self.starts_empty
 
     def wake_up(self) -> None:
         self.events.append(("wake_up",))

@@ -35,10 +35,11 @@ FRAGMENT_BASE = {
     "paper/ablations": [CONFIGS / "strategy" / "deepspeed_zero2.yaml", CONFIGS / "paper" / "hs_star.yaml"],
     "paper/pools": [CONFIGS / "strategy" / "deepspeed_zero2.yaml", CONFIGS / "paper" / "hs_star.yaml"],
     "paper/lora.yaml": [CONFIGS / "strategy" / "deepspeed_zero2.yaml", CONFIGS / "paper" / "hs_star.yaml"],
+    "debug/paper_on_cpu.yaml": [CONFIGS / "strategy" / "deepspeed_zero2.yaml", CONFIGS / "paper" / "hs_star.yaml"],
 }
 # Paper-scale configs name local 7B models that do not exist here: parsed with a tiny random
 # policy and tiny random PRMs in the same layouts (hs_star_pl.prm.hf.build_tiny_prm_dir).
-USER_MODELS = {"paper"}
+USER_MODELS = {"paper", "debug/paper_on_cpu.yaml"}
 
 
 def fragment_base(rel: str) -> list[Path]:
@@ -136,7 +137,7 @@ def test_yaml_parses_through_the_cli(path: Path, tmp_path, monkeypatch, request)
     if rel in NEEDS_M0:
         m0, _ = request.getfixturevalue("tiny_m0")
         args += ["--stepwise_init=null", f"--model.model_path={m0}"]
-    if rel.split("/")[0] in USER_MODELS:
+    if rel.split("/")[0] in USER_MODELS or rel in USER_MODELS:
         args += [f"--model.model_path={request.getfixturevalue('tiny_policy_dir')}"]
         prm = (merged(files).get("self_training") or {}).get("prm")
         if prm:

@@ -269,7 +269,7 @@ def test_a_weight_sync_holds_one_chunk_plus_one_tensor_of_host_memory(tokenizer)
     model = build_tiny_causal_lm(tokenizer, seed=0, hidden_size=32, num_hidden_layers=6)
     from hs_star_pl.engines import VLLMEngine
     from hs_star_pl.engines.vllm import _dedupe_shared
-    from hs_star_pl.lora import iter_policy_weights
+    from hs_star_pl.tensors.lora import iter_policy_weights
     from tests.helpers.host_memory import LiveBytes
 
     chunk = 8192

@@ -53,9 +53,9 @@ def test_each_prm_preset_builds_on_the_cpu_stack(preset, prm_dirs, tmp_path, mon
     pytest.importorskip("deepspeed", reason="deepspeed is not installed (extra [deepspeed])")
     import yaml
 
-    from hs_star_pl.callback import SelfTrainingCallback
+    from hs_star_pl.training.self_training import SelfTrainingCallback
     from hs_star_pl.engines import VLLMEngine
-    from hs_star_pl.strategies import DeepSpeedStrategy
+    from hs_star_pl.training.strategies import DeepSpeedStrategy
 
     monkeypatch.chdir(tmp_path)
     presets = [PRESETS[preset]] if preset in PRESETS else []

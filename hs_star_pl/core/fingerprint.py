@@ -30,7 +30,7 @@ What does not count (``IGNORED``): logging, progress bars and plots; paths of ou
 what to do on failures (``on_empty_round``, ``model.nonfinite_loss``); and resource knobs
 that change how fast or in how much memory the same work is done (worker counts, caches, the
 attention kernel ``attn_implementation`` of the policy and the PRM, ``model.packing``,
-``HFEngine``'s ``kv_cache`` (where the keys and values live), the PRM's batch size and
+``model.logp_chunk_size``, ``HFEngine``'s ``kv_cache`` (where the keys and values live), the PRM's batch size and
 ``offload`` (where its weights wait between rounds), ``data.ref_batch_size``, vLLM's memory,
 sleep, canary and weight-sync settings, devices and strategy), even where batching can
 change floating-point rounding.
@@ -87,7 +87,7 @@ IGNORED = re.compile(
     r"^(?:self_training\.(?:plots|n_iterations|on_empty_round|problem_fields\..*)"
     r"|self_training\.(?:engine|prm|verifier)\.init_args\.(?:" + "|".join(_RESOURCE_ARGS) + r")"
     r"|self_training\.prm\.init_args\.batch_size"
-    r"|model\.(?:nonfinite_loss|gradient_checkpointing|attn_implementation|packing))$"
+    r"|model\.(?:nonfinite_loss|gradient_checkpointing|attn_implementation|packing|logp_chunk_size))$"
 )
 POOL_KEY = "self_training.problems_file"
 MOVED = {

@@ -27,10 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-
-def at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in float32, or as it is when wider (float64 logits stay float64)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+from hs_star_pl.tensors.logps import DEFAULT_CHUNK_SIZE, at_least_float32, padded_positions, selected_logps, sum_per_sequence
 
 
 def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -49,7 +46,8 @@ def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     return torch.gather(logits.log_softmax(-1), 2, targets).squeeze(-1)
 
 
-def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
+                   chunk_size: int | None = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
     """Summed log-probability of the response tokens, ``log pi(y | x)``.
 
     The first token can never be scored (nothing precedes it), so a response must start at
@@ -59,12 +57,19 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask:
         logits: ``(B, T, V)``.
         input_ids: ``(B, T)``.
         response_mask: ``(B, T)``, 1 on response tokens (see module notes).
+        chunk_size: response positions taken to float32 at once (``logps.selected_logps``);
+            ``None`` log-softmaxes every position's logits at once, as before (about three
+            float32 logits tensors of the batch more memory; kept to measure against).
 
     Returns:
-        ``(B,)`` float32.
+        ``(B,)`` float32 (float64 for float64 logits).
     """
-    mask = response_mask[:, 1:].to(torch.float32)
-    return (token_logps(logits, input_ids) * mask).sum(-1)
+    if chunk_size is None:
+        mask = response_mask[:, 1:].to(torch.float32)
+        return (token_logps(logits, input_ids) * mask).sum(-1)
+    source, target, sequence = padded_positions(input_ids, response_mask)
+    token = selected_logps(logits.reshape(-1, logits.shape[-1]), source, target, chunk_size)
+    return sum_per_sequence(token, sequence, input_ids.shape[0])
 
 
 def sft_nll(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

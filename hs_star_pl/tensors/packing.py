@@ -32,8 +32,10 @@ a forward pass of its own, where a cost estimate (tokens plus attention's (query
 ``width_groups``) says the saving outweighs the extra pass. Each sequence is scored in one
 group, so its log-prob is what one row would give, to float rounding.
 
-Log-probs come out per sequence: ``sequence_logps`` gathers the log-softmax of the logits that
-predict each response token and sums them per sequence with ``index_add``; the same tokens as
+Log-probs come out per sequence: ``sequence_logps`` takes the log-softmax of the logits that
+predict each response token, a chunk of positions at a time (``logps``), and sums them per
+sequence with ``index_add``; the module's forward pass goes further and never makes the full
+logits (``logps.head_logps`` on ``source``/``target``/``sequence``). The same tokens as
 ``losses.sequence_logps`` on the padded batch, so the two agree to float rounding
 (``tests/test_packing.py``).
 """
@@ -47,7 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from hs_star_pl.tensors.collate import position_ids_from_mask
-from hs_star_pl.tensors.losses import at_least_float32
+from hs_star_pl.tensors.logps import DEFAULT_CHUNK_SIZE, at_least_float32, selected_logps, sum_per_sequence
 from hs_star_pl.tensors.losses import sequence_logps as padded_sequence_logps
 
 PACKING_MODES = ("sequences", "shared_prompts", "off")
@@ -371,18 +373,23 @@ def _assemble(input_ids: torch.Tensor, spans, units: list[_Unit], pad_token_id: 
     )
 
 
-def sequence_logps(logits: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
+def sequence_logps(logits: torch.Tensor, packed: PackedBatch, chunk_size: int | None = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
     """Summed response log-probs per sequence, ``(n_sequences,)``, in the padded batch's order.
 
     float32, or float64 for float64 logits (as ``losses.sequence_logps``).
 
     Args:
         logits: ``(R, W, V)``, the model's outputs for ``packed.input_ids``.
+        chunk_size: response positions taken to float32 at once (``logps.selected_logps``);
+            ``None`` log-softmaxes them all at once, as before (kept to measure against).
     """
-    rows = at_least_float32(logits.reshape(-1, logits.shape[-1])[packed.source])
-    token = torch.gather(rows.log_softmax(-1), 1, packed.target[:, None]).squeeze(1)
-    out = torch.zeros(packed.n_sequences, dtype=token.dtype, device=logits.device)
-    return out.index_add(0, packed.sequence, token)
+    flat = logits.reshape(-1, logits.shape[-1])
+    if chunk_size is None:
+        rows = at_least_float32(flat[packed.source])
+        token = torch.gather(rows.log_softmax(-1), 1, packed.target[:, None]).squeeze(1)
+    else:
+        token = selected_logps(flat, packed.source, packed.target, chunk_size)
+    return sum_per_sequence(token, packed.sequence, packed.n_sequences)
 
 
 def _probe_batch(vocab_size: int, pad_token_id: int, salt: int) -> dict[str, torch.Tensor]:

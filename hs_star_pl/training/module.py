@@ -41,6 +41,14 @@ from hs_star_pl.tensors.attention import check_attn_implementation
 from hs_star_pl.core.records import PreferencePair
 from hs_star_pl.infra.errors import ConfigError, NonFiniteLossError
 from hs_star_pl.evaluation.protocol import EvalBatch
+from hs_star_pl.tensors.logps import (
+    DEFAULT_CHUNK_SIZE,
+    check_chunk_size,
+    head_logps,
+    padded_positions,
+    selected_logps,
+    sum_per_sequence,
+)
 from hs_star_pl.tensors.lora import LoraSettings, apply_lora
 from hs_star_pl.tensors.losses import chosen_nll, dpo_loss, get_dpo_loss, sequence_logps, token_averaged_nll
 from hs_star_pl.tensors.packing import (
@@ -56,7 +64,7 @@ from hs_star_pl.tensors.packing import (
 from hs_star_pl.tensors.packing import sequence_logps as packed_sequence_logps
 from hs_star_pl.infra.progress import phase_bar
 from hs_star_pl.tensors.schedules import WarmupCosineLR
-from hs_star_pl.tensors.zero import max_over_ranks, needs_lockstep
+from hs_star_pl.tensors.zero import is_zero3_partitioned, max_over_ranks, needs_lockstep
 
 OBJECTIVES = ("dpo", "sft")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -98,6 +106,34 @@ class TinyModelConfig:
 torch.serialization.add_safe_globals([TinyModelConfig, LoraSettings])
 
 
+@torch.no_grad()
+def head_route_problem(model: nn.Module) -> str | None:
+    """Why ``model``'s logits are not ``get_output_embeddings()`` applied to ``get_decoder()``'s
+    last hidden state, or ``None`` when they are (one forward pass of 8 tokens each way, eval mode)."""
+    try:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError, ValueError) as err:
+        return f"the model does not name its decoder and LM head ({err})"
+    if decoder is None or head is None or decoder is model:
+        return "the model does not name its decoder and LM head"
+    param = next(model.parameters())
+    ids = (torch.arange(8, device=param.device) * 7 % int(model.config.vocab_size))[None]
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=ids, use_cache=False).logits
+        rebuilt = head(decoder(input_ids=ids, use_cache=False).last_hidden_state)
+    except Exception as err:  # an architecture whose decoder wants other inputs
+        return f"its decoder could not be run on its own ({type(err).__name__}: {err})"
+    finally:
+        model.train(was_training)
+    eps = torch.finfo(logits.dtype).eps  # the same matmul on the same input: equal, up to a kernel's rounding
+    scale = 1.0 + float(logits.abs().max())
+    if rebuilt.shape != logits.shape or not torch.allclose(rebuilt, logits, rtol=0.0, atol=8 * eps * scale):
+        return "its logits are not its LM head applied to its last hidden state (scaled or soft-capped?)"
+    return None
+
+
 class HSStarModule(L.LightningModule):
     """The policy LM and its training objective.
 
@@ -135,6 +171,15 @@ class HSStarModule(L.LightningModule):
             longest sequence. The same log-probs and losses up to float rounding. Checked once
             on a small batch: a model whose attention does not keep packed sequences apart
             falls back to padded batches with a warning.
+        logp_chunk_size: response positions whose vocabulary-wide logits exist at once when
+            their log-probs are taken (``hs_star_pl.tensors.logps``): the forward pass stops at the
+            last hidden states and the LM head runs on this many positions at a time (with
+            grad, recomputed in the backward pass), so the full logits never exist. Under
+            DeepSpeed ZeRO-3, or for a model whose logits are not its head applied to its last
+            hidden state (checked once on a small batch), the model's logits are made and only
+            their float32 log-softmax is chunked. ``null``: the model's logits, all positions'
+            log-softmax at once (about three float32 logits tensors of the batch more;
+            ``benchmarks/logp_memory.py``). The same log-probs to float rounding.
         optimizer: optimizer factory (LightningCLI ``class_path``); AdamW by default.
         lr_scheduler: scheduler factory, stepped every optimizer step; a
             ``WarmupCosineLR`` without ``total_steps`` gets it from the trainer.
@@ -157,6 +202,7 @@ class HSStarModule(L.LightningModule):
         attn_implementation: str | None = None,
         peft: LoraSettings | None = None,
         packing: Literal["sequences", "shared_prompts", "off"] = "sequences",
+        logp_chunk_size: int | None = DEFAULT_CHUNK_SIZE,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         nonfinite_loss: Literal["raise", "skip"] = "raise",
@@ -195,6 +241,12 @@ class HSStarModule(L.LightningModule):
         if packing not in PACKING_MODES:
             raise ConfigError(f"model.packing must be one of {', '.join(PACKING_MODES)}, got {packing!r}")
         self.packing = packing
+        try:
+            check_chunk_size(logp_chunk_size, "model.logp_chunk_size")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.logp_chunk_size = logp_chunk_size
+        self._head_route: bool | None = None  # whether log-probs come from the hidden states (checked once)
         self._packing_checked: dict[bool, bool] = {}  # by layout (prompts shared or not): the first pass's check
         self._pair_cost: float | None = None  # packing's cost model (attention_pair_cost), once
         self.n_nonfinite_skipped = 0
@@ -320,19 +372,55 @@ class HSStarModule(L.LightningModule):
                 )
             logps = None
             for packed in groups:  # each sequence's log-prob comes from one group, zeros from the others
-                logits = self.model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
-                                    position_ids=packed.position_ids, use_cache=False).logits
-                group_logps = packed_sequence_logps(logits, packed)
+                inputs = dict(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                              position_ids=packed.position_ids)
+                if self.logp_chunk_size is None:  # the whole-vocabulary path, kept to measure against
+                    group_logps = packed_sequence_logps(self.model(**inputs, use_cache=False).logits, packed, None)
+                else:
+                    group_logps = self._chunked_logps(inputs, packed.source, packed.target, packed.sequence,
+                                                      packed.n_sequences)
                 logps = group_logps if logps is None else logps + group_logps
             return logps
         mask = batch["attention_mask"]
-        logits = self.model(
-            input_ids=batch["input_ids"],
-            attention_mask=mask,
-            position_ids=position_ids_from_mask(mask),
-            use_cache=False,
-        ).logits
-        return sequence_logps(logits, batch["input_ids"], batch["response_mask"])
+        inputs = dict(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask))
+        if self.logp_chunk_size is None:
+            logits = self.model(**inputs, use_cache=False).logits
+            return sequence_logps(logits, batch["input_ids"], batch["response_mask"], None)
+        source, target, sequence = padded_positions(batch["input_ids"], batch["response_mask"])
+        return self._chunked_logps(inputs, source, target, sequence, batch["input_ids"].shape[0])
+
+    def _chunked_logps(self, inputs: dict, source: torch.Tensor, target: torch.Tensor, sequence: torch.Tensor,
+                       n_sequences: int) -> torch.Tensor:
+        """One forward pass of ``inputs``; the summed log-probs of the positions ``source`` (``hs_star_pl.tensors.logps``)."""
+        if self.uses_head_route():
+            hidden = self.model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+            token = head_logps(hidden.reshape(-1, hidden.shape[-1]), self.model.get_output_embeddings(), source, target,
+                               self.logp_chunk_size)
+        else:
+            logits = self.model(**inputs, use_cache=False).logits
+            token = selected_logps(logits.reshape(-1, logits.shape[-1]), source, target, self.logp_chunk_size)
+        return sum_per_sequence(token, sequence, n_sequences)
+
+    def uses_head_route(self) -> bool:
+        """Whether log-probs come from the last hidden states through the LM head, chunk by chunk.
+
+        Not under ZeRO-3: a partitioned head is gathered on every call, and the number of chunks
+        differs between ranks (a collective one rank skips hangs them all). Otherwise checked once
+        (``head_route_problem``): a model whose logits are more than its head on its last hidden
+        state (soft-capping, scaling) keeps its own logits, with a warning.
+        """
+        if self._head_route is None:
+            if is_zero3_partitioned(self.model):
+                self._head_route = False
+            else:
+                problem = head_route_problem(self.model)
+                self._head_route = problem is None
+                if problem is not None:
+                    rank_zero_warn(
+                        f"model.logp_chunk_size: {problem}; log-probs are taken from the model's full logits "
+                        f"(chunked in float32 only)"
+                    )
+        return self._head_route
 
     def _packing_mask_dtype(self) -> torch.dtype:
         """The shared-prompt layout's 4-D mask: additive, in the model's dtype.

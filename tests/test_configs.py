@@ -170,6 +170,8 @@ def test_paper_configs_hold_the_papers_settings():
     assert run["model"]["optimizer"]["init_args"]["lr"] == 5e-7 and run["data"]["global_batch_size"] == 256
     assert run["model"]["lr_scheduler"]["init_args"]["warmup_ratio"] == 0.03
     assert run["trainer"]["strategy"]["init_args"]["stage"] == 2
+    # from docs/scale.md's memory table: with chunked log-probs 16 reference pairs fit beside the resident PRM
+    assert run["data"]["ref_batch_size"] == 16 and st["prm"]["init_args"]["offload"] == "none"
     thresholds = {
         "skywork_o1_7b.yaml": ("SkyworkPRM", 0.15, 0.65),
         "skywork_o1_1.5b.yaml": ("SkyworkPRM", 0.25, 0.5),

@@ -17,7 +17,8 @@ routes, one result to float rounding:
   a LoRA-adapted or tied head works unchanged (the idea of Liger's fused linear cross-entropy,
   in plain torch and with autograd doing the head's gradients).
 * ``selected_logps``, **from the model's logits**: for a model whose logits are not its head
-  applied to its last hidden state (soft-capped or scaled logits), and under DeepSpeed ZeRO-3,
+  applied to its last hidden state (soft-capped or scaled logits: ``head_route_problem`` runs
+  one 8-token forward pass each way to tell), and under DeepSpeed ZeRO-3,
   where a partitioned head gathered once per chunk would make the number of collectives
   depend on each rank's data. The logits exist (in the model's dtype); only the float32 work
   is chunked, and the backward pass writes their gradient chunk by chunk into one tensor (TRL's
@@ -153,3 +154,31 @@ def head_logps(hidden: torch.Tensor, head: nn.Module, source: torch.Tensor, targ
         for p in parts:
             out.append(_reduce_rows_(at_least_float32(head(rows[p])), target[p])[0])
     return torch.cat(out)
+
+
+@torch.no_grad()
+def head_route_problem(model: nn.Module) -> str | None:
+    """Why ``model``'s logits are not ``get_output_embeddings()`` applied to ``get_decoder()``'s
+    last hidden state, or ``None`` when they are (one forward pass of 8 tokens each way, eval mode)."""
+    try:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError, ValueError) as err:
+        return f"the model does not name its decoder and LM head ({err})"
+    if decoder is None or head is None or decoder is model:
+        return "the model does not name its decoder and LM head"
+    param = next(model.parameters())
+    ids = (torch.arange(8, device=param.device) * 7 % int(model.config.vocab_size))[None]
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=ids, use_cache=False).logits
+        rebuilt = head(decoder(input_ids=ids, use_cache=False).last_hidden_state)
+    except Exception as err:  # an architecture whose decoder wants other inputs
+        return f"its decoder could not be run on its own ({type(err).__name__}: {err})"
+    finally:
+        model.train(was_training)
+    eps = torch.finfo(logits.dtype).eps  # the same matmul on the same input: equal, up to a kernel's rounding
+    scale = 1.0 + float(logits.abs().max())
+    if rebuilt.shape != logits.shape or not torch.allclose(rebuilt, logits, rtol=0.0, atol=8 * eps * scale):
+        return "its logits are not its LM head applied to its last hidden state (scaled or soft-capped?)"
+    return None

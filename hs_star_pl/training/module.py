@@ -45,6 +45,7 @@ from hs_star_pl.tensors.logps import (
     DEFAULT_CHUNK_SIZE,
     check_chunk_size,
     head_logps,
+    head_route_problem,
     padded_positions,
     selected_logps,
     sum_per_sequence,
@@ -104,34 +105,6 @@ class TinyModelConfig:
 # The checkpoint's hyper-parameters hold these settings objects; torch.load's weights-only
 # unpickler (Lightning's default on resume) refuses classes it has not been told are plain data.
 torch.serialization.add_safe_globals([TinyModelConfig, LoraSettings])
-
-
-@torch.no_grad()
-def head_route_problem(model: nn.Module) -> str | None:
-    """Why ``model``'s logits are not ``get_output_embeddings()`` applied to ``get_decoder()``'s
-    last hidden state, or ``None`` when they are (one forward pass of 8 tokens each way, eval mode)."""
-    try:
-        decoder, head = model.get_decoder(), model.get_output_embeddings()
-    except (AttributeError, NotImplementedError, ValueError) as err:
-        return f"the model does not name its decoder and LM head ({err})"
-    if decoder is None or head is None or decoder is model:
-        return "the model does not name its decoder and LM head"
-    param = next(model.parameters())
-    ids = (torch.arange(8, device=param.device) * 7 % int(model.config.vocab_size))[None]
-    was_training = model.training
-    model.eval()
-    try:
-        logits = model(input_ids=ids, use_cache=False).logits
-        rebuilt = head(decoder(input_ids=ids, use_cache=False).last_hidden_state)
-    except Exception as err:  # an architecture whose decoder wants other inputs
-        return f"its decoder could not be run on its own ({type(err).__name__}: {err})"
-    finally:
-        model.train(was_training)
-    eps = torch.finfo(logits.dtype).eps  # the same matmul on the same input: equal, up to a kernel's rounding
-    scale = 1.0 + float(logits.abs().max())
-    if rebuilt.shape != logits.shape or not torch.allclose(rebuilt, logits, rtol=0.0, atol=8 * eps * scale):
-        return "its logits are not its LM head applied to its last hidden state (scaled or soft-capped?)"
-    return None
 
 
 class HSStarModule(L.LightningModule):
@@ -409,17 +382,16 @@ class HSStarModule(L.LightningModule):
         (``head_route_problem``): a model whose logits are more than its head on its last hidden
         state (soft-capping, scaling) keeps its own logits, with a warning.
         """
+        if is_zero3_partitioned(self.model):  # asked every time: a model may be partitioned after its first pass
+            return False
         if self._head_route is None:
-            if is_zero3_partitioned(self.model):
-                self._head_route = False
-            else:
-                problem = head_route_problem(self.model)
-                self._head_route = problem is None
-                if problem is not None:
-                    rank_zero_warn(
-                        f"model.logp_chunk_size: {problem}; log-probs are taken from the model's full logits "
-                        f"(chunked in float32 only)"
-                    )
+            problem = head_route_problem(self.model)
+            self._head_route = problem is None
+            if problem is not None:
+                rank_zero_warn(
+                    f"model.logp_chunk_size: {problem}; log-probs are taken from the model's full logits "
+                    f"(chunked in float32 only)"
+                )
         return self._head_route
 
     def _packing_mask_dtype(self) -> torch.dtype:

@@ -52,6 +52,7 @@ def main(out: Path, device_type: str) -> None:
     plain_state = {k: v.clone() for k, v in module.model.state_dict().items()}
     plain_unique = [name for name, _ in _dedupe_shared(module.model.state_dict().items())]  # tied lm_head dropped
     plain_ref = module.compute_reference_logps(pairs, max_length=64, batch_size=2)
+    plain_head_route = module.uses_head_route()
     engine = HFEngine(batch_size=2, progress=False, seed_scope="request").bind(module.model, module.tokenizer)
     plain_samples = engine.generate(requests, params)
 
@@ -108,6 +109,9 @@ def main(out: Path, device_type: str) -> None:
     zero3_ref = module.compute_reference_logps(mine, max_length=64, batch_size=2)
     result["ref"] = [(p.ref_chosen_logp, p.ref_rejected_logp) for p in zero3_ref]
     result["plain_ref"] = [(p.ref_chosen_logp, p.ref_rejected_logp) for p in plain_ref] if rank == 0 else []
+    # the plain pass above chose the LM-head route; partitioned, the model's own logits (a head
+    # gathered per chunk would gather a data-dependent number of times per rank)
+    result["head_route_plain_then_zero3"] = [plain_head_route, module.uses_head_route()]
 
     # 4. HFEngine sampling: rank 0 has two requests in several batches, rank 1 none
     engine.bind(module.model, module.tokenizer)

@@ -79,7 +79,7 @@ def build_model_folder(folder: Path) -> Path:
     import torch
     from transformers import Qwen2ForCausalLM
 
-    from hs_star_pl.tiny import build_byte_tokenizer, save_checkpoint_dir, tiny_qwen2_config
+    from hs_star_pl.tensors.tiny import build_byte_tokenizer, save_checkpoint_dir, tiny_qwen2_config
 
     tokenizer = build_byte_tokenizer()
     config = tiny_qwen2_config(VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -102,8 +102,8 @@ def run_case(name: str, folder: Path, n_pairs: int, n_tokens: int, chunk_size: i
     """One case, in this process: the peak growth of the pass."""
     import torch
 
-    from hs_star_pl.collate import collate_pairs, encode_pair
-    from hs_star_pl.module import HSStarModule
+    from hs_star_pl.tensors.collate import collate_pairs, encode_pair
+    from hs_star_pl.training.module import HSStarModule
 
     which, whole, logits_route = CASES[name]
     module = HSStarModule(model_path=str(folder), logp_chunk_size=None if whole else chunk_size,
@@ -156,7 +156,7 @@ def main() -> None:
     parser.add_argument("--model-folder", help=argparse_hidden(), default=None)
     args = parser.parse_args()
     setup_torch(args.threads)
-    from hs_star_pl.logps import DEFAULT_CHUNK_SIZE
+    from hs_star_pl.tensors.logps import DEFAULT_CHUNK_SIZE
 
     chunk_size = args.chunk_size or DEFAULT_CHUNK_SIZE
     n_pairs, n_tokens = (1, 64) if args.quick else (args.pairs, args.tokens)

@@ -136,7 +136,7 @@ def test_chunked_module_gives_the_whole_vocabulary_losses_gradients_and_referenc
     batch = _dpo_batch(module)
     loss, grads, ref = _loss_grads_and_ref(module, batch, None)
     assert abs(float(loss) - 0.6931472) > 0.05 and grads  # a loss away from ln 2
-    assert module.uses_head_route()
+    assert module.logp_route() == "head"
     for chunk_size in (1, 7, 10**6):
         c_loss, c_grads, c_ref = _loss_grads_and_ref(module, batch, chunk_size)
         _close(c_loss, loss, f"loss, chunk {chunk_size}")
@@ -175,7 +175,7 @@ def test_a_model_whose_logits_are_not_its_head_output_keeps_its_own_logits_with_
 
     module.model.forward = soft_capped
     with pytest.warns(UserWarning, match="model.logp_chunk_size: its logits are not its LM head applied"):
-        assert not module.uses_head_route()
+        assert module.logp_route() == "logits"
     batch = _dpo_batch(module)
     loss, grads, ref = _loss_grads_and_ref(module, batch, None)
     c_loss, c_grads, c_ref = _loss_grads_and_ref(module, batch, 5)
@@ -197,7 +197,7 @@ def test_a_lora_adapted_lm_head_gets_the_same_adapter_gradients_chunked():
     batch = _dpo_batch(module)
     loss, grads, _ = _loss_grads_and_ref(module, batch, None)
     c_loss, c_grads, _ = _loss_grads_and_ref(module, batch, 6)
-    assert module.uses_head_route()
+    assert module.logp_route() == "head"
     assert any("lm_head" in name for name in grads) and all("lora" in name for name in grads)
     _close(c_loss, loss)
     for name, grad in grads.items():

@@ -280,7 +280,7 @@ def test_reference_logps_are_computed_in_eval_mode_without_grad():
     module = tiny_module()
     module.train()
     module.packing_active()  # the one-time checks run their own small forward passes first
-    module.uses_head_route()
+    module.logp_route()
     seen: list[tuple[bool, bool]] = []
     hook = module.model.get_decoder().register_forward_pre_hook(lambda m, _: seen.append((m.training, torch.is_grad_enabled())))
     try:
@@ -304,7 +304,7 @@ def test_gradient_checkpointing_recomputes_activations_and_gives_the_same_gradie
     for name, module in (("plain", plain), ("checkpointed", checkpointed)):
         module.train()
         module.packing_active()  # the one-time checks run their own small forward passes first
-        module.uses_head_route()
+        module.logp_route()
         layer = module.model.model.layers[0]
         hook = layer.register_forward_pre_hook(lambda *_, name=name: layer_calls.__setitem__(name, layer_calls[name] + 1))
         loss = module.model_step(batch, "train")

@@ -56,7 +56,8 @@ def test_zero3_paths_that_touch_the_whole_model(tmp_path):
     for ours, plain in zip(r0["ref"], r0["plain_ref"]):
         for a, b in zip(ours, plain):
             assert abs(a - b) <= sequence_logp_tolerance(64, 257, b), (ours, plain)
-    assert r0["head_route_plain_then_zero3"] == r1["head_route_plain_then_zero3"] == [True, False]
+    assert r0["routes_plain_zero3_zero3_grad"] == r1["routes_plain_zero3_zero3_grad"] == ["head", "gathered head", "logits"]
+    assert r0["zero3_reference_full_logits"] == r1["zero3_reference_full_logits"] == 0  # only the decoder, then the head
     # HFEngine: rank 0 sampled 8 sequences in 4 batches, rank 1 ran dummy batches alongside
     assert r0["samples"] == r0["plain_samples"] and sum(map(len, r0["samples"].values())) == 8
     assert r1["samples"] == {}

@@ -21,7 +21,8 @@ are present; on a plain model every helper is a cheap no-op.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -56,6 +57,21 @@ def max_over_ranks(value: int, device: torch.device | str = "cpu") -> int:
     t = torch.tensor([value], dtype=torch.long, device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return int(t.item())
+
+
+@contextmanager
+def gathered(params: Iterable[torch.nn.Parameter | None]) -> Iterator[None]:
+    """``params`` whole inside the block: under ZeRO-3 gathered (a collective: every rank must
+    enter it) and released at its end; plain parameters as they are. ``None`` entries are skipped.
+    The block must not change them (nothing is written back)."""
+    params = [p for p in params if p is not None]
+    if not any(hasattr(p, "ds_id") for p in params):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
 
 
 def iter_full_state_dict(model: torch.nn.Module, *, copy: bool = True) -> Iterator[tuple[str, torch.Tensor | None]]:

@@ -24,11 +24,13 @@ import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
@@ -65,7 +67,7 @@ from hs_star_pl.tensors.packing import (
 from hs_star_pl.tensors.packing import sequence_logps as packed_sequence_logps
 from hs_star_pl.infra.progress import phase_bar
 from hs_star_pl.tensors.schedules import WarmupCosineLR
-from hs_star_pl.tensors.zero import is_zero3_partitioned, max_over_ranks, needs_lockstep
+from hs_star_pl.tensors.zero import gathered, is_zero3_partitioned, max_over_ranks, needs_lockstep
 
 OBJECTIVES = ("dpo", "sft")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -148,9 +150,10 @@ class HSStarModule(L.LightningModule):
             their log-probs are taken (``hs_star_pl.tensors.logps``): the forward pass stops at the
             last hidden states and the LM head runs on this many positions at a time (with
             grad, recomputed in the backward pass), so the full logits never exist. Under
-            DeepSpeed ZeRO-3, or for a model whose logits are not its head applied to its last
+            DeepSpeed ZeRO-3 the head's weight is gathered once per pass without grad; with
+            grad there, and for a model whose logits are not its head applied to its last
             hidden state (checked once on a small batch), the model's logits are made and only
-            their float32 log-softmax is chunked. ``null``: the model's logits, all positions'
+            their float32 log-softmax is chunked (``logp_route``). ``null``: the model's logits, all positions'
             log-softmax at once (about three float32 logits tensors of the batch more;
             ``benchmarks/logp_memory.py``). The same log-probs to float rounding.
         optimizer: optimizer factory (LightningCLI ``class_path``); AdamW by default.
@@ -365,25 +368,33 @@ class HSStarModule(L.LightningModule):
     def _chunked_logps(self, inputs: dict, source: torch.Tensor, target: torch.Tensor, sequence: torch.Tensor,
                        n_sequences: int) -> torch.Tensor:
         """One forward pass of ``inputs``; the summed log-probs of the positions ``source`` (``hs_star_pl.tensors.logps``)."""
-        if self.uses_head_route():
-            hidden = self.model.get_decoder()(**inputs, use_cache=False).last_hidden_state
-            token = head_logps(hidden.reshape(-1, hidden.shape[-1]), self.model.get_output_embeddings(), source, target,
-                               self.logp_chunk_size)
-        else:
+        route = self.logp_route()
+        if route == "logits":
             logits = self.model(**inputs, use_cache=False).logits
             token = selected_logps(logits.reshape(-1, logits.shape[-1]), source, target, self.logp_chunk_size)
+            return sum_per_sequence(token, sequence, n_sequences)
+        hidden = self.model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        head = self.model.get_output_embeddings()
+        if route == "gathered head":  # ZeRO-3, no grad: one gather per pass, the same on every rank
+            with gathered([head.weight, head.bias]):
+                token = head_logps(hidden, partial(F.linear, weight=head.weight, bias=head.bias), source, target,
+                                   self.logp_chunk_size)
+        else:
+            token = head_logps(hidden, head, source, target, self.logp_chunk_size)
         return sum_per_sequence(token, sequence, n_sequences)
 
-    def uses_head_route(self) -> bool:
-        """Whether log-probs come from the last hidden states through the LM head, chunk by chunk.
+    def logp_route(self) -> Literal["head", "gathered head", "logits"]:
+        """How this pass takes its response log-probs (``hs_star_pl.tensors.logps``).
 
-        Not under ZeRO-3: a partitioned head is gathered on every call, and the number of chunks
-        differs between ranks (a collective one rank skips hangs them all). Otherwise checked once
-        (``head_route_problem``): a model whose logits are more than its head on its last hidden
-        state (soft-capping, scaling) keeps its own logits, with a warning.
+        ``head``: the LM head on a chunk of the last hidden states at a time. ``gathered head``:
+        the same under ZeRO-3 without grad (the reference pass, validation), the head's weight
+        gathered once for the pass and applied per chunk. ``logits``: the model's own logits,
+        chunked in float32 only; under ZeRO-3 with grad (a partitioned head called per chunk
+        would gather a different number of times on each rank, and a collective one rank skips
+        hangs them all), and for a model whose logits are more than its head on its last hidden
+        state (soft-capping, scaling; checked once by ``head_route_problem``, with a warning).
         """
-        if is_zero3_partitioned(self.model):  # asked every time: a model may be partitioned after its first pass
-            return False
         if self._head_route is None:
             problem = head_route_problem(self.model)
             self._head_route = problem is None
@@ -392,7 +403,12 @@ class HSStarModule(L.LightningModule):
                     f"model.logp_chunk_size: {problem}; log-probs are taken from the model's full logits "
                     f"(chunked in float32 only)"
                 )
-        return self._head_route
+        if not self._head_route:
+            return "logits"
+        if is_zero3_partitioned(self.model):  # asked every pass: a model may be partitioned after its first
+            plain = type(self.model.get_output_embeddings()) is nn.Linear
+            return "gathered head" if plain and not torch.is_grad_enabled() else "logits"
+        return "head"
 
     def _packing_mask_dtype(self) -> torch.dtype:
         """The shared-prompt layout's 4-D mask: additive, in the model's dtype.

@@ -52,7 +52,7 @@ def main(out: Path, device_type: str) -> None:
     plain_state = {k: v.clone() for k, v in module.model.state_dict().items()}
     plain_unique = [name for name, _ in _dedupe_shared(module.model.state_dict().items())]  # tied lm_head dropped
     plain_ref = module.compute_reference_logps(pairs, max_length=64, batch_size=2)
-    plain_head_route = module.uses_head_route()
+    plain_route = module.logp_route()
     engine = HFEngine(batch_size=2, progress=False, seed_scope="request").bind(module.model, module.tokenizer)
     plain_samples = engine.generate(requests, params)
 
@@ -106,12 +106,19 @@ def main(out: Path, device_type: str) -> None:
 
     # 3. reference log-probs: rank 0 scores all pairs, rank 1 none (padding passes keep step)
     mine = pairs if rank == 0 else []
+    full_logits = []  # forward passes of the whole model (logits of every position)
+    hook = module.model.register_forward_pre_hook(lambda *_: full_logits.append(1))
     zero3_ref = module.compute_reference_logps(mine, max_length=64, batch_size=2)
+    hook.remove()
+    result["zero3_reference_full_logits"] = len(full_logits)
     result["ref"] = [(p.ref_chosen_logp, p.ref_rejected_logp) for p in zero3_ref]
     result["plain_ref"] = [(p.ref_chosen_logp, p.ref_rejected_logp) for p in plain_ref] if rank == 0 else []
-    # the plain pass above chose the LM-head route; partitioned, the model's own logits (a head
-    # gathered per chunk would gather a data-dependent number of times per rank)
-    result["head_route_plain_then_zero3"] = [plain_head_route, module.uses_head_route()]
+    # the plain pass above chose the LM head per chunk; partitioned, the head is gathered once per
+    # pass without grad, and with grad the model's own logits are used (a head gathered per chunk
+    # would gather a data-dependent number of times per rank)
+    with torch.no_grad():
+        no_grad_route = module.logp_route()
+    result["routes_plain_zero3_zero3_grad"] = [plain_route, no_grad_route, module.logp_route()]
 
     # 4. HFEngine sampling: rank 0 has two requests in several batches, rank 1 none
     engine.bind(module.model, module.tokenizer)

@@ -13,7 +13,9 @@ own:
 
 Each with the log-probs taken as before (``model.logp_chunk_size: null``: the model's logits,
 every response row in float32 and log-softmaxed at once), chunked from the model's logits (the
-route under DeepSpeed ZeRO-3), and chunked through the LM head (the default). The table gives the
+logits route: a training step under DeepSpeed ZeRO-3, and models with soft-capped or scaled
+logits), and chunked through the LM head (the default; ZeRO-3's reference pass too, with the
+head's weight gathered once). The table gives the
 growth of the process's peak resident memory during the pass, over its resident memory just
 before (the peak is reset through ``/proc/self/clear_refs``; the one-time checks and a warm-up
 pass run first), in bytes and in units of *one float32 logits tensor of the batch* (positions
@@ -42,10 +44,10 @@ from bench_common import common_parser, emit, setup_torch
 VOCAB = 152_064
 CASES = {  # name -> (pass, logp_chunk_size is None, route forced to the model's logits)
     "reference, whole vocabulary (before)": ("reference", True, False),
-    "reference, chunked logits (ZeRO-3 route)": ("reference", False, True),
+    "reference, chunked logits (logits route)": ("reference", False, True),
     "reference, chunked through the head": ("reference", False, False),
     "training step, whole vocabulary (before)": ("training", True, False),
-    "training step, chunked logits (ZeRO-3 route)": ("training", False, True),
+    "training step, chunked logits (logits route)": ("training", False, True),
     "training step, chunked through the head": ("training", False, False),
 }
 GOALS = {"reference": 0.25, "training": 1.5}
@@ -109,7 +111,7 @@ def run_case(name: str, folder: Path, n_pairs: int, n_tokens: int, chunk_size: i
     module = HSStarModule(model_path=str(folder), logp_chunk_size=None if whole else chunk_size,
                           optimizer=torch.optim.SGD)
     if logits_route:
-        module._head_route = False  # the route ZeRO-3 takes (the head cannot be gathered per chunk there)
+        module._head_route = False  # as for a soft-capped model: logp_route() gives "logits"
     pairs = make_pairs(n_pairs, n_tokens)
     encoded = [encode_pair(module.tokenizer, p, n_tokens) for p in pairs]
     if any(e is None for e in encoded) or any(len(s.ids) != n_tokens for e in encoded for s in e):

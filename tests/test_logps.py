@@ -10,6 +10,7 @@ is many orders of magnitude larger.
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -123,8 +124,10 @@ def test_head_logps_equal_the_full_logits_and_give_the_head_its_gradient():
     _close(got, expected)
     for g, e in zip(got_grads, expected_grads, strict=True):
         _close(g, e)
-    with torch.no_grad():  # the in-place path
+    with torch.no_grad():  # the in-place path; and a function of the rows, as ZeRO-3's gathered weight is applied
         _close(head_logps(hidden, head, source, target, chunk_size=5), expected.detach())
+        linear = partial(torch.nn.functional.linear, weight=head.weight, bias=head.bias)
+        _close(head_logps(hidden, linear, source, target, chunk_size=5), expected.detach())
 
 
 # -- the module ------------------------------------------------------------------------------

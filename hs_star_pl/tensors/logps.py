@@ -18,9 +18,10 @@ routes, one result to float rounding:
   in plain torch and with autograd doing the head's gradients).
 * ``selected_logps``, **from the model's logits**: for a model whose logits are not its head
   applied to its last hidden state (soft-capped or scaled logits: ``head_route_problem`` runs
-  one 8-token forward pass each way to tell), and under DeepSpeed ZeRO-3,
+  one 8-token forward pass each way to tell), and for a training step under DeepSpeed ZeRO-3,
   where a partitioned head gathered once per chunk would make the number of collectives
-  depend on each rank's data. The logits exist (in the model's dtype); only the float32 work
+  depend on each rank's data (without grad the module gathers the head once per pass and
+  takes the first route). The logits exist (in the model's dtype); only the float32 work
   is chunked, and the backward pass writes their gradient chunk by chunk into one tensor (TRL's
   selective log-softmax, with a custom backward).
 
@@ -30,6 +31,8 @@ A position is named by its flat index into the forward pass's ``(rows x width)``
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -130,8 +133,8 @@ def _chunk_logps(head: nn.Module, hidden: torch.Tensor, target: torch.Tensor) ->
     return logits.gather(1, target[:, None]).squeeze(1) - logits.logsumexp(-1)
 
 
-def head_logps(hidden: torch.Tensor, head: nn.Module, source: torch.Tensor, target: torch.Tensor,
-               chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+def head_logps(hidden: torch.Tensor, head: nn.Module | Callable[[torch.Tensor], torch.Tensor], source: torch.Tensor,
+               target: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
     """Log-probs ``(N,)`` of ``target`` at the positions ``source``, the LM head applied per chunk.
 
     float32, or float64 for a float64 head. With grad, each chunk's logits are recomputed in
@@ -140,14 +143,16 @@ def head_logps(hidden: torch.Tensor, head: nn.Module, source: torch.Tensor, targ
 
     Args:
         hidden: ``(M, H)``, the decoder's last hidden states with the positions flattened.
-        head: the LM head (``model.get_output_embeddings()``), called as a module.
+        head: the LM head (``model.get_output_embeddings()``), called as the module it is; or
+            any function of the hidden rows (a linear map of a gathered ZeRO-3 weight).
         source: ``(N,)`` rows of ``hidden`` to score.
         target: ``(N,)`` the token each of those rows predicts.
         chunk_size: positions through the head at once.
     """
     rows = hidden[source]
     parts = _chunks(source.shape[0], chunk_size)  # at least one: the head stays in the graph
-    if torch.is_grad_enabled() and (rows.requires_grad or any(p.requires_grad for p in head.parameters())):
+    params = head.parameters() if isinstance(head, nn.Module) else ()
+    if torch.is_grad_enabled() and (rows.requires_grad or any(p.requires_grad for p in params)):
         return torch.cat([checkpoint(_chunk_logps, head, rows[p], target[p], use_reentrant=False) for p in parts])
     out = []
     with torch.no_grad():

@@ -334,18 +334,13 @@ def test_bf16_weights_train_with_dpo(tmp_path):
 
 
 class _CountingModule(HSStarModule):
-    """Counts reference passes and, at every training step, the models alive besides the policy."""
+    """Counts, at every training step, the models alive besides the policy."""
 
     def __init__(self, *args, known_model_ids: set[int], **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.known = known_model_ids | {id(m) for m in self.model.modules()}
-        self.reference_calls: list[int] = []
         self.other_models: list[int] = []
         self.first_losses: dict[int, float] = {}
-
-    def compute_reference_logps(self, pairs, **kwargs):
-        self.reference_calls.append(self.trainer.current_epoch if self._trainer else -1)
-        return super().compute_reference_logps(pairs, **kwargs)
 
     def training_step(self, batch, batch_idx):
         self.other_models.append(len([o for o in _live_models() if id(o) not in self.known]))
@@ -363,11 +358,21 @@ def _live_models() -> list:
     return [o for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
 
 
-def test_each_iteration_is_referenced_by_the_policy_at_its_start_without_a_second_model(tmp_path):
+def test_each_iteration_is_referenced_by_the_policy_at_its_start_without_a_second_model(tmp_path, monkeypatch):
     """Two iterations served like the self-training callback serves them (an example source
     asked when Lightning builds each epoch's dataloader). Iteration 1's pairs are new, so their
     reference is computed once, from the policy after iteration 0's training: its first loss is
     log 2 again although the policy has moved. No causal LM besides the policy is ever alive."""
+    from hs_star_pl.training import reference
+
+    reference_passes: list[int] = []  # the epoch of each reference pass (the real one, recorded)
+    real_pass = reference.score_pairs
+
+    def recorded_pass(policy, pairs, **kwargs):
+        reference_passes.append(policy.trainer.current_epoch)
+        return real_pass(policy, pairs, **kwargs)
+
+    monkeypatch.setattr(reference, "score_pairs", recorded_pass)
     module = _CountingModule(tiny=TinyModelConfig(hidden_size=32), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
                              known_model_ids={id(o) for o in _live_models()})
     iterations = {0: _pairs(4), 1: [dataclasses.replace(p, problem_id=f"next{i}", chosen=p.chosen + " so",
@@ -377,7 +382,7 @@ def test_each_iteration_is_referenced_by_the_policy_at_its_start_without_a_secon
     recorder = _LossRecorder()
     trainer = cpu_trainer(tmp_path, max_epochs=2, reload_dataloaders_every_n_epochs=1, callbacks=[recorder])
     trainer.fit(module, dm)
-    assert module.reference_calls == [0, 1]  # once per iteration, not per batch or per epoch rebuild
+    assert reference_passes == [0, 1]  # once per iteration, not per batch or per epoch rebuild
     assert module.first_losses[0] == pytest.approx(math.log(2), abs=1e-5)
     assert recorder.losses[1] < math.log(2) - 1e-3  # the policy moved during iteration 0 ...
     assert module.first_losses[1] == pytest.approx(math.log(2), abs=1e-5)  # ... and is iteration 1's reference
@@ -408,3 +413,16 @@ def test_export_after_the_last_epoch_of_each_iteration(tmp_path):
             torch.testing.assert_close(tensor, snapshots[epoch][name])
     weight = "model.layers.0.mlp.down_proj.weight"
     assert not torch.equal(snapshots[0][weight], snapshots[1][weight])  # so epoch 0's weights would differ
+
+
+def test_the_module_is_the_policy_the_shell_asks_for_and_anything_else_is_named():
+    from hs_star_pl.training.policy import Policy, context_length, require_policy
+
+    module = tiny_module()
+    assert isinstance(module, Policy) and require_policy(module, "the DPO reference pass") is module
+    assert context_length(module) == module.model.config.max_position_embeddings
+    with pytest.raises(TypeError, match=r"^the DPO reference pass needs the policy module \(HSStarModule, the model\.\* "
+                                        r"group\), got BoringModel$"):
+        from lightning.pytorch.demos.boring_classes import BoringModel
+
+        require_policy(BoringModel(), "the DPO reference pass")

@@ -27,6 +27,7 @@ from typing import Any
 from hs_star_pl.core.iterations import IterationClock
 from hs_star_pl.core.records import Problem
 from hs_star_pl.infra.errors import ConfigError
+from hs_star_pl.training.policy import Policy, context_length
 
 # target -> source of the CLI's ``link_arguments``: the user sets the source only.
 LINKS: dict[str, str] = {
@@ -135,28 +136,27 @@ def self_training_errors(
     return errors
 
 
-def long_prompts_warning(problems: Sequence[Problem], policy: Any, render: Callable[[str], str], max_new_tokens: int,
+def long_prompts_warning(problems: Sequence[Problem], policy: Policy, render: Callable[[str], str], max_new_tokens: int,
                          problems_file: str | None) -> str | None:
     """A warning when prompts leave no room in the policy's context for ``max_new_tokens``.
 
     ``render`` turns a question into its prompt (``MathDataModule.render_prompt``).
 
-    The context is ``policy.model.config.max_position_embeddings``, the tokenizer
-    ``policy.tokenizer``; without either there is nothing to check. Such a problem cannot be
+    The context is ``policy.model.config.max_position_embeddings``; without it there is
+    nothing to check. Such a problem cannot be
     read whole and answered, yet is sampled like any other; usually the wrong field was taken
     as the question, or the model is not the intended one. Only prompts whose UTF-8 length
     could exceed the room are tokenized (a token covers at least one byte).
     """
-    tokenizer = getattr(policy, "tokenizer", None)
-    context = getattr(getattr(getattr(policy, "model", None), "config", None), "max_position_embeddings", None)
-    if tokenizer is None or not isinstance(context, int):
+    context = context_length(policy)
+    if context is None:
         return None
     room = context - max_new_tokens
     prompts = {p.id: render(p.question) for p in problems}
     maybe = [pid for pid, text in prompts.items() if len(text.encode("utf-8")) + 8 > room]
     if not maybe:
         return None
-    lengths = dict(zip(maybe, (len(ids) for ids in tokenizer([prompts[pid] for pid in maybe])["input_ids"])))
+    lengths = dict(zip(maybe, (len(ids) for ids in policy.tokenizer([prompts[pid] for pid in maybe])["input_ids"])))
     over = {pid: n for pid, n in lengths.items() if n > room}
     if not over:
         return None

@@ -22,7 +22,7 @@ import hashlib
 import math
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -37,7 +37,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from hs_star_pl.infra import faults
-from hs_star_pl.tensors.collate import collate_pairs, encode_example, encode_pair, is_empty_iteration, position_ids_from_mask
+from hs_star_pl.tensors.collate import is_empty_iteration, position_ids_from_mask
 from hs_star_pl.core.protocols import Completion
 from hs_star_pl.tensors.attention import check_attn_implementation
 from hs_star_pl.core.records import PreferencePair
@@ -65,9 +65,9 @@ from hs_star_pl.tensors.packing import (
     packing_problem,
 )
 from hs_star_pl.tensors.packing import sequence_logps as packed_sequence_logps
-from hs_star_pl.infra.progress import phase_bar
 from hs_star_pl.tensors.schedules import WarmupCosineLR
-from hs_star_pl.tensors.zero import gathered, is_zero3_partitioned, max_over_ranks, needs_lockstep
+from hs_star_pl.tensors.zero import gathered, is_zero3_partitioned, needs_lockstep
+from hs_star_pl.training.reference import score_pairs
 
 OBJECTIVES = ("dpo", "sft")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -447,7 +447,6 @@ class HSStarModule(L.LightningModule):
                 )
         return self._packing_checked[share]
 
-    @torch.no_grad()
     def compute_reference_logps(
         self,
         pairs: Sequence[PreferencePair],
@@ -457,68 +456,16 @@ class HSStarModule(L.LightningModule):
         sort_by_length: bool = True,
         progress: bool = False,
     ) -> list[PreferencePair]:
-        """Reference log-probs of every pair under the policy as it is now.
+        """Reference log-probs of every pair under the policy as it is now (``reference.score_pairs``).
 
-        Call it at the start of an iteration, before any training step: the policy then *is*
-        that iteration's reference, so no second model is needed. Runs in eval mode with no
-        grad (the previous mode is restored) and under the trainer's precision context when
-        attached, so step 0 of training sees exactly these values.
-
-        Args:
-            pairs: the iteration's pairs, prompts already rendered.
-            max_length: the DataModule's ``max_length`` (same truncation as training).
-            batch_size: pairs per forward pass.
-            sort_by_length: batch the pairs longest first, so each batch pads to a length
-                close to all of its members' (the values are written back in input order).
-                In input order the tiny demo's pairs were batched with 25% more tokens than
-                they hold and the pass was ~1.3x slower (``benchmarks/dpo_vs_trl.py``);
-                ``False`` keeps that order.
-            progress: show a progress bar over the pairs (``progress.phase_bar``: rank 0, with
-                ``trainer.enable_progress_bar``).
-
-        Returns:
-            Copies of ``pairs`` in order with ``ref_chosen_logp``/``ref_rejected_logp`` set;
-            pairs whose prompt does not fit ``max_length`` are returned unchanged (the
-            DataModule drops them).
+        ``progress`` shows a bar over the pairs (rank 0, with ``trainer.enable_progress_bar``).
         """
-        was_training = self.model.training
-        self.model.eval()
-        precision = self._trainer.strategy.precision_plugin.forward_context() if self._trainer else nullcontext()
-        out = list(pairs)
-        try:
-            encoded = [(i, encode_pair(self.tokenizer, p, max_length)) for i, p in enumerate(pairs)]
-            encoded = [(i, *e) for i, e in encoded if e is not None]
-            if sort_by_length:  # a batch pads to its longest sequence, chosen or rejected
-                encoded.sort(key=lambda e: (-max(len(e[1].ids), len(e[2].ids)), e[0]))
-            pad_id = self.tokenizer.pad_token_id
-            n_batches = -(-len(encoded) // batch_size)
-            # ZeRO-3: a forward pass gathers parameters collectively, so every rank runs as many
-            # as the busiest one; the extra passes score a one-token pair and are discarded.
-            if needs_lockstep(self.model):
-                n_padding = max_over_ranks(n_batches, self.device) - n_batches
-            else:
-                n_padding = 0
-            bar = phase_bar(self._trainer if progress else None, len(encoded), "reference log-probs", "pair")
-            with precision, bar:
-                for start in range(0, len(encoded), batch_size):
-                    chunk = encoded[start : start + batch_size]
-                    batch = collate_pairs([(c, r) for _, c, r in chunk], pad_id)
-                    batch = {k: v.to(self.device) for k, v in batch.items()}
-                    logps = self.response_logps(batch, n_pairs=len(chunk)).float().cpu()
-                    n = len(chunk)
-                    for j, (i, _, _) in enumerate(chunk):
-                        out[i] = dataclasses.replace(
-                            out[i], ref_chosen_logp=float(logps[j]), ref_rejected_logp=float(logps[n + j])
-                        )
-                    bar.update(n)
-                if n_padding:
-                    filler = encode_example(self.tokenizer, "x", "x", max_length)
-                    batch = {k: v.to(self.device) for k, v in collate_pairs([(filler, filler)], pad_id).items()}
-                    for _ in range(n_padding):
-                        self.response_logps(batch, n_pairs=1)
-        finally:
-            self.model.train(was_training)
-        return out
+        return score_pairs(self, pairs, max_length=max_length, batch_size=batch_size, sort_by_length=sort_by_length,
+                           trainer=self._trainer if progress else None)
+
+    def precision_context(self) -> AbstractContextManager:
+        """The trainer's precision context for a forward pass outside a training step (none unattached)."""
+        return self._trainer.strategy.precision_plugin.forward_context() if self._trainer else nullcontext()
 
     # -- steps ---------------------------------------------------------------------------
 
@@ -626,8 +573,7 @@ class HSStarModule(L.LightningModule):
 
         engine = HFEngine(batch_size=batch.batch_size, progress=False, seed_scope=batch.seed_scope)
         engine.bind(self.model, self.tokenizer)
-        precision = self._trainer.strategy.precision_plugin.forward_context() if self._trainer else nullcontext()
-        with precision:
+        with self.precision_context():
             return engine.generate(batch.requests(), batch.params)
 
     def test_step(self, batch: EvalBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, list[Completion]]:

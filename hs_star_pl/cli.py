@@ -50,6 +50,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from hs_star_pl import COMMANDS, DEMO, DESCRIPTION, PROG
 from hs_star_pl.infra import preemption
 from hs_star_pl.training.self_training import SelfTrainingCallback
 from hs_star_pl.training.checkpoint_io import AtomicCheckpointIO
@@ -138,7 +139,7 @@ class HSStarCLI(LightningCLI):
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_kwargs", {"default_env": False})
+        kwargs.setdefault("parser_kwargs", {"default_env": False, "prog": PROG, "description": f"{DESCRIPTION} The demo: {DEMO}"})
         kwargs.setdefault("parser_class", HSStarArgumentParser)
         # The optimizer and scheduler are HSStarModule arguments (model.optimizer,
         # model.lr_scheduler), so the top-level groups LightningCLI would add are left out.
@@ -154,6 +155,24 @@ class HSStarCLI(LightningCLI):
             if failed is None:
                 raise
             raise failed from err
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit``, ``validate`` and ``test`` (Lightning's ``predict`` has no use here: the module
+        has no ``predict_step``; ``hs-star test`` writes every response), with the Trainer
+        arguments the CLI fills itself."""
+        skipped = {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}}
+        return {name: skipped.get(name, {"model", "dataloaders", "datamodule"}) for name in COMMANDS}
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """Lightning's subcommand parsers, described by ``COMMANDS`` instead of the Trainer's docstrings."""
+        self._subcommand_parsers: dict[str, LightningArgumentParser] = {}
+        subcommands = parser.add_subcommands()
+        for name in self.subcommands():
+            subparser_kwargs = {"prog": f"{PROG} {name}", "description": COMMANDS[name], **kwargs.get(name, {})}
+            subparser = self._prepare_subcommand_parser(self.trainer_class, name, **subparser_kwargs)
+            self._subcommand_parsers[name] = subparser
+            subcommands.add_subcommand(name, subparser, help=COMMANDS[name])
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(HFExportCallback, "export")

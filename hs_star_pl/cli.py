@@ -62,6 +62,7 @@ from hs_star_pl.infra.errors import ConfigError, HSStarError
 from hs_star_pl.training.evaluation import EvaluationCallback
 from hs_star_pl.training.export import HFExportCallback
 from hs_star_pl.training.module import HSStarModule
+from hs_star_pl.tensors.hub import is_hub_id
 from hs_star_pl.infra.run_lock import RunLock, is_launching_process, release_all
 from hs_star_pl.training.stop_request import StopRequestCallback
 from hs_star_pl.infra.storage import check_writable, storage_error
@@ -191,8 +192,9 @@ class HSStarCLI(LightningCLI):
             default=None,
             help=(
                 "Config files (as for -c) of a step-wise initialisation fit. When set and "
-                "model.model_path does not exist yet, that fit runs first and its final HF export "
-                "becomes model.model_path (M_0 is trained once, then reused)."
+                "model.model_path is a local path that does not exist yet, that fit runs first and its "
+                "final HF export becomes model.model_path (M_0 is trained once, then reused). A hub id "
+                "(org/name) never starts it, nor does a missing path without this key."
             ),
         )
 
@@ -202,8 +204,8 @@ class HSStarCLI(LightningCLI):
         self._lock_run_dir(config)
         configs = config.get("stepwise_init")
         model_path = config.get("model", {}).get("model_path")
-        if not configs or model_path is None or Path(model_path).exists():
-            return
+        if not configs or model_path is None or Path(model_path).exists() or is_hub_id(model_path):
+            return  # a hub id is resolved when the module loads; a missing folder is refused there
         bootstrap_stepwise_init(configs, Path(model_path))
 
     def _lock_run_dir(self, config: Namespace) -> None:
@@ -319,7 +321,8 @@ def bootstrap_stepwise_init(configs: list[str], model_path: Path) -> Path:
     for c in configs:
         args += ["-c", c]
     args += [f"--trainer.default_root_dir={run_dir}"]
-    print(f"stepwise_init: training M_0 ({' '.join(configs)}) into {model_path}", flush=True)
+    print(f"stepwise_init: model.model_path={model_path} does not exist and the config sets stepwise_init: "
+          f"training M_0 ({' '.join(configs)}) into it", flush=True)
     returncode = preemption.run_child(args)  # a stop reaches the child; it dies with this process
     if returncode != 0:
         raise RuntimeError(f"stepwise_init: the step-wise initialisation fit failed (exit {returncode}); see its output above")

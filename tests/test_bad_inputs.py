@@ -81,8 +81,9 @@ CONFIG_CASES = {
     "objective_mismatch": "self-training configuration:\n  - model.objective ('sft') must match "
                           "self_training.selection.objective ('dpo')",
     "missing_model_path": "model.model_path=checkpoints/does-not-exist/m0 does not exist: a local Hugging Face model "
-                          "folder is expected (config.json, weights, tokenizer files), e.g. an hf/iteration_NNN export",
-    "model_path_and_tiny": "set exactly one of model.model_path (a local HF directory) and model.tiny (a config)",
+                          "folder is expected (config.json, weights, tokenizer files), e.g. an hf/iteration_NNN export, or "
+                          "a hub id (org/name)",
+    "model_path_and_tiny": "set exactly one of model.model_path (a local HF folder or a hub id) and model.tiny (a config)",
     "problems_per_iteration_negative": "self_training.problems_per_iteration must be >= 1, got -5",
     "pool_too_small": "self_training.problems_file=configs/data/arith_stepwise.jsonl: the problem pool has 20 problems "
                       "but iteration 1 needs 30 distinct ones (15 per iteration); use a larger pool or fewer "

@@ -344,7 +344,7 @@ class EvaluationCallback(L.Callback):
     @override
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.engine is not None:  # after a --ckpt_path restore: the weights to evaluate are in place
-            folder = getattr(pl_module, "model_path", None)
+            folder = getattr(pl_module, "model_dir", None) or getattr(pl_module, "model_path", None)
             from_folder = trainer.ckpt_path is None and folder is not None and Path(folder).is_dir()
             self._point_engine(pl_module, Path(folder) if from_folder else None, "the model under test")
         for run in self._test_runs:

@@ -465,7 +465,7 @@ class SelfTrainingCallback(L.Callback):
         end of its last epoch, before the dataloader of iteration t (and so round t) is built.
         """
         if iteration == 0:
-            path = module.model_path
+            path = getattr(module, "model_dir", None) or getattr(module, "model_path", None)  # a hub id's snapshot
             return Path(path) if path is not None and Path(path).is_dir() else None
         exporter = _exporter(trainer)
         if exporter is None:

@@ -33,11 +33,13 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import logging
 import os
 import re
 import shutil
 import signal
 import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -122,6 +124,30 @@ def derive_max_epochs(config: Namespace) -> None:
             trainer["max_epochs"] = IterationClock(k).max_epochs(n)
 
 
+class _DropLightningTips(logging.Filter):
+    """Lightning's "💡 Tip: ... try installing litlogger / litmodels" lines: adverts, nothing to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+_TIPS = _DropLightningTips()
+
+
+def quiet_lightning() -> None:
+    """Silence, each by its own message, what Lightning prints that a user cannot act on.
+
+    * the "💡 Tip" adverts (litlogger, litmodels), printed at every Trainer's start;
+    * Lightning 2.6's own use of a pytree API that torch deprecates (``_pytree.py``: ``isinstance(treespec,
+      LeafSpec)``), warned on the first batch of every loop.
+    The data module's and the export's own cases are silenced where they arise (``training.data``,
+    ``training.export``).
+    """
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_TIPS)  # one filter object: adding it again is a no-op
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
 class HSStarArgumentParser(LightningArgumentParser):
     """The CLI's parser: a logger's ``save_dir`` follows ``trainer.default_root_dir`` when unset.
 
@@ -145,6 +171,7 @@ class HSStarCLI(LightningCLI):
         # The optimizer and scheduler are HSStarModule arguments (model.optimizer,
         # model.lr_scheduler), so the top-level groups LightningCLI would add are left out.
         kwargs.setdefault("auto_configure_optimizers", False)
+        quiet_lightning()
         try:
             super().__init__(HSStarModule, MathDataModule, *args, **kwargs)
         except Exception as err:
@@ -172,6 +199,8 @@ class HSStarCLI(LightningCLI):
         for name in self.subcommands():
             subparser_kwargs = {"prog": f"{PROG} {name}", "description": COMMANDS[name], **kwargs.get(name, {})}
             subparser = self._prepare_subcommand_parser(self.trainer_class, name, **subparser_kwargs)
+            if name == "test":  # the evaluation prints its own table (Lightning's: --verbose true)
+                subparser.set_defaults(verbose=False)
             self._subcommand_parsers[name] = subparser
             subcommands.add_subcommand(name, subparser, help=COMMANDS[name])
 

@@ -49,6 +49,10 @@ DEFAULT_CANARY_PROMPTS = ("Question: 12 + 7 = ?\nAnswer:", "Compute 3 * 4 - 5.",
 
 
 def _import_vllm() -> Any:
+    # vLLM logs dozens of INFO lines per engine start (88 in one evaluation); WARNING and above
+    # unless the user asks for more (VLLM_LOGGING_LEVEL=INFO). Read when vllm is first imported,
+    # and inherited by its engine-core process.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         import vllm
     except ImportError as err:  # pragma: no cover - depends on the environment

@@ -70,6 +70,7 @@ except ImportError:  # transformers 4
     from transformers.modeling_utils import no_init_weights
 
 from hs_star_pl.infra.errors import ConfigError
+from hs_star_pl.infra.progress import progress
 from hs_star_pl.tensors.attention import check_attn_implementation
 from hs_star_pl.tensors.hub import resolve_model
 from hs_star_pl.core.protocols import Offloadable, StepScoringRequest
@@ -266,11 +267,8 @@ class _StepScorer:
         out: list[list[float]] = [[] for _ in fitted]
         order = sorted((i for i, (_, pos) in enumerate(fitted) if pos), key=lambda i: -len(fitted[i][0]))
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        from tqdm.auto import tqdm
-
-        bar = tqdm(batches, desc=f"{self.name} scoring", unit="batch",
-                   disable=not self.progress or len(batches) < 8)
-        for batch in bar:
+        bar = progress(len(batches), f"{self.name} scoring", "batch", shown=self.progress and len(batches) >= 8)
+        for batch in batches:
             width = len(fitted[batch[0]][0])
             input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -282,6 +280,8 @@ class _StepScorer:
                 scores = model(input_ids.to(self.device), mask.to(self.device)).float().cpu()
             for row, i in enumerate(batch):
                 out[i] = scores[row, fitted[i][1]].tolist()
+            bar.update(1)
+        bar.close()
         for i, (chunks, (_, positions)) in enumerate(zip(chunk_lists, fitted)):
             missing = len(chunks) - len(positions)
             if missing:

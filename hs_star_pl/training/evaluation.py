@@ -388,6 +388,9 @@ class EvaluationCallback(L.Callback):
                 pl_module.log(f"test/{name}_mean_tokens", s["mean_tokens"], add_dataloader_idx=False)
         if entry["average"] is not None:
             pl_module.log("test/average_accuracy", entry["average"], add_dataloader_idx=False)
+        # the table of results.md, one row per benchmark (hs-star test turns Lightning's own table
+        # off: it repeats every value under each benchmark's DataLoader column and cuts the names)
+        rank_zero_info(f"eval: {label}\n{results_table([entry])}")
         rank_zero_info(f"eval: {label}: results in {self.eval_root(trainer)} and {Path(trainer.default_root_dir) / 'results.md'}")
 
     def _point_engine(self, pl_module: L.LightningModule, folder: Path | None, what: str) -> None:

@@ -18,7 +18,9 @@ folder as an adapter to load onto the base it names.
 
 from __future__ import annotations
 
+import logging
 import shutil
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -30,6 +32,24 @@ from hs_star_pl.infra.errors import ConfigError
 from hs_star_pl.tensors.lora import ADAPTER_DIRNAME, has_lora, policy_state_dict
 from hs_star_pl.infra.storage import storage_error
 from hs_star_pl.tensors.zero import full_state_dict, is_zero3_partitioned
+
+
+class _DropCpuFallback(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Setting accelerator to CPU")
+
+
+_CPU_FALLBACK = _DropCpuFallback()
+
+
+def quiet_deepspeed_probe() -> None:
+    """``save_pretrained`` imports DeepSpeed when it is installed (transformers' ``unwrap_model`` ->
+    accelerate's ``extract_model_from_parallel``); on a machine without a GPU that import logs
+    "Setting accelerator to CPU. If you have GPU ... we were unable to detect it". A run without
+    DeepSpeed (not imported yet) has nothing to act on: that one line is dropped, DeepSpeed's
+    other messages are kept. A DeepSpeed run imported it long before and keeps it."""
+    if "deepspeed" not in sys.modules:
+        logging.getLogger("DeepSpeed").addFilter(_CPU_FALLBACK)  # the same object: added once
 
 
 def export_hf(module: L.LightningModule, directory: str | Path, *, adapter: bool = False) -> Path:
@@ -62,6 +82,7 @@ def export_hf(module: L.LightningModule, directory: str | Path, *, adapter: bool
         try:
             if tmp.exists():
                 shutil.rmtree(tmp)
+            quiet_deepspeed_probe()
             module.model.save_pretrained(tmp, state_dict=state_dict)
             module.tokenizer.save_pretrained(tmp)
             if adapter and lora:

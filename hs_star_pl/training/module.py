@@ -643,13 +643,6 @@ class HSStarModule(L.LightningModule):
         """Generate for one chunk of a benchmark; ``EvaluationCallback`` grades and aggregates."""
         return self.generate_for_eval(batch)
 
-    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
-        # Evaluation batches are text; Lightning's collection walk would also refuse their
-        # frozen dataclasses.
-        if isinstance(batch, EvalBatch):
-            return batch
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._batch_started = time.perf_counter()
 

@@ -36,7 +36,6 @@ and the HF export.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -74,6 +73,7 @@ from hs_star_pl.training.data import MathDataModule
 from hs_star_pl.tensors.distributed import all_gather_objects
 from hs_star_pl.engines.sync import point_engine_at
 from hs_star_pl.infra.errors import ConfigError, EmptyRoundError
+from hs_star_pl.infra.progress import format_seconds
 from hs_star_pl.training.export import HFExportCallback
 from hs_star_pl.training.module import HSStarModule
 from hs_star_pl.training.plots import plot_history, plot_round
@@ -378,8 +378,10 @@ class SelfTrainingCallback(L.Callback):
         canary = self._prepare_engine(trainer, module, iteration)
         seconds_sync = time.perf_counter() - started
         prm_waking_before = self.prm.seconds_waking if isinstance(self.prm, Offloadable) else 0.0
+        problems = self._pool.draw(iteration)
+        rank_zero_info(f"round {iteration}: sampling and scoring M_{iteration}'s responses to {len(problems)} problems")
         result = run_round(
-            self._pool.draw(iteration),
+            problems,
             engine=self.engine,
             verifier=self.verifier,
             prm=self.prm,
@@ -419,7 +421,7 @@ class SelfTrainingCallback(L.Callback):
             if self.plots:
                 plot_round(directory, result)
         trainer.strategy.barrier("hs_star_round_written")
-        rank_zero_info(f"round {iteration}: {json.dumps({k: v for k, v in result.summary().items() if k != 'seconds'})}")
+        rank_zero_info(round_line(result.summary(), extra["seconds_round"], directory))
         return result
 
     def _prepare_engine(self, trainer: L.Trainer, module: L.LightningModule, iteration: int) -> Any:
@@ -611,3 +613,16 @@ _ROUND_CHECK_KEYS = tuple(k for k in _ROUND_STATE_KEYS if k not in ("iteration",
 def _exporter(trainer: L.Trainer) -> HFExportCallback | None:
     """The run's enabled HF export callback, if any."""
     return next((c for c in trainer.callbacks if isinstance(c, HFExportCallback) and c.enabled), None)
+
+
+def round_line(summary: dict[str, Any], seconds: float, directory: Path) -> str:
+    """One line for the console: a round's classes, samples, training examples, pre-sample
+    accuracy and time (every number, unrounded, is in ``directory/summary.json``)."""
+    examples = (f"{summary['n_pairs']} pairs" if summary.get("n_sft_examples", 0) == 0
+                else f"{summary['n_sft_examples']} SFT examples")
+    accuracy = summary.get("presample_accuracy")
+    dropped = f" ({summary['n_dropped_ungradeable']} dropped: gold answer unparsable)" if summary.get("n_dropped_ungradeable") else ""
+    return (f"round {summary['iteration']}: {summary['n_problems']} problems{dropped}, {summary['n_inlier']} inlier / "
+            f"{summary['n_boundary']} boundary / {summary['n_outlier']} outlier; {summary['samples_total']} samples; "
+            f"{examples}; pre-sample accuracy {'-' if accuracy is None else f'{100 * accuracy:.1f}%'}; "
+            f"{format_seconds(seconds)} (all numbers: {directory / 'summary.json'})")

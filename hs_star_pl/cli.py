@@ -54,7 +54,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from hs_star_pl import COMMANDS, DEMO, DESCRIPTION, PROG
 from hs_star_pl.infra import preemption
-from hs_star_pl.training.self_training import SelfTrainingCallback
+from hs_star_pl.core.problems import FieldMap, ProblemPool
+from hs_star_pl.training.self_training import SelfTrainingCallback, load_pool
 from hs_star_pl.training.checkpoint_io import AtomicCheckpointIO
 from hs_star_pl.training.config_checks import LINKS, check_config, name_link_sources
 from hs_star_pl.core.iterations import IterationClock
@@ -230,6 +231,8 @@ class HSStarCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         derive_max_epochs(config)
+        if self.subcommand in (None, "fit"):
+            self._pool = check_pool(config)  # a pool too small or a bad row: refused before the model loads
         self._lock_run_dir(config)
         configs = config.get("stepwise_init")
         model_path = config.get("model", {}).get("model_path")
@@ -267,6 +270,7 @@ class HSStarCLI(LightningCLI):
         for callback in self.trainer.callbacks:
             if isinstance(callback, SelfTrainingCallback):
                 callback.run_config = config.as_dict()
+                callback.preloaded_pool = getattr(self, "_pool", None)
         share_default_verifier(self.trainer.callbacks)
         share_rollout_engine(self.trainer.callbacks)
 
@@ -313,6 +317,28 @@ class HSStarCLI(LightningCLI):
                 # every epoch end and still resolves as --ckpt_path last.
                 callback.save_top_k, callback.filename, callback.save_last = 1, callback.CHECKPOINT_NAME_LAST, False
         return trainer
+
+
+def check_pool(config: Namespace) -> ProblemPool | None:
+    """The self-training pool, loaded and checked to last every iteration, from the parsed config
+    (``None`` when self-training is off or a value is out of range: the callback names that key).
+
+    Runs before any class is built, so a missing question field or a pool smaller than the
+    iterations need is refused before the policy's weights load (or M_0 is trained)."""
+    st = config.get("self_training")
+    if not isinstance(st, Namespace) or st.get("problems_file") is None:
+        return None
+    ints = {k: st.get(k) for k in ("problems_per_iteration", "n_iterations", "seed")}
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints.values()) \
+            or ints["problems_per_iteration"] < 1 or ints["n_iterations"] < 1 or st.get("on_exhausted") not in ("error", "reshuffle"):
+        return None
+    fields = st.get("problem_fields")
+    try:
+        fields = FieldMap(**(fields.as_dict() if isinstance(fields, Namespace) else dict(fields or {})))
+    except (TypeError, ValueError):
+        return None
+    return load_pool(st["problems_file"], fields, ints["problems_per_iteration"], ints["seed"], st["on_exhausted"],
+                     ints["n_iterations"])
 
 
 def share_default_verifier(callbacks: list) -> None:

@@ -30,9 +30,10 @@ PROBLEM_CASES = {
     "bad_json": "2: invalid JSON: Expecting ',' delimiter (column 69)",
     "truncated_last_line": "2: invalid JSON: Unterminated string starting at (column 26)",
     "not_an_object": "1: expected a JSON object, got list",
-    "missing_question": "2: no question field ('question' or 'problem' or 'query' or 'prompt'); row has ['answer', 'id']",
+    "missing_question": "2: no question field ('question' or 'problem' or 'query' or 'prompt'); row has ['answer', 'id']; "
+                        "name the field with question_key",
     "missing_answer": "1: no answer field ('answer' or 'final_answer' or 'gold' or 'expected_answer' or 'reward_model.ground_truth'); row has "
-                      "['id', 'question', 'solution']",
+                      "['id', 'question', 'solution']; name the field with answer_key",
     "question_not_a_string": "1: field 'question' must be a non-empty string, got 34",
     "empty_question": "1: field 'question' must be a non-empty string, got '   '",
     "answer_null": "1: field 'answer': expected a string, number or list of them, got None",
@@ -94,6 +95,9 @@ CONFIG_CASES = {
     "temperature_negative": "self_training.sampling.temperature must be >= 0, got -0.5",
     "verifier_timeout_zero": "self_training.verifier.init_args.timeout_s must be > 0, got 0.0",
     "problems_file_bad_row": f"{PROBLEMS}/bad_json.jsonl:2: invalid JSON: Expecting ',' delimiter (column 69)",
+    "problems_file_no_question": f"{PROBLEMS}/missing_question.jsonl:2: no question field ('question' or 'problem' or "
+                                 "'query' or 'prompt'); row has ['answer', 'id']; name the field with "
+                                 "self_training.problem_fields.question_key",
     "problems_file_missing": "data/no-such-pool.jsonl: no such problem file (self_training.problems_file)",
     "train_file_bad_row": f"{EXAMPLES}/chosen_not_a_string.jsonl:1: field 'chosen' must be a string, got int",
     "yaml_syntax_error": "tests/corpus/bad_inputs/configs/yaml_syntax_error.yaml:5: invalid YAML: expected ',' or ']', "

@@ -66,6 +66,7 @@ from hs_star_pl.tensors.collate import (
     encode_example,
     encode_pair,
 )
+from hs_star_pl.core.problem_sources import ProblemFileError
 from hs_star_pl.core.problems import MAX_LINE_BYTES, FieldMap, load_problems
 from hs_star_pl.core.records import PreferencePair, SftExample
 from hs_star_pl.evaluation.protocol import EvalBatch
@@ -309,7 +310,10 @@ class MathDataModule(L.LightningDataModule):
         if self.train_file is not None:
             return load_examples(self.train_file, self.render_prompt)
         if self.problems_file is not None:
-            problems = load_problems(self.problems_file, **dataclasses.asdict(self.problem_fields))
+            try:
+                problems = load_problems(self.problems_file, **dataclasses.asdict(self.problem_fields))
+            except ProblemFileError as err:
+                raise err.naming("data.problem_fields") from None
             missing = [p.id for p in problems if not p.solution]
             if missing:
                 field = self.problem_fields.solution_key or "solution"

@@ -181,6 +181,7 @@ class SelfTrainingCallback(L.Callback):
         self.problems_per_iteration = problems_per_iteration
         self.on_exhausted = on_exhausted
         self.seed = seed
+        self.preloaded_pool: ProblemPool | None = None  # set by hs-star, which checks the pool before the model loads
         self.plots = plots
         self.on_empty_round = on_empty_round
         self.restart_lr_schedule = restart_lr_schedule
@@ -268,28 +269,14 @@ class SelfTrainingCallback(L.Callback):
         return delimiter, None
 
     def load_pool(self) -> ProblemPool:
-        """The problem pool from ``problems_file``, checked to last ``n_iterations`` draws.
-
-        Raises:
-            ProblemFileError: a malformed row (``file:line``, or ``file, row <i>`` in a data
-                set), or a source that cannot be read (naming ``self_training.problems_file``).
-            ConfigError: the pool cannot serve every iteration (naming the keys to change).
-        """
-        try:
-            problems = tuple(load_problems(self.problems_file, **dataclasses.asdict(self.problem_fields)))
-        except ProblemFileError as err:
-            if err.line is not None or err.row is not None:
-                raise
-            # the source itself (missing, unreadable, an offline hub): name the key that chose it
-            raise ProblemFileError(err.path, None, f"{err.message} (self_training.problems_file)") from None
-        except ValueError as err:  # an option out of range
-            raise ConfigError(f"self_training.problem_fields: {err}") from None
-        try:
-            pool = ProblemPool(problems, self.problems_per_iteration, self.seed, self.on_exhausted)
-            pool.draw(self.n_iterations - 1)  # fail now, not after days of training
-        except ValueError as err:
-            raise ConfigError(f"self_training.problems_file={self.problems_file}: {err}") from None
-        return pool
+        """The problem pool from ``problems_file``, checked to last ``n_iterations`` draws
+        (``load_pool``; ``hs-star`` runs the same check before the model loads and hands the
+        pool over in ``preloaded_pool``)."""
+        pool, self.preloaded_pool = self.preloaded_pool, None
+        if pool is not None:
+            return pool
+        return load_pool(self.problems_file, self.problem_fields, self.problems_per_iteration, self.seed,
+                         self.on_exhausted, self.n_iterations)
 
     def _own_config(self, pl_module: L.LightningModule, datamodule: Any) -> dict[str, Any]:
         """The settings of this callback, its module and data module as a nested config.
@@ -614,6 +601,32 @@ def _exporter(trainer: L.Trainer) -> HFExportCallback | None:
     """The run's enabled HF export callback, if any."""
     return next((c for c in trainer.callbacks if isinstance(c, HFExportCallback) and c.enabled), None)
 
+
+def load_pool(problems_file: str, problem_fields: FieldMap, problems_per_iteration: int, seed: int,
+              on_exhausted: str, n_iterations: int) -> ProblemPool:
+    """The problem pool of ``self_training.problems_file``, checked to last ``n_iterations`` draws.
+
+    Raises:
+        ProblemFileError: a malformed row (``file:line``, or ``file, row <i>`` in a data set;
+            a missing field names its ``self_training.problem_fields`` key), or a source that
+            cannot be read (naming ``self_training.problems_file``).
+        ConfigError: the pool cannot serve every iteration (naming the keys to change).
+    """
+    try:
+        problems = tuple(load_problems(problems_file, **dataclasses.asdict(problem_fields)))
+    except ProblemFileError as err:
+        if err.line is not None or err.row is not None:
+            raise err.naming("self_training.problem_fields") from None
+        # the source itself (missing, unreadable, an offline hub): name the key that chose it
+        raise ProblemFileError(err.path, None, f"{err.message} (self_training.problems_file)") from None
+    except ValueError as err:  # an option out of range
+        raise ConfigError(f"self_training.problem_fields: {err}") from None
+    try:
+        pool = ProblemPool(problems, problems_per_iteration, seed, on_exhausted)
+        pool.draw(n_iterations - 1)  # fail now, not after days of training
+    except ValueError as err:
+        raise ConfigError(f"self_training.problems_file={problems_file}: {err}") from None
+    return pool
 
 def round_line(summary: dict[str, Any], seconds: float, directory: Path) -> str:
     """One line for the console: a round's classes, samples, training examples, pre-sample

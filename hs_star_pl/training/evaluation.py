@@ -46,7 +46,8 @@ from hs_star_pl.evaluation.datasets import BenchmarkConfig, load_benchmark
 from hs_star_pl.training.benchmark_metric import BenchmarkMetric
 from hs_star_pl.evaluation.protocol import EvalBatch, grade, make_batch, policy_entry, results_table
 from hs_star_pl.infra.progress import phase_bar
-from hs_star_pl.training.tracking import log_to_loggers
+from hs_star_pl.training.plots import plot_results
+from hs_star_pl.training.tracking import EVAL_COLUMNS, eval_sample_rows, log_image_file, log_pairs_table, log_to_loggers
 
 
 class _BenchmarkRun:
@@ -327,7 +328,11 @@ class EvaluationCallback(L.Callback):
         if trainer.is_global_zero:
             for name, (config, summary, rows) in written.items():
                 self._write_result(trainer, config, label, policy, None, summary, rows)
-            self._write_tables(trainer, entry)
+            results_png = self._write_tables(trainer, entry)
+            if results_png is not None:
+                log_image_file(trainer, "eval/results", results_png)
+            for name, (config, summary, rows) in written.items():
+                log_pairs_table(trainer, f"eval/{name}/samples", eval_sample_rows(rows), columns=EVAL_COLUMNS)
             metrics = {"eval/policy": float(policy)}
             for name, s in summaries.items():
                 metrics[f"eval/{name}_accuracy"] = s["accuracy"]
@@ -424,8 +429,9 @@ class EvaluationCallback(L.Callback):
             "benchmark": config.to_dict(), "summary": summary, "rows": rows,
         })
 
-    def _write_tables(self, trainer: L.Trainer, entry: dict[str, Any]) -> None:
-        """Put ``entry`` into ``eval/results.json`` (replacing an older one of its label) and redraw ``results.md``."""
+    def _write_tables(self, trainer: L.Trainer, entry: dict[str, Any]) -> Path | None:
+        """Put ``entry`` into ``eval/results.json`` (replacing an older one of its label) and redraw
+        ``results.md`` and ``results.png`` (the run's own policies M_0..M_T; returned when drawn)."""
         index = self.eval_root(trainer) / "results.json"
         entries = json.loads(index.read_text())["entries"] if index.is_file() else []
         entries = [e for e in entries if e["label"] != entry["label"]] + [entry]
@@ -443,7 +449,13 @@ class EvaluationCallback(L.Callback):
             "average = unweighted mean over the row's benchmarks; mean tokens = unweighted mean of the "
             "benchmarks' mean response lengths. Every response: eval/<benchmark>/<label>.json.\n\n"
         ) + results_table(shown)
+        png = Path(trainer.default_root_dir) / "results.png"
+        drawn = plot_results(png, entries)
+        if drawn:
+            text += ("\n![Held-out accuracy of M_0..M_T per benchmark, and the pairs each iteration trained on]"
+                     "(results.png)\n")
         atomic_write_text(Path(trainer.default_root_dir) / "results.md", text)
+        return png if drawn else None
 
 
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

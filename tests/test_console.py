@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -62,11 +63,22 @@ def test_round_line_is_one_human_line(tmp_path):
         f"24.1%; 1m15s (all numbers: {tmp_path / 'summary.json'})")
 
 
-def test_a_demo_run_prints_human_lines_and_no_library_noise(tmp_path):
+def test_the_demo_script_runs_the_demo_with_human_lines_and_no_library_noise(tmp_path):
+    """The README's first command, ``bash scripts/demo.sh``, without its install step (this
+    environment has the package; tests/test_demo_install.py runs the install), on one short
+    iteration: what its console shows."""
     (tmp_path / "fast.yaml").write_text(FAST_PROGRESS)
-    text = _hs_star("fit", "-c", str(REPO / "configs" / "tiny" / "hs_star.yaml"), "-c", str(tmp_path / "fast.yaml"),
-                    "--self_training.n_iterations=1", "--self_training.problems_per_iteration=12",
-                    "--evaluation.max_problems=6", f"--trainer.default_root_dir={tmp_path / 'run'}", cwd=REPO)
+    out = subprocess.run(
+        ["bash", str(REPO / "scripts" / "demo.sh"), "--no-install", "-c", str(tmp_path / "fast.yaml"),
+         "--self_training.n_iterations=1", "--self_training.problems_per_iteration=12", "--evaluation.max_problems=6",
+         f"--trainer.default_root_dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=900,
+        env={"PYTHONPATH": str(REPO), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    assert "== the demo: hs-star fit -c configs/tiny/hs_star.yaml" in text and "== torch" not in text
+    results = (tmp_path / "run" / "results.md").read_text()
+    assert "| M_0 |" in results and "| M_1 |" in results and (tmp_path / "run" / "results.png").is_file()
     for noise in NOISE:
         assert noise not in text, noise
     lines = text.splitlines()

@@ -6,7 +6,7 @@
 Later ``-c`` files win; ``--print_config`` shows the merged result; the config is saved beside
 the run (``overwrite`` so a run can be repeated into the same folder, docs/findings). Besides
 ``model``/``data``/``trainer`` the CLI always has an ``export`` group (``HFExportCallback``:
-the policy is exported to ``<default_root_dir>/hf/iteration_NNN/`` after every iteration) and a
+the policy is exported to ``<default_root_dir>/hf/policy_NNN/`` after every iteration: M_NNN) and a
 ``self_training`` group (``SelfTrainingCallback``: HS-STaR rounds between epochs; inactive until
 ``self_training.problems_file`` is set). ``export.epochs_per_iteration`` follows
 ``self_training.epochs_per_iteration``. Values kept in one place: the run folder is
@@ -63,7 +63,7 @@ from hs_star_pl.core.protocols import lifecycle_of
 from hs_star_pl.training.data import MathDataModule
 from hs_star_pl.infra.errors import ConfigError, HSStarError
 from hs_star_pl.training.evaluation import EvaluationCallback
-from hs_star_pl.training.export import HFExportCallback
+from hs_star_pl.training.export import HFExportCallback, latest_export
 from hs_star_pl.training.module import HSStarModule
 from hs_star_pl.tensors.hub import is_hub_id
 from hs_star_pl.infra.run_lock import RunLock, is_launching_process, release_all
@@ -381,12 +381,12 @@ def bootstrap_stepwise_init(configs: list[str], model_path: Path) -> Path:
     returncode = preemption.run_child(args)  # a stop reaches the child; it dies with this process
     if returncode != 0:
         raise RuntimeError(f"stepwise_init: the step-wise initialisation fit failed (exit {returncode}); see its output above")
-    exports = sorted((run_dir / "hf").glob("iteration_*"))
-    if not exports:
+    export = latest_export(run_dir / "hf")  # hf/policy_NNN (or a killed earlier bootstrap's iteration_NNN)
+    if export is None:
         raise RuntimeError(f"stepwise_init: the fit left no HF export under {run_dir / 'hf'}")
     tmp = model_path.with_name(model_path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(exports[-1], tmp)
+    shutil.copytree(export, tmp)
     tmp.rename(model_path)
     return model_path
 

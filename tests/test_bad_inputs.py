@@ -82,7 +82,7 @@ CONFIG_CASES = {
     "objective_mismatch": "self-training configuration:\n  - model.objective ('sft') must match "
                           "self_training.selection.objective ('dpo')",
     "missing_model_path": "model.model_path=checkpoints/does-not-exist/m0 does not exist: a local Hugging Face model "
-                          "folder is expected (config.json, weights, tokenizer files), e.g. an hf/iteration_NNN export, or "
+                          "folder is expected (config.json, weights, tokenizer files), e.g. an hf/policy_NNN export, or "
                           "a hub id (org/name)",
     "model_path_and_tiny": "set exactly one of model.model_path (a local HF folder or a hub id) and model.tiny (a config)",
     "problems_per_iteration_negative": "self_training.problems_per_iteration must be >= 1, got -5",
@@ -231,7 +231,7 @@ def test_a_bad_config_on_resume_leaves_finished_artifacts_untouched(tmp_path, ca
     changes none of the files already there."""
     monkeypatch.chdir(REPO)
     finished = {"rounds/round_000/DONE": b"", "rounds/round_000/pairs.jsonl": b'{"chosen": "a"}\n',
-                "checkpoints/last.ckpt": b"weights", "hf/iteration_000/config.json": b"{}"}
+                "checkpoints/last.ckpt": b"weights", "hf/policy_001/config.json": b"{}"}
     for name, data in finished.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(data)

@@ -49,6 +49,6 @@ def test_the_walkthrough_runs_as_written(tmp_path):
     assert (run / "m0" / "results.md").is_file()
     assert re.search(r"^round 0: 12 problems, ", out.stdout + out.stderr, flags=re.M)  # step 3
     assert "| M_0 |" in out.stdout and "| M_1 |" in out.stdout  # step 4: cat results.md
-    assert (run / "results.png").is_file() and (run / "hf" / "iteration_000" / "config.json").is_file()
+    assert (run / "results.png").is_file() and (run / "hf" / "policy_001" / "config.json").is_file()
     summary = json.loads((run / "rounds" / "round_000" / "summary.json").read_text())
     assert summary["n_problems"] == 12

@@ -118,7 +118,7 @@ class VLLMEngine(EngineLifecycle):
         sync_from: where the self-training loop takes M_t from once per iteration.
             ``"weights"``: the policy's state dict, streamed (gathered one parameter at a time
             under ZeRO-3) into ``sync_weights``. ``"export"``: the HF export of M_t the run
-            already wrote (``hf/iteration_NNN``, or ``model.model_path`` for M_0), through
+            already wrote (``hf/policy_NNN``, or ``model.model_path`` for M_0), through
             ``load_from_dir``; with ``sync_mode`` restart (CPU) this skips writing a second
             copy of the weights. Either way the canary runs after the sync.
         llm_kwargs: further ``vllm.LLM`` keyword arguments passed through as given, e.g.

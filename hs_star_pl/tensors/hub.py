@@ -52,7 +52,7 @@ def resolve_model(name: str | Path, revision: str | None = None, key: str = "mod
         return text
     if not is_hub_id(text):
         raise ConfigError(f"{key}={text} does not exist: a local Hugging Face model folder is expected (config.json, "
-                          "weights, tokenizer files), e.g. an hf/iteration_NNN export, or a hub id (org/name)")
+                          "weights, tokenizer files), e.g. an hf/policy_NNN export, or a hub id (org/name)")
     return _snapshot(text, revision, key, revision_key)
 
 

@@ -415,7 +415,10 @@ class EvaluationCallback(L.Callback):
             run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
             text = f"{run.name}-{ckpt.stem}"
         elif getattr(pl_module, "model_path", None):
-            text = Path(pl_module.model_path).name
+            folder = Path(pl_module.model_path)
+            # a run's export (<run>/hf/policy_NNN) is named with its run: "policy_NNN" alone is
+            # the label of that run's own evaluation of M_NNN and would replace it
+            text = f"{folder.parent.parent.name}-{folder.name}" if folder.parent.name == "hf" else folder.name
         else:
             text = "tiny"
         return re.sub(r"[^A-Za-z0-9_.-]", "_", text).lstrip("._-") or "model"

@@ -261,7 +261,7 @@ class HSStarModule(L.LightningModule):
             if not (Path(model_path) / "config.json").is_file():
                 raise ConfigError(
                     f"model.model_path={model_path} has no config.json: a Hugging Face model folder is expected "
-                    f"(config.json, weights, tokenizer files), e.g. an hf/iteration_NNN export"
+                    f"(config.json, weights, tokenizer files), e.g. an hf/policy_NNN export"
                 )
 
             tokenizer = AutoTokenizer.from_pretrained(model_path)

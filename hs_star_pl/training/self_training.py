@@ -74,7 +74,7 @@ from hs_star_pl.tensors.distributed import all_gather_objects
 from hs_star_pl.engines.sync import point_engine_at
 from hs_star_pl.infra.errors import ConfigError, EmptyRoundError
 from hs_star_pl.infra.progress import format_seconds
-from hs_star_pl.training.export import HFExportCallback
+from hs_star_pl.training.export import HFExportCallback, find_export
 from hs_star_pl.training.module import HSStarModule
 from hs_star_pl.training.plots import plot_history, plot_round
 from hs_star_pl.training.reference import with_reference_logps
@@ -447,7 +447,8 @@ class SelfTrainingCallback(L.Callback):
 
     @staticmethod
     def policy_export(trainer: L.Trainer, module: L.LightningModule, iteration: int, required: bool = True) -> Path | None:
-        """The HF folder holding M_t: ``model.model_path`` for t=0, else the export of iteration t-1.
+        """The HF folder holding M_t: ``model.model_path`` for t=0, else ``hf/policy_{t:03d}``
+        (written at the end of iteration t-1).
 
         ``None`` when there is none (t=0 with ``model.tiny``, exports off, or with
         ``required=False`` a missing export). The export of iteration t-1 is written at the
@@ -459,7 +460,9 @@ class SelfTrainingCallback(L.Callback):
         exporter = _exporter(trainer)
         if exporter is None:
             return None
-        path = exporter.iteration_dir(trainer, iteration - 1)
+        path = exporter.policy_dir(trainer, iteration)
+        # a run folder written before the policy_NNN name holds iteration_{t-1:03d}
+        path = find_export(path.parent, iteration) or path
         if not path.is_dir() and not required:
             return None
         if not path.is_dir():

@@ -231,7 +231,7 @@ class HSStarCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         derive_max_epochs(config)
-        if self.subcommand in (None, "fit"):
+        if self.subcommand == "fit":
             self._pool = check_pool(config)  # a pool too small or a bad row: refused before the model loads
         self._lock_run_dir(config)
         configs = config.get("stepwise_init")

@@ -42,7 +42,7 @@ from hs_star_pl.core.protocols import Completion, EngineLifecycle, GenerationReq
 from hs_star_pl.engines.colocation import EXTERNAL_LAUNCHER, launcher_env, placement_errors, scoped_env, training_world
 from hs_star_pl.engines.common import check_requests, request_seed
 from hs_star_pl.infra.errors import ConfigError
-from hs_star_pl.tensors.hub import resolve_model
+from hs_star_pl.tensors.hub import is_hub_id, resolve_model
 
 WORKER_EXTENSION = "hs_star_pl.engines.vllm_worker.WeightSyncExtension"
 DEFAULT_CANARY_PROMPTS = ("Question: 12 + 7 = ?\nAnswer:", "Compute 3 * 4 - 5.", "x")
@@ -172,7 +172,8 @@ class VLLMEngine(EngineLifecycle):
         self.sync_from = sync_from
         self.sync_chunk_mb = sync_chunk_mb
         self.distributed_executor_backend = distributed_executor_backend
-        if model_path is not None:  # a hub id becomes its snapshot folder (cache, HF_HUB_OFFLINE)
+        if model_path is not None and (revision is not None or is_hub_id(model_path)):
+            # a hub id becomes its snapshot folder (cache, HF_HUB_OFFLINE); a path is vLLM's to read
             model_path = resolve_model(model_path, revision, "engine.init_args.model_path")
         self.model_path = model_path
         self.tokenizer_path = model_path

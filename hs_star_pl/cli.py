@@ -6,7 +6,7 @@
 Later ``-c`` files win; ``--print_config`` shows the merged result; the config is saved beside
 the run (``overwrite`` so a run can be repeated into the same folder, docs/findings). Besides
 ``model``/``data``/``trainer`` the CLI always has an ``export`` group (``HFExportCallback``:
-the policy is exported to ``<default_root_dir>/hf/iteration_NNN/`` after every iteration) and a
+the policy is exported to ``<default_root_dir>/hf/policy_NNN/`` after every iteration: M_NNN) and a
 ``self_training`` group (``SelfTrainingCallback``: HS-STaR rounds between epochs; inactive until
 ``self_training.problems_file`` is set). ``export.epochs_per_iteration`` follows
 ``self_training.epochs_per_iteration``. Values kept in one place: the run folder is
@@ -33,11 +33,13 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import logging
 import os
 import re
 import shutil
 import signal
 import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -50,8 +52,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from hs_star_pl import COMMANDS, DEMO, DESCRIPTION, PROG
 from hs_star_pl.infra import preemption
-from hs_star_pl.training.self_training import SelfTrainingCallback
+from hs_star_pl.core.problems import FieldMap, ProblemPool
+from hs_star_pl.training.self_training import SelfTrainingCallback, load_pool
 from hs_star_pl.training.checkpoint_io import AtomicCheckpointIO
 from hs_star_pl.training.config_checks import LINKS, check_config, name_link_sources
 from hs_star_pl.core.iterations import IterationClock
@@ -59,8 +63,9 @@ from hs_star_pl.core.protocols import lifecycle_of
 from hs_star_pl.training.data import MathDataModule
 from hs_star_pl.infra.errors import ConfigError, HSStarError
 from hs_star_pl.training.evaluation import EvaluationCallback
-from hs_star_pl.training.export import HFExportCallback
+from hs_star_pl.training.export import HFExportCallback, latest_export
 from hs_star_pl.training.module import HSStarModule
+from hs_star_pl.tensors.hub import is_hub_id
 from hs_star_pl.infra.run_lock import RunLock, is_launching_process, release_all
 from hs_star_pl.training.stop_request import StopRequestCallback
 from hs_star_pl.infra.storage import check_writable, storage_error
@@ -120,6 +125,30 @@ def derive_max_epochs(config: Namespace) -> None:
             trainer["max_epochs"] = IterationClock(k).max_epochs(n)
 
 
+class _DropLightningTips(logging.Filter):
+    """Lightning's "💡 Tip: ... try installing litlogger / litmodels" lines: adverts, nothing to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+_TIPS = _DropLightningTips()
+
+
+def quiet_lightning() -> None:
+    """Silence, each by its own message, what Lightning prints that a user cannot act on.
+
+    * the "💡 Tip" adverts (litlogger, litmodels), printed at every Trainer's start;
+    * Lightning 2.6's own use of a pytree API that torch deprecates (``_pytree.py``: ``isinstance(treespec,
+      LeafSpec)``), warned on the first batch of every loop.
+    The data module's and the export's own cases are silenced where they arise (``training.data``,
+    ``training.export``).
+    """
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_TIPS)  # one filter object: adding it again is a no-op
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
 class HSStarArgumentParser(LightningArgumentParser):
     """The CLI's parser: a logger's ``save_dir`` follows ``trainer.default_root_dir`` when unset.
 
@@ -138,11 +167,12 @@ class HSStarCLI(LightningCLI):
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_kwargs", {"default_env": False})
+        kwargs.setdefault("parser_kwargs", {"default_env": False, "prog": PROG, "description": f"{DESCRIPTION} The demo: {DEMO}"})
         kwargs.setdefault("parser_class", HSStarArgumentParser)
         # The optimizer and scheduler are HSStarModule arguments (model.optimizer,
         # model.lr_scheduler), so the top-level groups LightningCLI would add are left out.
         kwargs.setdefault("auto_configure_optimizers", False)
+        quiet_lightning()
         try:
             super().__init__(HSStarModule, MathDataModule, *args, **kwargs)
         except Exception as err:
@@ -154,6 +184,26 @@ class HSStarCLI(LightningCLI):
             if failed is None:
                 raise
             raise failed from err
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit``, ``validate`` and ``test`` (Lightning's ``predict`` has no use here: the module
+        has no ``predict_step``; ``hs-star test`` writes every response), with the Trainer
+        arguments the CLI fills itself."""
+        skipped = {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}}
+        return {name: skipped.get(name, {"model", "dataloaders", "datamodule"}) for name in COMMANDS}
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """Lightning's subcommand parsers, described by ``COMMANDS`` instead of the Trainer's docstrings."""
+        self._subcommand_parsers: dict[str, LightningArgumentParser] = {}
+        subcommands = parser.add_subcommands()
+        for name in self.subcommands():
+            subparser_kwargs = {"prog": f"{PROG} {name}", "description": COMMANDS[name], **kwargs.get(name, {})}
+            subparser = self._prepare_subcommand_parser(self.trainer_class, name, **subparser_kwargs)
+            if name == "test":  # the evaluation prints its own table (Lightning's: --verbose true)
+                subparser.set_defaults(verbose=False)
+            self._subcommand_parsers[name] = subparser
+            subcommands.add_subcommand(name, subparser, help=COMMANDS[name])
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(HFExportCallback, "export")
@@ -172,19 +222,22 @@ class HSStarCLI(LightningCLI):
             default=None,
             help=(
                 "Config files (as for -c) of a step-wise initialisation fit. When set and "
-                "model.model_path does not exist yet, that fit runs first and its final HF export "
-                "becomes model.model_path (M_0 is trained once, then reused)."
+                "model.model_path is a local path that does not exist yet, that fit runs first and its "
+                "final HF export becomes model.model_path (M_0 is trained once, then reused). A hub id "
+                "(org/name) never starts it, nor does a missing path without this key."
             ),
         )
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         derive_max_epochs(config)
+        if self.subcommand == "fit":
+            self._pool = check_pool(config)  # a pool too small or a bad row: refused before the model loads
         self._lock_run_dir(config)
         configs = config.get("stepwise_init")
         model_path = config.get("model", {}).get("model_path")
-        if not configs or model_path is None or Path(model_path).exists():
-            return
+        if not configs or model_path is None or Path(model_path).exists() or is_hub_id(model_path):
+            return  # a hub id is resolved when the module loads; a missing folder is refused there
         bootstrap_stepwise_init(configs, Path(model_path))
 
     def _lock_run_dir(self, config: Namespace) -> None:
@@ -217,6 +270,7 @@ class HSStarCLI(LightningCLI):
         for callback in self.trainer.callbacks:
             if isinstance(callback, SelfTrainingCallback):
                 callback.run_config = config.as_dict()
+                callback.preloaded_pool = getattr(self, "_pool", None)
         share_default_verifier(self.trainer.callbacks)
         share_rollout_engine(self.trainer.callbacks)
 
@@ -265,6 +319,28 @@ class HSStarCLI(LightningCLI):
         return trainer
 
 
+def check_pool(config: Namespace) -> ProblemPool | None:
+    """The self-training pool, loaded and checked to last every iteration, from the parsed config
+    (``None`` when self-training is off or a value is out of range: the callback names that key).
+
+    Runs before any class is built, so a missing question field or a pool smaller than the
+    iterations need is refused before the policy's weights load (or M_0 is trained)."""
+    st = config.get("self_training")
+    if not isinstance(st, Namespace) or st.get("problems_file") is None:
+        return None
+    ints = {k: st.get(k) for k in ("problems_per_iteration", "n_iterations", "seed")}
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints.values()) \
+            or ints["problems_per_iteration"] < 1 or ints["n_iterations"] < 1 or st.get("on_exhausted") not in ("error", "reshuffle"):
+        return None
+    fields = st.get("problem_fields")
+    try:
+        fields = FieldMap(**(fields.as_dict() if isinstance(fields, Namespace) else dict(fields or {})))
+    except (TypeError, ValueError):
+        return None
+    return load_pool(st["problems_file"], fields, ints["problems_per_iteration"], ints["seed"], st["on_exhausted"],
+                     ints["n_iterations"])
+
+
 def share_default_verifier(callbacks: list) -> None:
     """Self-training and evaluation both active without a verifier: one ``MathVerifyVerifier``
     (the default of each) checks answers for both, so one worker pool starts, not two. A
@@ -300,16 +376,17 @@ def bootstrap_stepwise_init(configs: list[str], model_path: Path) -> Path:
     for c in configs:
         args += ["-c", c]
     args += [f"--trainer.default_root_dir={run_dir}"]
-    print(f"stepwise_init: training M_0 ({' '.join(configs)}) into {model_path}", flush=True)
+    print(f"stepwise_init: model.model_path={model_path} does not exist and the config sets stepwise_init: "
+          f"training M_0 ({' '.join(configs)}) into it", flush=True)
     returncode = preemption.run_child(args)  # a stop reaches the child; it dies with this process
     if returncode != 0:
         raise RuntimeError(f"stepwise_init: the step-wise initialisation fit failed (exit {returncode}); see its output above")
-    exports = sorted((run_dir / "hf").glob("iteration_*"))
-    if not exports:
+    export = latest_export(run_dir / "hf")  # hf/policy_NNN (or a killed earlier bootstrap's iteration_NNN)
+    if export is None:
         raise RuntimeError(f"stepwise_init: the fit left no HF export under {run_dir / 'hf'}")
     tmp = model_path.with_name(model_path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(exports[-1], tmp)
+    shutil.copytree(export, tmp)
     tmp.rename(model_path)
     return model_path
 

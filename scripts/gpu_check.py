@@ -480,19 +480,21 @@ def fit_command(step: str, run_dir: Path, dry_run: bool) -> list[str]:
 
 def parse_fit(log: str, run_dir: Path) -> tuple[bool, dict]:
     result: dict = {"run_dir": str(run_dir)}
+    # the round's numbers from its summary.json (the console shows one rounded line per round)
+    summary_file = run_dir / "rounds" / "round_000" / "summary.json"
+    if summary_file.is_file():
+        try:
+            summary = json.loads(summary_file.read_text())
+            result["round_0"] = {k: summary.get(k) for k in ("n_problems", "samples_total", "n_pairs",
+                                                             "presample_accuracy", "mean_response_tokens")}
+        except json.JSONDecodeError:
+            pass
     for line in log.splitlines():
-        if line.startswith("round 0: "):
-            try:
-                summary = json.loads(line[len("round 0: "):])
-                result["round_0"] = {k: summary.get(k) for k in ("n_problems", "samples_total", "n_pairs",
-                                                                 "presample_accuracy", "mean_response_tokens")}
-            except json.JSONDecodeError:
-                pass
         match = re.match(r"eval: (M_\d+) \S+ acc ([\d.]+)%", line)
         if match:
             result.setdefault("test_accuracy", {})[match.group(1)] = float(match.group(2))
-    exported = run_dir / "hf" / "iteration_000"
-    result["exported"] = (exported / "config.json").exists()
+    # M_1's export: hf/policy_001 (hf/iteration_000 before that name)
+    result["exported"] = any((run_dir / "hf" / name / "config.json").exists() for name in ("policy_001", "iteration_000"))
     return result["exported"] and "round_0" in result, result
 
 

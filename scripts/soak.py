@@ -177,7 +177,7 @@ def main() -> int:
     opts.work.mkdir(parents=True, exist_ok=True)
     if opts.m0 is None or opts.problems is None:
         m0_root = opts.work / "m0"
-        m0_dir, problems = m0_root / "m0" / "hf" / "iteration_024", m0_root / "data" / "train.jsonl"
+        m0_dir, problems = m0_root / "m0" / "hf" / "policy_025", m0_root / "data" / "train.jsonl"
         if not (m0_dir / "config.json").is_file():
             print("training M_0 once (tests/helpers/self_training.train_m0) ...", flush=True)
             m0_dir, problems = train_m0(m0_root)

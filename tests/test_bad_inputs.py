@@ -30,9 +30,10 @@ PROBLEM_CASES = {
     "bad_json": "2: invalid JSON: Expecting ',' delimiter (column 69)",
     "truncated_last_line": "2: invalid JSON: Unterminated string starting at (column 26)",
     "not_an_object": "1: expected a JSON object, got list",
-    "missing_question": "2: no question field ('question' or 'problem' or 'query' or 'prompt'); row has ['answer', 'id']",
+    "missing_question": "2: no question field ('question' or 'problem' or 'query' or 'prompt'); row has ['answer', 'id']; "
+                        "name the field with question_key",
     "missing_answer": "1: no answer field ('answer' or 'final_answer' or 'gold' or 'expected_answer' or 'reward_model.ground_truth'); row has "
-                      "['id', 'question', 'solution']",
+                      "['id', 'question', 'solution']; name the field with answer_key",
     "question_not_a_string": "1: field 'question' must be a non-empty string, got 34",
     "empty_question": "1: field 'question' must be a non-empty string, got '   '",
     "answer_null": "1: field 'answer': expected a string, number or list of them, got None",
@@ -81,8 +82,9 @@ CONFIG_CASES = {
     "objective_mismatch": "self-training configuration:\n  - model.objective ('sft') must match "
                           "self_training.selection.objective ('dpo')",
     "missing_model_path": "model.model_path=checkpoints/does-not-exist/m0 does not exist: a local Hugging Face model "
-                          "folder is expected (config.json, weights, tokenizer files), e.g. an hf/iteration_NNN export",
-    "model_path_and_tiny": "set exactly one of model.model_path (a local HF directory) and model.tiny (a config)",
+                          "folder is expected (config.json, weights, tokenizer files), e.g. an hf/policy_NNN export, or "
+                          "a hub id (org/name)",
+    "model_path_and_tiny": "set exactly one of model.model_path (a local HF folder or a hub id) and model.tiny (a config)",
     "problems_per_iteration_negative": "self_training.problems_per_iteration must be >= 1, got -5",
     "pool_too_small": "self_training.problems_file=configs/data/arith_stepwise.jsonl: the problem pool has 20 problems "
                       "but iteration 1 needs 30 distinct ones (15 per iteration); use a larger pool or fewer "
@@ -93,6 +95,9 @@ CONFIG_CASES = {
     "temperature_negative": "self_training.sampling.temperature must be >= 0, got -0.5",
     "verifier_timeout_zero": "self_training.verifier.init_args.timeout_s must be > 0, got 0.0",
     "problems_file_bad_row": f"{PROBLEMS}/bad_json.jsonl:2: invalid JSON: Expecting ',' delimiter (column 69)",
+    "problems_file_no_question": f"{PROBLEMS}/missing_question.jsonl:2: no question field ('question' or 'problem' or "
+                                 "'query' or 'prompt'); row has ['answer', 'id']; name the field with "
+                                 "self_training.problem_fields.question_key",
     "problems_file_missing": "data/no-such-pool.jsonl: no such problem file (self_training.problems_file)",
     "train_file_bad_row": f"{EXAMPLES}/chosen_not_a_string.jsonl:1: field 'chosen' must be a string, got int",
     "yaml_syntax_error": "tests/corpus/bad_inputs/configs/yaml_syntax_error.yaml:5: invalid YAML: expected ',' or ']', "
@@ -226,7 +231,7 @@ def test_a_bad_config_on_resume_leaves_finished_artifacts_untouched(tmp_path, ca
     changes none of the files already there."""
     monkeypatch.chdir(REPO)
     finished = {"rounds/round_000/DONE": b"", "rounds/round_000/pairs.jsonl": b'{"chosen": "a"}\n',
-                "checkpoints/last.ckpt": b"weights", "hf/iteration_000/config.json": b"{}"}
+                "checkpoints/last.ckpt": b"weights", "hf/policy_001/config.json": b"{}"}
     for name, data in finished.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(data)

@@ -63,8 +63,8 @@ def test_fit_trains_saves_config_and_exports_each_iteration(tmp_path):
     assert len(val_losses) == 2 and val_losses[-1] < math.log(2) - 1e-3
 
     for iteration in (0, 1):
-        assert (tmp_path / "hf" / f"iteration_{iteration:03d}" / "config.json").is_file()
-    export = tmp_path / "hf" / "iteration_001"
+        assert (tmp_path / "hf" / f"policy_{iteration + 1:03d}" / "config.json").is_file()
+    export = tmp_path / "hf" / "policy_002"
     model = AutoModelForCausalLM.from_pretrained(export)
     tok = AutoTokenizer.from_pretrained(export)
     ids = torch.tensor([tok.encode(render_prompt("plain", "Start with 4. Add 5. What is the result?"))])
@@ -256,7 +256,7 @@ def test_resume_from_last_ckpt_continues_without_recomputing_references(tmp_path
     cli = HSStarCLI(args=["fit", *_run_args(tmp_path), "--trainer.max_epochs=2", "--ckpt_path=last"])
     assert cli.trainer.global_step == 10  # 5 restored + 5 new optimizer steps
     assert cli.datamodule.train_examples[0].ref_chosen_logp < -900  # read from the cache, not recomputed
-    assert (tmp_path / "hf" / "iteration_001" / "config.json").is_file()
+    assert (tmp_path / "hf" / "policy_002" / "config.json").is_file()
 
 
 def test_validate_scores_a_checkpoint_against_the_configured_model(tmp_path):
@@ -304,7 +304,7 @@ def test_shipped_stepwise_init_config_trains_m0_with_adamw_and_warmup_cosine(tmp
     assert lrs == pytest.approx(expected, rel=1e-6)
     epoch_losses = [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]
     assert len(epoch_losses) == 3 and epoch_losses[-1] < epoch_losses[0] - 0.5
-    m0 = tmp_path / "hf" / "iteration_002"
+    m0 = tmp_path / "hf" / "policy_003"
     model, tok = AutoModelForCausalLM.from_pretrained(m0), AutoTokenizer.from_pretrained(m0)
     ids = torch.tensor([tok.encode(render_prompt("qwen25-step-cot", "Start with 3. Add 4. What is the result?"))])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)

@@ -98,7 +98,7 @@ def test_empty_rounds_skip_training_with_a_warning_and_the_run_goes_on(ungradeab
     # both iterations ran their epoch (one skipped placeholder step each) and nothing was trained
     assert cli.trainer.current_epoch == 2 and cli.trainer.global_step == 2
     assert (run / "checkpoints" / "last.ckpt").is_file()
-    w0, w1 = (load_file(run / "hf" / f"iteration_{t:03d}" / "model.safetensors") for t in (0, 1))
+    w0, w1 = (load_file(run / "hf" / f"policy_{t + 1:03d}" / "model.safetensors") for t in (0, 1))
     initial = {k: v for k, v in cli.model.model.state_dict().items()}
     assert all((w0[k] == w1[k]).all() and (w1[k] == initial[k]).all() for k in w1)
 
@@ -132,4 +132,4 @@ def test_a_round_without_boundary_problems_after_sampling_is_skipped(tmp_path):
                                 "--trainer.max_epochs=1"))
     summary = json.loads((round_dir(run, 0) / "summary.json").read_text())
     assert summary["samples_presample"] == 20 and summary["n_outlier"] == 10 and summary["n_pairs"] == 0
-    assert (run / "hf" / "iteration_000" / "model.safetensors").is_file()
+    assert (run / "hf" / "policy_001" / "model.safetensors").is_file()

@@ -466,27 +466,31 @@ def test_top_p_is_honoured(engine):
 
 
 def test_progress_bar_counts_the_sequences(model, tokenizer, monkeypatch):
-    """The bar's own counters, not tqdm's rendering: 3 + 0 + 5 + 1 = 9 sequences, all counted."""
+    """The bar's own counters, not tqdm's rendering: 3 + 0 + 5 + 1 = 9 sequences, all counted;
+    without the bar, a run's time-based lines (``infra.progress.progress``) count the same."""
     import hs_star_pl.engines.hf as hf_module
+    from hs_star_pl.infra.progress import progress
 
     bars = []
 
-    class RecordedBar(hf_module.tqdm):
-        def __init__(self, *args, **kwargs):
-            self.record = {"desc": kwargs.get("desc"), "total": kwargs.get("total"), "counted": 0,
-                           "shown": not kwargs.get("disable", False)}
-            bars.append(self.record)
-            super().__init__(*args, **kwargs)
+    def recorded(total, desc, unit, shown):
+        bar = progress(total, desc, unit, shown)
+        record = {"desc": desc, "total": total, "counted": 0, "shown": shown}
+        bars.append(record)
+        update = bar.update
 
-        def update(self, n=1):
-            self.record["counted"] += n
-            return super().update(n)
+        def counting(n=1):
+            record["counted"] += n
+            return update(n)
 
-    monkeypatch.setattr(hf_module, "tqdm", RecordedBar)
+        bar.update = counting
+        return bar
+
+    monkeypatch.setattr(hf_module, "progress", recorded)
     HFEngine(batch_size=4, progress=True).bind(model, tokenizer).generate(REQUESTS, PARAMS)
     HFEngine(batch_size=4, progress=False).bind(model, tokenizer).generate(REQUESTS, PARAMS)
-    assert bars[0] == {"desc": "HFEngine", "total": 9, "counted": 9, "shown": True}
-    assert bars[1]["shown"] is False
+    assert bars[0] == {"desc": "HFEngine sampling", "total": 9, "counted": 9, "shown": True}
+    assert bars[1] == {"desc": "HFEngine sampling", "total": 9, "counted": 9, "shown": False}
 
 
 # ---------------------------------------------------------------- the in-place KV cache (kv_cache: in_place)

@@ -69,21 +69,22 @@ def check_test_matches_training(tiny_m0, tmp_path, monkeypatch, n_greedy: int | 
     HSStarCLI(args=["test", "-c", BASE, "-c", TINY, "-c", str(config), f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
                     *run_args(run)])
     HSStarCLI(args=["test", "-c", BASE, "-c", TINY, "-c", str(config), "--model.tiny=null",
-                    f"--model.model_path={run / 'hf' / 'iteration_000'}", *run_args(run)])
+                    f"--model.model_path={run / 'hf' / 'policy_001'}", *run_args(run)])
     for benchmark in ("easy", "easy_sampled"):
         m1 = result(run, benchmark, "policy_001")
         same_evaluation(m1, result(run, benchmark, "run-last"))  # hs-star test --ckpt_path
-        same_evaluation(m1, result(run, benchmark, "iteration_000"))  # hs-star test --model.model_path (HF export)
+        same_evaluation(m1, result(run, benchmark, "run-policy_001"))  # hs-star test --model.model_path (HF export)
         assert result(run, benchmark, "policy_000")["rows"] != m1["rows"]  # M_1 is not M_0
     m0_summary = result(run, "easy", "policy_000")["summary"]
     assert m0_summary["n_problems"] == (n_greedy or n_problems) and 0 < m0_summary["accuracy"] < 1  # not a trivial check
     sampled = result(run, "easy_sampled", "run-last")["summary"]
     assert sampled["metric"] == "avg@4" and sampled["pass_at_k"]["pass@1"] == pytest.approx(sampled["accuracy"])
     entries = json.loads((run / "eval" / "results.json").read_text())["entries"]
-    assert [e["label"] for e in entries] == ["policy_000", "policy_001", "run-last", "iteration_000"]
+    # the export's own test is named with its run: it does not replace the run's evaluation of M_1
+    assert [e["label"] for e in entries] == ["policy_000", "policy_001", "run-last", "run-policy_001"]
     table = (run / "results.md").read_text().splitlines()
     head = table.index("| policy | easy | easy_sampled avg@4 | average | mean tokens | pairs trained on |")
-    assert [line.split("|")[1].strip() for line in table[head + 2 : head + 6]] == ["M_0", "M_1", "run-last", "iteration_000"]
+    assert [line.split("|")[1].strip() for line in table[head + 2 : head + 6]] == ["M_0", "M_1", "run-last", "run-policy_001"]
 
 
 def test_hs_star_test_on_a_checkpoint_and_an_export_equals_the_in_training_evaluation(tiny_m0, tmp_path, monkeypatch):

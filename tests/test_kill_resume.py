@@ -119,7 +119,7 @@ def test_killed_during_round_1_rollouts_and_again_during_training(reference, tin
     assert run([*args, "--ckpt_path=last"], tmp_path, fault=second, trace=trace) == KILLED, log_tail(tmp_path)
     last = read_trace(trace)[-1]
     assert (last["point"], last["epoch"]) == ("training_step", 1)
-    assert completed_rounds(run_dir) == [0, 1] and not (run_dir / "hf" / "iteration_001").exists()
+    assert completed_rounds(run_dir) == [0, 1] and not (run_dir / "hf" / "policy_002").exists()
 
     assert run([*args, "--ckpt_path=last"], tmp_path, trace=trace) == 0, log_tail(tmp_path)
     assert compare_runs(ref_run, run_dir) == []

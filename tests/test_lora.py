@@ -121,7 +121,7 @@ def test_merged_export_loads_without_peft_and_gives_the_policys_logprobs(tmp_pat
     state = {k: v.clone() for k, v in module.state_dict().items()}
     ids = torch.tensor([module.tokenizer.encode("Start with 3. Add 4. Step 1: 3 + 4 = 7")])
     expected = _logps(module.model, ids)
-    out = export_hf(module, tmp_path / "iteration_000", adapter=True)
+    out = export_hf(module, tmp_path / "policy_001", adapter=True)
     assert all(torch.equal(v, state[k]) for k, v in module.state_dict().items())  # training state as it was
     assert not (out / "adapter_config.json").exists()  # a plain HF folder at the top
     plain = AutoModelForCausalLM.from_pretrained(out)
@@ -243,7 +243,7 @@ def test_cli_trains_lora_and_resumes_its_adapters_from_last(tmp_path):
     assert adapters and all(k.endswith(("q_proj.lora_A.default.weight", "q_proj.lora_B.default.weight",
                                         "v_proj.lora_A.default.weight", "v_proj.lora_B.default.weight"))
                             for k in adapters)
-    export = tmp_path / "hf" / "iteration_000"
+    export = tmp_path / "hf" / "policy_001"
     assert (export / "model.safetensors").is_file() and (export / "adapter" / "adapter_config.json").is_file()
 
     # resumed where it ended: nothing left to train, the adapters are the checkpoint's
@@ -253,7 +253,7 @@ def test_cli_trains_lora_and_resumes_its_adapters_from_last(tmp_path):
     assert all(torch.equal(state[k], adapters[k]) for k in adapters)
     resumed = HSStarCLI(args=["fit", *_cli_args(tmp_path), "--trainer.max_epochs=2", "--ckpt_path=last"])
     assert resumed.trainer.global_step == 10  # 5 restored + 5 new optimizer steps
-    assert (tmp_path / "hf" / "iteration_001" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "hf" / "policy_002" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_cli_reports_a_bad_lora_value_with_its_key(tmp_path):

@@ -64,7 +64,7 @@ def check_exports(run):
     base = build_tiny_causal_lm(tok, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
     untrained = logps(base, ids)
     for t in (0, 1):
-        folder = run / "hf" / f"iteration_{t:03d}"
+        folder = run / "hf" / f"policy_{t + 1:03d}"
         merged = logps(load_export(folder), ids)
         adapted = PeftModel.from_pretrained(
             build_tiny_causal_lm(tok, hidden_size=32, num_hidden_layers=2, num_attention_heads=4), folder / "adapter")
@@ -91,8 +91,8 @@ def test_deepspeed_zero2_trains_lora_like_ddp(ddp_lora_run, tmp_path):
     lrs = logged_lrs(ddp_lora_run)
     assert len(lrs) == 6  # 3 steps per epoch
     for t, steps in ((0, 3), (1, 6)):
-        ours = load_file(str(run / "hf" / f"iteration_{t:03d}" / "adapter" / "adapter_model.safetensors"))
-        theirs = load_file(str(ddp_lora_run / "hf" / f"iteration_{t:03d}" / "adapter" / "adapter_model.safetensors"))
+        ours = load_file(str(run / "hf" / f"policy_{t + 1:03d}" / "adapter" / "adapter_model.safetensors"))
+        theirs = load_file(str(ddp_lora_run / "hf" / f"policy_{t + 1:03d}" / "adapter" / "adapter_model.safetensors"))
         # the gradients: the global batch's 8 pairs x 2 sequences x up to 256 tokens, reduced in another order
         gaps = adamw_weight_gaps(ours, theirs, steps=steps, lr_sum=sum(lrs[:steps]), terms_per_gradient=8 * 2 * 256)
         assert not gaps.problems(), (t, gaps)
@@ -125,7 +125,7 @@ def test_vllm_serves_the_merged_export_and_the_streamed_merged_weights(tmp_path)
         for p in module.model.parameters():
             if p.requires_grad:
                 p.add_(0.2 * torch.randn(p.shape, generator=generator))
-    export = export_hf(module, tmp_path / "iteration_000", adapter=True)
+    export = export_hf(module, tmp_path / "policy_001", adapter=True)
     engine = VLLMEngine(dtype="float32", max_model_len=256, enforce_eager=True, canary_tolerance=1e-3)
     with engine:
         report = engine.load_from_dir(export, reference_model=module.model)
@@ -151,8 +151,8 @@ def test_self_training_with_lora_then_a_resume_with_another_rank_is_refused(tiny
     cli(self_training_args(run, m0, problems, *lora), tmp_path)
     assert completed_rounds(run) == [0, 1]
     for t in (0, 1):
-        assert not (run / "hf" / f"iteration_{t:03d}" / "adapter_config.json").exists()
-        assert (run / "hf" / f"iteration_{t:03d}" / "adapter" / "adapter_config.json").is_file()
+        assert not (run / "hf" / f"policy_{t + 1:03d}" / "adapter_config.json").exists()
+        assert (run / "hf" / f"policy_{t + 1:03d}" / "adapter" / "adapter_config.json").is_file()
     out = subprocess.run([sys.executable, "-m", "hs_star_pl",
                           *self_training_args(run, m0, problems, *lora, "--model.peft.r=8", "--ckpt_path=last")],
                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)

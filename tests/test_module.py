@@ -219,7 +219,7 @@ def test_model_path_loads_a_saved_checkpoint(tmp_path):
 
 def test_export_reloads_and_generates(tmp_path):
     module = tiny_module()
-    out = export_hf(module, tmp_path / "hf" / "iteration_000")
+    out = export_hf(module, tmp_path / "hf" / "policy_001")
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     prompt = render_prompt("plain", "Start with 2. Add 3. What is the result?")
@@ -228,7 +228,7 @@ def test_export_reloads_and_generates(tmp_path):
     assert torch.equal(model.generate(ids, **greedy), module.model.generate(ids, **greedy))
     torch.testing.assert_close(model(ids).logits, module.model(ids).logits)
     assert tok.decode(ids[0].tolist()) == prompt  # newline and spaces survive the round trip
-    assert not (tmp_path / "hf" / "iteration_000.tmp").exists()
+    assert not (tmp_path / "hf" / "policy_001.tmp").exists()
 
 
 def test_defaults_are_adamw_and_a_constant_learning_rate():
@@ -390,8 +390,8 @@ def test_each_iteration_is_referenced_by_the_policy_at_its_start_without_a_secon
 
 
 def test_export_after_the_last_epoch_of_each_iteration(tmp_path):
-    """export.epochs_per_iteration 2 over 4 epochs: iteration_000 holds the weights at the end
-    of epoch 1 (not 0), iteration_001 those at the end of epoch 3, and nothing else is written."""
+    """export.epochs_per_iteration 2 over 4 epochs: policy_001 holds the weights at the end
+    of epoch 1 (not 0), policy_002 those at the end of epoch 3, and nothing else is written."""
     from safetensors.torch import load_file
 
     from hs_star_pl.training.export import HFExportCallback
@@ -406,9 +406,9 @@ def test_export_after_the_last_epoch_of_each_iteration(tmp_path):
     trainer = cpu_trainer(tmp_path, max_epochs=4, limit_train_batches=1, reload_dataloaders_every_n_epochs=1,
                           callbacks=[Snapshot(), HFExportCallback(epochs_per_iteration=2)])
     trainer.fit(module, MathDataModule(train_file=str(PAIRS_FILE), template="plain", max_length=256, batch_size=4))
-    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["iteration_000", "iteration_001"]
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["policy_001", "policy_002"]
     for iteration, epoch in ((0, 1), (1, 3)):
-        saved = load_file(str(tmp_path / "hf" / f"iteration_{iteration:03d}" / "model.safetensors"))
+        saved = load_file(str(tmp_path / "hf" / f"policy_{iteration + 1:03d}" / "model.safetensors"))
         for name, tensor in saved.items():
             torch.testing.assert_close(tensor, snapshots[epoch][name])
     weight = "model.layers.0.mlp.down_proj.weight"

@@ -82,7 +82,7 @@ def test_each_prm_preset_builds_on_the_cpu_stack(preset, prm_dirs, tmp_path, mon
 def test_the_paper_recipe_runs_an_iteration_on_two_cpu_processes_and_resumes(prm_dirs, tmp_path):
     """One iteration of the paper stack on two CPU ranks, then ``--ckpt_path last`` with a
     second iteration. Each rank's engine starts on the HF folder of M_t (``model.model_path``,
-    then ``hf/iteration_000`` after the resume), never on a copy of the weights it would write
+    then ``hf/policy_001`` after the resume), never on a copy of the weights it would write
     first; round 0 is read back, not redone."""
     pytest.importorskip("vllm")
     pytest.importorskip("deepspeed", reason="deepspeed is not installed (extra [deepspeed])")
@@ -97,12 +97,12 @@ def test_the_paper_recipe_runs_an_iteration_on_two_cpu_processes_and_resumes(prm
     rollouts = read_jsonl(round_dir(run, 0) / "rollouts.jsonl")
     assert all(isinstance(r["step_scores"], list) for r in rollouts) and any(r["step_scores"] for r in rollouts)
     assert f"round 0: the engine starts on M_0 from {M0}" in first.stdout + first.stderr
-    assert (run / "checkpoints" / "last.ckpt").is_dir() and (run / "hf" / "iteration_000" / "model.safetensors").is_file()
+    assert (run / "checkpoints" / "last.ckpt").is_dir() and (run / "hf" / "policy_001" / "model.safetensors").is_file()
     done = (round_dir(run, 0) / "DONE").stat().st_mtime_ns
 
     second = cli(paper_args(run, prm_dirs["skywork"], extra=("--self_training.n_iterations=2", "--ckpt_path=last")),
                  tmp_path, timeout=900)
     assert completed_rounds(run) == [0, 1] and (round_dir(run, 0) / "DONE").stat().st_mtime_ns == done
-    assert f"round 1: the engine starts on M_1 from {run / 'hf' / 'iteration_000'}" in second.stdout + second.stderr
+    assert f"round 1: the engine starts on M_1 from {run / 'hf' / 'policy_001'}" in second.stdout + second.stderr
     assert json.loads((round_dir(run, 1) / "summary.json").read_text())["canary_mean_abs_logprob_diff"] < 0.02
-    assert (run / "hf" / "iteration_001" / "model.safetensors").is_file()
+    assert (run / "hf" / "policy_002" / "model.safetensors").is_file()

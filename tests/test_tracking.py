@@ -121,9 +121,11 @@ def test_tensorboard_gets_the_plots_as_images_and_the_pairs_as_text(tensorboard_
 
     run, _, _ = tensorboard_run
     events = _events(run)
-    assert {"round/difficulty", "rounds/accuracy"} <= set(events.Tags()["images"])
-    for tag, png in (("round/difficulty", round_dir(run, 0) / "difficulty.png"), ("rounds/accuracy", run / "rounds" / "accuracy.png")):
-        (image,) = events.Images(tag)
+    assert {"round/difficulty", "rounds/accuracy", "eval/results"} <= set(events.Tags()["images"])
+    assert "](results.png)" in (run / "results.md").read_text()  # results.md shows the picture
+    for tag, png in (("round/difficulty", round_dir(run, 0) / "difficulty.png"), ("rounds/accuracy", run / "rounds" / "accuracy.png"),
+                     ("eval/results", run / "results.png")):
+        image = events.Images(tag)[-1]  # results.png: drawn again after each evaluation (M_0, then M_0 and M_1)
         with Image.open(png) as on_disk:
             assert (image.width, image.height) == on_disk.size, tag
         assert image.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
@@ -134,6 +136,13 @@ def test_tensorboard_gets_the_plots_as_images_and_the_pairs_as_text(tensorboard_
     assert lines[0].startswith("| problem_id | question | chosen | chosen_score |")
     assert len(lines) == 2 + min(8, len(pairs))
     assert pairs[0]["problem_id"] in lines[2] and str(round(pairs[0]["chosen_score"], 4)) in lines[2]
+    # a sample of each evaluation's responses, per benchmark and policy, as a table
+    texts = events.Tensors("eval/test/samples/text_summary")
+    assert [t.step for t in texts] == sorted(t.step for t in texts) and len(texts) == 2  # M_0, M_1
+    evaluated = json.loads((run / "eval" / "test" / "policy_001.json").read_text())["rows"]
+    lines = texts[-1].tensor_proto.string_val[0].decode().splitlines()
+    assert lines[0] == "| problem_id | question | gold | response | answer | correct | accuracy |"
+    assert len(lines) == 2 + len(evaluated) and lines[2].startswith(f"| {evaluated[0]['problem_id']} |")
 
 
 def test_dpo_logs_the_gradient_norm_before_clipping_and_the_policys_log_probs(tensorboard_run):
@@ -190,10 +199,15 @@ def test_wandb_offline_gets_the_numbers_the_plots_and_a_pairs_table(offline_wand
     assert [r["data/n_examples"] for r in rows if "data/n_examples" in r] == [summary["n_pairs"]]
     assert [r["eval/policy"] for r in rows if "eval/policy" in r] == [0, 1]
     assert [r for r in rows if "train/grad_norm" in r] and [r for r in rows if "train/chosen_logps_step" in r]
-    for key in ("round/difficulty", "rounds/accuracy"):
-        (row,) = [r for r in rows if f"{key}/filenames" in r]
+    for key in ("round/difficulty", "rounds/accuracy", "eval/results"):
+        row = [r for r in rows if f"{key}/filenames" in r][-1]
         (name,) = row[f"{key}/filenames"]
         assert media(wandb_dir, name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", key
+    samples = [r for r in rows if "eval/test/samples/path" in r]
+    assert len(samples) == 2
+    table = json.loads(media(wandb_dir, samples[-1]["eval/test/samples/path"]).read_text())
+    assert table["columns"] == ["problem_id", "question", "gold", "response", "answer", "correct", "accuracy"]
+    assert len(table["data"]) == 3  # evaluation.max_problems
     (row,) = [r for r in rows if "round/pairs/path" in r]
     table = json.loads(media(wandb_dir, row["round/pairs/path"]).read_text())
     pairs = read_jsonl(round_dir(run, 0) / "pairs.jsonl")
@@ -232,3 +246,26 @@ def test_a_config_without_a_logger_logs_csv_even_with_tensorboard_installed(tmp_
     cli = HSStarCLI(args=["-c", str(REPO / "configs" / "debug" / "tiny_cpu.yaml"),
                           f"--trainer.default_root_dir={tmp_path / 'run'}"], run=False)
     assert [(type(l).__name__, l.log_dir) for l in cli.trainer.loggers] == [("CSVLogger", str(tmp_path / "run" / "logs" / "version_0"))]
+
+
+# -- the plots themselves ---------------------------------------------------------------------
+
+
+def test_results_png_draws_the_runs_own_policies_only(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from hs_star_pl.training.plots import plot_results, point_area
+
+    def entry(policy, kind="iteration", **accuracies):
+        return {"label": f"policy_{policy:03d}" if policy is not None else "m0", "policy": policy, "kind": kind,
+                "benchmarks": {n: {"accuracy": a, "metric": "acc"} for n, a in accuracies.items()},
+                "average": sum(accuracies.values()) / len(accuracies), "n_pairs": None if not policy else 100 * policy}
+
+    png = tmp_path / "results.png"
+    assert not plot_results(png, [entry(None, kind="test", gsm8k=0.5)]) and not png.exists()  # hs-star test alone
+    assert plot_results(png, [entry(1, gsm8k=0.3, math=0.2), entry(0, gsm8k=0.25, math=0.1), entry(None, kind="test", gsm8k=0.9)])
+    with Image.open(png) as image:
+        assert image.size == (1000, 400)
+    # a point standing for many problems is bigger, but not without bound
+    assert point_area(1) == 12 and point_area(1) < point_area(5) < point_area(168) < 12 * 168

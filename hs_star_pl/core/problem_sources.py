@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,12 @@ class ProblemFileError(InputFileError):
         self.line = line
         self.row = row
         self.message = message
+
+    def naming(self, group: str) -> ProblemFileError:
+        """The same error with its field keys under the config ``group`` (``question_key`` ->
+        ``self_training.problem_fields.question_key``): the key a user changes."""
+        message = re.sub(r"\bwith (question_key|answer_key|id_key|solution_key)\b", rf"with {group}.\1", self.message)
+        return ProblemFileError(self.path, self.line, message, row=self.row)
 
 
 def _plain(value: Any) -> Any:

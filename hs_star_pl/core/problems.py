@@ -343,7 +343,7 @@ def _row_to_problem(row: dict[str, Any], fields: FieldMap, position_id: str) -> 
     qk = _pick(row, fields.question_key, QUESTION_KEYS)
     if qk is None:
         wanted = repr(fields.question_key) if fields.question_key else " or ".join(map(repr, QUESTION_KEYS))
-        raise _RowError(f"no question field ({wanted}); row has {sorted(row)}")
+        raise _RowError(f"no question field ({wanted}); row has {sorted(row)}; name the field with question_key")
     try:
         question = question_text(field_value(row, qk))
     except ValueError as err:
@@ -351,7 +351,7 @@ def _row_to_problem(row: dict[str, Any], fields: FieldMap, position_id: str) -> 
     ak = _pick(row, fields.answer_key, ANSWER_KEYS)
     if ak is None:
         wanted = repr(fields.answer_key) if fields.answer_key else " or ".join(map(repr, ANSWER_KEYS))
-        raise _RowError(f"no answer field ({wanted}); row has {sorted(row)}")
+        raise _RowError(f"no answer field ({wanted}); row has {sorted(row)}; name the field with answer_key")
     raw_answer = field_value(row, ak)
     try:
         answer = _gold_of(raw_answer, fields.answer_from)

@@ -38,13 +38,13 @@ from copy import deepcopy
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 from transformers import GenerationConfig
 from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from hs_star_pl.core.protocols import Completion, EngineLifecycle, GenerationRequest, SamplingParams
 from hs_star_pl.engines.common import check_requests, find_stop, request_seed
 from hs_star_pl.engines.kv_cache import in_place_cache, prefill_prompts_once
+from hs_star_pl.infra.progress import progress
 from hs_star_pl.tensors.zero import max_over_ranks, needs_lockstep
 
 
@@ -53,7 +53,8 @@ class HFEngine(EngineLifecycle):
 
     Args:
         batch_size: sequences per ``generate`` call (prompt copies count separately).
-        progress: show a tqdm bar over sequences.
+        progress: show a tqdm bar over sequences (without it, a run with ``ProgressLog`` still
+            gets a line at most every ``every_n_seconds``).
         seed_scope: ``batch`` (fastest): batches mix prompts, sorted by length, each seeded
             from (seed, batch index), so a prompt's samples depend on the other prompts in
             the call. ``request``: each prompt's copies are generated on their own, seeded
@@ -161,7 +162,8 @@ class HFEngine(EngineLifecycle):
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else config.eos_token_id[0]
         batches = list(self._batches(items, params.seed))
         n_dummy = max_over_ranks(len(batches), device) - len(batches) if lockstep else 0
-        bar = tqdm(total=len(items), desc="HFEngine", unit="seq", disable=not self.progress, leave=False)
+        # a bar when asked for, else the run's time-based lines (ProgressLog), else nothing
+        bar = progress(len(items), "HFEngine sampling", "sequence", shown=self.progress)
         # generate() fills every unset field of our config from model.generation_config (a
         # checkpoint's repetition_penalty, min_new_tokens, ...): hide it for the call.
         saved_config = getattr(model, "generation_config", None)

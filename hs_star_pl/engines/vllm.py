@@ -42,12 +42,17 @@ from hs_star_pl.core.protocols import Completion, EngineLifecycle, GenerationReq
 from hs_star_pl.engines.colocation import EXTERNAL_LAUNCHER, launcher_env, placement_errors, scoped_env, training_world
 from hs_star_pl.engines.common import check_requests, request_seed
 from hs_star_pl.infra.errors import ConfigError
+from hs_star_pl.tensors.hub import is_hub_id, resolve_model
 
 WORKER_EXTENSION = "hs_star_pl.engines.vllm_worker.WeightSyncExtension"
 DEFAULT_CANARY_PROMPTS = ("Question: 12 + 7 = ?\nAnswer:", "Compute 3 * 4 - 5.", "x")
 
 
 def _import_vllm() -> Any:
+    # vLLM logs dozens of INFO lines per engine start (88 in one evaluation); WARNING and above
+    # unless the user asks for more (VLLM_LOGGING_LEVEL=INFO). Read when vllm is first imported,
+    # and inherited by its engine-core process.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         import vllm
     except ImportError as err:  # pragma: no cover - depends on the environment
@@ -74,7 +79,8 @@ class VLLMEngine(EngineLifecycle):
     """Rollout engine on a colocated ``vllm.LLM``.
 
     Args:
-        model_path: HF checkpoint folder to start from; ``None`` waits for ``load_from_dir``.
+        model_path: HF checkpoint folder or hub id (``org/name``, ``hs_star_pl.tensors.hub``) to
+            start from; ``None`` waits for ``load_from_dir``.
         dtype: ``"auto"`` (the checkpoint's), ``"bfloat16"``, ``"float16"`` or ``"float32"``.
         gpu_memory_utilization: share of GPU memory vLLM may take (weights + KV cache); the
             rest is the trainer's. Ignored on CPU.
@@ -112,7 +118,7 @@ class VLLMEngine(EngineLifecycle):
         sync_from: where the self-training loop takes M_t from once per iteration.
             ``"weights"``: the policy's state dict, streamed (gathered one parameter at a time
             under ZeRO-3) into ``sync_weights``. ``"export"``: the HF export of M_t the run
-            already wrote (``hf/iteration_NNN``, or ``model.model_path`` for M_0), through
+            already wrote (``hf/policy_NNN``, or ``model.model_path`` for M_0), through
             ``load_from_dir``; with ``sync_mode`` restart (CPU) this skips writing a second
             copy of the weights. Either way the canary runs after the sync.
         llm_kwargs: further ``vllm.LLM`` keyword arguments passed through as given, e.g.
@@ -121,6 +127,7 @@ class VLLMEngine(EngineLifecycle):
             here, such as ``dtype`` or ``gpu_memory_utilization``) are refused; so is
             ``enable_chunked_prefill: true`` on CPU, where the engine turns it off. vLLM
             itself checks the rest when the engine starts.
+        revision: the hub revision of a hub-id ``model_path``; ``None`` for the default branch.
     """
 
     def __init__(
@@ -144,6 +151,7 @@ class VLLMEngine(EngineLifecycle):
         distributed_executor_backend: str | None = None,
         sync_from: str = "weights",
         llm_kwargs: dict[str, Any] | None = None,
+        revision: str | None = None,
     ) -> None:
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"engine.init_args.gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
@@ -164,6 +172,9 @@ class VLLMEngine(EngineLifecycle):
         self.sync_from = sync_from
         self.sync_chunk_mb = sync_chunk_mb
         self.distributed_executor_backend = distributed_executor_backend
+        if model_path is not None and (revision is not None or is_hub_id(model_path)):
+            # a hub id becomes its snapshot folder (cache, HF_HUB_OFFLINE); a path is vLLM's to read
+            model_path = resolve_model(model_path, revision, "engine.init_args.model_path")
         self.model_path = model_path
         self.tokenizer_path = model_path
         self.dtype = dtype

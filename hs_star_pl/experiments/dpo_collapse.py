@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         run = args.out / f"variant_{i}"
         accuracy = train(name, pairs[rule], extra, run, args.dev, args.dev_limit)
         m0_accuracy = json.loads((run / "eval" / "test" / "policy_000.json").read_text())["summary"]["accuracy"]
-        shifted = mean_logps(run / "hf" / "iteration_000", paper_pairs, gold)
+        shifted = mean_logps(run / "hf" / "policy_001", paper_pairs, gold)
         rows.append([name, f"{accuracy:.3f}"] + [f"{a - b:+.2f}" for a, b in zip(shifted, base)])
     print(f"round {args.round}: {len(paper_pairs)} paper-rule pairs, {len(read_jsonl(pairs['demo']))} demo pairs; "
           f"M_0 dev accuracy {m0_accuracy:.3f} (first {args.dev_limit}); M_0 mean log-probs: chosen {base[0]:.2f}, "

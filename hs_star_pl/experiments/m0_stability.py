@@ -65,12 +65,14 @@ def run_dir(out: Path, isa: str, seed: int) -> Path:
 
 
 def weights_digest(directory: Path) -> str | None:
-    """SHA-256 of the last HF export's weights (``hf/iteration_NNN/*.safetensors``)."""
-    exports = sorted(directory.glob("hf/iteration_*"))
-    if not exports:
+    """SHA-256 of the last HF export's weights (``hf/policy_NNN/*.safetensors``)."""
+    from hs_star_pl.training.export import latest_export
+
+    export = latest_export(directory / "hf")
+    if export is None:
         return None
     digest = hashlib.sha256()
-    for path in sorted(exports[-1].glob("*.safetensors")):
+    for path in sorted(export.glob("*.safetensors")):
         digest.update(path.read_bytes())
     return digest.hexdigest()
 

@@ -69,7 +69,10 @@ try:
 except ImportError:  # transformers 4
     from transformers.modeling_utils import no_init_weights
 
+from hs_star_pl.infra.errors import ConfigError
+from hs_star_pl.infra.progress import progress
 from hs_star_pl.tensors.attention import check_attn_implementation
+from hs_star_pl.tensors.hub import resolve_model
 from hs_star_pl.core.protocols import Offloadable, StepScoringRequest
 
 _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -264,11 +267,8 @@ class _StepScorer:
         out: list[list[float]] = [[] for _ in fitted]
         order = sorted((i for i, (_, pos) in enumerate(fitted) if pos), key=lambda i: -len(fitted[i][0]))
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        from tqdm.auto import tqdm
-
-        bar = tqdm(batches, desc=f"{self.name} scoring", unit="batch",
-                   disable=not self.progress or len(batches) < 8)
-        for batch in bar:
+        bar = progress(len(batches), f"{self.name} scoring", "batch", shown=self.progress and len(batches) >= 8)
+        for batch in batches:
             width = len(fitted[batch[0]][0])
             input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -280,6 +280,8 @@ class _StepScorer:
                 scores = model(input_ids.to(self.device), mask.to(self.device)).float().cpu()
             for row, i in enumerate(batch):
                 out[i] = scores[row, fitted[i][1]].tolist()
+            bar.update(1)
+        bar.close()
         for i, (chunks, (_, positions)) in enumerate(zip(chunk_lists, fitted)):
             missing = len(chunks) - len(positions)
             if missing:
@@ -291,7 +293,9 @@ class _StepScorer:
 
 
 def _check_common(model_path: str, max_length: int, batch_size: int, device: str, dtype: str,
-                  attn_implementation: str | None, offload: str) -> None:
+                  attn_implementation: str | None, offload: str, revision: str | None = None) -> str:
+    """Refuse bad settings (every one in one message); the folder ``model_path`` names (a hub id
+    resolves to its snapshot, ``hs_star_pl.tensors.hub``)."""
     errors = []
     if offload not in OFFLOAD_MODES:
         errors.append(f"prm.init_args.offload must be one of {list(OFFLOAD_MODES)}, got {offload!r}")
@@ -299,8 +303,11 @@ def _check_common(model_path: str, max_length: int, batch_size: int, device: str
         check_attn_implementation(attn_implementation, "prm.init_args.attn_implementation")
     except ValueError as err:
         errors.append(str(err))
-    if not Path(model_path).is_dir():
-        errors.append(f"prm.init_args.model_path={model_path!r} is not a local folder (no hub downloads)")
+    folder = str(model_path)
+    try:
+        folder = resolve_model(model_path, revision, "prm.init_args.model_path")
+    except ConfigError as err:
+        errors.append(str(err))
     if max_length < 8:
         errors.append(f"prm.init_args.max_length must be >= 8, got {max_length}")
     if batch_size < 1:
@@ -311,6 +318,7 @@ def _check_common(model_path: str, max_length: int, batch_size: int, device: str
         errors.append(f"prm.init_args.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     if errors:
         raise ValueError("; ".join(errors))
+    return folder
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -427,7 +435,7 @@ class SkyworkPRM(_LearnedPRM):
     """Skywork-o1-Open-PRM-style scorer: ``sigmoid(value head)`` at each step separator.
 
     Args:
-        model_path: local folder in the Skywork layout (``model.*`` + ``v_head.summary.*`` tensors;
+        model_path: a local folder or a hub id (``org/name``) in the Skywork layout (``model.*`` + ``v_head.summary.*`` tensors;
             see ``hs_star_pl.prm.hf``).
         max_length: token limit of one scored sequence; longer inputs keep every step's score
             (steps that do not fit repeat the last scored one; see ``hs_star_pl.prm.hf``).
@@ -449,6 +457,7 @@ class SkyworkPRM(_LearnedPRM):
         offload: where the weights wait between rounds, so that DPO training has their memory:
             ``"none"`` (stay on ``device``), ``"cpu"`` (host memory; moved back before the next
             round's first score), ``"reload"`` (dropped, read again from ``model_path``).
+        revision: the hub revision of a hub-id ``model_path``; ``None`` for the default branch.
     """
 
     layout = Qwen2ValueHeadModel
@@ -456,8 +465,10 @@ class SkyworkPRM(_LearnedPRM):
     def __init__(self, model_path: str, max_length: int = 4096, batch_size: int = 8,
                  device: str = "auto", dtype: str = "auto", step_separator: str = "\n\n",
                  input_mode: str = "reference", progress: bool = True,
-                 attn_implementation: str | None = None, offload: str = "none") -> None:
-        _check_common(model_path, max_length, batch_size, device, dtype, attn_implementation, offload)
+                 attn_implementation: str | None = None, offload: str = "none",
+                 revision: str | None = None) -> None:
+        model_path = _check_common(model_path, max_length, batch_size, device, dtype, attn_implementation, offload,
+                                   revision)
         if not step_separator:
             raise ValueError("prm.init_args.step_separator must be a non-empty string")
         if input_mode not in SKYWORK_INPUT_MODES:
@@ -563,7 +574,7 @@ class QwenMathPRM(_LearnedPRM):
     """Qwen2.5-Math-PRM-style scorer: P(positive) of the 2-class head at each ``<extra_0>``.
 
     Args:
-        model_path: local folder in the Qwen2.5-Math-PRM layout (``model.*`` + ``score.0``/``score.2``;
+        model_path: a local folder or a hub id (``org/name``) in the Qwen2.5-Math-PRM layout (``model.*`` + ``score.0``/``score.2``;
             see ``hs_star_pl.prm.hf``);
             its tokenizer must have ``step_separator`` as one token.
         max_length: token limit of one scored sequence; longer inputs keep every step's score
@@ -581,6 +592,7 @@ class QwenMathPRM(_LearnedPRM):
         offload: where the weights wait between rounds, so that DPO training has their memory:
             ``"none"`` (stay on ``device``), ``"cpu"`` (host memory; moved back before the next
             round's first score), ``"reload"`` (dropped, read again from ``model_path``).
+        revision: the hub revision of a hub-id ``model_path``; ``None`` for the default branch.
     """
 
     layout = Qwen2TwoClassPRMModel
@@ -588,8 +600,10 @@ class QwenMathPRM(_LearnedPRM):
     def __init__(self, model_path: str, max_length: int = 4096, batch_size: int = 8,
                  device: str = "auto", dtype: str = "auto", step_separator: str = "<extra_0>",
                  system_prompt: str = QWEN_PRM_SYSTEM_PROMPT, progress: bool = True,
-                 attn_implementation: str | None = None, offload: str = "none") -> None:
-        _check_common(model_path, max_length, batch_size, device, dtype, attn_implementation, offload)
+                 attn_implementation: str | None = None, offload: str = "none",
+                 revision: str | None = None) -> None:
+        model_path = _check_common(model_path, max_length, batch_size, device, dtype, attn_implementation, offload,
+                                   revision)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         sep = self.tokenizer(step_separator, add_special_tokens=False)["input_ids"]
         if len(sep) != 1:

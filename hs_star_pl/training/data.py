@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,8 +66,10 @@ from hs_star_pl.tensors.collate import (
     encode_example,
     encode_pair,
 )
+from hs_star_pl.core.problem_sources import ProblemFileError
 from hs_star_pl.core.problems import MAX_LINE_BYTES, FieldMap, load_problems
 from hs_star_pl.core.records import PreferencePair, SftExample
+from hs_star_pl.evaluation.protocol import EvalBatch
 from hs_star_pl.tensors.chat import tokenizer_chat_renderer
 from hs_star_pl.core.templates import ChatRenderer, get_template, render_prompt
 from hs_star_pl.infra.errors import InputFileError
@@ -307,7 +310,10 @@ class MathDataModule(L.LightningDataModule):
         if self.train_file is not None:
             return load_examples(self.train_file, self.render_prompt)
         if self.problems_file is not None:
-            problems = load_problems(self.problems_file, **dataclasses.asdict(self.problem_fields))
+            try:
+                problems = load_problems(self.problems_file, **dataclasses.asdict(self.problem_fields))
+            except ProblemFileError as err:
+                raise err.naming("data.problem_fields") from None
             missing = [p.id for p in problems if not p.solution]
             if missing:
                 field = self.problem_fields.solution_key or "solution"
@@ -466,8 +472,18 @@ class MathDataModule(L.LightningDataModule):
                                       num_workers=0, collate_fn=eval_set.collate))
         return loaders
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # Evaluation batches (hs-star test) are text; Lightning's collection walk would also
+        # refuse their frozen dataclasses. Here, not in the module: the data module makes them,
+        # and Lightning warns when the module overrides this hook while a data module is given.
+        if isinstance(batch, EvalBatch):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_examples:
+            # no data.val_file: no validation, on purpose; Lightning warns about the empty list
+            warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
             return []
         trainer = self.trainer
         if self._val_reference_from_model and trainer is not None and trainer.ckpt_path is None:

@@ -46,7 +46,8 @@ from hs_star_pl.evaluation.datasets import BenchmarkConfig, load_benchmark
 from hs_star_pl.training.benchmark_metric import BenchmarkMetric
 from hs_star_pl.evaluation.protocol import EvalBatch, grade, make_batch, policy_entry, results_table
 from hs_star_pl.infra.progress import phase_bar
-from hs_star_pl.training.tracking import log_to_loggers
+from hs_star_pl.training.plots import plot_results
+from hs_star_pl.training.tracking import EVAL_COLUMNS, eval_sample_rows, log_image_file, log_pairs_table, log_to_loggers
 
 
 class _BenchmarkRun:
@@ -327,7 +328,11 @@ class EvaluationCallback(L.Callback):
         if trainer.is_global_zero:
             for name, (config, summary, rows) in written.items():
                 self._write_result(trainer, config, label, policy, None, summary, rows)
-            self._write_tables(trainer, entry)
+            results_png = self._write_tables(trainer, entry)
+            if results_png is not None:
+                log_image_file(trainer, "eval/results", results_png)
+            for name, (config, summary, rows) in written.items():
+                log_pairs_table(trainer, f"eval/{name}/samples", eval_sample_rows(rows), columns=EVAL_COLUMNS)
             metrics = {"eval/policy": float(policy)}
             for name, s in summaries.items():
                 metrics[f"eval/{name}_accuracy"] = s["accuracy"]
@@ -344,7 +349,7 @@ class EvaluationCallback(L.Callback):
     @override
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.engine is not None:  # after a --ckpt_path restore: the weights to evaluate are in place
-            folder = getattr(pl_module, "model_path", None)
+            folder = getattr(pl_module, "model_dir", None) or getattr(pl_module, "model_path", None)
             from_folder = trainer.ckpt_path is None and folder is not None and Path(folder).is_dir()
             self._point_engine(pl_module, Path(folder) if from_folder else None, "the model under test")
         for run in self._test_runs:
@@ -388,6 +393,9 @@ class EvaluationCallback(L.Callback):
                 pl_module.log(f"test/{name}_mean_tokens", s["mean_tokens"], add_dataloader_idx=False)
         if entry["average"] is not None:
             pl_module.log("test/average_accuracy", entry["average"], add_dataloader_idx=False)
+        # the table of results.md, one row per benchmark (hs-star test turns Lightning's own table
+        # off: it repeats every value under each benchmark's DataLoader column and cuts the names)
+        rank_zero_info(f"eval: {label}\n{results_table([entry])}")
         rank_zero_info(f"eval: {label}: results in {self.eval_root(trainer)} and {Path(trainer.default_root_dir) / 'results.md'}")
 
     def _point_engine(self, pl_module: L.LightningModule, folder: Path | None, what: str) -> None:
@@ -407,7 +415,10 @@ class EvaluationCallback(L.Callback):
             run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
             text = f"{run.name}-{ckpt.stem}"
         elif getattr(pl_module, "model_path", None):
-            text = Path(pl_module.model_path).name
+            folder = Path(pl_module.model_path)
+            # a run's export (<run>/hf/policy_NNN) is named with its run: "policy_NNN" alone is
+            # the label of that run's own evaluation of M_NNN and would replace it
+            text = f"{folder.parent.parent.name}-{folder.name}" if folder.parent.name == "hf" else folder.name
         else:
             text = "tiny"
         return re.sub(r"[^A-Za-z0-9_.-]", "_", text).lstrip("._-") or "model"
@@ -421,8 +432,9 @@ class EvaluationCallback(L.Callback):
             "benchmark": config.to_dict(), "summary": summary, "rows": rows,
         })
 
-    def _write_tables(self, trainer: L.Trainer, entry: dict[str, Any]) -> None:
-        """Put ``entry`` into ``eval/results.json`` (replacing an older one of its label) and redraw ``results.md``."""
+    def _write_tables(self, trainer: L.Trainer, entry: dict[str, Any]) -> Path | None:
+        """Put ``entry`` into ``eval/results.json`` (replacing an older one of its label) and redraw
+        ``results.md`` and ``results.png`` (the run's own policies M_0..M_T; returned when drawn)."""
         index = self.eval_root(trainer) / "results.json"
         entries = json.loads(index.read_text())["entries"] if index.is_file() else []
         entries = [e for e in entries if e["label"] != entry["label"]] + [entry]
@@ -440,7 +452,13 @@ class EvaluationCallback(L.Callback):
             "average = unweighted mean over the row's benchmarks; mean tokens = unweighted mean of the "
             "benchmarks' mean response lengths. Every response: eval/<benchmark>/<label>.json.\n\n"
         ) + results_table(shown)
+        png = Path(trainer.default_root_dir) / "results.png"
+        drawn = plot_results(png, entries)
+        if drawn:
+            text += ("\n![Held-out accuracy of M_0..M_T per benchmark, and the pairs each iteration trained on]"
+                     "(results.png)\n")
         atomic_write_text(Path(trainer.default_root_dir) / "results.md", text)
+        return png if drawn else None
 
 
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

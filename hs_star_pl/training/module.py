@@ -43,6 +43,7 @@ from hs_star_pl.tensors.attention import check_attn_implementation
 from hs_star_pl.core.records import PreferencePair
 from hs_star_pl.infra.errors import ConfigError, NonFiniteLossError
 from hs_star_pl.evaluation.protocol import EvalBatch
+from hs_star_pl.tensors.hub import hub_source, resolve_model
 from hs_star_pl.tensors.logps import (
     DEFAULT_CHUNK_SIZE,
     check_chunk_size,
@@ -113,8 +114,12 @@ class HSStarModule(L.LightningModule):
     """The policy LM and its training objective.
 
     Args:
-        model_path: local Hugging Face model directory (``AutoModelForCausalLM`` and
-            ``AutoTokenizer``). Exclusive with ``tiny``.
+        model_path: the policy's Hugging Face model (``AutoModelForCausalLM`` and
+            ``AutoTokenizer``): a local folder, or a hub id (``org/name``) resolved through the
+            hub cache (``HF_HOME``, ``HF_HUB_OFFLINE``; ``hs_star_pl.tensors.hub``). Exclusive
+            with ``tiny``.
+        revision: the hub revision (branch, tag or commit) of a hub-id ``model_path``; ``None``
+            for the default branch.
         tiny: build a small Qwen2 model from this config instead (tests, CPU runs).
         objective: ``dpo`` (preference pairs) or ``sft`` (supervised responses).
         loss_type: DPO variant, a key of ``hs_star_pl.tensors.losses.DPO_LOSSES`` (``sigmoid``, ``ipo``).
@@ -169,6 +174,7 @@ class HSStarModule(L.LightningModule):
         self,
         model_path: str | None = None,
         tiny: TinyModelConfig | None = None,
+        revision: str | None = None,
         objective: str = "dpo",
         loss_type: str = "sigmoid",
         beta: float = 0.1,
@@ -185,7 +191,7 @@ class HSStarModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if (model_path is None) == (tiny is None):
-            raise ValueError("set exactly one of model.model_path (a local HF directory) and model.tiny (a config)")
+            raise ValueError("set exactly one of model.model_path (a local HF folder or a hub id) and model.tiny (a config)")
         if objective not in OBJECTIVES:
             raise ValueError(f"model.objective must be one of {list(OBJECTIVES)}, got {objective!r}")
         try:
@@ -206,6 +212,8 @@ class HSStarModule(L.LightningModule):
         check_attn_implementation(attn_implementation, "model.attn_implementation")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model_path = model_path
+        # the folder model_path names: itself, or its hub snapshot (a missing one is refused here)
+        self.model_dir = None if model_path is None else resolve_model(model_path, revision, "model.model_path")
         self.tiny = tiny
         self.objective = objective
         self.loss_type = loss_type
@@ -227,7 +235,7 @@ class HSStarModule(L.LightningModule):
         self._pair_cost: float | None = None  # packing's cost model (attention_pair_cost), once
         self.n_nonfinite_skipped = 0
         self._batch_idx = 0
-        self.tokenizer, self.model = self._load(model_path, tiny, DTYPES[dtype], attn_implementation)
+        self.tokenizer, self.model = self._load(self.model_dir, tiny, DTYPES[dtype], attn_implementation)
         # With LoRA, ``self.model`` stays the transformers model, adapted in place by peft (its
         # forward and generate are the policy's); the PeftModel wrapper is kept outside the
         # module tree (``__dict__``) so that its parameters are not registered twice.
@@ -251,10 +259,9 @@ class HSStarModule(L.LightningModule):
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             if not (Path(model_path) / "config.json").is_file():
-                what = "has no config.json" if Path(model_path).is_dir() else "does not exist"
                 raise ConfigError(
-                    f"model.model_path={model_path} {what}: a local Hugging Face model folder is expected "
-                    f"(config.json, weights, tokenizer files), e.g. an hf/iteration_NNN export"
+                    f"model.model_path={model_path} has no config.json: a Hugging Face model folder is expected "
+                    f"(config.json, weights, tokenizer files), e.g. an hf/policy_NNN export"
                 )
 
             tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -290,7 +297,9 @@ class HSStarModule(L.LightningModule):
                 if isinstance(v, nn.Parameter) and not v.requires_grad]
 
     def _base_source(self) -> str:
-        return str(Path(self.model_path).resolve()) if self.model_path is not None else repr(self.tiny)
+        if self.model_path is None:
+            return repr(self.tiny)
+        return hub_source(self.model_dir) or str(Path(self.model_path).resolve())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The base is what model_path / tiny loads, unchanged by training: a 7B checkpoint
@@ -320,7 +329,7 @@ class HSStarModule(L.LightningModule):
 
     def model_source_tag(self) -> str:
         """A short id of where the initial weights came from (keys the reference-log-prob cache)."""
-        source = self.model_path if self.model_path is not None else repr(self.tiny)
+        source = (hub_source(self.model_dir) or self.model_path) if self.model_path is not None else repr(self.tiny)
         return hashlib.sha256(source.encode()).hexdigest()[:12]
 
     # -- forward -------------------------------------------------------------------------
@@ -579,13 +588,6 @@ class HSStarModule(L.LightningModule):
     def test_step(self, batch: EvalBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, list[Completion]]:
         """Generate for one chunk of a benchmark; ``EvaluationCallback`` grades and aggregates."""
         return self.generate_for_eval(batch)
-
-    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
-        # Evaluation batches are text; Lightning's collection walk would also refuse their
-        # frozen dataclasses.
-        if isinstance(batch, EvalBatch):
-            return batch
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._batch_started = time.perf_counter()

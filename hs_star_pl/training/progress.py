@@ -10,9 +10,11 @@ only):
 * during training, at most one line every ``every_n_seconds``: batch, mean loss since the
   previous line, tokens/s, and the time left in the epoch at the current speed;
 * at each epoch's end: its batches, time and mean loss;
-* with self-training on, what runs between epochs and prints nothing until it is done
-  (round 0 before the first epoch; after each epoch the evaluation of the new policy and the
-  next round's sampling), so a slow machine is not mistaken for a hung one.
+* with self-training on, what runs between epochs (round 0 before the first epoch; after each
+  epoch the evaluation of the new policy and the next round's sampling): while this callback
+  is part of the run, work that shows no bar (the engine's sampling, a learned PRM's scoring,
+  reference log-probs, the evaluation) prints a line at most every ``every_n_seconds``
+  (``hs_star_pl.infra.progress.progress``), so a slow machine is not mistaken for a hung one.
 
 It changes nothing in training (no metrics, no randomness).
 """
@@ -26,7 +28,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from hs_star_pl.infra.progress import format_seconds
+from hs_star_pl.infra.progress import format_seconds, set_progress_lines
 from hs_star_pl.training.self_training import SelfTrainingCallback
 
 
@@ -82,11 +84,22 @@ class ProgressLog(L.Callback):
 
     # -- hooks -----------------------------------------------------------------------------
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # work without a bar (a round's sampling and scoring, reference log-probs, evaluation)
+        # prints a line at most every every_n_seconds too (hs_star_pl.infra.progress.progress)
+        if self.enabled:
+            set_progress_lines(self.every_n_seconds, rank_zero_info)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.enabled:
+            set_progress_lines(None)
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.enabled and self._self_training(trainer) and trainer.current_epoch == 0:
             rank_zero_info(
                 "progress: self-training starts with round 0 (sampling M_0's responses, scoring, pairs) "
-                "and the evaluation of M_0; each prints one line when it is done"
+                f"and the evaluation of M_0; a line at least every {format_seconds(self.every_n_seconds)} "
+                "while they run"
             )
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -137,5 +150,5 @@ class ProgressLog(L.Callback):
                 f"{format_seconds(time.perf_counter() - self._epoch_started)}{loss}")
         last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
         if self._self_training(trainer) and not last:
-            line += "; next: the evaluation of the new policy and the next round's sampling (one line each when done)"
+            line += "; next: the evaluation of the new policy and the next round's sampling"
         rank_zero_info(line)

@@ -36,7 +36,6 @@ and the HF export.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -74,7 +73,8 @@ from hs_star_pl.training.data import MathDataModule
 from hs_star_pl.tensors.distributed import all_gather_objects
 from hs_star_pl.engines.sync import point_engine_at
 from hs_star_pl.infra.errors import ConfigError, EmptyRoundError
-from hs_star_pl.training.export import HFExportCallback
+from hs_star_pl.infra.progress import format_seconds
+from hs_star_pl.training.export import HFExportCallback, find_export
 from hs_star_pl.training.module import HSStarModule
 from hs_star_pl.training.plots import plot_history, plot_round
 from hs_star_pl.training.reference import with_reference_logps
@@ -181,6 +181,7 @@ class SelfTrainingCallback(L.Callback):
         self.problems_per_iteration = problems_per_iteration
         self.on_exhausted = on_exhausted
         self.seed = seed
+        self.preloaded_pool: ProblemPool | None = None  # set by hs-star, which checks the pool before the model loads
         self.plots = plots
         self.on_empty_round = on_empty_round
         self.restart_lr_schedule = restart_lr_schedule
@@ -268,28 +269,14 @@ class SelfTrainingCallback(L.Callback):
         return delimiter, None
 
     def load_pool(self) -> ProblemPool:
-        """The problem pool from ``problems_file``, checked to last ``n_iterations`` draws.
-
-        Raises:
-            ProblemFileError: a malformed row (``file:line``, or ``file, row <i>`` in a data
-                set), or a source that cannot be read (naming ``self_training.problems_file``).
-            ConfigError: the pool cannot serve every iteration (naming the keys to change).
-        """
-        try:
-            problems = tuple(load_problems(self.problems_file, **dataclasses.asdict(self.problem_fields)))
-        except ProblemFileError as err:
-            if err.line is not None or err.row is not None:
-                raise
-            # the source itself (missing, unreadable, an offline hub): name the key that chose it
-            raise ProblemFileError(err.path, None, f"{err.message} (self_training.problems_file)") from None
-        except ValueError as err:  # an option out of range
-            raise ConfigError(f"self_training.problem_fields: {err}") from None
-        try:
-            pool = ProblemPool(problems, self.problems_per_iteration, self.seed, self.on_exhausted)
-            pool.draw(self.n_iterations - 1)  # fail now, not after days of training
-        except ValueError as err:
-            raise ConfigError(f"self_training.problems_file={self.problems_file}: {err}") from None
-        return pool
+        """The problem pool from ``problems_file``, checked to last ``n_iterations`` draws
+        (``load_pool``; ``hs-star`` runs the same check before the model loads and hands the
+        pool over in ``preloaded_pool``)."""
+        pool, self.preloaded_pool = self.preloaded_pool, None
+        if pool is not None:
+            return pool
+        return load_pool(self.problems_file, self.problem_fields, self.problems_per_iteration, self.seed,
+                         self.on_exhausted, self.n_iterations)
 
     def _own_config(self, pl_module: L.LightningModule, datamodule: Any) -> dict[str, Any]:
         """The settings of this callback, its module and data module as a nested config.
@@ -378,8 +365,10 @@ class SelfTrainingCallback(L.Callback):
         canary = self._prepare_engine(trainer, module, iteration)
         seconds_sync = time.perf_counter() - started
         prm_waking_before = self.prm.seconds_waking if isinstance(self.prm, Offloadable) else 0.0
+        problems = self._pool.draw(iteration)
+        rank_zero_info(f"round {iteration}: sampling and scoring M_{iteration}'s responses to {len(problems)} problems")
         result = run_round(
-            self._pool.draw(iteration),
+            problems,
             engine=self.engine,
             verifier=self.verifier,
             prm=self.prm,
@@ -419,7 +408,7 @@ class SelfTrainingCallback(L.Callback):
             if self.plots:
                 plot_round(directory, result)
         trainer.strategy.barrier("hs_star_round_written")
-        rank_zero_info(f"round {iteration}: {json.dumps({k: v for k, v in result.summary().items() if k != 'seconds'})}")
+        rank_zero_info(round_line(result.summary(), extra["seconds_round"], directory))
         return result
 
     def _prepare_engine(self, trainer: L.Trainer, module: L.LightningModule, iteration: int) -> Any:
@@ -458,19 +447,22 @@ class SelfTrainingCallback(L.Callback):
 
     @staticmethod
     def policy_export(trainer: L.Trainer, module: L.LightningModule, iteration: int, required: bool = True) -> Path | None:
-        """The HF folder holding M_t: ``model.model_path`` for t=0, else the export of iteration t-1.
+        """The HF folder holding M_t: ``model.model_path`` for t=0, else ``hf/policy_{t:03d}``
+        (written at the end of iteration t-1).
 
         ``None`` when there is none (t=0 with ``model.tiny``, exports off, or with
         ``required=False`` a missing export). The export of iteration t-1 is written at the
         end of its last epoch, before the dataloader of iteration t (and so round t) is built.
         """
         if iteration == 0:
-            path = module.model_path
+            path = getattr(module, "model_dir", None) or getattr(module, "model_path", None)  # a hub id's snapshot
             return Path(path) if path is not None and Path(path).is_dir() else None
         exporter = _exporter(trainer)
         if exporter is None:
             return None
-        path = exporter.iteration_dir(trainer, iteration - 1)
+        path = exporter.policy_dir(trainer, iteration)
+        # a run folder written before the policy_NNN name holds iteration_{t-1:03d}
+        path = find_export(path.parent, iteration) or path
         if not path.is_dir() and not required:
             return None
         if not path.is_dir():
@@ -611,3 +603,42 @@ _ROUND_CHECK_KEYS = tuple(k for k in _ROUND_STATE_KEYS if k not in ("iteration",
 def _exporter(trainer: L.Trainer) -> HFExportCallback | None:
     """The run's enabled HF export callback, if any."""
     return next((c for c in trainer.callbacks if isinstance(c, HFExportCallback) and c.enabled), None)
+
+
+def load_pool(problems_file: str, problem_fields: FieldMap, problems_per_iteration: int, seed: int,
+              on_exhausted: str, n_iterations: int) -> ProblemPool:
+    """The problem pool of ``self_training.problems_file``, checked to last ``n_iterations`` draws.
+
+    Raises:
+        ProblemFileError: a malformed row (``file:line``, or ``file, row <i>`` in a data set;
+            a missing field names its ``self_training.problem_fields`` key), or a source that
+            cannot be read (naming ``self_training.problems_file``).
+        ConfigError: the pool cannot serve every iteration (naming the keys to change).
+    """
+    try:
+        problems = tuple(load_problems(problems_file, **dataclasses.asdict(problem_fields)))
+    except ProblemFileError as err:
+        if err.line is not None or err.row is not None:
+            raise err.naming("self_training.problem_fields") from None
+        # the source itself (missing, unreadable, an offline hub): name the key that chose it
+        raise ProblemFileError(err.path, None, f"{err.message} (self_training.problems_file)") from None
+    except ValueError as err:  # an option out of range
+        raise ConfigError(f"self_training.problem_fields: {err}") from None
+    try:
+        pool = ProblemPool(problems, problems_per_iteration, seed, on_exhausted)
+        pool.draw(n_iterations - 1)  # fail now, not after days of training
+    except ValueError as err:
+        raise ConfigError(f"self_training.problems_file={problems_file}: {err}") from None
+    return pool
+
+def round_line(summary: dict[str, Any], seconds: float, directory: Path) -> str:
+    """One line for the console: a round's classes, samples, training examples, pre-sample
+    accuracy and time (every number, unrounded, is in ``directory/summary.json``)."""
+    examples = (f"{summary['n_pairs']} pairs" if summary.get("n_sft_examples", 0) == 0
+                else f"{summary['n_sft_examples']} SFT examples")
+    accuracy = summary.get("presample_accuracy")
+    dropped = f" ({summary['n_dropped_ungradeable']} dropped: gold answer unparsable)" if summary.get("n_dropped_ungradeable") else ""
+    return (f"round {summary['iteration']}: {summary['n_problems']} problems{dropped}, {summary['n_inlier']} inlier / "
+            f"{summary['n_boundary']} boundary / {summary['n_outlier']} outlier; {summary['samples_total']} samples; "
+            f"{examples}; pre-sample accuracy {'-' if accuracy is None else f'{100 * accuracy:.1f}%'}; "
+            f"{format_seconds(seconds)} (all numbers: {directory / 'summary.json'})")

@@ -10,8 +10,9 @@ default):
 * ``log_to_loggers``: scalars, through each logger's ``log_metrics`` (every logger takes them);
 * ``log_image_file``: a PNG the run already wrote to its folder; TensorBoard gets it with
   ``add_image``, W&B with ``log_image``; other loggers (CSV) have no place for images and skip it;
-* ``log_pairs_table``: rows of ``pair_rows``; W&B gets a table (``log_table``), TensorBoard a
-  markdown table (``add_text``); other loggers skip it.
+* ``log_pairs_table``: rows of ``pair_rows`` (a round's pairs) or ``eval_sample_rows`` (a few
+  evaluation responses per benchmark and policy); W&B gets a table (``log_table``), TensorBoard
+  a markdown table (``add_text``); other loggers skip it.
 
 Nothing here imports TensorBoard or W&B: a logger is recognised by its Lightning class, and
 only a configured logger's own methods are called.
@@ -30,6 +31,10 @@ PAIR_COLUMNS = ("problem_id", "question", "chosen", "chosen_score", "rejected", 
 """The columns of a round's pairs table."""
 PAIRS_PER_ROUND = 8
 """How many of a round's pairs the table shows (spread evenly over the round's list)."""
+EVAL_COLUMNS = ("problem_id", "question", "gold", "response", "answer", "correct", "accuracy")
+"""The columns of an evaluation's samples table (one per benchmark and evaluated policy)."""
+EVAL_SAMPLES = 8
+"""How many of a benchmark's problems that table shows (spread evenly over the benchmark)."""
 
 
 def _step(trainer: L.Trainer, step: int | None) -> int:
@@ -116,13 +121,33 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] = P
     return "\n".join(lines)
 
 
-def log_pairs_table(trainer: L.Trainer, key: str, rows: Sequence[Mapping[str, Any]], step: int | None = None) -> None:
-    """Log ``rows`` (``pair_rows``) as the table ``key``: W&B ``log_table``, TensorBoard ``add_text``
-    (markdown); other loggers skip it. Nothing is logged for no rows. Rank 0 only."""
+def eval_sample_rows(rows: Sequence[Mapping[str, Any]], n: int = EVAL_SAMPLES) -> list[dict[str, Any]]:
+    """Up to ``n`` problems of an evaluation's rows (``evaluation.protocol.grade``), spread evenly
+    over the benchmark, as table rows: the question, the gold, the first response (an excerpt),
+    its extracted answer and verdict, and the problem's accuracy over its samples."""
+    if not rows or n < 1:
+        return []
+    picked = [rows[i * len(rows) // min(n, len(rows))] for i in range(min(n, len(rows)))]
+    return [{
+        "problem_id": r["problem_id"],
+        "question": excerpt(str(r["question"]), 100),
+        "gold": str(r["gold"]),
+        "response": excerpt(r["responses"][0], 200) if r["responses"] else "",
+        "answer": None if not r["answers"] or r["answers"][0] is None else str(r["answers"][0]),
+        "correct": None if not r["correct"] else r["correct"][0],
+        "accuracy": round(float(r["accuracy"]), 4),
+    } for r in picked]
+
+
+def log_pairs_table(trainer: L.Trainer, key: str, rows: Sequence[Mapping[str, Any]], step: int | None = None,
+                    columns: Sequence[str] = PAIR_COLUMNS) -> None:
+    """Log ``rows`` (``pair_rows``, or ``eval_sample_rows`` with ``EVAL_COLUMNS``) as the table
+    ``key``: W&B ``log_table``, TensorBoard ``add_text`` (markdown); other loggers skip it.
+    Nothing is logged for no rows. Rank 0 only."""
     if not trainer.is_global_zero or not rows:
         return
     step = _step(trainer, step)
-    columns = list(PAIR_COLUMNS)
+    columns = list(columns)
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_text(key, markdown_table(rows, columns), global_step=step)

@@ -209,10 +209,10 @@ def compare_runs(reference: Path, other: Path, n_iterations: int = N_ITERATIONS)
             problems.append(f"round {t} difficulty.png differs from the uninterrupted run")
         if _summary(ref_dir / "summary.json") != _summary(dir_ / "summary.json"):
             problems.append(f"round {t} summary.json differs from the uninterrupted run")
-        ref_weights = reference / "hf" / f"iteration_{t:03d}" / "model.safetensors"
-        weights = other / "hf" / f"iteration_{t:03d}" / "model.safetensors"
+        ref_weights = reference / "hf" / f"policy_{t + 1:03d}" / "model.safetensors"
+        weights = other / "hf" / f"policy_{t + 1:03d}" / "model.safetensors"
         if not weights.is_file() or weights.read_bytes() != ref_weights.read_bytes():
-            problems.append(f"hf/iteration_{t:03d} weights differ from the uninterrupted run")
+            problems.append(f"hf/policy_{t + 1:03d} weights differ from the uninterrupted run")
     if _differs(reference / "rounds" / "accuracy.png", other / "rounds" / "accuracy.png"):
         problems.append("rounds/accuracy.png differs from the uninterrupted run (every iteration must be plotted)")
     ref_metrics, metrics = metrics_by_step(reference), metrics_by_step(other)

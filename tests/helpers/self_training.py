@@ -31,7 +31,7 @@ def train_m0(root: Path) -> tuple[Path, Path]:
         f"--trainer.default_root_dir={run}",
     ]
     cli(args, cwd=root)
-    return run / "hf" / "iteration_024", train
+    return run / "hf" / "policy_025", train
 
 
 def self_training_args(run: Path, m0: Path, problems: Path, *extra: str) -> list[str]:

@@ -581,14 +581,15 @@ class _LineEngine:
 
 @pytest.mark.parametrize(("delimiter", "n_steps"), [("\n", 3), ("\n\n", 1)])
 def test_the_configured_delimiter_is_what_the_round_hands_the_prm(delimiter, n_steps):
-    """``self_training.step_delimiter`` -> ``RoundConfig`` -> the steps each PRM request holds."""
+    """``self_training.step_delimiter`` -> the delimiter set-up resolves (no template: the key's)
+    -> ``RoundConfig`` -> the steps each PRM request holds."""
     from hs_star_pl.training.self_training import SelfTrainingCallback
     from hs_star_pl.core.budget import HierarchicalBudget
     from hs_star_pl.core.records import Problem
     from hs_star_pl.core.rounds import RoundConfig, run_round
     from hs_star_pl.verifiers import ExactMatchVerifier
 
-    assert SelfTrainingCallback(step_delimiter=delimiter).round_config.step_delimiter == delimiter
+    assert SelfTrainingCallback(step_delimiter=delimiter)._resolve_step_delimiter(None) == (delimiter, None)
     problem = Problem("p", "Start with 12. Add 7. Multiply by 3. What is the result?", "57")
     result = run_round([problem], engine=_LineEngine(), verifier=ExactMatchVerifier(), prm=ArithmeticPRM(),
                        allocator=HierarchicalBudget(samples_per_problem=2, n_presample=1),

@@ -286,7 +286,7 @@ class HFEngine(EngineLifecycle):
 
         One ``generate`` call runs every row until the *last* one ends; on the tiny demo's M_0
         a sixth of the row-steps went to rows that had already emitted EOS, and pruning them
-        made sampling 1.06-1.12x faster on one CPU thread (docs/performance.md).
+        made sampling 1.06-1.12x faster on one CPU thread (docs/performance-history.md).
         Between chunks the finished rows leave ``input_ids``, the attention mask and the
         returned KV cache (``Cache.batch_select_indices``), and the next call continues the
         others from the cache (only the last sampled token is new to it). Greedy decoding gives

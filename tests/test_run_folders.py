@@ -147,6 +147,43 @@ def test_resuming_a_killed_round_with_other_settings_is_refused(change, killed, 
 
 
 @pytest.mark.integration
+def test_resuming_after_other_weights_were_copied_over_m0_is_refused(killed, tiny_m0, tmp_path):
+    """Other weights copied over ``model.model_path`` as ``cp -p`` does (same size, old modification
+    time): the resume used to finish round 0 with re-samples of the new model over pre-samples of
+    the old one, exit 0."""
+    import os
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    m0, problems = tiny_m0
+    run_dir = copy_of(killed, tmp_path)
+    weights = m0 / "model.safetensors"
+    backup = tmp_path / "m0_backup.safetensors"
+    shutil.copy2(weights, backup)
+    other = tmp_path / "other.safetensors"
+    save_file({k: v + 0.01 * torch.randn_like(v) for k, v in load_file(weights).items()}, other,
+              metadata={"format": "pt"})
+    assert other.stat().st_size == weights.stat().st_size
+    before = snapshot(run_dir)
+    try:
+        old = weights.stat()
+        shutil.copy2(other, weights)
+        os.utime(weights, ns=(old.st_atime_ns, old.st_mtime_ns))
+        rc, output = attempt([*run_args(run_dir, m0, problems), "--ckpt_path=last"], tmp_path)
+    finally:
+        shutil.copy2(backup, weights)
+    assert rc == 2, output[-3000:]
+    lines = error_of(output).splitlines()
+    assert lines[0].startswith(f"{run_dir} holds rounds made with other settings")
+    assert lines[1:-1] == [line for line in lines[1:-1] if line.startswith("  - model.model_path (weights): ")] != []
+    assert lines[-1] == ("Either give this configuration a run folder of its own (a new trainer.default_root_dir), or "
+                         f"restore the settings above (and the weight files the run was made with in {m0}) to continue "
+                         f"the run in {run_dir}.")
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.integration
 def test_a_checkpoint_made_with_other_settings_is_refused(finished, tiny_m0, tmp_path):
     """A new folder, a checkpoint of another run, another seed: the checkpoint's own record refuses it."""
     m0, problems = tiny_m0

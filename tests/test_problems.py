@@ -120,6 +120,14 @@ BAD_ROWS = [
     ("bad id type", [b'{"question": "Q", "answer": "1", "id": [1]}'], 1, "field 'id'"),
     ("non-utf8", [b'{"question": "Q", "answer": "1"}', b'{"question": "\xff\xfe", "answer": "1"}'], 2, "not valid UTF-8"),
     ("solution not str", [b'{"question": "Q", "answer": "1", "solution": 3}'], 1, "field 'solution'"),
+    # golds that name a shape but do not have it used to be kept whole as the gold, graded wrong
+    ("nothing after ####", [b'{"question": "Q", "answer": "3 + 4 = 7\\n####"}'], 1, "the answer is empty"),
+    ("unclosed box", [b'{"question": "Q", "answer": "so \\\\boxed{7"}'], 1,
+     "field 'answer': a \\boxed{} that is not closed or holds nothing; write the answer itself, or close the box"),
+    ("worked solution as gold", [b'{"question": "Q", "answer": "3 + 4 = 7.\\nSo she has 7 eggs."}'], 1,
+     "field 'answer': the answer spans 2 lines, so it looks like a worked solution rather than an answer: end it "
+     "with '#### <answer>' (GSM8K's shape) or a \\boxed{<answer>} and read it with answer_from: boxed, or name the "
+     "field that holds the answer (answer_key)"),
 ]
 
 

@@ -67,7 +67,7 @@ from hs_star_pl.tensors.collate import (
 )
 from hs_star_pl.core.problems import MAX_LINE_BYTES, FieldMap, load_problems
 from hs_star_pl.core.records import PreferencePair, SftExample
-from hs_star_pl.tensors.chat import tokenizer_chat_renderer
+from hs_star_pl.tensors.chat import checked_chat_renderer
 from hs_star_pl.core.templates import ChatRenderer, get_template, render_prompt
 from hs_star_pl.infra.errors import InputFileError
 from hs_star_pl.infra.jsonl import LineError, parse_json_line, why_not_a_file
@@ -345,8 +345,9 @@ class MathDataModule(L.LightningDataModule):
                 raise RuntimeError("MathDataModule needs the module's tokenizer: use it with HSStarModule")
             self.tokenizer = module.tokenizer
         if get_template(self.template).chat and self._chat is None:
-            # a tokenizer without a chat template fails here (naming data.template), before any work
-            self._chat = tokenizer_chat_renderer(self.tokenizer)
+            # no chat template, one that fails or one that drops the question fails here (naming
+            # data.template and the tokenizer's folder), before any work
+            self._chat = checked_chat_renderer(self.tokenizer, self.template, self.system_prompt)
         if stage == "fit":
             if not self.train_examples:
                 self.train_examples = tuple(self.load_train_examples())

@@ -165,6 +165,78 @@ def test_a_lock_from_another_host_is_respected_unless_an_earlier_run_of_this_slu
     RunLock(tmp_path).acquire().release()
 
 
+def _state(pid: int) -> str:
+    stat = open(f"/proc/{pid}/stat").read()
+    return stat[stat.rfind(")") + 2]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process state in /proc")
+def test_a_lock_held_by_a_killed_process_its_parent_has_not_reaped_is_taken(tmp_path):
+    """SIGKILLed, not yet waited for (state Z): ``kill(pid, 0)`` still succeeds on a zombie, and
+    the resume was refused as "in use by another hs-star run"."""
+    code = ("import sys, time; from hs_star_pl.infra.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "print('locked', flush=True); time.sleep(60)")
+    owner = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().strip() == "locked"
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == owner.pid
+        os.kill(owner.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _state(owner.pid) != "Z":  # killed and not reaped: a zombie
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        lock = RunLock(tmp_path).acquire()
+        assert _state(owner.pid) == "Z"
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+        lock.release()
+        assert not (tmp_path / LOCK_NAME).exists()
+    finally:
+        owner.kill()
+        owner.wait()
+        owner.stdout.close()
+
+
+def test_a_lock_is_held_by_the_kernel_while_its_process_lives_and_released_when_it_dies(tmp_path):
+    """The lock file is held with ``flock``: a second process is refused while the first lives,
+    even with the file's record damaged, and takes the lock once the first is gone."""
+    code = ("import sys, time; from hs_star_pl.infra.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "print('locked', flush=True); time.sleep(60)")
+    with subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True) as owner:
+        try:
+            assert owner.stdout.readline().strip() == "locked"
+            (tmp_path / LOCK_NAME).write_text("{damaged")
+            with pytest.raises(RunDirInUseError, match="a process whose lock file cannot be read"):
+                RunLock(tmp_path).acquire()
+        finally:
+            owner.kill()
+            owner.wait()
+    RunLock(tmp_path).acquire().release()
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_a_lock_whose_flock_a_dead_runs_forked_helper_keeps_is_replaced(tmp_path, capfd):
+    """The owner forked a helper (it shares the locked file) and was SIGKILLed: the flock lives on
+    in the helper, but the recorded owner is gone, so the lock file is replaced."""
+    code = ("import os, sys, time; from hs_star_pl.infra.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "child = os.fork()\nif child == 0: time.sleep(60); os._exit(0)\n"
+            "print(child, flush=True); time.sleep(60)")
+    owner = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    helper = int(owner.stdout.readline())
+    try:
+        owner.kill()
+        owner.wait()
+        lock = RunLock(tmp_path).acquire()
+        assert f"taking over the stale lock {tmp_path / LOCK_NAME} (its process {owner.pid} is gone)" in capfd.readouterr().err
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+        second = subprocess.run([sys.executable, "-c", "import sys; from hs_star_pl.infra.run_lock import RunLock; "
+                                 "RunLock(sys.argv[1]).acquire()", str(tmp_path)], capture_output=True, text=True)
+        assert second.returncode != 0 and f"in use by another hs-star run (PID {os.getpid()} " in second.stderr
+        lock.release()
+    finally:
+        os.kill(helper, signal.SIGKILL)
+        owner.stdout.close()
+
+
 @pytest.mark.parametrize(("environ", "launching"), [
     ({}, True), ({"LOCAL_RANK": "0"}, True), ({"LOCAL_RANK": "1"}, False),
     ({"RANK": "8", "LOCAL_RANK": "0"}, False), ({"SLURM_PROCID": "0"}, True), ({"NODE_RANK": "1"}, False),

@@ -171,6 +171,36 @@ def make_pool(n: int) -> tuple[Problem, ...]:
     return tuple(Problem(f"p{i:03d}", f"Q{i}", str(i)) for i in range(n))
 
 
+@pytest.mark.parametrize("reader", ["problems", "examples"])
+def test_an_over_long_line_is_refused_while_it_is_read_without_holding_it(tmp_path, reader):
+    """A 64 MiB line: refused at the 4 MiB limit with its full size, and memory stays far below
+    the line (it used to be read whole first: a 300 MB line cost about 620 MB)."""
+    import tracemalloc
+
+    from hs_star_pl.core.problems import MAX_LINE_BYTES
+    from hs_star_pl.infra.errors import InputFileError
+    from hs_star_pl.training.data import load_examples
+
+    size = 64 * 1024 * 1024
+    path = tmp_path / "big.jsonl"
+    first = b'{"question": "Q", "answer": "1"}\n' if reader == "problems" else b'{"prompt": "p", "response": "r"}\n'
+    with path.open("wb") as fh:
+        fh.write(first + b'{"question": "Q", "answer": "1", "response": "')
+        for _ in range(size // (1 << 20)):
+            fh.write(b"x" * (1 << 20))
+        fh.write(b'"}\n')
+    line = path.stat().st_size - len(first)
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputFileError) as info:
+            load_problems(path) if reader == "problems" else load_examples(path, "plain")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(info.value) == f"{path}:2: line is {line} bytes, over the {MAX_LINE_BYTES}-byte limit"
+    assert peak < 3 * MAX_LINE_BYTES, peak  # what the limit allows to be read, not the line
+
+
 def test_pool_draws_disjoint_seeded_subsets():
     pool = ProblemPool(make_pool(30), problems_per_iteration=10, seed=1)
     draws = [[p.id for p in pool.draw(t)] for t in range(3)]

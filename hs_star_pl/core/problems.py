@@ -36,7 +36,7 @@ from hs_star_pl.core.answers import last_boxed
 from hs_star_pl.core.answers import normalize_gold as gold_alternatives
 from hs_star_pl.core.problem_sources import HUB_PREFIX, ProblemFileError, dataset_rows
 from hs_star_pl.core.records import GoldText, Problem
-from hs_star_pl.infra.jsonl import LineError, parse_json_line, why_not_a_file
+from hs_star_pl.infra.jsonl import LineError, LongLineError, parse_json_line, read_lines, why_not_a_file
 
 QUESTION_KEYS = ("question", "problem", "query", "prompt")
 ANSWER_KEYS = ("answer", "final_answer", "gold", "expected_answer", "reward_model.ground_truth")
@@ -330,11 +330,14 @@ def _jsonl_rows(path: Path, max_line_bytes: int) -> Iterable[tuple[int, Any]]:
     if not path.is_file():
         raise ProblemFileError(path, None, why_not_a_file(path, "problem file"))
     with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if len(raw) > max_line_bytes:
-                raise ProblemFileError(
-                    path, lineno, f"line is {len(raw)} bytes, over the {max_line_bytes}-byte limit"
-                )
+        lines = read_lines(fh, max_line_bytes)
+        while True:
+            try:
+                lineno, raw = next(lines)
+            except StopIteration:
+                return
+            except LongLineError as err:
+                raise ProblemFileError(path, err.lineno, str(err)) from None
             try:
                 row = parse_json_line(raw, lineno)
             except LineError as err:

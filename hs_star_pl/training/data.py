@@ -70,7 +70,7 @@ from hs_star_pl.core.records import PreferencePair, SftExample
 from hs_star_pl.tensors.chat import checked_chat_renderer
 from hs_star_pl.core.templates import ChatRenderer, get_template, render_prompt
 from hs_star_pl.infra.errors import InputFileError
-from hs_star_pl.infra.jsonl import LineError, parse_json_line, why_not_a_file
+from hs_star_pl.infra.jsonl import LineError, LongLineError, parse_json_line, read_lines, why_not_a_file
 from hs_star_pl.training.reference import missing_reference, with_reference_logps
 from hs_star_pl.training.tracking import log_to_loggers
 
@@ -103,6 +103,18 @@ def _prompt_of(row: dict[str, Any], render: Callable[[str], str], where: str) ->
     raise ExampleFileError(f"{where}: needs a 'prompt' (rendered) or 'question' string")
 
 
+def _bounded_lines(fh, path: Path):
+    """``read_lines`` with a line over ``MAX_LINE_BYTES`` as an ``ExampleFileError`` naming ``file:line``."""
+    lines = read_lines(fh, MAX_LINE_BYTES)
+    while True:
+        try:
+            yield next(lines)
+        except StopIteration:
+            return
+        except LongLineError as err:
+            raise ExampleFileError(f"{path}:{err.lineno}: {err}") from None
+
+
 def load_examples(path: str | Path, template: str | Callable[[str], str]) -> list[PreferencePair] | list[SftExample]:
     """Read pairs or SFT examples from JSONL (all rows must be of one kind).
 
@@ -125,10 +137,8 @@ def load_examples(path: str | Path, template: str | Callable[[str], str]) -> lis
     out: list[Any] = []
     kind = None
     with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
+        for lineno, raw in _bounded_lines(fh, path):
             where = f"{path}:{lineno}"
-            if len(raw) > MAX_LINE_BYTES:
-                raise ExampleFileError(f"{where}: line is {len(raw)} bytes, over the {MAX_LINE_BYTES}-byte limit")
             try:
                 row = parse_json_line(raw, lineno)
             except LineError as err:

@@ -111,6 +111,22 @@ def test_a_stop_request_drops_interruptible_work_at_once_and_waits_elsewhere():
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+def test_sigusr1_outside_slurm_is_a_stop_request_with_a_message():
+    """SIGUSR1's default action ended the run on the spot, with no message and exit -10; it is
+    a stop request like SIGTERM (exit status 138), without SLURM's requeue."""
+    code = ("import os, signal, time\n"
+            "from hs_star_pl.infra import preemption\n"
+            "preemption.install()\n"
+            "os.kill(os.getpid(), signal.SIGUSR1)\n"
+            "time.sleep(0.2)\n"
+            "print(preemption.requested(), preemption.requeue_requested(), preemption.exit_status(preemption.requested()))\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, (out.returncode, out.stderr)
+    assert out.stdout.split() == [str(int(signal.SIGUSR1)), "False", "138"]
+    assert out.stderr.strip() == ("hs-star: received SIGUSR1; stopping at the next safe point (everything finished "
+                                  "is kept)")
+
+
 # -- one run per folder --------------------------------------------------------------------------
 
 

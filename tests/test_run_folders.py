@@ -118,6 +118,20 @@ def test_a_finished_folder_run_again_after_editing_the_config_is_refused(finishe
 
 
 @pytest.mark.integration
+def test_a_finished_self_training_folder_run_again_unchanged_without_ckpt_path_is_refused(finished, tiny_m0, tmp_path):
+    """Same settings, no --ckpt_path: it used to train again from M_0 over the finished run
+    (rounds read back) and leave last-v1.ckpt beside last.ckpt."""
+    m0, problems = tiny_m0
+    run_dir = copy_of(finished, tmp_path)
+    before = snapshot(run_dir)
+    rc, output = attempt(run_args(run_dir, m0, problems), tmp_path)
+    assert rc == 2, output[-3000:]
+    assert error_of(output).startswith(f"trainer.default_root_dir={run_dir} already holds a run "
+                                       f"({run_dir / 'checkpoints' / 'last.ckpt'}): fit without --ckpt_path would ")
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("change", ["n_presample", "K", "seed", "problems_file"])
 def test_resuming_a_killed_round_with_other_settings_is_refused(change, killed, tiny_m0, tmp_path):
     """Killed while re-sampling round 0, resumed with a changed budget, seed or pool: it used to
@@ -144,6 +158,36 @@ def test_resuming_a_killed_round_with_other_settings_is_refused(change, killed, 
         key, old, new = {"n_presample": (N_P, 2, 3), "K": (K, 4, 6), "seed": ("self_training.seed", 0, 5)}[change]
         assert lines[1:-1] == [f"  - {key}: {old} in round 0; {new} now"]
     assert snapshot(run_dir) == before
+
+
+def test_a_finished_folder_run_again_without_ckpt_path_is_refused_naming_both_ways(tmp_path, capsys, monkeypatch):
+    """It used to train again from the start over the finished run and leave last-v1.ckpt
+    beside last.ckpt; now it is refused, and --ckpt_path last extends the run in place."""
+    from hs_star_pl.cli import main
+    from tests.helpers.tiny_setup import REPO
+
+    monkeypatch.chdir(REPO)  # the config's data file is repo-relative
+    monkeypatch.setattr(sys, "argv", ["hs-star"])
+    run_dir = tmp_path / "run"
+    args = ["fit", "-c", "configs/base.yaml", "-c", "configs/debug/tiny_cpu.yaml", "--trainer.max_epochs=1",
+            f"--trainer.default_root_dir={run_dir}", "--trainer.enable_progress_bar=false"]
+    main(args)
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]
+    before = snapshot(run_dir)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"hs-star: error: trainer.default_root_dir={run_dir} already holds a run ({checkpoints / 'last.ckpt'}): fit "
+        "without --ckpt_path would train it again from the start and write its checkpoints beside the old ones "
+        "(last-v1.ckpt). To continue that run (resume it, or extend it with more epochs or iterations), add "
+        "--ckpt_path last; to start another, give it a new trainer.default_root_dir.")
+    assert snapshot(run_dir) == before
+    main([*args[:-3], "--trainer.max_epochs=2", *args[-2:], "--ckpt_path=last"])
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]
 
 
 @pytest.mark.integration

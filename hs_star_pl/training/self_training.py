@@ -204,6 +204,9 @@ class SelfTrainingCallback(L.Callback):
         # round are recorded (``fingerprint``); without it, this callback's own settings are.
         self.run_config: dict[str, Any] | None = None
         self._settings: SettingsRecord | None = None
+        # Set by HSStarCLI when the run folder holds a finished run and fit has no --ckpt_path
+        # (checkpoint_io.finished_run_refusal): raised in setup, after the settings are compared.
+        self.refusal: str | None = None
 
     @property
     def active(self) -> bool:
@@ -255,6 +258,8 @@ class SelfTrainingCallback(L.Callback):
         message = mismatch_message(f"{root} holds rounds", recorded_rounds(root), self._settings, root)
         if message is not None:
             raise ConfigError(message)
+        if self.refusal is not None:  # a finished folder run again without --ckpt_path (HSStarCLI.before_fit)
+            raise ConfigError(self.refusal)
         if trainer.is_global_zero:
             digests.save()
         warning = long_prompts_warning(problems, pl_module, datamodule.render_prompt, self.round_config.sampling.max_new_tokens,

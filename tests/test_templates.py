@@ -140,7 +140,7 @@ def test_a_round_recorded_with_the_delimiter_set_by_hand_matches_the_template_de
     HSStarCLI(args=_self_training_args(tmp_path, "qwen25-step-cot", "--self_training.step_delimiter=\n\n"))
     recorded = json.loads((tmp_path / "rounds" / "round_000" / "settings.json").read_text())["settings"]
     assert recorded["self_training.step_delimiter"] == "\n\n"
-    HSStarCLI(args=_self_training_args(tmp_path, "qwen25-step-cot"))  # refused on a settings mismatch otherwise
+    HSStarCLI(args=_self_training_args(tmp_path, "qwen25-step-cot", "--ckpt_path=last"))  # refused on a settings mismatch otherwise
     assert json.loads((tmp_path / "rounds" / "round_000" / "settings.json").read_text())["settings"] == recorded
 
 

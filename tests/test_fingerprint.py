@@ -231,7 +231,7 @@ def test_a_model_replaced_at_the_same_path_is_refused_naming_its_folder_and_both
     now = settings_of(config(**{key: str(folder)}), POOL, "pool.jsonl", digest_cache=cache)
     assert list(differences(made, now)) == [f"{key} (weights)"]
     lines = mismatch_message("the checkpoint x was", [("the checkpoint", made)], now, tmp_path / "run").splitlines()
-    assert lines[1].startswith(f"  - {key} (weights): ") and f"(1 weight files in {folder}) in the checkpoint;" in lines[1]
+    assert lines[1].startswith(f"  - {key} (weights): ") and f"(1 weight file in {folder}) in the checkpoint;" in lines[1]
     assert lines[-1] == ("Either give this configuration a run folder of its own (a new trainer.default_root_dir), or "
                          f"restore the settings above (and the weight files the run was made with in {folder}) to "
                          f"continue the run in {tmp_path / 'run'}.")

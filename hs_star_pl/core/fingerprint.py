@@ -216,7 +216,8 @@ def settings_of(config: Mapping[str, Any], problems: Sequence[Problem], problems
             digest = folder_digest(path, cache)
             if digest is not None:
                 settings[key + WEIGHTS] = digest
-                notes[key + WEIGHTS] = f"{len(weight_files(path))} weight files in {path}"
+                n = len(weight_files(path))
+                notes[key + WEIGHTS] = f"{n} weight file{'s' if n != 1 else ''} in {path}"
     return SettingsRecord(settings, notes)
 
 

@@ -56,7 +56,7 @@ from hs_star_pl import COMMANDS, DEMO, DESCRIPTION, PROG
 from hs_star_pl.infra import preemption
 from hs_star_pl.core.problems import FieldMap, ProblemPool
 from hs_star_pl.training.self_training import SelfTrainingCallback, load_pool
-from hs_star_pl.training.checkpoint_io import AtomicCheckpointIO
+from hs_star_pl.training.checkpoint_io import AtomicCheckpointIO, finished_run_refusal
 from hs_star_pl.training.config_checks import LINKS, check_config, name_link_sources
 from hs_star_pl.core.iterations import IterationClock
 from hs_star_pl.core.protocols import lifecycle_of
@@ -250,6 +250,18 @@ class HSStarCLI(LightningCLI):
             check_writable(root, "trainer.default_root_dir")
         RunLock(root).acquire()
 
+    def before_fit(self) -> None:
+        """A finished folder run again without ``--ckpt_path`` is refused (``finished_run_refusal``);
+        with self-training active, after its settings check (``SelfTrainingCallback.setup``)."""
+        message = finished_run_refusal(self.trainer, self.config[self.subcommand].get("ckpt_path"))
+        if message is None:
+            return
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, SelfTrainingCallback) and callback.active:
+                callback.refusal = message  # raised in its setup, after the settings record is compared
+                return
+        raise ConfigError(message)
+
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)
@@ -372,6 +384,9 @@ def bootstrap_stepwise_init(configs: list[str], model_path: Path) -> Path:
     killed bootstrap is simply redone.
     """
     run_dir = model_path.with_name(model_path.name + ".run")
+    # only an unfinished bootstrap leaves this folder (a finished one is installed at model_path):
+    # it is redone from the start, not continued and not refused as a finished run
+    shutil.rmtree(run_dir, ignore_errors=True)
     args = [sys.executable, "-m", "hs_star_pl", "fit"]
     for c in configs:
         args += ["-c", c]

@@ -82,6 +82,54 @@ def test_a_file_in_the_wrong_shape_names_file_line_and_config_entry(tmp_path):
         load_benchmark(BenchmarkConfig(name="minerva", path=str(missing_box), format="minerva"))
 
 
+# format -> (a row of the published shape with its gold replaced, what the message says); the
+# replaced gold used to be accepted and graded (a GSM8K solution without "####" became the gold)
+MALFORMED_GOLDS = {
+    "gsm8k": [({"question": "Q", "answer": "She has 3 + 4 = 7 eggs."},
+               "field 'answer': no '#### <answer>' at the end of the worked solution (GSM8K's shape)"),
+              ({"question": "Q", "answer": "3 + 4 = 7\n####  "}, "field 'answer': nothing after '####'"),
+              ({"question": "Q", "answer": 7}, "field 'answer': expected a worked solution ending '#### <answer>' "
+                                               "(GSM8K's shape), got int")],
+    "math500": [({"problem": "P", "answer": ["1", "2"], "unique_id": "u"},
+                 "field 'answer': expected the answer as text (MATH500's shape), got list")],
+    "minerva": [({"problem": "P", "solution": "so \\boxed{5", "idx": 0}, "field 'solution': no \\boxed{} answer")],
+    "olympiadbench": [({"id": 1, "question": "Q", "final_answer": "$4$"},
+                       "field 'final_answer': expected a list of answers (OlympiadBench's shape: [\"$4$\"]), got str"),
+                      ({"id": 1, "question": "Q", "final_answer": [4]},
+                       "field 'final_answer': expected a list of answers (OlympiadBench's shape: [\"$4$\"]), got a int in it")],
+    "college_math": [({"question": "Q", "answer": 6}, "field 'answer': expected the answer as text (College Math's shape: "
+                                                     "\"$6$\"), got int")],
+    "aime24": [({"id": 1, "problem": "P", "answer": "1/2"},
+                "field 'answer': an AIME answer is an integer from 0 to 999 (written as text or a number), got '1/2'"),
+               ({"id": 1, "problem": "P", "answer": 1000},
+                "field 'answer': an AIME answer is an integer from 0 to 999 (written as text or a number), got 1000")],
+    "amc23": [({"id": 1, "question": "Q", "answer": "27"},
+               "field 'answer': expected the answer as a number (AMC23's shape: 27.0), got str")],
+}
+
+
+def test_every_format_has_malformed_gold_cases():
+    assert set(MALFORMED_GOLDS) == set(EXPECTED)
+
+
+@pytest.mark.parametrize(("fmt", "row", "message"), [(f, r, m) for f, cases in MALFORMED_GOLDS.items() for r, m in cases])
+def test_a_gold_without_its_formats_shape_stops_loading_at_file_line(fmt, row, message, tmp_path):
+    path = tmp_path / f"{fmt}.jsonl"
+    good = (FIXTURES / f"{fmt}.jsonl").read_text().splitlines()[0]
+    path.write_text(good + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(ProblemFileError) as info:
+        load_benchmark(BenchmarkConfig(name="b", path=str(path), format=fmt))
+    assert str(info.value).startswith(f"{path}:2: {message}"), str(info.value)
+    assert f"evaluation.benchmarks['b'] has format '{fmt}'" in str(info.value)
+
+
+def test_the_auto_format_keeps_reading_any_gold_a_problem_file_may_hold(tmp_path):
+    path = tmp_path / "auto.jsonl"
+    path.write_text(json.dumps({"id": "a", "question": "Q", "answer": "7"}) + "\n"
+                    + json.dumps({"id": "b", "question": "Q2", "answer": ["1/2", "0.5"]}) + "\n")
+    assert [p.answer for p in load_benchmark(BenchmarkConfig(name="b", path=str(path)))] == ["7", ("1/2", "0.5")]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -10,6 +10,7 @@ import math
 import multiprocessing
 import re
 import subprocess
+import shutil
 import sys
 
 import docstring_parser
@@ -21,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hs_star_pl.training.self_training import SelfTrainingCallback
 from hs_star_pl.cli import HSStarCLI
 from hs_star_pl.core.templates import render_prompt
+from hs_star_pl.infra.errors import ConfigError
 from hs_star_pl.training.data import MathDataModule
 from hs_star_pl.training.evaluation import EvaluationCallback
 from hs_star_pl.training.export import HFExportCallback
@@ -73,8 +75,13 @@ def test_fit_trains_saves_config_and_exports_each_iteration(tmp_path):
     # the export is the trained policy, not the initial one
     torch.testing.assert_close(model(ids).logits, cli.model.model(ids).logits)
 
-    # the same command again into the same folder works (config overwrite) and reuses the reference cache
+    # the same command again into the same folder is refused while it holds the finished run
+    # (docs/reliability.md); with its checkpoints gone it runs (config overwrite) and reuses the
+    # reference cache
     assert len(list((tmp_path / "reference_logps").glob("*.jsonl"))) == 1
+    with pytest.raises(ConfigError, match="already holds a run .*add --ckpt_path last"):
+        HSStarCLI(args=["fit", *_run_args(tmp_path), "--trainer.max_epochs=1"])
+    shutil.rmtree(tmp_path / "checkpoints")
     HSStarCLI(args=["fit", *_run_args(tmp_path), "--trainer.max_epochs=1"])
     assert len(list((tmp_path / "reference_logps").glob("*.jsonl"))) == 1
 

@@ -94,6 +94,25 @@ def test_unknown_method_and_stray_arguments_are_refused_with_the_choices(tmp_pat
     assert bad.returncode == 2 and "--dotted.key=value" in bad.stderr
 
 
+@pytest.mark.parametrize("broken", ["base", "overlay"])
+def test_a_broken_yaml_is_one_line_naming_file_and_line_exit_2(broken, tmp_path):
+    """As ``hs-star fit`` answers it; a broken overlay used to end in a traceback, exit 1."""
+    methods = tmp_path / "methods"
+    methods.mkdir()
+    base, overlay = tmp_path / "base.yaml", methods / "other.yaml"
+    base.write_text("self_training:\n  n_iterations: 2\n")
+    overlay.write_text("model:\n  beta: 0.2\n")
+    (base if broken == "base" else overlay).write_text("model:\n  beta: [0.1\n")
+    out = subprocess.run([sys.executable, "-m", "hs_star_pl.experiments.compare", "--base", str(base),
+                          "--methods-dir", str(methods), "--methods", "hs_star", "other", "--seeds", "0",
+                          "--out", str(tmp_path / "out")], cwd=tmp_path, env=env(), capture_output=True, text=True)
+    path = base if broken == "base" else overlay
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(f"compare: error: {path}:3: invalid YAML: ")
+    assert not (tmp_path / "out").exists()
+
+
 def test_several_base_configs_apply_in_order_and_the_last_to_set_the_iteration_count_wins(tmp_path):
     demo, overlay, silent = tmp_path / "demo.yaml", tmp_path / "study.yaml", tmp_path / "silent.yaml"
     demo.write_text("self_training:\n  n_iterations: 3\n")

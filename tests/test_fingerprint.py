@@ -7,6 +7,8 @@ edited settings) is in ``test_run_folders.py``.
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
 
 import pytest
 
@@ -22,6 +24,7 @@ from hs_star_pl.core.fingerprint import (
     write_record,
 )
 from hs_star_pl.core.records import Problem
+from hs_star_pl.infra.digests import DigestCache
 from hs_star_pl.infra.errors import ConfigError
 
 K = "self_training.budget.init_args.samples_per_problem"
@@ -195,3 +198,48 @@ def test_a_checkpoint_without_a_settings_record_still_refuses_another_seed():
     with pytest.raises(ConfigError, match=r"(?s)was made with other settings.*self_training.seed: 0 in the checkpoint; 5 now"):
         callback.load_state_dict({"schema_version": 2, "seed": 0, "problems_file": None, "iteration": 0, "rounds": []})
     callback.load_state_dict({"schema_version": 2, "seed": 5, "problems_file": None, "iteration": 0, "rounds": []})
+
+
+# -- the models by content ----------------------------------------------------------------
+
+
+def _model_folder(path, payload: bytes):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    (path / "model.safetensors").write_bytes(payload)
+    return path
+
+
+def _copy_keeping_size_and_times(source, target):
+    """What ``cp -p`` and ``rsync -a`` leave: the new bytes, the old size and modification time."""
+    before = target.stat()
+    shutil.copy2(source, target)
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (target.stat().st_size, target.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+@pytest.mark.parametrize("key", ["model.model_path", "self_training.prm.init_args.model_path"])
+def test_a_model_replaced_at_the_same_path_is_refused_naming_its_folder_and_both_ways_out(key, tmp_path):
+    """Weights copied over the folder a run was made with (same size, old modification time)."""
+    folder = _model_folder(tmp_path / "model", b"old weights " * 100)
+    _model_folder(tmp_path / "other", b"new weights " * 100)
+    cache = DigestCache(tmp_path / "run" / "weight_digests.json")
+    made = record(**{key: str(folder)}) if key == "model.model_path" else settings_of(
+        config(**{"self_training.prm.init_args.model_path": str(folder)}), POOL, "pool.jsonl", digest_cache=cache)
+    assert made.settings[f"{key} (weights)"].startswith("sha256:")
+    assert differences(made, settings_of(config(**{key: str(folder)}), POOL, "pool.jsonl", digest_cache=cache)) == {}
+    _copy_keeping_size_and_times(tmp_path / "other" / "model.safetensors", folder / "model.safetensors")
+    now = settings_of(config(**{key: str(folder)}), POOL, "pool.jsonl", digest_cache=cache)
+    assert list(differences(made, now)) == [f"{key} (weights)"]
+    lines = mismatch_message("the checkpoint x was", [("the checkpoint", made)], now, tmp_path / "run").splitlines()
+    assert lines[1].startswith(f"  - {key} (weights): ") and f"(1 weight file in {folder}) in the checkpoint;" in lines[1]
+    assert lines[-1] == ("Either give this configuration a run folder of its own (a new trainer.default_root_dir), or "
+                         f"restore the settings above (and the weight files the run was made with in {folder}) to "
+                         f"continue the run in {tmp_path / 'run'}.")
+
+
+def test_a_record_without_weights_from_before_they_were_recorded_still_matches(tmp_path):
+    folder = _model_folder(tmp_path / "model", b"w")
+    now = record(**{"model.model_path": str(folder)})
+    older = SettingsRecord({k: v for k, v in now.settings.items() if not k.endswith(" (weights)")}, version=1)
+    assert differences(older, now) == {}

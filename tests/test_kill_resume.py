@@ -270,6 +270,23 @@ def test_slurm_requeue_signal_stops_requeues_and_resumes(case, reference, tiny_m
     assert calls.read_text().split() == ["requeue", "4242"]  # a finished run is not requeued
 
 
+@pytest.mark.integration
+def test_sigusr1_outside_slurm_stops_at_a_safe_point_and_resumes(reference, tiny_m0, tmp_path):
+    """Outside SLURM, SIGUSR1's default action ended the run with no message; it is a stop
+    request like SIGTERM (exit status 138, no requeue), and the run resumes to the uninterrupted result."""
+    ref_run, _ = reference
+    m0, problems = tiny_m0
+    run_dir, trace = tmp_path / "run", tmp_path / "trace.jsonl"
+    args = run_args(run_dir, m0, problems)
+    assert run(args, tmp_path, send="resample@0:SIGUSR1", trace=trace) == exit_status(signal.SIGUSR1), log_tail(tmp_path)
+    _stops_at(trace, "resample", 0)
+    log = (tmp_path / "run.log").read_text(errors="replace")
+    assert "hs-star: received SIGUSR1; stopping at the next safe point" in log
+    assert "hs-star: stopped by SIGUSR1 during " in log and "Traceback" not in log
+    assert run([*args, "--ckpt_path=last"], tmp_path, trace=trace) == 0, log_tail(tmp_path)
+    assert compare_runs(ref_run, run_dir) == []
+
+
 def test_the_soak_script_starts():
     """``scripts/soak.py`` (random kills, many trials; its output is in docs/reliability.md)."""
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "soak.py"), "--help"], env=env(), cwd=REPO,

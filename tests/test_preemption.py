@@ -111,6 +111,22 @@ def test_a_stop_request_drops_interruptible_work_at_once_and_waits_elsewhere():
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+def test_sigusr1_outside_slurm_is_a_stop_request_with_a_message():
+    """SIGUSR1's default action ended the run on the spot, with no message and exit -10; it is
+    a stop request like SIGTERM (exit status 138), without SLURM's requeue."""
+    code = ("import os, signal, time\n"
+            "from hs_star_pl.infra import preemption\n"
+            "preemption.install()\n"
+            "os.kill(os.getpid(), signal.SIGUSR1)\n"
+            "time.sleep(0.2)\n"
+            "print(preemption.requested(), preemption.requeue_requested(), preemption.exit_status(preemption.requested()))\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, (out.returncode, out.stderr)
+    assert out.stdout.split() == [str(int(signal.SIGUSR1)), "False", "138"]
+    assert out.stderr.strip() == ("hs-star: received SIGUSR1; stopping at the next safe point (everything finished "
+                                  "is kept)")
+
+
 # -- one run per folder --------------------------------------------------------------------------
 
 
@@ -163,6 +179,78 @@ def test_a_lock_from_another_host_is_respected_unless_an_earlier_run_of_this_slu
     monkeypatch.setenv("SLURM_JOB_ID", "99")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # this job, requeued onto another node
     RunLock(tmp_path).acquire().release()
+
+
+def _state(pid: int) -> str:
+    stat = open(f"/proc/{pid}/stat").read()
+    return stat[stat.rfind(")") + 2]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process state in /proc")
+def test_a_lock_held_by_a_killed_process_its_parent_has_not_reaped_is_taken(tmp_path):
+    """SIGKILLed, not yet waited for (state Z): ``kill(pid, 0)`` still succeeds on a zombie, and
+    the resume was refused as "in use by another hs-star run"."""
+    code = ("import sys, time; from hs_star_pl.infra.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "print('locked', flush=True); time.sleep(60)")
+    owner = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().strip() == "locked"
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == owner.pid
+        os.kill(owner.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _state(owner.pid) != "Z":  # killed and not reaped: a zombie
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        lock = RunLock(tmp_path).acquire()
+        assert _state(owner.pid) == "Z"
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+        lock.release()
+        assert not (tmp_path / LOCK_NAME).exists()
+    finally:
+        owner.kill()
+        owner.wait()
+        owner.stdout.close()
+
+
+def test_a_lock_is_held_by_the_kernel_while_its_process_lives_and_released_when_it_dies(tmp_path):
+    """The lock file is held with ``flock``: a second process is refused while the first lives,
+    even with the file's record damaged, and takes the lock once the first is gone."""
+    code = ("import sys, time; from hs_star_pl.infra.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "print('locked', flush=True); time.sleep(60)")
+    with subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True) as owner:
+        try:
+            assert owner.stdout.readline().strip() == "locked"
+            (tmp_path / LOCK_NAME).write_text("{damaged")
+            with pytest.raises(RunDirInUseError, match="a process whose lock file cannot be read"):
+                RunLock(tmp_path).acquire()
+        finally:
+            owner.kill()
+            owner.wait()
+    RunLock(tmp_path).acquire().release()
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_a_lock_whose_flock_a_dead_runs_forked_helper_keeps_is_replaced(tmp_path, capfd):
+    """The owner forked a helper (it shares the locked file) and was SIGKILLed: the flock lives on
+    in the helper, but the recorded owner is gone, so the lock file is replaced."""
+    code = ("import os, sys, time; from hs_star_pl.infra.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "child = os.fork()\nif child == 0: time.sleep(60); os._exit(0)\n"
+            "print(child, flush=True); time.sleep(60)")
+    owner = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    helper = int(owner.stdout.readline())
+    try:
+        owner.kill()
+        owner.wait()
+        lock = RunLock(tmp_path).acquire()
+        assert f"taking over the stale lock {tmp_path / LOCK_NAME} (its process {owner.pid} is gone)" in capfd.readouterr().err
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+        second = subprocess.run([sys.executable, "-c", "import sys; from hs_star_pl.infra.run_lock import RunLock; "
+                                 "RunLock(sys.argv[1]).acquire()", str(tmp_path)], capture_output=True, text=True)
+        assert second.returncode != 0 and f"in use by another hs-star run (PID {os.getpid()} " in second.stderr
+        lock.release()
+    finally:
+        os.kill(helper, signal.SIGKILL)
+        owner.stdout.close()
 
 
 @pytest.mark.parametrize(("environ", "launching"), [

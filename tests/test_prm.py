@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import os
 import shutil
 import weakref
 
@@ -322,6 +323,31 @@ def test_offload_reload_refuses_weights_that_changed_on_disk(tiny_dirs, tmp_path
     shutil.copy(tmp_path / "other" / "model.safetensors", folder / "model.safetensors")
     with pytest.raises(RuntimeError, match=r"prm.init_args.model_path=.*changed since this run first read them"):
         prm.score(REQUESTS)
+
+
+def _swap_keeping_size_and_times(source, target):
+    """Copy ``source`` over ``target`` as ``cp -p`` / ``rsync -a`` do: same size, the old modification time."""
+    before = target.stat()
+    assert source.stat().st_size == before.st_size
+    shutil.copy2(source, target)
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = target.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def test_offload_reload_refuses_a_same_size_swap_that_keeps_the_old_modification_time(tiny_dirs, tmp_path):
+    """Name, size and modification time match after ``cp -p``: the content changed all the same."""
+    folder = shutil.copytree(tiny_dirs["qwen"], tmp_path / "qwen")
+    prm = QwenMathPRM(str(folder), device="cpu", progress=False, offload="reload")
+    before = prm.score(REQUESTS)
+    prm.sleep()
+    build_tiny_prm_dir(tmp_path / "other", "qwen", seed=1)
+    _swap_keeping_size_and_times(tmp_path / "other" / "model.safetensors", folder / "model.safetensors")
+    with pytest.raises(RuntimeError, match=r"prm.init_args.model_path=.*changed since this run first read them"):
+        prm.score(REQUESTS)
+    # the same bytes copied back (again with the old times): the digest says nothing changed
+    _swap_keeping_size_and_times(tiny_dirs["qwen"] / "model.safetensors", folder / "model.safetensors")
+    assert prm.score(REQUESTS) == before
 
 
 def test_an_unknown_offload_names_the_key(tiny_dirs):

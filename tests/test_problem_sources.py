@@ -176,15 +176,41 @@ def test_sources_that_cannot_be_read_are_named_with_what_is_wrong(tmp_path):
         load_problems(corrupt)
 
 
-def test_a_hub_source_offline_says_so_and_names_the_key():
+def _load_hub(name: str, **environ: str) -> subprocess.CompletedProcess:
     code = ("from hs_star_pl.core.problems import load_problems\n"
-            "try:\n    load_problems('hub:AI-MO/NuminaMath-1.5', split='train')\n"
+            f"try:\n    load_problems({name!r}, split='train')\n"
             "except Exception as err:\n    print(type(err).__name__, err)\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120).stdout
-    assert out.startswith("ProblemFileError hub:AI-MO/NuminaMath-1.5: cannot load 'AI-MO/NuminaMath-1.5' from the "
-                          "Hugging Face Hub"), out
-    assert "the machine may be offline" in out and "problems_file" in out
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**env, "PYTHONPATH": str(REPO), **environ})
+
+
+@pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
+def test_a_hub_source_offline_by_choice_says_it_is_not_in_the_cache(variable, tmp_path):
+    out = _load_hub("hub:AI-MO/NuminaMath-1.5", **{variable: "1"}, HF_HOME=str(tmp_path / "hf"),
+                    HF_DATASETS_CACHE=str(tmp_path / "hf" / "datasets")).stdout
+    assert out.startswith(f"ProblemFileError hub:AI-MO/NuminaMath-1.5: {variable}=1 is set, so nothing is downloaded, "
+                          "and 'AI-MO/NuminaMath-1.5' is not in the datasets cache"), out
+    assert "problems_file" in out and "may be offline" not in out
+
+
+def test_a_hub_source_that_cannot_reach_the_hub_fails_at_once_without_retries(tmp_path):
+    """No network and no offline variable: the Hub's client retried for about 25 s before it
+    said so; the endpoint is tried once (a closed local port here: nothing leaves the machine)."""
+    out = _load_hub("hub:AI-MO/NuminaMath-1.5", HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    assert out.stdout.startswith("ProblemFileError hub:AI-MO/NuminaMath-1.5: cannot reach the Hugging Face Hub at "
+                                 "http://127.0.0.1:9 ("), out.stdout + out.stderr[-2000:]
+    assert "HF_DATASETS_OFFLINE=1" in out.stdout and "save_to_disk" in out.stdout
+    assert "Retrying" not in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["../x", "../../etc/passwd", "/abs/path", "owner/name/extra", "a..b/c", "-x/y", "x/"])
+def test_a_path_after_hub_is_refused_as_not_a_hub_id(name):
+    with pytest.raises(ProblemFileError) as info:
+        load_problems(f"hub:{name}")
+    assert str(info.value) == (f"hub:{name}: {name!r} is not a Hugging Face Hub data set id (<owner>/<name> or <name>: "
+                               "letters, digits, '-', '_' and '.'); for a file or folder on this machine, drop the "
+                               "'hub:' prefix")
 
 
 def test_a_benchmark_reads_a_parquet_split_with_filters_and_limit(tmp_path):

@@ -120,6 +120,14 @@ BAD_ROWS = [
     ("bad id type", [b'{"question": "Q", "answer": "1", "id": [1]}'], 1, "field 'id'"),
     ("non-utf8", [b'{"question": "Q", "answer": "1"}', b'{"question": "\xff\xfe", "answer": "1"}'], 2, "not valid UTF-8"),
     ("solution not str", [b'{"question": "Q", "answer": "1", "solution": 3}'], 1, "field 'solution'"),
+    # golds that name a shape but do not have it used to be kept whole as the gold, graded wrong
+    ("nothing after ####", [b'{"question": "Q", "answer": "3 + 4 = 7\\n####"}'], 1, "the answer is empty"),
+    ("unclosed box", [b'{"question": "Q", "answer": "so \\\\boxed{7"}'], 1,
+     "field 'answer': a \\boxed{} that is not closed or holds nothing; write the answer itself, or close the box"),
+    ("worked solution as gold", [b'{"question": "Q", "answer": "3 + 4 = 7.\\nSo she has 7 eggs."}'], 1,
+     "field 'answer': the answer spans 2 lines, so it looks like a worked solution rather than an answer: end it "
+     "with '#### <answer>' (GSM8K's shape) or a \\boxed{<answer>} and read it with answer_from: boxed, or name the "
+     "field that holds the answer (answer_key)"),
 ]
 
 
@@ -161,6 +169,36 @@ def test_empty_missing_and_oversized_files(tmp_path):
 
 def make_pool(n: int) -> tuple[Problem, ...]:
     return tuple(Problem(f"p{i:03d}", f"Q{i}", str(i)) for i in range(n))
+
+
+@pytest.mark.parametrize("reader", ["problems", "examples"])
+def test_an_over_long_line_is_refused_while_it_is_read_without_holding_it(tmp_path, reader):
+    """A 64 MiB line: refused at the 4 MiB limit with its full size, and memory stays far below
+    the line (it used to be read whole first: a 300 MB line cost about 620 MB)."""
+    import tracemalloc
+
+    from hs_star_pl.core.problems import MAX_LINE_BYTES
+    from hs_star_pl.infra.errors import InputFileError
+    from hs_star_pl.training.data import load_examples
+
+    size = 64 * 1024 * 1024
+    path = tmp_path / "big.jsonl"
+    first = b'{"question": "Q", "answer": "1"}\n' if reader == "problems" else b'{"prompt": "p", "response": "r"}\n'
+    with path.open("wb") as fh:
+        fh.write(first + b'{"question": "Q", "answer": "1", "response": "')
+        for _ in range(size // (1 << 20)):
+            fh.write(b"x" * (1 << 20))
+        fh.write(b'"}\n')
+    line = path.stat().st_size - len(first)
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputFileError) as info:
+            load_problems(path) if reader == "problems" else load_examples(path, "plain")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(info.value) == f"{path}:2: line is {line} bytes, over the {MAX_LINE_BYTES}-byte limit"
+    assert peak < 3 * MAX_LINE_BYTES, peak  # what the limit allows to be read, not the line
 
 
 def test_pool_draws_disjoint_seeded_subsets():

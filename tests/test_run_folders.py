@@ -118,6 +118,20 @@ def test_a_finished_folder_run_again_after_editing_the_config_is_refused(finishe
 
 
 @pytest.mark.integration
+def test_a_finished_self_training_folder_run_again_unchanged_without_ckpt_path_is_refused(finished, tiny_m0, tmp_path):
+    """Same settings, no --ckpt_path: it used to train again from M_0 over the finished run
+    (rounds read back) and leave last-v1.ckpt beside last.ckpt."""
+    m0, problems = tiny_m0
+    run_dir = copy_of(finished, tmp_path)
+    before = snapshot(run_dir)
+    rc, output = attempt(run_args(run_dir, m0, problems), tmp_path)
+    assert rc == 2, output[-3000:]
+    assert error_of(output).startswith(f"trainer.default_root_dir={run_dir} already holds a run "
+                                       f"({run_dir / 'checkpoints' / 'last.ckpt'}): fit without --ckpt_path would ")
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("change", ["n_presample", "K", "seed", "problems_file"])
 def test_resuming_a_killed_round_with_other_settings_is_refused(change, killed, tiny_m0, tmp_path):
     """Killed while re-sampling round 0, resumed with a changed budget, seed or pool: it used to
@@ -143,6 +157,73 @@ def test_resuming_a_killed_round_with_other_settings_is_refused(change, killed, 
     else:
         key, old, new = {"n_presample": (N_P, 2, 3), "K": (K, 4, 6), "seed": ("self_training.seed", 0, 5)}[change]
         assert lines[1:-1] == [f"  - {key}: {old} in round 0; {new} now"]
+    assert snapshot(run_dir) == before
+
+
+def test_a_finished_folder_run_again_without_ckpt_path_is_refused_naming_both_ways(tmp_path, capsys, monkeypatch):
+    """It used to train again from the start over the finished run and leave last-v1.ckpt
+    beside last.ckpt; now it is refused, and --ckpt_path last extends the run in place."""
+    from hs_star_pl.cli import main
+    from tests.helpers.tiny_setup import REPO
+
+    monkeypatch.chdir(REPO)  # the config's data file is repo-relative
+    monkeypatch.setattr(sys, "argv", ["hs-star"])
+    run_dir = tmp_path / "run"
+    args = ["fit", "-c", "configs/base.yaml", "-c", "configs/debug/tiny_cpu.yaml", "--trainer.max_epochs=1",
+            f"--trainer.default_root_dir={run_dir}", "--trainer.enable_progress_bar=false"]
+    main(args)
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]
+    before = snapshot(run_dir)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"hs-star: error: trainer.default_root_dir={run_dir} already holds a run ({checkpoints / 'last.ckpt'}): fit "
+        "without --ckpt_path would train it again from the start and write its checkpoints beside the old ones "
+        "(last-v1.ckpt). To continue that run (resume it, or extend it with more epochs or iterations), add "
+        "--ckpt_path last; to start another, give it a new trainer.default_root_dir.")
+    assert snapshot(run_dir) == before
+    main([*args[:-3], "--trainer.max_epochs=2", *args[-2:], "--ckpt_path=last"])
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]
+
+
+@pytest.mark.integration
+def test_resuming_after_other_weights_were_copied_over_m0_is_refused(killed, tiny_m0, tmp_path):
+    """Other weights copied over ``model.model_path`` as ``cp -p`` does (same size, old modification
+    time): the resume used to finish round 0 with re-samples of the new model over pre-samples of
+    the old one, exit 0."""
+    import os
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    m0, problems = tiny_m0
+    run_dir = copy_of(killed, tmp_path)
+    weights = m0 / "model.safetensors"
+    backup = tmp_path / "m0_backup.safetensors"
+    shutil.copy2(weights, backup)
+    other = tmp_path / "other.safetensors"
+    save_file({k: v + 0.01 * torch.randn_like(v) for k, v in load_file(weights).items()}, other,
+              metadata={"format": "pt"})
+    assert other.stat().st_size == weights.stat().st_size
+    before = snapshot(run_dir)
+    try:
+        old = weights.stat()
+        shutil.copy2(other, weights)
+        os.utime(weights, ns=(old.st_atime_ns, old.st_mtime_ns))
+        rc, output = attempt([*run_args(run_dir, m0, problems), "--ckpt_path=last"], tmp_path)
+    finally:
+        shutil.copy2(backup, weights)
+    assert rc == 2, output[-3000:]
+    lines = error_of(output).splitlines()
+    assert lines[0].startswith(f"{run_dir} holds rounds made with other settings")
+    assert lines[1:-1] == [line for line in lines[1:-1] if line.startswith("  - model.model_path (weights): ")] != []
+    assert lines[-1] == ("Either give this configuration a run folder of its own (a new trainer.default_root_dir), or "
+                         f"restore the settings above (and the weight files the run was made with in {m0}) to continue "
+                         f"the run in {run_dir}.")
     assert snapshot(run_dir) == before
 
 
@@ -187,6 +268,10 @@ def test_a_damaged_round_file_is_one_message_naming_it(how, finished, tiny_m0, t
     m0, problems = tiny_m0
     run_dir = copy_of(finished, tmp_path)
     expected = damage(run_dir, how)
+    # without its checkpoints (a run killed before the first one) the folder's rounds are read
+    # back from round 0 (a folder with last.ckpt is refused without --ckpt_path, and resumed
+    # with it at its end, where nothing is read)
+    shutil.rmtree(run_dir / "checkpoints")
     rc, output = attempt(run_args(run_dir, m0, problems), tmp_path)  # round 0 is read back first
     assert rc == 2, output[-3000:]
     assert error_of(output).startswith(expected)

@@ -57,7 +57,7 @@ def test_chat_needs_a_chat_template_and_a_system_prompt_needs_chat():
         render_prompt("chat", "Q")
     bare = build_byte_tokenizer()
     bare.chat_template = None
-    with pytest.raises(ValueError, match=r"data.template: chat .* has none"):
+    with pytest.raises(ValueError, match=r"data.template: chat .* has no chat template"):
         tokenizer_chat_renderer(bare)
     with pytest.raises(ValueError, match=r"data.system_prompt is used only with data.template: chat"):
         render_prompt("plain", "Q", system_prompt="Be brief.")
@@ -140,7 +140,7 @@ def test_a_round_recorded_with_the_delimiter_set_by_hand_matches_the_template_de
     HSStarCLI(args=_self_training_args(tmp_path, "qwen25-step-cot", "--self_training.step_delimiter=\n\n"))
     recorded = json.loads((tmp_path / "rounds" / "round_000" / "settings.json").read_text())["settings"]
     assert recorded["self_training.step_delimiter"] == "\n\n"
-    HSStarCLI(args=_self_training_args(tmp_path, "qwen25-step-cot"))  # refused on a settings mismatch otherwise
+    HSStarCLI(args=_self_training_args(tmp_path, "qwen25-step-cot", "--ckpt_path=last"))  # refused on a settings mismatch otherwise
     assert json.loads((tmp_path / "rounds" / "round_000" / "settings.json").read_text())["settings"] == recorded
 
 
@@ -215,7 +215,69 @@ def test_a_policy_tokenizer_without_a_chat_template_is_refused_naming_data_templ
     tokenizer.chat_template = None
     model_dir = save_checkpoint_dir(tmp_path / "base_model", build_tiny_causal_lm(tokenizer, hidden_size=32), tokenizer)
     args = [a for a in _self_training_args(tmp_path / "run", "chat") if not a.startswith("--model.tiny")]
-    with pytest.raises(ValueError, match=r"data.template: chat renders prompts with the policy tokenizer's chat "
-                                         r"template, but the tokenizer '.*base_model' has none"):
+    with pytest.raises(ValueError, match=r"data.template: chat renders prompts with the chat template of the "
+                                         r"tokenizer in .*base_model, which has no chat template"):
         HSStarCLI(args=[*args, "--model.tiny=null", f"--model.model_path={model_dir}"])
     assert not (tmp_path / "run" / "rounds").exists()
+
+
+# -- chat templates that cannot render a question, or render it without the question -------------
+
+RAISES = "{{ raise_exception('System role not supported') }}"
+DROPS = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+
+
+def _tiny_model_dir(tmp_path, chat_template):
+    from hs_star_pl.tensors.tiny import build_tiny_causal_lm, save_checkpoint_dir
+
+    tokenizer = build_byte_tokenizer()
+    tokenizer.chat_template = chat_template
+    return save_checkpoint_dir(tmp_path / "policy", build_tiny_causal_lm(tokenizer, hidden_size=32), tokenizer)
+
+
+@pytest.mark.parametrize(("chat_template", "says"), [
+    (None, "has no chat template (no chat_template in its tokenizer_config.json or chat_template.jinja)"),
+    (RAISES, "cannot render a question: TemplateError: System role not supported"),
+    (DROPS, "renders a question without it: the prompt would not contain the problem"),
+])
+@pytest.mark.parametrize("command", ["fit", "test"])
+def test_a_chat_template_that_cannot_render_the_question_is_one_message_exit_2(chat_template, says, command, tmp_path,
+                                                                                 capsys, monkeypatch):
+    """No chat template, a template calling ``raise_exception``, a template that drops the
+    question: one line naming data.template and the tokenizer's folder, exit status 2, before
+    any round or evaluation (no chat template and raise_exception were a traceback, exit 1; the
+    dropped question trained on prompts without the problem)."""
+    import sys
+
+    from hs_star_pl.cli import main
+    from tests.helpers.tiny_setup import REPO, STEPWISE_FILE
+
+    model_dir = _tiny_model_dir(tmp_path, chat_template)
+    monkeypatch.setattr(sys, "argv", ["hs-star"])
+    if command == "fit":
+        args = [a for a in _self_training_args(tmp_path / "run", "chat") if not a.startswith("--model.tiny")]
+    else:
+        args = ["test", "-c", str(REPO / "configs" / "base.yaml"), "-c", str(REPO / "configs" / "eval" / "tiny.yaml"),
+                "--data.template=chat", f"--evaluation.problems_file={STEPWISE_FILE}", "--evaluation.benchmarks=null",
+                f"--trainer.default_root_dir={tmp_path / 'run'}"]
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--model.tiny=null", f"--model.model_path={model_dir}"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err, err[-3000:]
+    (line,) = [x for x in err.splitlines() if x.startswith("hs-star: error: ")]
+    assert line.startswith(f"hs-star: error: data.template: chat renders prompts with the chat template of the "
+                           f"tokenizer in {model_dir}, which ") and says in line, line
+    assert not (tmp_path / "run" / "rounds").exists() and not (tmp_path / "run" / "eval").exists()
+
+
+def test_a_chat_template_is_probed_once_with_the_system_prompt_it_will_get():
+    from hs_star_pl.infra.errors import ConfigError
+    from hs_star_pl.tensors.chat import checked_chat_renderer
+
+    tokenizer = build_byte_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}"
+                               "{% endif %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(ConfigError, match=r"TemplateError: no system.*data.system_prompt: \"\""):
+        checked_chat_renderer(tokenizer, "chat", None)
+    render = checked_chat_renderer(tokenizer, "chat", "")  # no system message: renders
+    assert render_prompt("chat", "Q?", chat=render, system_prompt="") == "Q?"

@@ -19,11 +19,19 @@ policy that samples it was trained with:
   same pool and an edited one is not), the draw size, the budget (K, n_p, the allocator), the
   difficulty thresholds, the selection (classes, objective), sampling, the step delimiter,
   the seed, and the engine, verifier and PRM with their settings;
-* the policy: ``model.*`` (the initial model ``model.model_path``, by path, or
+* the policy: ``model.*`` (the initial model ``model.model_path``, by path and by content, or
   ``model.tiny``; the objective, beta, optimizer and schedule), ``seed_everything``, and the
   training settings that shape M_t: ``data.template``/``system_prompt``/``max_length``/``batch_size``/
   ``global_batch_size``/``shuffle``/``seed`` and ``trainer.accumulate_grad_batches``/
   ``gradient_clip_val``/``gradient_clip_algorithm``/``precision``/``limit_train_batches``.
+
+The models by content: a folder named by ``model.model_path`` or
+``self_training.prm.init_args.model_path`` is recorded by its path and, under
+``<key> (weights)``, by a digest of its weight files (``infra.digests``: cached by each file's
+inode, size and times, so a 15 GB model is read once, and a copy over it that keeps the size
+and the modification time, as ``cp -p`` and ``rsync -a`` make, is still seen). A run whose
+weights changed under the same path is refused like any other changed setting, and the ways
+out name the folder to restore.
 
 What does not count (``IGNORED``): logging, progress bars and plots; paths of outputs;
 ``self_training.n_iterations`` and ``trainer.max_epochs`` (a finished run may be extended);
@@ -56,9 +64,15 @@ from typing import Any
 
 from hs_star_pl.core.artifacts import read_json, round_folders, write_json
 from hs_star_pl.core.records import Problem
+from hs_star_pl.infra.digests import CACHE_NAME, DigestCache, folder_digest, weight_files
 
 SETTINGS_FILE = "settings.json"
-VERSION = 1
+VERSION = 2  # 2: the models' weights by content (`` (weights)`` keys)
+WEIGHT_KEYS = ("model.model_path", "self_training.prm.init_args.model_path")
+"""Config keys naming a model folder, whose weights are recorded by content too."""
+WEIGHTS = " (weights)"
+DIGEST_CACHE = CACHE_NAME
+"""The run folder's cache of weight-file digests (``infra.digests``): the next start reads nothing."""
 
 COUNTED = (
     "self_training.",
@@ -175,8 +189,13 @@ def _moved(class_path: Any) -> Any:
     return class_path
 
 
-def settings_of(config: Mapping[str, Any], problems: Sequence[Problem], problems_file: str | None) -> SettingsRecord:
+def settings_of(config: Mapping[str, Any], problems: Sequence[Problem], problems_file: str | None,
+                digest_cache: DigestCache | None = None) -> SettingsRecord:
     """The record of a parsed config (nested, as ``--print_config`` shows it) and its loaded pool.
+
+    A model folder named by a ``WEIGHT_KEYS`` key is recorded by content as well (``<key> (weights)``),
+    its digests cached in ``digest_cache`` (saving it is the caller's); a path that is no folder
+    (``model.tiny``, a model not there yet) is recorded by path only.
 
     >>> from hs_star_pl.core.records import Problem
     >>> r = settings_of({"self_training": {"seed": 5, "plots": True}, "trainer": {"max_epochs": 2}},
@@ -189,7 +208,17 @@ def settings_of(config: Mapping[str, Any], problems: Sequence[Problem], problems
     settings = {k: v for k, v in flatten(config).items() if counts(k)}
     problems = list(problems)
     settings[POOL_KEY] = pool_digest(problems)
-    return SettingsRecord(settings, {POOL_KEY: f"{problems_file}, {len(problems)} problems"})
+    notes = {POOL_KEY: f"{problems_file}, {len(problems)} problems"}
+    cache = digest_cache if digest_cache is not None else DigestCache()
+    for key in WEIGHT_KEYS:
+        path = settings.get(key)
+        if isinstance(path, str) and Path(path).is_dir():
+            digest = folder_digest(path, cache)
+            if digest is not None:
+                settings[key + WEIGHTS] = digest
+                n = len(weight_files(path))
+                notes[key + WEIGHTS] = f"{n} weight file{'s' if n != 1 else ''} in {path}"
+    return SettingsRecord(settings, notes)
 
 
 _MISSING = object()
@@ -250,11 +279,14 @@ def mismatch_message(subject: str, records: Sequence[tuple[Any, SettingsRecord]]
     for key in sorted(by_key):
         was = "; ".join(f"{shown} in {_label(sources)}" for shown, sources in by_key[key].items())
         lines.append(f"  - {key}: {was}; {_shown(current.settings.get(key, _MISSING), current.notes.get(key))} now")
+    folders = [str(current.settings.get(key.removesuffix(WEIGHTS))) for key in sorted(by_key) if key.endswith(WEIGHTS)]
+    restore = (f"the settings above (and the weight files the run was made with in {', '.join(folders)})"
+               if folders else "the settings above")
     return (
         f"{subject} made with other settings, and this run would mix them with its own. The settings that differ:\n"
         + "\n".join(lines)
         + f"\nEither give this configuration a run folder of its own (a new trainer.default_root_dir), or restore "
-        f"the settings above to continue the run in {run_dir}."
+        f"{restore} to continue the run in {run_dir}."
     )
 
 

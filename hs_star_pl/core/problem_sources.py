@@ -8,7 +8,11 @@
   (``dataset_dict.json``, one subfolder per split), memory-mapped by ``load_from_disk``;
 * ``hub:<owner>/<name>``: ``load_dataset(name, dataset_config, split=..., data_files=...)``,
   downloaded into the ``datasets`` cache the first time (later runs can be offline with
-  ``HF_DATASETS_OFFLINE=1``).
+  ``HF_DATASETS_OFFLINE=1``). The name must be a Hub id (``hub:../x`` is refused as a path,
+  not looked up). With ``HF_HUB_OFFLINE``, ``HF_DATASETS_OFFLINE`` or ``TRANSFORMERS_OFFLINE``
+  set, only the cache is read and a miss says so; otherwise the Hub's endpoint (or the proxy
+  in front of it) is tried once, with a 5 s timeout, before ``load_dataset``, whose client
+  would retry a dead network for about 25 s before saying anything.
 
 Rows come back as ``(index, row)`` with the 0-based index ``dataset[index]`` would use, and
 values made plain JSON (a date or other non-JSON value becomes its text) so a problem's
@@ -20,7 +24,11 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import os
 import re
+import socket
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -93,6 +101,48 @@ class _SourceError(ValueError):
     pass
 
 
+_HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?"
+_HUB_ID = re.compile(rf"^(?:{_HUB_PART}/)?{_HUB_PART}$")
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+CONNECT_TIMEOUT_S = 5.0
+
+
+def _check_hub_id(name: str) -> None:
+    """Refuse what is not a Hub data set id (``<owner>/<name>`` or ``<name>``), e.g. a path."""
+    if not name:
+        raise _SourceError(f"names no data set; write {HUB_PREFIX}<owner>/<name>")
+    if not _HUB_ID.match(name) or ".." in name or "--" in name or len(name) > 96 * 2 + 1:
+        raise _SourceError(
+            f"{name!r} is not a Hugging Face Hub data set id (<owner>/<name> or <name>: letters, digits, '-', '_' "
+            f"and '.'); for a file or folder on this machine, drop the '{HUB_PREFIX}' prefix"
+        )
+
+
+def _offline_variable() -> str | None:
+    """The variable that keeps the Hub's clients offline (``1``, ``true``, ``yes``, ``on``), if one is set."""
+    return next((v for v in OFFLINE_VARIABLES if os.environ.get(v, "").strip().upper() in ("1", "TRUE", "YES", "ON")),
+                None)
+
+
+def _unreachable(endpoint: str) -> str | None:
+    """Why a TCP connection to ``endpoint`` (or the proxy for it) does not open in time; ``None`` when it does."""
+    url = urllib.parse.urlsplit(endpoint)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme) if not urllib.request.proxy_bypass(host) else None
+    if proxy:
+        proxied = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxied.hostname or "", proxied.port or 80
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        return f"{type(err).__name__}: {err}" + (f", through the proxy {proxy}" if proxy else "")
+    return None
+
+
+_SAVE_IT = ("download it where there is a network and save it with Dataset.save_to_disk (or as parquet), then point "
+            "the problems_file key at that folder or file")
+
+
 def dataset_rows(
     source: str,
     *,
@@ -139,15 +189,27 @@ def _open(source: str, split: str | None, dataset_config: str | None, data_files
 
     if source.startswith(HUB_PREFIX):
         name = source[len(HUB_PREFIX):]
-        if not name:
-            raise _SourceError(f"names no data set; write {HUB_PREFIX}<owner>/<name>")
+        _check_hub_id(name)
+        offline = _offline_variable()
+        if offline is None:
+            endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+            why = _unreachable(endpoint)
+            if why is not None:
+                raise _SourceError(
+                    f"cannot reach the Hugging Face Hub at {endpoint} ({why}); to read a copy already in the datasets "
+                    f"cache, set HF_DATASETS_OFFLINE=1, or {_SAVE_IT}"
+                )
         try:
             data = datasets.load_dataset(name, dataset_config, split=split, data_files=data_files)
         except (ConnectionError, OSError) as err:
+            if offline is not None:
+                raise _SourceError(
+                    f"{offline}=1 is set, so nothing is downloaded, and {name!r} is not in the datasets cache "
+                    f"({type(err).__name__}: {err}); unset {offline} where there is a network, or {_SAVE_IT}"
+                ) from None
             raise _SourceError(
                 f"cannot load {name!r} from the Hugging Face Hub ({type(err).__name__}: {err}); the machine may be "
-                f"offline: download it where there is a network and save it with Dataset.save_to_disk (or as "
-                f"parquet), then point the problems_file key at that folder or file"
+                f"offline: {_SAVE_IT}"
             ) from None
         except Exception as err:  # datasets raises many types for a bad name, config, split or data_files
             raise _SourceError(

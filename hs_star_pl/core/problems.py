@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,7 +36,7 @@ from hs_star_pl.core.answers import last_boxed
 from hs_star_pl.core.answers import normalize_gold as gold_alternatives
 from hs_star_pl.core.problem_sources import HUB_PREFIX, ProblemFileError, dataset_rows
 from hs_star_pl.core.records import GoldText, Problem
-from hs_star_pl.infra.jsonl import LineError, parse_json_line, why_not_a_file
+from hs_star_pl.infra.jsonl import LineError, LongLineError, parse_json_line, read_lines, why_not_a_file
 
 QUESTION_KEYS = ("question", "problem", "query", "prompt")
 ANSWER_KEYS = ("answer", "final_answer", "gold", "expected_answer", "reward_model.ground_truth")
@@ -84,13 +84,39 @@ def normalize_gold(value: Any) -> GoldText:
 
     Raises:
         TypeError: not a string, number or list of them.
-        ValueError: empty, not finite, or nothing left after normalisation.
+        ValueError: empty, not finite, nothing left after normalisation, a ``\\boxed{}``
+            that is not closed, or a text of several lines with no ``####`` or box (a worked
+            solution kept whole would grade every response wrong).
     """
     _check_gold_type(value)
+    for text in (value if isinstance(value, (list, tuple)) else [value]):
+        if isinstance(text, str):
+            _check_gold_shape(text)
     alternatives = gold_alternatives(list(value) if isinstance(value, tuple) else value)
     if not alternatives:
         raise ValueError("the answer is empty")
     return alternatives[0] if len(alternatives) == 1 else alternatives
+
+
+def _check_gold_shape(text: str) -> None:
+    """Refuse a gold text that would be kept whole though it is not an answer.
+
+    A gold is reduced to its answer by its markers (``####``, ``\\boxed{}``); without one it is
+    kept as written. Kept whole, a worked solution (a GSM8K row that lost its ``####``, a
+    solution field read as the gold) or a box that never closes grades every response
+    wrong, silently. A gold written over several lines with no marker is such a solution.
+    """
+    if "####" in text:
+        return  # the answer is what follows the last "####" (an empty one is refused by the caller)
+    if ("\\boxed" in text or "\\fbox" in text) and last_boxed(text) is None:
+        raise ValueError("a \\boxed{} that is not closed or holds nothing; write the answer itself, or close the box")
+    if "\\boxed" not in text and "\\fbox" not in text and "\n" in text.strip():
+        n = len(text.strip().splitlines())
+        raise ValueError(
+            f"the answer spans {n} lines, so it looks like a worked solution rather than an answer: end it with "
+            "'#### <answer>' (GSM8K's shape) or a \\boxed{<answer>} and read it with answer_from: boxed, or name the "
+            "field that holds the answer (answer_key)"
+        )
 
 
 _MISSING = object()
@@ -202,6 +228,7 @@ def load_problems(
     filters: Mapping[str, Any] | None = None,
     max_rows: int | None = None,
     max_line_bytes: int = MAX_LINE_BYTES,
+    gold_check: Callable[[Any], None] | None = None,
 ) -> list[Problem]:
     """Load problems from a JSONL or parquet file, a ``save_to_disk`` folder or ``hub:<name>``.
 
@@ -228,6 +255,9 @@ def load_problems(
         filters: ``{field: value}`` (or ``{field: [values]}``) a row must match to be kept.
         max_rows: keep the first ``max_rows`` rows that pass the filters.
         max_line_bytes: longer JSONL lines are rejected rather than parsed.
+        gold_check: called with each row's raw answer value before it is read; a
+            ``ValueError`` or ``TypeError`` it raises stops loading at that row (a benchmark
+            format's shape, ``evaluation.datasets``).
 
     Every key may be a dotted path into nested fields.
 
@@ -276,7 +306,7 @@ def load_problems(
         try:
             if filters and not _passes(row, filters):
                 continue
-            problem = _row_to_problem(row, fields, f"{where}-{at}")
+            problem = _row_to_problem(row, fields, f"{where}-{at}", gold_check)
         except _RowError as err:
             raise fail(at, str(err)) from None
         if problem.id in seen:
@@ -300,11 +330,14 @@ def _jsonl_rows(path: Path, max_line_bytes: int) -> Iterable[tuple[int, Any]]:
     if not path.is_file():
         raise ProblemFileError(path, None, why_not_a_file(path, "problem file"))
     with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if len(raw) > max_line_bytes:
-                raise ProblemFileError(
-                    path, lineno, f"line is {len(raw)} bytes, over the {max_line_bytes}-byte limit"
-                )
+        lines = read_lines(fh, max_line_bytes)
+        while True:
+            try:
+                lineno, raw = next(lines)
+            except StopIteration:
+                return
+            except LongLineError as err:
+                raise ProblemFileError(path, err.lineno, str(err)) from None
             try:
                 row = parse_json_line(raw, lineno)
             except LineError as err:
@@ -338,7 +371,8 @@ def _gold_of(value: Any, answer_from: str) -> GoldText:
     return normalize_gold(value)
 
 
-def _row_to_problem(row: dict[str, Any], fields: FieldMap, position_id: str) -> Problem:
+def _row_to_problem(row: dict[str, Any], fields: FieldMap, position_id: str,
+                    gold_check: Callable[[Any], None] | None = None) -> Problem:
     """The problem of one row (``position_id``: its id under ``default_id: line``)."""
     qk = _pick(row, fields.question_key, QUESTION_KEYS)
     if qk is None:
@@ -354,6 +388,8 @@ def _row_to_problem(row: dict[str, Any], fields: FieldMap, position_id: str) -> 
         raise _RowError(f"no answer field ({wanted}); row has {sorted(row)}; name the field with answer_key")
     raw_answer = field_value(row, ak)
     try:
+        if gold_check is not None:
+            gold_check(raw_answer)
         answer = _gold_of(raw_answer, fields.answer_from)
     except (TypeError, ValueError) as err:
         raise _RowError(f"field {ak!r}: {err}") from None

@@ -31,7 +31,9 @@ the reference code's answer-string clean-up (units, ``\\text{}``); math-verify g
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from hs_star_pl.core.problems import FieldMap, FilterValue, ProblemFileError, load_problems
 from hs_star_pl.core.records import Problem
@@ -48,33 +50,83 @@ class BenchmarkFormat:
         fields: where question, gold, id and solution are (``id_key=None`` with
             ``default_id="line"``: the file has no ids, problems are ``line-<n>``).
         example: one row in the published shape (documentation and error messages).
+        check_gold: raises ``ValueError``/``TypeError`` for a raw gold value without the
+            published shape (a GSM8K answer with no ``####``), which would otherwise be
+            read some other way and graded, without a word.
     """
 
     name: str
     fields: FieldMap
     example: str
+    check_gold: Callable[[Any], None] | None = None
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _gsm8k_gold(value: Any) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a worked solution ending '#### <answer>' (GSM8K's shape), got {_type_name(value)}")
+    if "####" not in value:
+        raise ValueError("no '#### <answer>' at the end of the worked solution (GSM8K's shape)")
+    if not value.rsplit("####", 1)[1].strip():
+        raise ValueError("nothing after '####' (GSM8K's shape: a worked solution ending '#### <answer>')")
+
+
+def _text_gold(shape: str) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"expected the answer as text ({shape}), got {_type_name(value)}")
+    return check
+
+
+def _olympiad_gold(value: Any) -> None:
+    shape = "expected a list of answers (OlympiadBench's shape: [\"$4$\"])"
+    if not isinstance(value, list):
+        raise TypeError(f"{shape}, got {_type_name(value)}")
+    odd = next((v for v in value if not isinstance(v, str)), None)
+    if odd is not None:
+        raise TypeError(f"{shape}, got a {_type_name(odd)} in it")
+
+
+_AIME = re.compile(r"^\d{1,3}$", re.ASCII)
+
+
+def _aime_gold(value: Any) -> None:
+    text = value.strip() if isinstance(value, str) else value
+    ok = (_AIME.match(text) is not None if isinstance(text, str)
+          else isinstance(text, int) and not isinstance(text, bool) and 0 <= text <= 999)
+    if not ok:
+        raise ValueError(f"an AIME answer is an integer from 0 to 999 (written as text or a number), got {value!r}")
+
+
+def _number_gold(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected the answer as a number (AMC23's shape: 27.0), got {_type_name(value)}")
 
 
 FORMATS: dict[str, BenchmarkFormat] = {
     f.name: f
     for f in (
         BenchmarkFormat("gsm8k", FieldMap("question", "answer", None, None, default_id="line"),
-                        '{"question": "...", "answer": "... so she has 18 eggs.\\n#### 18"}'),
+                        '{"question": "...", "answer": "... so she has 18 eggs.\\n#### 18"}', _gsm8k_gold),
         BenchmarkFormat("math500", FieldMap("problem", "answer", "unique_id", "solution"),
                         '{"problem": "...", "solution": "...", "answer": "\\\\frac{14}{3}", "subject": "...", '
-                        '"level": 3, "unique_id": "test/precalculus/807.json"}'),
+                        '"level": 3, "unique_id": "test/precalculus/807.json"}', _text_gold("MATH500's shape")),
         BenchmarkFormat("minerva", FieldMap("problem", "solution", "idx", "solution", answer_from="boxed"),
                         '{"problem": "...", "solution": "... =\\\\boxed{1.6} \\\\mathrm{~cm}", "type": "...", "idx": 0}'),
         BenchmarkFormat("olympiadbench", FieldMap("question", "final_answer", "id", "solution"),
                         '{"id": 1606, "question": "...", "solution": ["..."], "final_answer": ["$\\\\frac{1}{2}$"], '
-                        '"is_multiple_answer": false, "unit": null, "answer_type": "Numerical", ...}'),
+                        '"is_multiple_answer": false, "unit": null, "answer_type": "Numerical", ...}', _olympiad_gold),
         BenchmarkFormat("college_math", FieldMap("question", "answer", None, None, default_id="line"),
                         '{"data_source": "college_math.algebra", "question_number": "exercise.8.3.20", '
-                        '"question": "...", "answer": "$-3 \\\\sqrt{2}$", "license": "...", "data_topic": "..."}'),
+                        '"question": "...", "answer": "$-3 \\\\sqrt{2}$", "license": "...", "data_topic": "..."}',
+                        _text_gold('College Math\'s shape: "$6$"')),
         BenchmarkFormat("aime24", FieldMap("problem", "answer", "id", "solution"),
-                        '{"id": 60, "problem": "...", "solution": "...", "answer": "204", "url": "..."}'),
+                        '{"id": 60, "problem": "...", "solution": "...", "answer": "204", "url": "..."}', _aime_gold),
         BenchmarkFormat("amc23", FieldMap("question", "answer", "id", None),
-                        '{"id": 0, "question": "...", "answer": 27.0, "url": "..."}'),
+                        '{"id": 0, "question": "...", "answer": 27.0, "url": "..."}', _number_gold),
         BenchmarkFormat("auto", FieldMap(), '{"id": "...", "question": "...", "answer": "...", "solution": "..."}'),
     )
 }
@@ -205,7 +257,7 @@ def load_benchmark(config: BenchmarkConfig, max_problems: int | None = None) -> 
             config.path, question_key=f.question_key, answer_key=f.answer_key, id_key=f.id_key,
             solution_key=f.solution_key, answer_from=f.answer_from, default_id=f.default_id,
             split=config.split, dataset_config=config.dataset_config, data_files=config.data_files,
-            filters=config.filters, max_rows=min(caps) if caps else None,
+            filters=config.filters, max_rows=min(caps) if caps else None, gold_check=fmt.check_gold,
         )
     except ProblemFileError as err:
         hint = (f" ({where}.path)" if err.line is None and err.row is None

@@ -451,6 +451,18 @@ def plot(results: Sequence[RunResult], expected: int, path: Path) -> bool:
     return True
 
 
+def check_yaml_files(paths: Sequence[Path]) -> None:
+    """A YAML file that does not parse: one line naming its file and line, exit status 2 (as ``hs-star fit``)."""
+    from hs_star_pl.cli import check_config_files
+    from hs_star_pl.infra.errors import HSStarError
+
+    try:
+        check_config_files([arg for path in paths for arg in ("-c", str(path))])
+    except HSStarError as err:
+        print(f"compare: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(err.exit_code) from None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", type=Path, nargs="+", default=[BASE_CONFIG],
@@ -478,6 +490,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if missing:
         raise SystemExit(f"--base: {', '.join(missing)} does not exist")
     methods = method_paths(args.methods_dir, args.methods or list(STUDIES[args.study]))
+    check_yaml_files([*args.base, *(p for p in methods.values() if p is not None)])
     expected = n_iterations(args.base, fit_args)
     own_m0 = {method: "--evaluate-m0-every-run" if args.evaluate_m0_every_run else changes_m0_evaluation(overlay)
               for method, overlay in methods.items()}

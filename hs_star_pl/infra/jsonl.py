@@ -10,7 +10,9 @@ round-artifact reader (``artifacts``), which wrap the sentence in their own erro
   ``ValueError`` (``sys.set_int_max_str_digits``), not ``JSONDecodeError``;
 * a lone UTF-16 surrogate written as an escape (``"\\ud800"``): ``json`` decodes it into a
   string that cannot be encoded as UTF-8, so it would load and then break a tokenizer or the
-  first artifact write. Refused, naming the field.
+  first artifact write. Refused, naming the field;
+* a line over a size limit (``read_lines``): refused while it is read, holding at most the
+  limit in memory (a whole 300 MB line used to be read, about 620 MB, before the check).
 
 Stdlib only.
 """
@@ -20,14 +22,48 @@ from __future__ import annotations
 import errno
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 BOM = b"\xef\xbb\xbf"
 
 
 class LineError(ValueError):
     """One line of a JSONL file cannot be used; ``str()`` is the reason, without ``file:line``."""
+
+
+class LongLineError(LineError):
+    """A line over ``read_lines``' limit; ``lineno`` says which (``str()``: its size and the limit)."""
+
+    def __init__(self, lineno: int, size: int, limit: int) -> None:
+        super().__init__(f"line is {size} bytes, over the {limit}-byte limit")
+        self.lineno = lineno
+
+
+_SKIP_CHUNK = 1 << 20
+
+
+def read_lines(fh: IO[bytes], max_bytes: int) -> Iterator[tuple[int, bytes]]:
+    """``(line number, raw line)`` of a file opened in binary, each line at most ``max_bytes``
+    (its newline included).
+
+    A longer line is refused as soon as ``max_bytes + 1`` of it are read; the rest of it is
+    counted in 1 MiB pieces and dropped, so memory stays bounded by the limit, and the
+    message still gives the line's whole size.
+
+    Raises:
+        LongLineError: a line over ``max_bytes``.
+    """
+    lineno = 0
+    while raw := fh.readline(max_bytes + 1):
+        lineno += 1
+        if len(raw) > max_bytes:
+            size = len(raw)
+            while not raw.endswith(b"\n") and (raw := fh.readline(_SKIP_CHUNK)):
+                size += len(raw)
+            raise LongLineError(lineno, size, max_bytes)
+        yield lineno, raw
 
 
 def parse_json_line(raw: bytes, lineno: int) -> Any | None:

@@ -22,6 +22,8 @@ default for SLURM and Kubernetes, 10 s for Docker). What this module guarantees:
 * **A check cut short is not a verdict.** Verifier workers killed by a signal meant for the
   run are recognised by ``hs_star_pl.infra.workers.KillablePool`` and their checks redone, never
   graded (see there).
+* **SIGUSR1 is a stop request everywhere** (exit status 138): its default action ends a
+  process with no message and nothing saved, which is never what whoever sent it wanted.
 * **SLURM requeue, Lightning's convention.** Under ``SLURMEnvironment(auto_requeue=True)``
   (Lightning's default when it detects SLURM) the environment's ``requeue_signal`` (SIGUSR1
   unless set) is a stop request too, and once the run has stopped at its safe point rank 0
@@ -55,8 +57,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-STOP_SIGNALS: tuple[int, ...] = (signal.SIGTERM,)
-"""Signals that are a stop request in every ``hs-star`` process."""
+STOP_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)
+"""Signals that are a stop request in every ``hs-star`` process. SIGUSR1 is SLURM's usual
+warning before the time limit (``--signal=SIGUSR1@300``) and Lightning's requeue signal;
+outside SLURM (or without ``auto_requeue``) its default action would end the run on the
+spot with no message, so it is a stop request there too, without the requeue."""
 
 PARENT_ENV = "HS_STAR_PARENT_PID"
 """Set by :func:`run_child`: the child stops when the process with this id is gone."""

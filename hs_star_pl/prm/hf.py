@@ -74,6 +74,7 @@ from hs_star_pl.infra.progress import progress
 from hs_star_pl.tensors.attention import check_attn_implementation
 from hs_star_pl.tensors.hub import resolve_model
 from hs_star_pl.core.protocols import Offloadable, StepScoringRequest
+from hs_star_pl.infra.digests import DigestCache, keys_of
 
 _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SKYWORK_INPUT_MODES = ("reference", "steps")
@@ -330,15 +331,6 @@ def _encode(tokenizer, text: str) -> list[int]:
 # ---------------------------------------------------------------------------------------
 
 
-def _weights_signature(path: Path) -> list[tuple[str, int, int]]:
-    """Name, size and modification time of each weight file: what ``offload: reload`` checks."""
-    signature = []
-    for f in weight_files(path):
-        stat = f.stat()
-        signature.append((f.name, stat.st_size, stat.st_mtime_ns))
-    return signature
-
-
 class _LearnedPRM(Offloadable):
     """What both learned PRMs share: their model's loading, batching, and where it waits between rounds.
 
@@ -360,7 +352,10 @@ class _LearnedPRM(Offloadable):
             load_prm_model, self.layout, self.model_path, self._device, resolve_dtype(dtype, self._device),
             attn_implementation,
         )
-        self._signature = _weights_signature(self.model_path)
+        # what was read: each weight file's cache key now, its digest at the first sleep (reload)
+        files = weight_files(self.model_path)
+        self._weight_names, self._weight_keys = [f.name for f in files], keys_of(files)
+        self._weight_digests: list[str] | None = None
         self._model: nn.Module | None = self._load_model()
         self._on_device = True
         self._scorer = _StepScorer(pad_id, batch_size, max_length, self._device, progress, type(self).__name__)
@@ -398,7 +393,7 @@ class _LearnedPRM(Offloadable):
             return
         started = time.perf_counter()
         if self._model is None:
-            if _weights_signature(self.model_path) != self._signature:
+            if not self._same_weights():
                 raise RuntimeError(
                     f"the weight files in prm.init_args.model_path={str(self.model_path)!r} changed since this "
                     f"run first read them; prm.init_args.offload='reload' reads them again each round, so the "
@@ -410,11 +405,38 @@ class _LearnedPRM(Offloadable):
         self._on_device = True
         self.seconds_waking += time.perf_counter() - started
 
+    def _remember_weights(self) -> None:
+        """Before the weights are dropped: the digests of the files as read (``infra.digests``).
+
+        Taken only while every file's key is still the one it had when read, so the digests are
+        of what is in memory; the settings record usually has them already (no second read).
+        """
+        if self._weight_digests is not None:
+            return
+        files = weight_files(self.model_path)
+        if keys_of(files) == self._weight_keys:
+            cache = DigestCache()
+            self._weight_digests = [cache.digest(f) for f in files]
+
+    def _same_weights(self) -> bool:
+        """Whether the files hold what was first read: keys unchanged, or else the same digests."""
+        try:
+            files = weight_files(self.model_path)
+        except FileNotFoundError:
+            return False
+        if keys_of(files) == self._weight_keys:
+            return True
+        if self._weight_digests is None or [f.name for f in files] != self._weight_names:
+            return False
+        cache = DigestCache()
+        return [cache.digest(f) for f in files] == self._weight_digests
+
     def sleep(self) -> None:
         """Move the weights off the scoring device as ``offload`` says (nothing for ``"none"``)."""
         if self.offload == "none" or not self.resident:
             return
         if self.offload == "reload":
+            self._remember_weights()
             weight = weakref.ref(next(self._model.parameters()))
             self._model = None
             if weight() is not None:  # held by a reference cycle: collect it now (a full gc takes ~0.2 s)

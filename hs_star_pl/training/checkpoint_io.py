@@ -15,6 +15,11 @@ damaged one (cut short, overwritten) raises ``InputFileError`` naming it, not to
 
 ``HSStarCLI`` installs it on every strategy that uses the plain ``TorchCheckpointIO``
 (single device, DDP); DeepSpeed writes its own checkpoint folders.
+
+``finished_run_refusal``: a ``fit`` without ``--ckpt_path`` into a folder whose checkpoint
+folder already holds ``last.ckpt`` would train again from the start over that run, and
+Lightning would write ``last-v1.ckpt`` beside the old ``last.ckpt``; it is refused, naming
+``--ckpt_path last`` (continue that run) and a new ``trainer.default_root_dir`` (another run).
 """
 
 from __future__ import annotations
@@ -33,6 +38,30 @@ from hs_star_pl.infra import faults
 from hs_star_pl.core.artifacts import fsync_dir
 from hs_star_pl.infra.errors import InputFileError
 from hs_star_pl.infra.storage import storage_error
+
+
+def finished_run_refusal(trainer: Any, ckpt_path: Any) -> str | None:
+    """Why ``trainer.fit(ckpt_path=ckpt_path)`` must not run into this folder, or ``None``.
+
+    Refused when no checkpoint is resumed (``ckpt_path`` unset: Lightning sets
+    ``trainer.ckpt_path`` only after the setup hooks) and one of the trainer's checkpoint
+    folders already holds ``last.ckpt``, a run made there before.
+    """
+    if ckpt_path is not None:
+        return None
+    for callback in getattr(trainer, "checkpoint_callbacks", []):
+        dirpath = getattr(callback, "dirpath", None)
+        if not isinstance(dirpath, (str, os.PathLike)) or "://" in str(dirpath):
+            continue
+        last = Path(dirpath) / "last.ckpt"
+        if last.is_file():
+            return (
+                f"trainer.default_root_dir={trainer.default_root_dir} already holds a run ({last}): fit without "
+                "--ckpt_path would train it again from the start and write its checkpoints beside the old ones "
+                "(last-v1.ckpt). To continue that run (resume it, or extend it with more epochs or iterations), add "
+                "--ckpt_path last; to start another, give it a new trainer.default_root_dir."
+            )
+    return None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -70,10 +70,10 @@ from hs_star_pl.core.problem_sources import ProblemFileError
 from hs_star_pl.core.problems import MAX_LINE_BYTES, FieldMap, load_problems
 from hs_star_pl.core.records import PreferencePair, SftExample
 from hs_star_pl.evaluation.protocol import EvalBatch
-from hs_star_pl.tensors.chat import tokenizer_chat_renderer
+from hs_star_pl.tensors.chat import checked_chat_renderer
 from hs_star_pl.core.templates import ChatRenderer, get_template, render_prompt
 from hs_star_pl.infra.errors import InputFileError
-from hs_star_pl.infra.jsonl import LineError, parse_json_line, why_not_a_file
+from hs_star_pl.infra.jsonl import LineError, LongLineError, parse_json_line, read_lines, why_not_a_file
 from hs_star_pl.training.reference import missing_reference, with_reference_logps
 from hs_star_pl.training.tracking import log_to_loggers
 
@@ -106,6 +106,18 @@ def _prompt_of(row: dict[str, Any], render: Callable[[str], str], where: str) ->
     raise ExampleFileError(f"{where}: needs a 'prompt' (rendered) or 'question' string")
 
 
+def _bounded_lines(fh, path: Path):
+    """``read_lines`` with a line over ``MAX_LINE_BYTES`` as an ``ExampleFileError`` naming ``file:line``."""
+    lines = read_lines(fh, MAX_LINE_BYTES)
+    while True:
+        try:
+            yield next(lines)
+        except StopIteration:
+            return
+        except LongLineError as err:
+            raise ExampleFileError(f"{path}:{err.lineno}: {err}") from None
+
+
 def load_examples(path: str | Path, template: str | Callable[[str], str]) -> list[PreferencePair] | list[SftExample]:
     """Read pairs or SFT examples from JSONL (all rows must be of one kind).
 
@@ -128,10 +140,8 @@ def load_examples(path: str | Path, template: str | Callable[[str], str]) -> lis
     out: list[Any] = []
     kind = None
     with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
+        for lineno, raw in _bounded_lines(fh, path):
             where = f"{path}:{lineno}"
-            if len(raw) > MAX_LINE_BYTES:
-                raise ExampleFileError(f"{where}: line is {len(raw)} bytes, over the {MAX_LINE_BYTES}-byte limit")
             try:
                 row = parse_json_line(raw, lineno)
             except LineError as err:
@@ -351,8 +361,9 @@ class MathDataModule(L.LightningDataModule):
                 raise RuntimeError("MathDataModule needs the module's tokenizer: use it with HSStarModule")
             self.tokenizer = module.tokenizer
         if get_template(self.template).chat and self._chat is None:
-            # a tokenizer without a chat template fails here (naming data.template), before any work
-            self._chat = tokenizer_chat_renderer(self.tokenizer)
+            # no chat template, one that fails or one that drops the question fails here (naming
+            # data.template and the tokenizer's folder), before any work
+            self._chat = checked_chat_renderer(self.tokenizer, self.template, self.system_prompt)
         if stage == "fit":
             if not self.train_examples:
                 self.train_examples = tuple(self.load_train_examples())

@@ -37,6 +37,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from hs_star_pl.infra import faults
+from hs_star_pl.infra.digests import CACHE_NAME, DigestCache, folder_digest
 from hs_star_pl.tensors.collate import is_empty_iteration, position_ids_from_mask
 from hs_star_pl.core.protocols import Completion
 from hs_star_pl.tensors.attention import check_attn_implementation
@@ -301,6 +302,13 @@ class HSStarModule(L.LightningModule):
             return repr(self.tiny)
         return hub_source(self.model_dir) or str(Path(self.model_path).resolve())
 
+    def _base_weights(self) -> str | None:
+        """The digest of ``model_path``'s weight files (``infra.digests``), ``None`` for ``tiny``."""
+        if self.model_path is None or not Path(self.model_path).is_dir():
+            return None
+        cache = DigestCache(Path(self.trainer.default_root_dir) / CACHE_NAME if self._trainer is not None else None)
+        return folder_digest(self.model_path, cache)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The base is what model_path / tiny loads, unchanged by training: a 7B checkpoint
         # would otherwise carry 15 GB of weights it can reload from there.
@@ -309,7 +317,7 @@ class HSStarModule(L.LightningModule):
             state = checkpoint["state_dict"]
             for key in frozen:
                 state.pop(key, None)
-            checkpoint["lora_base"] = {"omitted": frozen, "source": self._base_source()}
+            checkpoint["lora_base"] = {"omitted": frozen, "source": self._base_source(), "weights": self._base_weights()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         base = checkpoint.get("lora_base")
@@ -321,6 +329,13 @@ class HSStarModule(L.LightningModule):
                 f"model.tiny is {self._base_source()} now: the frozen base is not in the checkpoint, resume with "
                 f"the base it was trained on"
             )
+        if base.get("weights") is not None and base["weights"] != self._base_weights():
+            raise ConfigError(
+                f"the checkpoint holds LoRA adapters trained on the weights that were in {base['source']}, and the "
+                f"weight files there changed since (another model copied over them): the frozen base is not in the "
+                f"checkpoint, so restore those weight files to resume, or start a new run folder (a new "
+                f"trainer.default_root_dir) from the model there now"
+            )
         own = self.state_dict()
         state = checkpoint["state_dict"]
         for key in base["omitted"]:
@@ -328,8 +343,14 @@ class HSStarModule(L.LightningModule):
                 state.setdefault(key, own[key])
 
     def model_source_tag(self) -> str:
-        """A short id of where the initial weights came from (keys the reference-log-prob cache)."""
+        """A short id of the initial weights (keys the reference-log-prob cache): the path and,
+        for a folder, the digest of its weight files (``infra.digests``), so weights copied over
+        the same path are another model."""
         source = (hub_source(self.model_dir) or self.model_path) if self.model_path is not None else repr(self.tiny)
+        if self.model_path is not None and Path(self.model_path).is_dir():
+            cache = DigestCache(Path(self.trainer.default_root_dir) / CACHE_NAME if self._trainer is not None else None)
+            source += f"|{folder_digest(self.model_path, cache)}"
+            cache.save()
         return hashlib.sha256(source.encode()).hexdigest()[:12]
 
     # -- forward -------------------------------------------------------------------------

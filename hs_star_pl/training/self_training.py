@@ -45,6 +45,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from hs_star_pl.infra import faults, preemption
+from hs_star_pl.infra.digests import DigestCache
 from hs_star_pl.training.config_checks import long_prompts_warning, self_training_errors
 from hs_star_pl.core.artifacts import (
     RoundStore,
@@ -58,7 +59,15 @@ from hs_star_pl.core.artifacts import (
 )
 from hs_star_pl.core.budget import BudgetAllocator, HierarchicalBudget
 from hs_star_pl.core.difficulty import DifficultyConfig
-from hs_star_pl.core.fingerprint import SettingsRecord, mismatch_message, read_record, recorded_rounds, settings_of, write_record
+from hs_star_pl.core.fingerprint import (
+    DIGEST_CACHE,
+    SettingsRecord,
+    mismatch_message,
+    read_record,
+    recorded_rounds,
+    settings_of,
+    write_record,
+)
 from hs_star_pl.core.iterations import IterationClock
 from hs_star_pl.core.problems import FieldMap, ProblemFileError, ProblemPool, load_problems
 from hs_star_pl.core.protocols import (
@@ -196,6 +205,9 @@ class SelfTrainingCallback(L.Callback):
         # round are recorded (``fingerprint``); without it, this callback's own settings are.
         self.run_config: dict[str, Any] | None = None
         self._settings: SettingsRecord | None = None
+        # Set by HSStarCLI when the run folder holds a finished run and fit has no --ckpt_path
+        # (checkpoint_io.finished_run_refusal): raised in setup, after the settings are compared.
+        self.refusal: str | None = None
 
     @property
     def active(self) -> bool:
@@ -241,11 +253,16 @@ class SelfTrainingCallback(L.Callback):
         # was set by hand (or before the template was its source) matches the same delimiter
         config = {**config, "self_training": {**config.get("self_training", {}),
                                               "step_delimiter": self.round_config.step_delimiter}}
-        self._settings = settings_of(config, problems, self.problems_file)
         root = self.rounds_root(trainer)
+        digests = DigestCache(root / DIGEST_CACHE)  # the models' weight digests, read once per run folder
+        self._settings = settings_of(config, problems, self.problems_file, digest_cache=digests)
         message = mismatch_message(f"{root} holds rounds", recorded_rounds(root), self._settings, root)
         if message is not None:
             raise ConfigError(message)
+        if self.refusal is not None:  # a finished folder run again without --ckpt_path (HSStarCLI.before_fit)
+            raise ConfigError(self.refusal)
+        if trainer.is_global_zero:
+            digests.save()
         warning = long_prompts_warning(problems, pl_module, datamodule.render_prompt, self.round_config.sampling.max_new_tokens,
                                        self.problems_file)
         if warning is not None:

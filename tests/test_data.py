@@ -267,3 +267,12 @@ def test_global_batch_256_whatever_the_number_of_devices(devices, nodes, accumul
     assert fit_on(devices, nodes) == accumulate
     with pytest.raises(ValueError, match=r"data.global_batch_size \(256\) must be a multiple of data.batch_size \(4\) x devices \(3\)"):
         fit_on(3)
+
+
+def test_without_a_tokenizer_the_data_module_asks_for_the_policy_module(tmp_path):
+    """The tokenizer comes from the policy (``training.policy.Policy``); a module that is not one is named."""
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    dm = MathDataModule(train_file=str(PAIRS_FILE), template="plain", max_length=256, batch_size=2)
+    with pytest.raises(RuntimeError, match=r"needs the policy's tokenizer: use it with HSStarModule \(the model\.\* group\)"):
+        cpu_trainer(tmp_path, max_epochs=1).fit(BoringModel(), dm)

@@ -74,6 +74,7 @@ from hs_star_pl.tensors.chat import checked_chat_renderer
 from hs_star_pl.core.templates import ChatRenderer, get_template, render_prompt
 from hs_star_pl.infra.errors import InputFileError
 from hs_star_pl.infra.jsonl import LineError, LongLineError, parse_json_line, read_lines, why_not_a_file
+from hs_star_pl.training.policy import Policy
 from hs_star_pl.training.reference import missing_reference, with_reference_logps
 from hs_star_pl.training.tracking import log_to_loggers
 
@@ -356,10 +357,12 @@ class MathDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         trainer = self.trainer
         module = trainer.lightning_module if trainer is not None else None
+        policy = module if isinstance(module, Policy) else None
         if self.tokenizer is None:
-            if module is None or getattr(module, "tokenizer", None) is None:
-                raise RuntimeError("MathDataModule needs the module's tokenizer: use it with HSStarModule")
-            self.tokenizer = module.tokenizer
+            if policy is None:
+                raise RuntimeError("MathDataModule needs the policy's tokenizer: use it with HSStarModule (the model.* "
+                                   "group)")
+            self.tokenizer = policy.tokenizer
         if get_template(self.template).chat and self._chat is None:
             # no chat template, one that fails or one that drops the question fails here (naming
             # data.template and the tokenizer's folder), before any work
@@ -368,7 +371,7 @@ class MathDataModule(L.LightningDataModule):
             if not self.train_examples:
                 self.train_examples = tuple(self.load_train_examples())
                 if self.train_file is not None and self.objective == "dpo":
-                    self._ref_cache_key = self._file_cache_key(self.train_file, module)
+                    self._ref_cache_key = self._file_cache_key(self.train_file, policy)
             if trainer is not None and self.global_batch_size is not None:
                 wanted = self.accumulate_grad_batches(trainer.world_size)
                 if trainer.accumulate_grad_batches != wanted:
@@ -377,9 +380,9 @@ class MathDataModule(L.LightningDataModule):
                         f"(data.batch_size {self.batch_size} x devices {trainer.world_size}), but the trainer "
                         f"accumulates {trainer.accumulate_grad_batches}: build it with accumulate_grad_batches={wanted}"
                     )
-            if module is not None and self.objective is not None and getattr(module, "objective", None) != self.objective:
+            if policy is not None and self.objective is not None and policy.objective != self.objective:
                 raise ValueError(
-                    f"model.objective is {module.objective!r} but the training data are "
+                    f"model.objective is {policy.objective!r} but the training data are "
                     f"{'preference pairs' if self.objective == 'dpo' else 'SFT examples'}: "
                     f"set model.objective: {self.objective}"
                 )
@@ -562,8 +565,8 @@ class MathDataModule(L.LightningDataModule):
 
     # -- reference log-probs -------------------------------------------------------------
 
-    def _file_cache_key(self, path: str, module) -> str:
-        tag = module.model_source_tag() if module is not None and hasattr(module, "model_source_tag") else ""
+    def _file_cache_key(self, path: str, policy: Policy | None) -> str:
+        tag = policy.model_source_tag() if policy is not None else ""
         text = f"{file_sha256(path)}|{self.template}|{self.max_length}|{tag}"
         if self.system_prompt is not None:  # chat prompts only; other keys stay as they were
             text += f"|{self.system_prompt}"

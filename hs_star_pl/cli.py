@@ -53,7 +53,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from hs_star_pl import COMMANDS, DEMO, DESCRIPTION, PROG
-from hs_star_pl.infra import preemption
+from hs_star_pl.infra import faults, preemption
 from hs_star_pl.core.problems import FieldMap, ProblemPool
 from hs_star_pl.training.self_training import SelfTrainingCallback, load_pool
 from hs_star_pl.training.checkpoint_io import AtomicCheckpointIO, finished_run_refusal
@@ -393,6 +393,7 @@ def bootstrap_stepwise_init(configs: list[str], model_path: Path) -> Path:
     args += [f"--trainer.default_root_dir={run_dir}"]
     print(f"stepwise_init: model.model_path={model_path} does not exist and the config sets stepwise_init: "
           f"training M_0 ({' '.join(configs)}) into it", flush=True)
+    faults.begin("m0_child")
     returncode = preemption.run_child(args)  # a stop reaches the child; it dies with this process
     if returncode != 0:
         raise RuntimeError(f"stepwise_init: the step-wise initialisation fit failed (exit {returncode}); see its output above")
@@ -501,7 +502,8 @@ def main(args: list[str] | None = None) -> None:
         _stopped(stop.signum, stop.where)
     except SIGTERMException:  # Lightning's stop after a training batch or at an epoch's end
         _stopped(preemption.requested() or signal.SIGTERM,
-                 "during training (what it trained since the last epoch-end checkpoint is redone)")
+                 "during training or at an epoch's end (what it trained since the last epoch-end checkpoint "
+                 "is redone; an evaluation cut short goes on from its kept chunks)")
     except HSStarError as err:
         if os.environ.get("HS_STAR_DEBUG"):
             raise

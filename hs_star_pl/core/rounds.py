@@ -210,6 +210,7 @@ def generate_rollouts(
     ]
     if not requests:
         return []
+    faults.begin("sampling", phase=getattr(phase, "value", phase))
     outputs = engine.generate(requests, sampling)
     rollouts = []
     for req in requests:
@@ -263,6 +264,7 @@ def score_rollouts(
         if key not in scores:
             todo.setdefault(key, r)
     unique = list(todo.values())
+    faults.begin("checking", phase=prefix.rstrip("_"))
     with timed(seconds, f"{prefix}verify"):
         verdicts = verifier.verify([r.text for r in unique], [problems[r.problem_id].answer for r in unique]) if unique else []
     if len(verdicts) != len(unique):

@@ -23,8 +23,14 @@ loses nothing that was finished. Code about to persist a unit of work wraps the 
     it takes the points of ``WORKER_POINTS``, reached in worker processes (each counts its own
     occurrences; they are not traced).
 
-The points are listed in ``POINTS`` and ``WORKER_POINTS``. This is a testing hook: production
-runs never set the variables. Stdlib only (the pure round modules use it).
+Phases: ``begin(phase, **labels)`` marks where a phase of the run starts (``PHASES``:
+sampling, answer checks, the reference pass, training, export, evaluation, checkpoint, the
+M_0 child; named apart from the points). Traced as ``"event": "begin"`` (the judges of saved and redone work ignore them),
+and ``HS_STAR_SIGNAL=<phase>[@k]:<SIGNAL>[:group]`` sends a signal when a phase begins, so
+``scripts/soak.py`` can time a stop in each phase. ``HS_STAR_FAULT`` takes points only.
+
+The points are listed in ``POINTS``, ``WORKER_POINTS`` and ``PHASES``. This is a testing hook:
+production runs never set the variables. Stdlib only (the pure round modules use it).
 """
 
 from __future__ import annotations
@@ -53,6 +59,17 @@ POINTS: dict[str, str] = {
 
 WORKER_POINTS: dict[str, str] = {
     "worker_task": "a KillablePool worker (an answer check) has taken a task and not answered it yet",
+}
+
+PHASES: dict[str, str] = {
+    "sampling": "a round's engine call (pre-samples or re-samples) begins",
+    "checking": "a round's answer checks and PRM scores of one phase begin",
+    "reference_pass": "the pairs' reference log-probs begin",
+    "training": "a training epoch's first batch is about to run",
+    "exporting": "an HF export begins",
+    "evaluating": "a chunk of an evaluation begins (generation and grading of a few problems)",
+    "checkpointing": "a checkpoint save begins",
+    "m0_child": "the step-wise initialisation child (M_0's training) is started",
 }
 
 SIGNAL_ENV = "HS_STAR_SIGNAL"
@@ -85,8 +102,8 @@ def parse_signal(spec: str) -> tuple[str, int, int, bool]:
     if not isinstance(signum, signal.Signals):
         raise ValueError(f"{SIGNAL_ENV}={spec!r}: expected <point>[@k]:<SIGNAL>[:group] with a signal name such as SIGTERM")
     point, _, occurrence = where.partition("@")
-    if point not in POINTS and point not in WORKER_POINTS:
-        raise ValueError(f"{SIGNAL_ENV}={spec!r}: unknown point {point!r}; valid: {sorted({**POINTS, **WORKER_POINTS})}")
+    if point not in POINTS and point not in WORKER_POINTS and point not in PHASES:
+        raise ValueError(f"{SIGNAL_ENV}={spec!r}: unknown point {point!r}; valid: {sorted({**POINTS, **WORKER_POINTS, **PHASES})}")
     if not occurrence.isdigit() and occurrence != "":
         raise ValueError(f"{SIGNAL_ENV}={spec!r}: the occurrence after '@' must be an integer >= 0")
     return point, int(occurrence or 0), int(signum), group == "group"
@@ -106,15 +123,27 @@ def reach(point: str, **labels: Any) -> None:
     (or send the signal ``HS_STAR_SIGNAL`` asks for)."""
     if point not in POINTS and point not in WORKER_POINTS:
         raise ValueError(f"unknown fault point {point!r}; valid: {sorted({**POINTS, **WORKER_POINTS})}")
-    fault = os.environ.get(FAULT_ENV)
-    trace = os.environ.get(TRACE_ENV) if point in POINTS else None
+    _reached(point, "reach", labels)
+
+
+def begin(name: str, /, **labels: Any) -> None:
+    """Mark that phase ``name`` of the run begins (``PHASES``): trace it, send the signal
+    ``HS_STAR_SIGNAL`` asks for."""
+    if name not in PHASES:
+        raise ValueError(f"unknown phase {name!r}; valid: {sorted(PHASES)}")
+    _reached(name, "begin", labels)
+
+
+def _reached(point: str, event: str, labels: dict[str, Any]) -> None:
+    fault = os.environ.get(FAULT_ENV) if event == "reach" else None
+    trace = os.environ.get(TRACE_ENV) if point in POINTS or point in PHASES else None
     send = os.environ.get(SIGNAL_ENV)
     if not fault and not trace and not send:
         return
     k = _counts.get(point, 0)
     _counts[point] = k + 1
     if trace:
-        _append(trace, {"event": "reach", "point": point, "k": k, "pid": os.getpid(), **_scope, **labels})
+        _append(trace, {"event": event, "point": point, "k": k, "pid": os.getpid(), **_scope, **labels})
     if send:
         at, occurrence, signum, group = parse_signal(send)
         if (at, occurrence) == (point, k):

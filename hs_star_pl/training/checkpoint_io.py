@@ -73,6 +73,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options")
         path = Path(path)
+        faults.begin("checkpointing", epoch=checkpoint.get("epoch"), name=path.name)
         tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,19 @@ One group, ``evaluation``, configures both uses:
   ``generate_for_eval``, so the numbers equal ``hs-star test`` on that checkpoint. A result
   already on disk is read, not recomputed, so a resumed run neither repeats nor loses one.
 
+**A stop during training-time evaluation** (SIGTERM, SLURM's requeue signal) is honoured within
+one chunk: every graded chunk is kept at once in ``eval/<benchmark>/<label>.chunks/`` (one
+atomic JSONL per chunk, named by a digest of what decides it: the benchmark's protocol, the
+rendered prompts, the verifier), the request is checked between chunks, and in a single process
+it also cuts the chunk in progress short (the handler raises inside generation, as in a round).
+At an epoch's end the evaluation is then left unfinished and the epoch's checkpoint is still
+written (``ModelCheckpoint`` runs after this callback), so the resumed run restores exactly
+the evaluated weights, finishes the evaluation when its training starts (or, after the last
+iteration, when ``fit`` ends) and reuses the kept chunks. A rerun chunk is generated as before:
+sampled protocols seed each problem's samples from (seed, problem id), greedy ones need no
+seed. When M_0 is evaluated (training has not started) the stop raises at once. Ranks agree on
+the stop at each chunk boundary, so all stop at the same chunk.
+
 On disk (rank 0), under ``trainer.default_root_dir``: ``eval/<benchmark>/<label>.json`` (the
 summary and every problem's responses, extracted answers and verdicts), ``eval/results.json``
 (one entry per evaluated policy) and ``results.md`` (the table, one row per policy). Labels
@@ -24,9 +37,13 @@ derived from the checkpoint or model directory for ``hs-star test``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import shutil
+import signal
 import time
+from contextlib import nullcontext
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +52,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from hs_star_pl.core.artifacts import atomic_write_text, round_dir, write_json
+from hs_star_pl.core.artifacts import atomic_write_text, read_jsonl, round_dir, write_json, write_jsonl
 from hs_star_pl.core.iterations import IterationClock
 from hs_star_pl.core.protocols import AnswerVerifier, RolloutEngine, SamplingParams, lifecycle_of
 from hs_star_pl.core.records import Problem
@@ -45,6 +62,7 @@ from hs_star_pl.infra.errors import ConfigError
 from hs_star_pl.evaluation.datasets import BenchmarkConfig, load_benchmark
 from hs_star_pl.training.benchmark_metric import BenchmarkMetric
 from hs_star_pl.evaluation.protocol import EvalBatch, grade, make_batch, policy_entry, results_table
+from hs_star_pl.infra import faults, preemption
 from hs_star_pl.infra.progress import phase_bar
 from hs_star_pl.training.plots import plot_results
 from hs_star_pl.training.tracking import EVAL_COLUMNS, eval_sample_rows, log_image_file, log_pairs_table, log_to_loggers
@@ -84,10 +102,19 @@ class _BenchmarkRun:
         for start in range(0, len(problems), self.problems_per_batch):
             yield self.collate(list(problems[start : start + self.problems_per_batch]))
 
-    def record(self, batch: EvalBatch, outputs: dict, verifier: AnswerVerifier) -> None:
+    def record(self, batch: EvalBatch, outputs: dict, verifier: AnswerVerifier) -> list[dict[str, Any]]:
         rows = grade(batch, outputs, verifier, self.config.pass_k)
+        self.add(rows)
+        return rows
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
         self.metric.update(rows)
         self.rows.extend(rows)
+
+    def n_chunks(self, world_size: int) -> int:
+        """Chunks of the largest shard (rank 0's): every rank passes that many chunk boundaries."""
+        largest = -(-len(self.problems) // world_size)
+        return -(-largest // self.problems_per_batch)
 
     def finish(self, world_size: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """The summary reduced over ranks and every rank's rows, in file order (collective)."""
@@ -235,6 +262,10 @@ class EvaluationCallback(L.Callback):
     def result_path(self, trainer: L.Trainer, benchmark: str, label: str) -> Path:
         return self.eval_root(trainer) / benchmark / f"{label}.json"
 
+    def chunk_dir(self, trainer: L.Trainer, benchmark: str, label: str) -> Path:
+        """Where the graded chunks of an unfinished evaluation are kept (removed once its result is written)."""
+        return self.eval_root(trainer) / benchmark / f"{label}.chunks"
+
     # -- set-up ----------------------------------------------------------------------------
 
     @override
@@ -282,19 +313,58 @@ class EvaluationCallback(L.Callback):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # M_0 on a fresh run; on a resumed one the policy its checkpoint holds (an evaluation
+        # a stop left unfinished at that epoch's end is completed here, from its kept chunks)
         if self._fit_plan:
             self.evaluate_policy(trainer, pl_module, self.clock.iteration_of(trainer.current_epoch))
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._fit_plan and self.clock.ends_iteration(trainer.current_epoch):
-            self.evaluate_policy(trainer, pl_module, self.clock.iteration_of(trainer.current_epoch) + 1)
+            # a stop leaves it unfinished: the epoch's checkpoint, written next, keeps the weights
+            self.evaluate_policy(trainer, pl_module, self.clock.iteration_of(trainer.current_epoch) + 1,
+                                 on_stop="return")
 
-    def evaluate_policy(self, trainer: L.Trainer, pl_module: L.LightningModule, policy: int) -> dict[str, Any]:
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Finish the last policy's evaluation when a stop left it unfinished.
+
+        The stop came while the last iteration was evaluated: its checkpoint was written, so
+        the resumed ``fit`` has no epoch left to train and never starts training; here its
+        evaluation is completed from the kept chunks. Lightning has moved the module to the
+        CPU by now (its teardown); it is put back on the training device for the evaluation.
+        """
+        epoch = trainer.current_epoch - 1
+        if not self._fit_plan or preemption.requested() is not None or epoch < 0 or not self.clock.ends_iteration(epoch):
+            return
+        policy = self.clock.iteration_of(epoch) + 1
+        if all(self.result_path(trainer, c.name, f"policy_{policy:03d}").is_file() for c, _ in self._fit_plan):
+            return
+        device = trainer.strategy.root_device
+        moved = next(pl_module.parameters()).device != device
+        if moved:
+            pl_module.to(device)
+        try:
+            self.evaluate_policy(trainer, pl_module, policy)
+        finally:
+            if moved:
+                pl_module.cpu()
+        for logger in trainer.loggers:  # they were finalized with the fit; these metrics came after
+            logger.save()
+
+    def evaluate_policy(self, trainer: L.Trainer, pl_module: L.LightningModule, policy: int,
+                        on_stop: Literal["raise", "return"] = "raise") -> dict[str, Any] | None:
         """Evaluate the current policy as ``M_policy`` on the training-time benchmarks.
 
-        A benchmark whose result file is already there is read instead (collective: every
-        rank must call this).
+        A benchmark whose result file is already there is read instead, and a chunk kept by an
+        evaluation that a stop cut short is reused (collective: every rank must call this).
+
+        Args:
+            on_stop: what a stop request does: ``raise`` :class:`~hs_star_pl.infra.preemption.Preempted`,
+                or ``return`` ``None`` with the evaluation unfinished (its chunks kept).
+
+        Returns:
+            The results entry of ``M_policy``, or ``None`` when a stop left it unfinished.
         """
         label = f"policy_{policy:03d}"
         rank, world = trainer.global_rank, trainer.world_size
@@ -302,32 +372,37 @@ class EvaluationCallback(L.Callback):
         written: dict[str, tuple[BenchmarkConfig, dict, list]] = {}
         stored = {c.name: path for c, _ in self._fit_plan if (path := self.result_path(trainer, c.name, label)).is_file()}
         generates = self.engine is not None and len(stored) < len(self._fit_plan)
-        if generates:
-            # the weights are streamed: after a resume the policy in memory is whatever the
-            # checkpoint holds, which no folder on disk is guaranteed to match
-            self._point_engine(pl_module, None, f"M_{policy}")
-        for config, problems in self._fit_plan:
-            if config.name in stored:
-                summaries[config.name] = json.loads(stored[config.name].read_text())["summary"]
-                continue
-            run = _BenchmarkRun(config, problems, trainer.datamodule.render_prompt, self.max_new_tokens, self.batch_size,
-                                self.engine)
-            run.metric = run.metric.to(pl_module.device)
-            mine = problems[rank::world]
-            with phase_bar(trainer, len(mine), f"eval M_{policy} {config.name}", "problem") as bar:
-                for batch in run.batches(mine):
-                    started = time.perf_counter()
-                    run.record(batch, pl_module.generate_for_eval(batch), self.verifier)
-                    run.seconds += time.perf_counter() - started
-                    bar.update(len(batch.problems))
-            summaries[config.name], rows = run.finish(world)
-            written[config.name] = (config, summaries[config.name], rows)
+        where = f"during the evaluation of M_{policy}"
+        try:
+            if generates:
+                if self._stop_agreed(trainer):
+                    raise preemption.Preempted(preemption.requested() or signal.SIGTERM, where)
+                # the weights are streamed: after a resume the policy in memory is whatever the
+                # checkpoint holds, which no folder on disk is guaranteed to match
+                self._point_engine(pl_module, None, f"M_{policy}")
+            for config, problems in self._fit_plan:
+                if config.name in stored:
+                    summaries[config.name] = json.loads(stored[config.name].read_text())["summary"]
+                    continue
+                summaries[config.name], rows = self._evaluate_benchmark(trainer, pl_module, config, problems, policy,
+                                                                        label, where)
+                written[config.name] = (config, summaries[config.name], rows)
+        except preemption.Preempted:
+            if generates:
+                lifecycle_of(self.engine).sleep()
+            rank_zero_info(f"eval: M_{policy}'s evaluation stopped by {preemption.signal_name(preemption.requested() or signal.SIGTERM)}; "
+                           f"the graded chunks are kept under {self.eval_root(trainer)}/<benchmark>/{label}.chunks/ "
+                           "and reused when the run resumes")
+            if on_stop == "raise":
+                raise
+            return None
         if generates:
             lifecycle_of(self.engine).sleep()
         entry = policy_entry(label, summaries, policy=policy, kind="iteration")
         if trainer.is_global_zero:
             for name, (config, summary, rows) in written.items():
                 self._write_result(trainer, config, label, policy, None, summary, rows)
+                shutil.rmtree(self.chunk_dir(trainer, name, label), ignore_errors=True)
             results_png = self._write_tables(trainer, entry)
             if results_png is not None:
                 log_image_file(trainer, "eval/results", results_png)
@@ -343,6 +418,63 @@ class EvaluationCallback(L.Callback):
         trainer.strategy.barrier("hs_star_eval_written")
         rank_zero_info(f"eval: M_{policy} " + ", ".join(f"{n} {s['metric']} {100 * s['accuracy']:.1f}%" for n, s in summaries.items()))
         return entry
+
+    def _evaluate_benchmark(self, trainer: L.Trainer, pl_module: L.LightningModule, config: BenchmarkConfig,
+                            problems: list[Problem], policy: int, label: str,
+                            where: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """One benchmark, chunk by chunk: kept chunks read back, the others generated, graded and
+        kept; a stop request raises ``Preempted`` at a chunk boundary (every rank at the same one)
+        or, in a single process, inside the chunk in progress."""
+        rank, world = trainer.global_rank, trainer.world_size
+        run = _BenchmarkRun(config, problems, trainer.datamodule.render_prompt, self.max_new_tokens, self.batch_size,
+                            self.engine)
+        run.metric = run.metric.to(pl_module.device)
+        mine = problems[rank::world]
+        chunks = list(run.batches(mine))
+        folder = self.chunk_dir(trainer, config.name, label)
+        with phase_bar(trainer, len(mine), f"eval M_{policy} {config.name}", "problem") as bar:
+            for index in range(run.n_chunks(world)):
+                batch = chunks[index] if index < len(chunks) else None
+                path = folder / f"{self._chunk_key(batch)}.jsonl" if batch is not None else None
+                kept = _read_chunk(path, batch) if path is not None else None
+                if world > 1:  # a chunk is reused only where every rank has its own (ZeRO-3 generates in lockstep)
+                    everyone = trainer.strategy.reduce_boolean_decision(kept is not None or batch is None, all=True)
+                    kept = kept if everyone else None
+                if self._stop_agreed(trainer):
+                    raise preemption.Preempted(preemption.requested() or signal.SIGTERM, where)
+                if batch is None:
+                    continue
+                if kept is not None:
+                    run.add(kept)
+                else:
+                    # one process: the stop handler raises inside the chunk (nothing of it is kept);
+                    # several: at chunk boundaries only, where all ranks agree
+                    with preemption.interruptible(where) if world == 1 else nullcontext():
+                        faults.begin("evaluating", policy=policy, benchmark=config.name, chunk=index)
+                        started = time.perf_counter()
+                        rows = run.record(batch, pl_module.generate_for_eval(batch), self.verifier)
+                        run.seconds += time.perf_counter() - started
+                        write_jsonl(path, rows)
+                bar.update(len(batch.problems))
+        return run.finish(world)
+
+    def _stop_agreed(self, trainer: L.Trainer) -> bool:
+        stop = preemption.requested() is not None
+        if trainer.world_size > 1:  # every rank stops, or none: a lone rank would hang the others
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        return stop
+
+    def _chunk_key(self, batch: EvalBatch) -> str:
+        """A digest of what decides a chunk's rows: protocol, problems and prompts, the verifier."""
+        verifier = self.verifier
+        decided = {
+            "benchmark": batch.benchmark, "n_samples": batch.n_samples, "params": repr(batch.params),
+            "batch_size": batch.batch_size, "problems": [[p.id, p.answer] for p in batch.problems],
+            "prompts": list(batch.prompts),
+            "verifier": f"{type(verifier).__module__}.{type(verifier).__qualname__}",
+            "extraction": getattr(verifier, "extraction", None),
+        }
+        return hashlib.sha256(json.dumps(decided, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
     # -- hs-star test ----------------------------------------------------------------------
 
@@ -462,3 +594,13 @@ class EvaluationCallback(L.Callback):
 
 
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _read_chunk(path: Path, batch: EvalBatch) -> list[dict[str, Any]] | None:
+    """A kept chunk's rows, or ``None`` when there is none (or it is not this chunk's: then it is redone)."""
+    if not path.is_file():
+        return None
+    rows = read_jsonl(path)
+    if [r.get("problem_id") for r in rows] != [p.id for p in batch.problems]:
+        return None
+    return rows

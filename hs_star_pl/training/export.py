@@ -71,6 +71,7 @@ def export_hf(module: L.LightningModule, directory: str | Path, *, adapter: bool
         ``directory`` as a ``Path``.
     """
     directory = Path(directory)
+    faults.begin("exporting", name=directory.name)
     trainer = module._trainer
     writes = trainer is None or trainer.is_global_zero
     lora = has_lora(module.model)

@@ -85,6 +85,7 @@ def with_reference_logps(
             rank_zero_info(f"reference log-probs read from {cache}")
             return cached
     rank, world = trainer.global_rank, trainer.world_size
+    faults.begin("reference_pass")
     mine = score_pairs(require_policy(trainer.lightning_module, "the DPO reference pass"), list(pairs[rank::world]),
                        max_length=max_length, batch_size=batch_size, trainer=trainer)
     out = list(pairs)

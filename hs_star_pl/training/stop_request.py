@@ -15,7 +15,7 @@ import signal
 import lightning as L
 from typing_extensions import override
 
-from hs_star_pl.infra import preemption
+from hs_star_pl.infra import faults, preemption
 
 
 class StopRequestCallback(L.Callback):
@@ -28,6 +28,10 @@ class StopRequestCallback(L.Callback):
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         _stop_if_requested(trainer, "before training started")
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        faults.begin("training", epoch=trainer.current_epoch)  # a testing hook (scripts/soak.py)
 
     @override
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -12,14 +12,13 @@ and a half per case on 2 busy cores.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import pytest
 
 from hs_star_pl.infra.faults import read_trace
-from tests.helpers.kill_resume import STOPPED, leftover_temporaries, log_tail, run, run_args
+from tests.helpers.kill_resume import STOPPED, eval_results, leftover_temporaries, log_tail, run, run_args
 
 EVAL_CHUNKS = 5
 """Chunks per evaluated policy: 40 problems, 8 per chunk."""
@@ -45,17 +44,6 @@ def reference(tiny_m0, tmp_path_factory):
     assert run(run_args(cwd / "run", m0, problems, *eval_args(held_out_of(problems))), cwd,
                trace=cwd / "trace.jsonl") == 0, log_tail(cwd)
     return cwd / "run"
-
-
-def _results(run_dir: Path) -> dict[str, dict]:
-    """Every results file of the run's evaluations, without timings."""
-    def untimed(value):
-        if isinstance(value, dict):
-            return {k: untimed(v) for k, v in value.items() if k != "seconds"}
-        return [untimed(v) for v in value] if isinstance(value, list) else value
-
-    return {str(path.relative_to(run_dir)): untimed(json.loads(path.read_text()))
-            for path in sorted((run_dir / "eval").rglob("*.json"))}
 
 
 def _chunks_begun(trace: Path) -> list[tuple[int, int, int]]:
@@ -100,7 +88,7 @@ def test_sigterm_mid_evaluation_stops_within_a_chunk_and_resumes_from_the_kept_c
     assert [c[1:] for c in chunks if c[0] == first][-3:] == [(1, 0), (1, 1), (1, 2)]
     # the resumed process generates M_1's unfinished chunks only, then M_2's
     assert resumed == [(1, 2), (1, 3), (1, 4)] + [(2, c) for c in range(EVAL_CHUNKS)]
-    assert _results(run_dir) == _results(reference)
+    assert eval_results(run_dir) == eval_results(reference)
     assert not list((run_dir / "eval").rglob("*.chunks")), "the kept chunks outlived the finished evaluation"
     assert leftover_temporaries(run_dir) == []
 
@@ -116,7 +104,7 @@ def test_sigterm_in_the_last_evaluation_is_finished_by_the_resumed_run(reference
     chunks = _chunks_begun(trace)
     resumed = [c[1:] for c in chunks if c[0] != chunks[0][0]]
     assert resumed == [(2, 3), (2, 4)]
-    assert _results(run_dir) == _results(reference)
+    assert eval_results(run_dir) == eval_results(reference)
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
 
 
@@ -130,4 +118,4 @@ def test_sigterm_while_exporting_skips_the_evaluation_and_writes_the_checkpoint(
     assert seconds < STOP_WITHIN_S, f"stopped {seconds:.1f} s after the signal"
     assert [e["policy"] for e in stopped if e["point"] == "evaluating"] == [0] * EVAL_CHUNKS
     assert any(e["point"] == "checkpoint" and e["event"] == "saved" for e in stopped)
-    assert _results(run_dir) == _results(reference)
+    assert eval_results(run_dir) == eval_results(reference)

@@ -9,8 +9,8 @@ What is judged, each returning a list of human-readable problems (empty = fine):
 * ``half_written_rounds``: a round folder with ``DONE`` must hold every artifact, and every
   JSON/JSONL file in any round folder must parse completely (writes are atomic);
 * ``compare_runs``: round artifacts and plots byte for byte, summaries without timings, the
-  HF exports byte for byte, and every metric value the run logged equal to the uninterrupted run's at the
-  same step;
+  HF exports byte for byte, the evaluation results without timings, and every metric value the
+  run logged equal to the uninterrupted run's at the same step;
 * ``redone_work``: from the fault trace (``hs_star_pl.infra.faults``), work reached again after it
   was saved: a round phase, or a checkpoint; a training step or an export after its epoch's
   checkpoint was saved;
@@ -213,6 +213,8 @@ def compare_runs(reference: Path, other: Path, n_iterations: int = N_ITERATIONS)
         weights = other / "hf" / f"policy_{t + 1:03d}" / "model.safetensors"
         if not weights.is_file() or weights.read_bytes() != ref_weights.read_bytes():
             problems.append(f"hf/policy_{t + 1:03d} weights differ from the uninterrupted run")
+    if eval_results(reference) != eval_results(other):
+        problems.append("the evaluation results (eval/) differ from the uninterrupted run's")
     if _differs(reference / "rounds" / "accuracy.png", other / "rounds" / "accuracy.png"):
         problems.append("rounds/accuracy.png differs from the uninterrupted run (every iteration must be plotted)")
     ref_metrics, metrics = metrics_by_step(reference), metrics_by_step(other)
@@ -220,10 +222,21 @@ def compare_runs(reference: Path, other: Path, n_iterations: int = N_ITERATIONS)
         for step, value in values.items():
             if ref_metrics.get(key, {}).get(step) != value:
                 problems.append(f"{key} at step {step} is {value}, uninterrupted: {ref_metrics.get(key, {}).get(step)}")
-    last = max(ref_metrics["train/loss_epoch"])
-    if last not in metrics.get("train/loss_epoch", {}):
+    last = max(ref_metrics.get("train/loss_epoch", {None: None}))  # None: no pairs, nothing trained
+    if last is not None and last not in metrics.get("train/loss_epoch", {}):
         problems.append("the last epoch's train/loss_epoch was not logged")
     return problems
+
+
+def eval_results(run_dir: Path) -> dict[str, Any]:
+    """Every results file of the run's evaluations (``eval/``), without timings."""
+    def untimed(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: untimed(v) for k, v in value.items() if k != "seconds"}
+        return [untimed(v) for v in value] if isinstance(value, list) else value
+
+    return {str(path.relative_to(run_dir)): untimed(json.loads(path.read_text()))
+            for path in sorted((run_dir / "eval").rglob("*.json"))}
 
 
 def _unit(event: dict[str, Any]) -> tuple:

@@ -38,8 +38,8 @@ iteration. Trial ``i`` takes phase ``i`` of the cycle start-up, sampling, checki
 reference_pass, training, exporting, evaluating, checkpointing, m0_child
 (``hs_star_pl.infra.faults.PHASES``), waits for the run to begin that phase (a random
 occurrence of its ``begin`` event in the trace; start-up: a random delay before the first
-one), sends SIGTERM to the process group a random fraction of the phase's length (in the
-uninterrupted run) later, and measures the time from the signal to the process's end. The
+one), sends SIGTERM to the process group at a random moment in the first half of the phase
+(its length taken from the uninterrupted run), and measures the time from the signal to the process's end. The
 phase the signal landed in is read back from the trace (the last phase the main process had
 begun). The run is then resumed to its end and judged as above. The ``m0_child`` trials run
 a variant that trains M_0 in a child first (``stepwise_init``, a short SFT of 10 epochs) and
@@ -303,11 +303,13 @@ def phases_soak(opts: argparse.Namespace, m0_dir: Path, problems: Path, extra: l
         trace = cwd / "trace.jsonl"
         args = (run_args(cwd / "run", m0_dir, problems, *extra) if variant == "plain"
                 else m0_child_args(cwd / "run", problems, cwd, *extra))
+        # within the first half of the phase's length in the uninterrupted run: the load on a
+        # shared machine changes how long a phase takes from one run to the next
         if phase == STARTUP:
-            k, delay = 0, rng.uniform(0.5, first)
+            k, delay = 0, rng.uniform(0.5, first / 2)
         else:
             k = rng.randrange(ceiling[phase])
-            delay = rng.uniform(0.0, statistics.median(lengths[phase]))
+            delay = rng.uniform(0.0, statistics.median(lengths[phase]) / 2)
         found: list[str] = []
         note = ""
         try:

@@ -17,8 +17,9 @@ default for SLURM and Kubernetes, 10 s for Docker). What this module guarantees:
   files are written atomically), so a resume with ``--ckpt_path last`` reuses it, exactly as
   after a SIGKILL at that moment. Elsewhere the request waits for a safe point: Lightning
   stops training after the current batch (its own SIGTERM flag, which :func:`attach` also
-  sets for the other stop signals), and an epoch's end-of-epoch work (export, evaluation,
-  checkpoint) finishes before the stop.
+  sets for the other stop signals); at an epoch's end the export and the checkpoint finish
+  before the stop, and the held-out evaluation stops within its chunk in progress
+  (``hs_star_pl.training.evaluation``: graded chunks are kept and reused on resume).
 * **A check cut short is not a verdict.** Verifier workers killed by a signal meant for the
   run are recognised by ``hs_star_pl.infra.workers.KillablePool`` and their checks redone, never
   graded (see there).

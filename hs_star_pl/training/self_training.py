@@ -344,6 +344,8 @@ class SelfTrainingCallback(L.Callback):
         if is_complete(directory):
             result = read_round(directory)
             rank_zero_info(f"round {iteration}: complete on disk, read back from {directory}")
+            if self.plots and trainer.is_global_zero and not (directory / "difficulty.png").is_file():
+                plot_round(directory, result)  # a stop or a kill came between DONE and the plot
         else:
             result = self._run_round(trainer, iteration, directory)
         self._record(trainer, result, directory)

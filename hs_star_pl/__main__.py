@@ -3,8 +3,9 @@
 ``hs-star`` / ``hs-star --help`` answer from this module alone, without importing torch or
 Lightning (seconds, not the half minute the full parser's imports take on a loaded machine);
 every other command line goes to ``hs_star_pl.cli.main``. The stop handler goes in before the
-heavy imports (a SIGTERM while they run is a stop request too), and nothing is imported outside
-the ``__main__`` guard or ``main``: spawned worker processes (answer checks) import this module
+heavy imports, and a SIGTERM while they run stops the process at once (they take seconds on a
+busy machine, and nothing has been written yet); nothing is imported outside the ``__main__``
+guard or ``main``: spawned worker processes (answer checks) import this module
 again and need none of it.
 """
 
@@ -38,7 +39,13 @@ def main(args: list[str] | None = None) -> None:
     from hs_star_pl.infra import preemption
 
     preemption.install()
-    from hs_star_pl.cli import main as cli_main
+    preemption.begin_startup()  # the handler raises where the imports are
+    try:
+        from hs_star_pl.cli import main as cli_main
+    except preemption.Preempted as stop:
+        print(f"hs-star: stopped by {preemption.signal_name(stop.signum)} while starting; nothing was written. "
+              "Run the same command again (with --ckpt_path last to resume a run).", file=sys.stderr, flush=True)
+        raise SystemExit(stop.exit_code) from None
 
     cli_main(args)
 

@@ -18,8 +18,9 @@ One group, ``evaluation``, configures both uses:
 **A stop during training-time evaluation** (SIGTERM, SLURM's requeue signal) is honoured within
 one chunk: every graded chunk is kept at once in ``eval/<benchmark>/<label>.chunks/`` (one
 atomic JSONL per chunk, named by a digest of what decides it: the benchmark's protocol, the
-rendered prompts, the verifier), the request is checked between chunks, and in a single process
-it also cuts the chunk in progress short (the handler raises inside generation, as in a round).
+rendered prompts, the verifier), the request is checked between chunks, and it also cuts the
+chunk in progress short (the handler raises inside generation, as in a round) in one process
+or on ranks that generate on their own (every one but ZeRO-3's lockstep and an engine process).
 At an epoch's end the evaluation is then left unfinished and the epoch's checkpoint is still
 written (``ModelCheckpoint`` runs after this callback), so the resumed run restores exactly
 the evaluated weights, finishes the evaluation when its training starts (or, after the last
@@ -57,6 +58,7 @@ from hs_star_pl.core.iterations import IterationClock
 from hs_star_pl.core.protocols import AnswerVerifier, RolloutEngine, SamplingParams, lifecycle_of
 from hs_star_pl.core.records import Problem
 from hs_star_pl.tensors.distributed import all_gather_objects
+from hs_star_pl.tensors.zero import needs_lockstep
 from hs_star_pl.engines.sync import point_engine_at
 from hs_star_pl.infra.errors import ConfigError
 from hs_star_pl.evaluation.datasets import BenchmarkConfig, load_benchmark
@@ -423,21 +425,25 @@ class EvaluationCallback(L.Callback):
                             problems: list[Problem], policy: int, label: str,
                             where: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """One benchmark, chunk by chunk: kept chunks read back, the others generated, graded and
-        kept; a stop request raises ``Preempted`` at a chunk boundary (every rank at the same one)
-        or, in a single process, inside the chunk in progress."""
+        kept. A stop request raises ``Preempted`` at a chunk boundary, where the ranks agree (all
+        stop at the same one), and cuts the chunk in progress short where no other rank waits on
+        it: in one process, or on ranks that generate on their own (not ZeRO-3's lockstep, not an
+        engine of their own); such a rank goes on to the next boundary and stops there with the others."""
         rank, world = trainer.global_rank, trainer.world_size
         run = _BenchmarkRun(config, problems, trainer.datamodule.render_prompt, self.max_new_tokens, self.batch_size,
                             self.engine)
         run.metric = run.metric.to(pl_module.device)
         mine = problems[rank::world]
         chunks = list(run.batches(mine))
+        n_chunks = run.n_chunks(world)
         folder = self.chunk_dir(trainer, config.name, label)
+        cut_short = not needs_lockstep(pl_module.model) and (world == 1 or self.engine is None)
         with phase_bar(trainer, len(mine), f"eval M_{policy} {config.name}", "problem") as bar:
-            for index in range(run.n_chunks(world)):
+            for index in range(n_chunks + 1):  # the boundary before each chunk, and the one after the last
                 batch = chunks[index] if index < len(chunks) else None
                 path = folder / f"{self._chunk_key(batch)}.jsonl" if batch is not None else None
                 kept = _read_chunk(path, batch) if path is not None else None
-                if world > 1:  # a chunk is reused only where every rank has its own (ZeRO-3 generates in lockstep)
+                if world > 1 and index < n_chunks:  # reused only where every rank has its own (ZeRO-3 generates in lockstep)
                     everyone = trainer.strategy.reduce_boolean_decision(kept is not None or batch is None, all=True)
                     kept = kept if everyone else None
                 if self._stop_agreed(trainer):
@@ -446,15 +452,19 @@ class EvaluationCallback(L.Callback):
                     continue
                 if kept is not None:
                     run.add(kept)
-                else:
-                    # one process: the stop handler raises inside the chunk (nothing of it is kept);
-                    # several: at chunk boundaries only, where all ranks agree
-                    with preemption.interruptible(where) if world == 1 else nullcontext():
+                    bar.update(len(batch.problems))
+                    continue
+                try:
+                    with preemption.interruptible(where) if cut_short else nullcontext():
                         faults.begin("evaluating", policy=policy, benchmark=config.name, chunk=index)
                         started = time.perf_counter()
                         rows = run.record(batch, pl_module.generate_for_eval(batch), self.verifier)
                         run.seconds += time.perf_counter() - started
-                        write_jsonl(path, rows)
+                        write_jsonl(path, rows)  # atomic: a chunk cut short leaves nothing
+                except preemption.Preempted:
+                    if world == 1:
+                        raise
+                    continue  # the other ranks meet this one at the next boundary and stop with it
                 bar.update(len(batch.problems))
         return run.finish(world)
 

@@ -331,3 +331,32 @@ def test_a_repeated_response_is_verified_and_scored_once_per_problem():
         assert r.correct == alone
         request = StepScoringRequest(by_id[r.problem_id].question, tuple(r.text.split("\n\n")), alone, r.text)
         assert list(r.score.step_scores) == KeywordPRM().score([request])[0]
+
+
+def test_max_examples_keeps_a_seeded_subsample_and_records_the_uncut_count(tmp_path):
+    """``selection.max_examples`` cuts the round's pairs to the first n of the same seeded
+    shuffle (the same sampling, the same pairs otherwise), and ``summary.json`` keeps how many
+    the selection made, also through a write and read back."""
+    from hs_star_pl.core.artifacts import read_round, write_round
+
+    classes = ("inlier", "boundary", "outlier")
+    full = run(allocator=UniformBudget(samples_per_problem=8), config=RoundConfig(selection=SelectionConfig(train_classes=classes)))
+    n = len(full.examples)
+    assert n >= 3
+    cut = run(allocator=UniformBudget(samples_per_problem=8),
+              config=RoundConfig(selection=SelectionConfig(train_classes=classes, max_examples=n - 2)))
+    assert cut.examples == full.examples[: n - 2]
+    assert [r.to_dict() for r in cut.rollouts] == [r.to_dict() for r in full.rollouts]
+    assert (cut.summary()["n_pairs"], cut.summary()["n_examples_selected"]) == (n - 2, n)
+    assert (full.summary()["n_pairs"], full.summary()["n_examples_selected"]) == (n, n)
+    write_round(tmp_path / "round_001", cut)
+    assert read_round(tmp_path / "round_001").summary()["n_examples_selected"] == n
+    above = run(allocator=UniformBudget(samples_per_problem=8),
+                config=RoundConfig(selection=SelectionConfig(train_classes=classes, max_examples=n + 5)))
+    assert above.examples == full.examples
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_max_examples_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match="selection.max_examples"):
+        SelectionConfig(max_examples=bad)

@@ -233,6 +233,7 @@ def read_round(directory: str | Path) -> RoundResult:
             ledger=BudgetLedger.from_dict(read_json(directory / "ledger.json")),
             examples=read_examples(directory),
             seconds=dict(summary.get("seconds", {})),
+            n_selected=summary.get("n_examples_selected"),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         if isinstance(err, InputFileError):

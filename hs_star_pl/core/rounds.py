@@ -57,7 +57,7 @@ from hs_star_pl.core.records import (
     mean_or_none,
     utf8_safe,
 )
-from hs_star_pl.core.selection import SelectionConfig, select_training_data
+from hs_star_pl.core.selection import SelectionConfig, cap_examples, select_training_data
 from hs_star_pl.core.steps import DEFAULT_STEP_DELIMITER, split_steps
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,8 @@ class RoundResult:
     ledger: BudgetLedger
     examples: list[PreferencePair] | list[SftExample]
     seconds: dict[str, float]
+    n_selected: int | None = None  # examples selected before ``selection.max_examples``; None: all kept
+
 
     @property
     def rollouts(self) -> list[ScoredRollout]:
@@ -173,6 +175,8 @@ class RoundResult:
             "budget_note": self.ledger.note,
             "n_pairs": sum(isinstance(e, PreferencePair) for e in self.examples),
             "n_sft_examples": sum(isinstance(e, SftExample) for e in self.examples),
+            # what the selection made before selection.max_examples cut it (equal when uncut)
+            "n_examples_selected": len(self.examples) if self.n_selected is None else self.n_selected,
             "presample_accuracy": mean_or_none([1.0 if v else 0.0 for v in verdicts]),
             "ungradeable_responses": sum(r.correct is None for r in rollouts),
             "mean_response_tokens": mean_or_none([float(r.rollout.n_tokens) for r in rollouts]),
@@ -445,6 +449,7 @@ def run_round(
             config.step_delimiter,
         )
     examples = share(selected)
+    kept = cap_examples(examples, config.selection.max_examples)
 
     return RoundResult(
         iteration=iteration,
@@ -455,8 +460,9 @@ def run_round(
         difficulties=difficulties,
         thresholds=thresholds,
         ledger=ledger,
-        examples=examples,
+        examples=kept,
         seconds=seconds,
+        n_selected=len(examples),
     )
 
 

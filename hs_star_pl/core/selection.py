@@ -59,6 +59,11 @@ class SelectionConfig:
         truncate_rejected_below: when set, a rejected response is cut after its first step
             whose PRM score is below this (module docstring); unset trains on whole responses
             as the paper does. A rejected response with no such step stays whole.
+        max_examples: when set, a round keeps at most this many of its pairs (or SFT examples):
+            the first ones of the selection's seeded shuffle, i.e. a seeded uniform subsample
+            over all of the round's examples. With one epoch per iteration the number of
+            examples sets the number of optimizer steps, so this compares allocators at the
+            same number of updates (``experiments.compare --match-examples-to``). Unset keeps all.
     """
 
     train_classes: tuple[str, ...] = ("boundary",)
@@ -66,6 +71,7 @@ class SelectionConfig:
     max_sft_per_problem: int = 4
     min_chosen_prm: float | None = None
     truncate_rejected_below: float | None = None
+    max_examples: int | None = None
 
     def __post_init__(self) -> None:
         classes = tuple(self.train_classes)
@@ -85,6 +91,10 @@ class SelectionConfig:
             raise ValueError(
                 f"selection.truncate_rejected_below must be in (0, 1], got {self.truncate_rejected_below}"
             )
+        if self.max_examples is not None and (
+            isinstance(self.max_examples, bool) or not isinstance(self.max_examples, int) or self.max_examples < 1
+        ):
+            raise ValueError(f"selection.max_examples must be a positive integer or null, got {self.max_examples!r}")
 
 
 def _by_reward(rollouts: Iterable[ScoredRollout]) -> list[ScoredRollout]:
@@ -227,3 +237,15 @@ def select_training_data(
             )
     rng.shuffle(examples)
     return examples
+
+
+def cap_examples(examples: Sequence, max_examples: int | None) -> list:
+    """The first ``max_examples`` of ``examples`` (all of them when ``None`` or fewer).
+
+    ``select_training_data`` returns one seeded shuffle of the round's examples, so its first
+    ``n`` are a seeded uniform subsample: every problem keeps about its share of the pairs.
+
+    >>> cap_examples(["a", "b", "c"], 2), cap_examples(["a"], 2), cap_examples(["a", "b"], None)
+    (['a', 'b'], ['a'], ['a', 'b'])
+    """
+    return list(examples) if max_examples is None else list(examples[:max_examples])

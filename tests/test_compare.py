@@ -13,6 +13,7 @@ from hs_star_pl.experiments.compare import (
     STUDIES,
     RunResult,
     changes_m0_evaluation,
+    collect,
     method_paths,
     paired_t_interval,
     details,
@@ -197,32 +198,103 @@ def test_details_by_hand():
     assert lines[2] == "| hs_star | 3.0 | 1.33 | 0.0 | 87.5 | 12.5 | 0.875 ± 0.177 | 0.375 ± 0.177 |"
 
 
-def _first_round(out, method, seed, classes=None, paired=()):
-    directory = out / method / f"seed_{seed}" / "rounds" / "round_000"
+def _run_on_disk(out, method, seed, accuracy, classes, paired, selected=None):
+    """A finished one-round run folder as ``hs-star fit`` leaves it (the files compare reads)."""
+    root = out / method / f"seed_{seed}"
+    (root / "eval" / "test").mkdir(parents=True)
+    for t, acc in enumerate(accuracy):
+        (root / "eval" / "test" / f"policy_{t:03d}.json").write_text(json.dumps({"summary": {"accuracy": acc}, "rows": []}))
+    directory = root / "rounds" / "round_000"
     directory.mkdir(parents=True)
-    if classes is not None:
-        (directory / "difficulty.jsonl").write_text(
-            "".join(json.dumps({"problem_id": p, "difficulty": c}) + "\n" for p, c in classes.items()))
+    (directory / "difficulty.jsonl").write_text(
+        "".join(json.dumps({"problem_id": p, "difficulty": c}) + "\n" for p, c in classes.items()))
     (directory / "pairs.jsonl").write_text("".join(json.dumps({"problem_id": p}) + "\n" for p in paired))
+    summary = {"n_pairs": len(paired), "samples_total": 8 * len(classes),
+               "samples_per_class": {"boundary": 8 * len(classes)}}
+    if selected is not None:
+        summary["n_examples_selected"] = selected
+    (directory / "summary.json").write_text(json.dumps(summary))
+    return root
 
 
 def test_first_round_overlap_labels_every_method_with_the_baselines_classes(tmp_path):
     """Per seed, each method's paired problems are counted in the class the baseline gave them."""
     seed0 = {"a": "inlier", "b": "inlier", "c": "boundary", "d": "outlier"}
     seed1 = {"a": "inlier", "b": "boundary", "c": "boundary", "d": "outlier"}
-    _first_round(tmp_path, "hs_star", 0, seed0, paired=["c", "c"])
-    _first_round(tmp_path, "hs_star", 1, seed1, paired=["b", "c"])
-    _first_round(tmp_path, "uniform", 0, paired=["a", "c", "d", "x"])  # x: not drawn by the baseline
-    _first_round(tmp_path, "uniform", 1, paired=["a"])
-    runs = [RunResult(m, s, [0.1, 0.2], [1], [8]) for m in ("hs_star", "uniform") for s in (0, 1)]
-    lines = first_round_overlap(tmp_path, runs).splitlines()
+    everything = {"a": "boundary", "b": "boundary", "c": "boundary", "d": "boundary", "x": "boundary"}
+    _run_on_disk(tmp_path, "hs_star", 0, [0.1, 0.2], seed0, paired=["c", "c"])
+    _run_on_disk(tmp_path, "hs_star", 1, [0.1, 0.2], seed1, paired=["b", "c"])
+    _run_on_disk(tmp_path, "uniform", 0, [0.1, 0.2], everything, paired=["a", "c", "d", "x"])  # x: not drawn by the baseline
+    _run_on_disk(tmp_path, "uniform", 1, [0.1, 0.2], everything, paired=["a"])
+    runs = [collect(tmp_path / m / f"seed_{s}", m, s) for m in ("hs_star", "uniform") for s in (0, 1)]
+    lines = first_round_overlap(runs).splitlines()
     assert lines[0] == ("| method | seeds | inlier: with a pair / in class | boundary: with a pair / in class | "
                         "outlier: with a pair / in class |")
     # hs_star: inliers 0/2, 0/1; boundary 1/1, 2/2; outliers 0/1, 0/1
     assert lines[2] == "| hs_star | 0,1 | 0.0 / 1.5 | 1.5 / 1.5 | 0.0 / 1.0 |"
     # uniform: inliers 1/2 and 1/1; boundary 1/1 and 0/2; outliers 1/1 and 0/1
     assert lines[3] == "| uniform | 0,1 | 1.0 / 1.5 | 0.5 / 1.5 | 0.5 / 1.0 |"
-    assert first_round_overlap(tmp_path / "elsewhere", runs) == ""  # no baseline round on disk
+    assert first_round_overlap(runs[2:]) == ""  # no baseline run
+
+
+def test_a_kept_summary_tabulates_like_the_run_folder_it_came_from(tmp_path):
+    """``keep`` writes one small run.json per run; ``collect`` reads it where the run folder is
+    gone, and ``--rebuild`` re-makes every table of a kept study from those files alone, per-seed
+    values and the cut pair counts included."""
+    from hs_star_pl.experiments.compare import keep, main
+
+    classes = {"a": "inlier", "b": "boundary", "c": "outlier"}
+    runs = tmp_path / "runs"
+    _run_on_disk(runs, "uniform", 0, [0.5, 0.625], classes, paired=["a", "b"])
+    _run_on_disk(runs, "hs_star", 0, [0.5, 0.5], classes, paired=["b", "b"], selected=5)
+    _run_on_disk(runs, "uniform", 1, [0.5, 0.75], classes, paired=["b", "c"])
+    _run_on_disk(runs, "hs_star", 1, [0.5, 0.625], classes, paired=["b", "b"], selected=4)
+    from_runs = [collect(runs / m / f"seed_{s}", m, s) for m in ("hs_star", "uniform") for s in (0, 1)]
+    kept = tmp_path / "kept"
+    for r in from_runs:
+        keep(r, kept / r.method / f"seed_{r.seed}")
+    assert [collect(kept / r.method / f"seed_{r.seed}", r.method, r.seed) for r in from_runs] == from_runs
+    assert from_runs[0].selected == [5] and from_runs[0].pairs == [2] and from_runs[2].selected == [2]
+    main(["--base", str(CONFIGS / "tiny" / "hs_star.yaml"), "--methods-dir", str(CONFIGS / "tiny" / "methods"),
+          "--methods", "hs_star", "uniform", "--seeds", "0", "1", "--out", str(kept), "--report-only",
+          "--keep", str(kept), "--self_training.n_iterations=1"])
+    spec = json.loads((kept / "study.json").read_text())
+    assert (spec["methods"], spec["n_iterations"], spec["baseline"]) == (["hs_star", "uniform"], 1, "hs_star")
+    main(["--rebuild", str(tmp_path)])
+    table = (kept / "comparison.md").read_text()
+    assert table.endswith((kept / "comparison_custom.md").read_text())
+    # the per-seed rows: uniform − hs_star is +0.125 on both seeds; hs_star made 5 and 4 pairs and trained on 2
+    assert "| hs_star | 0 | 0.500 |  | 2 | 5 |" in table and "| hs_star | 1 | 0.625 |  | 2 | 4 |" in table
+    assert "| uniform | 0 | 0.625 | +0.125 | 2 | 2 |" in table and "| uniform | 1 | 0.750 | +0.125 | 2 | 2 |" in table
+    (kept / "uniform" / "seed_1" / "run.json").write_text('{"version": 99}')
+    with pytest.raises(SystemExit, match="not a kept run summary"):
+        main(["--rebuild", str(tmp_path)])
+
+
+def test_match_examples_to_caps_every_other_method_at_the_reference_runs_pairs(tmp_path, monkeypatch):
+    """On each seed the reference runs first and the others get its pair count as
+    ``selection.max_examples``; more than one iteration is refused."""
+    import hs_star_pl.experiments.compare as cmp
+
+    given = []
+
+    def recording_run_one(base, overlay, seed, directory, expected, method, fit_args, share_m0_from=None, group_by="n_steps"):
+        cap = [int(a.split("=")[1]) for a in fit_args if "max_examples" in a]
+        given.append((method, seed, [a for a in fit_args if "max_examples" in a]))
+        made = {"uniform": 10 + seed, "hs_star": 20}[method]
+        return RunResult(method, seed, [0.5, 0.6], [min([made, *cap])], [80], dict.fromkeys(("inlier", "boundary", "outlier"), 1),
+                         selected=[made])
+
+    monkeypatch.setattr(cmp, "run_one", recording_run_one)
+    base = ["--base", str(CONFIGS / "tiny" / "hs_star.yaml"), "--methods-dir", str(CONFIGS / "tiny" / "methods"),
+            "--methods", "hs_star", "uniform", "--out", str(tmp_path / "out")]
+    cmp.main([*base, "--seeds", "0", "1", "--match-examples-to", "uniform", "--self_training.n_iterations=1"])
+    assert given == [("uniform", 0, []), ("hs_star", 0, ["--self_training.selection.max_examples=10"]),
+                     ("uniform", 1, []), ("hs_star", 1, ["--self_training.selection.max_examples=11"])]
+    with pytest.raises(SystemExit, match="one iteration"):
+        cmp.main([*base, "--match-examples-to", "uniform", "--self_training.n_iterations=3"])
+    with pytest.raises(SystemExit, match="not among the methods"):
+        cmp.main([*base, "--match-examples-to", "proportional", "--self_training.n_iterations=1"])
 
 
 def test_group_by_splits_the_final_accuracy_by_a_problem_field_from_the_cli(tmp_path):

@@ -85,6 +85,9 @@ class RunResult:
     pairs_per_class: dict[str, int] = field(default_factory=dict)  # by the problem's class, summed over rounds
     problems_with_pairs: list[int] = field(default_factory=list)  # per round
     final_by_group: dict[str, list[int]] = field(default_factory=dict)  # final policy: {group: [correct, total]}
+    selected: list[int] = field(default_factory=list)  # per round: examples made before selection.max_examples
+    classes: list[dict[str, str]] = field(default_factory=list)  # per round: {problem_id: its class}
+    paired: list[dict[str, int]] = field(default_factory=list)  # per round: {problem_id: its pairs trained on}
 
     @property
     def pairs_per_1000(self) -> float:
@@ -125,32 +128,68 @@ def n_iterations(configs: Sequence[Path], fit_args: Sequence[str]) -> int:
 def collect(directory: Path, method: str, seed: int, group_by: str = GROUP_FIELD) -> RunResult | None:
     """Read a finished or partial run; ``None`` when it has no evaluation yet.
 
-    ``group_by``: the problems' metadata field the final policy's accuracy is split by.
+    ``group_by``: the problems' metadata field the final policy's accuracy is split by. A
+    folder without evaluations but with a kept summary (``KEPT_FILE``, see ``keep``) is read
+    from that summary, so a kept study re-tabulates like the runs it came from.
     """
     evals = sorted(directory.glob("eval/*/policy_*.json"))
     if not evals:
-        return None
+        kept = directory / KEPT_FILE
+        return load_kept(kept) if kept.is_file() else None
     names = sorted({p.parent.name for p in evals})
     if len(names) > 1:
         raise SystemExit(f"{directory}/eval holds several evaluation sets {names}; compare needs one")
     accuracy = [json.loads(p.read_text())["summary"]["accuracy"] for p in evals]
     pairs, samples, per_class = [], [], dict.fromkeys(CLASSES, 0)
-    pairs_per_class, with_pairs = dict.fromkeys(CLASSES, 0), []
+    pairs_per_class, with_pairs, selected, classes, paired = dict.fromkeys(CLASSES, 0), [], [], [], []
     for summary_path in sorted(directory.glob("rounds/round_*/summary.json")):
         s = json.loads(summary_path.read_text())
-        pairs.append(int(s["n_pairs"]) + int(s.get("n_sft_examples") or 0))
+        n_examples = int(s["n_pairs"]) + int(s.get("n_sft_examples") or 0)
+        pairs.append(n_examples)
+        selected.append(int(s.get("n_examples_selected", n_examples)))
         samples.append(int(s["samples_total"]))
         for c in CLASSES:
             per_class[c] += int(s["samples_per_class"].get(c, 0))
         class_of = {row["problem_id"]: row["difficulty"] for row in read_jsonl(summary_path.with_name("difficulty.jsonl"))}
-        paired = [row["problem_id"] for row in read_jsonl(summary_path.with_name("pairs.jsonl"))]
-        for problem_id in paired:
-            pairs_per_class[class_of[problem_id]] += 1
-        with_pairs.append(len(set(paired)))
+        counts: dict[str, int] = {}
+        for row in read_jsonl(summary_path.with_name("pairs.jsonl")):
+            counts[row["problem_id"]] = counts.get(row["problem_id"], 0) + 1
+        for problem_id, n in counts.items():
+            pairs_per_class[class_of[problem_id]] += n
+        with_pairs.append(len(counts))
+        classes.append(dict(sorted(class_of.items())))
+        paired.append(dict(sorted(counts.items())))
     timing = directory / "compare_seconds.txt"
     seconds = float(timing.read_text()) if timing.exists() else None
     return RunResult(method, seed, accuracy, pairs, samples, per_class, seconds, pairs_per_class, with_pairs,
-                     accuracy_by_group(evals[-1], group_by))
+                     accuracy_by_group(evals[-1], group_by), selected, classes, paired)
+
+
+KEPT_FILE = "run.json"
+KEPT_VERSION = 1
+
+
+def keep(result: RunResult, directory: Path) -> Path:
+    """Write ``result`` as ``<directory>/run.json``: every number the tables need, no model.
+
+    A few tens of KB per run (the per-problem classes and pair counts of each round), small
+    enough to keep in the repository so that anyone can rebuild a table and check a claim.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / KEPT_FILE
+    path.write_text(json.dumps({"version": KEPT_VERSION, **result.__dict__}, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def load_kept(path: Path) -> RunResult:
+    """The ``RunResult`` that ``keep`` wrote to ``path``."""
+    data = json.loads(path.read_text())
+    if data.pop("version", None) != KEPT_VERSION:
+        raise SystemExit(f"{path}: not a kept run summary of version {KEPT_VERSION}")
+    try:
+        return RunResult(**data)
+    except TypeError as err:
+        raise SystemExit(f"{path}: not a kept run summary ({err})") from None
 
 
 def accuracy_by_group(result: Path, field_name: str = GROUP_FIELD) -> dict[str, list[int]]:
@@ -361,47 +400,62 @@ def details(results: Sequence[RunResult], group_by: str = GROUP_FIELD) -> str:
     return "\n".join(lines) + "\n"
 
 
-def first_round_overlap(out: Path, results: Sequence[RunResult], baseline: str = BASELINE) -> str:
+def first_round_overlap(results: Sequence[RunResult], baseline: str = BASELINE) -> str:
     """Which problems each method trained on in its first round, by the class ``baseline`` gave them.
 
     In round 0 every method of a seed draws the same problems and samples from the same M_0,
-    so the baseline's pre-sample classes (its ``rounds/round_000/difficulty.jsonl``) label
-    every method's problems: per class, the problems with at least one pair in the method's
-    ``pairs.jsonl`` out of the problems in that class, means over the seeds that both ran.
-    This is where a uniform budget finds pairs on problems that the baseline's first stage
-    set aside. Problems the baseline did not draw are left out (none when only the
-    allocation differs). Empty when the baseline has no first round under ``out``.
+    so the baseline's pre-sample classes (its round 0's ``difficulty.jsonl``) label every
+    method's problems: per class, the problems with at least one pair in the method's
+    round 0 out of the problems in that class, means over the seeds that both ran. This is
+    where a uniform budget finds pairs on problems that the baseline's first stage set
+    aside. Problems the baseline did not draw are left out (none when only the allocation
+    differs). Empty when the baseline has no first round.
     """
-    seeds_of = {m: sorted(r.seed for r in runs) for m, runs in group_by_method(results).items()}
     members: dict[int, dict[str, list[str]]] = {}  # seed -> class -> the baseline's problems in it
-    for seed in seeds_of.get(baseline, []):
-        path = run_dir(out, baseline, seed) / "rounds" / "round_000" / "difficulty.jsonl"
-        if path.is_file():
-            members[seed] = {c: [] for c in CLASSES}
-            for row in read_jsonl(path):
-                members[seed][row["difficulty"]].append(row["problem_id"])
+    for r in results:
+        if r.method == baseline and r.classes:
+            members[r.seed] = {c: [] for c in CLASSES}
+            for problem_id, c in r.classes[0].items():
+                members[r.seed][c].append(problem_id)
     if not members:
         return ""
     head = ["method", "seeds", *[f"{c}: with a pair / in class" for c in CLASSES]]
     lines = ["| " + " | ".join(head) + " |", "| --- | ---: |" + " ---: |" * len(CLASSES)]
-    for method, seeds in seeds_of.items():
+    for method, runs in group_by_method(results).items():
         with_pair = {c: [] for c in CLASSES}
         in_class = {c: [] for c in CLASSES}
         used = []
-        for seed in seeds:
-            pairs = run_dir(out, method, seed) / "rounds" / "round_000" / "pairs.jsonl"
-            if seed not in members or not pairs.is_file():
+        for r in runs:
+            if r.seed not in members or not r.paired:
                 continue
-            paired = {row["problem_id"] for row in read_jsonl(pairs)}
-            used.append(seed)
+            paired = r.paired[0]
+            used.append(r.seed)
             for c in CLASSES:
-                in_class[c].append(len(members[seed][c]))
-                with_pair[c].append(sum(pid in paired for pid in members[seed][c]))
+                in_class[c].append(len(members[r.seed][c]))
+                with_pair[c].append(sum(pid in paired for pid in members[r.seed][c]))
         if not used:
             continue
         row = [method, ",".join(map(str, used))]
         row += [f"{statistics.fmean(with_pair[c]):.1f} / {statistics.fmean(in_class[c]):.1f}" for c in CLASSES]
         lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def per_seed(results: Sequence[RunResult], expected: int, baseline: str = BASELINE) -> str:
+    """Every run's final accuracy, pairs trained (and made, when ``max_examples`` cut them) and
+    its difference from ``baseline`` on the same seed: the numbers behind each mean and interval."""
+    final = {(r.method, r.seed): r.accuracy[-1] for r in results if len(r.accuracy) == expected + 1}
+    head = ["method", "seed", f"M_{expected}", f"M_{expected} − {baseline}", "pairs trained per round",
+            "pairs made per round"]
+    lines = ["| " + " | ".join(head) + " |", "| --- | ---: |" + " ---: |" * (len(head) - 2)]
+    for r in results:
+        if (r.method, r.seed) not in final:
+            continue
+        diff = "" if r.method == baseline or (baseline, r.seed) not in final else \
+            f"{final[(r.method, r.seed)] - final[(baseline, r.seed)]:+.3f}"
+        made = r.selected or r.pairs
+        lines.append(f"| {r.method} | {r.seed} | {final[(r.method, r.seed)]:.3f} | {diff} | "
+                     f"{', '.join(map(str, r.pairs))} | {', '.join(map(str, made))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -463,6 +517,49 @@ def check_yaml_files(paths: Sequence[Path]) -> None:
         raise SystemExit(err.exit_code) from None
 
 
+def tabulate(results: Sequence[RunResult], expected: int, baseline: str = BASELINE, group_by: str = GROUP_FIELD) -> str:
+    """Every table of a comparison, as markdown: the summary, where the pairs came from, the
+    first round by ``baseline``'s classes, and the per-seed values."""
+    table = report(results, expected, baseline) + "\n" + details(results, group_by)
+    overlap = first_round_overlap(results, baseline)
+    if overlap:
+        table += f"\nProblems with a pair in the first round, by {baseline}'s pre-sample class:\n\n" + overlap
+    return table + "\nPer seed:\n\n" + per_seed(results, expected, baseline)
+
+
+STUDY_FILE = "study.json"
+
+
+def write_study(directory: Path, methods: Sequence[str], expected: int, baseline: str, group_by: str,
+                command: Sequence[str]) -> None:
+    """``<directory>/study.json``: what ``rebuild`` needs to tabulate the kept runs beside it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / STUDY_FILE).write_text(json.dumps(
+        {"methods": list(methods), "n_iterations": expected, "baseline": baseline, "group_by": group_by,
+         "command": " ".join(command)}, indent=1) + "\n")
+
+
+def rebuild(root: Path) -> list[Path]:
+    """Re-tabulate every kept study under ``root`` (each folder with a ``study.json``) into its
+    ``comparison.md``, from the kept run summaries alone. Returns the files written."""
+    written = []
+    for study in sorted(root.rglob(STUDY_FILE)):
+        folder = study.parent
+        spec = json.loads(study.read_text())
+        results = []
+        for method in spec["methods"]:
+            for kept in sorted((folder / method).glob(f"seed_*/{KEPT_FILE}"), key=lambda p: int(p.parent.name[5:])):
+                results.append(load_kept(kept))
+        if not results:
+            raise SystemExit(f"{study}: no kept runs beside it")
+        out = folder / "comparison.md"
+        out.write_text(f"<!-- rebuilt from the kept runs: python -m hs_star_pl.experiments.compare --rebuild {root} -->\n"
+                       f"<!-- made by: {spec['command']} -->\n\n"
+                       + tabulate(results, int(spec["n_iterations"]), spec["baseline"], spec["group_by"]))
+        written.append(out)
+    return written
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", type=Path, nargs="+", default=[BASE_CONFIG],
@@ -481,7 +578,24 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "the study task's files also have 'family')")
     parser.add_argument("--evaluate-m0-every-run", action="store_true",
                         help="evaluate M_0 in every run instead of copying the first run's M_0 result")
+    parser.add_argument("--baseline", default=BASELINE,
+                        help="the method every other is paired against (default: %(default)s)")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="also write each run's small summary (<keep>/<method>/seed_<s>/run.json) and the "
+                             "study's settings (study.json) there, for the repository; --rebuild tabulates them")
+    parser.add_argument("--match-examples-to", default=None, metavar="METHOD",
+                        help="step-matched comparison: on each seed, METHOD runs first and every other method "
+                             "trains on a seeded subsample of its own pairs of the same size "
+                             "(self_training.selection.max_examples), so all take the same optimizer steps; "
+                             "one iteration per run")
+    parser.add_argument("--rebuild", type=Path, default=None, metavar="ROOT",
+                        help="only re-tabulate every kept study under ROOT (folders with a study.json) into "
+                             "its comparison.md, from the kept summaries; runs nothing")
     args, fit_args = parser.parse_known_args(argv)
+    if args.rebuild is not None:
+        for path in rebuild(args.rebuild):
+            print(f"[compare] wrote {path}", flush=True)
+        return
     bad = [a for a in fit_args if not (a.startswith("--") and "=" in a)]
     if bad:
         parser.error(f"unrecognized arguments {bad}: options for hs-star fit are passed as --dotted.key=value")
@@ -491,7 +605,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"--base: {', '.join(missing)} does not exist")
     methods = method_paths(args.methods_dir, args.methods or list(STUDIES[args.study]))
     check_yaml_files([*args.base, *(p for p in methods.values() if p is not None)])
+    if args.baseline not in methods:
+        raise SystemExit(f"--baseline {args.baseline} is not among the methods {list(methods)}")
     expected = n_iterations(args.base, fit_args)
+    match = args.match_examples_to
+    if match is not None:
+        if match not in methods:
+            raise SystemExit(f"--match-examples-to {match} is not among the methods {list(methods)}")
+        if expected != 1:
+            raise SystemExit(f"--match-examples-to needs one iteration per run (--self_training.n_iterations=1), "
+                             f"not {expected}: later rounds draw from policies that differ")
+        if any(a.startswith("--self_training.selection.max_examples=") for a in fit_args):
+            raise SystemExit("--match-examples-to sets self_training.selection.max_examples itself; do not pass it")
+        methods = {match: methods[match], **{m: o for m, o in methods.items() if m != match}}
     own_m0 = {method: "--evaluate-m0-every-run" if args.evaluate_m0_every_run else changes_m0_evaluation(overlay)
               for method, overlay in methods.items()}
     for method, why in own_m0.items():
@@ -499,6 +625,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"[compare] {method}: every run evaluates M_0 itself ({why})", flush=True)
     results: list[RunResult] = []
     for seed in args.seeds:  # seed-major: a partial comparison already covers every method
+        reference: RunResult | None = None
         for method, overlay in methods.items():
             directory = run_dir(args.out, method, seed)
             if args.report_only:
@@ -506,17 +633,31 @@ def main(argv: Sequence[str] | None = None) -> None:
                 if found is not None:
                     results.append(found)
                 continue
-            results.append(run_one(args.base, overlay, seed, directory, expected, method, fit_args,
-                                   share_m0_from=None if own_m0[method] else args.out, group_by=args.group_by))
-    results.sort(key=lambda r: (list(methods).index(r.method), r.seed))
+            extra = list(fit_args)
+            if match is not None and method != match:
+                extra.append(f"--self_training.selection.max_examples={reference.pairs[0]}")
+            result = run_one(args.base, overlay, seed, directory, expected, method, extra,
+                             share_m0_from=None if own_m0[method] else args.out, group_by=args.group_by)
+            if method == match:
+                reference = result
+            elif match is not None and result.pairs != reference.pairs:
+                print(f"[compare] {method} seed {seed}: made {result.selected or result.pairs} pairs, fewer than {match}'s "
+                      f"{reference.pairs}: the steps are not matched on this seed", flush=True)
+            results.append(result)
+            if args.keep is not None:
+                keep(result, run_dir(args.keep, method, seed))
+    order = list(methods)
+    results.sort(key=lambda r: (order.index(r.method), r.seed))
     if not results:
         raise SystemExit(f"no finished runs under {args.out}")
+    if args.keep is not None:
+        for r in results:
+            keep(r, run_dir(args.keep, r.method, r.seed))
+        write_study(args.keep, order, expected, args.baseline, args.group_by,
+                    ["python -m hs_star_pl.experiments.compare", *(argv if argv is not None else sys.argv[1:])])
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"comparison_{'custom' if args.methods else args.study}"
-    table = report(results, expected) + "\n" + details(results, args.group_by)
-    overlap = first_round_overlap(args.out, results)
-    if overlap:
-        table += f"\nProblems with a pair in the first round, by {BASELINE}'s pre-sample class:\n\n" + overlap
+    table = tabulate(results, expected, args.baseline, args.group_by)
     stem.with_suffix(".md").write_text(table)
     stem.with_suffix(".json").write_text(
         json.dumps([{**r.__dict__, "pairs_per_1000": r.pairs_per_1000} for r in results], indent=2) + "\n"

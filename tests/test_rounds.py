@@ -360,3 +360,31 @@ def test_max_examples_keeps_a_seeded_subsample_and_records_the_uncut_count(tmp_p
 def test_max_examples_must_be_a_positive_integer(bad):
     with pytest.raises(ValueError, match="selection.max_examples"):
         SelectionConfig(max_examples=bad)
+
+
+def test_oracle_samples_classify_but_are_neither_counted_nor_trained_on():
+    """``difficulty.oracle_samples=24``: after the 3 pre-samples each problem gets 24 more that
+    only classify it. mid1 and mid2 (right half the time) are boundary on 24 samples whatever
+    their 3 pre-samples said; the ledger still spends exactly K * N = 40 (the 25 re-samples on
+    the oracle's boundary), and the 120 oracle samples are in no rollout and no pair."""
+    engine = ScriptedEngine()
+    store = MemoryStore()
+    config = RoundConfig(difficulty=DifficultyConfig(tau_low=0.3, tau_high=0.6, oracle_samples=24))
+    result = run(engine=engine, config=config, store=store)
+    s = result.summary()
+    d = {pid: x.difficulty.value for pid, x in result.difficulties.items()}
+    assert d == {"easy": "inlier", "mid1": "boundary", "mid2": "boundary", "hard": "boundary", "hard2": "outlier"}
+    assert all(x.n_samples == 24 for x in result.difficulties.values())
+    assert engine.calls[0] == [(pid, 3) for pid in P_RIGHT] and engine.calls[1] == [(pid, 24) for pid in P_RIGHT]
+    spent = {pid: n for pid, n in result.ledger.resample.items() if n > 0}
+    assert dict(engine.calls[2]) == spent and set(spent) == {"mid1", "mid2", "hard"} and sum(spent.values()) == 25
+    assert (s["samples_total"], s["budget_total"], s["samples_oracle"]) == (40, 40, 120)
+    assert {r.rollout.phase for r in result.rollouts} <= {Phase.PRESAMPLE, Phase.RESAMPLE}
+    keys = {r.rollout.key for r in result.rollouts}
+    assert all(p.chosen_key in keys and p.rejected_key in keys for p in result.examples)
+    assert {"oracle_generated", "oracle_scored"} <= set(store.phases)
+    # the same round without the oracle classifies from the 3 pre-samples instead
+    plain = run(config=RoundConfig(difficulty=DifficultyConfig(tau_low=0.3, tau_high=0.6)))
+    assert all(x.n_samples == 3 for x in plain.difficulties.values()) and plain.summary()["samples_oracle"] == 0
+    with pytest.raises(ValueError, match="difficulty.oracle_samples"):
+        DifficultyConfig(oracle_samples=0)

@@ -234,6 +234,7 @@ def read_round(directory: str | Path) -> RoundResult:
             examples=read_examples(directory),
             seconds=dict(summary.get("seconds", {})),
             n_selected=summary.get("n_examples_selected"),
+            oracle_total=int(summary.get("samples_oracle", 0)),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         if isinstance(err, InputFileError):

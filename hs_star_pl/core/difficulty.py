@@ -64,14 +64,25 @@ class DifficultyConfig:
         tau_high: inlier threshold on ``phi_r`` (strict ``>``). Set it per PRM.
         calibration: optional ``[q_low, q_high]`` quantiles; when set, each round replaces
             ``tau_low``/``tau_high`` by those quantiles of that round's observed ``phi_r``.
+        oracle_samples: an experiment, not a method. When set, each round draws this many
+            extra samples of every problem after the pre-samples and classifies the problems
+            from them alone (same mode and thresholds); they are not counted against the
+            budget and never trained on, so the allocator spends the same ``K * N`` on the
+            classes that many samples give (close to the true ones), not the ones ``n_p``
+            pre-samples give. It measures what mislabelling from ``n_p`` samples costs.
     """
 
     mode: DifficultyMode = "reward_guided"
     tau_low: float = 0.25
     tau_high: float = 0.5
     calibration: tuple[float, float] | None = None
+    oracle_samples: int | None = None
 
     def __post_init__(self) -> None:
+        if self.oracle_samples is not None and (
+            isinstance(self.oracle_samples, bool) or not isinstance(self.oracle_samples, int) or self.oracle_samples < 1
+        ):
+            raise ValueError(f"difficulty.oracle_samples must be a positive integer or null, got {self.oracle_samples!r}")
         if self.mode not in MODES:
             raise ValueError(f"difficulty.mode must be one of {list(MODES)}, got {self.mode!r}")
         DifficultyThresholds(self.tau_low, self.tau_high)

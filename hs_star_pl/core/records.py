@@ -40,6 +40,7 @@ class Phase(str, enum.Enum):
 
     PRESAMPLE = "presample"
     RESAMPLE = "resample"
+    ORACLE = "oracle"  # difficulty.oracle_samples: classifies only; neither counted nor trained on
 
 
 class Difficulty(str, enum.Enum):

@@ -150,6 +150,7 @@ class RoundResult:
     examples: list[PreferencePair] | list[SftExample]
     seconds: dict[str, float]
     n_selected: int | None = None  # examples selected before ``selection.max_examples``; None: all kept
+    oracle_total: int = 0  # samples drawn only to classify (difficulty.oracle_samples); not in the ledger
 
 
     @property
@@ -177,6 +178,7 @@ class RoundResult:
             "n_sft_examples": sum(isinstance(e, SftExample) for e in self.examples),
             # what the selection made before selection.max_examples cut it (equal when uncut)
             "n_examples_selected": len(self.examples) if self.n_selected is None else self.n_selected,
+            "samples_oracle": self.oracle_total,  # classified from, not counted (difficulty.oracle_samples)
             "presample_accuracy": mean_or_none([1.0 if v else 0.0 for v in verdicts]),
             "ungradeable_responses": sum(r.correct is None for r in rollouts),
             "mean_response_tokens": mean_or_none([float(r.rollout.n_tokens) for r in rollouts]),
@@ -327,7 +329,9 @@ def sample_and_score(
         with timed(seconds, f"{name}_generate"):
             rollouts = generate_rollouts(problems, counts, start_index, phase, engine, render_prompt, sampling)
         if store is not None:
-            with faults.persisting(name):
+            # the oracle phase (an experiment) shares the pre-sample fault point, labelled
+            point, labels = ("presample", {"phase": name}) if phase is Phase.ORACLE else (name, {})
+            with faults.persisting(point, **labels):
                 store.save(f"{name}_generated", [ScoredRollout(r, RolloutScore(None)).to_dict() for r in rollouts])
     by_id = {p.id: p for p in problems}
     scored = score_rollouts(rollouts, by_id, verifier, prm, step_delimiter, seconds, prefix=f"{name}_",
@@ -420,9 +424,20 @@ def run_round(
     )
     presamples = everyone(mine)
 
-    # 3. Estimate each problem's difficulty from its pre-samples (phi_a, phi_r) and classify it.
+    # 3. Estimate each problem's difficulty from its pre-samples (phi_a, phi_r) and classify it,
+    #    or, as an experiment (difficulty.oracle_samples), from extra samples that count for nothing.
+    classify_from = presamples
+    oracle_total = 0
+    if config.difficulty.oracle_samples:
+        oracle_params = dataclasses.replace(config.sampling, seed=derive_seed(seed, iteration, "oracle"))
+        mine_oracle = sample_and_score(
+            local, {pid: config.difficulty.oracle_samples for pid in ids}, {}, Phase.ORACLE, sampling=oracle_params,
+            **common,
+        )
+        classify_from = everyone(mine_oracle)
+        oracle_total = len(classify_from)
     with timed(seconds, "difficulty"):
-        estimated = estimate_difficulty(presamples, config.difficulty, ids)
+        estimated = estimate_difficulty(classify_from, config.difficulty, ids)
     difficulties, thresholds = share(estimated)
 
     # 4. Reallocate the rest of the budget to the classes that train (the boundary, for HS-STaR).
@@ -463,6 +478,7 @@ def run_round(
         examples=kept,
         seconds=seconds,
         n_selected=len(examples),
+        oracle_total=oracle_total,
     )
 
 

@@ -5,6 +5,8 @@
     python -m hs_star_pl.experiments.compare --seeds 0 1 2 --methods hs_star uniform
     python -m hs_star_pl.experiments.compare --report-only        # tables from finished runs
     python -m hs_star_pl.experiments.compare --seeds 0 --self_training.problems_per_iteration=100
+    python -m hs_star_pl.experiments.compare --methods uniform hs_star --match-examples-to uniform   # same steps
+    python -m hs_star_pl.experiments.compare --rebuild results/tiny   # every kept table, from kept summaries
 
 Arguments of the form ``--dotted.key=value`` that are not the comparison's own go to every
 ``hs-star fit`` (after the method's overlay, so they win).
@@ -32,7 +34,18 @@ budget:
 * ``pilot``: the paper's pilot study: re-sample and train on one difficulty split at a time
   (inlier, outlier, and the unions of two; HS-STaR is the boundary split);
 * ``departures``: the demo's departures from the paper's recipe (``paper_pairs``,
-  ``paper_dpo``).
+  ``paper_dpo``);
+* ``mislabelling``: does HS-STaR lose to uniform because ``n_p`` pre-samples mislabel
+  problems? HS-STaR with classes from 16 extra, uncounted samples (``oracle_classes``) and
+  with ``n_p`` = 2 and 5 at the same K, beside uniform.
+
+``--match-examples-to METHOD`` makes a comparison step-matched: on each seed METHOD runs
+first, and every other method trains on a seeded subsample of its own pairs of METHOD's size
+(``self_training.selection.max_examples``), so every run takes the same optimizer steps.
+``--keep DIR`` also writes each run's small summary (``DIR/<method>/seed_<s>/run.json``: the
+accuracies, pairs and samples per round, the classes and pair counts per problem; no model)
+and the study's settings (``DIR/study.json``), small enough for the repository;
+``--rebuild ROOT`` re-makes every kept study's ``comparison.md`` under ROOT from those files.
 
 Written to ``<out>/comparison_<study>`` (``comparison_custom`` with ``--methods``): ``.md`` (accuracy per iteration, mean and standard
 deviation over seeds; each method's final accuracy minus HS-STaR's on the same seeds with a
@@ -68,6 +81,7 @@ STUDIES: dict[str, tuple[str, ...]] = {
     "main": (BASELINE, "uniform", "accuracy_only", "reward_only", "proportional"),
     "pilot": (BASELINE, "split_inlier", "split_outlier", "split_inlier_boundary", "split_boundary_outlier", "split_inlier_outlier"),
     "departures": (BASELINE, "paper_pairs", "paper_dpo"),
+    "mislabelling": (BASELINE, "uniform", "oracle_classes", "n_presample_2", "n_presample_5"),
 }
 
 
@@ -567,8 +581,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "study's overlay); each method's overlay comes after them (default: %(default)s)")
     parser.add_argument("--methods-dir", type=Path, default=METHODS_DIR, help="overlay folder (default: %(default)s)")
     parser.add_argument("--study", choices=sorted(STUDIES), default="main",
-                        help="which methods to run: main (the paper's main table), pilot (the difficulty splits) "
-                             "or departures (the demo's departures from the paper); default: %(default)s")
+                        help="which methods to run: main (the paper's main table), pilot (the difficulty splits), "
+                             "departures (the demo's departures from the paper) or mislabelling (oracle classes, "
+                             "n_p 2 and 5); default: %(default)s")
     parser.add_argument("--methods", nargs="+", default=None, help="names to run instead of a study's (hs_star is the base config)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", type=Path, default=Path("checkpoints/tiny/compare"))

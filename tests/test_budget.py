@@ -14,6 +14,7 @@ from hs_star_pl.core.budget import (
     ExpectedPairsBudget,
     HierarchicalBudget,
     ProportionalBudget,
+    SequentialBudget,
     UniformBudget,
     expected_pairs,
     fit_beta_prior,
@@ -301,3 +302,77 @@ def test_expected_pairs_budget_caps_the_pairs_one_problem_is_worth():
     assert max(capped.resample.values()) <= 8 and uncapped.resample_total == capped.resample_total == 500
     with pytest.raises(ValueError, match="budget.pair_cap must be a positive integer"):
         ExpectedPairsBudget(pair_cap=0)
+
+
+# --- SequentialBudget: waves until each problem has a correct and a wrong answer ---------------
+
+
+def _waves(budget, outcomes, seed=0):
+    """Drive ``next_wave`` as ``run_round`` does, drawing each problem's verdicts in order from
+    ``outcomes[pid]`` (its pre-samples first); returns the verdicts and the plans, wave by wave."""
+    verdicts = {pid: list(seq[: budget.n_presample]) for pid, seq in outcomes.items()}
+    plans = []
+    for wave in range(100):
+        plan = budget.next_wave(verdicts, seed, wave)
+        if not plan:
+            return verdicts, plans
+        plans.append(plan)
+        for pid, n in plan.items():
+            start = len(verdicts[pid])
+            verdicts[pid] += outcomes[pid][start:start + n]
+    raise AssertionError("no end")
+
+
+def test_sequential_stops_on_a_problem_once_it_has_a_pair_by_hand():
+    """K=4, N=3, n_p=2: 12 samples, 6 pre-sampled. a (T,F) has a pair and gets nothing; b (T,T)
+    and c (F,F) get one each in wave 0; b's F gives it a pair; c stays wrong, gets one per
+    wave and takes the 5 samples left (cap 2K = 8 not reached: c ends at 7)."""
+    outcomes = {"a": [True, False] + [True] * 10, "b": [True, True, False] + [True] * 10, "c": [False] * 12}
+    verdicts, plans = _waves(SequentialBudget(samples_per_problem=4, n_presample=2), outcomes)
+    assert plans == [{"b": 1, "c": 1}, {"c": 1}, {"c": 1}, {"c": 1}, {"c": 1}]
+    assert {pid: len(v) for pid, v in verdicts.items()} == {"a": 2, "b": 3, "c": 7}
+    assert sum(len(v) for v in verdicts.values()) == 12
+
+
+def test_sequential_cap_then_leftover_goes_to_the_problems_with_a_pair():
+    """K=4, N=3, n_p=2, max_per_problem=4: c (never right) stops at 4 samples; b gets its pair in
+    wave 0. Nothing is open with 12 - 9 = 3 samples left: ``resolved`` splits them over a and b
+    (room 2 and 1), ``skip`` leaves them."""
+    outcomes = {"a": [True, False] + [True] * 10, "b": [True, True, False] + [True] * 10, "c": [False] * 12}
+    verdicts, plans = _waves(SequentialBudget(4, 2, max_per_problem=4), outcomes)
+    assert plans[:2] == [{"b": 1, "c": 1}, {"c": 1}]
+    assert plans[2] == {"a": 2, "b": 1}  # the leftover wave: a has room for 2, b for 1
+    assert {pid: len(v) for pid, v in verdicts.items()} == {"a": 4, "b": 4, "c": 4}
+    verdicts, plans = _waves(SequentialBudget(4, 2, max_per_problem=4, leftover="skip"), outcomes)
+    assert plans == [{"b": 1, "c": 1}, {"c": 1}]
+    assert sum(len(v) for v in verdicts.values()) == 9
+
+
+def test_sequential_gives_the_last_samples_to_the_problems_with_fewest_and_ignores_ungradeable():
+    """2 samples left for 3 open problems: the two with fewest samples get them (x has 3). An
+    ungradeable verdict (None) is neither right nor wrong, so [True, None] is still open."""
+    budget = SequentialBudget(samples_per_problem=3, n_presample=2)
+    verdicts = {"x": [True, True, True], "y": [False, False], "z": [True, None], "w": [True, False]}
+    # 4 problems * 3 = 12; 9 drawn; 3 left: y and z (2 samples each) first, then x
+    assert budget.next_wave(verdicts, 0, 0) == {"x": 1, "y": 1, "z": 1}
+    verdicts["w"] = [True, False, True]  # 10 drawn, 2 left: y and z, not x
+    assert budget.next_wave(verdicts, 0, 0) == {"y": 1, "z": 1}
+    verdicts = {pid: v + [True] for pid, v in verdicts.items()}  # 14 drawn > 12: spent
+    assert budget.next_wave(verdicts, 0, 0) == {}
+
+
+def test_sequential_ties_are_seeded():
+    budget = SequentialBudget(samples_per_problem=3, n_presample=2)
+    verdicts = {pid: [False, False] for pid in "abcdef"} | {"g": [True, False, True, False, True]}  # 21 - 17 = 4 left
+    picks = {tuple(budget.next_wave(verdicts, seed, 0)) for seed in range(20)}
+    assert all(len(p) == 4 for p in picks) and len(picks) > 1
+    assert budget.next_wave(verdicts, 3, 0) == budget.next_wave(verdicts, 3, 0)
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    ({"max_per_problem": 1}, "max_per_problem"), ({"wave_size": 0}, "wave_size"), ({"leftover": "all"}, "leftover"),
+    ({"n_presample": 9}, "n_presample"),
+])
+def test_sequential_settings_are_checked(kwargs, key):
+    with pytest.raises(ValueError, match=f"budget.{key}"):
+        SequentialBudget(**kwargs)

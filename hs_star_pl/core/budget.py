@@ -37,6 +37,14 @@ re-samples and trains on (``selection.train_classes``, passed to ``allocate`` as
   the problem whose expectation rises most (greedy, seeded tie-breaks). It reads
   correctness only, not the process reward, and ignores pair filters (``selection``'s PRM
   thresholds).
+* ``SequentialBudget`` (beyond the paper): re-samples in waves instead of one plan. After
+  the pre-samples, every *open* problem (one whose verdicts so far lack a correct or a wrong
+  answer, i.e. that has no DPO pair yet) gets ``wave_size`` more samples per wave, the
+  problems with the fewest samples first when the budget left cannot cover them all; a
+  problem stops receiving samples once it has both a correct and a wrong answer, or
+  ``max_per_problem`` samples. What is left when no problem is open goes evenly to the
+  problems that have a pair (``leftover: resolved``) or is not spent (``skip``). It reads
+  correctness only. ``run_round`` asks it for one wave at a time (``next_wave``).
 
 The returned ``BudgetLedger`` is the single record of what was planned and spent.
 """
@@ -447,3 +455,103 @@ def _correct_and_trials(d: ProblemDifficulty) -> tuple[int, int]:
     if d.phi_a is None or not d.n_gradeable:
         return 0, 0
     return round(d.phi_a * d.n_gradeable), d.n_gradeable
+
+
+LeftoverPolicy = Literal["resolved", "skip"]
+
+
+def has_pair(verdicts: Sequence[bool | None]) -> bool:
+    """Whether a problem's verdicts so far hold a correct and a wrong answer (ungradeable: neither)."""
+    return True in verdicts and False in verdicts
+
+
+@dataclass(frozen=True)
+class SequentialBudget:
+    """Sample in waves and stop spending on a problem once it can give a DPO pair.
+
+    The budget is ``K * N`` as for every allocator. ``n_presample`` samples of every problem
+    come first (the round's pre-sample phase); then ``run_round`` calls ``next_wave`` with
+    every problem's verdicts so far until it returns nothing (module docstring).
+
+    Args:
+        samples_per_problem: K, the per-problem budget on average (paper: 8).
+        n_presample: samples of every problem before the first wave.
+        max_per_problem: at most this many samples of one problem in all; ``None``:
+            ``2 * samples_per_problem``. Without a cap, a problem that is never solved would
+            take every sample left.
+        wave_size: samples per open problem per wave.
+        leftover: what to do with the budget left once no problem is open: ``"resolved"``
+            spreads it evenly over the problems with a pair (capped by ``max_per_problem``),
+            ``"skip"`` leaves it unspent.
+    """
+
+    samples_per_problem: int = 8
+    n_presample: int = 2
+    max_per_problem: int | None = None
+    wave_size: int = 1
+    leftover: LeftoverPolicy = "resolved"
+
+    def __post_init__(self) -> None:
+        _check_counts(self.samples_per_problem, self.n_presample)
+        for name in ("max_per_problem", "wave_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"budget.{name} must be a positive integer{' or null' if name == 'max_per_problem' else ''}, got {value!r}")
+        if self.cap < self.n_presample:
+            raise ValueError(f"budget.max_per_problem ({self.max_per_problem}) must be >= budget.n_presample ({self.n_presample})")
+        if self.leftover not in ("resolved", "skip"):
+            raise ValueError(f"budget.leftover must be 'resolved' or 'skip', got {self.leftover!r}")
+
+    @property
+    def cap(self) -> int:
+        return self.max_per_problem if self.max_per_problem is not None else 2 * self.samples_per_problem
+
+    def allocate(
+        self, difficulties: Mapping[str, ProblemDifficulty], seed: int, classes: Collection[str] = DEFAULT_SPLIT
+    ) -> BudgetLedger:
+        """The plan before any wave: the pre-samples only (the waves add the re-samples)."""
+        return _ledger(self.samples_per_problem, self.n_presample, difficulties, {},
+                       f"sequential: re-samples in waves of {self.wave_size} per open problem, at most {self.cap} "
+                       f"samples per problem, leftover={self.leftover}")
+
+    def next_wave(self, verdicts: Mapping[str, Sequence[bool | None]], seed: int, wave: int) -> dict[str, int]:
+        """The next wave's sample counts (only positive ones), from every problem's verdicts so far.
+
+        ``verdicts`` holds one entry per problem of the round and one verdict per sample drawn
+        (pre-samples and earlier waves); the budget left is ``K * N`` minus those samples.
+        Empty when the budget is spent, or nothing is open and nothing is to be spread.
+
+        >>> SequentialBudget(4, 2).next_wave({"a": [True, False], "b": [True, True], "c": [False, False]}, 0, 0)
+        {'b': 1, 'c': 1}
+        """
+        left = self.samples_per_problem * len(verdicts) - sum(len(v) for v in verdicts.values())
+        if left <= 0:
+            return {}
+        rng = random.Random(f"{seed}:sequential:{wave}")
+        ids = sorted(verdicts)
+        room = {pid: self.cap - len(verdicts[pid]) for pid in ids}
+        open_ids = [pid for pid in ids if not has_pair(verdicts[pid]) and room[pid] > 0]
+        if open_ids:
+            order = rng.sample(open_ids, len(open_ids))  # seeded tie-breaks among equal counts
+            order.sort(key=lambda pid: len(verdicts[pid]))
+            plan: dict[str, int] = {}
+            for pid in order:
+                n = min(self.wave_size, room[pid], left)
+                if n <= 0:
+                    break
+                plan[pid] = n
+                left -= n
+            return dict(sorted(plan.items()))
+        if self.leftover == "skip":
+            return {}
+        resolved = [pid for pid in ids if has_pair(verdicts[pid]) and room[pid] > 0]
+        plan = {}
+        while left > 0 and resolved:
+            share = split_evenly(left, resolved, rng)
+            for pid, n in share.items():
+                n = min(n, room[pid] - plan.get(pid, 0))
+                if n > 0:
+                    plan[pid] = plan.get(pid, 0) + n
+                    left -= n
+            resolved = [pid for pid in resolved if room[pid] - plan.get(pid, 0) > 0]
+        return dict(sorted(plan.items()))

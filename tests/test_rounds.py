@@ -388,3 +388,41 @@ def test_oracle_samples_classify_but_are_neither_counted_nor_trained_on():
     assert all(x.n_samples == 3 for x in plain.difficulties.values()) and plain.summary()["samples_oracle"] == 0
     with pytest.raises(ValueError, match="difficulty.oracle_samples"):
         DifficultyConfig(oracle_samples=0)
+
+
+def test_sequential_budget_samples_in_waves_until_each_problem_has_a_pair():
+    """K=8, n_p=2 over the 5 gradeable problems (40 samples). easy (always right) and hard /
+    hard2 (always wrong) never get a pair, so they keep receiving one sample per wave up to the
+    cap of 2K = 16; mid1 and mid2 stop once they have a right and a wrong answer. Every
+    sample is in the ledger, each wave its own engine call and store phase, and the round is
+    the same when read back from the store."""
+    from hs_star_pl.core.budget import SequentialBudget, has_pair
+
+    allocator = SequentialBudget(samples_per_problem=8, n_presample=2)
+    classes = ("inlier", "boundary", "outlier")
+    config = RoundConfig(difficulty=DifficultyConfig(tau_low=0.3, tau_high=0.6), selection=SelectionConfig(train_classes=classes))
+    engine, store = ScriptedEngine(), MemoryStore()
+    result = run(engine=engine, allocator=allocator, config=config, store=store)
+    ledger = result.ledger
+    assert ledger.total == 40 and sum(ledger.presample.values()) == 10
+    assert all(n == 1 for call in engine.calls[1:] for _, n in call)  # one sample per open problem per wave
+    n_waves = len(engine.calls) - 1
+    assert {f"resample_w{w:03d}_scored" for w in range(n_waves)} <= set(store.phases)
+    verdicts = {pid: [r.correct for r in result.rollouts if r.problem_id == pid] for pid in P_RIGHT}
+    for pid in ("mid1", "mid2"):
+        # it stopped on the sample that gave it its pair: the verdicts before the last had none
+        assert has_pair(verdicts[pid]) and (len(verdicts[pid]) == 2 or not has_pair(verdicts[pid][:-1]))
+    for pid in ("easy", "hard", "hard2"):
+        assert not has_pair(verdicts[pid])
+    spent_on_stuck = sum(len(verdicts[pid]) for pid in ("easy", "hard", "hard2"))
+    assert spent_on_stuck == 40 - len(verdicts["mid1"]) - len(verdicts["mid2"])
+    for pid in P_RIGHT:  # indices run on across waves
+        assert sorted(r.rollout.sample_index for r in result.rollouts if r.problem_id == pid) == list(range(len(verdicts[pid])))
+    assert {p.problem_id for p in result.examples} <= {"mid1", "mid2"} and result.examples
+
+    class Refusing:
+        def generate(self, requests, params):
+            raise AssertionError("a finished wave was generated again")
+
+    again = run(engine=Refusing(), allocator=allocator, config=config, store=store)
+    assert [r.to_dict() for r in again.rollouts] == [r.to_dict() for r in result.rollouts] and again.ledger == ledger

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from hs_star_pl.infra import faults
-from hs_star_pl.core.budget import BudgetAllocator, BudgetLedger
+from hs_star_pl.core.budget import BudgetAllocator, BudgetLedger, SequentialBudget
 from hs_star_pl.core.difficulty import DifficultyConfig, DifficultyThresholds, count_by_class, estimate_difficulty
 from hs_star_pl.core.protocols import (
     AnswerVerifier,
@@ -312,14 +312,16 @@ def sample_and_score(
     store: PhaseStore | None = None,
     seconds: dict[str, float] | None = None,
     known: Sequence[ScoredRollout] = (),
+    name: str | None = None,
 ) -> list[ScoredRollout]:
     """Generate then score one phase, reading either half back from ``store`` if finished.
 
     ``known``: responses scored before (the pre-samples, for the re-sample phase); a new
-    response with the same text for the same problem takes their score.
+    response with the same text for the same problem takes their score. ``name``: the
+    store's key for this part of the phase (default: the phase), e.g. one wave of re-samples.
     """
     seconds = seconds if seconds is not None else {}
-    name = phase.value
+    name = name or phase.value
     if store is not None and (done := store.load(f"{name}_scored")) is not None:
         return [ScoredRollout.from_dict(row) for row in done]
     raw = store.load(f"{name}_generated") if store is not None else None
@@ -329,8 +331,10 @@ def sample_and_score(
         with timed(seconds, f"{name}_generate"):
             rollouts = generate_rollouts(problems, counts, start_index, phase, engine, render_prompt, sampling)
         if store is not None:
-            # the oracle phase (an experiment) shares the pre-sample fault point, labelled
-            point, labels = ("presample", {"phase": name}) if phase is Phase.ORACLE else (name, {})
+            # the oracle phase (an experiment) shares the pre-sample fault point and each wave of
+            # re-samples the re-sample point, labelled with their name
+            point = "presample" if phase is Phase.ORACLE else phase.value
+            labels = {} if name == point else {"phase": name}
             with faults.persisting(point, **labels):
                 store.save(f"{name}_generated", [ScoredRollout(r, RolloutScore(None)).to_dict() for r in rollouts])
     by_id = {p.id: p for p in problems}
@@ -445,12 +449,18 @@ def run_round(
         allocated = allocator.allocate(difficulties, derive_seed(seed, iteration, "budget"), config.selection.train_classes)
     ledger = share(allocated)
 
-    # 5. Re-sample those problems; verify and PRM-score the new responses.
-    resample_params = dataclasses.replace(config.sampling, seed=derive_seed(seed, iteration, "resample"))
-    mine = sample_and_score(
-        local, ledger.resample, ledger.presample, Phase.RESAMPLE, sampling=resample_params, known=mine, **common
-    )
-    resamples = everyone(mine)
+    # 5. Re-sample those problems; verify and PRM-score the new responses (in waves, for an
+    #    allocator that decides as verdicts come in: SequentialBudget).
+    if isinstance(allocator, SequentialBudget):
+        resamples, ledger = _resample_in_waves(
+            allocator, ledger, presamples, mine, problems, local, seed, iteration, config, everyone, share, common
+        )
+    else:
+        resample_params = dataclasses.replace(config.sampling, seed=derive_seed(seed, iteration, "resample"))
+        mine = sample_and_score(
+            local, ledger.resample, ledger.presample, Phase.RESAMPLE, sampling=resample_params, known=mine, **common
+        )
+        resamples = everyone(mine)
 
     # 6. Select the training data (DPO pairs or SFT examples) from all of the round's responses.
     with timed(seconds, "select"):
@@ -480,6 +490,51 @@ def run_round(
         n_selected=len(examples),
         oracle_total=oracle_total,
     )
+
+
+def _resample_in_waves(
+    allocator: SequentialBudget,
+    ledger: BudgetLedger,
+    presamples: list[ScoredRollout],
+    mine: list[ScoredRollout],
+    problems: Sequence[Problem],
+    local: Sequence[Problem],
+    seed: int,
+    iteration: int,
+    config: RoundConfig,
+    everyone: Callable[[list[ScoredRollout]], list[ScoredRollout]],
+    share: Broadcast,
+    common: dict[str, Any],
+) -> tuple[list[ScoredRollout], BudgetLedger]:
+    """Ask ``allocator`` for one wave at a time, from every problem's verdicts so far; sample it.
+
+    Returns the re-samples of every wave (all ranks') and the ledger with what they spent.
+    Each wave has its own sampling seed and store key (``resample_wNNN``), so a killed round
+    reads back the waves it finished and goes on from there.
+    """
+    verdicts: dict[str, list[bool | None]] = {pid: [] for pid in ledger.presample}
+    for r in presamples:
+        verdicts[r.problem_id].append(r.correct)
+    drawn = dict(ledger.presample)
+    known = list(mine)
+    resamples: list[ScoredRollout] = []
+    budget_seed = derive_seed(seed, iteration, "budget")
+    for wave in range(allocator.cap * len(drawn) + 1):  # each wave draws at least one sample
+        plan = share(allocator.next_wave(verdicts, budget_seed, wave))
+        if not plan:
+            break
+        params = dataclasses.replace(config.sampling, seed=derive_seed(seed, iteration, "resample", wave))
+        got = sample_and_score(local, plan, drawn, Phase.RESAMPLE, sampling=params, known=known,
+                               name=f"resample_w{wave:03d}", **common)
+        known += got
+        wave_all = everyone(got)
+        for r in wave_all:
+            verdicts[r.problem_id].append(r.correct)
+        for pid, n in plan.items():
+            drawn[pid] += n
+        resamples += wave_all
+    spent = {pid: drawn[pid] - ledger.presample[pid] for pid in drawn}
+    return _canonical(resamples, problems), dataclasses.replace(ledger, resample=spent)
 
 
 def explain_no_examples(result: RoundResult, selection: SelectionConfig) -> str:

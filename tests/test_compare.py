@@ -320,3 +320,34 @@ def test_group_by_splits_the_final_accuracy_by_a_problem_field_from_the_cli(tmp_
     table = (tmp_path / "out" / "comparison_custom.md").read_text()
     assert "final acc., family=reach | final acc., family=beyond |" in table
     assert "| hs_star | " in table and " | 1.000 | 0.000 |" in table
+
+
+def test_two_comparisons_keep_one_study_under_other_names_and_pair_by_hand(tmp_path):
+    """The same method with and without a setting, from two ``--out`` folders, kept as one
+    study (``--keep-as``), paired with each other (``--also-pair-with``) seed by seed."""
+    from hs_star_pl.experiments.compare import main, paired_table
+
+    classes = {"a": "boundary"}
+    capped, free, kept = tmp_path / "capped", tmp_path / "free", tmp_path / "kept"
+    for seed, (u, h_cap, h_free) in enumerate([(0.7, 0.68, 0.66), (0.72, 0.71, 0.69), (0.69, 0.69, 0.70)]):
+        _run_on_disk(capped, "uniform", seed, [0.6, u], classes, paired=["a"])
+        _run_on_disk(capped, "hs_star", seed, [0.6, h_cap], classes, paired=["a"], selected=3)
+        _run_on_disk(free, "uniform", seed, [0.6, u], classes, paired=["a"])
+        _run_on_disk(free, "hs_star", seed, [0.6, h_free], classes, paired=["a", "a", "a"])
+    common = ["--base", str(CONFIGS / "tiny" / "hs_star.yaml"), "--methods-dir", str(CONFIGS / "tiny" / "methods"),
+              "--seeds", "0", "1", "2", "--report-only", "--keep", str(kept), "--self_training.n_iterations=1"]
+    main([*common, "--methods", "hs_star", "uniform", "--out", str(capped), "--keep-as", "hs_star=hs_star_same_steps",
+          "--baseline", "uniform", "--also-pair-with", "hs_star"])
+    main([*common, "--methods", "hs_star", "uniform", "--out", str(free), "--baseline", "uniform", "--also-pair-with", "hs_star"])
+    spec = json.loads((kept / "study.json").read_text())
+    assert spec["methods"] == ["hs_star_same_steps", "uniform", "hs_star"] and len(spec["commands"]) == 2
+    main(["--rebuild", str(kept)])
+    table = (kept / "comparison.md").read_text()
+    # hs_star_same_steps − hs_star: +0.02, +0.02, −0.01: mean +0.010, sd 0.01732, t_{0.975,2} = 4.303
+    assert "| hs_star_same_steps | 0,1,2 | +0.010 [-0.033, +0.053] | +0.020 / +0.020 / -0.010 |" in table
+    from hs_star_pl.experiments.compare import load_kept
+    runs = [load_kept(p) for p in sorted(kept.glob("*/seed_*/run.json"))]
+    assert {r.method for r in runs} == {"hs_star_same_steps", "uniform", "hs_star"}
+    assert paired_table(runs, 1, "nobody") == ""
+    with pytest.raises(SystemExit, match="other settings"):
+        main([*common, "--methods", "hs_star", "--out", str(free)])  # baseline hs_star: another study

@@ -58,12 +58,13 @@ pre-sample class), ``.json`` (every number behind it, per run) and ``.png``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -531,26 +532,70 @@ def check_yaml_files(paths: Sequence[Path]) -> None:
         raise SystemExit(err.exit_code) from None
 
 
-def tabulate(results: Sequence[RunResult], expected: int, baseline: str = BASELINE, group_by: str = GROUP_FIELD) -> str:
+def paired_table(results: Sequence[RunResult], expected: int, baseline: str) -> str:
+    """Each method's final accuracy minus ``baseline``'s on the same seeds: mean [95% paired t
+    CI] and the per-seed differences. Empty when ``baseline`` has no finished run."""
+    final = {(r.method, r.seed): r.accuracy[-1] for r in results if len(r.accuracy) == expected + 1}
+    if not any(m == baseline for m, _ in final):
+        return ""
+    lines = [f"| method | seeds | M_T − {baseline}: mean [95% paired t CI] | per seed |", "| --- | ---: | ---: | ---: |"]
+    for method, runs in group_by_method(results).items():
+        seeds = [r.seed for r in runs if method != baseline and (method, r.seed) in final and (baseline, r.seed) in final]
+        if not seeds:
+            continue
+        diffs = [final[(method, s)] - final[(baseline, s)] for s in seeds]
+        lines.append(f"| {method} | {','.join(map(str, seeds))} | {_interval(diffs)} | "
+                     f"{' / '.join(f'{d:+.3f}' for d in diffs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def tabulate(results: Sequence[RunResult], expected: int, baseline: str = BASELINE, group_by: str = GROUP_FIELD,
+             also_pair_with: Sequence[str] = ()) -> str:
     """Every table of a comparison, as markdown: the summary, where the pairs came from, the
-    first round by ``baseline``'s classes, and the per-seed values."""
+    first round by ``baseline``'s classes, the per-seed values, and each method paired with
+    every method of ``also_pair_with``."""
     table = report(results, expected, baseline) + "\n" + details(results, group_by)
     overlap = first_round_overlap(results, baseline)
     if overlap:
         table += f"\nProblems with a pair in the first round, by {baseline}'s pre-sample class:\n\n" + overlap
-    return table + "\nPer seed:\n\n" + per_seed(results, expected, baseline)
+    table += "\nPer seed:\n\n" + per_seed(results, expected, baseline)
+    for other in also_pair_with:
+        paired = paired_table(results, expected, other)
+        if paired:
+            table += f"\nPaired with {other}:\n\n" + paired
+    return table
+
+
+def renamed(result: RunResult, names: Mapping[str, str]) -> RunResult:
+    """``result`` under the name ``names`` gives its method (unchanged when it gives none)."""
+    return dataclasses.replace(result, method=names.get(result.method, result.method))
 
 
 STUDY_FILE = "study.json"
 
 
 def write_study(directory: Path, methods: Sequence[str], expected: int, baseline: str, group_by: str,
-                command: Sequence[str]) -> None:
-    """``<directory>/study.json``: what ``rebuild`` needs to tabulate the kept runs beside it."""
+                command: Sequence[str], also_pair_with: Sequence[str] = ()) -> None:
+    """``<directory>/study.json``: what ``rebuild`` needs to tabulate the kept runs beside it.
+
+    A study already there with the same iterations, baseline and grouping gains the new
+    methods (and commands): two comparisons from different ``--out`` folders (e.g. the same
+    method with and without a setting, ``--keep-as``) make one kept study.
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / STUDY_FILE).write_text(json.dumps(
-        {"methods": list(methods), "n_iterations": expected, "baseline": baseline, "group_by": group_by,
-         "command": " ".join(command)}, indent=1) + "\n")
+    path = directory / STUDY_FILE
+    spec = {"methods": list(methods), "n_iterations": expected, "baseline": baseline, "group_by": group_by,
+            "also_pair_with": list(also_pair_with), "commands": [" ".join(command)]}
+    if path.is_file():
+        old = json.loads(path.read_text())
+        same = all(old.get(k) == spec[k] for k in ("n_iterations", "baseline", "group_by"))
+        if not same:
+            raise SystemExit(f"{path} holds a study with other settings ({old.get('n_iterations')} iterations, baseline "
+                             f"{old.get('baseline')}, by {old.get('group_by')}); keep this one in another folder")
+        spec["methods"] = list(dict.fromkeys([*old["methods"], *spec["methods"]]))
+        spec["also_pair_with"] = list(dict.fromkeys([*old.get("also_pair_with", []), *spec["also_pair_with"]]))
+        spec["commands"] = list(dict.fromkeys([*old.get("commands", []), *spec["commands"]]))
+    path.write_text(json.dumps(spec, indent=1) + "\n")
 
 
 def rebuild(root: Path) -> list[Path]:
@@ -567,9 +612,11 @@ def rebuild(root: Path) -> list[Path]:
         if not results:
             raise SystemExit(f"{study}: no kept runs beside it")
         out = folder / "comparison.md"
+        made_by = "".join(f"<!-- made by: {c} -->\n" for c in spec["commands"])
         out.write_text(f"<!-- rebuilt from the kept runs: python -m hs_star_pl.experiments.compare --rebuild {root} -->\n"
-                       f"<!-- made by: {spec['command']} -->\n\n"
-                       + tabulate(results, int(spec["n_iterations"]), spec["baseline"], spec["group_by"]))
+                       f"{made_by}\n"
+                       + tabulate(results, int(spec["n_iterations"]), spec["baseline"], spec["group_by"],
+                                  spec.get("also_pair_with", ())))
         written.append(out)
     return written
 
@@ -595,6 +642,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="evaluate M_0 in every run instead of copying the first run's M_0 result")
     parser.add_argument("--baseline", default=BASELINE,
                         help="the method every other is paired against (default: %(default)s)")
+    parser.add_argument("--also-pair-with", nargs="+", default=[], metavar="METHOD",
+                        help="also pair every method with these (a table of final-accuracy differences each)")
+    parser.add_argument("--keep-as", nargs="+", default=[], metavar="METHOD=NAME",
+                        help="with --keep: keep METHOD's runs under NAME (e.g. hs_star=hs_star_same_steps), so "
+                             "runs of one method under different settings can sit in one kept study")
     parser.add_argument("--keep", type=Path, default=None,
                         help="also write each run's small summary (<keep>/<method>/seed_<s>/run.json) and the "
                              "study's settings (study.json) there, for the repository; --rebuild tabulates them")
@@ -622,6 +674,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     check_yaml_files([*args.base, *(p for p in methods.values() if p is not None)])
     if args.baseline not in methods:
         raise SystemExit(f"--baseline {args.baseline} is not among the methods {list(methods)}")
+    bad_names = [a for a in args.keep_as if "=" not in a or a.split("=", 1)[0] not in methods]
+    if bad_names:
+        raise SystemExit(f"--keep-as {bad_names}: each must be METHOD=NAME with METHOD among {list(methods)}")
+    keep_names = dict(a.split("=", 1) for a in args.keep_as)
     expected = n_iterations(args.base, fit_args)
     match = args.match_examples_to
     if match is not None:
@@ -660,19 +716,21 @@ def main(argv: Sequence[str] | None = None) -> None:
                       f"{reference.pairs}: the steps are not matched on this seed", flush=True)
             results.append(result)
             if args.keep is not None:
-                keep(result, run_dir(args.keep, method, seed))
+                keep(renamed(result, keep_names), run_dir(args.keep, keep_names.get(method, method), seed))
     order = list(methods)
     results.sort(key=lambda r: (order.index(r.method), r.seed))
     if not results:
         raise SystemExit(f"no finished runs under {args.out}")
     if args.keep is not None:
         for r in results:
-            keep(r, run_dir(args.keep, r.method, r.seed))
-        write_study(args.keep, order, expected, args.baseline, args.group_by,
-                    ["python -m hs_star_pl.experiments.compare", *(argv if argv is not None else sys.argv[1:])])
+            kept = renamed(r, keep_names)
+            keep(kept, run_dir(args.keep, kept.method, r.seed))
+        write_study(args.keep, [keep_names.get(m, m) for m in order], expected, keep_names.get(args.baseline, args.baseline),
+                    args.group_by, ["python -m hs_star_pl.experiments.compare", *(argv if argv is not None else sys.argv[1:])],
+                    [keep_names.get(m, m) for m in args.also_pair_with])
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"comparison_{'custom' if args.methods else args.study}"
-    table = tabulate(results, expected, args.baseline, args.group_by)
+    table = tabulate(results, expected, args.baseline, args.group_by, args.also_pair_with)
     stem.with_suffix(".md").write_text(table)
     stem.with_suffix(".json").write_text(
         json.dumps([{**r.__dict__, "pairs_per_1000": r.pairs_per_1000} for r in results], indent=2) + "\n"

@@ -130,10 +130,51 @@ def build_study() -> dict[str, list[Problem]]:
     return out
 
 
-def write(directory: str | Path, study: bool = False) -> dict[str, Path]:
+# The U-shaped pool (``--u-pool``, into ``data/tiny/u_pool``): the study's M_0 on a pool whose
+# pass-rate histogram is U-shaped, as a trained model's is on a real pool (most problems solved
+# every time or never, few between). A mixture of chains it nearly always solves, the study's
+# `reach` chains (spread), and chains longer than any it was trained on (never solved); shares
+# chosen on a 200-problem probe of each component (docs/results-tiny.md), never on test.
+U_EASY = ArithmeticTaskConfig(min_steps=2, max_steps=3, max_start=20, max_addend=10, max_multiplier=3, max_value=40)
+U_LONG = ArithmeticTaskConfig(min_steps=7, max_steps=9, max_start=30, max_addend=20, max_multiplier=3, max_value=99)
+U_COMPONENTS = {"easy": (U_EASY, 0.45), "reach": (STUDY_REACH, 0.15), "long": (U_LONG, 0.40)}
+U_SIZES = {"pool": 1200, "dev": 1000, "test": 1000}
+U_SEEDS = {"pool": 10, "dev": 11, "test": 12}
+
+
+def _components(n: int, seed: int, components: dict[str, tuple[ArithmeticTaskConfig, float]],
+                exclude: list[Problem]) -> list[Problem]:
+    """``n`` problems, each from a component drawn by its share (seeded), tagged ``metadata["family"]``."""
+    rng = random.Random(f"tiny-u-mixture:{seed}")
+    names = list(components)
+    weights = [components[name][1] for name in names]
+    counts = dict.fromkeys(names, 0)
+    for _ in range(n):
+        counts[rng.choices(names, weights)[0]] += 1
+    order: list[Problem] = []
+    for name in names:
+        drawn = generate_problems(counts[name], seed, components[name][0], exclude=exclude + order)
+        order += [_tagged(p, name) for p in drawn]
+    rng.shuffle(order)
+    return order
+
+
+def build_u_pool() -> dict[str, list[Problem]]:
+    """The U-shaped pool's pool, dev and test lists, disjoint from each other and every demo and study file."""
+    demo, first_test = _all_demo_draws()
+    seen = [p for problems in demo.values() for p in problems] + first_test
+    seen += [p for problems in build_study().values() for p in problems]
+    out = {}
+    for name in ("pool", "dev", "test"):
+        out[name] = _components(U_SIZES[name], U_SEEDS[name], U_COMPONENTS, seen)
+        seen += out[name]
+    return out
+
+
+def write(directory: str | Path, study: bool = False, u_pool: bool = False) -> dict[str, Path]:
     directory = Path(directory)
     paths = {}
-    for name, problems in (build_study() if study else build()).items():
+    for name, problems in (build_u_pool() if u_pool else build_study() if study else build()).items():
         paths[name] = directory / f"{name}.jsonl"
         write_problems(paths[name], problems)
     return paths
@@ -143,9 +184,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write the tiny demo's problem files.")
     parser.add_argument("--out", default=None, help="folder (default: data/tiny, or data/tiny/spread with --study)")
     parser.add_argument("--study", action="store_true", help="write the study task's files instead of the demo's")
+    parser.add_argument("--u-pool", action="store_true",
+                        help="write the U-shaped pool's pool, dev and test files (default folder data/tiny/u_pool)")
     args = parser.parse_args(argv)
-    out = args.out or ("data/tiny/spread" if args.study else "data/tiny")
-    for name, path in write(out, study=args.study).items():
+    out = args.out or ("data/tiny/u_pool" if args.u_pool else "data/tiny/spread" if args.study else "data/tiny")
+    for name, path in write(out, study=args.study, u_pool=args.u_pool).items():
         print(f"{name}: {path}")
 
 

@@ -148,3 +148,32 @@ def test_study_files_are_disjoint_from_each_other_and_from_every_demo_file():
         assert 0.1 < beyond / len(study[name]) <= tiny_demo.STUDY_BEYOND_SHARE + 0.05, (name, beyond)
         tagged = sum(p.metadata["family"] == "beyond" for p in study[name])
         assert beyond <= tagged <= tiny_demo.STUDY_BEYOND_SHARE * len(study[name]) * 1.15, (name, tagged)
+
+
+def test_shipped_u_pool_is_what_the_generator_writes_and_is_disjoint_from_every_other_file(tmp_path):
+    """data/tiny/u_pool/*.jsonl: python -m hs_star_pl.tasks.tiny_demo --u-pool, byte for byte;
+    disjoint by question from each other, the demo's and the study's files; every problem
+    tagged with its component, and each component near its share."""
+    from pathlib import Path
+
+    from hs_star_pl.tasks import tiny_demo
+
+    shipped = Path(__file__).parents[1] / "data" / "tiny" / "u_pool"
+    written = tiny_demo.write(tmp_path, u_pool=True)
+    assert set(written) == {"pool", "dev", "test"}
+    for name, path in written.items():
+        assert (shipped / f"{name}.jsonl").read_bytes() == path.read_bytes(), name
+    u = {name: load_problems(path) for name, path in written.items()}
+    others = {p.question for problems in tiny_demo.build().values() for p in problems}
+    others |= {p.question for problems in tiny_demo.build_study().values() for p in problems}
+    others |= {p.question for p in tiny_demo.first_draws()[2]}
+    seen: set[str] = set()
+    for name, problems in u.items():
+        questions = {p.question for p in problems}
+        assert len(questions) == len(problems) == tiny_demo.U_SIZES[name]
+        assert not questions & others and not questions & seen, name
+        seen |= questions
+        for family, (config, share) in tiny_demo.U_COMPONENTS.items():
+            mine = [p for p in problems if p.metadata["family"] == family]
+            assert abs(len(mine) / len(problems) - share) < 0.05, (name, family)
+            assert all(config.min_steps <= p.metadata["n_steps"] <= config.max_steps for p in mine), (name, family)

@@ -7,6 +7,8 @@ Layout of one iteration (``<run dir>/rounds/round_NNN/``)::
     presample_scored.jsonl    phase store: ... with verdict and step scores
     resample_generated.jsonl  phase store: re-samples as generated
     resample_scored.jsonl     phase store: ... scored
+    resample_wNNN_*.jsonl     phase store: the same, one pair per wave (SequentialBudget)
+    oracle_*.jsonl            phase store: samples that only classify (difficulty.oracle_samples)
     reference_logps.jsonl     phase store: the pairs with their reference log-probs under M_t
     rollouts.jsonl            every scored rollout of the round
     difficulty.jsonl          per problem: phi_a, phi_r, class, sample counts

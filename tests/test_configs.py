@@ -27,6 +27,7 @@ FRAGMENT_BASE = {
     "tiny/methods": [CONFIGS / "tiny" / "hs_star.yaml"],  # baseline and ablation overlays
     "tiny/lora.yaml": [CONFIGS / "tiny" / "hs_star.yaml"],
     "tiny/spread/study.yaml": [CONFIGS / "tiny" / "hs_star.yaml"],  # the study task, on the demo
+    "tiny/spread/u_pool.yaml": [CONFIGS / "tiny" / "hs_star.yaml", CONFIGS / "tiny" / "spread" / "study.yaml"],
     "tiny/spread/m0_stage2.yaml": [CONFIGS / "tiny" / "stepwise_init.yaml"],  # its M_0's second stage
     "strategy/deepspeed_offload.yaml": [CONFIGS / "debug" / "tiny_cpu.yaml", CONFIGS / "strategy" / "deepspeed_zero2_cpu.yaml"],
     "paper": [CONFIGS / "strategy" / "deepspeed_zero2.yaml"],

@@ -132,12 +132,14 @@ def build_study() -> dict[str, list[Problem]]:
 
 # The U-shaped pool (``--u-pool``, into ``data/tiny/u_pool``): the study's M_0 on a pool whose
 # pass-rate histogram is U-shaped, as a trained model's is on a real pool (most problems solved
-# every time or never, few between). A mixture of chains it nearly always solves, the study's
-# `reach` chains (spread), and chains longer than any it was trained on (never solved); shares
-# chosen on a 200-problem probe of each component (docs/results-tiny.md), never on test.
-U_EASY = ArithmeticTaskConfig(min_steps=2, max_steps=3, max_start=20, max_addend=10, max_multiplier=3, max_value=40)
+# nearly every time or never, few between), where the study pool's is flat. Half short chains
+# with small values (2-3 steps, values to 40), half chains longer than any M_0 was trained on
+# (7-9 steps, values to 99). On a probe of 50 problems of each (docs/results-tiny.md) M_0 solved
+# the short ones 6-8 times in 8 for 36 of 50 and the long ones never for 49 of 50. Chosen on that
+# probe, never on a test set.
+U_SHORT = ArithmeticTaskConfig(min_steps=2, max_steps=3, max_start=20, max_addend=10, max_multiplier=3, max_value=40)
 U_LONG = ArithmeticTaskConfig(min_steps=7, max_steps=9, max_start=30, max_addend=20, max_multiplier=3, max_value=99)
-U_COMPONENTS = {"easy": (U_EASY, 0.45), "reach": (STUDY_REACH, 0.15), "long": (U_LONG, 0.40)}
+U_COMPONENTS = {"short": (U_SHORT, 0.5), "long": (U_LONG, 0.5)}
 U_SIZES = {"pool": 1200, "dev": 1000, "test": 1000}
 U_SEEDS = {"pool": 10, "dev": 11, "test": 12}
 

@@ -36,7 +36,7 @@ budget:
 * ``departures``: the demo's departures from the paper's recipe (``paper_pairs``,
   ``paper_dpo``);
 * ``mislabelling``: does HS-STaR lose to uniform because ``n_p`` pre-samples mislabel
-  problems? HS-STaR with classes from 16 extra, uncounted samples (``oracle_classes``) and
+  problems? HS-STaR with classes from 8 extra, uncounted samples (``oracle_classes``) and
   with ``n_p`` = 2 and 5 at the same K, beside uniform.
 
 ``--match-examples-to METHOD`` makes a comparison step-matched: on each seed METHOD runs

@@ -612,7 +612,7 @@ def rebuild(root: Path) -> list[Path]:
         if not results:
             raise SystemExit(f"{study}: no kept runs beside it")
         out = folder / "comparison.md"
-        made_by = "".join(f"<!-- made by: {c} -->\n" for c in spec["commands"])
+        made_by = "".join(f"<!-- made by: {c} -->\n" for c in spec.get("commands") or [spec.get("command", "?")])
         out.write_text(f"<!-- rebuilt from the kept runs: python -m hs_star_pl.experiments.compare --rebuild {root} -->\n"
                        f"{made_by}\n"
                        + tabulate(results, int(spec["n_iterations"]), spec["baseline"], spec["group_by"],

@@ -553,7 +553,7 @@ def tabulate(results: Sequence[RunResult], expected: int, baseline: str = BASELI
              also_pair_with: Sequence[str] = ()) -> str:
     """Every table of a comparison, as markdown: the summary, where the pairs came from, the
     first round by ``baseline``'s classes, the per-seed values, and each method paired with
-    every method of ``also_pair_with``."""
+    every method of ``also_pair_with`` (with the first round by its classes)."""
     table = report(results, expected, baseline) + "\n" + details(results, group_by)
     overlap = first_round_overlap(results, baseline)
     if overlap:
@@ -563,6 +563,9 @@ def tabulate(results: Sequence[RunResult], expected: int, baseline: str = BASELI
         paired = paired_table(results, expected, other)
         if paired:
             table += f"\nPaired with {other}:\n\n" + paired
+        overlap = first_round_overlap(results, other)
+        if overlap:
+            table += f"\nProblems with a pair in the first round, by {other}'s pre-sample class:\n\n" + overlap
     return table
 
 

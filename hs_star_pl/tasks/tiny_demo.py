@@ -31,7 +31,7 @@ it does not depend on the pool either.
 The study task (``--study``, into ``data/tiny/spread``) is where the paper's pilot study and
 main comparison run: a pool whose difficulty is spread for its M_0 the way a real pool's is for
 a 7B model (about a fifth of the problems always solved, a third never, the rest between), which
-the demo's pool is not (docs/results-tiny.md, "The study task"). Its M_0 knows the demo's range
+the demo's pool is not (docs/results-tiny-history.md, "The study task"). Its M_0 knows the demo's range
 (values to 40) and is still learning values to 60; values to 99 are out of its reach:
 
 * ``sft_stage2.jsonl``: seed 6, 2,000 chains of 1-6 steps with values up to 60, the second stage of

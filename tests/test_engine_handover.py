@@ -57,7 +57,7 @@ def test_the_loop_hands_the_policy_over_as_the_lifecycle_declares(tmp_path, mode
 
     from hs_star_pl.training.self_training import SelfTrainingCallback
 
-    module = SimpleNamespace(model=model, tokenizer=tokenizer, model_path=str(tmp_path))
+    module = SimpleNamespace(model=model, tokenizer=tokenizer, model_path=str(tmp_path), model_dir=str(tmp_path))
     callback = SelfTrainingCallback()
     names = sorted(model.state_dict())
 
@@ -71,7 +71,7 @@ def test_the_loop_hands_the_policy_over_as_the_lifecycle_declares(tmp_path, mode
     assert prepare(streamed) == "report" and streamed.calls == [("wake_up",), ("sync_weights", model, names, tokenizer)]
     reloaded = _Recording(sync_from="export")
     assert prepare(reloaded) == "report" and reloaded.calls == [("wake_up",), ("load_from_dir", str(tmp_path), model)]
-    module.model_path = None  # M_0 built from model.tiny: no folder to reload, so the weights are streamed
+    module.model_path = module.model_dir = None  # M_0 built from model.tiny: no folder to reload, so the weights are streamed
     fallback = _Recording(sync_from="export")
     assert prepare(fallback) == "report" and fallback.calls[1][0] == "sync_weights"
 

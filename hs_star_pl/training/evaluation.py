@@ -66,7 +66,9 @@ from hs_star_pl.training.benchmark_metric import BenchmarkMetric
 from hs_star_pl.evaluation.protocol import EvalBatch, grade, make_batch, policy_entry, results_table
 from hs_star_pl.infra import faults, preemption
 from hs_star_pl.infra.progress import phase_bar
+from hs_star_pl.training.data import EvalSet, MathDataModule
 from hs_star_pl.training.plots import plot_results
+from hs_star_pl.training.policy import initial_weights_folder, require_policy
 from hs_star_pl.training.tracking import EVAL_COLUMNS, eval_sample_rows, log_image_file, log_pairs_table, log_to_loggers
 
 
@@ -278,7 +280,7 @@ class EvaluationCallback(L.Callback):
         if not self.active or stage not in ("fit", "test"):
             return
         datamodule = trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "template"):
+        if not isinstance(datamodule, MathDataModule):
             raise ValueError("evaluation needs MathDataModule as the data module (its data.template renders the prompts)")
         if self.engine == "rollout":
             raise ValueError("evaluation.engine: rollout names the self-training engine, which hs-star fit/test "
@@ -307,8 +309,6 @@ class EvaluationCallback(L.Callback):
                                  f"{trainer.world_size} processes; every process needs at least one")
             self._test_runs.append(_BenchmarkRun(config, problems, datamodule.render_prompt, self.max_new_tokens,
                                                  self.batch_size, self.engine))
-        from hs_star_pl.training.data import EvalSet
-
         datamodule.set_eval_sets([EvalSet(r.config.name, r.problems, r.problems_per_batch, r.collate) for r in self._test_runs])
 
     # -- during training -------------------------------------------------------------------
@@ -491,9 +491,8 @@ class EvaluationCallback(L.Callback):
     @override
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.engine is not None:  # after a --ckpt_path restore: the weights to evaluate are in place
-            folder = getattr(pl_module, "model_dir", None) or getattr(pl_module, "model_path", None)
-            from_folder = trainer.ckpt_path is None and folder is not None and Path(folder).is_dir()
-            self._point_engine(pl_module, Path(folder) if from_folder else None, "the model under test")
+            folder = initial_weights_folder(require_policy(pl_module, "evaluation.engine"))
+            self._point_engine(pl_module, folder if trainer.ckpt_path is None else None, "the model under test")
         for run in self._test_runs:
             run.metric = run.metric.to(pl_module.device)
             run.metric.reset()
@@ -513,7 +512,7 @@ class EvaluationCallback(L.Callback):
     @override
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         label = self.label or self._test_label(trainer, pl_module)
-        source = str(trainer.ckpt_path or getattr(pl_module, "model_path", None) or "model.tiny")
+        source = str(trainer.ckpt_path or require_policy(pl_module, "hs-star test").model_path or "model.tiny")
         summaries, results = {}, []
         for run in self._test_runs:
             summary, rows = run.finish(trainer.world_size)
@@ -556,7 +555,7 @@ class EvaluationCallback(L.Callback):
             ckpt = Path(trainer.ckpt_path)
             run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
             text = f"{run.name}-{ckpt.stem}"
-        elif getattr(pl_module, "model_path", None):
+        elif require_policy(pl_module, "hs-star test").model_path is not None:
             folder = Path(pl_module.model_path)
             # a run's export (<run>/hf/policy_NNN) is named with its run: "policy_NNN" alone is
             # the label of that run's own evaluation of M_NNN and would replace it

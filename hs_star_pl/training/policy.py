@@ -10,6 +10,7 @@ one message what is missing.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -28,11 +29,17 @@ class Policy(Protocol):
         tokenizer: its tokenizer (pad token set).
         model: the Hugging Face causal LM (possibly peft-wrapped, possibly ZeRO-3 partitioned).
         objective: ``"dpo"`` or ``"sft"``, or ``None`` when not fixed.
+        model_path: ``model.model_path`` as configured (a folder or a hub id), ``None`` for
+            ``model.tiny``.
+        model_dir: the local folder ``model_path`` resolved to (a hub id's snapshot), ``None``
+            for ``model.tiny``.
     """
 
     tokenizer: PreTrainedTokenizerBase
     model: torch.nn.Module
     objective: str | None
+    model_path: str | None
+    model_dir: str | Path | None
 
     @property
     def device(self) -> torch.device: ...
@@ -58,6 +65,18 @@ def context_length(policy: Policy) -> int | None:
     """The policy model's context (``max_position_embeddings``), or ``None`` when its config has none."""
     value = getattr(policy.model.config, "max_position_embeddings", None)
     return value if isinstance(value, int) else None
+
+
+def initial_weights_folder(policy: Policy) -> Path | None:
+    """The folder M_0's weights were loaded from (a hub id's snapshot), or ``None`` when the
+    policy was built from ``model.tiny`` or the folder is gone.
+
+    >>> from types import SimpleNamespace
+    >>> initial_weights_folder(SimpleNamespace(model_dir=None)) is None
+    True
+    """
+    folder = policy.model_dir
+    return Path(folder) if folder is not None and Path(folder).is_dir() else None
 
 
 def require_policy(module: object, who: str) -> Policy:

@@ -86,6 +86,7 @@ from hs_star_pl.infra.progress import format_seconds
 from hs_star_pl.training.export import HFExportCallback, find_export
 from hs_star_pl.training.module import HSStarModule
 from hs_star_pl.training.plots import plot_history, plot_round
+from hs_star_pl.training.policy import initial_weights_folder
 from hs_star_pl.training.reference import with_reference_logps
 from hs_star_pl.tensors.schedules import start_iteration
 from hs_star_pl.training.tracking import log_image_file, log_pairs_table, log_to_loggers, pair_rows
@@ -474,8 +475,7 @@ class SelfTrainingCallback(L.Callback):
         end of its last epoch, before the dataloader of iteration t (and so round t) is built.
         """
         if iteration == 0:
-            path = getattr(module, "model_dir", None) or getattr(module, "model_path", None)  # a hub id's snapshot
-            return Path(path) if path is not None and Path(path).is_dir() else None
+            return initial_weights_folder(module)  # a hub id's snapshot, or None for model.tiny
         exporter = _exporter(trainer)
         if exporter is None:
             return None

@@ -172,3 +172,20 @@ def test_the_torchmetrics_totals_give_the_same_summary_as_the_rows():
     assert computed == pytest.approx(expected)
     metric.reset()
     assert metric.compute()["n_problems"] == 0
+
+
+@pytest.mark.parametrize("datamodule", [None, "a LightningDataModule of another kind"])
+def test_the_evaluation_callback_refuses_a_data_module_that_cannot_render_its_prompts(tmp_path, datamodule):
+    """The benchmarks' prompts are rendered by MathDataModule (data.template): with any other
+    data module the callback stops at set-up, saying so, instead of failing at the first chunk."""
+    from types import SimpleNamespace
+
+    import lightning as L
+
+    from hs_star_pl.training.evaluation import EvaluationCallback
+
+    problems = tmp_path / "p.jsonl"
+    problems.write_text('{"question": "1+1", "answer": "2"}\n')
+    trainer = SimpleNamespace(world_size=1, datamodule=None if datamodule is None else L.LightningDataModule(), callbacks=[])
+    with pytest.raises(ValueError, match="evaluation needs MathDataModule"):
+        EvaluationCallback(problems_file=str(problems)).setup(trainer, None, "fit")

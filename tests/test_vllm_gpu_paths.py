@@ -148,12 +148,13 @@ def test_no_restart_under_the_external_launcher(stand_in, policy_dir):
 def test_evaluation_refuses_a_second_vllm_engine_at_setup(tmp_path):
     """``evaluation.engine`` a VLLMEngine of its own next to the self-training one: refused when
     the trainer is set up, not when the first evaluation starts the second engine."""
+    from hs_star_pl.training.data import MathDataModule
     from hs_star_pl.training.evaluation import EvaluationCallback
 
     problems = tmp_path / "p.jsonl"
     problems.write_text('{"question": "1+1", "answer": "2"}\n')
     rollout = VLLMEngine(model_path="m")
-    trainer = SimpleNamespace(world_size=1, datamodule=SimpleNamespace(template="plain"), callbacks=[])
+    trainer = SimpleNamespace(world_size=1, datamodule=MathDataModule(template="plain"), callbacks=[])
     evaluation = EvaluationCallback(problems_file=str(problems), engine=VLLMEngine(model_path="m"))
     trainer.callbacks = [SimpleNamespace(active=True, engine=rollout), evaluation]
     with pytest.raises(ConfigError, match="evaluation.engine is a second VLLMEngine.*evaluation.engine: rollout"):

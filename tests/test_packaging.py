@@ -62,11 +62,11 @@ def test_run_outputs_are_git_ignored_except_the_readme():
 
 
 def commands(script: str) -> list[str]:
-    """The script's command lines (no comments, no ``echo``, no blank lines)."""
+    """The script's command lines (no comments, no ``echo`` or ``stage`` progress lines, no blank lines)."""
     out = []
     for line in script.splitlines():
         line = line.strip()
-        if line and not line.startswith("#") and not line.startswith("echo "):
+        if line and not line.startswith(("#", "echo ", "stage ")):
             out.append(line)
     return out
 

@@ -35,8 +35,8 @@ class Run:
 
 
 def load_runs(studies: Sequence[Path]) -> list[Run]:
-    """Every run kept under ``studies``, each once: runs equal in seed, accuracies, pairs and paired
-    problems are one run kept twice (the first name found is kept)."""
+    """Every run kept under ``studies``, each once: runs equal in seed, accuracies, pairs and the
+    pairs of every problem are one run kept twice (the first name found is kept)."""
     runs, seen = [], set()
     for study in studies:
         files = sorted(Path(study).glob("*/seed_*/run.json"))
@@ -44,7 +44,7 @@ def load_runs(studies: Sequence[Path]) -> list[Run]:
             raise SystemExit(f"what_tracks: {study} holds no <method>/seed_<s>/run.json (a folder written by compare --keep)")
         for path in files:
             d = json.loads(path.read_text())
-            key = (d["seed"], tuple(d["accuracy"]), tuple(d["pairs"]), tuple(d["problems_with_pairs"]))
+            key = json.dumps([d["seed"], d["accuracy"], d["pairs"], d["problems_with_pairs"], d.get("paired")], sort_keys=True)
             if key in seen:
                 continue
             seen.add(key)

@@ -344,6 +344,29 @@ def _echo_task(kind, payload):
     return payload
 
 
+def test_workers_stuck_while_starting_are_killed_and_then_refused_not_waited_for(tmp_path, monkeypatch):
+    """A worker whose imports never return never says "ready", so no task (and no task
+    deadline) ever reaches it: without a start deadline ``run`` would wait forever. It is
+    killed after ``start_timeout_s`` and, stuck three times in a row, the run stops naming it."""
+    from hs_star_pl.infra.workers import KillablePool
+
+    (tmp_path / "hanging_import_probe.py").write_text("import time\nwhile True:\n    time.sleep(1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pool = KillablePool(_echo_task, n_workers=1, timeout_s=30, warm_imports=("hanging_import_probe",),
+                        config_key="verifier", start_timeout_s=2.0)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"verifier worker processes did not start within 2 s, 3 times in a row "
+                                           r"\(stuck importing hanging_import_probe\?\)"):
+        pool.run([("echo", 1)])
+    assert time.monotonic() - started < 60  # three 2 s deadlines, not a hang
+    assert not [w for w in pool._workers if w.process.is_alive()]
+    pool.close()
+    (tmp_path / "hanging_import_probe.py").write_text("")  # imports fine now: the same pool starts again
+    monkeypatch.delitem(sys.modules, "hanging_import_probe", raising=False)
+    assert pool.run([("echo", 7)]) == [7]
+    pool.close()
+
+
 def test_bad_gold_is_ungradeable_even_without_a_response_answer(mv):
     with pytest.warns(UserWarning, match="ungradeable"):
         assert mv.verify(["no final answer", "no final answer"], ["$$", "4"]) == [None, False]

@@ -97,6 +97,7 @@ class _Worker:
     ready: bool = False
     task: int | None = None
     deadline: float = 0.0
+    started: float = 0.0  # time.monotonic() at spawn: a worker not ready by started + start_timeout_s is killed
 
 
 def _kill(workers: list[_Worker]) -> None:
@@ -142,10 +143,13 @@ class KillablePool:
         warm_imports: modules each worker imports before taking tasks.
         import_hint: message of the ``ImportError`` raised when a warm import fails.
         config_key: the config key that built this pool, named in error messages.
+        start_timeout_s: a worker not ready this long after its start (its imports hang) is
+            killed and counts as a start failure.
 
     Raises (from :meth:`run`):
-        RuntimeError: when workers die while starting ``MAX_START_FAILURES`` times in a row
-            (typically ``memory_limit_mb`` too low for the imports), instead of respawning forever.
+        RuntimeError: when workers die or hang while starting ``MAX_START_FAILURES`` times in a
+            row (typically ``memory_limit_mb`` too low for the imports), instead of respawning
+            or waiting forever.
     """
 
     MAX_START_FAILURES = 3
@@ -153,12 +157,13 @@ class KillablePool:
     def __init__(self, task_fn: Callable[[str, Any], Any], n_workers: int, timeout_s: float,
                  memory_limit_mb: int = 0, start_method: str = "spawn",
                  warm_imports: tuple[str, ...] = (), import_hint: str = "",
-                 config_key: str = "workers") -> None:
+                 config_key: str = "workers", start_timeout_s: float = 180.0) -> None:
         if start_method not in START_METHODS:
             raise ValueError(f"start_method must be one of {START_METHODS}, got {start_method!r}")
         self.task_fn = task_fn
         self.n_workers = n_workers
         self.timeout_s = timeout_s
+        self.start_timeout_s = start_timeout_s
         self.memory_limit_mb = memory_limit_mb
         self.warm_imports = warm_imports
         self.import_hint = import_hint
@@ -183,7 +188,7 @@ class KillablePool:
         )
         process.start()
         child_conn.close()
-        return _Worker(process, parent_conn)
+        return _Worker(process, parent_conn, started=time.monotonic())
 
     def _imports_work_here(self) -> bool:
         """Whether the workers' imports succeed in this process, which has no memory limit."""
@@ -253,8 +258,9 @@ class KillablePool:
                         self._replace(w)
                         continue
                     w.task, w.deadline = task_id, now + self.timeout_s
-            busy = [w for w in self._workers if w.task is not None]
-            wait_s = max(0.0, min((w.deadline for w in busy), default=now + 30.0) - now)
+            deadlines = [w.deadline for w in self._workers if w.task is not None]
+            deadlines += [w.started + self.start_timeout_s for w in self._workers if not w.ready]
+            wait_s = max(0.0, min(deadlines, default=now + 30.0) - now)
             ready_conns = wait_connections([w.conn for w in self._workers], timeout=wait_s)
             for w in list(self._workers):
                 if w.conn not in ready_conns:
@@ -315,6 +321,17 @@ class KillablePool:
                 if w.task is not None and now >= w.deadline:
                     results[w.task], n_done = TIMEOUT, n_done + 1
                     self.n_timeouts += 1
+                    self._replace(w)
+                elif not w.ready and now >= w.started + self.start_timeout_s:
+                    # stuck before "ready" (an import that never returns): without this deadline
+                    # no task would ever be sent to it and the run would wait forever
+                    self._start_failures += 1
+                    if self._start_failures >= self.MAX_START_FAILURES:
+                        self.close()
+                        raise RuntimeError(
+                            f"{self.config_key} worker processes did not start within {self.start_timeout_s:g} s, "
+                            f"{self._start_failures} times in a row (stuck importing {', '.join(self.warm_imports) or 'their modules'}?)"
+                        )
                     self._replace(w)
             bar.update(n_done - bar.n)
         return results

@@ -361,6 +361,12 @@ def test_workers_stuck_while_starting_are_killed_and_then_refused_not_waited_for
     assert time.monotonic() - started < 60  # three 2 s deadlines, not a hang
     assert not [w for w in pool._workers if w.process.is_alive()]
     pool.close()
+    (tmp_path / "dying_import_probe.py").write_text("import os\nos._exit(3)\n")  # dies instead: a crash at start
+    dying = KillablePool(_echo_task, n_workers=1, timeout_s=30, warm_imports=("dying_import_probe",), config_key="verifier")
+    with pytest.raises(RuntimeError, match=r"verifier worker processes died 3 times in a row while starting; "
+                                           r"verifier\.memory_limit_mb=0 may be too low"):
+        dying.run([("echo", 1)])
+    dying.close()
     (tmp_path / "hanging_import_probe.py").write_text("")  # imports fine now: the same pool starts again
     monkeypatch.delitem(sys.modules, "hanging_import_probe", raising=False)
     assert pool.run([("echo", 7)]) == [7]

@@ -355,16 +355,16 @@ def test_workers_stuck_while_starting_are_killed_and_then_refused_not_waited_for
     pool = KillablePool(_echo_task, n_workers=1, timeout_s=30, warm_imports=("hanging_import_probe",),
                         config_key="verifier", start_timeout_s=2.0)
     started = time.monotonic()
-    with pytest.raises(RuntimeError, match=r"verifier worker processes did not start within 2 s, 3 times in a row "
-                                           r"\(stuck importing hanging_import_probe\?\)"):
+    with pytest.raises(RuntimeError, match=r"verifier worker processes failed to start 3 times in a row \(the last "
+                                           r"was not ready within 2 s\); their imports \(hanging_import_probe\) may hang"):
         pool.run([("echo", 1)])
     assert time.monotonic() - started < 60  # three 2 s deadlines, not a hang
     assert not [w for w in pool._workers if w.process.is_alive()]
     pool.close()
     (tmp_path / "dying_import_probe.py").write_text("import os\nos._exit(3)\n")  # dies instead: a crash at start
     dying = KillablePool(_echo_task, n_workers=1, timeout_s=30, warm_imports=("dying_import_probe",), config_key="verifier")
-    with pytest.raises(RuntimeError, match=r"verifier worker processes died 3 times in a row while starting; "
-                                           r"verifier\.memory_limit_mb=0 may be too low"):
+    with pytest.raises(RuntimeError, match=r"verifier worker processes failed to start 3 times in a row \(the last "
+                                           r"died\); their imports \(dying_import_probe\) may hang, or the main script"):
         dying.run([("echo", 1)])
     dying.close()
     (tmp_path / "hanging_import_probe.py").write_text("")  # imports fine now: the same pool starts again

@@ -233,13 +233,20 @@ class KillablePool:
             _kill(self._workers)
             raise
 
-    def _start_failed(self, message: Callable[[int], str]) -> None:
-        """Count a worker lost while starting; the ``MAX_START_FAILURES``-th in a row closes
-        the pool and raises ``RuntimeError(message(failures))``."""
+    def _start_failed(self, how: str) -> None:
+        """Count a worker lost while starting (it died, or ``how`` it hung); the
+        ``MAX_START_FAILURES``-th in a row closes the pool and raises one message with the causes."""
         self._start_failures += 1
-        if self._start_failures >= self.MAX_START_FAILURES:
-            self.close()
-            raise RuntimeError(message(self._start_failures))
+        if self._start_failures < self.MAX_START_FAILURES:
+            return
+        self.close()
+        key, limit = self.config_key, self.memory_limit_mb
+        raise RuntimeError(
+            f"{key} worker processes failed to start {self._start_failures} times in a row (the last {how}); "
+            + (f"{key}.memory_limit_mb={limit} may be too low for their imports, " if limit > 0 else "")
+            + f"their imports ({', '.join(self.warm_imports) or 'none'}) may hang, or the main script lacks an "
+            "`if __name__ == \"__main__\":` guard (spawned workers import it)"
+        )
 
     def _interrupted(self, worker: _Worker) -> bool:
         """Whether a worker that closed its pipe was killed by a signal from outside."""
@@ -293,11 +300,7 @@ class KillablePool:
                         results[w.task], n_done = CRASH, n_done + 1
                         self.n_crashes += 1
                     if not w.ready and not interrupted:
-                        self._start_failed(lambda n: (
-                            f"{self.config_key} worker processes died {n} times in a row while starting; "
-                            f"{self.config_key}.memory_limit_mb={self.memory_limit_mb} may be too low for their "
-                            f"imports, or the main script lacks an `if __name__ == \"__main__\":` guard (spawned "
-                            "workers import it)"))
+                        self._start_failed("died")
                     self._replace(w)
                     continue
                 if msg[0] == "ready":
@@ -329,9 +332,7 @@ class KillablePool:
                 elif not w.ready and now >= w.started + self.start_timeout_s:
                     # stuck before "ready" (an import that never returns): without this deadline
                     # no task would ever be sent to it and the run would wait forever
-                    self._start_failed(lambda n: (
-                        f"{self.config_key} worker processes did not start within {self.start_timeout_s:g} s, {n} "
-                        f"times in a row (stuck importing {', '.join(self.warm_imports) or 'their modules'}?)"))
+                    self._start_failed(f"was not ready within {self.start_timeout_s:g} s")
                     self._replace(w)
             bar.update(n_done - bar.n)
         return results

@@ -706,6 +706,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 found = collect(directory, method, seed, args.group_by)
                 if found is not None:
                     results.append(found)
+                    if args.keep is not None:
+                        keep(renamed(found, keep_names), run_dir(args.keep, keep_names.get(method, method), seed))
                 continue
             extra = list(fit_args)
             if match is not None and method != match:
@@ -724,10 +726,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     results.sort(key=lambda r: (order.index(r.method), r.seed))
     if not results:
         raise SystemExit(f"no finished runs under {args.out}")
-    if args.keep is not None:
-        for r in results:
-            kept = renamed(r, keep_names)
-            keep(kept, run_dir(args.keep, kept.method, r.seed))
+    if args.keep is not None:  # each run was kept as it finished (or was found), so a failed run loses none
         write_study(args.keep, [keep_names.get(m, m) for m in order], expected, keep_names.get(args.baseline, args.baseline),
                     args.group_by, ["python -m hs_star_pl.experiments.compare", *(argv if argv is not None else sys.argv[1:])],
                     [keep_names.get(m, m) for m in args.also_pair_with])

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
+from hs_star_pl.experiments import compare
 from hs_star_pl.experiments.what_tracks import fit, load_runs, main
 
 
-def keep(folder, method, seed, accuracy, problems, pairs, paired=None):
-    path = folder / method / f"seed_{seed}" / "run.json"
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"method": method, "seed": seed, "accuracy": [0.5, accuracy],
-                                "problems_with_pairs": [problems], "pairs": [pairs], "paired": paired}))
+def keep(folder, method, seed, accuracy, problems, pairs, paired=None, rounds=None):
+    """A kept summary as ``compare --keep`` writes it (``rounds``: per-round (problems, pairs, accuracy))."""
+    rounds = rounds or [(problems, pairs, accuracy)]
+    compare.keep(compare.RunResult(method, seed, [0.5, *[a for _, _, a in rounds]], [b for _, b, _ in rounds],
+                                   [2400] * len(rounds), problems_with_pairs=[a for a, _, _ in rounds],
+                                   paired=paired or []), folder / method / f"seed_{seed}")
 
 
 def test_a_run_kept_in_two_studies_counts_once_and_rounds_are_summed(tmp_path):
@@ -21,9 +21,7 @@ def test_a_run_kept_in_two_studies_counts_once_and_rounds_are_summed(tmp_path):
     keep(tmp_path / "b", "uniform", 0, 0.61, 170, 400)  # the same run, kept again
     keep(tmp_path / "b", "hs_star", 0, 0.60, 120, 560)
     keep(tmp_path / "b", "same_counts", 0, 0.60, 120, 560, paired=[{"p1": 3}])  # other problems paired: another run
-    path = tmp_path / "c" / "two_rounds" / "seed_1" / "run.json"
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"seed": 1, "accuracy": [0.5, 0.55, 0.62], "problems_with_pairs": [100, 90], "pairs": [300, 250]}))
+    keep(tmp_path / "c", "two_rounds", 1, None, None, None, rounds=[(100, 300, 0.55), (90, 250, 0.62)])
     runs = load_runs([tmp_path / "a", tmp_path / "b", tmp_path / "c"])
     assert [(r.method, r.seed, r.accuracy, r.problems_with_pairs, r.pairs) for r in runs] == [
         ("uniform", 0, 0.61, 170, 400), ("hs_star", 0, 0.60, 120, 560), ("same_counts", 0, 0.60, 120, 560),

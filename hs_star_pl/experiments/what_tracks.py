@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hs_star_pl.experiments.compare import KEPT_FILE, load_kept
+
 
 @dataclass(frozen=True)
 class Run:
@@ -39,17 +41,17 @@ def load_runs(studies: Sequence[Path]) -> list[Run]:
     pairs of every problem are one run kept twice (the first name found is kept)."""
     runs, seen = [], set()
     for study in studies:
-        files = sorted(Path(study).glob("*/seed_*/run.json"))
+        files = sorted(Path(study).glob(f"*/seed_*/{KEPT_FILE}"))
         if not files:
-            raise SystemExit(f"what_tracks: {study} holds no <method>/seed_<s>/run.json (a folder written by compare --keep)")
+            raise SystemExit(f"what_tracks: {study} holds no <method>/seed_<s>/{KEPT_FILE} (a folder written by compare --keep)")
         for path in files:
-            d = json.loads(path.read_text())
-            key = json.dumps([d["seed"], d["accuracy"], d["pairs"], d["problems_with_pairs"], d.get("paired")], sort_keys=True)
+            r = load_kept(path)
+            key = json.dumps([r.seed, r.accuracy, r.pairs, r.problems_with_pairs, r.paired], sort_keys=True)
             if key in seen:
                 continue
             seen.add(key)
-            runs.append(Run(path.parent.parent.name, int(d["seed"]), float(d["accuracy"][-1]),
-                            int(sum(d["problems_with_pairs"])), int(sum(d["pairs"]))))
+            runs.append(Run(path.parent.parent.name, r.seed, float(r.accuracy[-1]),
+                            int(sum(r.problems_with_pairs)), int(sum(r.pairs))))
     return runs
 
 

@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from hs_star_pl.core.records import Difficulty, ProblemDifficulty
+from hs_star_pl.infra.errors import check_positive_int
 
 NoBoundaryPolicy = Literal["skip", "uniform"]
 DEFAULT_SPLIT: tuple[str, ...] = (Difficulty.BOUNDARY.value,)
@@ -204,10 +205,8 @@ def split_proportionally(total: int, weights: Mapping[str, float], rng: random.R
 
 
 def _check_counts(samples_per_problem: int, n_presample: int, *, prefix: str = "budget") -> None:
-    if isinstance(samples_per_problem, bool) or not isinstance(samples_per_problem, int) or samples_per_problem < 1:
-        raise ValueError(f"{prefix}.samples_per_problem must be a positive integer, got {samples_per_problem!r}")
-    if isinstance(n_presample, bool) or not isinstance(n_presample, int) or n_presample < 1:
-        raise ValueError(f"{prefix}.n_presample must be a positive integer, got {n_presample!r}")
+    check_positive_int(samples_per_problem, f"{prefix}.samples_per_problem")
+    check_positive_int(n_presample, f"{prefix}.n_presample")
     if n_presample > samples_per_problem:
         raise ValueError(
             f"{prefix}.n_presample ({n_presample}) must be <= {prefix}.samples_per_problem ({samples_per_problem})"
@@ -413,9 +412,7 @@ class ExpectedPairsBudget(_TwoPhaseBudget):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.pair_cap is not None and (isinstance(self.pair_cap, bool) or not isinstance(self.pair_cap, int)
-                                          or self.pair_cap < 1):
-            raise ValueError(f"budget.pair_cap must be a positive integer or null, got {self.pair_cap!r}")
+        check_positive_int(self.pair_cap, "budget.pair_cap", or_null=True)
 
     def allocate(
         self, difficulties: Mapping[str, ProblemDifficulty], seed: int, classes: Collection[str] = DEFAULT_SPLIT
@@ -493,10 +490,8 @@ class SequentialBudget:
 
     def __post_init__(self) -> None:
         _check_counts(self.samples_per_problem, self.n_presample)
-        for name in ("max_per_problem", "wave_size"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"budget.{name} must be a positive integer{' or null' if name == 'max_per_problem' else ''}, got {value!r}")
+        check_positive_int(self.max_per_problem, "budget.max_per_problem", or_null=True)
+        check_positive_int(self.wave_size, "budget.wave_size")
         if self.cap < self.n_presample:
             raise ValueError(f"budget.max_per_problem ({self.max_per_problem}) must be >= budget.n_presample ({self.n_presample})")
         if self.leftover not in ("resolved", "skip"):

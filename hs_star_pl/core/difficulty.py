@@ -30,6 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from hs_star_pl.infra.errors import check_positive_int
 from hs_star_pl.core.records import Difficulty, ProblemDifficulty, ScoredRollout, mean_or_none
 
 DifficultyMode = Literal["reward_guided", "accuracy_only", "reward_only"]
@@ -79,10 +80,7 @@ class DifficultyConfig:
     oracle_samples: int | None = None
 
     def __post_init__(self) -> None:
-        if self.oracle_samples is not None and (
-            isinstance(self.oracle_samples, bool) or not isinstance(self.oracle_samples, int) or self.oracle_samples < 1
-        ):
-            raise ValueError(f"difficulty.oracle_samples must be a positive integer or null, got {self.oracle_samples!r}")
+        check_positive_int(self.oracle_samples, "difficulty.oracle_samples", or_null=True)
         if self.mode not in MODES:
             raise ValueError(f"difficulty.mode must be one of {list(MODES)}, got {self.mode!r}")
         DifficultyThresholds(self.tau_low, self.tau_high)

@@ -152,7 +152,6 @@ class RoundResult:
     n_selected: int | None = None  # examples selected before ``selection.max_examples``; None: all kept
     oracle_total: int = 0  # samples drawn only to classify (difficulty.oracle_samples); not in the ledger
 
-
     @property
     def rollouts(self) -> list[ScoredRollout]:
         return self.presamples + self.resamples

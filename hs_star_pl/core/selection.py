@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from hs_star_pl.infra.errors import check_positive_int
 from hs_star_pl.core.records import Difficulty, PreferencePair, Problem, ProblemDifficulty, ScoredRollout, SftExample
 from hs_star_pl.core.steps import DEFAULT_STEP_DELIMITER
 
@@ -91,10 +92,7 @@ class SelectionConfig:
             raise ValueError(
                 f"selection.truncate_rejected_below must be in (0, 1], got {self.truncate_rejected_below}"
             )
-        if self.max_examples is not None and (
-            isinstance(self.max_examples, bool) or not isinstance(self.max_examples, int) or self.max_examples < 1
-        ):
-            raise ValueError(f"selection.max_examples must be a positive integer or null, got {self.max_examples!r}")
+        check_positive_int(self.max_examples, "selection.max_examples", or_null=True)
 
 
 def _by_reward(rollouts: Iterable[ScoredRollout]) -> list[ScoredRollout]:

@@ -46,3 +46,18 @@ class EmptyRoundError(HSStarError, RuntimeError):
 
 class NonFiniteLossError(HSStarError, FloatingPointError):
     """The training loss or gradients became NaN/inf and ``model.nonfinite_loss`` is ``raise``."""
+
+
+def check_positive_int(value: object, key: str, *, or_null: bool = False) -> None:
+    """Raise ``ValueError`` naming ``key`` unless ``value`` is an int >= 1 (a bool is not), or
+    ``None`` when ``or_null``.
+
+    >>> check_positive_int(None, "budget.pair_cap", or_null=True)
+    >>> check_positive_int(True, "budget.pair_cap", or_null=True)
+    Traceback (most recent call last):
+    ValueError: budget.pair_cap must be a positive integer or null, got True
+    """
+    if value is None and or_null:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key} must be a positive integer{' or null' if or_null else ''}, got {value!r}")
